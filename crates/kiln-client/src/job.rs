@@ -1,0 +1,653 @@
+//! Running one claimed job: workspace, steps, log shipping, heartbeats, images, report.
+//!
+//! [`run_job`] follows DESIGN.md "Running a job on the client": a fresh workspace with
+//! the build's files, install → configure → image as process groups under one timeout,
+//! every output line to the server's log, `##kiln[progress ...]` lines to the job's
+//! status, every regular file left in `KILN_OUTPUT` uploaded as an image, then finished
+//! or failed with a reason. A 409 from any call means the lease is gone: the job's
+//! processes are killed and its output discarded.
+
+use crate::conn::{CallError, ServerConn};
+use crate::runner::{run_step, OutputLine, StepOutcome, StepSpec, Stream};
+use crate::state::LocalState;
+use crate::upload::ImageUploader;
+use kiln_proto::api::{Claim, Fail, LogBatch, NewLogLine};
+use kiln_proto::progress::{parse_progress_line, Progress};
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+/// How many of the last output lines a failure report quotes.
+const TAIL_LINES: usize = 20;
+/// How long lines gather before they are sent.
+const LOG_FLUSH: Duration = Duration::from_millis(250);
+/// The most lines one log call carries.
+const LOG_BATCH: usize = 1000;
+/// The most lines held while the server cannot be reached.
+const LOG_BUFFER: usize = 100_000;
+
+/// Everything one job run needs.
+pub struct JobRun {
+    pub conn: ServerConn,
+    pub claim: Claim,
+    pub client_id: String,
+    /// The job's own directory under the client's work directory.
+    pub job_dir: PathBuf,
+    pub kill_grace: Duration,
+    pub uploader: Arc<dyn ImageUploader>,
+    pub local_state: Arc<LocalState>,
+    /// Becomes true when the client gives up its jobs (second SIGTERM).
+    pub abandon: watch::Receiver<bool>,
+}
+
+/// How a job run ended, from the client's side.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobEnd {
+    /// Reported finished; the server accepted it.
+    Finished,
+    /// Reported failed with this reason.
+    Failed(String),
+    /// The lease was lost (409): processes killed, output discarded.
+    LeaseLost,
+    /// Given back to the server unfinished (the client is stopping).
+    Abandoned,
+}
+
+/// What the job's steps printed lately, and their latest progress.
+#[derive(Default)]
+struct Shared {
+    progress: Option<Progress>,
+    progress_dirty: bool,
+    tail: VecDeque<String>,
+}
+
+fn merge_progress(into: &mut Option<Progress>, update: Progress) {
+    let current = into.get_or_insert_with(Progress::default);
+    if update.major.is_some() {
+        // A new major phase starts its minor state afresh.
+        current.minor = None;
+        current.major = update.major;
+    }
+    if update.minor.is_some() {
+        current.minor = update.minor;
+    }
+    if update.percent.is_some() {
+        current.percent = update.percent;
+    }
+}
+
+/// Runs the job to its end and reports it.
+pub async fn run_job(run: JobRun) -> JobEnd {
+    let JobRun {
+        conn,
+        claim,
+        client_id,
+        job_dir,
+        kill_grace,
+        uploader,
+        local_state,
+        mut abandon,
+    } = run;
+    let shared = Arc::new(Mutex::new(Shared::default()));
+    let (cancel_tx, cancel_rx) = watch::channel(false);
+    let cancel_tx = Arc::new(cancel_tx);
+    let (log_tx, log_rx) = mpsc::channel::<NewLogLine>(4096);
+
+    let heartbeat = tokio::spawn(heartbeat_loop(
+        conn.clone(),
+        claim.clone(),
+        shared.clone(),
+        cancel_tx.clone(),
+    ));
+    let shipper = tokio::spawn(ship_logs(
+        conn.clone(),
+        claim.clone(),
+        shared.clone(),
+        log_rx,
+        cancel_tx.clone(),
+    ));
+    // The client stopping for good cancels the job like a lost lease does, but gives
+    // the job back instead of leaving it to lapse.
+    let abandoned = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let abandon_watch = {
+        let cancel_tx = cancel_tx.clone();
+        let abandoned = abandoned.clone();
+        tokio::spawn(async move {
+            loop {
+                if *abandon.borrow_and_update() {
+                    abandoned.store(true, std::sync::atomic::Ordering::SeqCst);
+                    let _ = cancel_tx.send(true);
+                    return;
+                }
+                if abandon.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+    };
+
+    let outcome = execute(
+        &conn,
+        &claim,
+        &client_id,
+        &job_dir,
+        kill_grace,
+        &shared,
+        &log_tx,
+        cancel_rx.clone(),
+        &local_state,
+    )
+    .await;
+    drop(log_tx);
+    // Send every line before the report, so that the log is whole when the job ends.
+    let _ = tokio::time::timeout(Duration::from_secs(60), shipper).await;
+    heartbeat.abort();
+    abandon_watch.abort();
+    let abandoned = abandoned.load(std::sync::atomic::Ordering::SeqCst);
+
+    let end = match outcome {
+        Outcome::Cancelled if abandoned => {
+            let _ = conn.release(&claim).await;
+            JobEnd::Abandoned
+        }
+        Outcome::Cancelled => JobEnd::LeaseLost,
+        Outcome::Failed {
+            reason,
+            message,
+            exit_status,
+        } => report_failure(&conn, &claim, &reason, message, exit_status, &shared).await,
+        Outcome::Succeeded => {
+            upload_and_finish(
+                &conn,
+                &claim,
+                &job_dir.join("out"),
+                uploader.as_ref(),
+                &shared,
+            )
+            .await
+        }
+    };
+    local_state.forget(&claim).await;
+    if let Err(err) = tokio::fs::remove_dir_all(&job_dir).await {
+        tracing::warn!(cause = %err, dir = %job_dir.display(), "cannot remove job directory");
+    }
+    end
+}
+
+enum Outcome {
+    Succeeded,
+    Failed {
+        reason: String,
+        message: String,
+        exit_status: Option<i32>,
+    },
+    Cancelled,
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn execute(
+    conn: &ServerConn,
+    claim: &Claim,
+    client_id: &str,
+    job_dir: &Path,
+    kill_grace: Duration,
+    shared: &Arc<Mutex<Shared>>,
+    log_tx: &mpsc::Sender<NewLogLine>,
+    cancel: watch::Receiver<bool>,
+    local_state: &LocalState,
+) -> Outcome {
+    let deadline = Instant::now() + Duration::from_secs(claim.timeout_secs);
+    let workspace = job_dir.join("ws");
+    let output = job_dir.join("out");
+    if let Err(message) = prepare(conn, claim, job_dir, &workspace, &output).await {
+        return Outcome::Failed {
+            reason: "setup".into(),
+            message,
+            exit_status: None,
+        };
+    }
+    let note = |text: String| NewLogLine {
+        stream: "kiln".into(),
+        text,
+    };
+    let env = vec![
+        ("KILN_BUILD".to_owned(), claim.build.clone()),
+        ("KILN_JOB_ID".to_owned(), claim.job_id.clone()),
+        ("KILN_CONFIG_TYPE".to_owned(), claim.config_type.clone()),
+        ("KILN_CLIENT_ID".to_owned(), client_id.to_owned()),
+        ("KILN_WORKSPACE".to_owned(), workspace.display().to_string()),
+        ("KILN_OUTPUT".to_owned(), output.display().to_string()),
+        ("KILN_ATTEMPT".to_owned(), claim.attempt.to_string()),
+        ("KILN_SERVER".to_owned(), conn.url().to_owned()),
+    ];
+    let steps = [
+        ("install", Some(&claim.install_script)),
+        ("configure", claim.configure_script.as_ref()),
+        ("image", Some(&claim.image_script)),
+    ];
+    for (name, script) in steps {
+        let Some(script) = script else { continue };
+        let _ = log_tx
+            .send(note(format!(
+                "step {name}: {script} (attempt {}, client {client_id})",
+                claim.attempt
+            )))
+            .await;
+        let spec = StepSpec {
+            name: name.to_owned(),
+            script: workspace.join(script),
+            cwd: workspace.clone(),
+            env: env.clone(),
+        };
+        let (line_tx, line_rx) = mpsc::channel::<OutputLine>(1024);
+        let forward = forward_lines(line_rx, log_tx.clone(), shared.clone());
+        let step = run_step(
+            &spec,
+            deadline,
+            kill_grace,
+            line_tx,
+            cancel.clone(),
+            |pgid| {
+                local_state.record_pgid(claim, pgid);
+            },
+        );
+        let (result, ()) = tokio::join!(step, forward);
+        let outcome = match result {
+            Ok(outcome) => outcome,
+            Err(err) => {
+                return Outcome::Failed {
+                    reason: "setup".into(),
+                    message: format!("step {name} could not run: {err}"),
+                    exit_status: None,
+                }
+            }
+        };
+        match outcome {
+            StepOutcome::Exited(0) => {}
+            StepOutcome::Exited(code) => {
+                let _ = log_tx
+                    .send(note(format!("step {name} exited with status {code}")))
+                    .await;
+                return Outcome::Failed {
+                    reason: "exit".into(),
+                    message: format!("step {name} ({script}) exited with status {code}"),
+                    exit_status: Some(code),
+                };
+            }
+            StepOutcome::Signaled(signal) => {
+                return Outcome::Failed {
+                    reason: "signal".into(),
+                    message: format!("step {name} ({script}) was killed by signal {signal}"),
+                    exit_status: None,
+                };
+            }
+            StepOutcome::TimedOut => {
+                let _ = log_tx
+                    .send(note(format!(
+                        "step {name}: the job's timeout of {} s passed; its processes were killed",
+                        claim.timeout_secs
+                    )))
+                    .await;
+                return Outcome::Failed {
+                    reason: "timeout".into(),
+                    message: format!(
+                        "the job ran past its timeout of {} s in step {name}",
+                        claim.timeout_secs
+                    ),
+                    exit_status: None,
+                };
+            }
+            StepOutcome::Cancelled => return Outcome::Cancelled,
+        }
+    }
+    Outcome::Succeeded
+}
+
+/// Makes the job's directory afresh and unpacks the build's files into the workspace.
+async fn prepare(
+    conn: &ServerConn,
+    claim: &Claim,
+    job_dir: &Path,
+    workspace: &Path,
+    output: &Path,
+) -> Result<(), String> {
+    if tokio::fs::try_exists(job_dir).await.unwrap_or(false) {
+        tokio::fs::remove_dir_all(job_dir)
+            .await
+            .map_err(|err| format!("cannot clear {}: {err}", job_dir.display()))?;
+    }
+    for dir in [workspace, output] {
+        tokio::fs::create_dir_all(dir)
+            .await
+            .map_err(|err| format!("cannot create {}: {err}", dir.display()))?;
+    }
+    let archive = job_dir.join("files.tar");
+    let mut delay = Duration::from_millis(500);
+    loop {
+        match conn.fetch_files(claim, &archive).await {
+            Ok(()) => break,
+            Err(err) if err.is_retryable() && delay < Duration::from_secs(30) => {
+                tracing::warn!(cause = %err, build = %claim.build, "fetching build files; will retry");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+            Err(err) => return Err(format!("cannot fetch the build's files: {err}")),
+        }
+    }
+    let workspace = workspace.to_owned();
+    let unpack = tokio::task::spawn_blocking(move || unpack_files(&archive, &workspace));
+    unpack
+        .await
+        .map_err(|err| format!("unpacking the build's files: {err}"))?
+}
+
+/// Unpacks only regular files and directories, never outside `dest`.
+fn unpack_files(archive: &Path, dest: &Path) -> Result<(), String> {
+    let file = std::fs::File::open(archive)
+        .map_err(|err| format!("cannot open {}: {err}", archive.display()))?;
+    let mut tar = tar::Archive::new(file);
+    tar.set_preserve_permissions(true);
+    let entries = tar
+        .entries()
+        .map_err(|err| format!("the build's files are not a tar archive: {err}"))?;
+    for entry in entries {
+        let mut entry =
+            entry.map_err(|err| format!("the build's files archive is damaged: {err}"))?;
+        let kind = entry.header().entry_type();
+        if !(kind.is_file() || kind.is_dir()) {
+            let name = entry
+                .path()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
+            return Err(format!(
+                "the build's files hold {name:?}, which is not a regular file or directory"
+            ));
+        }
+        // unpack_in refuses paths that would land outside `dest`.
+        let inside = entry
+            .unpack_in(dest)
+            .map_err(|err| format!("unpacking the build's files: {err}"))?;
+        if !inside {
+            return Err("the build's files hold a path that escapes the workspace".into());
+        }
+    }
+    std::fs::remove_file(archive)
+        .map_err(|err| format!("cannot remove {}: {err}", archive.display()))
+}
+
+/// Passes a step's lines to the log shipper, noting progress lines and the tail.
+async fn forward_lines(
+    mut lines: mpsc::Receiver<OutputLine>,
+    log_tx: mpsc::Sender<NewLogLine>,
+    shared: Arc<Mutex<Shared>>,
+) {
+    while let Some(line) = lines.recv().await {
+        {
+            let mut shared = shared.lock().expect("job state poisoned");
+            if let Some(progress) = parse_progress_line(&line.text) {
+                merge_progress(&mut shared.progress, progress);
+                shared.progress_dirty = true;
+            }
+            if shared.tail.len() == TAIL_LINES {
+                shared.tail.pop_front();
+            }
+            shared.tail.push_back(line.text.clone());
+        }
+        let stream = match line.stream {
+            Stream::Stdout => "stdout",
+            Stream::Stderr => "stderr",
+        };
+        // A closed shipper means the job is ending: keep draining the step's output.
+        let _ = log_tx
+            .send(NewLogLine {
+                stream: stream.into(),
+                text: line.text,
+            })
+            .await;
+    }
+}
+
+/// Sends log lines in batches, with the latest progress; a 409 cancels the job.
+async fn ship_logs(
+    conn: ServerConn,
+    claim: Claim,
+    shared: Arc<Mutex<Shared>>,
+    mut rx: mpsc::Receiver<NewLogLine>,
+    cancel: Arc<watch::Sender<bool>>,
+) {
+    let mut buffer: VecDeque<NewLogLine> = VecDeque::new();
+    let mut n_dropped: u64 = 0;
+    let mut closed = false;
+    let mut failures: u32 = 0;
+    loop {
+        let flush_at = Instant::now() + LOG_FLUSH;
+        while !closed && buffer.len() < LOG_BATCH {
+            match tokio::time::timeout_at(flush_at, rx.recv()).await {
+                Ok(Some(line)) => {
+                    if buffer.len() >= LOG_BUFFER {
+                        buffer.pop_front();
+                        n_dropped += 1;
+                    }
+                    buffer.push_back(line);
+                }
+                Ok(None) => closed = true,
+                Err(_elapsed) => break,
+            }
+        }
+        let progress = {
+            let mut shared = shared.lock().expect("job state poisoned");
+            let dirty = std::mem::take(&mut shared.progress_dirty);
+            dirty.then(|| shared.progress.clone()).flatten()
+        };
+        if buffer.is_empty() && progress.is_none() {
+            if closed {
+                return;
+            }
+            continue;
+        }
+        let mut lines: Vec<NewLogLine> = Vec::with_capacity(buffer.len().min(LOG_BATCH) + 1);
+        if n_dropped > 0 {
+            lines.push(NewLogLine {
+                stream: "kiln".into(),
+                text: format!(
+                    "{n_dropped} log lines were dropped while the server could not be reached"
+                ),
+            });
+        }
+        lines.extend(buffer.iter().take(LOG_BATCH).cloned());
+        let n_sent = lines.len() - usize::from(n_dropped > 0);
+        match conn
+            .log(
+                &claim,
+                &LogBatch {
+                    lines,
+                    progress: progress.clone(),
+                },
+            )
+            .await
+        {
+            Ok(()) => {
+                buffer.drain(..n_sent);
+                n_dropped = 0;
+                failures = 0;
+            }
+            Err(CallError::Stale(_)) => {
+                let _ = cancel.send(true);
+                return;
+            }
+            Err(err) => {
+                failures += 1;
+                if progress.is_some() {
+                    shared.lock().expect("job state poisoned").progress_dirty = true;
+                }
+                tracing::warn!(cause = %err, job = %claim.job_id, "sending log lines; will retry");
+                if closed && failures > 10 {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(500 * u64::from(failures.min(10)))).await;
+            }
+        }
+    }
+}
+
+/// Extends the lease every `heartbeat_secs`; a 409 cancels the job.
+async fn heartbeat_loop(
+    conn: ServerConn,
+    claim: Claim,
+    shared: Arc<Mutex<Shared>>,
+    cancel: Arc<watch::Sender<bool>>,
+) {
+    let mut interval = tokio::time::interval(Duration::from_secs(claim.heartbeat_secs.max(1)));
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    interval.tick().await;
+    loop {
+        interval.tick().await;
+        let progress = shared.lock().expect("job state poisoned").progress.clone();
+        match conn.heartbeat(&claim, progress).await {
+            Ok(()) => {}
+            Err(CallError::Stale(message)) => {
+                tracing::warn!(job = %claim.job_id, build = %claim.build, %message, "lease lost; stopping the job");
+                let _ = cancel.send(true);
+                return;
+            }
+            Err(err) => {
+                tracing::warn!(cause = %err, job = %claim.job_id, "heartbeat failed; will retry")
+            }
+        }
+    }
+}
+
+/// Retries `call` while it fails in a way that may pass (server away, disk full).
+async fn with_retries<F, Fut>(what: &str, mut call: F) -> Result<(), CallError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), CallError>>,
+{
+    let mut delay = Duration::from_millis(500);
+    let give_up = Instant::now() + Duration::from_secs(3600);
+    loop {
+        match call().await {
+            Err(err) if err.is_retryable() && Instant::now() < give_up => {
+                tracing::warn!(cause = %err, "{what}; will retry in {delay:?}");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(15));
+            }
+            result => return result,
+        }
+    }
+}
+
+async fn report_failure(
+    conn: &ServerConn,
+    claim: &Claim,
+    reason: &str,
+    message: String,
+    exit_status: Option<i32>,
+    shared: &Mutex<Shared>,
+) -> JobEnd {
+    let tail: Vec<String> = shared
+        .lock()
+        .expect("job state poisoned")
+        .tail
+        .iter()
+        .cloned()
+        .collect();
+    let message = if tail.is_empty() {
+        message
+    } else {
+        format!("{message}; last lines:\n{}", tail.join("\n"))
+    };
+    let report = Fail {
+        reason: reason.to_owned(),
+        message,
+        exit_status,
+    };
+    match with_retries("reporting a failure", || conn.fail(claim, &report)).await {
+        Ok(()) => JobEnd::Failed(reason.to_owned()),
+        Err(CallError::Stale(_)) => JobEnd::LeaseLost,
+        Err(err) => {
+            tracing::error!(cause = %err, job = %claim.job_id, "cannot report the failure");
+            JobEnd::Failed(reason.to_owned())
+        }
+    }
+}
+
+/// The images the steps left: every regular file directly in `output`.
+async fn collect_images(output: &Path) -> Result<Vec<(String, PathBuf)>, String> {
+    let mut images = Vec::new();
+    let mut dir = tokio::fs::read_dir(output)
+        .await
+        .map_err(|err| format!("cannot read KILN_OUTPUT {}: {err}", output.display()))?;
+    while let Some(entry) = dir
+        .next_entry()
+        .await
+        .map_err(|err| format!("cannot read KILN_OUTPUT {}: {err}", output.display()))?
+    {
+        let meta = tokio::fs::symlink_metadata(entry.path())
+            .await
+            .map_err(|err| format!("cannot read {}: {err}", entry.path().display()))?;
+        if !meta.is_file() {
+            continue;
+        }
+        let name = entry.file_name().to_string_lossy().into_owned();
+        kiln_proto::names::check_name("image file name", &name)?;
+        images.push((name, entry.path()));
+    }
+    images.sort();
+    Ok(images)
+}
+
+async fn upload_and_finish(
+    conn: &ServerConn,
+    claim: &Claim,
+    output: &Path,
+    uploader: &dyn ImageUploader,
+    shared: &Mutex<Shared>,
+) -> JobEnd {
+    let images = match collect_images(output).await {
+        Ok(images) if images.is_empty() => {
+            let message = "the steps left no image in KILN_OUTPUT".to_owned();
+            return report_failure(conn, claim, "no_images", message, None, shared).await;
+        }
+        Ok(images) => images,
+        Err(message) => return report_failure(conn, claim, "output", message, None, shared).await,
+    };
+    for (name, path) in &images {
+        let mut n_refused = 0;
+        loop {
+            match with_retries("uploading an image", || {
+                uploader.upload(conn, claim, name, path)
+            })
+            .await
+            {
+                Ok(()) => break,
+                Err(CallError::Stale(_)) => return JobEnd::LeaseLost,
+                Err(CallError::Refused { message, .. }) if n_refused < 2 => {
+                    // A refused upload (its bytes did not match their hash) is sent again.
+                    n_refused += 1;
+                    tracing::warn!(image = %name, %message, "upload refused; sending it again");
+                }
+                Err(err) => {
+                    let message = format!("image {name} could not be uploaded: {err}");
+                    return report_failure(conn, claim, "upload", message, None, shared).await;
+                }
+            }
+        }
+    }
+    let names: Vec<String> = images.into_iter().map(|(name, _)| name).collect();
+    match with_retries("reporting the job finished", || {
+        conn.finish(claim, names.clone())
+    })
+    .await
+    {
+        Ok(()) => JobEnd::Finished,
+        Err(CallError::Stale(_)) => JobEnd::LeaseLost,
+        Err(err) => {
+            tracing::error!(cause = %err, job = %claim.job_id, "cannot report the job finished");
+            JobEnd::Failed("report".into())
+        }
+    }
+}

@@ -1,0 +1,114 @@
+//! [`LocalState`]: the client's small state file, `WORK/state.json`: which jobs it
+//! holds, under which lease, and the process group running each. It is rewritten
+//! crash-safely on every change, so that a restarted client knows what it held.
+
+use kiln_proto::api::Claim;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// One job the client holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldJob {
+    pub server: String,
+    pub build: String,
+    pub job: String,
+    pub lease: String,
+    pub attempt: u32,
+    /// The process group of the step running now, if any.
+    pub pgid: Option<u32>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct StateFile {
+    jobs: Vec<HeldJob>,
+}
+
+/// The client's state file and its contents.
+pub struct LocalState {
+    path: PathBuf,
+    file: Mutex<StateFile>,
+}
+
+impl LocalState {
+    /// Reads `WORK/state.json`, or starts empty.
+    pub fn open(work_dir: &Path) -> std::io::Result<Self> {
+        let path = work_dir.join("state.json");
+        let file = match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|err| {
+                tracing::warn!(cause = %err, path = %path.display(), "unreadable state file; starting afresh");
+                StateFile::default()
+            }),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => StateFile::default(),
+            Err(err) => return Err(err),
+        };
+        Ok(LocalState {
+            path,
+            file: Mutex::new(file),
+        })
+    }
+
+    /// The jobs the file says are held (by this run or one that died).
+    pub fn held(&self) -> Vec<HeldJob> {
+        self.file.lock().expect("state poisoned").jobs.clone()
+    }
+
+    /// Records a newly claimed job.
+    pub fn hold(&self, server: &str, claim: &Claim) {
+        self.update(|file| {
+            file.jobs.push(HeldJob {
+                server: server.to_owned(),
+                build: claim.build.clone(),
+                job: claim.job_id.clone(),
+                lease: claim.lease.clone(),
+                attempt: claim.attempt,
+                pgid: None,
+            })
+        });
+    }
+
+    /// Records the process group of the job's running step.
+    pub fn record_pgid(&self, claim: &Claim, pgid: u32) {
+        self.update(|file| {
+            for held in file
+                .jobs
+                .iter_mut()
+                .filter(|held| held.lease == claim.lease)
+            {
+                held.pgid = Some(pgid);
+            }
+        });
+    }
+
+    /// Forgets a job that ended.
+    pub async fn forget(&self, claim: &Claim) {
+        self.update(|file| file.jobs.retain(|held| held.lease != claim.lease));
+    }
+
+    /// Forgets every job.
+    pub fn clear(&self) {
+        self.update(|file| file.jobs.clear());
+    }
+
+    fn update(&self, change: impl FnOnce(&mut StateFile)) {
+        let mut file = self.file.lock().expect("state poisoned");
+        change(&mut file);
+        if let Err(err) = write_atomically(&self.path, &file) {
+            tracing::error!(cause = %err, path = %self.path.display(), "cannot write the state file");
+        }
+    }
+}
+
+fn write_atomically(path: &Path, file: &StateFile) -> std::io::Result<()> {
+    use std::io::Write;
+    let bytes = serde_json::to_vec_pretty(file).map_err(std::io::Error::other)?;
+    let temp = path.with_extension("json.tmp");
+    let mut out = std::fs::File::create(&temp)?;
+    out.write_all(&bytes)?;
+    out.sync_all()?;
+    std::fs::rename(&temp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}

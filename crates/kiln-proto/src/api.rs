@@ -1,0 +1,187 @@
+//! JSON bodies of the HTTP API under `/v1`.
+//!
+//! Operators read [`BuildSummary`], [`JobStatus`], [`LogChunk`], [`Event`] and
+//! [`ImageInfo`]; clients send [`ClaimRequest`] and get a [`Claim`], then carry the
+//! claim's lease token (header [`crate::LEASE_HEADER`]) on [`Heartbeat`], [`LogBatch`],
+//! image uploads, [`Finish`] and [`Fail`]. Every refusal is an [`ApiError`].
+//! Times are unix microseconds.
+
+use crate::progress::Progress;
+use crate::state::JobState;
+use serde::{Deserialize, Serialize};
+
+/// The body of every refusal: what was wrong, in words, and a stable code.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApiError {
+    /// A stable machine-readable code such as `stale_lease` or `duplicate_build`.
+    pub code: String,
+    /// What was wrong, for a person.
+    pub error: String,
+}
+
+/// A build as listed by `GET /v1/builds`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BuildSummary {
+    pub number: String,
+    pub title: String,
+    pub build_time: Option<String>,
+    pub submitted_at: i64,
+    pub n_jobs: u32,
+    pub n_queued: u32,
+    pub n_running: u32,
+    pub n_finished: u32,
+    pub n_failed: u32,
+    pub n_expired: u32,
+    pub n_cancelled: u32,
+}
+
+impl BuildSummary {
+    /// Whether every job reached a final state.
+    pub fn is_done(&self) -> bool {
+        self.n_queued == 0 && self.n_running == 0
+    }
+}
+
+/// A job's status as operators see it (`kiln status BUILD --json` prints these).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct JobStatus {
+    pub build: String,
+    pub id: String,
+    pub title: String,
+    pub config_type: String,
+    pub state: JobState,
+    pub client_id: Option<String>,
+    pub time_start: Option<i64>,
+    pub time_complete: Option<i64>,
+    pub major_state: Option<String>,
+    pub minor_state: Option<String>,
+    pub percent: Option<u8>,
+    pub eta_seconds: Option<u64>,
+    pub attempt: u32,
+    pub error: Option<String>,
+    pub priority: i64,
+    pub assigned_to: Option<String>,
+}
+
+/// `POST /v1/claim`: a client asks for one job, waiting up to `wait_secs` for one.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClaimRequest {
+    pub client_id: String,
+    /// Config types the client takes; `*` takes any.
+    pub include: Vec<String>,
+    /// How long the server may hold the request open waiting for a job.
+    pub wait_secs: u64,
+}
+
+/// A claimed job: what the client needs to run it. Answer to [`ClaimRequest`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Claim {
+    pub build: String,
+    pub job_id: String,
+    pub title: String,
+    pub config_type: String,
+    pub install_script: String,
+    pub configure_script: Option<String>,
+    pub image_script: String,
+    pub timeout_secs: u64,
+    /// 1 for the first attempt; grows each time a lease is lost.
+    pub attempt: u32,
+    /// The lease token: carried on every later call about this job.
+    pub lease: String,
+    /// The lease lasts this long past each heartbeat.
+    pub lease_secs: u64,
+    /// The client heartbeats this often.
+    pub heartbeat_secs: u64,
+}
+
+/// `POST /v1/jobs/{build}/{job}/heartbeat`: the holder is alive, with its progress.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub progress: Option<Progress>,
+}
+
+/// One line a step printed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NewLogLine {
+    /// `stdout`, `stderr` or `kiln` (the client's own notes).
+    pub stream: String,
+    pub text: String,
+}
+
+/// `POST /v1/jobs/{build}/{job}/log`: lines in order, and the latest progress if any.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct LogBatch {
+    pub lines: Vec<NewLogLine>,
+    pub progress: Option<Progress>,
+}
+
+/// A stored log line.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LogLine {
+    pub seq: i64,
+    pub time: i64,
+    pub attempt: u32,
+    pub stream: String,
+    pub text: String,
+}
+
+/// `GET /v1/jobs/{build}/{job}/log?after=SEQ&wait=SECS`: the lines after `after`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LogChunk {
+    pub lines: Vec<LogLine>,
+    /// Pass as `after` to get the lines that follow.
+    pub next: i64,
+    /// The job is in a final state: no more lines will come unless it is restarted.
+    pub done: bool,
+}
+
+/// `POST /v1/jobs/{build}/{job}/finish`: every image is uploaded.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Finish {
+    /// The images the client uploaded; the server checks they are all stored.
+    pub images: Vec<String>,
+}
+
+/// `POST /v1/jobs/{build}/{job}/fail`: the job failed on the client.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Fail {
+    /// `timeout`, `exit`, `signal`, `setup`, `upload` …
+    pub reason: String,
+    /// What happened, with the log tail when a step failed.
+    pub message: String,
+    pub exit_status: Option<i32>,
+}
+
+/// A stored image of a job.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImageInfo {
+    pub build: String,
+    pub job_id: String,
+    pub config_type: String,
+    pub name: String,
+    pub size: u64,
+    pub blake3: String,
+    pub sha256: String,
+    pub created_at: i64,
+}
+
+/// One transition in a build's event log.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Event {
+    pub seq: i64,
+    pub time: i64,
+    pub build: String,
+    pub job: String,
+    pub from: Option<JobState>,
+    pub to: JobState,
+    pub client_id: Option<String>,
+    pub attempt: u32,
+    pub reason: Option<String>,
+}
+
+/// Answer to `POST /v1/builds`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Submitted {
+    pub number: String,
+    pub n_jobs: u32,
+}

@@ -1,0 +1,24 @@
+//! kiln's shared vocabulary: wire types, manifest and seed XML formats, and the job
+//! state machine.
+//!
+//! - [`manifest`]: `relbuild.xml` / `kiln.toml` into [`manifest::BuildManifest`].
+//! - [`client_config`]: `buildclient.xml` / client TOML into [`client_config::ClientConfig`].
+//! - [`progress`]: the `##kiln[progress ...]` line a job step prints.
+//! - [`status_xml`]: the seed's `job_id.xml` (JOBSTATUS) rendering.
+//! - [`state`]: [`state::JobState`] and the transitions the invariants allow.
+//! - [`api`]: the JSON bodies of the HTTP API under `/v1`.
+//! - [`names`]: validation of names that come from outside.
+
+pub mod api;
+pub mod client_config;
+pub mod error;
+pub mod manifest;
+pub mod names;
+pub mod progress;
+pub mod state;
+pub mod status_xml;
+
+/// The HTTP header that carries a job's lease token on every client call about it.
+pub const LEASE_HEADER: &str = "x-kiln-lease";
+/// The HTTP header that carries an image's whole-file BLAKE3 hash (hex) on upload.
+pub const BLAKE3_HEADER: &str = "x-kiln-blake3";

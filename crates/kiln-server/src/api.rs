@@ -1,0 +1,749 @@
+//! The HTTP API under `/v1`: routes and handlers.
+//!
+//! Operators (admin credential) submit, cancel, restart and read; clients (client
+//! credential) claim, heartbeat, log, upload and report, each call about a job carrying
+//! its lease token in [`kiln_proto::LEASE_HEADER`]. The seed's formats are served too:
+//! `relbuild.xml` per build and `status.xml` (JOBSTATUS) per job.
+
+use crate::auth::{Caller, Role};
+use crate::error::ApiErr;
+use crate::files;
+use crate::AppState;
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, Multipart, Path, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures::StreamExt;
+use kiln_blob::ImageHasher;
+use kiln_proto::api::{
+    BuildSummary, Claim, ClaimRequest, Event, Fail, Finish, Heartbeat, ImageInfo, JobStatus,
+    LogBatch, LogChunk, Submitted,
+};
+use kiln_proto::manifest::BuildManifest;
+use kiln_proto::names::check_name;
+use kiln_proto::status_xml::{render_job_status, JobStatusXml};
+use kiln_proto::{BLAKE3_HEADER, LEASE_HEADER};
+use kiln_store::{Failure, NewBuild, NewImage, StoreError};
+use serde::Deserialize;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tower::ServiceExt;
+
+/// The longest a long poll (claim or log follow) is held open.
+const MAX_WAIT_SECS: u64 = 120;
+/// The most log lines one read returns.
+const LOG_PAGE: u32 = 2000;
+/// The largest manifest accepted.
+const MAX_MANIFEST_BYTES: usize = 4 << 20;
+/// The most lines one log batch may carry.
+const MAX_LOG_BATCH: usize = 10_000;
+
+type Shared = State<Arc<AppState>>;
+
+/// Builds the router over `state`.
+pub fn router(state: Arc<AppState>) -> Router {
+    let submit_limit =
+        (state.config.max_files_bytes + MAX_MANIFEST_BYTES as u64 + (1 << 20)) as usize;
+    Router::new()
+        .route("/v1/health", get(health))
+        .route(
+            "/v1/builds",
+            get(list_builds)
+                .post(submit)
+                .layer(DefaultBodyLimit::max(submit_limit)),
+        )
+        .route("/v1/builds/{build}", get(build_summary))
+        .route("/v1/builds/{build}/jobs", get(list_jobs))
+        .route("/v1/builds/{build}/relbuild.xml", get(relbuild_xml))
+        .route("/v1/builds/{build}/events", get(events))
+        .route("/v1/builds/{build}/images", get(list_images))
+        .route("/v1/builds/{build}/files", get(build_files))
+        .route("/v1/claim", post(claim))
+        .route("/v1/jobs/{build}/{job}", get(job_status))
+        .route("/v1/jobs/{build}/{job}/status.xml", get(job_status_xml))
+        .route("/v1/jobs/{build}/{job}/log", get(read_log).post(append_log))
+        .route("/v1/jobs/{build}/{job}/heartbeat", post(heartbeat))
+        .route("/v1/jobs/{build}/{job}/finish", post(finish))
+        .route("/v1/jobs/{build}/{job}/fail", post(fail))
+        .route("/v1/jobs/{build}/{job}/release", post(release))
+        .route("/v1/jobs/{build}/{job}/restart", post(restart))
+        .route("/v1/jobs/{build}/{job}/cancel", post(cancel))
+        .route(
+            "/v1/jobs/{build}/{job}/images/{name}",
+            get(get_image)
+                .put(put_image)
+                .layer(DefaultBodyLimit::disable()),
+        )
+        .with_state(state)
+}
+
+async fn health() -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "status": "ok", "version": env!("CARGO_PKG_VERSION") }))
+}
+
+fn lease_of(headers: &HeaderMap) -> Result<&str, ApiErr> {
+    headers
+        .get(LEASE_HEADER)
+        .and_then(|value| value.to_str().ok())
+        .filter(|value| !value.is_empty())
+        .ok_or_else(|| {
+            ApiErr::bad_request(
+                "no_lease",
+                format!("this call needs the job's lease token in the {LEASE_HEADER} header"),
+            )
+        })
+}
+
+fn check_job_names(build: &str, job: &str) -> Result<(), ApiErr> {
+    check_name("build number", build).map_err(|msg| ApiErr::bad_request("bad_name", msg))?;
+    check_name("job id", job).map_err(|msg| ApiErr::bad_request("bad_name", msg))
+}
+
+/// Fills in `eta_seconds` from percent done and past runs of the same config type.
+async fn with_eta(state: &AppState, mut jobs: Vec<JobStatus>) -> Result<Vec<JobStatus>, ApiErr> {
+    let now = crate::now_micros();
+    let mut means: HashMap<String, Option<f64>> = HashMap::new();
+    for job in jobs.iter_mut() {
+        if job.state != kiln_proto::state::JobState::Running {
+            continue;
+        }
+        let Some(start) = job.time_start else {
+            continue;
+        };
+        let elapsed = ((now - start) as f64 / 1e6).max(0.0);
+        if !means.contains_key(&job.config_type) {
+            let mean = state.store.mean_run_secs(&job.config_type).await?;
+            means.insert(job.config_type.clone(), mean);
+        }
+        let from_history = means[&job.config_type].map(|mean| (mean - elapsed).max(0.0));
+        let from_percent = job
+            .percent
+            .filter(|p| *p > 0)
+            .map(|p| elapsed * f64::from(100 - p.min(100)) / f64::from(p));
+        let eta = match (from_percent, from_history) {
+            (Some(by_percent), Some(by_history)) => {
+                // Trust the job's own percent more as it grows.
+                let weight = f64::from(job.percent.unwrap_or(0)) / 100.0;
+                Some(weight * by_percent + (1.0 - weight) * by_history)
+            }
+            (Some(eta), None) | (None, Some(eta)) => Some(eta),
+            (None, None) => None,
+        };
+        job.eta_seconds = eta.map(|secs| secs.round() as u64);
+    }
+    Ok(jobs)
+}
+
+async fn list_builds(
+    State(state): Shared,
+    _caller: Caller,
+) -> Result<Json<Vec<BuildSummary>>, ApiErr> {
+    Ok(Json(state.store.list_builds().await?))
+}
+
+async fn build_summary(
+    State(state): Shared,
+    _caller: Caller,
+    Path(build): Path<String>,
+) -> Result<Json<BuildSummary>, ApiErr> {
+    Ok(Json(state.store.build_summary(&build).await?))
+}
+
+async fn list_jobs(
+    State(state): Shared,
+    _caller: Caller,
+    Path(build): Path<String>,
+) -> Result<Json<Vec<JobStatus>>, ApiErr> {
+    let jobs = state.store.list_jobs(&build).await?;
+    Ok(Json(with_eta(&state, jobs).await?))
+}
+
+async fn job_status(
+    State(state): Shared,
+    _caller: Caller,
+    Path((build, job)): Path<(String, String)>,
+) -> Result<Json<JobStatus>, ApiErr> {
+    let status = state.store.get_job(&build, &job).await?;
+    let mut with = with_eta(&state, vec![status]).await?;
+    Ok(Json(with.remove(0)))
+}
+
+fn xml_response(body: String) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/xml; charset=utf-8")],
+        body,
+    )
+        .into_response()
+}
+
+async fn job_status_xml(
+    State(state): Shared,
+    _caller: Caller,
+    Path((build, job)): Path<(String, String)>,
+) -> Result<Response, ApiErr> {
+    let status = state.store.get_job(&build, &job).await?;
+    let status = with_eta(&state, vec![status]).await?.remove(0);
+    let xml = render_job_status(&JobStatusXml {
+        client_id: status.client_id.as_deref(),
+        time_start: status.time_start,
+        time_complete: status.time_complete,
+        major_state: status
+            .major_state
+            .as_deref()
+            .or(Some(seed_major_state(&status))),
+        minor_state: status.minor_state.as_deref(),
+        percent: status.percent,
+        eta_seconds: status.eta_seconds,
+    });
+    Ok(xml_response(xml))
+}
+
+/// The seed's MAJORSTATE when the job's steps reported none: `INPROGRESS` or
+/// `FINISHED` ([0057]), or the state's own name.
+fn seed_major_state(status: &JobStatus) -> &'static str {
+    use kiln_proto::state::JobState;
+    match status.state {
+        JobState::Running => "INPROGRESS",
+        JobState::Finished => "FINISHED",
+        JobState::Queued => "QUEUED",
+        JobState::Failed => "FAILED",
+        JobState::Expired => "EXPIRED",
+        JobState::Cancelled => "CANCELLED",
+    }
+}
+
+async fn relbuild_xml(
+    State(state): Shared,
+    _caller: Caller,
+    Path(build): Path<String>,
+) -> Result<Response, ApiErr> {
+    let record = state.store.get_build(&build).await?;
+    Ok(xml_response(record.manifest.to_relbuild_xml()))
+}
+
+#[derive(Deserialize)]
+struct AfterQuery {
+    #[serde(default)]
+    after: i64,
+}
+
+async fn events(
+    State(state): Shared,
+    _caller: Caller,
+    Path(build): Path<String>,
+    Query(query): Query<AfterQuery>,
+) -> Result<Json<Vec<Event>>, ApiErr> {
+    state.store.build_summary(&build).await?;
+    Ok(Json(state.store.events(&build, query.after).await?))
+}
+
+async fn list_images(
+    State(state): Shared,
+    _caller: Caller,
+    Path(build): Path<String>,
+) -> Result<Json<Vec<ImageInfo>>, ApiErr> {
+    state.store.build_summary(&build).await?;
+    Ok(Json(state.store.list_images(&build).await?))
+}
+
+#[derive(Deserialize)]
+struct FilesQuery {
+    job: Option<String>,
+}
+
+/// The build's files archive: for the admin, or for a client holding one of its jobs.
+async fn build_files(
+    State(state): Shared,
+    caller: Caller,
+    Path(build): Path<String>,
+    Query(query): Query<FilesQuery>,
+    headers: HeaderMap,
+    request: Request,
+) -> Result<Response, ApiErr> {
+    if caller.0 == Role::Client {
+        let job = query.job.as_deref().ok_or_else(|| {
+            ApiErr::bad_request(
+                "no_job",
+                "a client fetches a build's files for a job it holds: add ?job=ID",
+            )
+        })?;
+        state
+            .store
+            .check_lease(&build, job, lease_of(&headers)?)
+            .await?;
+    }
+    let record = state.store.get_build(&build).await?;
+    serve_blob(
+        &state,
+        &record.files_key,
+        request,
+        &format!("{build}-files.tar"),
+    )
+    .await
+}
+
+/// Streams a stored blob with Range support, an ETag and a download name.
+async fn serve_blob(
+    state: &AppState,
+    key: &str,
+    request: Request,
+    download_name: &str,
+) -> Result<Response, ApiErr> {
+    let path = state.blobs.local_path(key)?;
+    if !tokio::fs::try_exists(&path).await.unwrap_or(false) {
+        return Err(kiln_blob::BlobError::NotFound(key.to_owned()).into());
+    }
+    let mut response =
+        tower_http::services::ServeFile::new_with_mime(&path, &mime::APPLICATION_OCTET_STREAM)
+            .oneshot(request)
+            .await
+            .map_err(|err| ApiErr::Internal(err.to_string()))?
+            .map(Body::new);
+    let headers = response.headers_mut();
+    if let Ok(etag) = HeaderValue::from_str(&format!("\"{key}\"")) {
+        headers.insert(header::ETAG, etag);
+    }
+    if let Ok(disposition) =
+        HeaderValue::from_str(&format!("attachment; filename=\"{download_name}\""))
+    {
+        headers.insert(header::CONTENT_DISPOSITION, disposition);
+    }
+    Ok(response)
+}
+
+async fn get_image(
+    State(state): Shared,
+    _caller: Caller,
+    Path((build, job, name)): Path<(String, String, String)>,
+    request: Request,
+) -> Result<Response, ApiErr> {
+    let image = state.store.get_image(&build, &job, &name).await?;
+    serve_blob(&state, &image.blob_key, request, &name).await
+}
+
+async fn submit(
+    State(state): Shared,
+    caller: Caller,
+    mut multipart: Multipart,
+) -> Result<(StatusCode, Json<Submitted>), ApiErr> {
+    caller.require_admin()?;
+    let mut manifest: Option<BuildManifest> = None;
+    let mut staged_files = None;
+    while let Some(mut field) = multipart.next_field().await.map_err(|err| {
+        ApiErr::bad_request("bad_upload", format!("reading the submission: {err}"))
+    })? {
+        match field.name().unwrap_or_default() {
+            "manifest" => {
+                let file_name = field.file_name().unwrap_or("relbuild.xml").to_owned();
+                let bytes = field.bytes().await.map_err(|err| {
+                    ApiErr::bad_request("bad_upload", format!("reading the manifest: {err}"))
+                })?;
+                if bytes.len() > MAX_MANIFEST_BYTES {
+                    return Err(ApiErr::TooLarge(format!(
+                        "the manifest is larger than {MAX_MANIFEST_BYTES} bytes"
+                    )));
+                }
+                let text = std::str::from_utf8(&bytes).map_err(|_| {
+                    ApiErr::bad_request(
+                        "bad_manifest",
+                        format!("{file_name}: the manifest is not UTF-8 text"),
+                    )
+                })?;
+                let parsed = BuildManifest::parse(&file_name, text)
+                    .map_err(|err| ApiErr::bad_request("bad_manifest", err.to_string()))?;
+                // Refuse a known build number before reading a large archive.
+                match state.store.build_summary(&parsed.number).await {
+                    Ok(_) => return Err(StoreError::DuplicateBuild(parsed.number).into()),
+                    Err(StoreError::NotFound(_)) => {}
+                    Err(err) => return Err(err.into()),
+                }
+                manifest = Some(parsed);
+            }
+            "files" => {
+                let staged = state.blobs.stage().await?;
+                let mut file = tokio::fs::File::create(staged.path())
+                    .await
+                    .map_err(|err| kiln_blob::BlobError::io("staging the build's files", err))?;
+                let mut hasher = ImageHasher::new();
+                while let Some(chunk) = field.chunk().await.map_err(|err| {
+                    ApiErr::bad_request("bad_upload", format!("reading the build's files: {err}"))
+                })? {
+                    hasher.update(&chunk);
+                    file.write_all(&chunk).await.map_err(|err| {
+                        kiln_blob::BlobError::io("staging the build's files", err)
+                    })?;
+                }
+                file.flush()
+                    .await
+                    .map_err(|err| kiln_blob::BlobError::io("staging the build's files", err))?;
+                staged_files = Some((staged, hasher.finish()));
+            }
+            other => {
+                return Err(ApiErr::bad_request(
+                    "bad_upload",
+                    format!(
+                        "unexpected part {other:?} in the submission (expected manifest and files)"
+                    ),
+                ));
+            }
+        }
+    }
+    let manifest = manifest
+        .ok_or_else(|| ApiErr::bad_request("bad_upload", "the submission has no manifest part"))?;
+    let (staged, digests) = staged_files
+        .ok_or_else(|| ApiErr::bad_request("bad_upload", "the submission has no files part"))?;
+    let archive_path = staged.path().to_owned();
+    let checked_manifest = manifest.clone();
+    tokio::task::spawn_blocking(move || files::check_archive(&archive_path, &checked_manifest))
+        .await
+        .map_err(|err| ApiErr::Internal(err.to_string()))?
+        .map_err(|msg| ApiErr::bad_request("bad_files", msg))?;
+    state.blobs.commit(staged, &digests.blake3).await?;
+    let n_jobs = manifest.jobs.len() as u32;
+    let number = manifest.number.clone();
+    state
+        .store
+        .insert_build(&NewBuild {
+            manifest,
+            files_key: digests.blake3,
+            files_size: digests.size,
+            submitted_at: crate::now_micros(),
+            default_accept_within_secs: state.config.default_accept_within_secs,
+            default_max_attempts: state.config.default_max_attempts,
+        })
+        .await?;
+    tracing::info!(build = %number, n_jobs, "build submitted");
+    state.changed();
+    state.dispatcher.wake();
+    Ok((StatusCode::CREATED, Json(Submitted { number, n_jobs })))
+}
+
+async fn claim(
+    State(state): Shared,
+    caller: Caller,
+    Json(request): Json<ClaimRequest>,
+) -> Result<Response, ApiErr> {
+    caller.require_client()?;
+    check_name("client id", &request.client_id)
+        .map_err(|msg| ApiErr::bad_request("bad_name", msg))?;
+    if request.include.is_empty() {
+        return Err(ApiErr::bad_request(
+            "no_include",
+            "a claim names at least one config type it includes (or *)",
+        ));
+    }
+    let wait = Duration::from_secs(request.wait_secs.min(MAX_WAIT_SECS));
+    let Some(claimed) = state
+        .dispatcher
+        .wait_for_job(&request.client_id, &request.include, wait)
+        .await
+    else {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    };
+    tracing::info!(build = %claimed.build, job = %claimed.job, client = %request.client_id, attempt = claimed.attempt, "job claimed");
+    state.changed();
+    Ok(Json(Claim {
+        build: claimed.build,
+        job_id: claimed.job,
+        title: claimed.title,
+        config_type: claimed.config_type,
+        install_script: claimed.install_script,
+        configure_script: claimed.configure_script,
+        image_script: claimed.image_script,
+        timeout_secs: claimed.timeout_secs,
+        attempt: claimed.attempt,
+        lease: claimed.lease,
+        lease_secs: state.config.lease_secs,
+        heartbeat_secs: state.config.heartbeat_secs,
+    })
+    .into_response())
+}
+
+async fn heartbeat(
+    State(state): Shared,
+    caller: Caller,
+    Path((build, job)): Path<(String, String)>,
+    headers: HeaderMap,
+    Json(beat): Json<Heartbeat>,
+) -> Result<Json<serde_json::Value>, ApiErr> {
+    caller.require_client()?;
+    let lease_until = crate::now_micros() + state.config.lease_secs as i64 * 1_000_000;
+    state
+        .store
+        .heartbeat(
+            &build,
+            &job,
+            lease_of(&headers)?,
+            lease_until,
+            beat.progress.as_ref(),
+        )
+        .await?;
+    if beat.progress.is_some() {
+        state.changed();
+    }
+    Ok(Json(
+        serde_json::json!({ "lease_secs": state.config.lease_secs }),
+    ))
+}
+
+async fn append_log(
+    State(state): Shared,
+    caller: Caller,
+    Path((build, job)): Path<(String, String)>,
+    headers: HeaderMap,
+    Json(batch): Json<LogBatch>,
+) -> Result<StatusCode, ApiErr> {
+    caller.require_client()?;
+    if batch.lines.len() > MAX_LOG_BATCH {
+        return Err(ApiErr::TooLarge(format!(
+            "a log batch carries at most {MAX_LOG_BATCH} lines"
+        )));
+    }
+    state
+        .store
+        .append_log(
+            &build,
+            &job,
+            lease_of(&headers)?,
+            &batch.lines,
+            batch.progress.as_ref(),
+            crate::now_micros(),
+        )
+        .await?;
+    state.changed();
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+struct LogQuery {
+    #[serde(default)]
+    after: i64,
+    #[serde(default)]
+    wait: u64,
+}
+
+async fn read_log(
+    State(state): Shared,
+    _caller: Caller,
+    Path((build, job)): Path<(String, String)>,
+    Query(query): Query<LogQuery>,
+) -> Result<Json<LogChunk>, ApiErr> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(query.wait.min(MAX_WAIT_SECS));
+    let mut changes = state.changes.subscribe();
+    loop {
+        // The state first: if it is final, every line was written before it was read.
+        let done = state.store.get_job(&build, &job).await?.state.is_final();
+        let lines = state
+            .store
+            .read_log(&build, &job, query.after, LOG_PAGE)
+            .await?;
+        let full_page = lines.len() == LOG_PAGE as usize;
+        if !lines.is_empty() || done || tokio::time::Instant::now() >= deadline {
+            let next = lines.last().map_or(query.after, |line| line.seq);
+            return Ok(Json(LogChunk {
+                lines,
+                next,
+                done: done && !full_page,
+            }));
+        }
+        if tokio::time::timeout_at(deadline, changes.changed())
+            .await
+            .is_err()
+        {
+            continue;
+        }
+    }
+}
+
+async fn put_image(
+    State(state): Shared,
+    caller: Caller,
+    Path((build, job, name)): Path<(String, String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<(StatusCode, Json<ImageInfo>), ApiErr> {
+    caller.require_client()?;
+    check_job_names(&build, &job)?;
+    check_name("image name", &name).map_err(|msg| ApiErr::bad_request("bad_name", msg))?;
+    let lease = lease_of(&headers)?.to_owned();
+    // Refuse a stale lease before reading a large body.
+    state.store.check_lease(&build, &job, &lease).await?;
+    let expected = headers
+        .get(BLAKE3_HEADER)
+        .and_then(|value| value.to_str().ok())
+        .filter(|value| kiln_blob::is_valid_key(value))
+        .ok_or_else(|| ApiErr::bad_request("no_hash", format!("an image upload carries its BLAKE3 hash (64 lowercase hex) in the {BLAKE3_HEADER} header")))?
+        .to_owned();
+    let staged = state.blobs.stage().await?;
+    let mut file = tokio::fs::File::create(staged.path())
+        .await
+        .map_err(|err| kiln_blob::BlobError::io(format!("staging image {name}"), err))?;
+    let mut hasher = ImageHasher::new();
+    let mut size: u64 = 0;
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|err| {
+            ApiErr::bad_request(
+                "upload_interrupted",
+                format!("image {name}: the upload broke off: {err}"),
+            )
+        })?;
+        size += chunk.len() as u64;
+        if size > state.config.max_image_bytes {
+            return Err(ApiErr::TooLarge(format!(
+                "image {name} is larger than the {} bytes this server accepts",
+                state.config.max_image_bytes
+            )));
+        }
+        hasher.update(&chunk);
+        file.write_all(&chunk)
+            .await
+            .map_err(|err| kiln_blob::BlobError::io(format!("storing image {name}"), err))?;
+    }
+    file.flush()
+        .await
+        .map_err(|err| kiln_blob::BlobError::io(format!("storing image {name}"), err))?;
+    drop(file);
+    let digests = hasher.finish();
+    if digests.blake3 != expected {
+        return Err(ApiErr::bad_request(
+            "hash_mismatch",
+            format!("image {name}: the bytes received hash to {} but the client said {expected}; nothing was stored", digests.blake3),
+        ));
+    }
+    state.blobs.commit(staged, &digests.blake3).await?;
+    let now = crate::now_micros();
+    state
+        .store
+        .add_image(
+            &build,
+            &job,
+            &lease,
+            &NewImage {
+                name: name.clone(),
+                size: digests.size,
+                blake3: digests.blake3.clone(),
+                sha256: digests.sha256.clone(),
+                blob_key: digests.blake3.clone(),
+                created_at: now,
+            },
+        )
+        .await?;
+    let config_type = state.store.get_job(&build, &job).await?.config_type;
+    tracing::info!(build = %build, job = %job, image = %name, size = digests.size, "image stored");
+    Ok((
+        StatusCode::CREATED,
+        Json(ImageInfo {
+            build,
+            job_id: job,
+            config_type,
+            name,
+            size: digests.size,
+            blake3: digests.blake3,
+            sha256: digests.sha256,
+            created_at: now,
+        }),
+    ))
+}
+
+async fn finish(
+    State(state): Shared,
+    caller: Caller,
+    Path((build, job)): Path<(String, String)>,
+    headers: HeaderMap,
+    Json(report): Json<Finish>,
+) -> Result<Json<Event>, ApiErr> {
+    caller.require_client()?;
+    let event = state
+        .store
+        .finish(
+            &build,
+            &job,
+            lease_of(&headers)?,
+            &report.images,
+            crate::now_micros(),
+        )
+        .await?;
+    tracing::info!(build = %build, job = %job, n_images = report.images.len(), "job finished");
+    state.changed();
+    Ok(Json(event))
+}
+
+async fn fail(
+    State(state): Shared,
+    caller: Caller,
+    Path((build, job)): Path<(String, String)>,
+    headers: HeaderMap,
+    Json(report): Json<Fail>,
+) -> Result<Json<Event>, ApiErr> {
+    caller.require_client()?;
+    let failure = Failure {
+        reason: report.reason,
+        message: report.message,
+    };
+    let event = state
+        .store
+        .fail(
+            &build,
+            &job,
+            lease_of(&headers)?,
+            &failure,
+            crate::now_micros(),
+        )
+        .await?;
+    tracing::info!(build = %build, job = %job, reason = %failure.reason, to = %event.to, "job failed");
+    state.changed();
+    state.dispatcher.wake();
+    Ok(Json(event))
+}
+
+async fn release(
+    State(state): Shared,
+    caller: Caller,
+    Path((build, job)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<StatusCode, ApiErr> {
+    caller.require_client()?;
+    state
+        .store
+        .release(&build, &job, lease_of(&headers)?, crate::now_micros())
+        .await?;
+    state.changed();
+    state.dispatcher.wake();
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn restart(
+    State(state): Shared,
+    caller: Caller,
+    Path((build, job)): Path<(String, String)>,
+) -> Result<Json<Event>, ApiErr> {
+    caller.require_admin()?;
+    let event = state
+        .store
+        .restart(&build, &job, crate::now_micros())
+        .await?;
+    tracing::info!(build = %build, job = %job, "job restarted");
+    state.changed();
+    state.dispatcher.wake();
+    Ok(Json(event))
+}
+
+async fn cancel(
+    State(state): Shared,
+    caller: Caller,
+    Path((build, job)): Path<(String, String)>,
+) -> Result<Json<Event>, ApiErr> {
+    caller.require_admin()?;
+    let event = state
+        .store
+        .cancel(&build, &job, crate::now_micros())
+        .await?;
+    tracing::info!(build = %build, job = %job, "job cancelled");
+    state.changed();
+    Ok(Json(event))
+}

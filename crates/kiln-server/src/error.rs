@@ -1,0 +1,98 @@
+//! [`ApiErr`]: every refusal of the API, mapped to an HTTP status and an
+//! [`kiln_proto::api::ApiError`] body in one place.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use kiln_blob::BlobError;
+use kiln_proto::api::ApiError;
+use kiln_store::StoreError;
+
+/// A refusal or failure of an API call.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiErr {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Blob(#[from] BlobError),
+    /// The request is malformed or names something invalid.
+    #[error("{message}")]
+    BadRequest { code: &'static str, message: String },
+    /// No credential, or not a valid one.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// A valid credential without the right to do this.
+    #[error("{0}")]
+    Forbidden(String),
+    /// The request body is larger than the server accepts.
+    #[error("{0}")]
+    TooLarge(String),
+    /// Anything else: logged in full, reported without detail.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiErr {
+    /// A 400 with a code and a message.
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        ApiErr::BadRequest {
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            ApiErr::Store(StoreError::NotFound(_)) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiErr::Store(StoreError::DuplicateBuild(_)) => {
+                (StatusCode::CONFLICT, "duplicate_build")
+            }
+            ApiErr::Store(StoreError::StaleLease { .. }) => (StatusCode::CONFLICT, "stale_lease"),
+            ApiErr::Store(StoreError::Conflict(_)) => (StatusCode::CONFLICT, "conflict"),
+            ApiErr::Store(StoreError::Db(_) | StoreError::Migrate(_)) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "store_failed")
+            }
+            ApiErr::Blob(BlobError::NotFound(_)) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiErr::Blob(BlobError::InvalidKey(_)) => (StatusCode::BAD_REQUEST, "invalid_key"),
+            ApiErr::Blob(BlobError::NoSpace { .. }) => {
+                (StatusCode::INSUFFICIENT_STORAGE, "no_space")
+            }
+            ApiErr::Blob(BlobError::Io { .. }) => (StatusCode::INTERNAL_SERVER_ERROR, "io_failed"),
+            ApiErr::BadRequest { code, .. } => (StatusCode::BAD_REQUEST, code),
+            ApiErr::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiErr::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            ApiErr::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+            ApiErr::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        }
+    }
+}
+
+/// The error and its causes, joined, for the response body and the log.
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+impl IntoResponse for ApiErr {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        let message = chain(&self);
+        if status.is_server_error() {
+            tracing::error!(cause = %message, code, "request failed");
+        }
+        (
+            status,
+            Json(ApiError {
+                code: code.to_owned(),
+                error: message,
+            }),
+        )
+            .into_response()
+    }
+}

@@ -1,0 +1,171 @@
+//! The kiln server: the HTTP API under `/v1`, the dispatcher that hands jobs to
+//! long-polling clients, and the background loop that reclaims lapsed leases and
+//! expires jobs nobody accepted.
+//!
+//! Start it with [`Server::open`] then [`Server::run`] on a bound listener, so that
+//! tests can bind `127.0.0.1:0`. State lives in a [`kiln_store::JobStore`], bytes in a
+//! [`kiln_blob::BlobStore`].
+
+mod api;
+mod auth;
+mod dispatch;
+mod error;
+mod files;
+mod loops;
+
+pub use auth::{new_secret, Role};
+
+use anyhow::Context;
+use dispatch::Dispatcher;
+use kiln_blob::{BlobStore, LocalBlobStore};
+use kiln_store::{JobStore, SqliteStore};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// How the server runs. Durations are whole seconds, as on the command line.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Where the database, the blobs and the token files live.
+    pub data_dir: PathBuf,
+    /// An existing admin token file instead of `DATA/admin.token`.
+    pub admin_token_file: Option<PathBuf>,
+    /// An existing client token file instead of `DATA/client.token`.
+    pub client_token_file: Option<PathBuf>,
+    /// How long a lease lasts past each heartbeat.
+    pub lease_secs: u64,
+    /// How often clients heartbeat; well inside the lease.
+    pub heartbeat_secs: u64,
+    /// Extra time every running lease gets when the server starts, so that clients
+    /// re-attach instead of losing their jobs.
+    pub startup_grace_secs: u64,
+    /// A job still held this long past its timeout is taken from its (hung) client.
+    pub hung_grace_secs: u64,
+    /// Accept deadline for jobs whose manifest names none.
+    pub default_accept_within_secs: Option<u64>,
+    /// Lost leases a job survives before it fails with `lost`.
+    pub default_max_attempts: u32,
+    /// The largest build files archive accepted at submit.
+    pub max_files_bytes: u64,
+    /// The largest image accepted.
+    pub max_image_bytes: u64,
+}
+
+impl ServerConfig {
+    /// The defaults, with data in `data_dir`.
+    pub fn new(data_dir: PathBuf) -> Self {
+        ServerConfig {
+            data_dir,
+            admin_token_file: None,
+            client_token_file: None,
+            lease_secs: 15,
+            heartbeat_secs: 5,
+            startup_grace_secs: 15,
+            hung_grace_secs: 60,
+            default_accept_within_secs: None,
+            default_max_attempts: 3,
+            max_files_bytes: 1 << 30,
+            max_image_bytes: 64 << 30,
+        }
+    }
+}
+
+/// Everything a request handler needs.
+pub struct AppState {
+    pub(crate) config: ServerConfig,
+    pub(crate) store: Arc<dyn JobStore>,
+    pub(crate) blobs: Arc<dyn BlobStore>,
+    pub(crate) credentials: auth::Credentials,
+    pub(crate) dispatcher: Arc<Dispatcher>,
+    /// Bumped whenever log lines are appended or a job changes state, for followers.
+    pub(crate) changes: watch::Sender<u64>,
+}
+
+impl AppState {
+    /// Tells log followers and the dispatcher that something changed.
+    pub(crate) fn changed(&self) {
+        self.changes.send_modify(|generation| *generation += 1);
+    }
+}
+
+/// A server ready to serve.
+pub struct Server {
+    state: Arc<AppState>,
+}
+
+/// Unix time in microseconds: the one clock that orders the store.
+pub fn now_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_micros() as i64)
+        .unwrap_or_default()
+}
+
+impl Server {
+    /// Opens the data directory: database, blob store and credentials.
+    pub async fn open(config: ServerConfig) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+        let store = SqliteStore::open(&config.data_dir.join("kiln.db"))
+            .await
+            .context("opening the job store")?;
+        let blobs = LocalBlobStore::open(&config.data_dir.join("blobs"))
+            .context("opening the blob store")?;
+        let credentials = auth::Credentials::load_or_create(
+            &config.data_dir,
+            config.admin_token_file.as_deref(),
+            config.client_token_file.as_deref(),
+        )?;
+        let store: Arc<dyn JobStore> = Arc::new(store);
+        // Running jobs' clients may not have heard from us for a while: give them time
+        // to re-attach before their leases count as lost (invariant 3).
+        let grace_until = now_micros() + config.startup_grace_secs as i64 * 1_000_000;
+        let extended = store.extend_all_leases(grace_until).await?;
+        if extended > 0 {
+            tracing::info!(
+                n_jobs = extended,
+                grace_secs = config.startup_grace_secs,
+                "leases extended for re-attach"
+            );
+        }
+        let dispatcher = Dispatcher::new(store.clone(), config.lease_secs);
+        let (changes, _) = watch::channel(0);
+        Ok(Server {
+            state: Arc::new(AppState {
+                config,
+                store,
+                blobs: Arc::new(blobs),
+                credentials,
+                dispatcher,
+                changes,
+            }),
+        })
+    }
+
+    /// Serves on `listener` until `shutdown` resolves, then stops the loops.
+    pub async fn run(
+        self,
+        listener: TcpListener,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let dispatcher = tokio::spawn(self.state.dispatcher.clone().run(stop_rx.clone()));
+        let reaper = tokio::spawn(loops::timekeeper(self.state.clone(), stop_rx.clone()));
+        // Whatever was queued before a restart is available now.
+        self.state.dispatcher.wake();
+        let app = api::router(self.state.clone());
+        let result = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+            .context("serving HTTP");
+        let _ = stop_tx.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            let _ = dispatcher.await;
+            let _ = reaper.await;
+        })
+        .await;
+        result
+    }
+}

@@ -1,0 +1,253 @@
+//! The job store: builds, jobs, leases, events, logs and image records.
+//!
+//! [`JobStore`] is the interface the server uses; [`SqliteStore`] implements it on an
+//! embedded SQLite database (WAL, claims in `BEGIN IMMEDIATE`). A PostgreSQL store
+//! implements the same trait. Only this crate speaks SQL.
+//!
+//! Every state change writes its [`kiln_proto::api::Event`] in the same transaction,
+//! and every call about a running job names its lease token: a token that is not the
+//! job's current one is refused with [`StoreError::StaleLease`].
+
+mod sqlite;
+
+pub use sqlite::SqliteStore;
+
+use async_trait::async_trait;
+use kiln_proto::api::{BuildSummary, Event, ImageInfo, JobStatus, LogLine, NewLogLine};
+use kiln_proto::manifest::BuildManifest;
+use kiln_proto::progress::Progress;
+
+/// What went wrong in the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The named build or job does not exist.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// A build with this number already exists.
+    #[error("build {0} already exists")]
+    DuplicateBuild(String),
+    /// The lease token is not the job's current one.
+    #[error(
+        "lease of job {build}/{job} is not current (the job was reclaimed, restarted or cancelled)"
+    )]
+    StaleLease { build: String, job: String },
+    /// The job's state does not allow the change.
+    #[error("{0}")]
+    Conflict(String),
+    /// The database failed.
+    #[error("database error")]
+    Db(#[source] sqlx::Error),
+    /// Applying migrations failed.
+    #[error("database migration failed")]
+    Migrate(#[source] sqlx::migrate::MigrateError),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(err: sqlx::Error) -> Self {
+        StoreError::Db(err)
+    }
+}
+
+/// Results of store calls.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// A build to insert: the parsed manifest and where its files are stored.
+#[derive(Debug, Clone)]
+pub struct NewBuild {
+    pub manifest: BuildManifest,
+    /// Key of the build's files archive in the blob store.
+    pub files_key: String,
+    pub files_size: u64,
+    pub submitted_at: i64,
+    /// Server default accept deadline for jobs that name none.
+    pub default_accept_within_secs: Option<u64>,
+    /// Server default for lost leases a job survives.
+    pub default_max_attempts: u32,
+}
+
+/// A stored build.
+#[derive(Debug, Clone)]
+pub struct BuildRecord {
+    pub manifest: BuildManifest,
+    pub files_key: String,
+    pub files_size: u64,
+    pub submitted_at: i64,
+}
+
+/// A queued job as the dispatcher sees it, in scheduling order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    pub build: String,
+    pub job: String,
+    pub config_type: String,
+    pub assigned_to: Option<String>,
+}
+
+/// A job the store just handed to a client.
+#[derive(Debug, Clone)]
+pub struct ClaimedJob {
+    pub build: String,
+    pub job: String,
+    pub title: String,
+    pub config_type: String,
+    pub install_script: String,
+    pub configure_script: Option<String>,
+    pub image_script: String,
+    pub timeout_secs: u64,
+    pub attempt: u32,
+    pub lease: String,
+}
+
+/// The holder of a job's lease, as the store has it.
+#[derive(Debug, Clone)]
+pub struct LeaseHolder {
+    pub client_id: String,
+    pub attempt: u32,
+    pub time_start: i64,
+    pub timeout_secs: u64,
+}
+
+/// An image whose bytes are in the blob store, to record under a lease.
+#[derive(Debug, Clone)]
+pub struct NewImage {
+    pub name: String,
+    pub size: u64,
+    pub blake3: String,
+    pub sha256: String,
+    pub blob_key: String,
+    pub created_at: i64,
+}
+
+/// A stored image with where its bytes are.
+#[derive(Debug, Clone)]
+pub struct ImageRecord {
+    pub info: ImageInfo,
+    pub blob_key: String,
+}
+
+/// A job that changed state because of time (lease lapsed, deadline passed).
+#[derive(Debug, Clone)]
+pub struct TimedTransition {
+    pub build: String,
+    pub job: String,
+    pub event: Event,
+}
+
+/// How a failed job is reported by its client.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub reason: String,
+    pub message: String,
+}
+
+/// The job store. All times are unix microseconds, passed in by the caller so that one
+/// clock (the server's) orders everything.
+#[async_trait]
+pub trait JobStore: Send + Sync + 'static {
+    /// Inserts a build and its queued jobs. Refuses a number that exists.
+    async fn insert_build(&self, build: &NewBuild) -> StoreResult<()>;
+    /// Every build, newest first, with job counts.
+    async fn list_builds(&self) -> StoreResult<Vec<BuildSummary>>;
+    /// One build's summary.
+    async fn build_summary(&self, number: &str) -> StoreResult<BuildSummary>;
+    /// One build's manifest and files.
+    async fn get_build(&self, number: &str) -> StoreResult<BuildRecord>;
+    /// A build's jobs in manifest order.
+    async fn list_jobs(&self, build: &str) -> StoreResult<Vec<JobStatus>>;
+    /// One job.
+    async fn get_job(&self, build: &str, job: &str) -> StoreResult<JobStatus>;
+    /// Queued jobs in scheduling order (priority, deadline, submission), at most `limit`.
+    async fn queued_candidates(&self, limit: u32) -> StoreResult<Vec<Candidate>>;
+    /// Atomically hands a queued job to a client under a new lease. `None` when the job
+    /// is no longer queued.
+    async fn claim(
+        &self,
+        build: &str,
+        job: &str,
+        client_id: &str,
+        lease_until: i64,
+        now: i64,
+    ) -> StoreResult<Option<ClaimedJob>>;
+    /// Gives back a job its client never started: queued again, attempt not counted.
+    async fn release(&self, build: &str, job: &str, lease: &str, now: i64) -> StoreResult<()>;
+    /// Extends the lease and records progress. Returns the holder.
+    async fn heartbeat(
+        &self,
+        build: &str,
+        job: &str,
+        lease: &str,
+        lease_until: i64,
+        progress: Option<&Progress>,
+    ) -> StoreResult<LeaseHolder>;
+    /// Checks that `lease` is the job's current lease.
+    async fn check_lease(&self, build: &str, job: &str, lease: &str) -> StoreResult<LeaseHolder>;
+    /// Appends log lines under the lease (and the latest progress, if any).
+    async fn append_log(
+        &self,
+        build: &str,
+        job: &str,
+        lease: &str,
+        lines: &[NewLogLine],
+        progress: Option<&Progress>,
+        now: i64,
+    ) -> StoreResult<()>;
+    /// Log lines after `after`, at most `limit`.
+    async fn read_log(
+        &self,
+        build: &str,
+        job: &str,
+        after: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<LogLine>>;
+    /// Records an uploaded image under the lease (replacing one of the same name).
+    async fn add_image(
+        &self,
+        build: &str,
+        job: &str,
+        lease: &str,
+        image: &NewImage,
+    ) -> StoreResult<()>;
+    /// Marks the job finished: every named image must be stored under this lease.
+    async fn finish(
+        &self,
+        build: &str,
+        job: &str,
+        lease: &str,
+        images: &[String],
+        now: i64,
+    ) -> StoreResult<Event>;
+    /// Marks the job failed, or queues it again when it has retries left.
+    async fn fail(
+        &self,
+        build: &str,
+        job: &str,
+        lease: &str,
+        failure: &Failure,
+        now: i64,
+    ) -> StoreResult<Event>;
+    /// Requeues (or fails, past the attempt limit) running jobs whose lease lapsed, and
+    /// fails jobs held past their timeout plus `hung_grace_secs`.
+    async fn reap_leases(
+        &self,
+        now: i64,
+        hung_grace_secs: u64,
+    ) -> StoreResult<Vec<TimedTransition>>;
+    /// Expires queued jobs never claimed before their accept deadline.
+    async fn expire_unclaimed(&self, now: i64) -> StoreResult<Vec<TimedTransition>>;
+    /// The earliest lease expiry or accept deadline, if any.
+    async fn next_deadline(&self) -> StoreResult<Option<i64>>;
+    /// Gives every running job's lease at least until `until` (start-up grace).
+    async fn extend_all_leases(&self, until: i64) -> StoreResult<u64>;
+    /// Puts a job back in the queue as new, whatever its state.
+    async fn restart(&self, build: &str, job: &str, now: i64) -> StoreResult<Event>;
+    /// Cancels a job that has not ended.
+    async fn cancel(&self, build: &str, job: &str, now: i64) -> StoreResult<Event>;
+    /// The build's events after `after`.
+    async fn events(&self, build: &str, after: i64) -> StoreResult<Vec<Event>>;
+    /// The build's stored images (of finished jobs).
+    async fn list_images(&self, build: &str) -> StoreResult<Vec<ImageInfo>>;
+    /// One stored image.
+    async fn get_image(&self, build: &str, job: &str, name: &str) -> StoreResult<ImageRecord>;
+    /// Mean run time in seconds of finished jobs of a config type.
+    async fn mean_run_secs(&self, config_type: &str) -> StoreResult<Option<f64>>;
+}

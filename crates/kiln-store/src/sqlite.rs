@@ -1,0 +1,1073 @@
+//! [`SqliteStore`]: the job store on an embedded SQLite database.
+//!
+//! WAL mode, a busy timeout, and every read-modify-write in a `BEGIN IMMEDIATE`
+//! transaction so that two writers never race on a snapshot. A claim is one
+//! conditional `UPDATE ... WHERE state = 'queued'`: whoever loses gets nothing.
+
+use crate::{
+    BuildRecord, Candidate, ClaimedJob, Failure, ImageRecord, JobStore, LeaseHolder, NewBuild,
+    NewImage, StoreError, StoreResult, TimedTransition,
+};
+use async_trait::async_trait;
+use kiln_proto::api::{BuildSummary, Event, ImageInfo, JobStatus, LogLine, NewLogLine};
+use kiln_proto::manifest::BuildManifest;
+use kiln_proto::progress::Progress;
+use kiln_proto::state::JobState;
+use rand::RngCore;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
+use sqlx::{Row, Sqlite, SqlitePool, Transaction};
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// The columns of `jobs` that make a [`JobStatus`].
+const JOB_COLUMNS: &str = "build, id, title, config_type, state, client_id, time_start, \
+     time_complete, major_state, minor_state, percent, attempt, error, priority, assigned_to";
+
+/// The job store on SQLite.
+#[derive(Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path` and applies migrations.
+    pub async fn open(path: &Path) -> StoreResult<Self> {
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // FULL: a state change is on disk before it is acknowledged (invariant 3).
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(8)
+            .connect_with(options)
+            .await?;
+        MIGRATOR.run(&pool).await.map_err(StoreError::Migrate)?;
+        Ok(SqliteStore { pool })
+    }
+
+    async fn write_tx(&self) -> StoreResult<Transaction<'static, Sqlite>> {
+        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    }
+}
+
+fn new_lease_token() -> String {
+    let mut bytes = [0u8; 16];
+    rand::thread_rng().fill_bytes(&mut bytes);
+    hex::encode(bytes)
+}
+
+fn parse_state(text: &str) -> StoreResult<JobState> {
+    JobState::from_str(text).map_err(|err| StoreError::Conflict(err.to_string()))
+}
+
+fn job_status_from_row(row: &SqliteRow) -> StoreResult<JobStatus> {
+    Ok(JobStatus {
+        build: row.try_get("build")?,
+        id: row.try_get("id")?,
+        title: row.try_get("title")?,
+        config_type: row.try_get("config_type")?,
+        state: parse_state(row.try_get("state")?)?,
+        client_id: row.try_get("client_id")?,
+        time_start: row.try_get("time_start")?,
+        time_complete: row.try_get("time_complete")?,
+        major_state: row.try_get("major_state")?,
+        minor_state: row.try_get("minor_state")?,
+        percent: row
+            .try_get::<Option<i64>, _>("percent")?
+            .map(|p| p.clamp(0, 100) as u8),
+        eta_seconds: None,
+        attempt: row.try_get::<i64, _>("attempt")? as u32,
+        error: row.try_get("error")?,
+        priority: row.try_get("priority")?,
+        assigned_to: row.try_get("assigned_to")?,
+    })
+}
+
+fn event_from_row(row: &SqliteRow) -> StoreResult<Event> {
+    let from: Option<String> = row.try_get("from_state")?;
+    Ok(Event {
+        seq: row.try_get("seq")?,
+        time: row.try_get("time")?,
+        build: row.try_get("build")?,
+        job: row.try_get("job")?,
+        from: from.as_deref().map(parse_state).transpose()?,
+        to: parse_state(row.try_get("to_state")?)?,
+        client_id: row.try_get("client_id")?,
+        attempt: row.try_get::<i64, _>("attempt")? as u32,
+        reason: row.try_get("reason")?,
+    })
+}
+
+/// The parts of an event that the transaction knows; `seq` comes from the insert.
+struct NewEvent<'a> {
+    build: &'a str,
+    job: &'a str,
+    time: i64,
+    from: Option<JobState>,
+    to: JobState,
+    client_id: Option<&'a str>,
+    attempt: u32,
+    reason: Option<&'a str>,
+}
+
+async fn insert_event(
+    tx: &mut Transaction<'static, Sqlite>,
+    event: NewEvent<'_>,
+) -> StoreResult<Event> {
+    let seq: i64 = sqlx::query_scalar(
+        "INSERT INTO events (build, job, time, from_state, to_state, client_id, attempt, reason) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING seq",
+    )
+    .bind(event.build)
+    .bind(event.job)
+    .bind(event.time)
+    .bind(event.from.map(JobState::as_str))
+    .bind(event.to.as_str())
+    .bind(event.client_id)
+    .bind(event.attempt as i64)
+    .bind(event.reason)
+    .fetch_one(&mut **tx)
+    .await?;
+    Ok(Event {
+        seq,
+        time: event.time,
+        build: event.build.to_owned(),
+        job: event.job.to_owned(),
+        from: event.from,
+        to: event.to,
+        client_id: event.client_id.map(str::to_owned),
+        attempt: event.attempt,
+        reason: event.reason.map(str::to_owned),
+    })
+}
+
+/// The lease-relevant part of a job row, read inside a transaction.
+struct JobLease {
+    state: JobState,
+    lease_token: Option<String>,
+    client_id: Option<String>,
+    attempt: u32,
+    time_start: Option<i64>,
+    timeout_secs: u64,
+    retries: u32,
+    retries_used: u32,
+}
+
+async fn read_job_lease(
+    tx: &mut Transaction<'static, Sqlite>,
+    build: &str,
+    job: &str,
+) -> StoreResult<JobLease> {
+    let row = sqlx::query(
+        "SELECT state, lease_token, client_id, attempt, time_start, timeout_secs, retries, \
+         retries_used FROM jobs WHERE build = ? AND id = ?",
+    )
+    .bind(build)
+    .bind(job)
+    .fetch_optional(&mut **tx)
+    .await?
+    .ok_or_else(|| StoreError::NotFound(format!("job {build}/{job}")))?;
+    Ok(JobLease {
+        state: parse_state(row.try_get("state")?)?,
+        lease_token: row.try_get("lease_token")?,
+        client_id: row.try_get("client_id")?,
+        attempt: row.try_get::<i64, _>("attempt")? as u32,
+        time_start: row.try_get("time_start")?,
+        timeout_secs: row.try_get::<i64, _>("timeout_secs")? as u64,
+        retries: row.try_get::<i64, _>("retries")? as u32,
+        retries_used: row.try_get::<i64, _>("retries_used")? as u32,
+    })
+}
+
+/// Reads the job and checks that `lease` is its current lease.
+async fn current_lease(
+    tx: &mut Transaction<'static, Sqlite>,
+    build: &str,
+    job: &str,
+    lease: &str,
+) -> StoreResult<JobLease> {
+    let row = read_job_lease(tx, build, job).await?;
+    if row.state != JobState::Running || row.lease_token.as_deref() != Some(lease) {
+        return Err(StoreError::StaleLease {
+            build: build.to_owned(),
+            job: job.to_owned(),
+        });
+    }
+    Ok(row)
+}
+
+impl JobLease {
+    fn holder(&self) -> LeaseHolder {
+        LeaseHolder {
+            client_id: self.client_id.clone().unwrap_or_default(),
+            attempt: self.attempt,
+            time_start: self.time_start.unwrap_or_default(),
+            timeout_secs: self.timeout_secs,
+        }
+    }
+}
+
+/// Columns reset when a job goes back to the queue.
+const RESET_RUN: &str = "client_id = NULL, lease_token = NULL, lease_expires_at = NULL, \
+     major_state = NULL, minor_state = NULL, percent = NULL";
+
+/// Sets the progress columns from a progress report (keeping what it does not name).
+async fn record_progress(
+    tx: &mut Transaction<'static, Sqlite>,
+    build: &str,
+    job: &str,
+    progress: &Progress,
+) -> StoreResult<()> {
+    sqlx::query(
+        "UPDATE jobs SET major_state = COALESCE(?, major_state), \
+         minor_state = COALESCE(?, minor_state), percent = COALESCE(?, percent) \
+         WHERE build = ? AND id = ?",
+    )
+    .bind(progress.major.as_deref())
+    .bind(progress.minor.as_deref())
+    .bind(progress.percent.map(i64::from))
+    .bind(build)
+    .bind(job)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+fn summary_from_row(row: &SqliteRow) -> StoreResult<BuildSummary> {
+    let count = |name: &str| -> StoreResult<u32> { Ok(row.try_get::<i64, _>(name)? as u32) };
+    Ok(BuildSummary {
+        number: row.try_get("number")?,
+        title: row.try_get("title")?,
+        build_time: row.try_get("build_time")?,
+        submitted_at: row.try_get("submitted_at")?,
+        n_jobs: count("n_jobs")?,
+        n_queued: count("n_queued")?,
+        n_running: count("n_running")?,
+        n_finished: count("n_finished")?,
+        n_failed: count("n_failed")?,
+        n_expired: count("n_expired")?,
+        n_cancelled: count("n_cancelled")?,
+    })
+}
+
+const SUMMARY_QUERY: &str = "SELECT b.number, b.title, b.build_time, b.submitted_at, \
+     COUNT(j.pk) AS n_jobs, \
+     COALESCE(SUM(j.state = 'queued'), 0) AS n_queued, \
+     COALESCE(SUM(j.state = 'running'), 0) AS n_running, \
+     COALESCE(SUM(j.state = 'finished'), 0) AS n_finished, \
+     COALESCE(SUM(j.state = 'failed'), 0) AS n_failed, \
+     COALESCE(SUM(j.state = 'expired'), 0) AS n_expired, \
+     COALESCE(SUM(j.state = 'cancelled'), 0) AS n_cancelled \
+     FROM builds b LEFT JOIN jobs j ON j.build = b.number";
+
+#[async_trait]
+impl JobStore for SqliteStore {
+    async fn insert_build(&self, build: &NewBuild) -> StoreResult<()> {
+        let manifest = &build.manifest;
+        let mut tx = self.write_tx().await?;
+        let exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM builds WHERE number = ?")
+            .bind(&manifest.number)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if exists.is_some() {
+            return Err(StoreError::DuplicateBuild(manifest.number.clone()));
+        }
+        let manifest_json = serde_json::to_string(manifest)
+            .map_err(|err| StoreError::Conflict(format!("manifest does not serialise: {err}")))?;
+        let notify_json = serde_json::to_string(&manifest.notify).map_err(|err| {
+            StoreError::Conflict(format!("notify list does not serialise: {err}"))
+        })?;
+        sqlx::query(
+            "INSERT INTO builds (number, title, build_time, log_file, notify, manifest, files_key, \
+             files_size, submitted_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&manifest.number)
+        .bind(&manifest.title)
+        .bind(&manifest.build_time)
+        .bind(&manifest.log_file)
+        .bind(notify_json)
+        .bind(manifest_json)
+        .bind(&build.files_key)
+        .bind(build.files_size as i64)
+        .bind(build.submitted_at)
+        .execute(&mut *tx)
+        .await?;
+        for spec in &manifest.jobs {
+            let accept_within = spec.accept_within_secs.or(build.default_accept_within_secs);
+            let accept_deadline =
+                accept_within.map(|secs| build.submitted_at + secs as i64 * 1_000_000);
+            sqlx::query(
+                "INSERT INTO jobs (build, id, title, config_type, install_script, configure_script, \
+                 image_script, timeout_secs, priority, accept_within_secs, accept_deadline, \
+                 assigned_to, max_attempts, retries, state) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued')",
+            )
+            .bind(&manifest.number)
+            .bind(&spec.id)
+            .bind(&spec.title)
+            .bind(&spec.config_type)
+            .bind(&spec.install_script)
+            .bind(&spec.configure_script)
+            .bind(&spec.image_script)
+            .bind(spec.timeout_secs as i64)
+            .bind(spec.priority.unwrap_or(0))
+            .bind(accept_within.map(|secs| secs as i64))
+            .bind(accept_deadline)
+            .bind(&spec.assigned_to)
+            .bind(spec.max_attempts.unwrap_or(build.default_max_attempts).max(1) as i64)
+            .bind(spec.retries.unwrap_or(0) as i64)
+            .execute(&mut *tx)
+            .await?;
+            insert_event(
+                &mut tx,
+                NewEvent {
+                    build: &manifest.number,
+                    job: &spec.id,
+                    time: build.submitted_at,
+                    from: None,
+                    to: JobState::Queued,
+                    client_id: None,
+                    attempt: 0,
+                    reason: Some("submitted"),
+                },
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn list_builds(&self) -> StoreResult<Vec<BuildSummary>> {
+        let query =
+            format!("{SUMMARY_QUERY} GROUP BY b.number ORDER BY b.submitted_at DESC, b.rowid DESC");
+        let rows = sqlx::query(&query).fetch_all(&self.pool).await?;
+        rows.iter().map(summary_from_row).collect()
+    }
+
+    async fn build_summary(&self, number: &str) -> StoreResult<BuildSummary> {
+        let query = format!("{SUMMARY_QUERY} WHERE b.number = ? GROUP BY b.number");
+        let row = sqlx::query(&query)
+            .bind(number)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("build {number}")))?;
+        summary_from_row(&row)
+    }
+
+    async fn get_build(&self, number: &str) -> StoreResult<BuildRecord> {
+        let row = sqlx::query(
+            "SELECT manifest, files_key, files_size, submitted_at FROM builds WHERE number = ?",
+        )
+        .bind(number)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or_else(|| StoreError::NotFound(format!("build {number}")))?;
+        let manifest: String = row.try_get("manifest")?;
+        let manifest: BuildManifest = serde_json::from_str(&manifest).map_err(|err| {
+            StoreError::Conflict(format!(
+                "stored manifest of build {number} is unreadable: {err}"
+            ))
+        })?;
+        Ok(BuildRecord {
+            manifest,
+            files_key: row.try_get("files_key")?,
+            files_size: row.try_get::<i64, _>("files_size")? as u64,
+            submitted_at: row.try_get("submitted_at")?,
+        })
+    }
+
+    async fn list_jobs(&self, build: &str) -> StoreResult<Vec<JobStatus>> {
+        let query = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE build = ? ORDER BY pk");
+        let rows = sqlx::query(&query)
+            .bind(build)
+            .fetch_all(&self.pool)
+            .await?;
+        if rows.is_empty() {
+            // Tell "no such build" from "a build without jobs" (which cannot be submitted).
+            self.build_summary(build).await?;
+        }
+        rows.iter().map(job_status_from_row).collect()
+    }
+
+    async fn get_job(&self, build: &str, job: &str) -> StoreResult<JobStatus> {
+        let query = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE build = ? AND id = ?");
+        let row = sqlx::query(&query)
+            .bind(build)
+            .bind(job)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("job {build}/{job}")))?;
+        job_status_from_row(&row)
+    }
+
+    async fn queued_candidates(&self, limit: u32) -> StoreResult<Vec<Candidate>> {
+        let rows = sqlx::query(
+            "SELECT build, id, config_type, assigned_to FROM jobs WHERE state = 'queued' \
+             ORDER BY priority DESC, accept_deadline IS NULL, accept_deadline, pk LIMIT ?",
+        )
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(Candidate {
+                    build: row.try_get("build")?,
+                    job: row.try_get("id")?,
+                    config_type: row.try_get("config_type")?,
+                    assigned_to: row.try_get("assigned_to")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn claim(
+        &self,
+        build: &str,
+        job: &str,
+        client_id: &str,
+        lease_until: i64,
+        now: i64,
+    ) -> StoreResult<Option<ClaimedJob>> {
+        let lease = new_lease_token();
+        let mut tx = self.write_tx().await?;
+        let row = sqlx::query(
+            "UPDATE jobs SET state = 'running', client_id = ?, lease_token = ?, \
+             lease_expires_at = ?, attempt = attempt + 1, time_start = ?, time_complete = NULL, \
+             major_state = NULL, minor_state = NULL, percent = NULL, error = NULL \
+             WHERE build = ? AND id = ? AND state = 'queued' \
+             RETURNING title, config_type, install_script, configure_script, image_script, \
+             timeout_secs, attempt",
+        )
+        .bind(client_id)
+        .bind(&lease)
+        .bind(lease_until)
+        .bind(now)
+        .bind(build)
+        .bind(job)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let claimed = ClaimedJob {
+            build: build.to_owned(),
+            job: job.to_owned(),
+            title: row.try_get("title")?,
+            config_type: row.try_get("config_type")?,
+            install_script: row.try_get("install_script")?,
+            configure_script: row.try_get("configure_script")?,
+            image_script: row.try_get("image_script")?,
+            timeout_secs: row.try_get::<i64, _>("timeout_secs")? as u64,
+            attempt: row.try_get::<i64, _>("attempt")? as u32,
+            lease,
+        };
+        insert_event(
+            &mut tx,
+            NewEvent {
+                build,
+                job,
+                time: now,
+                from: Some(JobState::Queued),
+                to: JobState::Running,
+                client_id: Some(client_id),
+                attempt: claimed.attempt,
+                reason: Some("claimed"),
+            },
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(Some(claimed))
+    }
+
+    async fn release(&self, build: &str, job: &str, lease: &str, now: i64) -> StoreResult<()> {
+        let mut tx = self.write_tx().await?;
+        let row = current_lease(&mut tx, build, job, lease).await?;
+        let query = format!(
+            "UPDATE jobs SET state = 'queued', {RESET_RUN}, attempt = attempt - 1, time_start = NULL \
+             WHERE build = ? AND id = ?"
+        );
+        sqlx::query(&query)
+            .bind(build)
+            .bind(job)
+            .execute(&mut *tx)
+            .await?;
+        insert_event(
+            &mut tx,
+            NewEvent {
+                build,
+                job,
+                time: now,
+                from: Some(JobState::Running),
+                to: JobState::Queued,
+                client_id: row.client_id.as_deref(),
+                attempt: row.attempt.saturating_sub(1),
+                reason: Some("released unstarted by its client"),
+            },
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn heartbeat(
+        &self,
+        build: &str,
+        job: &str,
+        lease: &str,
+        lease_until: i64,
+        progress: Option<&Progress>,
+    ) -> StoreResult<LeaseHolder> {
+        let mut tx = self.write_tx().await?;
+        let row = current_lease(&mut tx, build, job, lease).await?;
+        sqlx::query("UPDATE jobs SET lease_expires_at = MAX(COALESCE(lease_expires_at, 0), ?) WHERE build = ? AND id = ?")
+            .bind(lease_until)
+            .bind(build)
+            .bind(job)
+            .execute(&mut *tx)
+            .await?;
+        if let Some(progress) = progress {
+            record_progress(&mut tx, build, job, progress).await?;
+        }
+        tx.commit().await?;
+        Ok(row.holder())
+    }
+
+    async fn check_lease(&self, build: &str, job: &str, lease: &str) -> StoreResult<LeaseHolder> {
+        // A read transaction is enough: the caller acts on the answer under a later
+        // write that checks the lease again.
+        let mut tx = self.pool.begin().await?;
+        let row = current_lease(&mut tx, build, job, lease).await?;
+        tx.rollback().await?;
+        Ok(row.holder())
+    }
+
+    async fn append_log(
+        &self,
+        build: &str,
+        job: &str,
+        lease: &str,
+        lines: &[NewLogLine],
+        progress: Option<&Progress>,
+        now: i64,
+    ) -> StoreResult<()> {
+        let mut tx = self.write_tx().await?;
+        let row = current_lease(&mut tx, build, job, lease).await?;
+        for line in lines {
+            sqlx::query("INSERT INTO log_lines (build, job, attempt, time, stream, text) VALUES (?, ?, ?, ?, ?, ?)")
+                .bind(build)
+                .bind(job)
+                .bind(row.attempt as i64)
+                .bind(now)
+                .bind(&line.stream)
+                .bind(&line.text)
+                .execute(&mut *tx)
+                .await?;
+        }
+        if let Some(progress) = progress {
+            record_progress(&mut tx, build, job, progress).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn read_log(
+        &self,
+        build: &str,
+        job: &str,
+        after: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<LogLine>> {
+        let rows = sqlx::query(
+            "SELECT seq, time, attempt, stream, text FROM log_lines \
+             WHERE build = ? AND job = ? AND seq > ? ORDER BY seq LIMIT ?",
+        )
+        .bind(build)
+        .bind(job)
+        .bind(after)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(LogLine {
+                    seq: row.try_get("seq")?,
+                    time: row.try_get("time")?,
+                    attempt: row.try_get::<i64, _>("attempt")? as u32,
+                    stream: row.try_get("stream")?,
+                    text: row.try_get("text")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn add_image(
+        &self,
+        build: &str,
+        job: &str,
+        lease: &str,
+        image: &NewImage,
+    ) -> StoreResult<()> {
+        let mut tx = self.write_tx().await?;
+        current_lease(&mut tx, build, job, lease).await?;
+        sqlx::query(
+            "INSERT OR REPLACE INTO images (build, job, name, lease_token, size, blake3, sha256, \
+             blob_key, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(build)
+        .bind(job)
+        .bind(&image.name)
+        .bind(lease)
+        .bind(image.size as i64)
+        .bind(&image.blake3)
+        .bind(&image.sha256)
+        .bind(&image.blob_key)
+        .bind(image.created_at)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn finish(
+        &self,
+        build: &str,
+        job: &str,
+        lease: &str,
+        images: &[String],
+        now: i64,
+    ) -> StoreResult<Event> {
+        let mut tx = self.write_tx().await?;
+        let row = current_lease(&mut tx, build, job, lease).await?;
+        // Images of earlier attempts were uploaded under leases that are gone: drop them,
+        // so that only what this lease stored is the job's output (invariant 4).
+        sqlx::query("DELETE FROM images WHERE build = ? AND job = ? AND lease_token != ?")
+            .bind(build)
+            .bind(job)
+            .bind(lease)
+            .execute(&mut *tx)
+            .await?;
+        let stored: Vec<String> =
+            sqlx::query_scalar("SELECT name FROM images WHERE build = ? AND job = ?")
+                .bind(build)
+                .bind(job)
+                .fetch_all(&mut *tx)
+                .await?;
+        let missing: Vec<&String> = images
+            .iter()
+            .filter(|name| !stored.contains(name))
+            .collect();
+        if !missing.is_empty() {
+            return Err(StoreError::Conflict(format!(
+                "cannot finish job {build}/{job}: images not stored: {}",
+                missing
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        let unnamed: Vec<&String> = stored
+            .iter()
+            .filter(|name| !images.contains(name))
+            .collect();
+        for name in unnamed {
+            sqlx::query("DELETE FROM images WHERE build = ? AND job = ? AND name = ?")
+                .bind(build)
+                .bind(job)
+                .bind(name)
+                .execute(&mut *tx)
+                .await?;
+        }
+        let query =
+            "UPDATE jobs SET state = 'finished', lease_token = NULL, lease_expires_at = NULL, \
+             time_complete = ?, percent = 100, error = NULL WHERE build = ? AND id = ?";
+        sqlx::query(query)
+            .bind(now)
+            .bind(build)
+            .bind(job)
+            .execute(&mut *tx)
+            .await?;
+        let event = insert_event(
+            &mut tx,
+            NewEvent {
+                build,
+                job,
+                time: now,
+                from: Some(JobState::Running),
+                to: JobState::Finished,
+                client_id: row.client_id.as_deref(),
+                attempt: row.attempt,
+                reason: Some("images stored and verified"),
+            },
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(event)
+    }
+
+    async fn fail(
+        &self,
+        build: &str,
+        job: &str,
+        lease: &str,
+        failure: &Failure,
+        now: i64,
+    ) -> StoreResult<Event> {
+        let mut tx = self.write_tx().await?;
+        let row = current_lease(&mut tx, build, job, lease).await?;
+        let error = format!("{}: {}", failure.reason, failure.message);
+        let retry = row.retries_used < row.retries;
+        let to = if retry {
+            JobState::Queued
+        } else {
+            JobState::Failed
+        };
+        if retry {
+            let query = format!(
+                "UPDATE jobs SET state = 'queued', {RESET_RUN}, retries_used = retries_used + 1, \
+                 error = ? WHERE build = ? AND id = ?"
+            );
+            sqlx::query(&query)
+                .bind(&error)
+                .bind(build)
+                .bind(job)
+                .execute(&mut *tx)
+                .await?;
+        } else {
+            sqlx::query(
+                "UPDATE jobs SET state = 'failed', lease_token = NULL, lease_expires_at = NULL, \
+                 time_complete = ?, error = ? WHERE build = ? AND id = ?",
+            )
+            .bind(now)
+            .bind(&error)
+            .bind(build)
+            .bind(job)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let reason = if retry {
+            format!(
+                "{} (retry {} of {})",
+                failure.reason,
+                row.retries_used + 1,
+                row.retries
+            )
+        } else {
+            failure.reason.clone()
+        };
+        let event = insert_event(
+            &mut tx,
+            NewEvent {
+                build,
+                job,
+                time: now,
+                from: Some(JobState::Running),
+                to,
+                client_id: row.client_id.as_deref(),
+                attempt: row.attempt,
+                reason: Some(&reason),
+            },
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(event)
+    }
+
+    async fn reap_leases(
+        &self,
+        now: i64,
+        hung_grace_secs: u64,
+    ) -> StoreResult<Vec<TimedTransition>> {
+        let mut tx = self.write_tx().await?;
+        let rows = sqlx::query(
+            "SELECT build, id, client_id, attempt, max_attempts, lease_expires_at, time_start, timeout_secs \
+             FROM jobs WHERE state = 'running' AND (lease_expires_at < ? \
+             OR time_start + (timeout_secs + ?) * 1000000 < ?)",
+        )
+        .bind(now)
+        .bind(hung_grace_secs as i64)
+        .bind(now)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut transitions = Vec::with_capacity(rows.len());
+        for row in rows {
+            let build: String = row.try_get("build")?;
+            let job: String = row.try_get("id")?;
+            let client_id: Option<String> = row.try_get("client_id")?;
+            let attempt = row.try_get::<i64, _>("attempt")? as u32;
+            let max_attempts = row.try_get::<i64, _>("max_attempts")? as u32;
+            let lease_expires_at: Option<i64> = row.try_get("lease_expires_at")?;
+            let lease_lapsed = lease_expires_at.is_some_and(|at| at < now);
+            let (to, reason) = if !lease_lapsed {
+                // The client heartbeats but the job ran past its timeout and grace: the
+                // client is hung on it.
+                (
+                    JobState::Failed,
+                    "timeout: held past its timeout by a client that did not stop it".to_owned(),
+                )
+            } else if attempt >= max_attempts {
+                (
+                    JobState::Failed,
+                    format!("lost: lease lapsed on attempt {attempt} of {max_attempts}"),
+                )
+            } else {
+                (JobState::Queued, "lease lapsed".to_owned())
+            };
+            if to == JobState::Queued {
+                let query = format!(
+                    "UPDATE jobs SET state = 'queued', {RESET_RUN} WHERE build = ? AND id = ?"
+                );
+                sqlx::query(&query)
+                    .bind(&build)
+                    .bind(&job)
+                    .execute(&mut *tx)
+                    .await?;
+            } else {
+                sqlx::query(
+                    "UPDATE jobs SET state = 'failed', lease_token = NULL, lease_expires_at = NULL, \
+                     time_complete = ?, error = ? WHERE build = ? AND id = ?",
+                )
+                .bind(now)
+                .bind(&reason)
+                .bind(&build)
+                .bind(&job)
+                .execute(&mut *tx)
+                .await?;
+            }
+            let event = insert_event(
+                &mut tx,
+                NewEvent {
+                    build: &build,
+                    job: &job,
+                    time: now,
+                    from: Some(JobState::Running),
+                    to,
+                    client_id: client_id.as_deref(),
+                    attempt,
+                    reason: Some(&reason),
+                },
+            )
+            .await?;
+            transitions.push(TimedTransition { build, job, event });
+        }
+        tx.commit().await?;
+        Ok(transitions)
+    }
+
+    async fn expire_unclaimed(&self, now: i64) -> StoreResult<Vec<TimedTransition>> {
+        let mut tx = self.write_tx().await?;
+        let rows = sqlx::query(
+            "UPDATE jobs SET state = 'expired', time_complete = ?, \
+             error = 'expired: no client accepted it within ' || accept_within_secs || ' s' \
+             WHERE state = 'queued' AND attempt = 0 AND accept_deadline < ? \
+             RETURNING build, id, accept_within_secs",
+        )
+        .bind(now)
+        .bind(now)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut transitions = Vec::with_capacity(rows.len());
+        for row in rows {
+            let build: String = row.try_get("build")?;
+            let job: String = row.try_get("id")?;
+            let within: Option<i64> = row.try_get("accept_within_secs")?;
+            let reason = format!(
+                "no client accepted it within {} s",
+                within.unwrap_or_default()
+            );
+            let event = insert_event(
+                &mut tx,
+                NewEvent {
+                    build: &build,
+                    job: &job,
+                    time: now,
+                    from: Some(JobState::Queued),
+                    to: JobState::Expired,
+                    client_id: None,
+                    attempt: 0,
+                    reason: Some(&reason),
+                },
+            )
+            .await?;
+            transitions.push(TimedTransition { build, job, event });
+        }
+        tx.commit().await?;
+        Ok(transitions)
+    }
+
+    async fn next_deadline(&self) -> StoreResult<Option<i64>> {
+        let next: Option<i64> = sqlx::query_scalar(
+            "SELECT MIN(t) FROM (\
+             SELECT MIN(lease_expires_at) AS t FROM jobs WHERE state = 'running' \
+             UNION ALL SELECT MIN(accept_deadline) FROM jobs WHERE state = 'queued' AND attempt = 0)",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(next)
+    }
+
+    async fn extend_all_leases(&self, until: i64) -> StoreResult<u64> {
+        let done = sqlx::query(
+            "UPDATE jobs SET lease_expires_at = ? WHERE state = 'running' AND lease_expires_at < ?",
+        )
+        .bind(until)
+        .bind(until)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn restart(&self, build: &str, job: &str, now: i64) -> StoreResult<Event> {
+        let mut tx = self.write_tx().await?;
+        let row = read_job_lease(&mut tx, build, job).await?;
+        if row.state == JobState::Queued {
+            return Err(StoreError::Conflict(format!(
+                "job {build}/{job} is already queued"
+            )));
+        }
+        let query = format!(
+            "UPDATE jobs SET state = 'queued', {RESET_RUN}, attempt = 0, retries_used = 0, \
+             time_start = NULL, time_complete = NULL, error = NULL, \
+             accept_deadline = CASE WHEN accept_within_secs IS NULL THEN NULL \
+             ELSE ? + accept_within_secs * 1000000 END \
+             WHERE build = ? AND id = ?"
+        );
+        sqlx::query(&query)
+            .bind(now)
+            .bind(build)
+            .bind(job)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM images WHERE build = ? AND job = ?")
+            .bind(build)
+            .bind(job)
+            .execute(&mut *tx)
+            .await?;
+        let event = insert_event(
+            &mut tx,
+            NewEvent {
+                build,
+                job,
+                time: now,
+                from: Some(row.state),
+                to: JobState::Queued,
+                client_id: row.client_id.as_deref(),
+                attempt: 0,
+                reason: Some("restarted by an operator"),
+            },
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(event)
+    }
+
+    async fn cancel(&self, build: &str, job: &str, now: i64) -> StoreResult<Event> {
+        let mut tx = self.write_tx().await?;
+        let row = read_job_lease(&mut tx, build, job).await?;
+        if row.state.is_final() {
+            return Err(StoreError::Conflict(format!(
+                "job {build}/{job} is already {}; only queued or running jobs can be cancelled",
+                row.state
+            )));
+        }
+        sqlx::query(
+            "UPDATE jobs SET state = 'cancelled', lease_token = NULL, lease_expires_at = NULL, \
+             time_complete = ?, error = 'cancelled by an operator' WHERE build = ? AND id = ?",
+        )
+        .bind(now)
+        .bind(build)
+        .bind(job)
+        .execute(&mut *tx)
+        .await?;
+        let event = insert_event(
+            &mut tx,
+            NewEvent {
+                build,
+                job,
+                time: now,
+                from: Some(row.state),
+                to: JobState::Cancelled,
+                client_id: row.client_id.as_deref(),
+                attempt: row.attempt,
+                reason: Some("cancelled by an operator"),
+            },
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(event)
+    }
+
+    async fn events(&self, build: &str, after: i64) -> StoreResult<Vec<Event>> {
+        let rows = sqlx::query(
+            "SELECT seq, time, build, job, from_state, to_state, client_id, attempt, reason \
+             FROM events WHERE build = ? AND seq > ? ORDER BY seq",
+        )
+        .bind(build)
+        .bind(after)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(event_from_row).collect()
+    }
+
+    async fn list_images(&self, build: &str) -> StoreResult<Vec<ImageInfo>> {
+        let rows = sqlx::query(
+            "SELECT i.build, i.job, j.config_type, i.name, i.size, i.blake3, i.sha256, i.created_at \
+             FROM images i JOIN jobs j ON j.build = i.build AND j.id = i.job \
+             WHERE i.build = ? AND j.state = 'finished' ORDER BY j.pk, i.name",
+        )
+        .bind(build)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(image_info_from_row).collect()
+    }
+
+    async fn get_image(&self, build: &str, job: &str, name: &str) -> StoreResult<ImageRecord> {
+        let row = sqlx::query(
+            "SELECT i.build, i.job, j.config_type, i.name, i.size, i.blake3, i.sha256, i.created_at, \
+             i.blob_key FROM images i JOIN jobs j ON j.build = i.build AND j.id = i.job \
+             WHERE i.build = ? AND i.job = ? AND i.name = ? AND j.state = 'finished'",
+        )
+        .bind(build)
+        .bind(job)
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or_else(|| StoreError::NotFound(format!("image {name} of job {build}/{job}")))?;
+        Ok(ImageRecord {
+            info: image_info_from_row(&row)?,
+            blob_key: row.try_get("blob_key")?,
+        })
+    }
+
+    async fn mean_run_secs(&self, config_type: &str) -> StoreResult<Option<f64>> {
+        let mean: Option<f64> = sqlx::query_scalar(
+            "SELECT AVG((time_complete - time_start) / 1000000.0) FROM jobs \
+             WHERE config_type = ? AND state = 'finished' AND time_start IS NOT NULL",
+        )
+        .bind(config_type)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(mean)
+    }
+}
+
+fn image_info_from_row(row: &SqliteRow) -> StoreResult<ImageInfo> {
+    Ok(ImageInfo {
+        build: row.try_get("build")?,
+        job_id: row.try_get("job")?,
+        config_type: row.try_get("config_type")?,
+        name: row.try_get("name")?,
+        size: row.try_get::<i64, _>("size")? as u64,
+        blake3: row.try_get("blake3")?,
+        sha256: row.try_get("sha256")?,
+        created_at: row.try_get("created_at")?,
+    })
+}

@@ -1,0 +1,233 @@
+//! The command line: one clap-derived struct per subcommand.
+
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+/// kiln: a distributed build farm for installed software images.
+#[derive(Debug, Parser)]
+#[command(name = "kiln", version, about, max_term_width = 100)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a build server: the HTTP API, the job store and the image store.
+    Server(ServerArgs),
+    /// Run an imaging client that claims and runs jobs.
+    Client(ClientArgs),
+    /// Submit a build (relbuild.xml or kiln.toml) with the files beside it.
+    Submit(SubmitArgs),
+    /// Show builds, or the jobs of one build.
+    Status(StatusArgs),
+    /// Wait for a build to end, with live progress.
+    Wait(WaitArgs),
+    /// Print a job's log.
+    Logs(LogsArgs),
+    /// Restart or cancel a job.
+    Job(JobArgs),
+    /// Download a build's images into a release directory.
+    Release(ReleaseArgs),
+    /// Run a whole farm on this machine and build the bundled example.
+    Demo(DemoArgs),
+    /// Measure dispatch latency and makespan.
+    Bench(BenchArgs),
+}
+
+/// Where the server is and the credential to use, for operator commands.
+#[derive(Debug, Clone, Args)]
+pub struct ServerOpts {
+    /// The server's URL.
+    #[arg(long, env = "KILN_SERVER", default_value = "http://127.0.0.1:7070")]
+    pub server: String,
+    /// A file holding the credential (else the env variable KILN_TOKEN holds it).
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ServerArgs {
+    /// Address to listen on (port 0 picks a free one; the URL is printed).
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    pub listen: String,
+    /// Directory for the database, images and token files.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Use this existing admin token file instead of DATA/admin.token.
+    #[arg(long)]
+    pub admin_token_file: Option<PathBuf>,
+    /// Use this existing client token file instead of DATA/client.token.
+    #[arg(long)]
+    pub client_token_file: Option<PathBuf>,
+    /// How long a lease lasts past each heartbeat, in seconds.
+    #[arg(long, default_value_t = 15)]
+    pub lease_secs: u64,
+    /// How often clients heartbeat, in seconds.
+    #[arg(long, default_value_t = 5)]
+    pub heartbeat_secs: u64,
+    /// Extra lease time running jobs get at start-up so their clients re-attach (default: the lease).
+    #[arg(long)]
+    pub startup_grace_secs: Option<u64>,
+    /// A job held this long past its timeout is taken from its client, in seconds.
+    #[arg(long, default_value_t = 60)]
+    pub hung_grace_secs: u64,
+    /// Accept deadline for jobs whose manifest names none, in seconds.
+    #[arg(long)]
+    pub accept_within_secs: Option<u64>,
+    /// Lost leases a job survives before it fails.
+    #[arg(long, default_value_t = 3)]
+    pub max_attempts: u32,
+}
+
+#[derive(Debug, Args)]
+pub struct ClientArgs {
+    /// buildclient.xml (the seed's schema) or client TOML; flags given too override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// A server to serve (repeat for several).
+    #[arg(long = "server")]
+    pub servers: Vec<String>,
+    /// The client's id.
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Config types to take, comma-separated; `*` takes any.
+    #[arg(long)]
+    pub include: Option<String>,
+    /// Work directory for workspaces and local state.
+    #[arg(long)]
+    pub work: Option<PathBuf>,
+    /// Jobs to run at once.
+    #[arg(long)]
+    pub slots: Option<u32>,
+    /// File holding the client credential (else KILN_TOKEN, or PASSWORD from the config).
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// How long one long poll waits, in seconds (the seed's WAITTIME).
+    #[arg(long)]
+    pub wait_secs: Option<u64>,
+    /// Seconds between SIGTERM and SIGKILL when a step is stopped.
+    #[arg(long, default_value_t = 10)]
+    pub kill_grace_secs: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct SubmitArgs {
+    /// relbuild.xml or kiln.toml.
+    pub file: PathBuf,
+    /// The build's files (default: the directory FILE sits in).
+    #[arg(long)]
+    pub files: Option<PathBuf>,
+    #[command(flatten)]
+    pub server: ServerOpts,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// A build number: show its jobs.
+    pub build: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub server: ServerOpts,
+}
+
+#[derive(Debug, Args)]
+pub struct WaitArgs {
+    pub build: String,
+    /// Give up after this many seconds (exit 2).
+    #[arg(long)]
+    pub timeout: Option<u64>,
+    #[command(flatten)]
+    pub server: ServerOpts,
+}
+
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// BUILD/ID
+    pub job: String,
+    /// Keep following until the job ends.
+    #[arg(short, long)]
+    pub follow: bool,
+    #[command(flatten)]
+    pub server: ServerOpts,
+}
+
+#[derive(Debug, Args)]
+pub struct JobArgs {
+    #[command(subcommand)]
+    pub action: JobAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JobAction {
+    /// Put a job back in the queue as new.
+    Restart {
+        /// BUILD/ID
+        job: String,
+        #[command(flatten)]
+        server: ServerOpts,
+    },
+    /// Cancel a queued or running job.
+    Cancel {
+        /// BUILD/ID
+        job: String,
+        #[command(flatten)]
+        server: ServerOpts,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct ReleaseArgs {
+    pub build: String,
+    /// The release directory: DIR/BUILD/CONFIGTYPE/FILE.
+    #[arg(long)]
+    pub to: PathBuf,
+    #[command(flatten)]
+    pub server: ServerOpts,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// How many clients to start.
+    #[arg(long, default_value_t = 3)]
+    pub clients: u32,
+    /// Where to release the images (default: ./kiln-demo-release).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Keep the farm's data directory here instead of a temporary one.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub which: BenchWhich,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchWhich {
+    /// Job available → claimed, with many idle long-polling clients.
+    Dispatch {
+        /// Idle clients waiting in a long poll.
+        #[arg(long, default_value_t = 100)]
+        clients: u32,
+        /// Jobs to time.
+        #[arg(long, default_value_t = 200)]
+        jobs: u32,
+    },
+    /// Makespan of a build of sleep jobs over its ideal.
+    Makespan {
+        /// Clients (one slot each).
+        #[arg(long, default_value_t = 6)]
+        clients: u32,
+        /// Jobs in the build.
+        #[arg(long, default_value_t = 42)]
+        jobs: u32,
+        /// Seconds each job sleeps.
+        #[arg(long, default_value_t = 2.0)]
+        job_secs: f64,
+    },
+}

@@ -1,0 +1,147 @@
+//! `kiln client`: the imaging agent, configured by flags, buildclient.xml or TOML.
+
+use crate::cli::ClientArgs;
+use crate::operator::Usage;
+use anyhow::Context;
+use kiln_client::conn::ServerConn;
+use kiln_client::{Agent, ClientOptions, Stop};
+use kiln_proto::client_config::ClientConfig;
+use std::process::ExitCode;
+use std::time::Duration;
+
+pub async fn run(args: ClientArgs) -> anyhow::Result<ExitCode> {
+    let options = options_from(args)?;
+    let agent = Agent::new(options.clone())?;
+    tracing::info!(
+        id = %options.client_id,
+        include = %options.include.join(","),
+        slots = options.slots,
+        servers = %options.servers.iter().map(|s| s.url().to_owned()).collect::<Vec<_>>().join(" "),
+        "client started"
+    );
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(Stop::Run);
+    tokio::spawn(async move {
+        super::terminated().await;
+        tracing::info!(
+            "stopping: finishing held jobs, taking no new one (signal again to give them back)"
+        );
+        let _ = stop_tx.send(Stop::Drain);
+        super::terminated().await;
+        tracing::info!("stopping now: giving held jobs back");
+        let _ = stop_tx.send(Stop::Abandon);
+    });
+    let report = agent.run(stop_rx).await;
+    tracing::info!(
+        n_finished = report.n_finished,
+        n_failed = report.n_failed,
+        n_lost = report.n_lost,
+        "client stopped"
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn read_token(path: &std::path::Path) -> anyhow::Result<String> {
+    Ok(std::fs::read_to_string(path)
+        .with_context(|| format!("reading token file {}", path.display()))?
+        .trim()
+        .to_owned())
+}
+
+/// Merges the config file (if any) with the flags; flags win.
+fn options_from(args: ClientArgs) -> anyhow::Result<ClientOptions> {
+    let config = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let name = path.display().to_string();
+            Some(ClientConfig::parse(&name, &text)?)
+        }
+        None => None,
+    };
+    let flag_token = match &args.token_file {
+        Some(path) => Some(read_token(path)?),
+        None => std::env::var("KILN_TOKEN")
+            .ok()
+            .map(|token| token.trim().to_owned()),
+    };
+    let mut servers = Vec::new();
+    for url in &args.servers {
+        let token = flag_token.clone().ok_or_else(|| {
+            Usage(format!(
+                "no client credential for {url}: pass --token-file FILE or set KILN_TOKEN"
+            ))
+        })?;
+        servers.push(ServerConn::new(url, &token).map_err(Usage)?);
+    }
+    if args.servers.is_empty() {
+        for entry in config.iter().flat_map(|config| config.servers.iter()) {
+            let token = flag_token
+                .clone()
+                .or_else(|| entry.password.clone())
+                .ok_or_else(|| {
+                    Usage(format!(
+                        "no client credential for {}: give PASSWORD, --token-file or KILN_TOKEN",
+                        entry.url
+                    ))
+                })?;
+            servers.push(
+                ServerConn::new(&entry.url, &token)
+                    .map_err(|err| Usage(format!("CONFIGLOC: {err}")))?,
+            );
+        }
+    }
+    if servers.is_empty() {
+        return Err(
+            Usage("no server to serve: pass --server URL or a --config naming one".into()).into(),
+        );
+    }
+    let client_id = args
+        .id
+        .or_else(|| config.as_ref().map(|config| config.id.clone()))
+        .ok_or_else(|| Usage("the client needs an id: pass --id or a --config with one".into()))?;
+    kiln_proto::names::check_name("client id", &client_id).map_err(Usage)?;
+    let include: Vec<String> = match args.include {
+        Some(list) => list
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect(),
+        None => config
+            .as_ref()
+            .map(|config| config.include.clone())
+            .unwrap_or_default(),
+    };
+    if include.is_empty() {
+        return Err(
+            Usage("the client takes no config type: pass --include TYPES (or '*')".into()).into(),
+        );
+    }
+    let work_dir = args
+        .work
+        .or_else(|| {
+            config
+                .as_ref()
+                .and_then(|config| config.work_dir.clone())
+                .map(Into::into)
+        })
+        .ok_or_else(|| Usage("the client needs a work directory: pass --work DIR".into()))?;
+    let slots = args
+        .slots
+        .or_else(|| config.as_ref().and_then(|config| config.slots))
+        .unwrap_or(1);
+    let wait_secs = args
+        .wait_secs
+        .or_else(|| config.as_ref().map(|config| config.wait_secs))
+        .unwrap_or(60)
+        .clamp(1, 120);
+    Ok(ClientOptions {
+        client_id,
+        include,
+        servers,
+        work_dir,
+        slots,
+        wait_secs,
+        kill_grace: Duration::from_secs(args.kill_grace_secs),
+    })
+}

@@ -1,0 +1,146 @@
+//! [`Farm`]: a server and clients started as real `kiln` processes on loopback, for
+//! `kiln demo` and `kiln bench`. Each process logs to a file in the farm's directory
+//! and is stopped by its own pid.
+
+use anyhow::Context;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::io::AsyncBufReadExt;
+use tokio::process::{Child, Command};
+
+/// A farm of `kiln` processes sharing one directory.
+pub struct Farm {
+    pub dir: PathBuf,
+    pub url: String,
+    pub admin_token_file: PathBuf,
+    pub client_token_file: PathBuf,
+    server: Child,
+    clients: Vec<Child>,
+}
+
+fn log_file(path: &Path) -> anyhow::Result<Stdio> {
+    let file =
+        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    Ok(Stdio::from(file))
+}
+
+impl Farm {
+    /// Starts a server on a free loopback port with data in `dir/server`.
+    pub async fn start(dir: &Path, server_args: &[&str]) -> anyhow::Result<Self> {
+        let exe = std::env::current_exe().context("finding the kiln executable")?;
+        let data = dir.join("server");
+        std::fs::create_dir_all(&data)?;
+        let mut server = Command::new(&exe)
+            .arg("server")
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--data")
+            .arg(&data)
+            .args(server_args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log_file(&dir.join("server.log"))?)
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting kiln server")?;
+        let stdout = server.stdout.take().context("server stdout")?;
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let first = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .context("the server did not start within 30 s")??
+            .with_context(|| {
+                format!(
+                    "the server exited at start; see {}",
+                    dir.join("server.log").display()
+                )
+            })?;
+        let url = first
+            .strip_prefix("kiln server listening on ")
+            .with_context(|| format!("unexpected first line from the server: {first:?}"))?
+            .to_owned();
+        // Keep reading so that the server never writes into a closed pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(Farm {
+            dir: dir.to_owned(),
+            url,
+            admin_token_file: data.join("admin.token"),
+            client_token_file: data.join("client.token"),
+            server,
+            clients: Vec::new(),
+        })
+    }
+
+    /// Starts a client process taking `include`, with `slots` slots.
+    pub fn add_client(&mut self, id: &str, include: &str, slots: u32) -> anyhow::Result<()> {
+        let exe = std::env::current_exe().context("finding the kiln executable")?;
+        let work = self.dir.join(format!("client-{id}"));
+        let child = Command::new(exe)
+            .arg("client")
+            .arg("--server")
+            .arg(&self.url)
+            .arg("--id")
+            .arg(id)
+            .arg("--include")
+            .arg(include)
+            .arg("--slots")
+            .arg(slots.to_string())
+            .arg("--work")
+            .arg(&work)
+            .arg("--token-file")
+            .arg(&self.client_token_file)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file(&self.dir.join(format!("client-{id}.log")))?)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting client {id}"))?;
+        self.clients.push(child);
+        Ok(())
+    }
+
+    /// The admin secret.
+    pub fn admin_token(&self) -> anyhow::Result<String> {
+        Ok(std::fs::read_to_string(&self.admin_token_file)?
+            .trim()
+            .to_owned())
+    }
+
+    /// The client secret.
+    pub fn client_token(&self) -> anyhow::Result<String> {
+        Ok(std::fs::read_to_string(&self.client_token_file)?
+            .trim()
+            .to_owned())
+    }
+
+    /// Stops every process: SIGTERM to the clients (idle ones exit at once), then to
+    /// the server; SIGKILL whatever is still there after a few seconds.
+    pub async fn stop(mut self) {
+        for client in &self.clients {
+            signal(client, libc::SIGTERM);
+        }
+        for client in &mut self.clients {
+            stop_child(client).await;
+        }
+        signal(&self.server, libc::SIGTERM);
+        stop_child(&mut self.server).await;
+    }
+}
+
+fn signal(child: &Child, signal: i32) {
+    if let Some(pid) = child.id() {
+        // SAFETY: kill(2) with a pid we started and still own (not yet reaped).
+        unsafe {
+            libc::kill(pid as i32, signal);
+        }
+    }
+}
+
+async fn stop_child(child: &mut Child) {
+    if tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .is_err()
+    {
+        let _ = child.kill().await;
+    }
+}

@@ -1,0 +1,97 @@
+//! One module per subcommand; [`run`] dispatches.
+
+mod bench;
+mod client;
+mod demo;
+mod farm;
+mod logs;
+mod release;
+mod server;
+mod status;
+mod submit;
+
+use crate::cli::{Cli, Command, JobAction};
+use crate::operator::{split_job, Operator};
+use std::process::ExitCode;
+
+/// Runs the parsed command line.
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Server(args) => {
+            init_tracing("info");
+            server::run(args).await
+        }
+        Command::Client(args) => {
+            init_tracing("info");
+            client::run(args).await
+        }
+        Command::Submit(args) => {
+            init_tracing("warn");
+            submit::run(args).await
+        }
+        Command::Status(args) => {
+            init_tracing("warn");
+            status::status(args).await
+        }
+        Command::Wait(args) => {
+            init_tracing("warn");
+            status::wait(args).await
+        }
+        Command::Logs(args) => {
+            init_tracing("warn");
+            logs::run(args).await
+        }
+        Command::Job(args) => {
+            init_tracing("warn");
+            let (name, opts, action) = match &args.action {
+                JobAction::Restart { job, server } => (job, server, "restart"),
+                JobAction::Cancel { job, server } => (job, server, "cancel"),
+            };
+            let (build, job) = split_job(name)?;
+            let operator = Operator::new(opts)?;
+            let event: kiln_proto::api::Event = operator
+                .post_json(&format!("/v1/jobs/{build}/{job}/{action}"))
+                .await?;
+            println!(
+                "job {build}/{job}: {} -> {}",
+                event.from.map_or("-".into(), |s| s.to_string()),
+                event.to
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Release(args) => {
+            init_tracing("warn");
+            release::run(args).await
+        }
+        Command::Demo(args) => {
+            init_tracing("warn");
+            demo::run(args).await
+        }
+        Command::Bench(args) => {
+            init_tracing("warn");
+            bench::run(args).await
+        }
+    }
+}
+
+/// Logs to stderr at `default` unless RUST_LOG says otherwise.
+fn init_tracing(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+/// Resolves when SIGTERM or SIGINT arrives.
+pub async fn terminated() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

@@ -1,0 +1,34 @@
+//! `kiln server`: binds, prints its URL, serves until SIGTERM or SIGINT.
+
+use crate::cli::ServerArgs;
+use anyhow::Context;
+use kiln_server::{Server, ServerConfig};
+use std::io::Write;
+use std::process::ExitCode;
+
+pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
+    let mut config = ServerConfig::new(args.data.clone());
+    config.admin_token_file = args.admin_token_file;
+    config.client_token_file = args.client_token_file;
+    config.lease_secs = args.lease_secs.max(1);
+    config.heartbeat_secs = args.heartbeat_secs.clamp(1, config.lease_secs);
+    config.startup_grace_secs = args.startup_grace_secs.unwrap_or(config.lease_secs);
+    config.hung_grace_secs = args.hung_grace_secs;
+    config.default_accept_within_secs = args.accept_within_secs;
+    config.default_max_attempts = args.max_attempts.max(1);
+    let server = Server::open(config).await?;
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
+    let addr = listener.local_addr().context("reading the bound address")?;
+    if !addr.ip().is_loopback() {
+        tracing::warn!(%addr, "listening on a non-loopback address without TLS: credentials travel in clear");
+    }
+    // The URL is the one line on stdout, so that scripts and tests can read it.
+    println!("kiln server listening on http://{addr}");
+    std::io::stdout().flush().ok();
+    tracing::info!(data = %args.data.display(), "admin token in admin.token, client token in client.token");
+    server.run(listener, super::terminated()).await?;
+    tracing::info!("server stopped");
+    Ok(ExitCode::SUCCESS)
+}
