@@ -172,7 +172,7 @@ pub async fn run_job(run: JobRun) -> JobEnd {
     };
     local_state.forget(&claim).await;
     if let Err(err) = tokio::fs::remove_dir_all(&job_dir).await {
-        tracing::warn!(cause = %err, dir = %job_dir.display(), "cannot remove job directory");
+        tracing::warn!(cause = %kiln_proto::error_chain(&err), dir = %job_dir.display(), "cannot remove job directory");
     }
     end
 }
@@ -330,7 +330,7 @@ async fn prepare(
         match conn.fetch_files(claim, &archive).await {
             Ok(()) => break,
             Err(err) if err.is_retryable() && delay < Duration::from_secs(30) => {
-                tracing::warn!(cause = %err, build = %claim.build, "fetching build files; will retry");
+                tracing::warn!(cause = %kiln_proto::error_chain(&err), build = %claim.build, "fetching build files; will retry");
                 tokio::time::sleep(delay).await;
                 delay *= 2;
             }
@@ -483,7 +483,7 @@ async fn ship_logs(
                 if progress.is_some() {
                     shared.lock().expect("job state poisoned").progress_dirty = true;
                 }
-                tracing::warn!(cause = %err, job = %claim.job_id, "sending log lines; will retry");
+                tracing::warn!(cause = %kiln_proto::error_chain(&err), job = %claim.job_id, "sending log lines; will retry");
                 if closed && failures > 10 {
                     return;
                 }
@@ -514,7 +514,7 @@ async fn heartbeat_loop(
                 return;
             }
             Err(err) => {
-                tracing::warn!(cause = %err, job = %claim.job_id, "heartbeat failed; will retry")
+                tracing::warn!(cause = %kiln_proto::error_chain(&err), job = %claim.job_id, "heartbeat failed; will retry")
             }
         }
     }
@@ -531,7 +531,7 @@ where
     loop {
         match call().await {
             Err(err) if err.is_retryable() && Instant::now() < give_up => {
-                tracing::warn!(cause = %err, "{what}; will retry in {delay:?}");
+                tracing::warn!(cause = %kiln_proto::error_chain(&err), "{what}; will retry in {delay:?}");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(15));
             }
@@ -569,7 +569,7 @@ async fn report_failure(
         Ok(()) => JobEnd::Failed(reason.to_owned()),
         Err(CallError::Stale(_)) => JobEnd::LeaseLost,
         Err(err) => {
-            tracing::error!(cause = %err, job = %claim.job_id, "cannot report the failure");
+            tracing::error!(cause = %kiln_proto::error_chain(&err), job = %claim.job_id, "cannot report the failure");
             JobEnd::Failed(reason.to_owned())
         }
     }
@@ -646,7 +646,7 @@ async fn upload_and_finish(
         Ok(()) => JobEnd::Finished,
         Err(CallError::Stale(_)) => JobEnd::LeaseLost,
         Err(err) => {
-            tracing::error!(cause = %err, job = %claim.job_id, "cannot report the job finished");
+            tracing::error!(cause = %kiln_proto::error_chain(&err), job = %claim.job_id, "cannot report the job finished");
             JobEnd::Failed("report".into())
         }
     }

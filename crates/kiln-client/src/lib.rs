@@ -195,9 +195,9 @@ impl Agent {
                         .min(Duration::from_secs(30))
                         .mul_f64(rand::thread_rng().gen_range(0.5..1.0));
                     if let CallError::Refused { .. } = err {
-                        tracing::error!(cause = %err, server = %conn.url(), "the server refuses our claims");
+                        tracing::error!(cause = %kiln_proto::error_chain(&err), server = %conn.url(), "the server refuses our claims");
                     } else {
-                        tracing::warn!(cause = %err, server = %conn.url(), ?delay, "cannot claim; will retry");
+                        tracing::warn!(cause = %kiln_proto::error_chain(&err), server = %conn.url(), ?delay, "cannot claim; will retry");
                     }
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
@@ -211,7 +211,7 @@ impl Agent {
                 // Another server's job took the last slot meanwhile: give this one back.
                 tracing::info!(build = %claim.build, job = %claim.job_id, "no free slot; job given back");
                 if let Err(err) = conn.release(&claim).await {
-                    tracing::warn!(cause = %err, "cannot give back a job; its lease will lapse");
+                    tracing::warn!(cause = %kiln_proto::error_chain(&err), "cannot give back a job; its lease will lapse");
                 }
                 continue;
             };

@@ -22,3 +22,15 @@ pub mod status_xml;
 pub const LEASE_HEADER: &str = "x-kiln-lease";
 /// The HTTP header that carries an image's whole-file BLAKE3 hash (hex) on upload.
 pub const BLAKE3_HEADER: &str = "x-kiln-blake3";
+
+/// An error followed by its causes, `: `-joined: for logs and response bodies.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

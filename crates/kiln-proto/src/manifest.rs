@@ -693,22 +693,9 @@ impl SeenIds {
 const NAME_RULE: &str =
     "1 to 128 letters, digits, '.', '_' or '-', starting with a letter or digit";
 
-/// Whether `name` is a safe name: `[A-Za-z0-9][A-Za-z0-9._-]{0,127}`.
-///
-/// Such a name can be a file name anywhere and never escapes its directory.
-fn is_safe_name(name: &str) -> bool {
-    let mut bytes = name.bytes();
-    let starts_well = bytes
-        .next()
-        .is_some_and(|byte| byte.is_ascii_alphanumeric());
-    starts_well
-        && name.len() <= MAX_NAME_CHARS
-        && bytes.all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'.' | b'_' | b'-'))
-}
-
 /// Refuses a `name` (e.g. "a job id") found in `label` that is not a safe name.
 pub(crate) fn check_name(name: &str, what: &str, label: &str) -> Result<(), String> {
-    if is_safe_name(name) {
+    if crate::names::is_safe_name(name) {
         Ok(())
     } else {
         Err(format!(

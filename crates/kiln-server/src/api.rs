@@ -437,11 +437,15 @@ async fn claim(
         ));
     }
     let wait = Duration::from_secs(request.wait_secs.min(MAX_WAIT_SECS));
-    let Some(claimed) = state
-        .dispatcher
-        .wait_for_job(&request.client_id, &request.include, wait)
-        .await
-    else {
+    let mut stopping = state.stopping.subscribe();
+    if *stopping.borrow_and_update() {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
+    let waited = tokio::select! {
+        claimed = state.dispatcher.wait_for_job(&request.client_id, &request.include, wait) => claimed,
+        _ = stopping.changed() => None,
+    };
+    let Some(claimed) = waited else {
         return Ok(StatusCode::NO_CONTENT.into_response());
     };
     tracing::info!(build = %claimed.build, job = %claimed.job, client = %request.client_id, attempt = claimed.attempt, "job claimed");
@@ -534,6 +538,7 @@ async fn read_log(
 ) -> Result<Json<LogChunk>, ApiErr> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(query.wait.min(MAX_WAIT_SECS));
     let mut changes = state.changes.subscribe();
+    let mut stopping = state.stopping.subscribe();
     loop {
         // The state first: if it is final, every line was written before it was read.
         let done = state.store.get_job(&build, &job).await?.state.is_final();
@@ -542,7 +547,11 @@ async fn read_log(
             .read_log(&build, &job, query.after, LOG_PAGE)
             .await?;
         let full_page = lines.len() == LOG_PAGE as usize;
-        if !lines.is_empty() || done || tokio::time::Instant::now() >= deadline {
+        if !lines.is_empty()
+            || done
+            || *stopping.borrow_and_update()
+            || tokio::time::Instant::now() >= deadline
+        {
             let next = lines.last().map_or(query.after, |line| line.seq);
             return Ok(Json(LogChunk {
                 lines,

@@ -130,7 +130,11 @@ impl Dispatcher {
         loop {
             tokio::select! {
                 _ = self.wake.notified() => {}
-                _ = shutdown.changed() => return,
+                _ = shutdown.changed() => {
+                    // Dropping the waiters' senders answers their long polls with "no job".
+                    self.waiters.lock().expect("waiter list poisoned").clear();
+                    return;
+                }
             }
             if let Err(err) = self.round().await {
                 tracing::error!(cause = %err, "dispatch round failed");

@@ -67,22 +67,10 @@ impl ApiErr {
     }
 }
 
-/// The error and its causes, joined, for the response body and the log.
-fn chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
 impl IntoResponse for ApiErr {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
-        let message = chain(&self);
+        let message = kiln_proto::error_chain(&self);
         if status.is_server_error() {
             tracing::error!(cause = %message, code, "request failed");
         }

@@ -81,6 +81,8 @@ pub struct AppState {
     pub(crate) dispatcher: Arc<Dispatcher>,
     /// Bumped whenever log lines are appended or a job changes state, for followers.
     pub(crate) changes: watch::Sender<u64>,
+    /// Becomes true when the server stops: long polls end at once.
+    pub(crate) stopping: watch::Sender<bool>,
 }
 
 impl AppState {
@@ -132,6 +134,7 @@ impl Server {
         }
         let dispatcher = Dispatcher::new(store.clone(), config.lease_secs);
         let (changes, _) = watch::channel(0);
+        let (stopping, _) = watch::channel(false);
         Ok(Server {
             state: Arc::new(AppState {
                 config,
@@ -140,6 +143,7 @@ impl Server {
                 credentials,
                 dispatcher,
                 changes,
+                stopping,
             }),
         })
     }
@@ -150,17 +154,24 @@ impl Server {
         listener: TcpListener,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let (stop_tx, stop_rx) = watch::channel(false);
+        let stop_rx = self.state.stopping.subscribe();
         let dispatcher = tokio::spawn(self.state.dispatcher.clone().run(stop_rx.clone()));
-        let reaper = tokio::spawn(loops::timekeeper(self.state.clone(), stop_rx.clone()));
+        let reaper = tokio::spawn(loops::timekeeper(self.state.clone(), stop_rx));
         // Whatever was queued before a restart is available now.
         self.state.dispatcher.wake();
         let app = api::router(self.state.clone());
+        let state = self.state.clone();
+        // Long polls would hold a graceful shutdown open for their whole wait: end them
+        // first (waiting clients get "no job" and come back to the next server).
+        let shutdown = async move {
+            shutdown.await;
+            let _ = state.stopping.send(true);
+        };
         let result = axum::serve(listener, app)
             .with_graceful_shutdown(shutdown)
             .await
             .context("serving HTTP");
-        let _ = stop_tx.send(true);
+        let _ = self.state.stopping.send(true);
         let _ = tokio::time::timeout(Duration::from_secs(5), async {
             let _ = dispatcher.await;
             let _ = reaper.await;

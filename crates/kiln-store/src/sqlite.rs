@@ -122,6 +122,16 @@ async fn insert_event(
     tx: &mut Transaction<'static, Sqlite>,
     event: NewEvent<'_>,
 ) -> StoreResult<Event> {
+    // The state machine's arrows are written once, in kiln-proto; every transition the
+    // store makes passes through here and is checked against them.
+    if let Some(from) = event.from {
+        if !from.can_become(event.to) {
+            return Err(StoreError::Conflict(format!(
+                "job {}/{} cannot go from {from} to {}",
+                event.build, event.job, event.to
+            )));
+        }
+    }
     let seq: i64 = sqlx::query_scalar(
         "INSERT INTO events (build, job, time, from_state, to_state, client_id, attempt, reason) \
          VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING seq",

@@ -161,22 +161,21 @@ pub async fn wait_for_build(
             .get_json(&format!("/v1/builds/{build}/jobs"))
             .await?;
         for job in &jobs {
-            let message = format!(
-                "{:<9} {}{}{}",
-                job.state.as_str(),
-                job.client_id
-                    .as_deref()
-                    .map(|c| format!("on {c} "))
-                    .unwrap_or_default(),
-                [job.major_state.as_deref(), job.minor_state.as_deref()]
-                    .into_iter()
-                    .flatten()
-                    .collect::<Vec<_>>()
-                    .join("/"),
-                job.eta_seconds
-                    .map(|eta| format!(" eta {}", format_eta(Some(eta))))
-                    .unwrap_or_default(),
-            );
+            let mut words = vec![format!("{:<9}", job.state.as_str())];
+            if let Some(client) = &job.client_id {
+                words.push(format!("on {client}"));
+            }
+            let phase: Vec<&str> = [job.major_state.as_deref(), job.minor_state.as_deref()]
+                .into_iter()
+                .flatten()
+                .collect();
+            if !phase.is_empty() {
+                words.push(phase.join("/"));
+            }
+            if let Some(eta) = job.eta_seconds {
+                words.push(format!("eta {}", format_eta(Some(eta))));
+            }
+            let message = words.join(" ");
             let percent = if job.state == JobState::Finished {
                 100
             } else {
