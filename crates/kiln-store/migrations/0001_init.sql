@@ -29,6 +29,7 @@ CREATE TABLE jobs (
     max_attempts       INTEGER NOT NULL,
     retries            INTEGER NOT NULL,
     retries_used       INTEGER NOT NULL DEFAULT 0,
+    leases_lost        INTEGER NOT NULL DEFAULT 0,
     state              TEXT NOT NULL,
     client_id          TEXT,
     lease_token        TEXT,

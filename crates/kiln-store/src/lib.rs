@@ -207,7 +207,7 @@ pub trait JobStore: Send + Sync + 'static {
         lease: &str,
         image: &NewImage,
     ) -> StoreResult<()>;
-    /// Marks the job finished: every named image must be stored under this lease.
+    /// Marks the job finished: at least one image, each stored under this lease.
     async fn finish(
         &self,
         build: &str,
@@ -232,7 +232,8 @@ pub trait JobStore: Send + Sync + 'static {
         now: i64,
         hung_grace_secs: u64,
     ) -> StoreResult<Vec<TimedTransition>>;
-    /// Expires queued jobs never claimed before their accept deadline.
+    /// Expires queued jobs no client took before their accept deadline (a job given back
+    /// unstarted with [`JobStore::release`] counts as never taken).
     async fn expire_unclaimed(&self, now: i64) -> StoreResult<Vec<TimedTransition>>;
     /// The earliest lease expiry or accept deadline, if any.
     async fn next_deadline(&self) -> StoreResult<Option<i64>>;

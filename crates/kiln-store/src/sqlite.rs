@@ -226,7 +226,8 @@ impl JobLease {
 }
 
 /// Columns reset when a job goes back to the queue.
-const RESET_RUN: &str = "client_id = NULL, lease_token = NULL, lease_expires_at = NULL, \
+const RESET_RUN: &str =
+    "client_id = NULL, lease_token = NULL, lease_expires_at = NULL, time_start = NULL, \
      major_state = NULL, minor_state = NULL, percent = NULL";
 
 /// Sets the progress columns from a progress report (keeping what it does not name).
@@ -501,7 +502,7 @@ impl JobStore for SqliteStore {
         let mut tx = self.write_tx().await?;
         let row = current_lease(&mut tx, build, job, lease).await?;
         let query = format!(
-            "UPDATE jobs SET state = 'queued', {RESET_RUN}, attempt = attempt - 1, time_start = NULL \
+            "UPDATE jobs SET state = 'queued', {RESET_RUN}, attempt = attempt - 1 \
              WHERE build = ? AND id = ?"
         );
         sqlx::query(&query)
@@ -654,6 +655,11 @@ impl JobStore for SqliteStore {
         images: &[String],
         now: i64,
     ) -> StoreResult<Event> {
+        if images.is_empty() {
+            return Err(StoreError::Conflict(format!(
+                "cannot finish job {build}/{job}: a finished job has at least one image"
+            )));
+        }
         let mut tx = self.write_tx().await?;
         let row = current_lease(&mut tx, build, job, lease).await?;
         // Images of earlier attempts were uploaded under leases that are gone: drop them,
@@ -798,7 +804,7 @@ impl JobStore for SqliteStore {
     ) -> StoreResult<Vec<TimedTransition>> {
         let mut tx = self.write_tx().await?;
         let rows = sqlx::query(
-            "SELECT build, id, client_id, attempt, max_attempts, lease_expires_at, time_start, timeout_secs \
+            "SELECT build, id, client_id, attempt, max_attempts, leases_lost, lease_expires_at, time_start, timeout_secs \
              FROM jobs WHERE state = 'running' AND (lease_expires_at < ? \
              OR time_start + (timeout_secs + ?) * 1000000 < ?)",
         )
@@ -814,6 +820,9 @@ impl JobStore for SqliteStore {
             let client_id: Option<String> = row.try_get("client_id")?;
             let attempt = row.try_get::<i64, _>("attempt")? as u32;
             let max_attempts = row.try_get::<i64, _>("max_attempts")? as u32;
+            // Script failures retried at the manifest's request are not lost leases:
+            // only lapsed leases count against MAXATTEMPTS.
+            let leases_lost = row.try_get::<i64, _>("leases_lost")? as u32 + 1;
             let lease_expires_at: Option<i64> = row.try_get("lease_expires_at")?;
             let lease_lapsed = lease_expires_at.is_some_and(|at| at < now);
             let (to, reason) = if !lease_lapsed {
@@ -823,17 +832,18 @@ impl JobStore for SqliteStore {
                     JobState::Failed,
                     "timeout: held past its timeout by a client that did not stop it".to_owned(),
                 )
-            } else if attempt >= max_attempts {
+            } else if leases_lost >= max_attempts {
                 (
                     JobState::Failed,
-                    format!("lost: lease lapsed on attempt {attempt} of {max_attempts}"),
+                    format!("lost: the lease lapsed on attempt {attempt}, {leases_lost} of {max_attempts} attempts lost"),
                 )
             } else {
                 (JobState::Queued, "lease lapsed".to_owned())
             };
             if to == JobState::Queued {
                 let query = format!(
-                    "UPDATE jobs SET state = 'queued', {RESET_RUN} WHERE build = ? AND id = ?"
+                    "UPDATE jobs SET state = 'queued', {RESET_RUN}, leases_lost = leases_lost + 1 \
+                     WHERE build = ? AND id = ?"
                 );
                 sqlx::query(&query)
                     .bind(&build)
@@ -945,7 +955,7 @@ impl JobStore for SqliteStore {
         }
         let query = format!(
             "UPDATE jobs SET state = 'queued', {RESET_RUN}, attempt = 0, retries_used = 0, \
-             time_start = NULL, time_complete = NULL, error = NULL, \
+             leases_lost = 0, time_complete = NULL, error = NULL, \
              accept_deadline = CASE WHEN accept_within_secs IS NULL THEN NULL \
              ELSE ? + accept_within_secs * 1000000 END \
              WHERE build = ? AND id = ?"

@@ -1,0 +1,1653 @@
+//! Behaviour of the job store, driven through [`JobStore`] on a [`SqliteStore`] in a
+//! temporary directory: builds and their counts, the queue order, atomic claims, lease
+//! fencing (invariant 2), timed transitions (lapsed leases, hung jobs, accept
+//! deadlines), restart and cancel, durability across a reopen (invariant 3), and the
+//! event every transition writes (invariant 5).
+//!
+//! Times come from a fake clock ([`at`]), so every test is deterministic.
+
+use std::collections::HashSet;
+
+use anyhow::Context as _;
+use kiln_proto::api::{Event, NewLogLine};
+use kiln_proto::manifest::{BuildManifest, JobSpec};
+use kiln_proto::progress::Progress;
+use kiln_proto::state::JobState::{self, Cancelled, Expired, Failed, Finished, Queued, Running};
+use kiln_store::{
+    ClaimedJob, Failure, JobStore, NewBuild, NewImage, SqliteStore, StoreError, StoreResult,
+};
+use tempfile::TempDir;
+
+const MICROS_PER_SEC: i64 = 1_000_000;
+
+/// The fake clock's zero, a fixed instant.
+const T0: i64 = 1_700_000_000 * MICROS_PER_SEC;
+
+/// How long the leases handed out by [`claim`] last.
+const LEASE_SECS: i64 = 30;
+
+const BUILD: &str = "20021016.1";
+
+/// The fake clock: `secs` seconds after [`T0`], in unix microseconds.
+fn at(secs: i64) -> i64 {
+    T0 + secs * MICROS_PER_SEC
+}
+
+async fn open_store() -> anyhow::Result<(TempDir, SqliteStore)> {
+    let dir = tempfile::tempdir()?;
+    let store = SqliteStore::open(&dir.path().join("kiln.db")).await?;
+    Ok((dir, store))
+}
+
+/// A job with the seed's usual fields and no scheduling options.
+fn job(id: &str) -> JobSpec {
+    JobSpec {
+        id: id.to_owned(),
+        title: format!("Image {id}"),
+        config_type: "winxp-pro".to_owned(),
+        install_script: "scripts/install.cmd".to_owned(),
+        configure_script: None,
+        image_script: "scripts/image.cmd".to_owned(),
+        timeout_secs: 3600,
+        priority: None,
+        accept_within_secs: None,
+        assigned_to: None,
+        max_attempts: None,
+        retries: None,
+    }
+}
+
+fn new_build(number: &str, jobs: Vec<JobSpec>, submitted_at: i64) -> NewBuild {
+    NewBuild {
+        manifest: BuildManifest {
+            number: number.to_owned(),
+            title: format!("Release {number}"),
+            build_time: Some("20021016:18:00:00".to_owned()),
+            log_file: Some("relbuild.log".to_owned()),
+            notify: vec!["http://127.0.0.1:9/notify".to_owned()],
+            jobs,
+        },
+        files_key: format!("files/{number}.tar"),
+        files_size: 4096,
+        submitted_at,
+        default_accept_within_secs: None,
+        default_max_attempts: 3,
+    }
+}
+
+/// Claims a job at `now` under a lease of [`LEASE_SECS`]; an error if it is not queued.
+async fn claim(
+    store: &SqliteStore,
+    build: &str,
+    job: &str,
+    client_id: &str,
+    now: i64,
+) -> anyhow::Result<ClaimedJob> {
+    store
+        .claim(
+            build,
+            job,
+            client_id,
+            now + LEASE_SECS * MICROS_PER_SEC,
+            now,
+        )
+        .await?
+        .with_context(|| format!("job {build}/{job} was not claimable"))
+}
+
+fn image(name: &str, created_at: i64) -> NewImage {
+    NewImage {
+        name: name.to_owned(),
+        size: 1 << 20,
+        blake3: format!("b3-{name}"),
+        sha256: format!("sha-{name}"),
+        blob_key: format!("images/{name}"),
+        created_at,
+    }
+}
+
+fn log_line(stream: &str, text: &str) -> NewLogLine {
+    NewLogLine {
+        stream: stream.to_owned(),
+        text: text.to_owned(),
+    }
+}
+
+fn failure(reason: &str, message: &str) -> Failure {
+    Failure {
+        reason: reason.to_owned(),
+        message: message.to_owned(),
+    }
+}
+
+/// Stores one image named after the job under the claim's lease and finishes with it.
+async fn finish_with_image(
+    store: &SqliteStore,
+    claimed: &ClaimedJob,
+    now: i64,
+) -> anyhow::Result<Event> {
+    let name = format!("{}.wim", claimed.job);
+    store
+        .add_image(
+            &claimed.build,
+            &claimed.job,
+            &claimed.lease,
+            &image(&name, now),
+        )
+        .await?;
+    Ok(store
+        .finish(&claimed.build, &claimed.job, &claimed.lease, &[name], now)
+        .await?)
+}
+
+/// One transition as the event log has it, without its sequence number and reason.
+#[derive(Debug, PartialEq)]
+struct Step {
+    time: i64,
+    from: Option<JobState>,
+    to: JobState,
+    client_id: Option<String>,
+    attempt: u32,
+}
+
+fn step(
+    time: i64,
+    from: Option<JobState>,
+    to: JobState,
+    client_id: Option<&str>,
+    attempt: u32,
+) -> Step {
+    Step {
+        time,
+        from,
+        to,
+        client_id: client_id.map(str::to_owned),
+        attempt,
+    }
+}
+
+fn steps(events: &[Event]) -> Vec<Step> {
+    events
+        .iter()
+        .map(|event| Step {
+            time: event.time,
+            from: event.from,
+            to: event.to,
+            client_id: event.client_id.clone(),
+            attempt: event.attempt,
+        })
+        .collect()
+}
+
+fn reason(event: &Event) -> &str {
+    event.reason.as_deref().unwrap_or_default()
+}
+
+/// The job's events in order. Checks what every event of the build must have: a
+/// sequence that only grows, its build, and a reason.
+async fn history(store: &SqliteStore, build: &str, job: &str) -> anyhow::Result<Vec<Event>> {
+    let events = store.events(build, 0).await?;
+    assert!(
+        events.windows(2).all(|pair| pair[0].seq < pair[1].seq),
+        "events of build {build} are not in sequence order: {events:?}"
+    );
+    for event in &events {
+        assert_eq!(event.build, build, "event of another build: {event:?}");
+        assert!(
+            !reason(event).is_empty(),
+            "event without a reason: {event:?}"
+        );
+    }
+    Ok(events
+        .into_iter()
+        .filter(|event| event.job == job)
+        .collect())
+}
+
+#[track_caller]
+fn assert_stale<T: std::fmt::Debug>(call: &str, result: StoreResult<T>) {
+    match result {
+        Err(StoreError::StaleLease { .. }) => {}
+        other => panic!("{call}: expected StoreError::StaleLease, got {other:?}"),
+    }
+}
+
+#[track_caller]
+fn assert_conflict<T: std::fmt::Debug>(call: &str, result: StoreResult<T>) {
+    match result {
+        Err(StoreError::Conflict(_)) => {}
+        other => panic!("{call}: expected StoreError::Conflict, got {other:?}"),
+    }
+}
+
+#[track_caller]
+fn assert_not_found<T: std::fmt::Debug>(call: &str, result: StoreResult<T>) {
+    match result {
+        Err(StoreError::NotFound(_)) => {}
+        other => panic!("{call}: expected StoreError::NotFound, got {other:?}"),
+    }
+}
+
+/// Every call a client makes about a job, with `lease`: each must be refused as stale.
+async fn assert_every_lease_call_refused(
+    store: &SqliteStore,
+    build: &str,
+    job: &str,
+    lease: &str,
+    now: i64,
+) {
+    let progress = Progress {
+        major: Some("stale".to_owned()),
+        ..Progress::default()
+    };
+    assert_stale("check_lease", store.check_lease(build, job, lease).await);
+    assert_stale(
+        "heartbeat",
+        store
+            .heartbeat(
+                build,
+                job,
+                lease,
+                now + 600 * MICROS_PER_SEC,
+                Some(&progress),
+            )
+            .await,
+    );
+    assert_stale(
+        "append_log",
+        store
+            .append_log(
+                build,
+                job,
+                lease,
+                &[log_line("stdout", "from a stale client")],
+                Some(&progress),
+                now,
+            )
+            .await,
+    );
+    assert_stale(
+        "add_image",
+        store
+            .add_image(build, job, lease, &image("stale.wim", now))
+            .await,
+    );
+    assert_stale(
+        "finish",
+        store
+            .finish(build, job, lease, &["stale.wim".to_owned()], now)
+            .await,
+    );
+    assert_stale(
+        "fail",
+        store
+            .fail(build, job, lease, &failure("exit", "stale"), now)
+            .await,
+    );
+    assert_stale("release", store.release(build, job, lease, now).await);
+}
+
+#[tokio::test]
+async fn insert_build_is_listed_with_counts_and_a_duplicate_number_changes_nothing(
+) -> anyhow::Result<()> {
+    let (_dir, store) = open_store().await?;
+    let original = new_build(BUILD, vec![job("a"), job("b"), job("c")], at(0));
+    store.insert_build(&original).await?;
+    store
+        .insert_build(&new_build("20021017.1", vec![job("x")], at(10)))
+        .await?;
+
+    let summary = store.build_summary(BUILD).await?;
+    assert_eq!(summary.number, BUILD);
+    assert_eq!(summary.title, format!("Release {BUILD}"));
+    assert_eq!(summary.build_time.as_deref(), Some("20021016:18:00:00"));
+    assert_eq!(summary.submitted_at, at(0));
+    assert_eq!((summary.n_jobs, summary.n_queued), (3, 3));
+
+    let a = claim(&store, BUILD, "a", "client-1", at(20)).await?;
+    finish_with_image(&store, &a, at(30)).await?;
+    claim(&store, BUILD, "b", "client-2", at(20)).await?;
+    let summary = store.build_summary(BUILD).await?;
+    assert_eq!(
+        (
+            summary.n_jobs,
+            summary.n_queued,
+            summary.n_running,
+            summary.n_finished,
+            summary.n_failed,
+            summary.n_expired,
+            summary.n_cancelled
+        ),
+        (3, 1, 1, 1, 0, 0, 0)
+    );
+
+    let builds = store.list_builds().await?;
+    let numbers: Vec<&str> = builds.iter().map(|b| b.number.as_str()).collect();
+    assert_eq!(numbers, ["20021017.1", BUILD], "newest first");
+    assert_eq!((builds[0].n_jobs, builds[0].n_queued), (1, 1));
+
+    let jobs = store.list_jobs(BUILD).await?;
+    let ids: Vec<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
+    assert_eq!(ids, ["a", "b", "c"], "manifest order");
+    let c_events = history(&store, BUILD, "c").await?;
+    assert_eq!(steps(&c_events), [step(at(0), None, Queued, None, 0)]);
+    assert_eq!(reason(&c_events[0]), "submitted");
+
+    let summaries_before = format!("{:?}", store.list_builds().await?);
+    let events_before = store.events(BUILD, 0).await?.len();
+    let mut duplicate = new_build(BUILD, vec![job("z")], at(40));
+    duplicate.manifest.title = "Another release".to_owned();
+    match store.insert_build(&duplicate).await {
+        Err(StoreError::DuplicateBuild(number)) => assert_eq!(number, BUILD),
+        other => panic!("expected StoreError::DuplicateBuild, got {other:?}"),
+    }
+    assert_eq!(
+        format!("{:?}", store.list_builds().await?),
+        summaries_before
+    );
+    assert_eq!(store.list_jobs(BUILD).await?, jobs);
+    assert_eq!(store.events(BUILD, 0).await?.len(), events_before);
+    let stored = store.get_build(BUILD).await?;
+    assert_eq!(stored.manifest, original.manifest);
+    assert_eq!(stored.submitted_at, at(0));
+    assert_eq!(stored.files_key, original.files_key);
+    assert_not_found("get_job z", store.get_job(BUILD, "z").await);
+    Ok(())
+}
+
+#[tokio::test]
+async fn queued_candidates_order_by_priority_then_accept_deadline_then_submission(
+) -> anyhow::Result<()> {
+    let (_dir, store) = open_store().await?;
+    let with = |id: &str, priority: Option<i64>, accept_within_secs: Option<u64>| JobSpec {
+        priority,
+        accept_within_secs,
+        ..job(id)
+    };
+    store
+        .insert_build(&new_build(
+            BUILD,
+            vec![
+                with("plain-1", None, None),
+                with("high-open", Some(5), None),
+                with("due-600", Some(0), Some(600)),
+                with("due-60", Some(0), Some(60)),
+                with("high-due", Some(5), Some(3600)),
+                with("low", Some(-1), None),
+                with("plain-2", None, None),
+            ],
+            at(0),
+        ))
+        .await?;
+    // The later build's deadline (10 + 30 s) comes before any of the first build's.
+    store
+        .insert_build(&new_build(
+            "20021017.1",
+            vec![
+                with("later-plain", Some(0), None),
+                with("later-due-30", None, Some(30)),
+            ],
+            at(10),
+        ))
+        .await?;
+
+    let order: Vec<String> = store
+        .queued_candidates(100)
+        .await?
+        .into_iter()
+        .map(|c| c.job)
+        .collect();
+    assert_eq!(
+        order,
+        [
+            "high-due",
+            "high-open",
+            "later-due-30",
+            "due-60",
+            "due-600",
+            "plain-1",
+            "plain-2",
+            "later-plain",
+            "low"
+        ]
+    );
+
+    let first_three = store.queued_candidates(3).await?;
+    assert_eq!(first_three.len(), 3);
+    assert_eq!(first_three[0].build, BUILD);
+    assert_eq!(first_three[0].config_type, "winxp-pro");
+    assert_eq!(first_three[2].build, "20021017.1");
+
+    claim(&store, BUILD, "high-due", "client-1", at(20)).await?;
+    let order: Vec<String> = store
+        .queued_candidates(2)
+        .await?
+        .into_iter()
+        .map(|c| c.job)
+        .collect();
+    assert_eq!(
+        order,
+        ["high-open", "later-due-30"],
+        "a claimed job leaves the queue"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn claim_hands_out_attempt_one_under_a_fresh_lease_and_only_once() -> anyhow::Result<()> {
+    let (_dir, store) = open_store().await?;
+    let configured = JobSpec {
+        configure_script: Some("scripts/configure.cmd".to_owned()),
+        timeout_secs: 900,
+        ..job("a")
+    };
+    store
+        .insert_build(&new_build(BUILD, vec![configured, job("b")], at(0)))
+        .await?;
+
+    let claimed = claim(&store, BUILD, "a", "client-1", at(10)).await?;
+    assert_eq!(claimed.attempt, 1);
+    assert_eq!((claimed.build.as_str(), claimed.job.as_str()), (BUILD, "a"));
+    assert_eq!(claimed.title, "Image a");
+    assert_eq!(claimed.config_type, "winxp-pro");
+    assert_eq!(claimed.install_script, "scripts/install.cmd");
+    assert_eq!(
+        claimed.configure_script.as_deref(),
+        Some("scripts/configure.cmd")
+    );
+    assert_eq!(claimed.image_script, "scripts/image.cmd");
+    assert_eq!(claimed.timeout_secs, 900);
+    assert!(
+        claimed.lease.len() >= 32,
+        "lease token too short to be unguessable: {:?}",
+        claimed.lease
+    );
+
+    let status = store.get_job(BUILD, "a").await?;
+    assert_eq!(status.state, Running);
+    assert_eq!(status.client_id.as_deref(), Some("client-1"));
+    assert_eq!(status.time_start, Some(at(10)));
+    assert_eq!(status.time_complete, None);
+    assert_eq!(status.attempt, 1);
+    let holder = store.check_lease(BUILD, "a", &claimed.lease).await?;
+    assert_eq!(holder.client_id, "client-1");
+    assert_eq!(holder.attempt, 1);
+    assert_eq!(holder.time_start, at(10));
+    assert_eq!(holder.timeout_secs, 900);
+
+    assert!(
+        store
+            .claim(BUILD, "a", "client-2", at(50), at(20))
+            .await?
+            .is_none(),
+        "a running job must not be claimed again"
+    );
+    assert_eq!(store.get_job(BUILD, "a").await?, status);
+    store.check_lease(BUILD, "a", &claimed.lease).await?;
+
+    let other = claim(&store, BUILD, "b", "client-2", at(20)).await?;
+    assert_eq!(other.attempt, 1);
+    assert_ne!(other.lease, claimed.lease, "every claim gets its own lease");
+
+    let events = history(&store, BUILD, "a").await?;
+    assert_eq!(
+        steps(&events),
+        [
+            step(at(0), None, Queued, None, 0),
+            step(at(10), Some(Queued), Running, Some("client-1"), 1),
+        ]
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 8)]
+async fn racing_claims_from_eight_tasks_hand_each_job_to_exactly_one_client() -> anyhow::Result<()>
+{
+    const N_JOBS: usize = 50;
+    const N_TASKS: usize = 8;
+    let (_dir, store) = open_store().await?;
+    let job_ids: Vec<String> = (0..N_JOBS)
+        .map(|job_idx| format!("job-{job_idx:02}"))
+        .collect();
+    store
+        .insert_build(&new_build(
+            BUILD,
+            job_ids.iter().map(|id| job(id)).collect(),
+            at(0),
+        ))
+        .await?;
+
+    let mut tasks = tokio::task::JoinSet::new();
+    for task_idx in 0..N_TASKS {
+        let store = store.clone();
+        let job_ids = job_ids.clone();
+        tasks.spawn(async move {
+            let client_id = format!("client-{task_idx}");
+            let mut won = Vec::new();
+            // Every task walks the same jobs in the same order so that they collide on
+            // each one.
+            for job_id in &job_ids {
+                if let Some(claimed) = store
+                    .claim(BUILD, job_id, &client_id, at(60), at(1))
+                    .await?
+                {
+                    won.push((claimed.job, client_id.clone(), claimed.lease));
+                }
+            }
+            anyhow::Ok(won)
+        });
+    }
+    let mut wins = Vec::new();
+    while let Some(joined) = tasks.join_next().await {
+        wins.extend(joined??);
+    }
+
+    assert_eq!(wins.len(), N_JOBS, "claims that returned a job");
+    let claimed_jobs: HashSet<&str> = wins.iter().map(|(job, _, _)| job.as_str()).collect();
+    assert_eq!(claimed_jobs.len(), N_JOBS, "a job was handed out twice");
+    for (job_id, client_id, lease) in &wins {
+        let status = store.get_job(BUILD, job_id).await?;
+        assert_eq!(status.state, Running);
+        assert_eq!(status.client_id.as_deref(), Some(client_id.as_str()));
+        assert_eq!(status.attempt, 1);
+        store.check_lease(BUILD, job_id, lease).await?;
+    }
+    let events = store.events(BUILD, 0).await?;
+    for job_id in &job_ids {
+        let n_claims = events
+            .iter()
+            .filter(|e| &e.job == job_id && e.from == Some(Queued) && e.to == Running)
+            .count();
+        assert_eq!(n_claims, 1, "queued → running events of {job_id}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn lease_calls_with_a_wrong_token_are_refused_and_with_the_current_one_accepted(
+) -> anyhow::Result<()> {
+    let (_dir, store) = open_store().await?;
+    store
+        .insert_build(&new_build(
+            BUILD,
+            vec![job("a"), job("b"), job("c"), job("d")],
+            at(0),
+        ))
+        .await?;
+    let a = claim(&store, BUILD, "a", "client-1", at(1)).await?;
+    let b = claim(&store, BUILD, "b", "client-2", at(1)).await?;
+    let status_before = store.get_job(BUILD, "a").await?;
+
+    assert_every_lease_call_refused(
+        &store,
+        BUILD,
+        "a",
+        "0123456789abcdef0123456789abcdef",
+        at(2),
+    )
+    .await;
+    assert_every_lease_call_refused(&store, BUILD, "a", "", at(2)).await;
+    // Another job's current lease is not a lease on this one.
+    assert_every_lease_call_refused(&store, BUILD, "a", &b.lease, at(2)).await;
+
+    assert_eq!(store.get_job(BUILD, "a").await?, status_before);
+    assert!(store.read_log(BUILD, "a", 0, 100).await?.is_empty());
+    assert_eq!(history(&store, BUILD, "a").await?.len(), 2);
+    assert_eq!(store.get_job(BUILD, "b").await?.state, Running);
+
+    let holder = store.check_lease(BUILD, "a", &a.lease).await?;
+    assert_eq!(holder.client_id, "client-1");
+    store.heartbeat(BUILD, "a", &a.lease, at(60), None).await?;
+    store
+        .append_log(
+            BUILD,
+            "a",
+            &a.lease,
+            &[log_line("stdout", "installing")],
+            None,
+            at(3),
+        )
+        .await?;
+    assert_eq!(store.read_log(BUILD, "a", 0, 100).await?.len(), 1);
+    store
+        .add_image(BUILD, "a", &a.lease, &image("a.wim", at(4)))
+        .await?;
+    store
+        .finish(BUILD, "a", &a.lease, &["a.wim".to_owned()], at(5))
+        .await?;
+    assert_eq!(store.get_job(BUILD, "a").await?.state, Finished);
+    // Once finished, the lease is no longer current.
+    assert_every_lease_call_refused(&store, BUILD, "a", &a.lease, at(6)).await;
+
+    let c = claim(&store, BUILD, "c", "client-3", at(1)).await?;
+    store
+        .fail(BUILD, "c", &c.lease, &failure("exit", "status 1"), at(5))
+        .await?;
+    assert_eq!(store.get_job(BUILD, "c").await?.state, Failed);
+
+    let d = claim(&store, BUILD, "d", "client-4", at(1)).await?;
+    store.release(BUILD, "d", &d.lease, at(5)).await?;
+    assert_eq!(store.get_job(BUILD, "d").await?.state, Queued);
+    Ok(())
+}
+
+#[tokio::test]
+async fn old_lease_is_refused_after_restart_and_after_cancel() -> anyhow::Result<()> {
+    let (_dir, store) = open_store().await?;
+    store
+        .insert_build(&new_build(
+            BUILD,
+            vec![job("restarted"), job("cancelled")],
+            at(0),
+        ))
+        .await?;
+
+    let old = claim(&store, BUILD, "restarted", "client-1", at(1)).await?;
+    store.restart(BUILD, "restarted", at(2)).await?;
+    assert_every_lease_call_refused(&store, BUILD, "restarted", &old.lease, at(3)).await;
+    assert_eq!(store.get_job(BUILD, "restarted").await?.state, Queued);
+    let new = claim(&store, BUILD, "restarted", "client-2", at(4)).await?;
+    assert_ne!(new.lease, old.lease);
+    assert_every_lease_call_refused(&store, BUILD, "restarted", &old.lease, at(5)).await;
+    let holder = store.check_lease(BUILD, "restarted", &new.lease).await?;
+    assert_eq!(holder.client_id, "client-2");
+
+    let held = claim(&store, BUILD, "cancelled", "client-3", at(1)).await?;
+    store.cancel(BUILD, "cancelled", at(2)).await?;
+    assert_every_lease_call_refused(&store, BUILD, "cancelled", &held.lease, at(3)).await;
+    assert_eq!(store.get_job(BUILD, "cancelled").await?.state, Cancelled);
+
+    let events = history(&store, BUILD, "restarted").await?;
+    assert_eq!(
+        steps(&events),
+        [
+            step(at(0), None, Queued, None, 0),
+            step(at(1), Some(Queued), Running, Some("client-1"), 1),
+            step(at(2), Some(Running), Queued, Some("client-1"), 0),
+            step(at(4), Some(Queued), Running, Some("client-2"), 1),
+        ]
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn heartbeat_extends_the_lease_and_records_progress() -> anyhow::Result<()> {
+    let (_dir, store) = open_store().await?;
+    store
+        .insert_build(&new_build(BUILD, vec![job("a")], at(0)))
+        .await?;
+    let claimed = claim(&store, BUILD, "a", "client-1", at(0)).await?;
+
+    let progress = Progress {
+        major: Some("install".to_owned()),
+        minor: Some("format".to_owned()),
+        percent: Some(10),
+    };
+    let holder = store
+        .heartbeat(BUILD, "a", &claimed.lease, at(90), Some(&progress))
+        .await?;
+    assert_eq!((holder.client_id.as_str(), holder.attempt), ("client-1", 1));
+    let status = store.get_job(BUILD, "a").await?;
+    assert_eq!(status.major_state.as_deref(), Some("install"));
+    assert_eq!(status.minor_state.as_deref(), Some("format"));
+    assert_eq!(status.percent, Some(10));
+
+    // The claim's lease ran to 30 s; the heartbeat moved it to 90 s.
+    assert!(store.reap_leases(at(60), 600).await?.is_empty());
+    assert_eq!(store.get_job(BUILD, "a").await?.state, Running);
+
+    let percent_only = Progress {
+        percent: Some(40),
+        ..Progress::default()
+    };
+    store
+        .heartbeat(BUILD, "a", &claimed.lease, at(90), Some(&percent_only))
+        .await?;
+    let status = store.get_job(BUILD, "a").await?;
+    assert_eq!(status.major_state.as_deref(), Some("install"));
+    assert_eq!(status.minor_state.as_deref(), Some("format"));
+    assert_eq!(status.percent, Some(40));
+
+    // Progress may also come with log lines.
+    let minor_only = Progress {
+        minor: Some("copy".to_owned()),
+        ..Progress::default()
+    };
+    store
+        .append_log(BUILD, "a", &claimed.lease, &[], Some(&minor_only), at(70))
+        .await?;
+    let status = store.get_job(BUILD, "a").await?;
+    assert_eq!(status.major_state.as_deref(), Some("install"));
+    assert_eq!(status.minor_state.as_deref(), Some("copy"));
+    assert_eq!(status.percent, Some(40));
+
+    assert!(store.reap_leases(at(89), 600).await?.is_empty());
+    let reaped = store.reap_leases(at(91), 600).await?;
+    assert_eq!(reaped.len(), 1);
+    assert_eq!(reaped[0].event.to, Queued);
+
+    // Heartbeats are not transitions: the log holds only submit, claim and the reap.
+    let events = history(&store, BUILD, "a").await?;
+    assert_eq!(
+        steps(&events),
+        [
+            step(at(0), None, Queued, None, 0),
+            step(at(0), Some(Queued), Running, Some("client-1"), 1),
+            step(at(91), Some(Running), Queued, Some("client-1"), 1),
+        ]
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn finish_keeps_only_images_stored_under_the_finishing_lease() -> anyhow::Result<()> {
+    let (_dir, store) = open_store().await?;
+    store
+        .insert_build(&new_build(BUILD, vec![job("a")], at(0)))
+        .await?;
+
+    let first = claim(&store, BUILD, "a", "client-1", at(0)).await?;
+    store
+        .add_image(BUILD, "a", &first.lease, &image("lease1.wim", at(10)))
+        .await?;
+    let reaped = store.reap_leases(at(31), 600).await?;
+    assert_eq!(reaped.len(), 1);
+    assert_eq!(store.get_job(BUILD, "a").await?.state, Queued);
+
+    let second = claim(&store, BUILD, "a", "client-2", at(40)).await?;
+    assert_eq!(second.attempt, 2);
+    store
+        .add_image(BUILD, "a", &second.lease, &image("lease2.wim", at(50)))
+        .await?;
+
+    assert_conflict(
+        "finish naming an image of the lapsed lease",
+        store
+            .finish(
+                BUILD,
+                "a",
+                &second.lease,
+                &["lease1.wim".to_owned(), "lease2.wim".to_owned()],
+                at(60),
+            )
+            .await,
+    );
+    assert_conflict(
+        "finish naming an image never stored",
+        store
+            .finish(BUILD, "a", &second.lease, &["never.wim".to_owned()], at(60))
+            .await,
+    );
+    let status = store.get_job(BUILD, "a").await?;
+    assert_eq!(status.state, Running, "a refused finish changes nothing");
+    assert_eq!(status.time_complete, None);
+    store.check_lease(BUILD, "a", &second.lease).await?;
+
+    let event = store
+        .finish(
+            BUILD,
+            "a",
+            &second.lease,
+            &["lease2.wim".to_owned()],
+            at(70),
+        )
+        .await?;
+    assert_eq!(
+        steps(std::slice::from_ref(&event)),
+        [step(at(70), Some(Running), Finished, Some("client-2"), 2)]
+    );
+    let status = store.get_job(BUILD, "a").await?;
+    assert_eq!(status.state, Finished);
+    assert_eq!(status.time_complete, Some(at(70)));
+    assert_eq!(status.percent, Some(100));
+    assert_eq!(status.error, None);
+
+    let images = store.list_images(BUILD).await?;
+    let names: Vec<&str> = images.iter().map(|i| i.name.as_str()).collect();
+    assert_eq!(names, ["lease2.wim"]);
+    assert_eq!(images[0].job_id, "a");
+    assert_eq!(images[0].config_type, "winxp-pro");
+    assert_eq!(images[0].size, 1 << 20);
+    assert_eq!(images[0].blake3, "b3-lease2.wim");
+    assert_eq!(images[0].sha256, "sha-lease2.wim");
+    assert_eq!(images[0].created_at, at(50));
+    let record = store.get_image(BUILD, "a", "lease2.wim").await?;
+    assert_eq!(record.blob_key, "images/lease2.wim");
+    assert_not_found(
+        "get_image of the lapsed lease's image",
+        store.get_image(BUILD, "a", "lease1.wim").await,
+    );
+
+    let events = history(&store, BUILD, "a").await?;
+    assert_eq!(
+        steps(&events),
+        [
+            step(at(0), None, Queued, None, 0),
+            step(at(0), Some(Queued), Running, Some("client-1"), 1),
+            step(at(31), Some(Running), Queued, Some("client-1"), 1),
+            step(at(40), Some(Queued), Running, Some("client-2"), 2),
+            step(at(70), Some(Running), Finished, Some("client-2"), 2),
+        ]
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn fail_without_retries_fails_the_job_with_reason_and_message() -> anyhow::Result<()> {
+    let (_dir, store) = open_store().await?;
+    store
+        .insert_build(&new_build(BUILD, vec![job("a")], at(0)))
+        .await?;
+    let claimed = claim(&store, BUILD, "a", "client-1", at(0)).await?;
+
+    let event = store
+        .fail(
+            BUILD,
+            "a",
+            &claimed.lease,
+            &failure("exit", "scripts/install.cmd exited with status 1"),
+            at(10),
+        )
+        .await?;
+    assert_eq!(
+        steps(std::slice::from_ref(&event)),
+        [step(at(10), Some(Running), Failed, Some("client-1"), 1)]
+    );
+    assert!(reason(&event).starts_with("exit"), "{event:?}");
+
+    let status = store.get_job(BUILD, "a").await?;
+    assert_eq!(status.state, Failed);
+    assert_eq!(
+        status.error.as_deref(),
+        Some("exit: scripts/install.cmd exited with status 1")
+    );
+    assert_eq!(status.time_complete, Some(at(10)));
+    assert!(store
+        .claim(BUILD, "a", "client-2", at(50), at(20))
+        .await?
+        .is_none());
+    assert_eq!(history(&store, BUILD, "a").await?.len(), 3);
+    Ok(())
+}
+
+#[tokio::test]
+async fn fail_with_a_retry_left_requeues_then_fails() -> anyhow::Result<()> {
+    let (_dir, store) = open_store().await?;
+    let retried = JobSpec {
+        retries: Some(1),
+        ..job("a")
+    };
+    store
+        .insert_build(&new_build(BUILD, vec![retried], at(0)))
+        .await?;
+
+    let first = claim(&store, BUILD, "a", "client-1", at(0)).await?;
+    let event = store
+        .fail(
+            BUILD,
+            "a",
+            &first.lease,
+            &failure("exit", "first try"),
+            at(10),
+        )
+        .await?;
+    assert_eq!(event.to, Queued);
+    assert!(reason(&event).contains("retry"), "{event:?}");
+    let status = store.get_job(BUILD, "a").await?;
+    assert_eq!(status.state, Queued);
+    assert_eq!(status.client_id, None);
+    assert_eq!(status.time_complete, None);
+    assert_every_lease_call_refused(&store, BUILD, "a", &first.lease, at(11)).await;
+
+    let second = claim(&store, BUILD, "a", "client-2", at(20)).await?;
+    assert_eq!(second.attempt, 2);
+    let event = store
+        .fail(
+            BUILD,
+            "a",
+            &second.lease,
+            &failure("exit", "second try"),
+            at(30),
+        )
+        .await?;
+    assert_eq!(event.to, Failed);
+    let status = store.get_job(BUILD, "a").await?;
+    assert_eq!(status.state, Failed);
+    assert_eq!(status.error.as_deref(), Some("exit: second try"));
+    assert_eq!(status.time_complete, Some(at(30)));
+
+    let events = history(&store, BUILD, "a").await?;
+    assert_eq!(
+        steps(&events),
+        [
+            step(at(0), None, Queued, None, 0),
+            step(at(0), Some(Queued), Running, Some("client-1"), 1),
+            step(at(10), Some(Running), Queued, Some("client-1"), 1),
+            step(at(20), Some(Queued), Running, Some("client-2"), 2),
+            step(at(30), Some(Running), Failed, Some("client-2"), 2),
+        ]
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn reap_requeues_a_lapsed_lease_and_fails_it_as_lost_on_the_last_attempt(
+) -> anyhow::Result<()> {
+    let (_dir, store) = open_store().await?;
+    let two_attempts = JobSpec {
+        max_attempts: Some(2),
+        ..job("a")
+    };
+    store
+        .insert_build(&new_build(BUILD, vec![two_attempts], at(0)))
+        .await?;
+
+    let first = claim(&store, BUILD, "a", "client-1", at(0)).await?;
+    assert!(store.reap_leases(at(29), 600).await?.is_empty());
+    let reaped = store.reap_leases(at(31), 600).await?;
+    assert_eq!(reaped.len(), 1);
+    assert_eq!(
+        (reaped[0].build.as_str(), reaped[0].job.as_str()),
+        (BUILD, "a")
+    );
+    assert_eq!(
+        steps(std::slice::from_ref(&reaped[0].event)),
+        [step(at(31), Some(Running), Queued, Some("client-1"), 1)]
+    );
+    let status = store.get_job(BUILD, "a").await?;
+    assert_eq!(status.state, Queued);
+    assert_eq!(status.attempt, 1, "the lapsed attempt counts");
+    assert_eq!(status.client_id, None);
+    assert_every_lease_call_refused(&store, BUILD, "a", &first.lease, at(32)).await;
+    assert!(store.reap_leases(at(35), 600).await?.is_empty());
+
+    let second = claim(&store, BUILD, "a", "client-2", at(40)).await?;
+    assert_eq!(second.attempt, 2);
+    let reaped = store.reap_leases(at(71), 600).await?;
+    assert_eq!(reaped.len(), 1);
+    let event = &reaped[0].event;
+    assert_eq!(
+        steps(std::slice::from_ref(event)),
+        [step(at(71), Some(Running), Failed, Some("client-2"), 2)]
+    );
+    assert!(reason(event).starts_with("lost"), "{event:?}");
+    let status = store.get_job(BUILD, "a").await?;
+    assert_eq!(status.state, Failed);
+    assert!(
+        status
+            .error
+            .as_deref()
+            .is_some_and(|e| e.starts_with("lost")),
+        "{status:?}"
+    );
+    assert_eq!(status.time_complete, Some(at(71)));
+
+    let events = history(&store, BUILD, "a").await?;
+    assert_eq!(events.len(), 5);
+    assert_eq!(events[4].seq, reaped[0].event.seq);
+    Ok(())
+}
+
+#[tokio::test]
+async fn reap_fails_a_job_held_past_its_timeout_and_grace_despite_heartbeats() -> anyhow::Result<()>
+{
+    const HUNG_GRACE_SECS: u64 = 30;
+    let (_dir, store) = open_store().await?;
+    let short = JobSpec {
+        timeout_secs: 60,
+        ..job("a")
+    };
+    store
+        .insert_build(&new_build(BUILD, vec![short], at(0)))
+        .await?;
+    let claimed = claim(&store, BUILD, "a", "client-1", at(0)).await?;
+
+    for secs in (10..=80).step_by(10) {
+        store
+            .heartbeat(BUILD, "a", &claimed.lease, at(secs + LEASE_SECS), None)
+            .await?;
+        assert!(store
+            .reap_leases(at(secs), HUNG_GRACE_SECS)
+            .await?
+            .is_empty());
+    }
+    // Timeout and grace end at 90 s; the lease runs to 110 s.
+    assert!(store.reap_leases(at(89), HUNG_GRACE_SECS).await?.is_empty());
+    let reaped = store.reap_leases(at(91), HUNG_GRACE_SECS).await?;
+    assert_eq!(reaped.len(), 1);
+    let event = &reaped[0].event;
+    assert_eq!(
+        steps(std::slice::from_ref(event)),
+        [step(at(91), Some(Running), Failed, Some("client-1"), 1)]
+    );
+    assert!(reason(event).starts_with("timeout"), "{event:?}");
+    let status = store.get_job(BUILD, "a").await?;
+    assert_eq!(status.state, Failed);
+    assert!(
+        status
+            .error
+            .as_deref()
+            .is_some_and(|e| e.starts_with("timeout")),
+        "{status:?}"
+    );
+    assert_every_lease_call_refused(&store, BUILD, "a", &claimed.lease, at(92)).await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn expire_unclaimed_expires_only_never_claimed_jobs_past_their_deadline() -> anyhow::Result<()>
+{
+    let (_dir, store) = open_store().await?;
+    let due = |id: &str| JobSpec {
+        accept_within_secs: Some(60),
+        ..job(id)
+    };
+    store
+        .insert_build(&new_build(
+            BUILD,
+            vec![due("never"), due("requeued"), job("open")],
+            at(0),
+        ))
+        .await?;
+    claim(&store, BUILD, "requeued", "client-1", at(10)).await?;
+    assert_eq!(store.reap_leases(at(41), 600).await?.len(), 1);
+    assert_eq!(store.get_job(BUILD, "requeued").await?.state, Queued);
+
+    assert!(store.expire_unclaimed(at(59)).await?.is_empty());
+    let expired = store.expire_unclaimed(at(61)).await?;
+    assert_eq!(expired.len(), 1);
+    assert_eq!(expired[0].job, "never");
+    let event = &expired[0].event;
+    assert_eq!(
+        steps(std::slice::from_ref(event)),
+        [step(at(61), Some(Queued), Expired, None, 0)]
+    );
+    assert!(reason(event).contains("60 s"), "{event:?}");
+
+    let status = store.get_job(BUILD, "never").await?;
+    assert_eq!(status.state, Expired);
+    assert_eq!(status.time_complete, Some(at(61)));
+    assert!(status.error.is_some());
+    assert_eq!(store.get_job(BUILD, "requeued").await?.state, Queued);
+    assert_eq!(store.get_job(BUILD, "open").await?.state, Queued);
+    assert!(store
+        .claim(BUILD, "never", "client-2", at(100), at(70))
+        .await?
+        .is_none());
+    assert!(store.expire_unclaimed(at(100_000)).await?.is_empty());
+
+    let events = history(&store, BUILD, "never").await?;
+    assert_eq!(
+        steps(&events),
+        [
+            step(at(0), None, Queued, None, 0),
+            step(at(61), Some(Queued), Expired, None, 0),
+        ]
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn next_deadline_is_the_earliest_lease_expiry_or_accept_deadline() -> anyhow::Result<()> {
+    let (_dir, store) = open_store().await?;
+    assert_eq!(store.next_deadline().await?, None);
+    let due = |id: &str, secs: u64| JobSpec {
+        accept_within_secs: Some(secs),
+        ..job(id)
+    };
+    store
+        .insert_build(&new_build(
+            BUILD,
+            vec![due("due-120", 120), due("due-60", 60), job("open")],
+            at(0),
+        ))
+        .await?;
+    assert_eq!(store.next_deadline().await?, Some(at(60)));
+
+    let open = store
+        .claim(BUILD, "open", "client-1", at(90), at(1))
+        .await?
+        .context("open was not claimable")?;
+    assert_eq!(store.next_deadline().await?, Some(at(60)));
+
+    // Claimed, due-60's accept deadline no longer counts; its lease does.
+    store
+        .claim(BUILD, "due-60", "client-2", at(100), at(2))
+        .await?
+        .context("due-60 was not claimable")?;
+    assert_eq!(store.next_deadline().await?, Some(at(90)));
+
+    store
+        .heartbeat(BUILD, "open", &open.lease, at(200), None)
+        .await?;
+    assert_eq!(store.next_deadline().await?, Some(at(100)));
+
+    store.cancel(BUILD, "due-60", at(3)).await?;
+    assert_eq!(store.next_deadline().await?, Some(at(120)));
+    Ok(())
+}
+
+#[tokio::test]
+async fn release_requeues_without_counting_the_attempt() -> anyhow::Result<()> {
+    let (_dir, store) = open_store().await?;
+    store
+        .insert_build(&new_build(BUILD, vec![job("a")], at(0)))
+        .await?;
+    let first = claim(&store, BUILD, "a", "client-1", at(0)).await?;
+    let progress = Progress {
+        major: Some("download".to_owned()),
+        ..Progress::default()
+    };
+    store
+        .heartbeat(BUILD, "a", &first.lease, at(30), Some(&progress))
+        .await?;
+    store.release(BUILD, "a", &first.lease, at(5)).await?;
+
+    let status = store.get_job(BUILD, "a").await?;
+    assert_eq!(status.state, Queued);
+    assert_eq!(status.attempt, 0);
+    assert_eq!(status.client_id, None);
+    assert_eq!(status.time_start, None);
+    assert_eq!(status.major_state, None);
+    assert_every_lease_call_refused(&store, BUILD, "a", &first.lease, at(6)).await;
+
+    let second = claim(&store, BUILD, "a", "client-2", at(10)).await?;
+    assert_eq!(second.attempt, 1);
+    assert_ne!(second.lease, first.lease);
+
+    let events = history(&store, BUILD, "a").await?;
+    assert_eq!(
+        steps(&events),
+        [
+            step(at(0), None, Queued, None, 0),
+            step(at(0), Some(Queued), Running, Some("client-1"), 1),
+            step(at(5), Some(Running), Queued, Some("client-1"), 0),
+            step(at(10), Some(Queued), Running, Some("client-2"), 1),
+        ]
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn restart_puts_a_finished_or_failed_job_back_as_new() -> anyhow::Result<()> {
+    let (_dir, store) = open_store().await?;
+    store
+        .insert_build(&new_build(
+            BUILD,
+            vec![job("finished"), job("failed")],
+            at(0),
+        ))
+        .await?;
+
+    let finished = claim(&store, BUILD, "finished", "client-1", at(0)).await?;
+    finish_with_image(&store, &finished, at(10)).await?;
+    assert_eq!(store.list_images(BUILD).await?.len(), 1);
+    let event = store.restart(BUILD, "finished", at(100)).await?;
+    assert_eq!(
+        steps(std::slice::from_ref(&event)),
+        [step(at(100), Some(Finished), Queued, Some("client-1"), 0)]
+    );
+    let status = store.get_job(BUILD, "finished").await?;
+    assert_eq!(status.state, Queued);
+    assert_eq!(status.attempt, 0);
+    assert_eq!(status.client_id, None);
+    assert_eq!(status.time_start, None);
+    assert_eq!(status.time_complete, None);
+    assert_eq!(status.percent, None);
+    assert_eq!(status.error, None);
+    assert!(store.list_images(BUILD).await?.is_empty());
+    assert_not_found(
+        "get_image after restart",
+        store.get_image(BUILD, "finished", "finished.wim").await,
+    );
+    let again = claim(&store, BUILD, "finished", "client-2", at(110)).await?;
+    assert_eq!(again.attempt, 1);
+
+    let failed = claim(&store, BUILD, "failed", "client-1", at(0)).await?;
+    store
+        .fail(
+            BUILD,
+            "failed",
+            &failed.lease,
+            &failure("exit", "status 2"),
+            at(10),
+        )
+        .await?;
+    assert!(store.get_job(BUILD, "failed").await?.error.is_some());
+    store.restart(BUILD, "failed", at(100)).await?;
+    let status = store.get_job(BUILD, "failed").await?;
+    assert_eq!(status.state, Queued);
+    assert_eq!(status.attempt, 0);
+    assert_eq!(status.error, None);
+    assert_eq!(status.time_complete, None);
+
+    let events_before = store.events(BUILD, 0).await?.len();
+    assert_conflict(
+        "restart of a queued job",
+        store.restart(BUILD, "failed", at(120)).await,
+    );
+    assert_eq!(store.events(BUILD, 0).await?.len(), events_before);
+    assert_eq!(store.get_job(BUILD, "failed").await?, status);
+    Ok(())
+}
+
+#[tokio::test]
+async fn restart_of_an_expired_job_gives_it_a_fresh_accept_deadline() -> anyhow::Result<()> {
+    let (_dir, store) = open_store().await?;
+    let due = JobSpec {
+        accept_within_secs: Some(60),
+        ..job("a")
+    };
+    store
+        .insert_build(&new_build(BUILD, vec![due], at(0)))
+        .await?;
+    assert_eq!(store.expire_unclaimed(at(61)).await?.len(), 1);
+
+    let event = store.restart(BUILD, "a", at(100)).await?;
+    assert_eq!(
+        steps(std::slice::from_ref(&event)),
+        [step(at(100), Some(Expired), Queued, None, 0)]
+    );
+    let status = store.get_job(BUILD, "a").await?;
+    assert_eq!(status.state, Queued);
+    assert_eq!(status.error, None);
+    assert_eq!(status.time_complete, None);
+    assert_eq!(store.next_deadline().await?, Some(at(160)));
+    assert!(store.expire_unclaimed(at(159)).await?.is_empty());
+    assert_eq!(store.expire_unclaimed(at(161)).await?.len(), 1);
+
+    let events = history(&store, BUILD, "a").await?;
+    assert_eq!(
+        steps(&events),
+        [
+            step(at(0), None, Queued, None, 0),
+            step(at(61), Some(Queued), Expired, None, 0),
+            step(at(100), Some(Expired), Queued, None, 0),
+            step(at(161), Some(Queued), Expired, None, 0),
+        ]
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn cancel_ends_a_queued_or_running_job_and_refuses_an_ended_one() -> anyhow::Result<()> {
+    let (_dir, store) = open_store().await?;
+    store
+        .insert_build(&new_build(
+            BUILD,
+            vec![job("queued"), job("running"), job("finished")],
+            at(0),
+        ))
+        .await?;
+
+    let event = store.cancel(BUILD, "queued", at(5)).await?;
+    assert_eq!(
+        steps(std::slice::from_ref(&event)),
+        [step(at(5), Some(Queued), Cancelled, None, 0)]
+    );
+    let status = store.get_job(BUILD, "queued").await?;
+    assert_eq!(status.state, Cancelled);
+    assert_eq!(status.time_complete, Some(at(5)));
+    assert!(store
+        .claim(BUILD, "queued", "client-1", at(60), at(6))
+        .await?
+        .is_none());
+
+    claim(&store, BUILD, "running", "client-1", at(1)).await?;
+    let event = store.cancel(BUILD, "running", at(5)).await?;
+    assert_eq!(
+        steps(std::slice::from_ref(&event)),
+        [step(at(5), Some(Running), Cancelled, Some("client-1"), 1)]
+    );
+    assert_eq!(store.get_job(BUILD, "running").await?.state, Cancelled);
+
+    let finished = claim(&store, BUILD, "finished", "client-2", at(1)).await?;
+    finish_with_image(&store, &finished, at(2)).await?;
+    let events_before = store.events(BUILD, 0).await?.len();
+    assert_conflict(
+        "cancel of a finished job",
+        store.cancel(BUILD, "finished", at(5)).await,
+    );
+    assert_conflict(
+        "cancel of a cancelled job",
+        store.cancel(BUILD, "queued", at(5)).await,
+    );
+    assert_eq!(store.events(BUILD, 0).await?.len(), events_before);
+    assert_eq!(store.get_job(BUILD, "finished").await?.state, Finished);
+    assert_eq!(store.list_images(BUILD).await?.len(), 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn extend_all_leases_gives_running_leases_at_least_until() -> anyhow::Result<()> {
+    let (_dir, store) = open_store().await?;
+    store
+        .insert_build(&new_build(
+            BUILD,
+            vec![job("short"), job("long"), job("queued")],
+            at(0),
+        ))
+        .await?;
+    store
+        .claim(BUILD, "short", "client-1", at(30), at(0))
+        .await?
+        .context("short was not claimable")?;
+    store
+        .claim(BUILD, "long", "client-2", at(500), at(0))
+        .await?
+        .context("long was not claimable")?;
+
+    assert_eq!(store.extend_all_leases(at(100)).await?, 1);
+    assert_eq!(store.next_deadline().await?, Some(at(100)));
+    assert_eq!(store.get_job(BUILD, "queued").await?.state, Queued);
+    // Without the extension the short lease would have lapsed at 30 s.
+    assert!(store.reap_leases(at(99), 600).await?.is_empty());
+    let reaped = store.reap_leases(at(101), 600).await?;
+    let reaped_jobs: Vec<&str> = reaped.iter().map(|t| t.job.as_str()).collect();
+    assert_eq!(reaped_jobs, ["short"], "the longer lease is not shortened");
+    assert_eq!(store.next_deadline().await?, Some(at(500)));
+    Ok(())
+}
+
+#[tokio::test]
+async fn reopened_store_keeps_builds_jobs_events_logs_and_leases() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("kiln.db");
+    let store = SqliteStore::open(&path).await?;
+    let original = new_build(
+        BUILD,
+        vec![job("running"), job("finished"), job("failed")],
+        at(0),
+    );
+    store.insert_build(&original).await?;
+
+    let running = claim(&store, BUILD, "running", "client-1", at(1)).await?;
+    store
+        .append_log(
+            BUILD,
+            "running",
+            &running.lease,
+            &[
+                log_line("stdout", "installing"),
+                log_line("stderr", "slow disk"),
+            ],
+            Some(&Progress {
+                major: Some("install".to_owned()),
+                minor: None,
+                percent: Some(25),
+            }),
+            at(2),
+        )
+        .await?;
+    let finished = claim(&store, BUILD, "finished", "client-2", at(1)).await?;
+    finish_with_image(&store, &finished, at(3)).await?;
+    let failed = claim(&store, BUILD, "failed", "client-3", at(1)).await?;
+    store
+        .fail(
+            BUILD,
+            "failed",
+            &failed.lease,
+            &failure("exit", "status 1"),
+            at(4),
+        )
+        .await?;
+
+    let builds_before = format!("{:?}", store.list_builds().await?);
+    let jobs_before = store.list_jobs(BUILD).await?;
+    let events_before = format!("{:?}", store.events(BUILD, 0).await?);
+    let log_before = format!("{:?}", store.read_log(BUILD, "running", 0, 100).await?);
+    let images_before = format!("{:?}", store.list_images(BUILD).await?);
+    drop(store);
+
+    let store = SqliteStore::open(&path).await?;
+    assert_eq!(format!("{:?}", store.list_builds().await?), builds_before);
+    assert_eq!(store.list_jobs(BUILD).await?, jobs_before);
+    assert_eq!(
+        format!("{:?}", store.events(BUILD, 0).await?),
+        events_before
+    );
+    assert_eq!(
+        format!("{:?}", store.read_log(BUILD, "running", 0, 100).await?),
+        log_before
+    );
+    assert_eq!(
+        format!("{:?}", store.list_images(BUILD).await?),
+        images_before
+    );
+    assert_eq!(store.get_build(BUILD).await?.manifest, original.manifest);
+    assert_eq!(store.list_jobs(BUILD).await?.len(), 3);
+    assert_eq!(store.events(BUILD, 0).await?.len(), 3 + 3 + 2);
+    assert_eq!(store.read_log(BUILD, "running", 0, 100).await?.len(), 2);
+
+    // The running job's client re-attaches with the lease it holds.
+    let holder = store.check_lease(BUILD, "running", &running.lease).await?;
+    assert_eq!((holder.client_id.as_str(), holder.attempt), ("client-1", 1));
+    store
+        .heartbeat(BUILD, "running", &running.lease, at(60), None)
+        .await?;
+    match store.insert_build(&original).await {
+        Err(StoreError::DuplicateBuild(_)) => {}
+        other => panic!("expected StoreError::DuplicateBuild after reopen, got {other:?}"),
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn read_log_returns_lines_after_a_seq_in_order_with_their_attempt() -> anyhow::Result<()> {
+    let (_dir, store) = open_store().await?;
+    store
+        .insert_build(&new_build(BUILD, vec![job("a"), job("b")], at(0)))
+        .await?;
+    let a = claim(&store, BUILD, "a", "client-1", at(0)).await?;
+    let b = claim(&store, BUILD, "b", "client-2", at(0)).await?;
+    store
+        .append_log(
+            BUILD,
+            "a",
+            &a.lease,
+            &[
+                log_line("stdout", "installing"),
+                log_line("stderr", "warning: slow disk"),
+            ],
+            None,
+            at(1),
+        )
+        .await?;
+    store
+        .append_log(
+            BUILD,
+            "b",
+            &b.lease,
+            &[log_line("stdout", "b only")],
+            None,
+            at(2),
+        )
+        .await?;
+    store
+        .append_log(
+            BUILD,
+            "a",
+            &a.lease,
+            &[log_line("stdout", "installed")],
+            None,
+            at(3),
+        )
+        .await?;
+
+    let lines = store.read_log(BUILD, "a", 0, 100).await?;
+    let read: Vec<(i64, u32, &str, &str)> = lines
+        .iter()
+        .map(|l| (l.time, l.attempt, l.stream.as_str(), l.text.as_str()))
+        .collect();
+    assert_eq!(
+        read,
+        [
+            (at(1), 1, "stdout", "installing"),
+            (at(1), 1, "stderr", "warning: slow disk"),
+            (at(3), 1, "stdout", "installed"),
+        ]
+    );
+    assert!(lines.windows(2).all(|pair| pair[0].seq < pair[1].seq));
+
+    let after_first = store.read_log(BUILD, "a", lines[0].seq, 100).await?;
+    let texts: Vec<&str> = after_first.iter().map(|l| l.text.as_str()).collect();
+    assert_eq!(texts, ["warning: slow disk", "installed"]);
+    let limited = store.read_log(BUILD, "a", 0, 2).await?;
+    let texts: Vec<&str> = limited.iter().map(|l| l.text.as_str()).collect();
+    assert_eq!(texts, ["installing", "warning: slow disk"]);
+    assert!(store
+        .read_log(BUILD, "a", lines[2].seq, 100)
+        .await?
+        .is_empty());
+    let b_lines = store.read_log(BUILD, "b", 0, 100).await?;
+    let texts: Vec<&str> = b_lines.iter().map(|l| l.text.as_str()).collect();
+    assert_eq!(texts, ["b only"]);
+
+    assert_eq!(store.reap_leases(at(31), 600).await?.len(), 2);
+    let again = claim(&store, BUILD, "a", "client-3", at(40)).await?;
+    store
+        .append_log(
+            BUILD,
+            "a",
+            &again.lease,
+            &[log_line("kiln", "retrying")],
+            None,
+            at(41),
+        )
+        .await?;
+    let new_lines = store.read_log(BUILD, "a", lines[2].seq, 100).await?;
+    let read: Vec<(i64, u32, &str)> = new_lines
+        .iter()
+        .map(|l| (l.time, l.attempt, l.text.as_str()))
+        .collect();
+    assert_eq!(read, [(at(41), 2, "retrying")]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn mean_run_secs_averages_finished_jobs_of_a_config_type() -> anyhow::Result<()> {
+    let (_dir, store) = open_store().await?;
+    let other = JobSpec {
+        config_type: "win2k-server".to_owned(),
+        ..job("other")
+    };
+    store
+        .insert_build(&new_build(
+            BUILD,
+            vec![
+                job("fast"),
+                job("slow"),
+                job("failed"),
+                job("running"),
+                other,
+            ],
+            at(0),
+        ))
+        .await?;
+    assert_eq!(store.mean_run_secs("winxp-pro").await?, None);
+
+    let fast = claim(&store, BUILD, "fast", "client-1", at(0)).await?;
+    finish_with_image(&store, &fast, at(100)).await?;
+    let slow = claim(&store, BUILD, "slow", "client-2", at(10)).await?;
+    store
+        .heartbeat(BUILD, "slow", &slow.lease, at(400), None)
+        .await?;
+    finish_with_image(&store, &slow, at(310)).await?;
+    let failed = claim(&store, BUILD, "failed", "client-3", at(0)).await?;
+    store
+        .fail(
+            BUILD,
+            "failed",
+            &failed.lease,
+            &failure("exit", "status 1"),
+            at(1000),
+        )
+        .await?;
+    claim(&store, BUILD, "running", "client-4", at(0)).await?;
+    let other = claim(&store, BUILD, "other", "client-5", at(0)).await?;
+    finish_with_image(&store, &other, at(50)).await?;
+
+    let mean = store
+        .mean_run_secs("winxp-pro")
+        .await?
+        .context("no mean for winxp-pro")?;
+    assert!(
+        (mean - 200.0).abs() < 1e-9,
+        "mean of 100 s and 300 s: {mean}"
+    );
+    let mean = store
+        .mean_run_secs("win2k-server")
+        .await?
+        .context("no mean for win2k-server")?;
+    assert!((mean - 50.0).abs() < 1e-9, "{mean}");
+    assert_eq!(store.mean_run_secs("win98").await?, None);
+    Ok(())
+}
+
+#[tokio::test]
+async fn script_retries_do_not_use_up_the_lost_lease_allowance() -> anyhow::Result<()> {
+    let (_dir, store) = open_store().await?;
+    let mut spec = job("j1");
+    spec.max_attempts = Some(2);
+    spec.retries = Some(1);
+    store
+        .insert_build(&new_build(BUILD, vec![spec], at(0)))
+        .await?;
+    // A script failure, retried at the manifest's request.
+    let first = claim(&store, BUILD, "j1", "c1", at(1)).await?;
+    store
+        .fail(
+            BUILD,
+            "j1",
+            &first.lease,
+            &failure("exit", "status 1"),
+            at(2),
+        )
+        .await?;
+    // One lost lease: with MAXATTEMPTS 2 the job goes back to the queue once more.
+    claim(&store, BUILD, "j1", "c1", at(3)).await?;
+    let reaped = store.reap_leases(at(3 + LEASE_SECS + 1), 60).await?;
+    assert_eq!(reaped.len(), 1);
+    assert_eq!(reaped[0].event.to, Queued, "{:?}", reaped[0].event);
+    // A second lost lease reaches the limit.
+    claim(&store, BUILD, "j1", "c1", at(100)).await?;
+    let reaped = store.reap_leases(at(100 + LEASE_SECS + 1), 60).await?;
+    assert_eq!(reaped[0].event.to, Failed);
+    assert!(
+        reason(&reaped[0].event).starts_with("lost"),
+        "{:?}",
+        reaped[0].event
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn finish_without_an_image_is_refused() -> anyhow::Result<()> {
+    let (_dir, store) = open_store().await?;
+    store
+        .insert_build(&new_build(BUILD, vec![job("j1")], at(0)))
+        .await?;
+    let claimed = claim(&store, BUILD, "j1", "c1", at(1)).await?;
+    assert_conflict(
+        "finish",
+        store.finish(BUILD, "j1", &claimed.lease, &[], at(2)).await,
+    );
+    assert_eq!(store.get_job(BUILD, "j1").await?.state, Running);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_requeued_job_shows_no_start_time() -> anyhow::Result<()> {
+    let (_dir, store) = open_store().await?;
+    store
+        .insert_build(&new_build(BUILD, vec![job("j1")], at(0)))
+        .await?;
+    claim(&store, BUILD, "j1", "c1", at(1)).await?;
+    store.reap_leases(at(1 + LEASE_SECS + 1), 60).await?;
+    let status = store.get_job(BUILD, "j1").await?;
+    assert_eq!(
+        (status.state, status.time_start, status.client_id),
+        (Queued, None, None)
+    );
+    Ok(())
+}
