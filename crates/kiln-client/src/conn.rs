@@ -215,6 +215,50 @@ impl ServerConn {
         check(response).await.map(drop)
     }
 
+    /// Gives a started job back to the server (queued again at once, the run counted).
+    pub async fn give_up(
+        &self,
+        build: &str,
+        job: &str,
+        lease: &str,
+        reason: &str,
+    ) -> Result<(), CallError> {
+        let response = self
+            .request(reqwest::Method::POST, self.job_url(build, job, "giveup"))
+            .header(LEASE_HEADER, lease)
+            .timeout(Duration::from_secs(30))
+            .json(&serde_json::json!({ "reason": reason }))
+            .send()
+            .await
+            .map_err(CallError::Transport)?;
+        check(response).await.map(drop)
+    }
+
+    /// Holds the client's session open until the connection or the server ends it. The
+    /// request body is a trickle of keep-alive bytes that never ends, so the server
+    /// sees this client's death as the end of the body.
+    pub async fn session(&self, client_id: &str) -> Result<(), CallError> {
+        let keepalive = futures::stream::unfold(true, |first| async move {
+            if !first {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+            Some((
+                Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"\n")),
+                false,
+            ))
+        });
+        let response = self
+            .request(
+                reqwest::Method::POST,
+                format!("{}/v1/session?client_id={client_id}", self.base),
+            )
+            .body(reqwest::Body::wrap_stream(keepalive))
+            .send()
+            .await
+            .map_err(CallError::Transport)?;
+        check(response).await.map(drop)
+    }
+
     /// Downloads the build's files archive to `dest`.
     pub async fn fetch_files(&self, claim: &Claim, dest: &Path) -> Result<(), CallError> {
         let url = format!(

@@ -150,7 +150,13 @@ pub async fn run_job(run: JobRun) -> JobEnd {
 
     let end = match outcome {
         Outcome::Cancelled if abandoned => {
-            let _ = conn.release(&claim).await;
+            let reason = "the client stopped and gave the job back";
+            if let Err(err) = conn
+                .give_up(&claim.build, &claim.job_id, &claim.lease, reason)
+                .await
+            {
+                tracing::warn!(cause = %kiln_proto::error_chain(&err), job = %claim.job_id, "cannot give the job back; its lease will lapse");
+            }
             JobEnd::Abandoned
         }
         Outcome::Cancelled => JobEnd::LeaseLost,

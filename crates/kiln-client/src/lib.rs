@@ -84,18 +84,6 @@ impl Agent {
             .with_context(|| format!("creating work directory {}", options.work_dir.display()))?;
         let local_state =
             LocalState::open(&options.work_dir).context("reading the client's state file")?;
-        let stale = local_state.held();
-        if !stale.is_empty() {
-            // A previous run died holding jobs. Their leases lapse on the server; make
-            // sure none of their processes live on.
-            for held in &stale {
-                if let Some(pgid) = held.pgid {
-                    let _ = runner::kill_process_group(pgid, libc::SIGKILL);
-                }
-                tracing::warn!(build = %held.build, job = %held.job, server = %held.server, "job held by a previous run is given up");
-            }
-            local_state.clear();
-        }
         Ok(Arc::new(Agent {
             slots: Arc::new(Semaphore::new(options.slots as usize)),
             slot_freed: Notify::new(),
@@ -108,6 +96,18 @@ impl Agent {
 
     /// Serves every server until told to stop; returns what it did.
     pub async fn run(self: Arc<Self>, stop: watch::Receiver<Stop>) -> AgentReport {
+        recover_held_jobs(
+            &self.local_state,
+            &self.options.servers,
+            &self.options.work_dir,
+        )
+        .await;
+        let sessions: Vec<_> = self
+            .options
+            .servers
+            .iter()
+            .map(|conn| tokio::spawn(hold_session(conn.clone(), self.options.client_id.clone())))
+            .collect();
         let (abandon_tx, abandon_rx) = watch::channel(false);
         let jobs = tokio_util::task::TaskTracker::new();
         let mut pollers = Vec::new();
@@ -144,6 +144,9 @@ impl Agent {
                 let _ = abandon_tx.send(true);
                 jobs.wait().await;
             }
+        }
+        for session in sessions {
+            session.abort();
         }
         self.report.lock().expect("report poisoned").clone()
     }
@@ -249,6 +252,77 @@ impl Agent {
                 drop(permit);
                 agent.slot_freed.notify_waiters();
             });
+        }
+    }
+}
+
+/// Keeps a session open with one server for as long as the client runs, reconnecting
+/// with jittered backoff: the server takes this client's jobs back soon after the
+/// session drops for good (see the server's `sessions` module).
+async fn hold_session(conn: ServerConn, client_id: String) {
+    let mut n_failures: u32 = 0;
+    loop {
+        let opened = tokio::time::Instant::now();
+        let result = conn.session(&client_id).await;
+        if opened.elapsed() > Duration::from_secs(30) {
+            n_failures = 0;
+        }
+        n_failures += 1;
+        if let Err(err) = result {
+            tracing::debug!(cause = %kiln_proto::error_chain(&err), server = %conn.url(), "session ended");
+        }
+        let base = Duration::from_millis(100 * 2u64.pow(n_failures.min(6)));
+        let delay = base
+            .min(Duration::from_secs(5))
+            .mul_f64(rand::thread_rng().gen_range(0.5..1.0));
+        tokio::time::sleep(delay).await;
+    }
+}
+
+/// Gives back the jobs that `WORK/state.json` says a previous run held: their
+/// process groups are killed (if they still run that job), their servers are told the
+/// job died (so it is queued again at once, not after its lease), and the state and
+/// leftover workspaces are cleared. Used at start-up and by `kiln client reset`.
+pub async fn recover_held_jobs(
+    local_state: &LocalState,
+    servers: &[ServerConn],
+    work_dir: &std::path::Path,
+) {
+    for held in local_state.held() {
+        if let Some(pgid) = held.pgid {
+            if state::group_runs_job(pgid, &held.build, &held.job) {
+                tracing::warn!(build = %held.build, job = %held.job, pgid, "killing the processes of a job a previous run held");
+                let _ = runner::kill_process_group(pgid, libc::SIGKILL);
+            }
+        }
+        let Some(conn) = servers
+            .iter()
+            .find(|conn| conn.url() == held.server.trim_end_matches('/'))
+        else {
+            tracing::warn!(build = %held.build, job = %held.job, server = %held.server, "held job's server is not served any more; its lease will lapse");
+            continue;
+        };
+        let reason = "the client restarted; the job died with it";
+        match conn
+            .give_up(&held.build, &held.job, &held.lease, reason)
+            .await
+        {
+            Ok(()) => {
+                tracing::info!(build = %held.build, job = %held.job, "job a previous run held was given back")
+            }
+            Err(CallError::Stale(_)) => {
+                tracing::info!(build = %held.build, job = %held.job, "job a previous run held had already been taken back")
+            }
+            Err(err) => {
+                tracing::warn!(cause = %kiln_proto::error_chain(&err), build = %held.build, job = %held.job, "cannot give back a job a previous run held; its lease will lapse")
+            }
+        }
+    }
+    local_state.clear();
+    let jobs_dir = work_dir.join("jobs");
+    if let Ok(entries) = std::fs::read_dir(&jobs_dir) {
+        for entry in entries.flatten() {
+            let _ = std::fs::remove_dir_all(entry.path());
         }
     }
 }

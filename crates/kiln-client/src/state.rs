@@ -99,6 +99,36 @@ impl LocalState {
     }
 }
 
+/// Whether some process of group `pgid` runs step of job `build`/`job` (its
+/// environment names them), so that a recorded group id that the system has since
+/// reused for something else is never killed.
+pub fn group_runs_job(pgid: u32, build: &str, job: &str) -> bool {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    let want_build = format!("KILN_BUILD={build}");
+    let want_job = format!("KILN_JOB_ID={job}");
+    entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| process_group_of(*pid) == Some(pgid))
+        .any(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|environ| {
+                let vars: Vec<&[u8]> = environ.split(|byte| *byte == 0).collect();
+                vars.contains(&want_build.as_bytes()) && vars.contains(&want_job.as_bytes())
+            })
+        })
+}
+
+/// The process group of `pid`, from `/proc/PID/stat`.
+fn process_group_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces: count fields
+    // after its closing parenthesis. Then: state, ppid, pgrp.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(2)?.parse().ok()
+}
+
 fn write_atomically(path: &Path, file: &StateFile) -> std::io::Result<()> {
     use std::io::Write;
     let bytes = serde_json::to_vec_pretty(file).map_err(std::io::Error::other)?;

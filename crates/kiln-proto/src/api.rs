@@ -185,3 +185,21 @@ pub struct Submitted {
     pub number: String,
     pub n_jobs: u32,
 }
+
+/// What the server POSTs to a build's NOTIFY URLs, and keeps in its outbox until
+/// delivered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Notice {
+    /// `job_expired`, `job_failed`, `job_finished` or `build_finished`.
+    pub event: String,
+    pub build: String,
+    /// The job, except for `build_finished`.
+    pub job: Option<String>,
+    pub client_id: Option<String>,
+    pub reason: Option<String>,
+    /// RFC 3339, UTC.
+    pub time: String,
+    /// The job's event sequence number in the build's event log (for `build_finished`,
+    /// that of the transition that ended the build).
+    pub seq: i64,
+}

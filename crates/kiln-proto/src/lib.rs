@@ -34,3 +34,16 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
     }
     text
 }
+
+/// Unix microseconds as an RFC 3339 UTC time with microseconds, e.g.
+/// `2026-11-24T17:42:01.123456Z`.
+pub fn format_rfc3339(unix_micros: i64) -> String {
+    let nanos = i128::from(unix_micros) * 1000;
+    time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
+        .ok()
+        .and_then(|at| {
+            at.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| unix_micros.to_string())
+}

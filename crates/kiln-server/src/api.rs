@@ -63,6 +63,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/builds/{build}/images", get(list_images))
         .route("/v1/builds/{build}/files", get(build_files))
         .route("/v1/claim", post(claim))
+        .route(
+            "/v1/session",
+            post(session).layer(DefaultBodyLimit::disable()),
+        )
         .route("/v1/jobs/{build}/{job}", get(job_status))
         .route("/v1/jobs/{build}/{job}/status.xml", get(job_status_xml))
         .route("/v1/jobs/{build}/{job}/log", get(read_log).post(append_log))
@@ -70,6 +74,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/jobs/{build}/{job}/finish", post(finish))
         .route("/v1/jobs/{build}/{job}/fail", post(fail))
         .route("/v1/jobs/{build}/{job}/release", post(release))
+        .route("/v1/jobs/{build}/{job}/giveup", post(give_up))
         .route("/v1/jobs/{build}/{job}/restart", post(restart))
         .route("/v1/jobs/{build}/{job}/cancel", post(cancel))
         .route(
@@ -81,8 +86,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-async fn health() -> Json<serde_json::Value> {
-    Json(serde_json::json!({ "status": "ok", "version": env!("CARGO_PKG_VERSION") }))
+/// Liveness, with how many clients are connected and how many wait for a job.
+async fn health(State(state): Shared) -> Json<serde_json::Value> {
+    Json(serde_json::json!({
+        "status": "ok",
+        "version": env!("CARGO_PKG_VERSION"),
+        "clients_connected": state.sessions.n_connected(),
+        "clients_waiting": state.dispatcher.n_waiting(),
+    }))
 }
 
 fn lease_of(headers: &HeaderMap) -> Result<&str, ApiErr> {
@@ -226,19 +237,38 @@ async fn relbuild_xml(
 }
 
 #[derive(Deserialize)]
-struct AfterQuery {
+struct EventsQuery {
     #[serde(default)]
     after: i64,
+    /// Seconds to wait for a new event when there is none after `after`.
+    #[serde(default)]
+    wait: u64,
 }
 
 async fn events(
     State(state): Shared,
     _caller: Caller,
     Path(build): Path<String>,
-    Query(query): Query<AfterQuery>,
+    Query(query): Query<EventsQuery>,
 ) -> Result<Json<Vec<Event>>, ApiErr> {
     state.store.build_summary(&build).await?;
-    Ok(Json(state.store.events(&build, query.after).await?))
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(query.wait.min(MAX_WAIT_SECS));
+    let mut changes = state.changes.subscribe();
+    let mut stopping = state.stopping.subscribe();
+    loop {
+        let events = state.store.events(&build, query.after).await?;
+        if !events.is_empty()
+            || *stopping.borrow_and_update()
+            || tokio::time::Instant::now() >= deadline
+        {
+            return Ok(Json(events));
+        }
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => {}
+            _ = changes.changed() => {}
+            _ = stopping.changed() => {}
+        }
+    }
 }
 
 async fn list_images(
@@ -724,6 +754,98 @@ async fn release(
     state.changed();
     state.dispatcher.wake();
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+struct SessionQuery {
+    client_id: String,
+}
+
+/// A client's session: held open for as long as the client lives (see
+/// [`crate::sessions`]). Its body is a trickle of keep-alive bytes that never ends
+/// while the client runs.
+async fn session(
+    State(state): Shared,
+    caller: Caller,
+    Query(query): Query<SessionQuery>,
+    body: Body,
+) -> Result<StatusCode, ApiErr> {
+    caller.require_client()?;
+    let client_id = query.client_id;
+    check_name("client id", &client_id).map_err(|msg| ApiErr::bad_request("bad_name", msg))?;
+    let generation = state.sessions.open(&client_id);
+    tracing::debug!(client = %client_id, generation, "session opened");
+    let mut stream = body.into_data_stream();
+    let mut stopping = state.stopping.subscribe();
+    let ended_by_client = loop {
+        tokio::select! {
+            chunk = stream.next() => match chunk {
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => break true,
+            },
+            // The server stopping is not the client leaving.
+            _ = stopping.changed() => break false,
+        }
+    };
+    state.sessions.close(&client_id);
+    if ended_by_client {
+        let state = state.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(state.config.session_grace_ms)).await;
+            if !state.sessions.gone_since(&client_id, generation) || *state.stopping.borrow() {
+                return;
+            }
+            match state
+                .store
+                .take_back_from_client(&client_id, "client connection lost", crate::now_micros())
+                .await
+            {
+                Ok(taken) if taken.is_empty() => {}
+                Ok(taken) => {
+                    for transition in &taken {
+                        tracing::info!(build = %transition.build, job = %transition.job, client = %client_id, to = %transition.event.to, "client gone; job taken back");
+                    }
+                    state.changed();
+                    state.dispatcher.wake();
+                }
+                Err(err) => {
+                    tracing::error!(cause = %kiln_proto::error_chain(&err), client = %client_id, "cannot take back a lost client's jobs")
+                }
+            }
+        });
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+struct GiveUp {
+    reason: String,
+}
+
+/// The holder gives a started job back: queued again at once, the run counted.
+async fn give_up(
+    State(state): Shared,
+    caller: Caller,
+    Path((build, job)): Path<(String, String)>,
+    headers: HeaderMap,
+    Json(report): Json<GiveUp>,
+) -> Result<Json<Event>, ApiErr> {
+    caller.require_client()?;
+    let reason: String = report.reason.chars().take(500).collect();
+    let event = state
+        .store
+        .give_up(
+            &build,
+            &job,
+            lease_of(&headers)?,
+            &reason,
+            crate::now_micros(),
+        )
+        .await?;
+    tracing::info!(build = %build, job = %job, reason = %reason, to = %event.to, "job given up by its client");
+    state.changed();
+    state.dispatcher.wake();
+    Ok(Json(event))
 }
 
 async fn restart(

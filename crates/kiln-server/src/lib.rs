@@ -12,6 +12,8 @@ mod dispatch;
 mod error;
 mod files;
 mod loops;
+mod notify;
+mod sessions;
 
 pub use auth::{new_secret, Role};
 
@@ -43,6 +45,9 @@ pub struct ServerConfig {
     pub startup_grace_secs: u64,
     /// A job still held this long past its timeout is taken from its (hung) client.
     pub hung_grace_secs: u64,
+    /// A client whose session connection dropped gets this long to reconnect before
+    /// its jobs are taken back, in milliseconds.
+    pub session_grace_ms: u64,
     /// Accept deadline for jobs whose manifest names none.
     pub default_accept_within_secs: Option<u64>,
     /// Lost leases a job survives before it fails with `lost`.
@@ -64,6 +69,7 @@ impl ServerConfig {
             heartbeat_secs: 5,
             startup_grace_secs: 15,
             hung_grace_secs: 60,
+            session_grace_ms: 1000,
             default_accept_within_secs: None,
             default_max_attempts: 3,
             max_files_bytes: 1 << 30,
@@ -83,12 +89,17 @@ pub struct AppState {
     pub(crate) changes: watch::Sender<u64>,
     /// Becomes true when the server stops: long polls end at once.
     pub(crate) stopping: watch::Sender<bool>,
+    /// Wakes the notifier: a transition may have queued webhook notices.
+    pub(crate) notices: tokio::sync::Notify,
+    /// Which clients hold a session connection.
+    pub(crate) sessions: sessions::Sessions,
 }
 
 impl AppState {
     /// Tells log followers and the dispatcher that something changed.
     pub(crate) fn changed(&self) {
         self.changes.send_modify(|generation| *generation += 1);
+        self.notices.notify_one();
     }
 }
 
@@ -144,6 +155,8 @@ impl Server {
                 dispatcher,
                 changes,
                 stopping,
+                notices: tokio::sync::Notify::new(),
+                sessions: sessions::Sessions::default(),
             }),
         })
     }
@@ -156,7 +169,8 @@ impl Server {
     ) -> anyhow::Result<()> {
         let stop_rx = self.state.stopping.subscribe();
         let dispatcher = tokio::spawn(self.state.dispatcher.clone().run(stop_rx.clone()));
-        let reaper = tokio::spawn(loops::timekeeper(self.state.clone(), stop_rx));
+        let reaper = tokio::spawn(loops::timekeeper(self.state.clone(), stop_rx.clone()));
+        let notifier = tokio::spawn(notify::notifier(self.state.clone(), stop_rx));
         // Whatever was queued before a restart is available now.
         self.state.dispatcher.wake();
         let app = api::router(self.state.clone());
@@ -175,6 +189,7 @@ impl Server {
         let _ = tokio::time::timeout(Duration::from_secs(5), async {
             let _ = dispatcher.await;
             let _ = reaper.await;
+            let _ = notifier.await;
         })
         .await;
         result

@@ -85,3 +85,22 @@ CREATE TABLE images (
     created_at  INTEGER NOT NULL,
     PRIMARY KEY (build, job, name)
 );
+
+-- Webhook deliveries, written in the same transaction as the event they announce, and
+-- sent (with retries) by the server's notifier.
+CREATE TABLE notifications (
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
+    build           TEXT NOT NULL,
+    kind            TEXT NOT NULL,
+    seq             INTEGER NOT NULL,
+    url             TEXT NOT NULL,
+    body            TEXT NOT NULL,
+    created_at      INTEGER NOT NULL,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at INTEGER NOT NULL,
+    delivered_at    INTEGER,
+    gave_up_at      INTEGER,
+    last_error      TEXT
+);
+
+CREATE INDEX notifications_due ON notifications (delivered_at, gave_up_at, next_attempt_at);

@@ -133,6 +133,18 @@ pub struct TimedTransition {
     pub event: Event,
 }
 
+/// A webhook delivery waiting in the outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notification {
+    pub id: i64,
+    pub build: String,
+    pub url: String,
+    /// The JSON body: a [`kiln_proto::api::Notice`].
+    pub body: String,
+    /// Deliveries tried so far.
+    pub attempts: u32,
+}
+
 /// How a failed job is reported by its client.
 #[derive(Debug, Clone)]
 pub struct Failure {
@@ -232,6 +244,25 @@ pub trait JobStore: Send + Sync + 'static {
         now: i64,
         hung_grace_secs: u64,
     ) -> StoreResult<Vec<TimedTransition>>;
+    /// The holder gives a started job back (its client restarted, or is stopping):
+    /// queued again at once with the run counted as lost, or failed as `lost` past
+    /// MAXATTEMPTS.
+    async fn give_up(
+        &self,
+        build: &str,
+        job: &str,
+        lease: &str,
+        reason: &str,
+        now: i64,
+    ) -> StoreResult<Event>;
+    /// Takes every running job of a client that is gone (its connection dropped and it
+    /// did not come back), as [`JobStore::give_up`] does.
+    async fn take_back_from_client(
+        &self,
+        client_id: &str,
+        reason: &str,
+        now: i64,
+    ) -> StoreResult<Vec<TimedTransition>>;
     /// Expires queued jobs no client took before their accept deadline (a job given back
     /// unstarted with [`JobStore::release`] counts as never taken).
     async fn expire_unclaimed(&self, now: i64) -> StoreResult<Vec<TimedTransition>>;
@@ -249,6 +280,18 @@ pub trait JobStore: Send + Sync + 'static {
     async fn list_images(&self, build: &str) -> StoreResult<Vec<ImageInfo>>;
     /// One stored image.
     async fn get_image(&self, build: &str, job: &str, name: &str) -> StoreResult<ImageRecord>;
+    /// Notifications due at `now`, oldest first, at most `limit`.
+    async fn due_notifications(&self, now: i64, limit: u32) -> StoreResult<Vec<Notification>>;
+    /// Records a delivery.
+    async fn notification_delivered(&self, id: i64, now: i64) -> StoreResult<()>;
+    /// Records a failed delivery: tried again at `retry_at`, or given up when `None`.
+    async fn notification_failed(
+        &self,
+        id: i64,
+        error: &str,
+        retry_at: Option<i64>,
+        now: i64,
+    ) -> StoreResult<()>;
     /// Mean run time in seconds of finished jobs of a config type.
     async fn mean_run_secs(&self, config_type: &str) -> StoreResult<Option<f64>>;
 }

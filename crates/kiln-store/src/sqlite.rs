@@ -6,10 +6,10 @@
 
 use crate::{
     BuildRecord, Candidate, ClaimedJob, Failure, ImageRecord, JobStore, LeaseHolder, NewBuild,
-    NewImage, StoreError, StoreResult, TimedTransition,
+    NewImage, Notification, StoreError, StoreResult, TimedTransition,
 };
 use async_trait::async_trait;
-use kiln_proto::api::{BuildSummary, Event, ImageInfo, JobStatus, LogLine, NewLogLine};
+use kiln_proto::api::{BuildSummary, Event, ImageInfo, JobStatus, LogLine, NewLogLine, Notice};
 use kiln_proto::manifest::BuildManifest;
 use kiln_proto::progress::Progress;
 use kiln_proto::state::JobState;
@@ -146,7 +146,7 @@ async fn insert_event(
     .bind(event.reason)
     .fetch_one(&mut **tx)
     .await?;
-    Ok(Event {
+    let event = Event {
         seq,
         time: event.time,
         build: event.build.to_owned(),
@@ -156,7 +156,105 @@ async fn insert_event(
         client_id: event.client_id.map(str::to_owned),
         attempt: event.attempt,
         reason: event.reason.map(str::to_owned),
-    })
+    };
+    queue_notices(tx, &event).await?;
+    Ok(event)
+}
+
+/// Writes the webhook notices an event calls for into the outbox, in the event's
+/// transaction: the job's end (finished, failed, expired) and, when it was the build's
+/// last job still queued or running, the build's.
+async fn queue_notices(tx: &mut Transaction<'static, Sqlite>, event: &Event) -> StoreResult<()> {
+    let kind = match event.to {
+        JobState::Finished => "job_finished",
+        JobState::Failed => "job_failed",
+        JobState::Expired => "job_expired",
+        _ => return Ok(()),
+    };
+    let notify: Option<String> = sqlx::query_scalar("SELECT notify FROM builds WHERE number = ?")
+        .bind(&event.build)
+        .fetch_optional(&mut **tx)
+        .await?;
+    let urls: Vec<String> = notify
+        .and_then(|text| serde_json::from_str(&text).ok())
+        .unwrap_or_default();
+    if urls.is_empty() {
+        return Ok(());
+    }
+    let mut notices = vec![Notice {
+        event: kind.to_owned(),
+        build: event.build.clone(),
+        job: Some(event.job.clone()),
+        client_id: event.client_id.clone(),
+        reason: event.reason.clone(),
+        time: kiln_proto::format_rfc3339(event.time),
+        seq: event.seq,
+    }];
+    let n_open: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM jobs WHERE build = ? AND state IN ('queued', 'running')",
+    )
+    .bind(&event.build)
+    .fetch_one(&mut **tx)
+    .await?;
+    // Announce the build's end once per time it ends: not again for each job of a
+    // batch that ends together, but again after a restart reopened it.
+    let announced = n_open == 0
+        && {
+            let last_reopen: Option<i64> = sqlx::query_scalar(
+                "SELECT MAX(seq) FROM events WHERE build = ? AND to_state = 'queued'",
+            )
+            .bind(&event.build)
+            .fetch_one(&mut **tx)
+            .await?;
+            let done: Option<i64> = sqlx::query_scalar(
+            "SELECT 1 FROM notifications WHERE build = ? AND kind = 'build_finished' AND seq > ? LIMIT 1",
+        )
+        .bind(&event.build)
+        .bind(last_reopen.unwrap_or(0))
+        .fetch_optional(&mut **tx)
+        .await?;
+            done.is_some()
+        };
+    if n_open == 0 && !announced {
+        let counts = sqlx::query(
+            "SELECT COUNT(*) AS n_jobs, COALESCE(SUM(state = 'finished'), 0) AS n_finished \
+             FROM jobs WHERE build = ?",
+        )
+        .bind(&event.build)
+        .fetch_one(&mut **tx)
+        .await?;
+        let n_jobs: i64 = counts.try_get("n_jobs")?;
+        let n_finished: i64 = counts.try_get("n_finished")?;
+        notices.push(Notice {
+            event: "build_finished".to_owned(),
+            build: event.build.clone(),
+            job: None,
+            client_id: None,
+            reason: Some(format!("{n_finished} of {n_jobs} jobs finished")),
+            time: kiln_proto::format_rfc3339(event.time),
+            seq: event.seq,
+        });
+    }
+    for notice in &notices {
+        let body = serde_json::to_string(notice)
+            .map_err(|err| StoreError::Conflict(format!("notice does not serialise: {err}")))?;
+        for url in &urls {
+            sqlx::query(
+                "INSERT INTO notifications (build, kind, seq, url, body, created_at, next_attempt_at) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(&event.build)
+            .bind(&notice.event)
+            .bind(notice.seq)
+            .bind(url)
+            .bind(&body)
+            .bind(event.time)
+            .bind(event.time)
+            .execute(&mut **tx)
+            .await?;
+        }
+    }
+    Ok(())
 }
 
 /// The lease-relevant part of a job row, read inside a transaction.
@@ -229,6 +327,90 @@ impl JobLease {
 const RESET_RUN: &str =
     "client_id = NULL, lease_token = NULL, lease_expires_at = NULL, time_start = NULL, \
      major_state = NULL, minor_state = NULL, percent = NULL";
+
+/// Why a running job is taken from its client.
+enum TakeBack<'a> {
+    /// The client is gone (lease lapsed, connection lost, gave the job up): the job
+    /// goes back to the queue, or fails as `lost` once MAXATTEMPTS runs were lost.
+    LeaseLost(&'a str),
+    /// The client keeps heartbeating but held the job past its timeout and grace.
+    Hung,
+}
+
+/// Takes a running job from its client and writes the event.
+async fn take_back(
+    tx: &mut Transaction<'static, Sqlite>,
+    build: &str,
+    job: &str,
+    why: TakeBack<'_>,
+    now: i64,
+) -> StoreResult<Event> {
+    let row = sqlx::query(
+        "SELECT client_id, attempt, max_attempts, leases_lost FROM jobs \
+         WHERE build = ? AND id = ? AND state = 'running'",
+    )
+    .bind(build)
+    .bind(job)
+    .fetch_optional(&mut **tx)
+    .await?
+    .ok_or_else(|| StoreError::Conflict(format!("job {build}/{job} is not running")))?;
+    let client_id: Option<String> = row.try_get("client_id")?;
+    let attempt = row.try_get::<i64, _>("attempt")? as u32;
+    let max_attempts = row.try_get::<i64, _>("max_attempts")? as u32;
+    // Script failures retried at the manifest's request are not lost runs: only runs
+    // taken back here count against MAXATTEMPTS.
+    let leases_lost = row.try_get::<i64, _>("leases_lost")? as u32 + 1;
+    let (to, reason) = match why {
+        TakeBack::Hung => (
+            JobState::Failed,
+            "timeout: held past its timeout by a client that did not stop it".to_owned(),
+        ),
+        TakeBack::LeaseLost(cause) if leases_lost >= max_attempts => (
+            JobState::Failed,
+            format!(
+                "lost: {cause} on attempt {attempt}; {leases_lost} of {max_attempts} attempts lost"
+            ),
+        ),
+        TakeBack::LeaseLost(cause) => (JobState::Queued, cause.to_owned()),
+    };
+    if to == JobState::Queued {
+        let query = format!(
+            "UPDATE jobs SET state = 'queued', {RESET_RUN}, leases_lost = leases_lost + 1 \
+             WHERE build = ? AND id = ?"
+        );
+        sqlx::query(&query)
+            .bind(build)
+            .bind(job)
+            .execute(&mut **tx)
+            .await?;
+    } else {
+        sqlx::query(
+            "UPDATE jobs SET state = 'failed', lease_token = NULL, lease_expires_at = NULL, \
+             leases_lost = ?, time_complete = ?, error = ? WHERE build = ? AND id = ?",
+        )
+        .bind(leases_lost as i64)
+        .bind(now)
+        .bind(&reason)
+        .bind(build)
+        .bind(job)
+        .execute(&mut **tx)
+        .await?;
+    }
+    insert_event(
+        tx,
+        NewEvent {
+            build,
+            job,
+            time: now,
+            from: Some(JobState::Running),
+            to,
+            client_id: client_id.as_deref(),
+            attempt,
+            reason: Some(&reason),
+        },
+    )
+    .await
+}
 
 /// Sets the progress columns from a progress report (keeping what it does not name).
 async fn record_progress(
@@ -804,9 +986,8 @@ impl JobStore for SqliteStore {
     ) -> StoreResult<Vec<TimedTransition>> {
         let mut tx = self.write_tx().await?;
         let rows = sqlx::query(
-            "SELECT build, id, client_id, attempt, max_attempts, leases_lost, lease_expires_at, time_start, timeout_secs \
-             FROM jobs WHERE state = 'running' AND (lease_expires_at < ? \
-             OR time_start + (timeout_secs + ?) * 1000000 < ?)",
+            "SELECT build, id, lease_expires_at FROM jobs WHERE state = 'running' \
+             AND (lease_expires_at < ? OR time_start + (timeout_secs + ?) * 1000000 < ?)",
         )
         .bind(now)
         .bind(hung_grace_secs as i64)
@@ -817,65 +998,51 @@ impl JobStore for SqliteStore {
         for row in rows {
             let build: String = row.try_get("build")?;
             let job: String = row.try_get("id")?;
-            let client_id: Option<String> = row.try_get("client_id")?;
-            let attempt = row.try_get::<i64, _>("attempt")? as u32;
-            let max_attempts = row.try_get::<i64, _>("max_attempts")? as u32;
-            // Script failures retried at the manifest's request are not lost leases:
-            // only lapsed leases count against MAXATTEMPTS.
-            let leases_lost = row.try_get::<i64, _>("leases_lost")? as u32 + 1;
             let lease_expires_at: Option<i64> = row.try_get("lease_expires_at")?;
-            let lease_lapsed = lease_expires_at.is_some_and(|at| at < now);
-            let (to, reason) = if !lease_lapsed {
-                // The client heartbeats but the job ran past its timeout and grace: the
-                // client is hung on it.
-                (
-                    JobState::Failed,
-                    "timeout: held past its timeout by a client that did not stop it".to_owned(),
-                )
-            } else if leases_lost >= max_attempts {
-                (
-                    JobState::Failed,
-                    format!("lost: the lease lapsed on attempt {attempt}, {leases_lost} of {max_attempts} attempts lost"),
-                )
+            let why = if lease_expires_at.is_some_and(|at| at < now) {
+                TakeBack::LeaseLost("lease lapsed")
             } else {
-                (JobState::Queued, "lease lapsed".to_owned())
+                TakeBack::Hung
             };
-            if to == JobState::Queued {
-                let query = format!(
-                    "UPDATE jobs SET state = 'queued', {RESET_RUN}, leases_lost = leases_lost + 1 \
-                     WHERE build = ? AND id = ?"
-                );
-                sqlx::query(&query)
-                    .bind(&build)
-                    .bind(&job)
-                    .execute(&mut *tx)
-                    .await?;
-            } else {
-                sqlx::query(
-                    "UPDATE jobs SET state = 'failed', lease_token = NULL, lease_expires_at = NULL, \
-                     time_complete = ?, error = ? WHERE build = ? AND id = ?",
-                )
-                .bind(now)
-                .bind(&reason)
-                .bind(&build)
-                .bind(&job)
-                .execute(&mut *tx)
+            let event = take_back(&mut tx, &build, &job, why, now).await?;
+            transitions.push(TimedTransition { build, job, event });
+        }
+        tx.commit().await?;
+        Ok(transitions)
+    }
+
+    async fn give_up(
+        &self,
+        build: &str,
+        job: &str,
+        lease: &str,
+        reason: &str,
+        now: i64,
+    ) -> StoreResult<Event> {
+        let mut tx = self.write_tx().await?;
+        current_lease(&mut tx, build, job, lease).await?;
+        let event = take_back(&mut tx, build, job, TakeBack::LeaseLost(reason), now).await?;
+        tx.commit().await?;
+        Ok(event)
+    }
+
+    async fn take_back_from_client(
+        &self,
+        client_id: &str,
+        reason: &str,
+        now: i64,
+    ) -> StoreResult<Vec<TimedTransition>> {
+        let mut tx = self.write_tx().await?;
+        let rows =
+            sqlx::query("SELECT build, id FROM jobs WHERE state = 'running' AND client_id = ?")
+                .bind(client_id)
+                .fetch_all(&mut *tx)
                 .await?;
-            }
-            let event = insert_event(
-                &mut tx,
-                NewEvent {
-                    build: &build,
-                    job: &job,
-                    time: now,
-                    from: Some(JobState::Running),
-                    to,
-                    client_id: client_id.as_deref(),
-                    attempt,
-                    reason: Some(&reason),
-                },
-            )
-            .await?;
+        let mut transitions = Vec::with_capacity(rows.len());
+        for row in rows {
+            let build: String = row.try_get("build")?;
+            let job: String = row.try_get("id")?;
+            let event = take_back(&mut tx, &build, &job, TakeBack::LeaseLost(reason), now).await?;
             transitions.push(TimedTransition { build, job, event });
         }
         tx.commit().await?;
@@ -1065,6 +1232,62 @@ impl JobStore for SqliteStore {
             info: image_info_from_row(&row)?,
             blob_key: row.try_get("blob_key")?,
         })
+    }
+
+    async fn due_notifications(&self, now: i64, limit: u32) -> StoreResult<Vec<Notification>> {
+        let rows = sqlx::query(
+            "SELECT id, build, url, body, attempts FROM notifications \
+             WHERE delivered_at IS NULL AND gave_up_at IS NULL AND next_attempt_at <= ? \
+             ORDER BY id LIMIT ?",
+        )
+        .bind(now)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(Notification {
+                    id: row.try_get("id")?,
+                    build: row.try_get("build")?,
+                    url: row.try_get("url")?,
+                    body: row.try_get("body")?,
+                    attempts: row.try_get::<i64, _>("attempts")? as u32,
+                })
+            })
+            .collect()
+    }
+
+    async fn notification_delivered(&self, id: i64, now: i64) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE notifications SET delivered_at = ?, attempts = attempts + 1 WHERE id = ?",
+        )
+        .bind(now)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn notification_failed(
+        &self,
+        id: i64,
+        error: &str,
+        retry_at: Option<i64>,
+        now: i64,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE notifications SET attempts = attempts + 1, last_error = ?, \
+             next_attempt_at = COALESCE(?, next_attempt_at), \
+             gave_up_at = CASE WHEN ? IS NULL THEN ? ELSE NULL END WHERE id = ?",
+        )
+        .bind(error)
+        .bind(retry_at)
+        .bind(retry_at)
+        .bind(now)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     async fn mean_run_secs(&self, config_type: &str) -> StoreResult<Option<f64>> {

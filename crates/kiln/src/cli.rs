@@ -25,6 +25,8 @@ pub enum Command {
     Wait(WaitArgs),
     /// Print a job's log.
     Logs(LogsArgs),
+    /// Print a build's event log: every state change of every job.
+    Events(EventsArgs),
     /// Restart or cancel a job.
     Job(JobArgs),
     /// Download a build's images into a release directory.
@@ -81,7 +83,10 @@ pub struct ServerArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct ClientArgs {
+    #[command(subcommand)]
+    pub action: Option<ClientAction>,
     /// buildclient.xml (the seed's schema) or client TOML; flags given too override it.
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -109,6 +114,20 @@ pub struct ClientArgs {
     /// Seconds between SIGTERM and SIGKILL when a step is stopped.
     #[arg(long, default_value_t = 10)]
     pub kill_grace_secs: u64,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClientAction {
+    /// Give up the jobs this client holds and clear its local state (the seed's
+    /// "reclaim a client"): their processes are killed and their servers requeue them.
+    Reset {
+        /// The client's work directory.
+        #[arg(long)]
+        work: PathBuf,
+        /// File holding the client credential (else KILN_TOKEN).
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -148,6 +167,19 @@ pub struct LogsArgs {
     /// BUILD/ID
     pub job: String,
     /// Keep following until the job ends.
+    #[arg(short, long)]
+    pub follow: bool,
+    #[command(flatten)]
+    pub server: ServerOpts,
+}
+
+#[derive(Debug, Args)]
+pub struct EventsArgs {
+    pub build: String,
+    /// Print JSON, one event per line.
+    #[arg(long)]
+    pub json: bool,
+    /// Keep following until interrupted.
     #[arg(short, long)]
     pub follow: bool,
     #[command(flatten)]

@@ -1,6 +1,6 @@
 //! `kiln client`: the imaging agent, configured by flags, buildclient.xml or TOML.
 
-use crate::cli::ClientArgs;
+use crate::cli::{ClientAction, ClientArgs};
 use crate::operator::Usage;
 use anyhow::Context;
 use kiln_client::conn::ServerConn;
@@ -10,6 +10,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 pub async fn run(args: ClientArgs) -> anyhow::Result<ExitCode> {
+    if let Some(ClientAction::Reset { work, token_file }) = &args.action {
+        return reset(work, token_file.as_deref()).await;
+    }
     let options = options_from(args)?;
     let agent = Agent::new(options.clone())?;
     tracing::info!(
@@ -36,6 +39,48 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<ExitCode> {
         n_failed = report.n_failed,
         n_lost = report.n_lost,
         "client stopped"
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `kiln client reset --work DIR`: gives the held jobs back and clears the state.
+async fn reset(
+    work: &std::path::Path,
+    token_file: Option<&std::path::Path>,
+) -> anyhow::Result<ExitCode> {
+    let local_state = kiln_client::state::LocalState::open(work)
+        .with_context(|| format!("reading the state file in {}", work.display()))?;
+    let held = local_state.held();
+    let token = match token_file {
+        Some(path) => Some(read_token(path)?),
+        None => std::env::var("KILN_TOKEN")
+            .ok()
+            .map(|token| token.trim().to_owned()),
+    };
+    let mut servers: Vec<ServerConn> = Vec::new();
+    for job in &held {
+        if servers
+            .iter()
+            .any(|conn| conn.url() == job.server.trim_end_matches('/'))
+        {
+            continue;
+        }
+        match &token {
+            Some(token) => servers.push(ServerConn::new(&job.server, token).map_err(Usage)?),
+            None => eprintln!(
+                "warning: no client credential (--token-file or KILN_TOKEN): {} is not told; its job's lease will lapse",
+                job.server
+            ),
+        }
+    }
+    kiln_client::recover_held_jobs(&local_state, &servers, work).await;
+    for job in &held {
+        eprintln!("gave up {}/{} on {}", job.build, job.job, job.server);
+    }
+    eprintln!(
+        "client state in {} cleared ({} jobs given up)",
+        work.display(),
+        held.len()
     );
     Ok(ExitCode::SUCCESS)
 }

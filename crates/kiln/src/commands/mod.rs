@@ -3,6 +3,7 @@
 mod bench;
 mod client;
 mod demo;
+mod events;
 mod farm;
 mod logs;
 mod release;
@@ -40,6 +41,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Logs(args) => {
             init_tracing("warn");
             logs::run(args).await
+        }
+        Command::Events(args) => {
+            init_tracing("warn");
+            events::run(args).await
         }
         Command::Job(args) => {
             init_tracing("warn");
