@@ -250,6 +250,31 @@ pub enum BenchWhich {
         #[arg(long, default_value_t = 200)]
         jobs: u32,
     },
+    /// Time from a client's failure to its job running on another client.
+    Failover {
+        /// How the client fails: killed (SIGKILL), hung (SIGSTOP) or cut off (a proxy
+        /// between it and the server stops passing bytes).
+        #[arg(long, value_enum, default_value_t = FailoverMode::Kill)]
+        mode: FailoverMode,
+        /// Trials to time.
+        #[arg(long, default_value_t = 10)]
+        trials: u32,
+        /// The server's lease, in seconds.
+        #[arg(long, default_value_t = 15)]
+        lease_secs: u64,
+        /// The server's heartbeat interval, in seconds.
+        #[arg(long, default_value_t = 5)]
+        heartbeat_secs: u64,
+    },
+    /// Time for every client to re-attach after the server is killed and restarted.
+    Reattach {
+        /// Clients, each running a job when the server dies.
+        #[arg(long, default_value_t = 6)]
+        clients: u32,
+        /// Trials to time.
+        #[arg(long, default_value_t = 3)]
+        trials: u32,
+    },
     /// Makespan of a build of sleep jobs over its ideal.
     Makespan {
         /// Clients (one slot each).
@@ -262,4 +287,15 @@ pub enum BenchWhich {
         #[arg(long, default_value_t = 2.0)]
         job_secs: f64,
     },
+}
+
+/// How a client fails in `kiln bench failover`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FailoverMode {
+    /// SIGKILL: the process dies and its connections close.
+    Kill,
+    /// SIGSTOP: the process hangs with its connections open.
+    Stop,
+    /// The network between client and server stops passing bytes.
+    Partition,
 }

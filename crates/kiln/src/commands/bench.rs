@@ -9,7 +9,7 @@
 //!   log) is compared with the ideal, total work / clients.
 
 use super::farm::Farm;
-use crate::cli::{BenchArgs, BenchWhich};
+use crate::cli::{BenchArgs, BenchWhich, FailoverMode};
 use crate::operator::Operator;
 use kiln_client::conn::ServerConn;
 use kiln_proto::api::{ClaimRequest, Event, Fail};
@@ -26,6 +26,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             jobs,
             job_secs,
         } => makespan(clients, jobs, job_secs).await,
+        BenchWhich::Failover {
+            mode,
+            trials,
+            lease_secs,
+            heartbeat_secs,
+        } => failover(mode, trials, lease_secs, heartbeat_secs).await,
+        BenchWhich::Reattach { clients, trials } => reattach(clients, trials).await,
     }
 }
 
@@ -196,4 +203,263 @@ async fn makespan(n_clients: u32, n_jobs: u32, job_secs: f64) -> anyhow::Result<
         (makespan_secs / ideal_secs - 1.0) * 100.0
     );
     Ok(code)
+}
+
+/// A TCP proxy on loopback that can be told to stop passing bytes (a partition): its
+/// connections stay open, nothing gets through either way.
+struct Proxy {
+    url: String,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    async fn start(target_url: &str) -> anyhow::Result<Self> {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let target = target_url.trim_start_matches("http://").to_owned();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let cut = std::sync::Arc::new(AtomicBool::new(false));
+        let task_cut = cut.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let target = target.clone();
+                let cut = task_cut.clone();
+                tokio::spawn(async move {
+                    let Ok(outbound) = tokio::net::TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    let (in_read, in_write) = inbound.into_split();
+                    let (out_read, out_write) = outbound.into_split();
+                    let pipe = |cut: std::sync::Arc<AtomicBool>| {
+                        move |mut from: tokio::net::tcp::OwnedReadHalf,
+                              mut to: tokio::net::tcp::OwnedWriteHalf| async move {
+                            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                            let mut buffer = vec![0u8; 64 * 1024];
+                            loop {
+                                // While cut, hold the bytes: the connection stays open
+                                // and silent, as across a broken network.
+                                while cut.load(Ordering::Relaxed) {
+                                    tokio::time::sleep(Duration::from_millis(50)).await;
+                                }
+                                let n = match from.read(&mut buffer).await {
+                                    Ok(0) | Err(_) => return,
+                                    Ok(n) => n,
+                                };
+                                while cut.load(Ordering::Relaxed) {
+                                    tokio::time::sleep(Duration::from_millis(50)).await;
+                                }
+                                if to.write_all(&buffer[..n]).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    };
+                    let up = pipe(cut.clone());
+                    let down = pipe(cut);
+                    tokio::join!(up(in_read, out_write), down(out_read, in_write));
+                });
+            }
+        });
+        Ok(Proxy { url, cut, task })
+    }
+
+    fn set_cut(&self, cut: bool) {
+        self.cut.store(cut, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn job_events(operator: &Operator, build: &str) -> anyhow::Result<Vec<Event>> {
+    operator
+        .get_json(&format!("/v1/builds/{build}/events"))
+        .await
+}
+
+/// Waits until `check` holds for the build's events, polling every few milliseconds.
+async fn wait_for_events(
+    operator: &Operator,
+    build: &str,
+    timeout: Duration,
+    check: impl Fn(&[Event]) -> bool,
+) -> anyhow::Result<Vec<Event>> {
+    let give_up = tokio::time::Instant::now() + timeout;
+    loop {
+        let events = job_events(operator, build).await?;
+        if check(&events) {
+            return Ok(events);
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < give_up,
+            "build {build}: the awaited event did not come within {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn failover(
+    mode: FailoverMode,
+    n_trials: u32,
+    lease_secs: u64,
+    heartbeat_secs: u64,
+) -> anyhow::Result<ExitCode> {
+    let temp = tempfile::Builder::new().prefix("kiln-bench-").tempdir()?;
+    let lease = lease_secs.to_string();
+    let heartbeat = heartbeat_secs.to_string();
+    let mut farm = Farm::start(
+        temp.path(),
+        &["--lease-secs", &lease, "--heartbeat-secs", &heartbeat],
+    )
+    .await?;
+    let operator = Operator::with_token(&farm.url, Some(farm.admin_token()?))?;
+    let build_dir = temp.path().join("build");
+    let mut latencies = Vec::new();
+    for trial in 0..n_trials {
+        let number = format!("f{trial}");
+        write_build(
+            &build_dir,
+            &number,
+            1,
+            "sleep 600\n",
+            "echo x > \"$KILN_OUTPUT/image.bin\"\n",
+        )?;
+        // The failing client starts alone, so that it is the one that takes the job.
+        let proxy = Proxy::start(&farm.url).await?;
+        let victim_url = if mode == FailoverMode::Partition {
+            proxy.url.clone()
+        } else {
+            farm.url.clone()
+        };
+        let victim = farm.add_client_via(&format!("victim-{trial}"), "*", 1, &victim_url)?;
+        super::submit::submit(&operator, &build_dir.join("relbuild.xml"), &build_dir).await?;
+        wait_for_events(&operator, &number, Duration::from_secs(60), |events| {
+            events.iter().any(|e| e.to == JobState::Running)
+        })
+        .await?;
+        let rescuer_id = format!("rescuer-{trial}");
+        let rescuer = farm.add_client(&rescuer_id, "*", 1)?;
+        // Let the rescuer reach its long poll before the failure.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let failed_at = kiln_server::now_micros();
+        match mode {
+            FailoverMode::Kill => farm.signal_client(victim, libc::SIGKILL),
+            FailoverMode::Stop => farm.signal_client(victim, libc::SIGSTOP),
+            FailoverMode::Partition => proxy.set_cut(true),
+        }
+        let events = wait_for_events(
+            &operator,
+            &number,
+            Duration::from_secs(lease_secs * 4 + 30),
+            |events| {
+                events.iter().any(|e| {
+                    e.to == JobState::Running && e.client_id.as_deref() == Some(rescuer_id.as_str())
+                })
+            },
+        )
+        .await?;
+        let running_again = events
+            .iter()
+            .find(|e| {
+                e.to == JobState::Running && e.client_id.as_deref() == Some(rescuer_id.as_str())
+            })
+            .map(|e| e.time)
+            .unwrap_or_default();
+        latencies.push((running_again - failed_at) as f64 / 1e6);
+        // Clean up: end the job, stop both clients.
+        let _: Event = operator
+            .post_json(&format!("/v1/jobs/{number}/j000/cancel"))
+            .await?;
+        farm.kill_client(victim).await;
+        farm.kill_client(rescuer).await;
+        drop(proxy);
+    }
+    farm.stop().await;
+    latencies.sort_by(|a, b| a.total_cmp(b));
+    let what = match mode {
+        FailoverMode::Kill => "SIGKILL",
+        FailoverMode::Stop => "SIGSTOP (hung)",
+        FailoverMode::Partition => "network partition",
+    };
+    println!("failover: client {what} -> its job running on another client; lease {lease_secs} s, heartbeat {heartbeat_secs} s, {n_trials} trials");
+    println!("| p50 | p99 | min | max |");
+    println!("|---|---|---|---|");
+    println!(
+        "| {:.2} s | {:.2} s | {:.2} s | {:.2} s |",
+        percentile(&latencies, 50.0),
+        percentile(&latencies, 99.0),
+        latencies.first().copied().unwrap_or(f64::NAN),
+        latencies.last().copied().unwrap_or(f64::NAN)
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn reattach(n_clients: u32, n_trials: u32) -> anyhow::Result<ExitCode> {
+    let temp = tempfile::Builder::new().prefix("kiln-bench-").tempdir()?;
+    let mut farm = Farm::start(temp.path(), &[]).await?;
+    for idx in 0..n_clients {
+        farm.add_client(&format!("c{idx}"), "*", 1)?;
+    }
+    let operator = Operator::with_token(&farm.url, Some(farm.admin_token()?))?;
+    let http = reqwest::Client::new();
+    let connected = |http: reqwest::Client, url: String| async move {
+        let health: serde_json::Value = http
+            .get(format!("{url}/v1/health"))
+            .send()
+            .await?
+            .json()
+            .await?;
+        anyhow::Ok(health["clients_connected"].as_u64().unwrap_or(0))
+    };
+    let build_dir = temp.path().join("build");
+    write_build(
+        &build_dir,
+        "reattach",
+        n_clients,
+        "sleep 600\n",
+        "echo x > \"$KILN_OUTPUT/image.bin\"\n",
+    )?;
+    super::submit::submit(&operator, &build_dir.join("relbuild.xml"), &build_dir).await?;
+    let mut times = Vec::new();
+    for _ in 0..n_trials {
+        // Every client is running its job and connected.
+        loop {
+            let jobs: Vec<kiln_proto::api::JobStatus> =
+                operator.get_json("/v1/builds/reattach/jobs").await?;
+            let running = jobs
+                .iter()
+                .filter(|job| job.state == JobState::Running)
+                .count();
+            if running == n_clients as usize
+                && connected(http.clone(), farm.url.clone()).await? == u64::from(n_clients)
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        farm.crash_and_restart_server().await?;
+        let restarted = tokio::time::Instant::now();
+        while connected(http.clone(), farm.url.clone()).await? < u64::from(n_clients) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        times.push(restarted.elapsed().as_secs_f64());
+    }
+    let events: Vec<Event> = job_events(&operator, "reattach").await?;
+    let n_claims = events.iter().filter(|e| e.to == JobState::Running).count();
+    farm.stop().await;
+    times.sort_by(|a, b| a.total_cmp(b));
+    println!("re-attach: server SIGKILLed and restarted with {n_clients} clients running jobs; {n_trials} trials");
+    println!("| p50 | max | jobs started twice |");
+    println!("|---|---|---|");
+    println!(
+        "| {:.2} s | {:.2} s | {} |",
+        percentile(&times, 50.0),
+        times.last().copied().unwrap_or(f64::NAN),
+        n_claims.saturating_sub(n_clients as usize)
+    );
+    Ok(ExitCode::SUCCESS)
 }

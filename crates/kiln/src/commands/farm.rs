@@ -1,6 +1,6 @@
 //! [`Farm`]: a server and clients started as real `kiln` processes on loopback, for
 //! `kiln demo` and `kiln bench`. Each process logs to a file in the farm's directory
-//! and is stopped by its own pid.
+//! and is signalled by its own pid.
 
 use anyhow::Context;
 use std::path::{Path, PathBuf};
@@ -15,70 +15,114 @@ pub struct Farm {
     pub url: String,
     pub admin_token_file: PathBuf,
     pub client_token_file: PathBuf,
+    server_args: Vec<String>,
     server: Child,
-    clients: Vec<Child>,
+    clients: Vec<(String, Child)>,
 }
 
 fn log_file(path: &Path) -> anyhow::Result<Stdio> {
-    let file =
-        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
     Ok(Stdio::from(file))
+}
+
+/// Starts `kiln server` listening on `listen`; returns it and the URL it printed.
+async fn spawn_server(
+    dir: &Path,
+    listen: &str,
+    args: &[String],
+) -> anyhow::Result<(Child, String)> {
+    let exe = std::env::current_exe().context("finding the kiln executable")?;
+    let data = dir.join("server");
+    std::fs::create_dir_all(&data)?;
+    let mut server = Command::new(&exe)
+        .arg("server")
+        .arg("--listen")
+        .arg(listen)
+        .arg("--data")
+        .arg(&data)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log_file(&dir.join("server.log"))?)
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting kiln server")?;
+    let stdout = server.stdout.take().context("server stdout")?;
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let first = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .context("the server did not start within 30 s")??
+        .with_context(|| {
+            format!(
+                "the server exited at start; see {}",
+                dir.join("server.log").display()
+            )
+        })?;
+    let url = first
+        .strip_prefix("kiln server listening on ")
+        .with_context(|| format!("unexpected first line from the server: {first:?}"))?
+        .to_owned();
+    // Keep reading so that the server never writes into a closed pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok((server, url))
 }
 
 impl Farm {
     /// Starts a server on a free loopback port with data in `dir/server`.
     pub async fn start(dir: &Path, server_args: &[&str]) -> anyhow::Result<Self> {
-        let exe = std::env::current_exe().context("finding the kiln executable")?;
+        let server_args: Vec<String> = server_args.iter().map(|arg| arg.to_string()).collect();
+        let (server, url) = spawn_server(dir, "127.0.0.1:0", &server_args).await?;
         let data = dir.join("server");
-        std::fs::create_dir_all(&data)?;
-        let mut server = Command::new(&exe)
-            .arg("server")
-            .arg("--listen")
-            .arg("127.0.0.1:0")
-            .arg("--data")
-            .arg(&data)
-            .args(server_args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log_file(&dir.join("server.log"))?)
-            .kill_on_drop(true)
-            .spawn()
-            .context("starting kiln server")?;
-        let stdout = server.stdout.take().context("server stdout")?;
-        let mut lines = tokio::io::BufReader::new(stdout).lines();
-        let first = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-            .await
-            .context("the server did not start within 30 s")??
-            .with_context(|| {
-                format!(
-                    "the server exited at start; see {}",
-                    dir.join("server.log").display()
-                )
-            })?;
-        let url = first
-            .strip_prefix("kiln server listening on ")
-            .with_context(|| format!("unexpected first line from the server: {first:?}"))?
-            .to_owned();
-        // Keep reading so that the server never writes into a closed pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         Ok(Farm {
             dir: dir.to_owned(),
             url,
             admin_token_file: data.join("admin.token"),
             client_token_file: data.join("client.token"),
+            server_args,
             server,
             clients: Vec::new(),
         })
     }
 
-    /// Starts a client process taking `include`, with `slots` slots.
-    pub fn add_client(&mut self, id: &str, include: &str, slots: u32) -> anyhow::Result<()> {
+    /// SIGKILLs the server and starts it again on the same address and data.
+    pub async fn crash_and_restart_server(&mut self) -> anyhow::Result<()> {
+        signal(&self.server, libc::SIGKILL);
+        let _ = self.server.wait().await;
+        let listen = self.url.trim_start_matches("http://").to_owned();
+        let (server, url) = spawn_server(&self.dir, &listen, &self.server_args).await?;
+        anyhow::ensure!(
+            url == self.url,
+            "the server came back at {url}, not {}",
+            self.url
+        );
+        self.server = server;
+        Ok(())
+    }
+
+    /// Starts a client process taking `include`, with `slots` slots; returns its index.
+    pub fn add_client(&mut self, id: &str, include: &str, slots: u32) -> anyhow::Result<usize> {
+        let url = self.url.clone();
+        self.add_client_via(id, include, slots, &url)
+    }
+
+    /// Starts a client that reaches the server at `url` (a proxy, say).
+    pub fn add_client_via(
+        &mut self,
+        id: &str,
+        include: &str,
+        slots: u32,
+        url: &str,
+    ) -> anyhow::Result<usize> {
         let exe = std::env::current_exe().context("finding the kiln executable")?;
         let work = self.dir.join(format!("client-{id}"));
         let child = Command::new(exe)
             .arg("client")
             .arg("--server")
-            .arg(&self.url)
+            .arg(url)
             .arg("--id")
             .arg(id)
             .arg("--include")
@@ -95,8 +139,20 @@ impl Farm {
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("starting client {id}"))?;
-        self.clients.push(child);
-        Ok(())
+        self.clients.push((id.to_owned(), child));
+        Ok(self.clients.len() - 1)
+    }
+
+    /// Sends `signal` to client `idx`.
+    pub fn signal_client(&self, idx: usize, signal_number: i32) {
+        signal(&self.clients[idx].1, signal_number);
+    }
+
+    /// SIGKILLs client `idx` and reaps it.
+    pub async fn kill_client(&mut self, idx: usize) {
+        signal(&self.clients[idx].1, libc::SIGCONT);
+        signal(&self.clients[idx].1, libc::SIGKILL);
+        let _ = self.clients[idx].1.wait().await;
     }
 
     /// The admin secret.
@@ -116,10 +172,11 @@ impl Farm {
     /// Stops every process: SIGTERM to the clients (idle ones exit at once), then to
     /// the server; SIGKILL whatever is still there after a few seconds.
     pub async fn stop(mut self) {
-        for client in &self.clients {
+        for (_, client) in &self.clients {
+            signal(client, libc::SIGCONT);
             signal(client, libc::SIGTERM);
         }
-        for client in &mut self.clients {
+        for (_, client) in &mut self.clients {
             stop_child(client).await;
         }
         signal(&self.server, libc::SIGTERM);
@@ -129,7 +186,7 @@ impl Farm {
 
 fn signal(child: &Child, signal: i32) {
     if let Some(pid) = child.id() {
-        // SAFETY: kill(2) with a pid we started and still own (not yet reaped).
+        // SAFETY: kill(2) with a pid we started and have not reaped yet.
         unsafe {
             libc::kill(pid as i32, signal);
         }
