@@ -266,6 +266,28 @@ pub enum BenchWhich {
         #[arg(long, default_value_t = 5)]
         heartbeat_secs: u64,
     },
+    /// The chaos test: a 42-job build while clients and the server are SIGKILLed and
+    /// restarted; checks the job invariants from the images and the event log.
+    Chaos {
+        /// Products (jobs = products x configurations).
+        #[arg(long, default_value_t = 7)]
+        products: u32,
+        /// Configurations per product.
+        #[arg(long, default_value_t = 6)]
+        configs: u32,
+        /// Clients (one slot each).
+        #[arg(long, default_value_t = 6)]
+        clients: u32,
+        /// Client SIGKILLs (each client is restarted after).
+        #[arg(long, default_value_t = 10)]
+        client_kills: u32,
+        /// Server SIGKILLs (the server is restarted after).
+        #[arg(long, default_value_t = 3)]
+        server_kills: u32,
+        /// Seed of the random choices, for a repeatable run.
+        #[arg(long)]
+        seed: Option<u64>,
+    },
     /// Time for every client to re-attach after the server is killed and restarted.
     Reattach {
         /// Clients, each running a job when the server dies.

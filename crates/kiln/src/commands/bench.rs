@@ -33,6 +33,24 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             heartbeat_secs,
         } => failover(mode, trials, lease_secs, heartbeat_secs).await,
         BenchWhich::Reattach { clients, trials } => reattach(clients, trials).await,
+        BenchWhich::Chaos {
+            products,
+            configs,
+            clients,
+            client_kills,
+            server_kills,
+            seed,
+        } => {
+            let plan = super::chaos::Plan {
+                products,
+                configs,
+                clients,
+                client_kills,
+                server_kills,
+                seed,
+            };
+            super::chaos::run(plan).await
+        }
     }
 }
 

@@ -1,6 +1,7 @@
 //! One module per subcommand; [`run`] dispatches.
 
 mod bench;
+mod chaos;
 mod client;
 mod demo;
 mod events;
