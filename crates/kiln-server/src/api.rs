@@ -202,10 +202,13 @@ async fn job_status_xml(
         client_id: status.client_id.as_deref(),
         time_start: status.time_start,
         time_complete: status.time_complete,
-        major_state: status
-            .major_state
-            .as_deref()
-            .or(Some(seed_major_state(&status))),
+        // A job that ended says so in MAJORSTATE, as the seed's stagerel.cmd expects
+        // (FINISHED); a running one shows its step's own major state, if it gave one.
+        major_state: if status.state.is_final() {
+            Some(seed_major_state(&status))
+        } else {
+            status.major_state.as_deref().or(Some(seed_major_state(&status)))
+        },
         minor_state: status.minor_state.as_deref(),
         percent: status.percent,
         eta_seconds: status.eta_seconds,
@@ -213,8 +216,8 @@ async fn job_status_xml(
     Ok(xml_response(xml))
 }
 
-/// The seed's MAJORSTATE when the job's steps reported none: `INPROGRESS` or
-/// `FINISHED` ([0057]), or the state's own name.
+/// The seed's MAJORSTATE for a job's state: `INPROGRESS` or `FINISHED` ([0057]), or
+/// the state's own name in capitals.
 fn seed_major_state(status: &JobStatus) -> &'static str {
     use kiln_proto::state::JobState;
     match status.state {

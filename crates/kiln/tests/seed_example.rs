@@ -71,6 +71,10 @@ fn seed_build_3700_runs_on_the_seed_client_and_releases_with_matching_sums() {
         xml.contains("<CLIENTID>RACK05_MACHINE10</CLIENTID>"),
         "status.xml names the seed's client: {xml}"
     );
+    assert!(
+        xml.contains("<MAJORSTATE>FINISHED</MAJORSTATE>"),
+        "a finished job's MAJORSTATE is the seed's FINISHED: {xml}"
+    );
     for tag in ["TIMESTART", "TIMECOMPLETE"] {
         let value = element_text(xml, tag);
         assert!(
