@@ -24,7 +24,7 @@ pub enum BlobError {
     #[error("invalid blob key {0:?}")]
     InvalidKey(String),
     /// The device holding the store is full.
-    #[error("no space left to store {what}")]
+    #[error("{what}: no space left on the server's disk")]
     NoSpace {
         what: String,
         #[source]

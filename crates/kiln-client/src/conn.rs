@@ -65,10 +65,13 @@ async fn check(response: reqwest::Response) -> Result<reqwest::Response, CallErr
         return Ok(response);
     }
     let text = response.text().await.unwrap_or_default();
-    let message = serde_json::from_str::<ApiError>(&text)
-        .map(|body| body.error)
-        .unwrap_or(text);
-    Err(if status == StatusCode::CONFLICT {
+    let (code, message) = match serde_json::from_str::<ApiError>(&text) {
+        Ok(body) => (body.code, body.error),
+        Err(_) => (String::new(), text),
+    };
+    // 409 also answers other conflicts (finishing without the images, say): only
+    // `stale_lease` means the job is no longer ours.
+    Err(if status == StatusCode::CONFLICT && code == "stale_lease" {
         CallError::Stale(message)
     } else if status.is_server_error() {
         CallError::ServerFailed { status, message }
@@ -138,6 +141,21 @@ impl ServerConn {
         claim: &Claim,
         progress: Option<Progress>,
     ) -> Result<(), CallError> {
+        self.beat(claim, progress, false).await
+    }
+
+    /// Tells the server the job's steps are over: its timeout no longer applies while
+    /// the images upload.
+    pub async fn steps_done(&self, claim: &Claim) -> Result<(), CallError> {
+        self.beat(claim, None, true).await
+    }
+
+    async fn beat(
+        &self,
+        claim: &Claim,
+        progress: Option<Progress>,
+        steps_done: bool,
+    ) -> Result<(), CallError> {
         let response = self
             .request(
                 reqwest::Method::POST,
@@ -145,7 +163,10 @@ impl ServerConn {
             )
             .header(LEASE_HEADER, &claim.lease)
             .timeout(Duration::from_secs(claim.heartbeat_secs.max(1) * 2))
-            .json(&Heartbeat { progress })
+            .json(&Heartbeat {
+                progress,
+                steps_done,
+            })
             .send()
             .await
             .map_err(CallError::Transport)?;

@@ -621,6 +621,15 @@ async fn upload_and_finish(
         Ok(images) => images,
         Err(message) => return report_failure(conn, claim, "output", message, None, shared).await,
     };
+    // The steps are over: from here on the lease alone says this client is alive, so a
+    // long upload (or a full disk on the server) is not taken for a hung job.
+    match with_retries("reporting the steps done", || conn.steps_done(claim)).await {
+        Err(CallError::Stale(_)) => return JobEnd::LeaseLost,
+        Err(err) => {
+            tracing::warn!(cause = %kiln_proto::error_chain(&err), job = %claim.job_id, "cannot report the steps done")
+        }
+        Ok(()) => {}
+    }
     for (name, path) in &images {
         let mut n_refused = 0;
         loop {
@@ -651,6 +660,10 @@ async fn upload_and_finish(
     {
         Ok(()) => JobEnd::Finished,
         Err(CallError::Stale(_)) => JobEnd::LeaseLost,
+        Err(CallError::Refused { message, .. }) => {
+            let message = format!("the server refused to finish the job: {message}");
+            report_failure(conn, claim, "report", message, None, shared).await
+        }
         Err(err) => {
             tracing::error!(cause = %kiln_proto::error_chain(&err), job = %claim.job_id, "cannot report the job finished");
             JobEnd::Failed("report".into())

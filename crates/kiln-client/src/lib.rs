@@ -224,7 +224,11 @@ impl Agent {
                 .options
                 .work_dir
                 .join("jobs")
-                .join(format!("s{server_idx}-{}-{}", claim.build, claim.job_id));
+                // One directory level per name, so that no two jobs share a directory
+                // whatever dashes their names hold.
+                .join(format!("s{server_idx}"))
+                .join(&claim.build)
+                .join(&claim.job_id);
             let run = JobRun {
                 conn: conn.clone(),
                 claim,

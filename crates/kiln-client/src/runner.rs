@@ -434,12 +434,13 @@ async fn supervise(
         }
         () = cancel_requested(cancel) => {
             debug!(step = %spec.name, pid = pgid, "step cancelled");
-            stop_group(child, pgid, grace).await.map_err(wait_error)?;
+            stop_group(child, pgid, grace, None).await.map_err(wait_error)?;
             StepOutcome::Cancelled
         }
         () = tokio::time::sleep_until(deadline) => {
             debug!(step = %spec.name, pid = pgid, "step timed out");
-            stop_group(child, pgid, grace).await.map_err(wait_error)?;
+            // A cancel during the grace (the lease is gone) cuts the grace short.
+            stop_group(child, pgid, grace, Some(cancel)).await.map_err(wait_error)?;
             StepOutcome::TimedOut
         }
     };
@@ -455,12 +456,29 @@ async fn cancel_requested(cancel: &mut watch::Receiver<bool>) {
     }
 }
 
-/// SIGTERM to the group, up to `grace` for the child to exit, SIGKILL to the group (even
-/// if the child exited: its group may live on), and the child reaped.
-async fn stop_group(child: &mut Child, pgid: u32, grace: Duration) -> io::Result<()> {
+/// SIGTERM to the group, up to `grace` for the child to exit (less if `cancel` fires),
+/// SIGKILL to the group (even if the child exited: its group may live on), and the
+/// child reaped.
+async fn stop_group(
+    child: &mut Child,
+    pgid: u32,
+    grace: Duration,
+    cancel: Option<&mut watch::Receiver<bool>>,
+) -> io::Result<()> {
     signal_group_best_effort(pgid, libc::SIGTERM);
-    if let Ok(status) = tokio::time::timeout(grace, child.wait()).await {
-        status?;
+    let cancelled = async {
+        match cancel {
+            Some(cancel) => cancel_requested(cancel).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        waited = tokio::time::timeout(grace, child.wait()) => {
+            if let Ok(status) = waited {
+                status?;
+            }
+        }
+        () = cancelled => {}
     }
     signal_group_best_effort(pgid, libc::SIGKILL);
     // Returns at once if the child was reaped during the grace.

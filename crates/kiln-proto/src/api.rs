@@ -98,6 +98,10 @@ pub struct Claim {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Heartbeat {
     pub progress: Option<Progress>,
+    /// The job's steps are over and its images are being uploaded: the job's TIMEOUT
+    /// (which covers the steps) no longer applies; the lease still does.
+    #[serde(default)]
+    pub steps_done: bool,
 }
 
 /// One line a step printed.

@@ -62,7 +62,8 @@ pub struct JobSpec {
     pub accept_within_secs: Option<u64>,
     /// ASSIGNEDTO: the only client id that may take the job.
     pub assigned_to: Option<String>,
-    /// MAXATTEMPTS: how many lost leases the job survives before it fails with `lost`.
+    /// MAXATTEMPTS: the job fails with `lost` once this many of its runs were lost (lease
+    /// lapsed, client gone, run given back); script failures do not count.
     pub max_attempts: Option<u32>,
     /// RETRIES: how many times a script failure is retried.
     pub retries: Option<u32>,

@@ -207,7 +207,10 @@ async fn job_status_xml(
         major_state: if status.state.is_final() {
             Some(seed_major_state(&status))
         } else {
-            status.major_state.as_deref().or(Some(seed_major_state(&status)))
+            status
+                .major_state
+                .as_deref()
+                .or(Some(seed_major_state(&status)))
         },
         minor_state: status.minor_state.as_deref(),
         percent: status.percent,
@@ -519,6 +522,12 @@ async fn heartbeat(
             beat.progress.as_ref(),
         )
         .await?;
+    if beat.steps_done {
+        state
+            .store
+            .mark_steps_done(&build, &job, lease_of(&headers)?)
+            .await?;
+    }
     if beat.progress.is_some() {
         state.changed();
     }

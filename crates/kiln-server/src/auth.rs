@@ -67,7 +67,13 @@ fn read_or_create(default_path: &Path, given: Option<&Path>) -> anyhow::Result<S
     if default_path.exists() {
         let secret = std::fs::read_to_string(default_path)
             .with_context(|| format!("reading token file {}", default_path.display()))?;
-        return Ok(secret.trim().to_owned());
+        let secret = secret.trim().to_owned();
+        anyhow::ensure!(
+            !secret.is_empty(),
+            "token file {} is empty (delete it to have a new secret made)",
+            default_path.display()
+        );
+        return Ok(secret);
     }
     let secret = new_secret();
     let mut file = std::fs::OpenOptions::new()

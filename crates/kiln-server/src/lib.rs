@@ -50,7 +50,7 @@ pub struct ServerConfig {
     pub session_grace_ms: u64,
     /// Accept deadline for jobs whose manifest names none.
     pub default_accept_within_secs: Option<u64>,
-    /// Lost leases a job survives before it fails with `lost`.
+    /// Runs of a job that may be lost (lease lapsed, client gone, given back); the job fails with `lost` when this many were.
     pub default_max_attempts: u32,
     /// The largest build files archive accepted at submit.
     pub max_files_bytes: u64,

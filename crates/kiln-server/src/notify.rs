@@ -51,15 +51,29 @@ pub async fn notifier(state: Arc<AppState>, mut shutdown: watch::Receiver<bool>)
                 continue;
             }
         };
-        futures::stream::iter(due)
-            .for_each_concurrent(CONCURRENCY, |notification| {
-                deliver(&state, &http, notification)
+        // Each URL gets its notices one at a time, in order, stopping at a failure (the
+        // rest wait for the retry); different URLs are served side by side.
+        let mut by_url: Vec<(String, Vec<Notification>)> = Vec::new();
+        for notification in due {
+            match by_url.iter_mut().find(|(url, _)| *url == notification.url) {
+                Some((_, queue)) => queue.push(notification),
+                None => by_url.push((notification.url.clone(), vec![notification])),
+            }
+        }
+        futures::stream::iter(by_url)
+            .for_each_concurrent(CONCURRENCY, |(_, queue)| async {
+                for notification in queue {
+                    if !deliver(&state, &http, notification).await {
+                        break;
+                    }
+                }
             })
             .await;
     }
 }
 
-async fn deliver(state: &AppState, http: &reqwest::Client, notification: Notification) {
+/// Tries one delivery and records the outcome; true if it was delivered.
+async fn deliver(state: &AppState, http: &reqwest::Client, notification: Notification) -> bool {
     let result = http
         .post(&notification.url)
         .header(reqwest::header::CONTENT_TYPE, "application/json")
@@ -99,6 +113,7 @@ async fn deliver(state: &AppState, http: &reqwest::Client, notification: Notific
     if let Err(err) = recorded {
         tracing::error!(cause = %kiln_proto::error_chain(&err), "notifier cannot update the outbox");
     }
+    error.is_none()
 }
 
 #[cfg(test)]

@@ -30,6 +30,7 @@ CREATE TABLE jobs (
     retries            INTEGER NOT NULL,
     retries_used       INTEGER NOT NULL DEFAULT 0,
     leases_lost        INTEGER NOT NULL DEFAULT 0,
+    steps_done         INTEGER NOT NULL DEFAULT 0,
     state              TEXT NOT NULL,
     client_id          TEXT,
     lease_token        TEXT,

@@ -61,7 +61,7 @@ pub struct NewBuild {
     pub submitted_at: i64,
     /// Server default accept deadline for jobs that name none.
     pub default_accept_within_secs: Option<u64>,
-    /// Server default for lost leases a job survives.
+    /// Server default for MAXATTEMPTS: lost runs after which a job fails with `lost`.
     pub default_max_attempts: u32,
 }
 
@@ -191,6 +191,9 @@ pub trait JobStore: Send + Sync + 'static {
         lease_until: i64,
         progress: Option<&Progress>,
     ) -> StoreResult<LeaseHolder>;
+    /// Records that the job's steps are over (its images are uploading): from now on
+    /// only the lease, not the job's timeout, decides whether its client is alive.
+    async fn mark_steps_done(&self, build: &str, job: &str, lease: &str) -> StoreResult<()>;
     /// Checks that `lease` is the job's current lease.
     async fn check_lease(&self, build: &str, job: &str, lease: &str) -> StoreResult<LeaseHolder>;
     /// Appends log lines under the lease (and the latest progress, if any).
@@ -280,7 +283,8 @@ pub trait JobStore: Send + Sync + 'static {
     async fn list_images(&self, build: &str) -> StoreResult<Vec<ImageInfo>>;
     /// One stored image.
     async fn get_image(&self, build: &str, job: &str, name: &str) -> StoreResult<ImageRecord>;
-    /// Notifications due at `now`, oldest first, at most `limit`.
+    /// The pending notifications of every URL whose oldest pending one is due at `now`,
+    /// oldest first, at most `limit`.
     async fn due_notifications(&self, now: i64, limit: u32) -> StoreResult<Vec<Notification>>;
     /// Records a delivery.
     async fn notification_delivered(&self, id: i64, now: i64) -> StoreResult<()>;

@@ -165,11 +165,13 @@ async fn insert_event(
 /// transaction: the job's end (finished, failed, expired) and, when it was the build's
 /// last job still queued or running, the build's.
 async fn queue_notices(tx: &mut Transaction<'static, Sqlite>, event: &Event) -> StoreResult<()> {
+    // A cancelled job has no notice of its own, but may be what ends its build.
     let kind = match event.to {
-        JobState::Finished => "job_finished",
-        JobState::Failed => "job_failed",
-        JobState::Expired => "job_expired",
-        _ => return Ok(()),
+        JobState::Finished => Some("job_finished"),
+        JobState::Failed => Some("job_failed"),
+        JobState::Expired => Some("job_expired"),
+        JobState::Cancelled => None,
+        JobState::Queued | JobState::Running => return Ok(()),
     };
     let notify: Option<String> = sqlx::query_scalar("SELECT notify FROM builds WHERE number = ?")
         .bind(&event.build)
@@ -181,15 +183,18 @@ async fn queue_notices(tx: &mut Transaction<'static, Sqlite>, event: &Event) -> 
     if urls.is_empty() {
         return Ok(());
     }
-    let mut notices = vec![Notice {
-        event: kind.to_owned(),
-        build: event.build.clone(),
-        job: Some(event.job.clone()),
-        client_id: event.client_id.clone(),
-        reason: event.reason.clone(),
-        time: kiln_proto::format_rfc3339(event.time),
-        seq: event.seq,
-    }];
+    let mut notices: Vec<Notice> = kind
+        .map(|kind| Notice {
+            event: kind.to_owned(),
+            build: event.build.clone(),
+            job: Some(event.job.clone()),
+            client_id: event.client_id.clone(),
+            reason: event.reason.clone(),
+            time: kiln_proto::format_rfc3339(event.time),
+            seq: event.seq,
+        })
+        .into_iter()
+        .collect();
     let n_open: i64 = sqlx::query_scalar(
         "SELECT COUNT(*) FROM jobs WHERE build = ? AND state IN ('queued', 'running')",
     )
@@ -326,7 +331,7 @@ impl JobLease {
 /// Columns reset when a job goes back to the queue.
 const RESET_RUN: &str =
     "client_id = NULL, lease_token = NULL, lease_expires_at = NULL, time_start = NULL, \
-     major_state = NULL, minor_state = NULL, percent = NULL";
+     steps_done = 0, major_state = NULL, minor_state = NULL, percent = NULL";
 
 /// Why a running job is taken from its client.
 enum TakeBack<'a> {
@@ -420,9 +425,11 @@ async fn record_progress(
     progress: &Progress,
 ) -> StoreResult<()> {
     sqlx::query(
-        "UPDATE jobs SET major_state = COALESCE(?, major_state), \
-         minor_state = COALESCE(?, minor_state), percent = COALESCE(?, percent) \
-         WHERE build = ? AND id = ?",
+        // A new major state starts its minor state afresh; otherwise what the report
+        // does not name is kept.
+        "UPDATE jobs SET major_state = COALESCE(?1, major_state), \
+         minor_state = CASE WHEN ?1 IS NOT NULL THEN ?2 ELSE COALESCE(?2, minor_state) END, \
+         percent = COALESCE(?3, percent) WHERE build = ?4 AND id = ?5",
     )
     .bind(progress.major.as_deref())
     .bind(progress.minor.as_deref())
@@ -633,7 +640,7 @@ impl JobStore for SqliteStore {
         let mut tx = self.write_tx().await?;
         let row = sqlx::query(
             "UPDATE jobs SET state = 'running', client_id = ?, lease_token = ?, \
-             lease_expires_at = ?, attempt = attempt + 1, time_start = ?, time_complete = NULL, \
+             lease_expires_at = ?, attempt = attempt + 1, time_start = ?, time_complete = NULL, steps_done = 0, \
              major_state = NULL, minor_state = NULL, percent = NULL, error = NULL \
              WHERE build = ? AND id = ? AND state = 'queued' \
              RETURNING title, config_type, install_script, configure_script, image_script, \
@@ -731,6 +738,18 @@ impl JobStore for SqliteStore {
         }
         tx.commit().await?;
         Ok(row.holder())
+    }
+
+    async fn mark_steps_done(&self, build: &str, job: &str, lease: &str) -> StoreResult<()> {
+        let mut tx = self.write_tx().await?;
+        current_lease(&mut tx, build, job, lease).await?;
+        sqlx::query("UPDATE jobs SET steps_done = 1 WHERE build = ? AND id = ?")
+            .bind(build)
+            .bind(job)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     async fn check_lease(&self, build: &str, job: &str, lease: &str) -> StoreResult<LeaseHolder> {
@@ -987,7 +1006,8 @@ impl JobStore for SqliteStore {
         let mut tx = self.write_tx().await?;
         let rows = sqlx::query(
             "SELECT build, id, lease_expires_at FROM jobs WHERE state = 'running' \
-             AND (lease_expires_at < ? OR time_start + (timeout_secs + ?) * 1000000 < ?)",
+             AND (lease_expires_at < ? \
+             OR (steps_done = 0 AND time_start + (timeout_secs + ?) * 1000000 < ?))",
         )
         .bind(now)
         .bind(hung_grace_secs as i64)
@@ -1052,12 +1072,9 @@ impl JobStore for SqliteStore {
     async fn expire_unclaimed(&self, now: i64) -> StoreResult<Vec<TimedTransition>> {
         let mut tx = self.write_tx().await?;
         let rows = sqlx::query(
-            "UPDATE jobs SET state = 'expired', time_complete = ?, \
-             error = 'expired: no client accepted it within ' || accept_within_secs || ' s' \
-             WHERE state = 'queued' AND attempt = 0 AND accept_deadline < ? \
-             RETURNING build, id, accept_within_secs",
+            "SELECT build, id, accept_within_secs FROM jobs \
+             WHERE state = 'queued' AND attempt = 0 AND accept_deadline < ? ORDER BY pk",
         )
-        .bind(now)
         .bind(now)
         .fetch_all(&mut *tx)
         .await?;
@@ -1066,6 +1083,18 @@ impl JobStore for SqliteStore {
             let build: String = row.try_get("build")?;
             let job: String = row.try_get("id")?;
             let within: Option<i64> = row.try_get("accept_within_secs")?;
+            // One job at a time, each with its event, so that the build's end is seen
+            // (and announced) at the last of them.
+            sqlx::query(
+                "UPDATE jobs SET state = 'expired', time_complete = ?, \
+                 error = 'expired: no client accepted it within ' || accept_within_secs || ' s' \
+                 WHERE build = ? AND id = ?",
+            )
+            .bind(now)
+            .bind(&build)
+            .bind(&job)
+            .execute(&mut *tx)
+            .await?;
             let reason = format!(
                 "no client accepted it within {} s",
                 within.unwrap_or_default()
@@ -1236,8 +1265,13 @@ impl JobStore for SqliteStore {
 
     async fn due_notifications(&self, now: i64, limit: u32) -> StoreResult<Vec<Notification>> {
         let rows = sqlx::query(
-            "SELECT id, build, url, body, attempts FROM notifications \
-             WHERE delivered_at IS NULL AND gave_up_at IS NULL AND next_attempt_at <= ? \
+            // Every pending notice of a URL whose oldest pending notice is due: a URL
+            // gets its notices in order, and later ones wait while an earlier one is
+            // being retried.
+            "SELECT id, build, url, body, attempts FROM notifications n \
+             WHERE delivered_at IS NULL AND gave_up_at IS NULL \
+             AND (SELECT o.next_attempt_at FROM notifications o WHERE o.url = n.url \
+                  AND o.delivered_at IS NULL AND o.gave_up_at IS NULL ORDER BY o.id LIMIT 1) <= ? \
              ORDER BY id LIMIT ?",
         )
         .bind(now)

@@ -77,7 +77,7 @@ pub struct ServerArgs {
     /// Accept deadline for jobs whose manifest names none, in seconds.
     #[arg(long)]
     pub accept_within_secs: Option<u64>,
-    /// Lost leases a job survives before it fails.
+    /// Lost runs (lease lapsed, client gone) after which a job fails with `lost`.
     #[arg(long, default_value_t = 3)]
     pub max_attempts: u32,
 }

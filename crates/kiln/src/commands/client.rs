@@ -178,8 +178,16 @@ fn options_from(args: ClientArgs) -> anyhow::Result<ClientOptions> {
     let wait_secs = args
         .wait_secs
         .or_else(|| config.as_ref().map(|config| config.wait_secs))
-        .unwrap_or(60)
-        .clamp(1, 120);
+        .unwrap_or(60);
+    // The server holds a long poll open for at most 120 s; a longer WAITTIME would only
+    // make the client look idle for longer, not wait longer.
+    if wait_secs > 120 {
+        tracing::warn!(
+            wait_secs,
+            "WAITTIME is above 120 s, the longest a long poll lasts; using 120 s"
+        );
+    }
+    let wait_secs = wait_secs.clamp(1, 120);
     Ok(ClientOptions {
         client_id,
         include,

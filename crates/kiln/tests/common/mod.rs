@@ -6,7 +6,8 @@
 //! [`Server`] and [`Client`] are the running processes (SIGKILLed when dropped);
 //! [`Server::kiln`] runs an operator command against a server; [`http`] is a tiny
 //! HTTP/1.1 client for calls the CLI does not make; [`Job`] and [`write_build`] write
-//! small builds (manifest and scripts) for a test.
+//! small builds (manifest and scripts) for a test; [`TcpProxy`] stands between a client
+//! and a server and can cut the network between them.
 
 // Each test binary compiles this module and uses a different part of it.
 #![allow(dead_code)]
@@ -85,6 +86,18 @@ pub fn fail(log_dir: &Path, message: &str) -> ! {
 pub fn wait_until<T>(
     log_dir: &Path,
     what: &str,
+    check: impl FnMut() -> Option<T>,
+    observe: impl Fn() -> String,
+) -> T {
+    wait_until_within(log_dir, what, DEADLINE, check, observe)
+}
+
+/// As [`wait_until`], with its own bound instead of [`DEADLINE`]: for a test whose
+/// point is that a mechanism acts well before some slower one would (a lease, a grace).
+pub fn wait_until_within<T>(
+    log_dir: &Path,
+    what: &str,
+    deadline: Duration,
     mut check: impl FnMut() -> Option<T>,
     observe: impl Fn() -> String,
 ) -> T {
@@ -93,12 +106,11 @@ pub fn wait_until<T>(
         if let Some(value) = check() {
             return value;
         }
-        if start.elapsed() > DEADLINE {
+        if start.elapsed() > deadline {
             fail(
                 log_dir,
                 &format!(
-                    "timed out after {:?} waiting for {what}; last observed: {}",
-                    DEADLINE,
+                    "timed out after {deadline:?} waiting for {what}; last observed: {}",
                     observe()
                 ),
             );
@@ -723,6 +735,10 @@ pub struct Job {
     pub priority: Option<i64>,
     pub assigned_to: Option<String>,
     pub accept_within_secs: Option<u64>,
+    /// MAXATTEMPTS: lost runs the job survives.
+    pub max_attempts: Option<u32>,
+    /// RETRIES: script failures queued again.
+    pub retries: Option<u32>,
 }
 
 /// An image script that leaves `$KILN_OUTPUT/$KILN_JOB_ID.img` naming where it was made.
@@ -742,6 +758,8 @@ impl Job {
             priority: None,
             assigned_to: None,
             accept_within_secs: None,
+            max_attempts: None,
+            retries: None,
         }
     }
 
@@ -774,16 +792,35 @@ impl Job {
         self.accept_within_secs = Some(secs);
         self
     }
+
+    pub fn max_attempts(mut self, attempts: u32) -> Self {
+        self.max_attempts = Some(attempts);
+        self
+    }
+
+    pub fn retries(mut self, retries: u32) -> Self {
+        self.retries = Some(retries);
+        self
+    }
 }
 
 /// Writes a build into `dir`: `relbuild.xml` and `scripts/ID-install.sh`,
 /// `scripts/ID-image.sh` per job; returns the manifest's path.
 pub fn write_build(dir: &Path, number: &str, jobs: &[Job]) -> PathBuf {
+    write_build_notifying(dir, number, &[], jobs)
+}
+
+/// As [`write_build`], with one `<NOTIFY>URL</NOTIFY>` per entry of `notify`.
+pub fn write_build_notifying(dir: &Path, number: &str, notify: &[&str], jobs: &[Job]) -> PathBuf {
     let scripts = dir.join("scripts");
     std::fs::create_dir_all(&scripts).expect("creating the build's directory");
     let mut xml = format!(
-        "<SERVER>\n  <BUILDNUMBER>{number}</BUILDNUMBER>\n  <TITLE>Test build {number}</TITLE>\n  <JOBS>\n"
+        "<SERVER>\n  <BUILDNUMBER>{number}</BUILDNUMBER>\n  <TITLE>Test build {number}</TITLE>\n"
     );
+    for url in notify {
+        let _ = writeln!(xml, "  <NOTIFY>{url}</NOTIFY>");
+    }
+    xml.push_str("  <JOBS>\n");
     for job in jobs {
         let install = format!("scripts/{}-install.sh", job.id);
         let image = format!("scripts/{}-image.sh", job.id);
@@ -804,6 +841,12 @@ pub fn write_build(dir: &Path, number: &str, jobs: &[Job]) -> PathBuf {
         }
         if let Some(secs) = job.accept_within_secs {
             let _ = writeln!(xml, "      <ACCEPTWITHIN>{secs}</ACCEPTWITHIN>");
+        }
+        if let Some(attempts) = job.max_attempts {
+            let _ = writeln!(xml, "      <MAXATTEMPTS>{attempts}</MAXATTEMPTS>");
+        }
+        if let Some(retries) = job.retries {
+            let _ = writeln!(xml, "      <RETRIES>{retries}</RETRIES>");
         }
         xml.push_str("    </JOB>\n");
     }
@@ -878,4 +921,230 @@ impl Drop for PidFilesGuard {
 /// A job's field as text, or "" when absent.
 pub fn text<'a>(job: &'a Value, field: &str) -> &'a str {
     job[field].as_str().unwrap_or("")
+}
+
+impl Server {
+    /// The build's event log as the API serves it (`GET /v1/builds/BUILD/events`).
+    pub fn events(&self, build: &str) -> Vec<Value> {
+        let response = self.get(&format!("/v1/builds/{build}/events"));
+        if response.status != 200 {
+            self.fail(&format!("reading the events of {build}: {response:?}"));
+        }
+        match serde_json::from_str(&response.body) {
+            Ok(Value::Array(events)) => events,
+            _ => self.fail(&format!(
+                "the events of {build} are not a JSON array: {response:?}"
+            )),
+        }
+    }
+
+    /// Starts `kiln ARGS --server URL --token-file ADMIN_TOKEN` in the background (a
+    /// follower, say), its stdout going to `NAME.log` and its stderr to
+    /// `NAME-stderr.log` in the test's directory; returns the process and the stdout
+    /// file.
+    pub fn spawn_kiln(&self, name: &str, args: &[&str]) -> (ProcessGuard, PathBuf) {
+        let stdout_path = self.log_dir.join(format!("{name}.log"));
+        let stdout = File::create(&stdout_path).expect("creating a command's stdout file");
+        let stderr = File::create(self.log_dir.join(format!("{name}-stderr.log")))
+            .expect("creating a command's stderr file");
+        let child = Command::new(KILN)
+            .args(args)
+            .arg("--server")
+            .arg(&self.url)
+            .arg("--token-file")
+            .arg(&self.admin_token_file)
+            .env_remove("KILN_SERVER")
+            .env_remove("KILN_TOKEN")
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .unwrap_or_else(|err| panic!("cannot start `kiln {}`: {err}", args.join(" ")));
+        (
+            ProcessGuard {
+                child,
+                work_dir: None,
+            },
+            stdout_path,
+        )
+    }
+}
+
+/// A job's events (in log order) from a build's event log.
+pub fn events_of<'a>(events: &'a [Value], job: &str) -> Vec<&'a Value> {
+    events.iter().filter(|event| event["job"] == job).collect()
+}
+
+/// A TCP proxy on loopback in front of a server, that can cut the network: while cut,
+/// it passes no byte either way but keeps every connection open, as a broken network
+/// does (neither end sees a close). Dropping it closes every connection.
+pub struct TcpProxy {
+    /// `http://127.0.0.1:PORT`: give this to a client instead of the server's URL.
+    pub url: String,
+    address: std::net::SocketAddr,
+    shared: std::sync::Arc<ProxyShared>,
+}
+
+#[derive(Default)]
+struct ProxyShared {
+    /// Cut for every connection, open now or opened later.
+    cut: std::sync::atomic::AtomicBool,
+    /// The proxy is going away: every pump ends.
+    stopping: std::sync::atomic::AtomicBool,
+    /// Each connection's own cut flag, for [`TcpProxy::cut_open_connections`].
+    connections: std::sync::Mutex<Vec<std::sync::Arc<std::sync::atomic::AtomicBool>>>,
+}
+
+/// How long a pump's read waits before it looks at the cut and stop flags again.
+const PROXY_READ_TICK: Duration = Duration::from_millis(50);
+
+impl TcpProxy {
+    /// Starts a proxy to `target_url` (`http://HOST:PORT`).
+    pub fn start(target_url: &str) -> Self {
+        use std::sync::atomic::Ordering;
+        use std::sync::Arc;
+        let target = target_url
+            .strip_prefix("http://")
+            .unwrap_or_else(|| panic!("not an http:// URL: {target_url}"))
+            .trim_end_matches('/')
+            .to_owned();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binding the proxy");
+        let address = listener.local_addr().expect("the proxy's address");
+        let shared = Arc::new(ProxyShared::default());
+        let accept_shared = shared.clone();
+        std::thread::spawn(move || {
+            for inbound in listener.incoming() {
+                if accept_shared.stopping.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(inbound) = inbound else { continue };
+                let Ok(outbound) = TcpStream::connect(&target) else {
+                    continue;
+                };
+                let own_cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                accept_shared
+                    .connections
+                    .lock()
+                    .expect("proxy connections poisoned")
+                    .push(own_cut.clone());
+                for (from, to) in [
+                    (inbound.try_clone(), outbound.try_clone()),
+                    (outbound.try_clone(), inbound.try_clone()),
+                ] {
+                    let (Ok(from), Ok(to)) = (from, to) else {
+                        continue;
+                    };
+                    let shared = accept_shared.clone();
+                    let own_cut = own_cut.clone();
+                    std::thread::spawn(move || proxy_pump(from, to, &shared, &own_cut));
+                }
+            }
+        });
+        TcpProxy {
+            url: format!("http://{address}"),
+            address,
+            shared,
+        }
+    }
+
+    /// Stops passing bytes, both ways, on every connection (those opened later too).
+    pub fn cut(&self) {
+        self.shared
+            .cut
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Passes bytes again on every connection; what was held back goes through.
+    pub fn heal(&self) {
+        use std::sync::atomic::Ordering;
+        self.shared.cut.store(false, Ordering::SeqCst);
+        for own_cut in self
+            .shared
+            .connections
+            .lock()
+            .expect("proxy connections poisoned")
+            .iter()
+        {
+            own_cut.store(false, Ordering::SeqCst);
+        }
+    }
+
+    /// Stops passing bytes on the connections open now only: their ends keep them
+    /// open and silent (a close by either end is not passed on either), while new
+    /// connections go through.
+    pub fn cut_open_connections(&self) {
+        for own_cut in self
+            .shared
+            .connections
+            .lock()
+            .expect("proxy connections poisoned")
+            .iter()
+        {
+            own_cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.shared
+            .stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        // Wakes the accept loop so that it sees the flag.
+        let _ = TcpStream::connect(self.address);
+    }
+}
+
+/// Copies bytes from `from` to `to` while neither the proxy nor this connection is cut;
+/// a close is passed on (when not cut), and everything ends when the proxy stops.
+fn proxy_pump(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    shared: &ProxyShared,
+    own_cut: &std::sync::atomic::AtomicBool,
+) {
+    use std::sync::atomic::Ordering;
+    let blocked = || shared.cut.load(Ordering::SeqCst) || own_cut.load(Ordering::SeqCst);
+    let stopping = || shared.stopping.load(Ordering::SeqCst);
+    let _ = from.set_read_timeout(Some(PROXY_READ_TICK));
+    let mut buffer = vec![0u8; 64 * 1024];
+    loop {
+        if stopping() {
+            break;
+        }
+        // While cut, nothing is read either: a close by this end stays unseen.
+        if blocked() {
+            std::thread::sleep(PROXY_READ_TICK);
+            continue;
+        }
+        let read = from.read(&mut buffer);
+        if matches!(&read, Err(err) if matches!(
+            err.kind(),
+            std::io::ErrorKind::WouldBlock
+                | std::io::ErrorKind::TimedOut
+                | std::io::ErrorKind::Interrupted
+        )) {
+            continue;
+        }
+        // Whatever the read that was under way when the cut came brought (bytes, a
+        // close, a reset) is held until the cut heals.
+        while blocked() && !stopping() {
+            std::thread::sleep(PROXY_READ_TICK);
+        }
+        match read {
+            _ if stopping() => break,
+            Ok(0) => {
+                let _ = to.shutdown(std::net::Shutdown::Write);
+                return;
+            }
+            Ok(n_read) => {
+                if to.write_all(&buffer[..n_read]).is_err() {
+                    break;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    let _ = from.shutdown(std::net::Shutdown::Both);
+    let _ = to.shutdown(std::net::Shutdown::Both);
 }
