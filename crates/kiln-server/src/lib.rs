@@ -181,6 +181,13 @@ impl Server {
             shutdown.await;
             let _ = state.stopping.send(true);
         };
+        // Small responses written in pieces (headers, then a body) would otherwise wait
+        // for the peer's delayed ACK under Nagle's algorithm: 40 ms a request.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            if let Err(err) = tcp.set_nodelay(true) {
+                tracing::warn!(cause = %err, "cannot set TCP_NODELAY");
+            }
+        });
         let result = axum::serve(listener, app)
             .with_graceful_shutdown(shutdown)
             .await
