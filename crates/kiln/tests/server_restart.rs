@@ -78,3 +78,64 @@ fn server_killed_and_restarted_keeps_the_running_job_on_its_client_and_runs_it_o
     let runs = std::fs::read_to_string(&runs_file).expect("the runs file");
     assert_eq!(runs.lines().count(), 1, "the job ran once: {runs:?}");
 }
+
+#[test]
+fn upload_cut_off_by_a_server_kill_completes_after_the_restart() {
+    let harness = Harness::new("server-restart-upload");
+    let server_args = ["--lease-secs", "5", "--heartbeat-secs", "1"];
+    let server = harness.start_server("first", &server_args);
+    let expected_file = harness.path().join("expected.sha256");
+    // A 512 MiB image (sparse on the client, written whole on the server): long enough
+    // on loopback for the test to see the server staging it and kill the server.
+    let image = format!(
+        "truncate -s 512M \"$KILN_OUTPUT/big.img\"\n\
+         printf '%s' \"$KILN_JOB_ID\" | dd of=\"$KILN_OUTPUT/big.img\" bs=1 seek=1000 conv=notrunc 2>/dev/null\n\
+         sha256sum \"$KILN_OUTPUT/big.img\" | cut -d' ' -f1 > '{}'\n",
+        expected_file.display()
+    );
+    let build = server.submit(&write_build(
+        &harness.mkdir("build"),
+        "960",
+        &[Job::new("big", "PRO").image(&image)],
+    ));
+    let _client = harness.start_client("uploader", &[&server], &["--include", "PRO"]);
+    let staging = server.data.join("blobs").join("staging");
+    wait_until(
+        harness.path(),
+        "the server to be staging the image",
+        || {
+            std::fs::read_dir(&staging)
+                .ok()?
+                .flatten()
+                .any(|entry| entry.metadata().is_ok_and(|meta| meta.len() > 0))
+                .then_some(())
+        },
+        || format!("{:?}", std::fs::read_dir(&staging).map(|dir| dir.count())),
+    );
+
+    let listen = server.url.trim_start_matches("http://").to_owned();
+    let data = server.data.clone();
+    let client_token_file = server.client_token_file.clone();
+    drop(server); // SIGKILL in the middle of the upload.
+    let server = harness.start_server_at(
+        "restarted",
+        &listen,
+        &data,
+        Some(&client_token_file),
+        &server_args,
+    );
+
+    let job = server.wait_for_job(&build, "big", "to end", |job| {
+        !matches!(text(job, "state"), "queued" | "running")
+    });
+    assert_eq!(text(&job, "state"), "finished", "{job:#}");
+    assert_eq!(
+        job["attempt"], 1,
+        "the upload resumed under the same lease: {job:#}"
+    );
+    let expected = std::fs::read_to_string(&expected_file).expect("the step's hash");
+    let images = server.get(&format!("/v1/builds/{build}/images"));
+    let images: serde_json::Value = serde_json::from_str(&images.body).expect("image list");
+    assert_eq!(images[0]["sha256"], expected.trim(), "{images:#}");
+    assert_eq!(images[0]["size"], 512u64 << 20, "{images:#}");
+}
