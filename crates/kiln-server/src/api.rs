@@ -258,23 +258,13 @@ async fn events(
     Query(query): Query<EventsQuery>,
 ) -> Result<Json<Vec<Event>>, ApiErr> {
     state.store.build_summary(&build).await?;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(query.wait.min(MAX_WAIT_SECS));
-    let mut changes = state.changes.subscribe();
-    let mut stopping = state.stopping.subscribe();
-    loop {
+    let events = long_poll(&state, query.wait, || async {
         let events = state.store.events(&build, query.after).await?;
-        if !events.is_empty()
-            || *stopping.borrow_and_update()
-            || tokio::time::Instant::now() >= deadline
-        {
-            return Ok(Json(events));
-        }
-        tokio::select! {
-            _ = tokio::time::sleep_until(deadline) => {}
-            _ = changes.changed() => {}
-            _ = stopping.changed() => {}
-        }
-    }
+        let ready = !events.is_empty();
+        Ok((events, ready))
+    })
+    .await?;
+    Ok(Json(events))
 }
 
 async fn list_images(
@@ -578,10 +568,7 @@ async fn read_log(
     Path((build, job)): Path<(String, String)>,
     Query(query): Query<LogQuery>,
 ) -> Result<Json<LogChunk>, ApiErr> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(query.wait.min(MAX_WAIT_SECS));
-    let mut changes = state.changes.subscribe();
-    let mut stopping = state.stopping.subscribe();
-    loop {
+    let chunk = long_poll(&state, query.wait, || async {
         // The state first: if it is final, every line was written before it was read.
         let done = state.store.get_job(&build, &job).await?.state.is_final();
         let lines = state
@@ -589,23 +576,35 @@ async fn read_log(
             .read_log(&build, &job, query.after, LOG_PAGE)
             .await?;
         let full_page = lines.len() == LOG_PAGE as usize;
-        if !lines.is_empty()
-            || done
-            || *stopping.borrow_and_update()
-            || tokio::time::Instant::now() >= deadline
-        {
-            let next = lines.last().map_or(query.after, |line| line.seq);
-            return Ok(Json(LogChunk {
-                lines,
-                next,
-                done: done && !full_page,
-            }));
+        let ready = !lines.is_empty() || done;
+        let next = lines.last().map_or(query.after, |line| line.seq);
+        let done = done && !full_page;
+        Ok((LogChunk { lines, next, done }, ready))
+    })
+    .await?;
+    Ok(Json(chunk))
+}
+
+/// Answers a long poll: calls `fetch` (which says whether its answer is worth
+/// returning) again each time something changes, until it is, `wait_secs` pass, or the
+/// server stops; then returns the last answer.
+async fn long_poll<T, F, Fut>(state: &AppState, wait_secs: u64, mut fetch: F) -> Result<T, ApiErr>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(T, bool), ApiErr>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(wait_secs.min(MAX_WAIT_SECS));
+    let mut changes = state.changes.subscribe();
+    let mut stopping = state.stopping.subscribe();
+    loop {
+        let (answer, ready) = fetch().await?;
+        if ready || *stopping.borrow_and_update() || tokio::time::Instant::now() >= deadline {
+            return Ok(answer);
         }
-        if tokio::time::timeout_at(deadline, changes.changed())
-            .await
-            .is_err()
-        {
-            continue;
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => {}
+            _ = changes.changed() => {}
+            _ = stopping.changed() => {}
         }
     }
 }
