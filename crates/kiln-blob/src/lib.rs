@@ -1,11 +1,13 @@
 //! Image bytes: hashing and the blob store.
 //!
 //! - [`ImageHasher`] computes an image's whole-file BLAKE3 and SHA-256 in one pass.
+//! - [`chunking`] cuts an image into content-defined chunks named by their BLAKE3 hash.
 //! - [`BlobStore`] is where the server keeps image bytes and build files, by key;
 //!   [`LocalBlobStore`] keeps them in a directory, written crash-safely (temp file,
 //!   fsync, rename, fsync the directory). An S3-compatible store implements the same
 //!   trait.
 
+pub mod chunking;
 mod local;
 
 pub use local::LocalBlobStore;
