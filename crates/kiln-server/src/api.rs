@@ -83,10 +83,31 @@ pub fn router(state: Arc<AppState>) -> Router {
                 .put(put_image)
                 .layer(DefaultBodyLimit::disable()),
         )
+        .layer(axum::middleware::from_fn(run_to_completion))
         .with_state(state)
 }
 
 /// Liveness, with how many clients are connected and how many wait for a job.
+/// Runs a request's handler in its own task, so that a client hanging up (a timeout,
+/// a crash, a cut network) cannot cancel it half-way through a store transaction: a
+/// transaction dropped at an await point would leave its connection holding SQLite's
+/// write lock. Long polls stay cancellable: they hold no transaction while they wait,
+/// and a claim whose waiter is gone is released by the dispatcher.
+async fn run_to_completion(request: Request, next: axum::middleware::Next) -> Response {
+    let path = request.uri().path();
+    let is_get = request.method() == axum::http::Method::GET;
+    let long_poll = path == "/v1/claim"
+        || path == "/v1/session"
+        || (is_get && (path.ends_with("/log") || path.ends_with("/events")));
+    if long_poll {
+        return next.run(request).await;
+    }
+    match tokio::spawn(next.run(request)).await {
+        Ok(response) => response,
+        Err(err) => ApiErr::Internal(format!("request handler failed: {err}")).into_response(),
+    }
+}
+
 async fn health(State(state): Shared) -> Json<serde_json::Value> {
     Json(serde_json::json!({
         "status": "ok",
