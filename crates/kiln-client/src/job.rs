@@ -176,7 +176,7 @@ pub async fn run_job(run: JobRun) -> JobEnd {
             .await
         }
     };
-    local_state.forget(&claim).await;
+    local_state.forget(&claim);
     if let Err(err) = tokio::fs::remove_dir_all(&job_dir).await {
         tracing::warn!(cause = %kiln_proto::error_chain(&err), dir = %job_dir.display(), "cannot remove job directory");
     }

@@ -81,7 +81,7 @@ impl LocalState {
     }
 
     /// Forgets a job that ended.
-    pub async fn forget(&self, claim: &Claim) {
+    pub fn forget(&self, claim: &Claim) {
         self.update(|file| file.jobs.retain(|held| held.lease != claim.lease));
     }
 

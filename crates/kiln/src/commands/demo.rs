@@ -172,7 +172,9 @@ async fn drive(
     )
     .await?;
     if code != ExitCode::SUCCESS {
-        eprintln!("some jobs did not finish; see `kiln logs` output in the client logs above");
+        eprintln!(
+            "some jobs did not finish: their errors are above; the client logs listed at the start hold their output"
+        );
         return Ok((code, None));
     }
     let released = super::release::release(&operator, &submitted.number, out).await?;
