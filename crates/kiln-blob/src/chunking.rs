@@ -11,7 +11,9 @@
 //! buffers pass between them through a bounded channel, so memory stays at a few MiB
 //! whatever the size of the input.
 
+use crate::frames::{ChunkEntry, ChunkHash};
 use crate::{Digests, ImageHasher};
+use bytes::Bytes;
 use fastcdc::v2020::{self as cdc, StreamCDC};
 use std::io::{self, Read};
 use std::path::Path;
@@ -81,6 +83,16 @@ pub struct ChunkRef {
     pub blake3: String,
 }
 
+impl ChunkRef {
+    /// The chunk-list entry for this chunk.
+    pub fn entry(&self) -> ChunkEntry {
+        ChunkEntry {
+            hash: ChunkHash::parse(&self.blake3).expect("chunk names are made as lowercase hex"),
+            len: self.len,
+        }
+    }
+}
+
 /// A file cut into chunks, with its whole-file digests.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChunkedFile {
@@ -107,11 +119,22 @@ pub fn chunk_file(path: &Path, params: &ChunkParams) -> io::Result<ChunkedFile> 
 /// Chunk boundaries depend only on the bytes and `params`, never on how the reader
 /// splits its reads.
 pub fn chunk_reader<R: Read + Send>(reader: R, params: &ChunkParams) -> io::Result<ChunkedFile> {
+    chunk_reader_with(reader, params, |_, _| Ok(()))
+}
+
+/// [`chunk_reader`], handing each chunk with its bytes to `on_chunk` as soon as it is
+/// cut, in file order (on the chunking thread). An error from `on_chunk` stops the
+/// work and is returned.
+pub fn chunk_reader_with<R, F>(reader: R, params: &ChunkParams, mut on_chunk: F) -> io::Result<ChunkedFile>
+where
+    R: Read + Send,
+    F: FnMut(&ChunkRef, &Bytes) -> io::Result<()> + Send,
+{
     params.check()?;
     let max_size = params.max_size as usize;
     // At least two in flight, so that neither thread waits on a hand-over.
     let queue_len = (QUEUED_BYTES / max_size).max(2);
-    let (chunk_sender, chunk_receiver) = mpsc::sync_channel::<Vec<u8>>(queue_len);
+    let (chunk_sender, chunk_receiver) = mpsc::sync_channel::<Bytes>(queue_len);
 
     std::thread::scope(|scope| {
         let chunker = scope.spawn(move || -> io::Result<Vec<ChunkRef>> {
@@ -126,13 +149,16 @@ pub fn chunk_reader<R: Read + Send>(reader: R, params: &ChunkParams) -> io::Resu
                 let chunk = chunk?;
                 let len = u32::try_from(chunk.length)
                     .expect("a chunk is never longer than max_size, a u32");
-                chunks.push(ChunkRef {
+                let chunk_ref = ChunkRef {
                     offset: chunk.offset,
                     len,
                     blake3: blake3::hash(&chunk.data).to_hex().to_string(),
-                });
+                };
+                let data = Bytes::from(chunk.data);
+                on_chunk(&chunk_ref, &data)?;
+                chunks.push(chunk_ref);
                 // The receiver lives until every sender is gone, so this cannot fail.
-                let _ = chunk_sender.send(chunk.data);
+                let _ = chunk_sender.send(data);
             }
             Ok(chunks)
         });

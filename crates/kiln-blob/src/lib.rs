@@ -2,14 +2,19 @@
 //!
 //! - [`ImageHasher`] computes an image's whole-file BLAKE3 and SHA-256 in one pass.
 //! - [`chunking`] cuts an image into content-defined chunks named by their BLAKE3 hash.
+//! - [`frames`] is how chunks travel and rest; [`ChunkStore`] keeps each chunk once.
 //! - [`BlobStore`] is where the server keeps image bytes and build files, by key;
 //!   [`LocalBlobStore`] keeps them in a directory, written crash-safely (temp file,
 //!   fsync, rename, fsync the directory). An S3-compatible store implements the same
 //!   trait.
 
 pub mod chunking;
+pub mod chunks;
+pub mod frames;
 mod local;
 
+pub use chunks::{ChunkStore, LocalChunkStore, PutStats};
+pub use frames::{ChunkEntry, ChunkHash, Frame};
 pub use local::LocalBlobStore;
 
 use async_trait::async_trait;

@@ -1,0 +1,528 @@
+//! Chunks on the wire and at rest: names, frames and chunk lists.
+//!
+//! A chunk travels as a **frame**: its BLAKE3 name (32 bytes), its raw length (u32
+//! LE), an encoding byte (raw or zstd), the length of the data (u32 LE) and the data.
+//! The same frames carry chunks from client to server and from server to `kiln
+//! release`; [`FrameReader`] takes them apart from a stream of arbitrary pieces, and
+//! [`Frame::decode`] checks one against its name. An image's **chunk list** is packed
+//! as 36 bytes a chunk (name, length) by [`pack_chunk_list`].
+
+use bytes::{Buf, Bytes, BytesMut};
+use std::fmt;
+
+/// The longest chunk accepted anywhere (the chunker's maximum is 256 KiB).
+pub const MAX_CHUNK_BYTES: u32 = 1 << 20;
+/// How much longer than its chunk a compressed encoding may be.
+const MAX_EXPANSION: u32 = 1024;
+/// The fixed part of a frame before its data.
+pub const FRAME_HEADER_BYTES: usize = 32 + 4 + 1 + 4;
+/// Bytes of one entry of a packed chunk list.
+pub const CHUNK_ENTRY_BYTES: usize = 36;
+/// The zstd level chunks are compressed with: fast, and most of the gain on disk
+/// images (runs of zeros, text, executables).
+const ZSTD_LEVEL: i32 = 1;
+/// How many leading bytes of a chunk are compressed to judge whether the whole is
+/// worth compressing.
+const SAMPLE_BYTES: usize = 4096;
+
+/// A chunk's name: the BLAKE3 hash of its bytes.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ChunkHash(pub [u8; 32]);
+
+impl ChunkHash {
+    /// The name of `bytes`.
+    pub fn of(bytes: &[u8]) -> Self {
+        ChunkHash(*blake3::hash(bytes).as_bytes())
+    }
+
+    /// Parses 64 lowercase hex digits.
+    pub fn parse(hex_digits: &str) -> Option<Self> {
+        if !crate::is_valid_key(hex_digits) {
+            return None;
+        }
+        let mut bytes = [0u8; 32];
+        hex::decode_to_slice(hex_digits, &mut bytes).ok()?;
+        Some(ChunkHash(bytes))
+    }
+
+    /// 64 lowercase hex digits.
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+}
+
+impl fmt::Display for ChunkHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl fmt::Debug for ChunkHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ChunkHash({})", &self.to_hex()[..12])
+    }
+}
+
+impl serde::Serialize for ChunkHash {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.to_hex())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for ChunkHash {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        ChunkHash::parse(&text).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "invalid chunk name {text:?}: expected 64 lowercase hex digits"
+            ))
+        })
+    }
+}
+
+/// How a frame's data holds its chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    /// The data is the chunk.
+    Raw = 0,
+    /// The data is one zstd frame that decompresses to the chunk.
+    Zstd = 1,
+}
+
+impl Encoding {
+    fn from_byte(byte: u8) -> Option<Self> {
+        match byte {
+            0 => Some(Encoding::Raw),
+            1 => Some(Encoding::Zstd),
+            _ => None,
+        }
+    }
+}
+
+/// One entry of an image's chunk list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ChunkEntry {
+    pub hash: ChunkHash,
+    pub len: u32,
+}
+
+/// What was wrong with a frame or a chunk list.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error("chunk {hash}: its length {len} is outside 1..={MAX_CHUNK_BYTES}")]
+    BadLength { hash: ChunkHash, len: u32 },
+    #[error("chunk {hash}: unknown encoding {encoding}")]
+    BadEncoding { hash: ChunkHash, encoding: u8 },
+    #[error("chunk {hash}: {data_len} bytes of data for a {raw_len}-byte chunk")]
+    BadDataLength {
+        hash: ChunkHash,
+        raw_len: u32,
+        data_len: u32,
+    },
+    #[error("chunk {hash}: the compressed data is damaged: {reason}")]
+    Undecodable { hash: ChunkHash, reason: String },
+    #[error("chunk {hash}: decodes to {actual} bytes, not the {expected} announced")]
+    LengthMismatch {
+        hash: ChunkHash,
+        expected: u32,
+        actual: usize,
+    },
+    #[error("chunk {hash}: its bytes hash to {actual}; refused")]
+    HashMismatch { hash: ChunkHash, actual: ChunkHash },
+    #[error("the stream ends inside a frame ({0} bytes left over)")]
+    Truncated(usize),
+    #[error("a chunk list of {0} bytes is not a whole number of {CHUNK_ENTRY_BYTES}-byte entries")]
+    BadChunkList(usize),
+}
+
+/// One frame taken off the wire, not yet checked against its name.
+#[derive(Debug, Clone)]
+pub struct Frame {
+    pub hash: ChunkHash,
+    pub raw_len: u32,
+    pub encoding: Encoding,
+    pub data: Bytes,
+}
+
+impl Frame {
+    /// Encodes `chunk` for the wire and for storage: zstd when a sample of it
+    /// compresses, else as it is.
+    pub fn encode(chunk: &[u8]) -> Frame {
+        Frame::encode_named(ChunkHash::of(chunk), chunk)
+    }
+
+    /// [`Frame::encode`] for a chunk whose name is already known.
+    pub fn encode_named(hash: ChunkHash, chunk: &[u8]) -> Frame {
+        let raw_len = u32::try_from(chunk.len()).expect("chunks are shorter than 4 GiB");
+        let sample = &chunk[..chunk.len().min(SAMPLE_BYTES)];
+        let worth_trying = zstd::bulk::compress(sample, ZSTD_LEVEL)
+            .map(|compressed| compressed.len() * 100 < sample.len() * 95)
+            .unwrap_or(false);
+        if worth_trying {
+            if let Ok(compressed) = zstd::bulk::compress(chunk, ZSTD_LEVEL) {
+                if compressed.len() < chunk.len() {
+                    return Frame {
+                        hash,
+                        raw_len,
+                        encoding: Encoding::Zstd,
+                        data: Bytes::from(compressed),
+                    };
+                }
+            }
+        }
+        Frame {
+            hash,
+            raw_len,
+            encoding: Encoding::Raw,
+            data: Bytes::copy_from_slice(chunk),
+        }
+    }
+
+    /// The chunk's bytes, checked against the frame's length and name.
+    pub fn decode(&self) -> Result<Bytes, FrameError> {
+        let hash = self.hash;
+        let raw = match self.encoding {
+            Encoding::Raw => self.data.clone(),
+            Encoding::Zstd => {
+                let raw = zstd::bulk::decompress(&self.data, self.raw_len as usize).map_err(
+                    |err| FrameError::Undecodable {
+                        hash,
+                        reason: err.to_string(),
+                    },
+                )?;
+                Bytes::from(raw)
+            }
+        };
+        if raw.len() != self.raw_len as usize {
+            return Err(FrameError::LengthMismatch {
+                hash,
+                expected: self.raw_len,
+                actual: raw.len(),
+            });
+        }
+        let actual = ChunkHash::of(&raw);
+        if actual != hash {
+            return Err(FrameError::HashMismatch { hash, actual });
+        }
+        Ok(raw)
+    }
+
+    /// Bytes of the frame on the wire.
+    pub fn wire_len(&self) -> usize {
+        FRAME_HEADER_BYTES + self.data.len()
+    }
+
+    /// Appends the frame to `out`.
+    pub fn write_to(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.hash.0);
+        self.write_body_to(out);
+    }
+
+    /// Appends everything but the name: the form a chunk is stored in.
+    pub fn write_body_to(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.raw_len.to_le_bytes());
+        out.push(self.encoding as u8);
+        out.extend_from_slice(&(self.data.len() as u32).to_le_bytes());
+        out.extend_from_slice(&self.data);
+    }
+
+    /// Reads back what [`Frame::write_body_to`] wrote, for the chunk named `hash`.
+    pub fn from_body(hash: ChunkHash, mut body: Bytes) -> Result<Frame, FrameError> {
+        let mut named = BytesMut::with_capacity(32 + body.len());
+        named.extend_from_slice(&hash.0);
+        named.extend_from_slice(&body.split_off(0));
+        let mut reader = FrameReader::new();
+        reader.push(&named);
+        let frame = reader
+            .next_frame()?
+            .ok_or(FrameError::Truncated(named.len()))?;
+        reader.finish()?;
+        Ok(frame)
+    }
+}
+
+/// Takes frames apart from a byte stream that arrives in arbitrary pieces.
+#[derive(Default)]
+pub struct FrameReader {
+    buffer: BytesMut,
+}
+
+impl FrameReader {
+    /// A reader that has seen nothing.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds the next piece of the stream.
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buffer.extend_from_slice(bytes);
+    }
+
+    /// The next whole frame, or `None` until more bytes arrive. The header is checked
+    /// here (length bounds, encoding), so a hostile stream cannot make the reader
+    /// buffer more than one frame's worth.
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, FrameError> {
+        if self.buffer.len() < FRAME_HEADER_BYTES {
+            return Ok(None);
+        }
+        let header = &self.buffer[..FRAME_HEADER_BYTES];
+        let hash = ChunkHash(header[..32].try_into().expect("32 bytes"));
+        let raw_len = u32::from_le_bytes(header[32..36].try_into().expect("4 bytes"));
+        let encoding_byte = header[36];
+        let data_len = u32::from_le_bytes(header[37..41].try_into().expect("4 bytes"));
+        if raw_len == 0 || raw_len > MAX_CHUNK_BYTES {
+            return Err(FrameError::BadLength { hash, len: raw_len });
+        }
+        let encoding = Encoding::from_byte(encoding_byte).ok_or(FrameError::BadEncoding {
+            hash,
+            encoding: encoding_byte,
+        })?;
+        let data_fits = match encoding {
+            Encoding::Raw => data_len == raw_len,
+            Encoding::Zstd => data_len > 0 && data_len <= raw_len + MAX_EXPANSION,
+        };
+        if !data_fits {
+            return Err(FrameError::BadDataLength {
+                hash,
+                raw_len,
+                data_len,
+            });
+        }
+        let total = FRAME_HEADER_BYTES + data_len as usize;
+        if self.buffer.len() < total {
+            self.buffer.reserve(total - self.buffer.len());
+            return Ok(None);
+        }
+        self.buffer.advance(FRAME_HEADER_BYTES);
+        let data = self.buffer.split_to(data_len as usize).freeze();
+        Ok(Some(Frame {
+            hash,
+            raw_len,
+            encoding,
+            data,
+        }))
+    }
+
+    /// Checks that the stream ended between frames.
+    pub fn finish(&self) -> Result<(), FrameError> {
+        if self.buffer.is_empty() {
+            Ok(())
+        } else {
+            Err(FrameError::Truncated(self.buffer.len()))
+        }
+    }
+}
+
+/// Packs a chunk list, 36 bytes an entry.
+pub fn pack_chunk_list(entries: &[ChunkEntry]) -> Vec<u8> {
+    let mut packed = Vec::with_capacity(entries.len() * CHUNK_ENTRY_BYTES);
+    for entry in entries {
+        packed.extend_from_slice(&entry.hash.0);
+        packed.extend_from_slice(&entry.len.to_le_bytes());
+    }
+    packed
+}
+
+/// Unpacks what [`pack_chunk_list`] packed.
+pub fn unpack_chunk_list(packed: &[u8]) -> Result<Vec<ChunkEntry>, FrameError> {
+    if packed.len() % CHUNK_ENTRY_BYTES != 0 {
+        return Err(FrameError::BadChunkList(packed.len()));
+    }
+    Ok(packed
+        .chunks_exact(CHUNK_ENTRY_BYTES)
+        .map(|entry| ChunkEntry {
+            hash: ChunkHash(entry[..32].try_into().expect("32 bytes")),
+            len: u32::from_le_bytes(entry[32..].try_into().expect("4 bytes")),
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn noise(n_bytes: usize, seed: u64) -> Vec<u8> {
+        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n_bytes)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect()
+    }
+
+    fn round_trip(frames: &[Frame], piece: usize) -> Vec<Frame> {
+        let mut wire = Vec::new();
+        for frame in frames {
+            frame.write_to(&mut wire);
+        }
+        let mut reader = FrameReader::new();
+        let mut out = Vec::new();
+        for piece in wire.chunks(piece) {
+            reader.push(piece);
+            while let Some(frame) = reader.next_frame().unwrap() {
+                out.push(frame);
+            }
+        }
+        reader.finish().unwrap();
+        out
+    }
+
+    #[test]
+    fn compressible_chunks_are_compressed_and_noise_is_not() {
+        let zeros = vec![0u8; 65536];
+        let text = b"kiln builds images. ".repeat(3000);
+        let random = noise(65536, 1);
+        let frames = [
+            Frame::encode(&zeros),
+            Frame::encode(&text),
+            Frame::encode(&random),
+        ];
+        assert_eq!(frames[0].encoding, Encoding::Zstd);
+        assert!(frames[0].data.len() < 100);
+        assert_eq!(frames[1].encoding, Encoding::Zstd);
+        assert_eq!(frames[2].encoding, Encoding::Raw);
+        for (frame, bytes) in frames.iter().zip([&zeros[..], &text[..], &random[..]]) {
+            assert_eq!(frame.decode().unwrap(), bytes);
+        }
+    }
+
+    #[test]
+    fn frames_survive_any_split_of_the_stream() {
+        let frames: Vec<Frame> = (0..5)
+            .map(|seed| {
+                let mut bytes = noise(1000 + seed as usize * 7000, seed);
+                if seed % 2 == 0 {
+                    bytes.extend(std::iter::repeat_n(7u8, 20_000));
+                }
+                Frame::encode(&bytes)
+            })
+            .collect();
+        for piece in [1, 7, 41, 4096, 1 << 20] {
+            let back = round_trip(&frames, piece);
+            assert_eq!(back.len(), frames.len());
+            for (a, b) in back.iter().zip(&frames) {
+                assert_eq!(a.hash, b.hash);
+                assert_eq!(a.decode().unwrap(), b.decode().unwrap());
+            }
+        }
+    }
+
+    #[test]
+    fn a_flipped_bit_is_refused_naming_the_chunk() {
+        let bytes = noise(5000, 3);
+        let mut frame = Frame::encode(&bytes);
+        let mut data = frame.data.to_vec();
+        data[100] ^= 1;
+        frame.data = Bytes::from(data);
+        let err = frame.decode().unwrap_err();
+        assert!(matches!(err, FrameError::HashMismatch { .. }), "{err}");
+        assert!(err.to_string().contains(&ChunkHash::of(&bytes).to_hex()));
+    }
+
+    #[test]
+    fn damaged_compressed_data_is_refused() {
+        let mut frame = Frame::encode(&vec![1u8; 50_000]);
+        assert_eq!(frame.encoding, Encoding::Zstd);
+        let mut data = frame.data.to_vec();
+        let middle = data.len() / 2;
+        data[middle] ^= 0xff;
+        data.truncate(data.len() - 2);
+        frame.data = Bytes::from(data);
+        assert!(frame.decode().is_err());
+    }
+
+    #[test]
+    fn a_wrong_length_is_refused() {
+        let bytes = vec![9u8; 3000];
+        let mut frame = Frame::encode(&bytes);
+        frame.raw_len = 2999;
+        assert!(frame.decode().is_err());
+    }
+
+    #[test]
+    fn hostile_headers_are_refused_before_buffering() {
+        let mut reader = FrameReader::new();
+        let mut header = vec![0u8; 32];
+        header.extend_from_slice(&(u32::MAX).to_le_bytes());
+        header.push(0);
+        header.extend_from_slice(&(u32::MAX).to_le_bytes());
+        reader.push(&header);
+        assert!(matches!(
+            reader.next_frame(),
+            Err(FrameError::BadLength { .. })
+        ));
+
+        let mut reader = FrameReader::new();
+        let mut header = vec![0u8; 32];
+        header.extend_from_slice(&100u32.to_le_bytes());
+        header.push(1);
+        header.extend_from_slice(&(10_000u32).to_le_bytes());
+        reader.push(&header);
+        assert!(matches!(
+            reader.next_frame(),
+            Err(FrameError::BadDataLength { .. })
+        ));
+
+        let mut reader = FrameReader::new();
+        let mut header = vec![0u8; 32];
+        header.extend_from_slice(&100u32.to_le_bytes());
+        header.push(9);
+        header.extend_from_slice(&100u32.to_le_bytes());
+        reader.push(&header);
+        assert!(matches!(
+            reader.next_frame(),
+            Err(FrameError::BadEncoding { encoding: 9, .. })
+        ));
+    }
+
+    #[test]
+    fn a_stream_ending_inside_a_frame_is_reported() {
+        let mut wire = Vec::new();
+        Frame::encode(b"abc").write_to(&mut wire);
+        wire.pop();
+        let mut reader = FrameReader::new();
+        reader.push(&wire);
+        assert!(reader.next_frame().unwrap().is_none());
+        assert_eq!(
+            reader.finish(),
+            Err(FrameError::Truncated(wire.len()))
+        );
+    }
+
+    #[test]
+    fn stored_body_reads_back() {
+        let frame = Frame::encode(&vec![4u8; 10_000]);
+        let mut body = Vec::new();
+        frame.write_body_to(&mut body);
+        let back = Frame::from_body(frame.hash, Bytes::from(body)).unwrap();
+        assert_eq!(back.decode().unwrap(), vec![4u8; 10_000]);
+    }
+
+    #[test]
+    fn chunk_lists_pack_and_unpack() {
+        let entries: Vec<ChunkEntry> = (0..10u32)
+            .map(|n| ChunkEntry {
+                hash: ChunkHash::of(&n.to_le_bytes()),
+                len: n * 1000 + 1,
+            })
+            .collect();
+        let packed = pack_chunk_list(&entries);
+        assert_eq!(packed.len(), 360);
+        assert_eq!(unpack_chunk_list(&packed).unwrap(), entries);
+        assert!(unpack_chunk_list(&packed[..35]).is_err());
+    }
+
+    #[test]
+    fn hashes_parse_only_from_lowercase_hex() {
+        let hash = ChunkHash::of(b"x");
+        assert_eq!(ChunkHash::parse(&hash.to_hex()), Some(hash));
+        assert_eq!(ChunkHash::parse(&hash.to_hex().to_uppercase()), None);
+        assert_eq!(ChunkHash::parse("../../etc/passwd"), None);
+        let json = serde_json::to_string(&hash).unwrap();
+        assert_eq!(serde_json::from_str::<ChunkHash>(&json).unwrap(), hash);
+        assert!(serde_json::from_str::<ChunkHash>("\"zz\"").is_err());
+    }
+}
