@@ -224,7 +224,7 @@ pub fn ingest<R: Read + Send>(
     let mut batch_bytes = 0usize;
     let mut stats = PutStats::default();
     let mut failure: Option<BlobError> = None;
-    let mut flush = |batch: &mut Vec<Frame>, stats: &mut PutStats| -> Result<(), BlobError> {
+    let flush = |batch: &mut Vec<Frame>, stats: &mut PutStats| -> Result<(), BlobError> {
         let added = store.put(batch)?;
         stats.new_chunks += added.new_chunks;
         stats.new_bytes += added.new_bytes;

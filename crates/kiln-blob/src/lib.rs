@@ -12,6 +12,7 @@ pub mod chunking;
 pub mod chunks;
 pub mod frames;
 mod local;
+pub mod wire;
 
 pub use chunks::{ChunkStore, LocalChunkStore, PutStats};
 pub use frames::{ChunkEntry, ChunkHash, Frame};
@@ -159,6 +160,8 @@ pub trait BlobStore: Send + Sync + 'static {
     /// A file holding the blob, for stores that keep blobs as local files (served with
     /// Range support straight from it).
     fn local_path(&self, key: &str) -> Result<PathBuf, BlobError>;
+    /// Deletes the blob under `key`, if there is one.
+    async fn remove(&self, key: &str) -> Result<(), BlobError>;
 }
 
 /// Whether `key` is a lowercase hex digest of 64 characters.

@@ -104,6 +104,15 @@ impl BlobStore for LocalBlobStore {
     fn local_path(&self, key: &str) -> Result<PathBuf, BlobError> {
         self.object_path(key)
     }
+
+    async fn remove(&self, key: &str) -> Result<(), BlobError> {
+        let path = self.object_path(key)?;
+        match tokio::fs::remove_file(&path).await {
+            Ok(()) => Ok(()),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(err) => Err(BlobError::io(format!("deleting {}", path.display()), err)),
+        }
+    }
 }
 
 #[cfg(test)]

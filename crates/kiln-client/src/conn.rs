@@ -2,6 +2,10 @@
 
 use kiln_proto::api::{ApiError, Claim, ClaimRequest, Fail, Finish, Heartbeat, LogBatch};
 use kiln_proto::progress::Progress;
+use kiln_blob::wire::{
+    CommitRequest, MissingRequest, MissingResponse, PutChunksResponse, FRAMES_CONTENT_TYPE,
+};
+use kiln_blob::{ChunkEntry, ChunkHash};
 use kiln_proto::LEASE_HEADER;
 use reqwest::StatusCode;
 use std::path::Path;
@@ -23,6 +27,10 @@ pub enum CallError {
     /// The server could not be reached or the connection broke.
     #[error("cannot reach the server")]
     Transport(#[source] reqwest::Error),
+    /// A commit named chunks the server lacks (it may have collected them): send
+    /// them and commit again.
+    #[error("the server lacks {} chunks of the image", .0.len())]
+    MissingChunks(Vec<kiln_blob::ChunkHash>),
     /// A local file could not be read or written.
     #[error("{what}")]
     Local {
@@ -65,10 +73,18 @@ async fn check(response: reqwest::Response) -> Result<reqwest::Response, CallErr
         return Ok(response);
     }
     let text = response.text().await.unwrap_or_default();
-    let (code, message) = match serde_json::from_str::<ApiError>(&text) {
-        Ok(body) => (body.code, body.error),
-        Err(_) => (String::new(), text),
+    let (code, message, missing) = match serde_json::from_str::<ApiError>(&text) {
+        Ok(body) => (body.code, body.error, body.missing),
+        Err(_) => (String::new(), text, None),
     };
+    if status == StatusCode::CONFLICT && code == "missing_chunks" {
+        let missing = missing
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|hex| kiln_blob::ChunkHash::parse(hex))
+            .collect();
+        return Err(CallError::MissingChunks(missing));
+    }
     // 409 also answers other conflicts (finishing without the images, say): only
     // `stale_lease` means the job is no longer ours.
     Err(if status == StatusCode::CONFLICT && code == "stale_lease" {
@@ -330,6 +346,74 @@ impl ServerConn {
             .header(kiln_proto::BLAKE3_HEADER, blake3)
             .header(reqwest::header::CONTENT_LENGTH, size)
             .body(reqwest::Body::wrap_stream(stream))
+            .send()
+            .await
+            .map_err(CallError::Transport)?;
+        check(response).await.map(drop)
+    }
+
+    /// Which of `chunks` the server lacks.
+    pub async fn missing_chunks(
+        &self,
+        claim: &Claim,
+        chunks: Vec<ChunkEntry>,
+    ) -> Result<Vec<ChunkHash>, CallError> {
+        let response = self
+            .request(
+                reqwest::Method::POST,
+                self.job_url(&claim.build, &claim.job_id, "chunks/missing"),
+            )
+            .header(LEASE_HEADER, &claim.lease)
+            .json(&MissingRequest { chunks })
+            .send()
+            .await
+            .map_err(CallError::Transport)?;
+        let answer: MissingResponse = check(response)
+            .await?
+            .json()
+            .await
+            .map_err(CallError::Transport)?;
+        Ok(answer.missing)
+    }
+
+    /// Sends a body of chunk frames.
+    pub async fn put_chunks(
+        &self,
+        claim: &Claim,
+        frames: Vec<u8>,
+    ) -> Result<PutChunksResponse, CallError> {
+        let response = self
+            .request(
+                reqwest::Method::POST,
+                self.job_url(&claim.build, &claim.job_id, "chunks"),
+            )
+            .header(LEASE_HEADER, &claim.lease)
+            .header(reqwest::header::CONTENT_TYPE, FRAMES_CONTENT_TYPE)
+            .body(frames)
+            .send()
+            .await
+            .map_err(CallError::Transport)?;
+        check(response)
+            .await?
+            .json()
+            .await
+            .map_err(CallError::Transport)
+    }
+
+    /// Commits an image whose chunks the server has.
+    pub async fn commit_image(
+        &self,
+        claim: &Claim,
+        name: &str,
+        commit: &CommitRequest,
+    ) -> Result<(), CallError> {
+        let response = self
+            .request(
+                reqwest::Method::POST,
+                self.job_url(&claim.build, &claim.job_id, &format!("images/{name}/commit")),
+            )
+            .header(LEASE_HEADER, &claim.lease)
+            .json(commit)
             .send()
             .await
             .map_err(CallError::Transport)?;

@@ -527,10 +527,10 @@ async fn heartbeat_loop(
 }
 
 /// Retries `call` while it fails in a way that may pass (server away, disk full).
-async fn with_retries<F, Fut>(what: &str, mut call: F) -> Result<(), CallError>
+async fn with_retries<T, F, Fut>(what: &str, mut call: F) -> Result<T, CallError>
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<(), CallError>>,
+    Fut: std::future::Future<Output = Result<T, CallError>>,
 {
     let mut delay = Duration::from_millis(500);
     let give_up = Instant::now() + Duration::from_secs(3600);
@@ -638,7 +638,7 @@ async fn upload_and_finish(
             })
             .await
             {
-                Ok(()) => break,
+                Ok(_report) => break,
                 Err(CallError::Stale(_)) => return JobEnd::LeaseLost,
                 Err(CallError::Refused { message, .. }) if n_refused < 2 => {
                     // A refused upload (its bytes did not match their hash) is sent again.

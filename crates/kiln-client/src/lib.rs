@@ -21,7 +21,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{watch, Notify, Semaphore};
-use upload::{ImageUploader, WholeFileUploader};
+use upload::{ChunkedUploader, ImageUploader};
 
 /// How the client runs.
 #[derive(Debug, Clone)]
@@ -88,7 +88,7 @@ impl Agent {
             slots: Arc::new(Semaphore::new(options.slots as usize)),
             slot_freed: Notify::new(),
             local_state: Arc::new(local_state),
-            uploader: Arc::new(WholeFileUploader),
+            uploader: Arc::new(ChunkedUploader::new()),
             report: std::sync::Mutex::new(AgentReport::default()),
             options,
         }))

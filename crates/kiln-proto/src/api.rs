@@ -17,6 +17,9 @@ pub struct ApiError {
     pub code: String,
     /// What was wrong, for a person.
     pub error: String,
+    /// With `missing_chunks`: the chunks (BLAKE3, hex) the server lacks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub missing: Option<Vec<String>>,
 }
 
 /// A build as listed by `GET /v1/builds`.

@@ -8,6 +8,7 @@
 use crate::auth::{Caller, Role};
 use crate::error::ApiErr;
 use crate::files;
+use crate::transfer;
 use crate::AppState;
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Multipart, Path, Query, Request, State};
@@ -25,7 +26,7 @@ use kiln_proto::manifest::BuildManifest;
 use kiln_proto::names::check_name;
 use kiln_proto::status_xml::{render_job_status, JobStatusXml};
 use kiln_proto::{BLAKE3_HEADER, LEASE_HEADER};
-use kiln_store::{Failure, NewBuild, NewImage, StoreError};
+use kiln_store::{Failure, NewBuild, StoreError};
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -39,6 +40,8 @@ const MAX_WAIT_SECS: u64 = 120;
 const LOG_PAGE: u32 = 2000;
 /// The largest manifest accepted.
 const MAX_MANIFEST_BYTES: usize = 4 << 20;
+/// The largest commit body: a chunk list of a 64 GiB image at the smallest chunks.
+const MAX_COMMIT_BYTES: usize = 512 << 20;
 /// The most lines one log batch may carry.
 const MAX_LOG_BATCH: usize = 10_000;
 
@@ -56,7 +59,10 @@ pub fn router(state: Arc<AppState>) -> Router {
                 .post(submit)
                 .layer(DefaultBodyLimit::max(submit_limit)),
         )
-        .route("/v1/builds/{build}", get(build_summary))
+        .route(
+            "/v1/builds/{build}",
+            get(build_summary).delete(transfer::delete_build),
+        )
         .route("/v1/builds/{build}/jobs", get(list_jobs))
         .route("/v1/builds/{build}/relbuild.xml", get(relbuild_xml))
         .route("/v1/builds/{build}/events", get(events))
@@ -79,10 +85,29 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/jobs/{build}/{job}/cancel", post(cancel))
         .route(
             "/v1/jobs/{build}/{job}/images/{name}",
-            get(get_image)
+            get(transfer::get_image)
                 .put(put_image)
                 .layer(DefaultBodyLimit::disable()),
         )
+        .route(
+            "/v1/jobs/{build}/{job}/images/{name}/index",
+            get(transfer::index),
+        )
+        .route(
+            "/v1/jobs/{build}/{job}/images/{name}/commit",
+            post(transfer::commit).layer(DefaultBodyLimit::max(MAX_COMMIT_BYTES)),
+        )
+        .route(
+            "/v1/jobs/{build}/{job}/chunks/missing",
+            post(transfer::missing).layer(DefaultBodyLimit::max(MAX_COMMIT_BYTES)),
+        )
+        .route(
+            "/v1/jobs/{build}/{job}/chunks",
+            post(transfer::put_chunks).layer(DefaultBodyLimit::disable()),
+        )
+        .route("/v1/chunks/fetch", post(transfer::fetch))
+        .route("/v1/storage", get(transfer::storage))
+        .route("/metrics", get(transfer::metrics))
         .layer(axum::middleware::from_fn(run_to_completion))
         .with_state(state)
 }
@@ -117,7 +142,7 @@ async fn health(State(state): Shared) -> Json<serde_json::Value> {
     }))
 }
 
-fn lease_of(headers: &HeaderMap) -> Result<&str, ApiErr> {
+pub(crate) fn lease_of(headers: &HeaderMap) -> Result<&str, ApiErr> {
     headers
         .get(LEASE_HEADER)
         .and_then(|value| value.to_str().ok())
@@ -130,7 +155,7 @@ fn lease_of(headers: &HeaderMap) -> Result<&str, ApiErr> {
         })
 }
 
-fn check_job_names(build: &str, job: &str) -> Result<(), ApiErr> {
+pub(crate) fn check_job_names(build: &str, job: &str) -> Result<(), ApiErr> {
     check_name("build number", build).map_err(|msg| ApiErr::bad_request("bad_name", msg))?;
     check_name("job id", job).map_err(|msg| ApiErr::bad_request("bad_name", msg))
 }
@@ -360,16 +385,6 @@ async fn serve_blob(
         headers.insert(header::CONTENT_DISPOSITION, disposition);
     }
     Ok(response)
-}
-
-async fn get_image(
-    State(state): Shared,
-    _caller: Caller,
-    Path((build, job, name)): Path<(String, String, String)>,
-    request: Request,
-) -> Result<Response, ApiErr> {
-    let image = state.store.get_image(&build, &job, &name).await?;
-    serve_blob(&state, &image.blob_key, request, &name).await
 }
 
 async fn submit(
@@ -686,24 +701,10 @@ async fn put_image(
             format!("image {name}: the bytes received hash to {} but the client said {expected}; nothing was stored", digests.blake3),
         ));
     }
-    state.blobs.commit(staged, &digests.blake3).await?;
+    let digests =
+        transfer::store_whole_image(&state, &build, &job, &lease, &name, staged.path()).await?;
+    drop(staged);
     let now = crate::now_micros();
-    state
-        .store
-        .add_image(
-            &build,
-            &job,
-            &lease,
-            &NewImage {
-                name: name.clone(),
-                size: digests.size,
-                blake3: digests.blake3.clone(),
-                sha256: digests.sha256.clone(),
-                blob_key: digests.blake3.clone(),
-                created_at: now,
-            },
-        )
-        .await?;
     let config_type = state.store.get_job(&build, &job).await?.config_type;
     tracing::info!(build = %build, job = %job, image = %name, size = digests.size, "image stored");
     Ok((

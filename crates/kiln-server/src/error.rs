@@ -27,6 +27,17 @@ pub enum ApiErr {
     /// The request body is larger than the server accepts.
     #[error("{0}")]
     TooLarge(String),
+    /// Well-formed, but not what it claims to be (a chunk or an image whose bytes do
+    /// not match their hash): nothing of it was kept.
+    #[error("{message}")]
+    Unprocessable { code: &'static str, message: String },
+    /// A commit lists chunks the server does not have; the client sends them and
+    /// commits again.
+    #[error("{message}")]
+    MissingChunks {
+        message: String,
+        missing: Vec<String>,
+    },
     /// Anything else: logged in full, reported without detail.
     #[error("internal error: {0}")]
     Internal(String),
@@ -62,6 +73,8 @@ impl ApiErr {
             ApiErr::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiErr::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ApiErr::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+            ApiErr::Unprocessable { code, .. } => (StatusCode::UNPROCESSABLE_ENTITY, code),
+            ApiErr::MissingChunks { .. } => (StatusCode::CONFLICT, "missing_chunks"),
             ApiErr::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
@@ -71,6 +84,10 @@ impl IntoResponse for ApiErr {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
         let message = kiln_proto::error_chain(&self);
+        let missing = match self {
+            ApiErr::MissingChunks { missing, .. } => Some(missing),
+            _ => None,
+        };
         if status.is_server_error() {
             tracing::error!(cause = %message, code, "request failed");
         }
@@ -79,6 +96,7 @@ impl IntoResponse for ApiErr {
             Json(ApiError {
                 code: code.to_owned(),
                 error: message,
+                missing,
             }),
         )
             .into_response()

@@ -14,12 +14,13 @@ mod files;
 mod loops;
 mod notify;
 mod sessions;
+mod transfer;
 
 pub use auth::{new_secret, Role};
 
 use anyhow::Context;
 use dispatch::Dispatcher;
-use kiln_blob::{BlobStore, LocalBlobStore};
+use kiln_blob::{BlobStore, LocalBlobStore, LocalChunkStore};
 use kiln_store::{JobStore, SqliteStore};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -83,6 +84,8 @@ pub struct AppState {
     pub(crate) config: ServerConfig,
     pub(crate) store: Arc<dyn JobStore>,
     pub(crate) blobs: Arc<dyn BlobStore>,
+    /// Image chunks, and what keeps collection from racing uploads.
+    pub(crate) storage: transfer::Storage,
     pub(crate) credentials: auth::Credentials,
     pub(crate) dispatcher: Arc<Dispatcher>,
     /// Bumped whenever log lines are appended or a job changes state, for followers.
@@ -126,6 +129,8 @@ impl Server {
             .context("opening the job store")?;
         let blobs = LocalBlobStore::open(&config.data_dir.join("blobs"))
             .context("opening the blob store")?;
+        let chunks = LocalChunkStore::open(&config.data_dir.join("chunks"))
+            .context("opening the chunk store")?;
         let credentials = auth::Credentials::load_or_create(
             &config.data_dir,
             config.admin_token_file.as_deref(),
@@ -146,11 +151,12 @@ impl Server {
         let dispatcher = Dispatcher::new(store.clone(), config.lease_secs);
         let (changes, _) = watch::channel(0);
         let (stopping, _) = watch::channel(false);
-        Ok(Server {
+        let server = Server {
             state: Arc::new(AppState {
                 config,
                 store,
                 blobs: Arc::new(blobs),
+                storage: transfer::Storage::new(Arc::new(chunks)),
                 credentials,
                 dispatcher,
                 changes,
@@ -158,7 +164,11 @@ impl Server {
                 notices: tokio::sync::Notify::new(),
                 sessions: sessions::Sessions::default(),
             }),
-        })
+        };
+        transfer::convert_legacy_images(&server.state)
+            .await
+            .context("converting images stored whole to chunks")?;
+        Ok(server)
     }
 
     /// Serves on `listener` until `shutdown` resolves, then stops the loops.

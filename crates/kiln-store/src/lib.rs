@@ -116,13 +116,46 @@ pub struct NewImage {
     pub sha256: String,
     pub blob_key: String,
     pub created_at: i64,
+    /// The ordered chunk list, packed (see `kiln_blob::frames::pack_chunk_list`).
+    pub chunk_list: Vec<u8>,
 }
 
 /// A stored image with where its bytes are.
 #[derive(Debug, Clone)]
 pub struct ImageRecord {
     pub info: ImageInfo,
+    /// The whole-file blob of an image stored before chunking (see
+    /// [`JobStore::legacy_images`]).
     pub blob_key: String,
+    /// The packed chunk list; `None` only for an image not yet converted.
+    pub chunk_list: Option<Vec<u8>>,
+}
+
+/// An image stored whole, before images were kept as chunks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LegacyImage {
+    pub build: String,
+    pub job: String,
+    pub name: String,
+    pub blob_key: String,
+}
+
+/// What deleting a build removed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeletedBuild {
+    pub jobs: u64,
+    pub images: u64,
+    /// The blob of the build's files, and whether another build still uses it.
+    pub files_key: String,
+    pub files_key_shared: bool,
+}
+
+/// What the server has stored, from the database's side.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImageTotals {
+    pub images: u64,
+    /// The sum of their sizes.
+    pub bytes: u64,
 }
 
 /// A job that changed state because of time (lease lapsed, deadline passed).
@@ -298,4 +331,30 @@ pub trait JobStore: Send + Sync + 'static {
     ) -> StoreResult<()>;
     /// Mean run time in seconds of finished jobs of a config type.
     async fn mean_run_secs(&self, config_type: &str) -> StoreResult<Option<f64>>;
+
+    /// Images stored whole, before chunking, that the server must convert.
+    async fn legacy_images(&self) -> StoreResult<Vec<LegacyImage>>;
+    /// Records the chunk list of a converted image.
+    async fn set_chunk_list(
+        &self,
+        build: &str,
+        job: &str,
+        name: &str,
+        chunk_list: &[u8],
+    ) -> StoreResult<()>;
+    /// The packed chunk list of every image, for garbage collection.
+    async fn chunk_lists(&self) -> StoreResult<Vec<Vec<u8>>>;
+    /// Deletes a build with its jobs, events, logs, images and pending notifications.
+    /// Refuses (conflict, naming them) while any of its jobs is running.
+    async fn delete_build(&self, build: &str) -> StoreResult<DeletedBuild>;
+    /// Whether any build's files are stored under `key`.
+    async fn files_key_in_use(&self, key: &str) -> StoreResult<bool>;
+    /// Adds to named counters, creating them at zero.
+    async fn add_counters(&self, deltas: &[(&str, i64)]) -> StoreResult<()>;
+    /// Sets named counters.
+    async fn set_counters(&self, values: &[(&str, i64)]) -> StoreResult<()>;
+    /// Every counter.
+    async fn counters(&self) -> StoreResult<std::collections::BTreeMap<String, i64>>;
+    /// How many images are stored, and their total size.
+    async fn image_totals(&self) -> StoreResult<ImageTotals>;
 }

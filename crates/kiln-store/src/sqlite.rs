@@ -5,7 +5,8 @@
 //! conditional `UPDATE ... WHERE state = 'queued'`: whoever loses gets nothing.
 
 use crate::{
-    BuildRecord, Candidate, ClaimedJob, Failure, ImageRecord, JobStore, LeaseHolder, NewBuild,
+    BuildRecord, Candidate, ClaimedJob, DeletedBuild, Failure, ImageRecord, ImageTotals, JobStore,
+    LeaseHolder, LegacyImage, NewBuild,
     NewImage, Notification, StoreError, StoreResult, TimedTransition,
 };
 use async_trait::async_trait;
@@ -831,7 +832,7 @@ impl JobStore for SqliteStore {
         current_lease(&mut tx, build, job, lease).await?;
         sqlx::query(
             "INSERT OR REPLACE INTO images (build, job, name, lease_token, size, blake3, sha256, \
-             blob_key, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             blob_key, created_at, chunk_list) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(build)
         .bind(job)
@@ -842,6 +843,7 @@ impl JobStore for SqliteStore {
         .bind(&image.sha256)
         .bind(&image.blob_key)
         .bind(image.created_at)
+        .bind(&image.chunk_list)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -1248,7 +1250,7 @@ impl JobStore for SqliteStore {
     async fn get_image(&self, build: &str, job: &str, name: &str) -> StoreResult<ImageRecord> {
         let row = sqlx::query(
             "SELECT i.build, i.job, j.config_type, i.name, i.size, i.blake3, i.sha256, i.created_at, \
-             i.blob_key FROM images i JOIN jobs j ON j.build = i.build AND j.id = i.job \
+             i.blob_key, i.chunk_list FROM images i JOIN jobs j ON j.build = i.build AND j.id = i.job \
              WHERE i.build = ? AND i.job = ? AND i.name = ? AND j.state = 'finished'",
         )
         .bind(build)
@@ -1260,6 +1262,7 @@ impl JobStore for SqliteStore {
         Ok(ImageRecord {
             info: image_info_from_row(&row)?,
             blob_key: row.try_get("blob_key")?,
+            chunk_list: row.try_get("chunk_list")?,
         })
     }
 
@@ -1333,6 +1336,167 @@ impl JobStore for SqliteStore {
         .fetch_one(&self.pool)
         .await?;
         Ok(mean)
+    }
+
+    async fn legacy_images(&self) -> StoreResult<Vec<LegacyImage>> {
+        let rows = sqlx::query(
+            "SELECT build, job, name, blob_key FROM images WHERE chunk_list IS NULL \
+             ORDER BY build, job, name",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(LegacyImage {
+                    build: row.try_get("build")?,
+                    job: row.try_get("job")?,
+                    name: row.try_get("name")?,
+                    blob_key: row.try_get("blob_key")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn set_chunk_list(
+        &self,
+        build: &str,
+        job: &str,
+        name: &str,
+        chunk_list: &[u8],
+    ) -> StoreResult<()> {
+        let mut tx = self.write_tx().await?;
+        sqlx::query("UPDATE images SET chunk_list = ? WHERE build = ? AND job = ? AND name = ?")
+            .bind(chunk_list)
+            .bind(build)
+            .bind(job)
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn chunk_lists(&self) -> StoreResult<Vec<Vec<u8>>> {
+        let rows = sqlx::query("SELECT chunk_list FROM images WHERE chunk_list IS NOT NULL")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| Ok(row.try_get::<Vec<u8>, _>("chunk_list")?))
+            .collect()
+    }
+
+    async fn delete_build(&self, build: &str) -> StoreResult<DeletedBuild> {
+        let mut tx = self.write_tx().await?;
+        let files_key: String = sqlx::query_scalar("SELECT files_key FROM builds WHERE number = ?")
+            .bind(build)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("build {build}")))?;
+        let running: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM jobs WHERE build = ? AND state = 'running' ORDER BY pk",
+        )
+        .bind(build)
+        .fetch_all(&mut *tx)
+        .await?;
+        if !running.is_empty() {
+            return Err(StoreError::Conflict(format!(
+                "build {build} has {} running job(s): {}; cancel them first",
+                running.len(),
+                running.join(", ")
+            )));
+        }
+        let images = sqlx::query("DELETE FROM images WHERE build = ?")
+            .bind(build)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        for table in ["log_lines", "events", "notifications"] {
+            sqlx::query(&format!("DELETE FROM {table} WHERE build = ?"))
+                .bind(build)
+                .execute(&mut *tx)
+                .await?;
+        }
+        let jobs = sqlx::query("DELETE FROM jobs WHERE build = ?")
+            .bind(build)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        sqlx::query("DELETE FROM builds WHERE number = ?")
+            .bind(build)
+            .execute(&mut *tx)
+            .await?;
+        let files_key_shared: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM builds WHERE files_key = ?)")
+                .bind(&files_key)
+                .fetch_one(&mut *tx)
+                .await?;
+        tx.commit().await?;
+        Ok(DeletedBuild {
+            jobs,
+            images,
+            files_key,
+            files_key_shared,
+        })
+    }
+
+    async fn files_key_in_use(&self, key: &str) -> StoreResult<bool> {
+        Ok(
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM builds WHERE files_key = ?)")
+                .bind(key)
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn add_counters(&self, deltas: &[(&str, i64)]) -> StoreResult<()> {
+        let mut tx = self.write_tx().await?;
+        for (name, delta) in deltas {
+            sqlx::query(
+                "INSERT INTO counters (name, value) VALUES (?, ?) \
+                 ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
+            )
+            .bind(name)
+            .bind(delta)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn set_counters(&self, values: &[(&str, i64)]) -> StoreResult<()> {
+        let mut tx = self.write_tx().await?;
+        for (name, value) in values {
+            sqlx::query(
+                "INSERT INTO counters (name, value) VALUES (?, ?) \
+                 ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+            )
+            .bind(name)
+            .bind(value)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn counters(&self) -> StoreResult<std::collections::BTreeMap<String, i64>> {
+        let rows = sqlx::query("SELECT name, value FROM counters")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| Ok((row.try_get("name")?, row.try_get("value")?)))
+            .collect()
+    }
+
+    async fn image_totals(&self) -> StoreResult<ImageTotals> {
+        let row = sqlx::query("SELECT COUNT(*) AS n, COALESCE(SUM(size), 0) AS bytes FROM images")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(ImageTotals {
+            images: row.try_get::<i64, _>("n")? as u64,
+            bytes: row.try_get::<i64, _>("bytes")? as u64,
+        })
     }
 }
 

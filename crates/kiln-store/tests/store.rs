@@ -103,6 +103,7 @@ fn image(name: &str, created_at: i64) -> NewImage {
         sha256: format!("sha-{name}"),
         blob_key: format!("images/{name}"),
         created_at,
+        chunk_list: name.as_bytes().repeat(36),
     }
 }
 
@@ -1649,5 +1650,58 @@ async fn a_requeued_job_shows_no_start_time() -> anyhow::Result<()> {
         (status.state, status.time_start, status.client_id),
         (Queued, None, None)
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn deleting_a_build_removes_everything_of_it_and_nothing_else() -> anyhow::Result<()> {
+    let (_dir, store) = open_store().await?;
+    for number in ["100", "200"] {
+        store
+            .insert_build(&new_build(number, vec![job("j1"), job("j2")], at(0)))
+            .await?;
+        let claimed = claim(&store, number, "j1", "c1", at(1)).await?;
+        store
+            .add_image(number, "j1", &claimed.lease, &image("disk.raw", at(2)))
+            .await?;
+        store
+            .finish(number, "j1", &claimed.lease, &["disk.raw".to_owned()], at(3))
+            .await?;
+    }
+    // A running job blocks the deletion, and the refusal names it.
+    claim(&store, "100", "j2", "c1", at(4)).await?;
+    let refused = store.delete_build("100").await.unwrap_err().to_string();
+    assert!(refused.contains("j2"), "{refused}");
+    let claimed = store.get_job("100", "j2").await?;
+    assert_eq!(claimed.state, Running);
+    store.cancel("100", "j2", at(5)).await?;
+
+    assert_eq!(store.chunk_lists().await?.len(), 2);
+    let deleted = store.delete_build("100").await?;
+    assert_eq!((deleted.jobs, deleted.images), (2, 1));
+    assert!(!deleted.files_key_shared, "each build has its own files");
+    assert!(store.get_build("100").await.is_err());
+    assert!(store.events("100", 0).await?.is_empty());
+    assert_eq!(store.chunk_lists().await?.len(), 1);
+    assert_eq!(store.list_images("200").await?.len(), 1);
+    assert_eq!(store.image_totals().await?.images, 1);
+    assert!(store.delete_build("100").await.is_err(), "gone already");
+    Ok(())
+}
+
+#[tokio::test]
+async fn counters_add_up_and_survive_reopening() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("kiln.db");
+    {
+        let store = SqliteStore::open(&path).await?;
+        store.add_counters(&[("bytes_received", 10), ("chunks", 1)]).await?;
+        store.add_counters(&[("bytes_received", 5)]).await?;
+        store.set_counters(&[("chunks", 7)]).await?;
+    }
+    let store = SqliteStore::open(&path).await?;
+    let counters = store.counters().await?;
+    assert_eq!(counters.get("bytes_received"), Some(&15));
+    assert_eq!(counters.get("chunks"), Some(&7));
     Ok(())
 }

@@ -79,17 +79,30 @@ fn server_killed_and_restarted_keeps_the_running_job_on_its_client_and_runs_it_o
     assert_eq!(runs.lines().count(), 1, "the job ran once: {runs:?}");
 }
 
+/// Chunk files in a server's chunk store.
+fn stored_chunks(data: &std::path::Path) -> usize {
+    let Ok(shards) = std::fs::read_dir(data.join("chunks")) else {
+        return 0;
+    };
+    shards
+        .flatten()
+        .filter(|shard| shard.file_name() != "tmp")
+        .filter_map(|shard| std::fs::read_dir(shard.path()).ok())
+        .map(|chunks| chunks.count())
+        .sum()
+}
+
 #[test]
-fn upload_cut_off_by_a_server_kill_completes_after_the_restart() {
+fn upload_cut_off_by_a_server_kill_resumes_without_resending_stored_chunks() {
     let harness = Harness::new("server-restart-upload");
     let server_args = ["--lease-secs", "5", "--heartbeat-secs", "1"];
     let server = harness.start_server("first", &server_args);
     let expected_file = harness.path().join("expected.sha256");
-    // A 512 MiB image (sparse on the client, written whole on the server): long enough
-    // on loopback for the test to see the server staging it and kill the server.
+    // 384 MiB of noise: about 4,700 distinct chunks, enough for the test to see the
+    // first ones stored and kill the server before the last.
+    const SIZE: u64 = 384 << 20;
     let image = format!(
-        "truncate -s 512M \"$KILN_OUTPUT/big.img\"\n\
-         printf '%s' \"$KILN_JOB_ID\" | dd of=\"$KILN_OUTPUT/big.img\" bs=1 seek=1000 conv=notrunc 2>/dev/null\n\
+        "head -c {SIZE} /dev/urandom > \"$KILN_OUTPUT/big.img\"\n\
          sha256sum \"$KILN_OUTPUT/big.img\" | cut -d' ' -f1 > '{}'\n",
         expected_file.display()
     );
@@ -99,24 +112,21 @@ fn upload_cut_off_by_a_server_kill_completes_after_the_restart() {
         &[Job::new("big", "PRO").image(&image)],
     ));
     let _client = harness.start_client("uploader", &[&server], &["--include", "PRO"]);
-    let staging = server.data.join("blobs").join("staging");
-    wait_until(
+    let data = server.data.clone();
+    let stored_before_kill = wait_until(
         harness.path(),
-        "the server to be staging the image",
+        "the server to have stored some chunks of the image",
         || {
-            std::fs::read_dir(&staging)
-                .ok()?
-                .flatten()
-                .any(|entry| entry.metadata().is_ok_and(|meta| meta.len() > 0))
-                .then_some(())
+            let n = stored_chunks(&data);
+            (n >= 300).then_some(n)
         },
-        || format!("{:?}", std::fs::read_dir(&staging).map(|dir| dir.count())),
+        || format!("{} chunks stored", stored_chunks(&data)),
     );
 
     let listen = server.url.trim_start_matches("http://").to_owned();
-    let data = server.data.clone();
     let client_token_file = server.client_token_file.clone();
     drop(server); // SIGKILL in the middle of the upload.
+    let stored_at_kill = stored_chunks(&data);
     let server = harness.start_server_at(
         "restarted",
         &listen,
@@ -137,5 +147,21 @@ fn upload_cut_off_by_a_server_kill_completes_after_the_restart() {
     let images = server.get(&format!("/v1/builds/{build}/images"));
     let images: serde_json::Value = serde_json::from_str(&images.body).expect("image list");
     assert_eq!(images[0]["sha256"], expected.trim(), "{images:#}");
-    assert_eq!(images[0]["size"], 512u64 << 20, "{images:#}");
+    assert_eq!(images[0]["size"], SIZE, "{images:#}");
+    let total_chunks = stored_chunks(&data);
+    assert!(
+        stored_at_kill < total_chunks,
+        "the kill came before the upload ended ({stored_at_kill} of {total_chunks} chunks)"
+    );
+    // Chunks stored before the kill were not sent again: all bytes received, over
+    // both lives of the server, come to the image once, plus at most the one body
+    // (16 MiB of chunks) that was on the wire when the server died.
+    let storage: serde_json::Value =
+        serde_json::from_str(&server.get("/v1/storage").body).expect("storage counters");
+    let received = storage["bytes_received"].as_u64().expect("bytes_received");
+    assert!(
+        received <= SIZE + (17 << 20),
+        "{received} bytes received for a {SIZE}-byte image: stored chunks were sent again \
+         ({stored_before_kill} chunks seen stored before the kill); {storage:#}"
+    );
 }

@@ -1,0 +1,872 @@
+//! Chunked image transfer and storage: which chunks are missing, receiving chunks,
+//! committing an image, serving it back (whole, by range, by chunk), deleting builds
+//! and collecting chunks no image uses. See docs/transfer.md.
+//!
+//! Two rules keep collection from racing uploads. Every chunk an upload asks about
+//! or sends is *pinned* for [`PIN_TTL`], and collection skips pinned chunks. And a
+//! commit checks that all its chunks are present and records the image while holding
+//! [`Storage::gc_lock`] for reading, which collection holds for writing while it
+//! deletes: a chunk is never deleted between a commit's check and its record, and a
+//! commit that finds a chunk gone answers `missing_chunks`, so the client sends it
+//! again.
+
+use crate::api::{check_job_names, lease_of};
+use crate::auth::Caller;
+use crate::error::ApiErr;
+use crate::AppState;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use bytes::Bytes;
+use futures::StreamExt;
+use kiln_blob::chunking::ChunkParams;
+use kiln_blob::frames::{pack_chunk_list, unpack_chunk_list, FrameReader, MAX_CHUNK_BYTES};
+use kiln_blob::wire::{
+    CommitRequest, DeleteReport, FetchRequest, ImageIndex, MissingRequest, MissingResponse,
+    PutChunksResponse, StorageStats, FRAMES_CONTENT_TYPE, MAX_FETCH, MAX_MISSING_QUERY,
+};
+use kiln_blob::{BlobError, ChunkEntry, ChunkHash, ChunkStore, Frame};
+use kiln_proto::api::ImageInfo;
+use kiln_proto::names::check_name;
+use kiln_store::{JobStore, NewImage};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long a chunk an upload mentioned is safe from collection.
+pub const PIN_TTL: Duration = Duration::from_secs(3600);
+/// Bytes of frames received before they are checked and stored together.
+const PUT_BATCH_BYTES: usize = 8 << 20;
+/// Decoded chunks a download may hold ahead of the network.
+const STREAM_AHEAD: usize = 16;
+
+/// Counter names in the store.
+const RECEIVED: &str = "bytes_received";
+const DEDUPLICATED: &str = "bytes_deduplicated";
+const STORED: &str = "bytes_stored";
+const CHUNKS: &str = "chunks_stored";
+
+type Shared = State<Arc<AppState>>;
+
+/// The chunk store with what keeps collection and uploads apart.
+pub struct Storage {
+    pub(crate) chunks: Arc<dyn ChunkStore>,
+    /// Chunks uploads mentioned, and when.
+    pins: Mutex<HashMap<ChunkHash, Instant>>,
+    /// Commits hold it for reading, collection for writing while it deletes.
+    gc_lock: tokio::sync::RwLock<()>,
+    /// One collection at a time.
+    gc_serial: tokio::sync::Mutex<()>,
+}
+
+impl Storage {
+    pub fn new(chunks: Arc<dyn ChunkStore>) -> Self {
+        Storage {
+            chunks,
+            pins: Mutex::default(),
+            gc_lock: tokio::sync::RwLock::new(()),
+            gc_serial: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    fn pin<'a>(&self, hashes: impl IntoIterator<Item = &'a ChunkHash>) {
+        let now = Instant::now();
+        let mut pins = self.pins.lock().expect("pins lock");
+        for hash in hashes {
+            pins.insert(*hash, now);
+        }
+    }
+
+    fn is_pinned(&self, hash: &ChunkHash, now: Instant) -> bool {
+        let pins = self.pins.lock().expect("pins lock");
+        pins.get(hash)
+            .is_some_and(|pinned_at| now.duration_since(*pinned_at) < PIN_TTL)
+    }
+
+    fn forget_old_pins(&self) {
+        let now = Instant::now();
+        self.pins
+            .lock()
+            .expect("pins lock")
+            .retain(|_, pinned_at| now.duration_since(*pinned_at) < PIN_TTL);
+    }
+}
+
+/// Runs blocking chunk-store work off the async threads.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, ApiErr> + Send + 'static,
+) -> Result<T, ApiErr> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|err| ApiErr::Internal(format!("chunk store task failed: {err}")))?
+}
+
+async fn check_holder(
+    state: &AppState,
+    caller: Caller,
+    build: &str,
+    job: &str,
+    headers: &HeaderMap,
+) -> Result<String, ApiErr> {
+    caller.require_client()?;
+    check_job_names(build, job)?;
+    let lease = lease_of(headers)?.to_owned();
+    state.store.check_lease(build, job, &lease).await?;
+    Ok(lease)
+}
+
+/// `POST /v1/jobs/{build}/{job}/chunks/missing`
+pub async fn missing(
+    State(state): Shared,
+    caller: Caller,
+    Path((build, job)): Path<(String, String)>,
+    headers: HeaderMap,
+    Json(request): Json<MissingRequest>,
+) -> Result<Json<MissingResponse>, ApiErr> {
+    check_holder(&state, caller, &build, &job, &headers).await?;
+    if request.chunks.len() > MAX_MISSING_QUERY {
+        return Err(ApiErr::TooLarge(format!(
+            "{} chunks in one question; at most {MAX_MISSING_QUERY}",
+            request.chunks.len()
+        )));
+    }
+    let hashes: Vec<ChunkHash> = request.chunks.iter().map(|entry| entry.hash).collect();
+    state.storage.pin(&hashes);
+    let chunks = state.storage.chunks.clone();
+    let missing = blocking(move || Ok(chunks.missing(&hashes)?)).await?;
+    let missing_set: HashSet<&ChunkHash> = missing.iter().collect();
+    let mut seen = HashSet::new();
+    let deduplicated: u64 = request
+        .chunks
+        .iter()
+        .filter(|entry| seen.insert(entry.hash) && !missing_set.contains(&entry.hash))
+        .map(|entry| u64::from(entry.len))
+        .sum();
+    if deduplicated > 0 {
+        state
+            .store
+            .add_counters(&[(DEDUPLICATED, deduplicated as i64)])
+            .await?;
+    }
+    Ok(Json(MissingResponse { missing }))
+}
+
+/// `POST /v1/jobs/{build}/{job}/chunks`: a body of frames, each checked against its
+/// name before it is stored.
+pub async fn put_chunks(
+    State(state): Shared,
+    caller: Caller,
+    Path((build, job)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<PutChunksResponse>, ApiErr> {
+    check_holder(&state, caller, &build, &job, &headers).await?;
+    let mut reader = FrameReader::new();
+    let mut batch: Vec<Frame> = Vec::new();
+    let mut batch_bytes = 0usize;
+    let mut report = PutChunksResponse {
+        chunks: 0,
+        bytes_received: 0,
+        bytes_stored: 0,
+    };
+    let mut new_chunks = 0u64;
+    let mut stream = body.into_data_stream();
+    let outcome: Result<(), ApiErr> = async {
+        loop {
+            let piece = stream.next().await;
+            let done = piece.is_none();
+            if let Some(piece) = piece {
+                let piece = piece.map_err(|err| {
+                    ApiErr::bad_request(
+                        "upload_interrupted",
+                        format!("the chunk upload broke off: {err}"),
+                    )
+                })?;
+                report.bytes_received += piece.len() as u64;
+                reader.push(&piece);
+                while let Some(frame) = reader.next_frame().map_err(frame_refused)? {
+                    batch_bytes += frame.wire_len();
+                    batch.push(frame);
+                }
+            } else {
+                reader.finish().map_err(frame_refused)?;
+            }
+            if batch_bytes >= PUT_BATCH_BYTES || (done && !batch.is_empty()) {
+                let frames = std::mem::take(&mut batch);
+                batch_bytes = 0;
+                report.chunks += frames.len() as u64;
+                state.storage.pin(frames.iter().map(|frame| &frame.hash));
+                let chunks = state.storage.chunks.clone();
+                let (stats, refused) = blocking(move || store_checked(&*chunks, frames)).await?;
+                report.bytes_stored += stats.new_bytes;
+                new_chunks += stats.new_chunks;
+                if let Some(err) = refused {
+                    return Err(err);
+                }
+            }
+            if done {
+                return Ok(());
+            }
+        }
+    }
+    .await;
+    state
+        .store
+        .add_counters(&[
+            (RECEIVED, report.bytes_received as i64),
+            (STORED, report.bytes_stored as i64),
+            (CHUNKS, new_chunks as i64),
+        ])
+        .await?;
+    outcome?;
+    Ok(Json(report))
+}
+
+fn frame_refused(err: kiln_blob::frames::FrameError) -> ApiErr {
+    ApiErr::Unprocessable {
+        code: "chunk_mismatch",
+        message: format!("{err}; the chunk was not stored"),
+    }
+}
+
+/// Checks each frame against its name and stores the good ones before the first bad
+/// one, which is returned as the refusal.
+fn store_checked(
+    chunks: &dyn ChunkStore,
+    frames: Vec<Frame>,
+) -> Result<(kiln_blob::PutStats, Option<ApiErr>), ApiErr> {
+    let mut good = Vec::with_capacity(frames.len());
+    let mut refused = None;
+    for frame in frames {
+        match frame.decode() {
+            Ok(_) => good.push(frame),
+            Err(err) => {
+                refused = Some(frame_refused(err));
+                break;
+            }
+        }
+    }
+    let stats = chunks.put(&good)?;
+    Ok((stats, refused))
+}
+
+/// `POST /v1/jobs/{build}/{job}/images/{name}/commit`
+pub async fn commit(
+    State(state): Shared,
+    caller: Caller,
+    Path((build, job, name)): Path<(String, String, String)>,
+    headers: HeaderMap,
+    Json(request): Json<CommitRequest>,
+) -> Result<(StatusCode, Json<ImageInfo>), ApiErr> {
+    let lease = check_holder(&state, caller, &build, &job, &headers).await?;
+    check_name("image name", &name).map_err(|msg| ApiErr::bad_request("bad_name", msg))?;
+    if request.size > state.config.max_image_bytes {
+        return Err(ApiErr::TooLarge(format!(
+            "image {name} is larger than the {} bytes this server accepts",
+            state.config.max_image_bytes
+        )));
+    }
+    if let Some(bad) = request
+        .chunks
+        .iter()
+        .find(|entry| entry.len == 0 || entry.len > MAX_CHUNK_BYTES)
+    {
+        return Err(ApiErr::bad_request(
+            "bad_chunk",
+            format!(
+                "image {name}: chunk {} has length {}, outside 1..={MAX_CHUNK_BYTES}",
+                bad.hash, bad.len
+            ),
+        ));
+    }
+    let listed: u64 = request.chunks.iter().map(|entry| u64::from(entry.len)).sum();
+    if listed != request.size {
+        return Err(ApiErr::Unprocessable {
+            code: "size_mismatch",
+            message: format!(
+                "image {name}: the chunks add up to {listed} bytes, not the {} announced; nothing was stored",
+                request.size
+            ),
+        });
+    }
+    let hashes: Vec<ChunkHash> = request.chunks.iter().map(|entry| entry.hash).collect();
+    state.storage.pin(&hashes);
+    let _no_collection = state.storage.gc_lock.read().await;
+    let chunks = state.storage.chunks.clone();
+    let missing = blocking(move || Ok(chunks.missing(&hashes)?)).await?;
+    if !missing.is_empty() {
+        return Err(ApiErr::MissingChunks {
+            message: format!(
+                "image {name}: the server lacks {} of its chunks; send them and commit again",
+                missing.len()
+            ),
+            missing: missing.iter().map(ChunkHash::to_hex).collect(),
+        });
+    }
+    let chunks = state.storage.chunks.clone();
+    let entries = request.chunks;
+    let (digests, entries) = blocking(move || {
+        let digests = kiln_blob::chunks::read_image(&*chunks, &entries, |_| Ok(()))?;
+        Ok((digests, entries))
+    })
+    .await?;
+    if digests.blake3 != request.blake3 || digests.sha256 != request.sha256 {
+        return Err(ApiErr::Unprocessable {
+            code: "hash_mismatch",
+            message: format!(
+                "image {name}: its chunks hash to BLAKE3 {} and SHA-256 {}, but the client said {} and {}; nothing was stored",
+                digests.blake3, digests.sha256, request.blake3, request.sha256
+            ),
+        });
+    }
+    let now = crate::now_micros();
+    state
+        .store
+        .add_image(
+            &build,
+            &job,
+            &lease,
+            &NewImage {
+                name: name.clone(),
+                size: digests.size,
+                blake3: digests.blake3.clone(),
+                sha256: digests.sha256.clone(),
+                blob_key: digests.blake3.clone(),
+                created_at: now,
+                chunk_list: pack_chunk_list(&entries),
+            },
+        )
+        .await?;
+    let config_type = state.store.get_job(&build, &job).await?.config_type;
+    tracing::info!(build = %build, job = %job, image = %name, size = digests.size, chunks = entries.len(), "image committed");
+    Ok((
+        StatusCode::CREATED,
+        Json(ImageInfo {
+            build,
+            job_id: job,
+            config_type,
+            name,
+            size: digests.size,
+            blake3: digests.blake3,
+            sha256: digests.sha256,
+            created_at: now,
+        }),
+    ))
+}
+
+/// Stores an image that arrived whole (already staged in a file whose BLAKE3 was
+/// checked): cuts it into chunks under the collection lock and records it.
+pub async fn store_whole_image(
+    state: &AppState,
+    build: &str,
+    job: &str,
+    lease: &str,
+    name: &str,
+    staged: &std::path::Path,
+) -> Result<kiln_blob::Digests, ApiErr> {
+    let _no_collection = state.storage.gc_lock.read().await;
+    let chunks = state.storage.chunks.clone();
+    let path = staged.to_owned();
+    let (chunked, stats) = blocking(move || {
+        let file = std::fs::File::open(&path)
+            .map_err(|err| BlobError::io(format!("reading {}", path.display()), err))?;
+        Ok(kiln_blob::chunks::ingest(
+            &*chunks,
+            file,
+            &ChunkParams::default(),
+        )?)
+    })
+    .await?;
+    let entries: Vec<ChunkEntry> = chunked.chunks.iter().map(|chunk| chunk.entry()).collect();
+    state.storage.pin(entries.iter().map(|entry| &entry.hash));
+    state
+        .store
+        .add_counters(&[
+            (RECEIVED, chunked.digests.size as i64),
+            (STORED, stats.new_bytes as i64),
+            (CHUNKS, stats.new_chunks as i64),
+        ])
+        .await?;
+    state
+        .store
+        .add_image(
+            build,
+            job,
+            lease,
+            &NewImage {
+                name: name.to_owned(),
+                size: chunked.digests.size,
+                blake3: chunked.digests.blake3.clone(),
+                sha256: chunked.digests.sha256.clone(),
+                blob_key: chunked.digests.blake3.clone(),
+                created_at: crate::now_micros(),
+                chunk_list: pack_chunk_list(&entries),
+            },
+        )
+        .await?;
+    Ok(chunked.digests)
+}
+
+async fn image_entries(
+    state: &AppState,
+    build: &str,
+    job: &str,
+    name: &str,
+) -> Result<(kiln_store::ImageRecord, Vec<ChunkEntry>), ApiErr> {
+    check_job_names(build, job)?;
+    let image = state.store.get_image(build, job, name).await?;
+    let packed = image.chunk_list.as_deref().ok_or_else(|| {
+        ApiErr::Internal(format!(
+            "image {name} of {build}/{job} has not been converted to chunks"
+        ))
+    })?;
+    let entries = unpack_chunk_list(packed)
+        .map_err(|err| ApiErr::Internal(format!("image {name} of {build}/{job}: {err}")))?;
+    Ok((image, entries))
+}
+
+/// `GET /v1/jobs/{build}/{job}/images/{name}/index`
+pub async fn index(
+    State(state): Shared,
+    _caller: Caller,
+    Path((build, job, name)): Path<(String, String, String)>,
+) -> Result<Json<ImageIndex>, ApiErr> {
+    let (image, chunks) = image_entries(&state, &build, &job, &name).await?;
+    Ok(Json(ImageIndex {
+        name,
+        size: image.info.size,
+        blake3: image.info.blake3,
+        sha256: image.info.sha256,
+        chunks,
+    }))
+}
+
+/// A byte range of an image, end exclusive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Span {
+    start: u64,
+    end: u64,
+}
+
+/// What a `Range` header asks of a `size`-byte file: `Ok(None)` for the whole file
+/// (no header, a form not understood, or several ranges), `Err(())` when no byte of
+/// it exists.
+fn parse_range(value: Option<&str>, size: u64) -> Result<Option<Span>, ()> {
+    let Some(spec) = value.and_then(|value| value.trim().strip_prefix("bytes=")) else {
+        return Ok(None);
+    };
+    if spec.contains(',') {
+        return Ok(None);
+    }
+    let Some((first, last)) = spec.trim().split_once('-') else {
+        return Ok(None);
+    };
+    let (first, last) = (first.trim(), last.trim());
+    let span = if first.is_empty() {
+        // The last N bytes.
+        let Ok(suffix) = last.parse::<u64>() else {
+            return Ok(None);
+        };
+        if suffix == 0 || size == 0 {
+            return Err(());
+        }
+        Span {
+            start: size.saturating_sub(suffix),
+            end: size,
+        }
+    } else {
+        let Ok(start) = first.parse::<u64>() else {
+            return Ok(None);
+        };
+        let end = if last.is_empty() {
+            size
+        } else {
+            match last.parse::<u64>() {
+                Ok(last) if last >= start => last.saturating_add(1).min(size),
+                _ => return Ok(None),
+            }
+        };
+        if start >= size {
+            return Err(());
+        }
+        Span { start, end }
+    };
+    Ok(Some(span))
+}
+
+/// `GET /v1/jobs/{build}/{job}/images/{name}`: the whole image, or one range of it,
+/// streamed from its chunks.
+pub async fn get_image(
+    State(state): Shared,
+    _caller: Caller,
+    Path((build, job, name)): Path<(String, String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiErr> {
+    let (image, entries) = image_entries(&state, &build, &job, &name).await?;
+    let size = image.info.size;
+    let etag = format!("\"{}\"", image.info.blake3);
+    let mut response_headers = HeaderMap::new();
+    response_headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    if let Ok(value) = HeaderValue::from_str(&etag) {
+        response_headers.insert(header::ETAG, value);
+    }
+    if let Ok(value) = HeaderValue::from_str(&format!("attachment; filename=\"{name}\"")) {
+        response_headers.insert(header::CONTENT_DISPOSITION, value);
+    }
+    let if_none_match = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|value| value.to_str().ok());
+    if if_none_match.is_some_and(|tags| {
+        tags.split(',')
+            .any(|tag| tag.trim() == etag || tag.trim() == "*")
+    }) {
+        return Ok((StatusCode::NOT_MODIFIED, response_headers).into_response());
+    }
+    let range = headers
+        .get(header::RANGE)
+        .and_then(|value| value.to_str().ok());
+    // If-Range with another validator means: send the whole (new) file.
+    let range = match headers
+        .get(header::IF_RANGE)
+        .and_then(|value| value.to_str().ok())
+    {
+        Some(validator) if validator.trim() != etag => None,
+        _ => range,
+    };
+    let (status, span) = match parse_range(range, size) {
+        Ok(Some(span)) => (StatusCode::PARTIAL_CONTENT, span),
+        Ok(None) => (StatusCode::OK, Span { start: 0, end: size }),
+        Err(()) => {
+            if let Ok(value) = HeaderValue::from_str(&format!("bytes */{size}")) {
+                response_headers.insert(header::CONTENT_RANGE, value);
+            }
+            return Ok((StatusCode::RANGE_NOT_SATISFIABLE, response_headers).into_response());
+        }
+    };
+    if status == StatusCode::PARTIAL_CONTENT {
+        let value = format!("bytes {}-{}/{size}", span.start, span.end - 1);
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            response_headers.insert(header::CONTENT_RANGE, value);
+        }
+    }
+    response_headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    response_headers.insert(header::CONTENT_LENGTH, HeaderValue::from(span.end - span.start));
+    let body = stream_span(state.storage.chunks.clone(), entries, span);
+    Ok((status, response_headers, body).into_response())
+}
+
+/// The bytes of `span` of the image made of `entries`, read chunk by chunk on a
+/// blocking thread a few chunks ahead of the network.
+fn stream_span(chunks: Arc<dyn ChunkStore>, entries: Vec<ChunkEntry>, span: Span) -> Body {
+    let (sender, receiver) = tokio::sync::mpsc::channel::<Result<Bytes, BlobError>>(STREAM_AHEAD);
+    tokio::task::spawn_blocking(move || {
+        let mut offset = 0u64;
+        for entry in &entries {
+            let chunk_start = offset;
+            let chunk_end = offset + u64::from(entry.len);
+            offset = chunk_end;
+            if chunk_end <= span.start {
+                continue;
+            }
+            if chunk_start >= span.end {
+                break;
+            }
+            let piece = chunks.read(&entry.hash).map(|bytes| {
+                let from = span.start.saturating_sub(chunk_start) as usize;
+                let to = (span.end.min(chunk_end) - chunk_start) as usize;
+                bytes.slice(from..to)
+            });
+            let failed = piece.is_err();
+            if sender.blocking_send(piece).is_err() || failed {
+                return;
+            }
+        }
+    });
+    body_of(receiver)
+}
+
+/// A response body fed by a blocking producer through `receiver`.
+fn body_of(receiver: tokio::sync::mpsc::Receiver<Result<Bytes, BlobError>>) -> Body {
+    Body::from_stream(futures::stream::unfold(receiver, |mut receiver| async move {
+        receiver.recv().await.map(|item| (item, receiver))
+    }))
+}
+
+/// `POST /v1/chunks/fetch`: the frames of the chunks asked for, in that order.
+pub async fn fetch(
+    State(state): Shared,
+    _caller: Caller,
+    Json(request): Json<FetchRequest>,
+) -> Result<Response, ApiErr> {
+    if request.chunks.len() > MAX_FETCH {
+        return Err(ApiErr::TooLarge(format!(
+            "{} chunks in one fetch; at most {MAX_FETCH}",
+            request.chunks.len()
+        )));
+    }
+    // Refuse up front what cannot be served, rather than cutting the stream later.
+    let chunks = state.storage.chunks.clone();
+    let asked = request.chunks.clone();
+    let missing = blocking(move || Ok(chunks.missing(&asked)?)).await?;
+    if let Some(hash) = missing.first() {
+        return Err(BlobError::NotFound(format!("chunk {hash}")).into());
+    }
+    let chunks = state.storage.chunks.clone();
+    let (sender, receiver) = tokio::sync::mpsc::channel::<Result<Bytes, BlobError>>(STREAM_AHEAD);
+    tokio::task::spawn_blocking(move || {
+        for hash in &request.chunks {
+            let frame = chunks.read_frame(hash).map(|frame| {
+                let mut wire = Vec::with_capacity(frame.wire_len());
+                frame.write_to(&mut wire);
+                Bytes::from(wire)
+            });
+            let failed = frame.is_err();
+            if sender.blocking_send(frame).is_err() || failed {
+                return;
+            }
+        }
+    });
+    Ok((
+        [(header::CONTENT_TYPE, FRAMES_CONTENT_TYPE)],
+        body_of(receiver),
+    )
+        .into_response())
+}
+
+async fn stats(state: &AppState) -> Result<StorageStats, ApiErr> {
+    let counters = state.store.counters().await?;
+    let counter = |name: &str| counters.get(name).copied().unwrap_or(0).max(0) as u64;
+    let totals = state.store.image_totals().await?;
+    Ok(StorageStats {
+        bytes_received: counter(RECEIVED),
+        bytes_deduplicated: counter(DEDUPLICATED),
+        bytes_stored: counter(STORED),
+        chunks_stored: counter(CHUNKS),
+        image_bytes: totals.bytes,
+        images: totals.images,
+    })
+}
+
+/// `GET /v1/storage`
+pub async fn storage(State(state): Shared, _caller: Caller) -> Result<Json<StorageStats>, ApiErr> {
+    Ok(Json(stats(&state).await?))
+}
+
+/// `GET /metrics`: the storage counters and the fleet's state in Prometheus's text
+/// format.
+pub async fn metrics(State(state): Shared, _caller: Caller) -> Result<Response, ApiErr> {
+    let stats = stats(&state).await?;
+    let mut text = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
+        text.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+        ));
+    };
+    metric(
+        "kiln_bytes_received_total",
+        "counter",
+        "Chunk bytes received on the wire, as sent.",
+        stats.bytes_received,
+    );
+    metric(
+        "kiln_bytes_deduplicated_total",
+        "counter",
+        "Bytes of chunks offered that the server already had.",
+        stats.bytes_deduplicated,
+    );
+    metric(
+        "kiln_bytes_stored",
+        "gauge",
+        "Bytes of chunk files on disk.",
+        stats.bytes_stored,
+    );
+    metric(
+        "kiln_chunks_stored",
+        "gauge",
+        "Chunk files on disk.",
+        stats.chunks_stored,
+    );
+    metric(
+        "kiln_image_bytes",
+        "gauge",
+        "Sum of the sizes of the images stored.",
+        stats.image_bytes,
+    );
+    metric("kiln_images", "gauge", "Images stored.", stats.images);
+    metric(
+        "kiln_clients_connected",
+        "gauge",
+        "Clients holding a session.",
+        state.sessions.n_connected() as u64,
+    );
+    metric(
+        "kiln_clients_waiting",
+        "gauge",
+        "Clients waiting for a job.",
+        state.dispatcher.n_waiting() as u64,
+    );
+    Ok((
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        text,
+    )
+        .into_response())
+}
+
+/// `DELETE /v1/builds/{build}`: the build and everything of it, then the chunks no
+/// image uses any more.
+pub async fn delete_build(
+    State(state): Shared,
+    caller: Caller,
+    Path(build): Path<String>,
+) -> Result<Json<DeleteReport>, ApiErr> {
+    caller.require_admin()?;
+    check_name("build number", &build).map_err(|msg| ApiErr::bad_request("bad_name", msg))?;
+    let deleted = state.store.delete_build(&build).await?;
+    if !deleted.files_key_shared {
+        state.blobs.remove(&deleted.files_key).await?;
+    }
+    state.changed();
+    let (chunks_freed, bytes_freed) = collect_garbage(&state).await?;
+    tracing::info!(build = %build, images = deleted.images, chunks_freed, bytes_freed, "build deleted");
+    Ok(Json(DeleteReport {
+        build,
+        jobs: deleted.jobs,
+        images: deleted.images,
+        chunks_freed,
+        bytes_freed,
+    }))
+}
+
+/// The chunks some image lists.
+async fn live_chunks(store: &dyn JobStore) -> Result<HashSet<ChunkHash>, ApiErr> {
+    let mut live = HashSet::new();
+    for packed in store.chunk_lists().await? {
+        let entries = unpack_chunk_list(&packed)
+            .map_err(|err| ApiErr::Internal(format!("a stored chunk list: {err}")))?;
+        live.extend(entries.into_iter().map(|entry| entry.hash));
+    }
+    Ok(live)
+}
+
+/// Deletes every chunk no image lists and no upload has pinned; returns how many and
+/// their bytes. Also sets the stored-bytes counters to what is on disk.
+pub async fn collect_garbage(state: &AppState) -> Result<(u64, u64), ApiErr> {
+    let _one_at_a_time = state.storage.gc_serial.lock().await;
+    state.storage.forget_old_pins();
+    let live = live_chunks(&*state.store).await?;
+    let chunks = state.storage.chunks.clone();
+    let stored = blocking(move || Ok(chunks.list()?)).await?;
+    let now = Instant::now();
+    let candidates: Vec<ChunkHash> = stored
+        .iter()
+        .map(|(hash, _)| *hash)
+        .filter(|hash| !live.contains(hash) && !state.storage.is_pinned(hash, now))
+        .collect();
+    let (freed, freed_bytes) = if candidates.is_empty() {
+        (0, 0)
+    } else {
+        // Commits made since the first look are seen here; none can start until done.
+        let _exclusive = state.storage.gc_lock.write().await;
+        let live = live_chunks(&*state.store).await?;
+        let now = Instant::now();
+        let doomed: Vec<ChunkHash> = candidates
+            .into_iter()
+            .filter(|hash| !live.contains(hash) && !state.storage.is_pinned(hash, now))
+            .collect();
+        let chunks = state.storage.chunks.clone();
+        blocking(move || {
+            let mut freed_bytes = 0;
+            for hash in &doomed {
+                freed_bytes += chunks.remove(hash)?;
+            }
+            Ok((doomed.len() as u64, freed_bytes))
+        })
+        .await?
+    };
+    let on_disk: u64 = stored.iter().map(|(_, bytes)| bytes).sum::<u64>() - freed_bytes;
+    let n_chunks = stored.len() as u64 - freed;
+    state
+        .store
+        .set_counters(&[(STORED, on_disk as i64), (CHUNKS, n_chunks as i64)])
+        .await?;
+    Ok((freed, freed_bytes))
+}
+
+/// Converts images stored whole (before chunking) into chunk lists, then deletes their
+/// whole-file blobs. Runs at start, before the server serves.
+pub async fn convert_legacy_images(state: &AppState) -> anyhow::Result<()> {
+    let legacy = state.store.legacy_images().await?;
+    if legacy.is_empty() {
+        return Ok(());
+    }
+    tracing::info!(n_images = legacy.len(), "converting whole-file images to chunks");
+    let mut keys = HashSet::new();
+    for image in &legacy {
+        let path = state.blobs.local_path(&image.blob_key)?;
+        let chunks = state.storage.chunks.clone();
+        let (chunked, stats) = tokio::task::spawn_blocking(move || {
+            let file = std::fs::File::open(&path)
+                .map_err(|err| BlobError::io(format!("reading {}", path.display()), err))?;
+            kiln_blob::chunks::ingest(&*chunks, file, &ChunkParams::default())
+        })
+        .await??;
+        if chunked.digests.blake3 != image.blob_key {
+            anyhow::bail!(
+                "image {} of {}/{}: its stored bytes hash to {}, not {}; left as it is",
+                image.name,
+                image.build,
+                image.job,
+                chunked.digests.blake3,
+                image.blob_key
+            );
+        }
+        let entries: Vec<ChunkEntry> = chunked.chunks.iter().map(|chunk| chunk.entry()).collect();
+        state
+            .store
+            .set_chunk_list(&image.build, &image.job, &image.name, &pack_chunk_list(&entries))
+            .await?;
+        state
+            .store
+            .add_counters(&[
+                (STORED, stats.new_bytes as i64),
+                (CHUNKS, stats.new_chunks as i64),
+            ])
+            .await?;
+        keys.insert(image.blob_key.clone());
+    }
+    for key in keys {
+        if !state.store.files_key_in_use(&key).await? {
+            state.blobs.remove(&key).await?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_are_read_as_rfc_9110_says() {
+        let size = 1000;
+        let span = |start, end| Ok(Some(Span { start, end }));
+        assert_eq!(parse_range(None, size), Ok(None));
+        assert_eq!(parse_range(Some("bytes=0-99"), size), span(0, 100));
+        assert_eq!(parse_range(Some("bytes=900-"), size), span(900, 1000));
+        assert_eq!(parse_range(Some("bytes=-100"), size), span(900, 1000));
+        assert_eq!(parse_range(Some("bytes=-5000"), size), span(0, 1000));
+        assert_eq!(parse_range(Some("bytes=990-5000"), size), span(990, 1000));
+        assert_eq!(parse_range(Some("bytes=1000-"), size), Err(()));
+        assert_eq!(parse_range(Some("bytes=-0"), size), Err(()));
+        // Several ranges, or forms not understood: the whole file.
+        assert_eq!(parse_range(Some("bytes=0-1,5-6"), size), Ok(None));
+        assert_eq!(parse_range(Some("bytes=5-1"), size), Ok(None));
+        assert_eq!(parse_range(Some("items=0-1"), size), Ok(None));
+        assert_eq!(parse_range(Some("bytes=x-1"), size), Ok(None));
+    }
+}
