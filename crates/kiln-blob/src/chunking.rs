@@ -125,7 +125,11 @@ pub fn chunk_reader<R: Read + Send>(reader: R, params: &ChunkParams) -> io::Resu
 /// [`chunk_reader`], handing each chunk with its bytes to `on_chunk` as soon as it is
 /// cut, in file order (on the chunking thread). An error from `on_chunk` stops the
 /// work and is returned.
-pub fn chunk_reader_with<R, F>(reader: R, params: &ChunkParams, mut on_chunk: F) -> io::Result<ChunkedFile>
+pub fn chunk_reader_with<R, F>(
+    reader: R,
+    params: &ChunkParams,
+    mut on_chunk: F,
+) -> io::Result<ChunkedFile>
 where
     R: Read + Send,
     F: FnMut(&ChunkRef, &Bytes) -> io::Result<()> + Send,

@@ -163,10 +163,7 @@ impl ChunkStore for LocalChunkStore {
             Err(err) => return Err(BlobError::io(format!("reading {}", path.display()), err)),
         };
         Frame::from_body(*hash, Bytes::from(body)).map_err(|err| {
-            BlobError::io(
-                format!("reading {}", path.display()),
-                io::Error::other(err),
-            )
+            BlobError::io(format!("reading {}", path.display()), io::Error::other(err))
         })
     }
 
@@ -331,15 +328,22 @@ mod tests {
         let store = LocalChunkStore::open(dir.path()).unwrap();
         let a = Frame::encode(&noise(70_000, 1));
         let b = Frame::encode(&vec![0u8; 70_000]);
-        assert_eq!(store.missing(&[a.hash, b.hash, a.hash]).unwrap(), vec![a.hash, b.hash]);
+        assert_eq!(
+            store.missing(&[a.hash, b.hash, a.hash]).unwrap(),
+            vec![a.hash, b.hash]
+        );
         let stats = store.put(&[a.clone(), b.clone(), a.clone()]).unwrap();
         assert_eq!(stats.new_chunks, 2);
-        assert!(stats.new_bytes < 70_000 + 100, "zeros are compressed: {stats:?}");
+        assert!(
+            stats.new_bytes < 70_000 + 100,
+            "zeros are compressed: {stats:?}"
+        );
         assert!(store.missing(&[a.hash, b.hash]).unwrap().is_empty());
         assert_eq!(store.put(&[a.clone()]).unwrap(), PutStats::default());
         assert_eq!(store.read(&a.hash).unwrap(), a.decode().unwrap());
         assert_eq!(store.read(&b.hash).unwrap(), vec![0u8; 70_000]);
-        let mut listed: Vec<ChunkHash> = store.list().unwrap().into_iter().map(|(h, _)| h).collect();
+        let mut listed: Vec<ChunkHash> =
+            store.list().unwrap().into_iter().map(|(h, _)| h).collect();
         listed.sort();
         let mut expected = vec![a.hash, b.hash];
         expected.sort();
@@ -347,7 +351,10 @@ mod tests {
         assert!(store.remove(&a.hash).unwrap() > 0);
         assert_eq!(store.remove(&a.hash).unwrap(), 0);
         assert!(matches!(store.read(&a.hash), Err(BlobError::NotFound(_))));
-        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
     }
 
     #[test]
@@ -370,7 +377,10 @@ mod tests {
         std::fs::create_dir_all(dir.path().join("tmp")).unwrap();
         std::fs::write(dir.path().join("tmp/leftover"), b"half a chunk").unwrap();
         LocalChunkStore::open(dir.path()).unwrap();
-        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
     }
 
     #[test]

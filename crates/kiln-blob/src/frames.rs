@@ -184,12 +184,13 @@ impl Frame {
         let raw = match self.encoding {
             Encoding::Raw => self.data.clone(),
             Encoding::Zstd => {
-                let raw = zstd::bulk::decompress(&self.data, self.raw_len as usize).map_err(
-                    |err| FrameError::Undecodable {
-                        hash,
-                        reason: err.to_string(),
-                    },
-                )?;
+                let raw =
+                    zstd::bulk::decompress(&self.data, self.raw_len as usize).map_err(|err| {
+                        FrameError::Undecodable {
+                            hash,
+                            reason: err.to_string(),
+                        }
+                    })?;
                 Bytes::from(raw)
             }
         };
@@ -486,10 +487,7 @@ mod tests {
         let mut reader = FrameReader::new();
         reader.push(&wire);
         assert!(reader.next_frame().unwrap().is_none());
-        assert_eq!(
-            reader.finish(),
-            Err(FrameError::Truncated(wire.len()))
-        );
+        assert_eq!(reader.finish(), Err(FrameError::Truncated(wire.len())));
     }
 
     #[test]

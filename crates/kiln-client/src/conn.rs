@@ -1,11 +1,11 @@
 //! [`ServerConn`]: the client's side of the HTTP API of one server.
 
-use kiln_proto::api::{ApiError, Claim, ClaimRequest, Fail, Finish, Heartbeat, LogBatch};
-use kiln_proto::progress::Progress;
 use kiln_blob::wire::{
     CommitRequest, MissingRequest, MissingResponse, PutChunksResponse, FRAMES_CONTENT_TYPE,
 };
 use kiln_blob::{ChunkEntry, ChunkHash};
+use kiln_proto::api::{ApiError, Claim, ClaimRequest, Fail, Finish, Heartbeat, LogBatch};
+use kiln_proto::progress::Progress;
 use kiln_proto::LEASE_HEADER;
 use reqwest::StatusCode;
 use std::path::Path;
@@ -410,7 +410,11 @@ impl ServerConn {
         let response = self
             .request(
                 reqwest::Method::POST,
-                self.job_url(&claim.build, &claim.job_id, &format!("images/{name}/commit")),
+                self.job_url(
+                    &claim.build,
+                    &claim.job_id,
+                    &format!("images/{name}/commit"),
+                ),
             )
             .header(LEASE_HEADER, &claim.lease)
             .json(commit)

@@ -138,9 +138,13 @@ impl ImageUploader for ChunkedUploader {
                 continue;
             }
             let this_batch = std::mem::take(&mut batch);
-            let asked: Vec<ChunkEntry> = this_batch.chunks.iter().map(|(entry, _)| *entry).collect();
-            let missing: HashSet<ChunkHash> =
-                conn.missing_chunks(claim, asked).await?.into_iter().collect();
+            let asked: Vec<ChunkEntry> =
+                this_batch.chunks.iter().map(|(entry, _)| *entry).collect();
+            let missing: HashSet<ChunkHash> = conn
+                .missing_chunks(claim, asked)
+                .await?
+                .into_iter()
+                .collect();
             let to_send: Vec<(ChunkEntry, Bytes)> = this_batch
                 .chunks
                 .into_iter()
@@ -273,8 +277,8 @@ fn read_chunks(
     use std::os::unix::fs::FileExt;
     let wanted: HashSet<&ChunkHash> = wanted.iter().collect();
     let mut found: HashMap<ChunkHash, (ChunkEntry, Bytes)> = HashMap::new();
-    let file = std::fs::File::open(path)
-        .map_err(local(format!("opening image {}", path.display())))?;
+    let file =
+        std::fs::File::open(path).map_err(local(format!("opening image {}", path.display())))?;
     for chunk in chunks {
         let entry = chunk.entry();
         if !wanted.contains(&entry.hash) || found.contains_key(&entry.hash) {
@@ -285,7 +289,10 @@ fn read_chunks(
             .map_err(local(format!("reading image {}", path.display())))?;
         if ChunkHash::of(&data) != entry.hash {
             return Err(CallError::Local {
-                what: format!("image {} changed while it was being uploaded", path.display()),
+                what: format!(
+                    "image {} changed while it was being uploaded",
+                    path.display()
+                ),
                 source: std::io::Error::other("a chunk no longer has the bytes it was cut with"),
             });
         }

@@ -3,7 +3,9 @@
 //! and collecting chunks no image uses. See docs/transfer.md.
 //!
 //! Two rules keep collection from racing uploads. Every chunk an upload asks about
-//! or sends is *pinned* for [`PIN_TTL`], and collection skips pinned chunks. And a
+//! or sends is *pinned* until an image that lists it is committed (at most
+//! [`PIN_TTL`]: an upload abandoned for good stops protecting its chunks), and
+//! collection skips pinned chunks. And a
 //! commit checks that all its chunks are present and records the image while holding
 //! [`Storage::gc_lock`] for reading, which collection holds for writing while it
 //! deletes: a chunk is never deleted between a commit's check and its record, and a
@@ -76,6 +78,14 @@ impl Storage {
         let mut pins = self.pins.lock().expect("pins lock");
         for hash in hashes {
             pins.insert(*hash, now);
+        }
+    }
+
+    /// Drops the pins of chunks an image now lists: the image keeps them.
+    fn unpin<'a>(&self, hashes: impl IntoIterator<Item = &'a ChunkHash>) {
+        let mut pins = self.pins.lock().expect("pins lock");
+        for hash in hashes {
+            pins.remove(hash);
         }
     }
 
@@ -281,7 +291,11 @@ pub async fn commit(
             ),
         ));
     }
-    let listed: u64 = request.chunks.iter().map(|entry| u64::from(entry.len)).sum();
+    let listed: u64 = request
+        .chunks
+        .iter()
+        .map(|entry| u64::from(entry.len))
+        .sum();
     if listed != request.size {
         return Err(ApiErr::Unprocessable {
             code: "size_mismatch",
@@ -339,6 +353,7 @@ pub async fn commit(
             },
         )
         .await?;
+    state.storage.unpin(entries.iter().map(|entry| &entry.hash));
     let config_type = state.store.get_job(&build, &job).await?.config_type;
     tracing::info!(build = %build, job = %job, image = %name, size = digests.size, chunks = entries.len(), "image committed");
     Ok((
@@ -406,6 +421,7 @@ pub async fn store_whole_image(
             },
         )
         .await?;
+    state.storage.unpin(entries.iter().map(|entry| &entry.hash));
     Ok(chunked.digests)
 }
 
@@ -537,7 +553,13 @@ pub async fn get_image(
     };
     let (status, span) = match parse_range(range, size) {
         Ok(Some(span)) => (StatusCode::PARTIAL_CONTENT, span),
-        Ok(None) => (StatusCode::OK, Span { start: 0, end: size }),
+        Ok(None) => (
+            StatusCode::OK,
+            Span {
+                start: 0,
+                end: size,
+            },
+        ),
         Err(()) => {
             if let Ok(value) = HeaderValue::from_str(&format!("bytes */{size}")) {
                 response_headers.insert(header::CONTENT_RANGE, value);
@@ -555,7 +577,10 @@ pub async fn get_image(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/octet-stream"),
     );
-    response_headers.insert(header::CONTENT_LENGTH, HeaderValue::from(span.end - span.start));
+    response_headers.insert(
+        header::CONTENT_LENGTH,
+        HeaderValue::from(span.end - span.start),
+    );
     let body = stream_span(state.storage.chunks.clone(), entries, span);
     Ok((status, response_headers, body).into_response())
 }
@@ -592,9 +617,10 @@ fn stream_span(chunks: Arc<dyn ChunkStore>, entries: Vec<ChunkEntry>, span: Span
 
 /// A response body fed by a blocking producer through `receiver`.
 fn body_of(receiver: tokio::sync::mpsc::Receiver<Result<Bytes, BlobError>>) -> Body {
-    Body::from_stream(futures::stream::unfold(receiver, |mut receiver| async move {
-        receiver.recv().await.map(|item| (item, receiver))
-    }))
+    Body::from_stream(futures::stream::unfold(
+        receiver,
+        |mut receiver| async move { receiver.recv().await.map(|item| (item, receiver)) },
+    ))
 }
 
 /// `POST /v1/chunks/fetch`: the frames of the chunks asked for, in that order.
@@ -710,11 +736,7 @@ pub async fn metrics(State(state): Shared, _caller: Caller) -> Result<Response, 
         "Clients waiting for a job.",
         state.dispatcher.n_waiting() as u64,
     );
-    Ok((
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        text,
-    )
-        .into_response())
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
 }
 
 /// `DELETE /v1/builds/{build}`: the build and everything of it, then the chunks no
@@ -804,7 +826,10 @@ pub async fn convert_legacy_images(state: &AppState) -> anyhow::Result<()> {
     if legacy.is_empty() {
         return Ok(());
     }
-    tracing::info!(n_images = legacy.len(), "converting whole-file images to chunks");
+    tracing::info!(
+        n_images = legacy.len(),
+        "converting whole-file images to chunks"
+    );
     let mut keys = HashSet::new();
     for image in &legacy {
         let path = state.blobs.local_path(&image.blob_key)?;
@@ -828,7 +853,12 @@ pub async fn convert_legacy_images(state: &AppState) -> anyhow::Result<()> {
         let entries: Vec<ChunkEntry> = chunked.chunks.iter().map(|chunk| chunk.entry()).collect();
         state
             .store
-            .set_chunk_list(&image.build, &image.job, &image.name, &pack_chunk_list(&entries))
+            .set_chunk_list(
+                &image.build,
+                &image.job,
+                &image.name,
+                &pack_chunk_list(&entries),
+            )
             .await?;
         state
             .store

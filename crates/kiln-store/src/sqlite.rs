@@ -6,8 +6,8 @@
 
 use crate::{
     BuildRecord, Candidate, ClaimedJob, DeletedBuild, Failure, ImageRecord, ImageTotals, JobStore,
-    LeaseHolder, LegacyImage, NewBuild,
-    NewImage, Notification, StoreError, StoreResult, TimedTransition,
+    LeaseHolder, LegacyImage, NewBuild, NewImage, Notification, StoreError, StoreResult,
+    TimedTransition,
 };
 use async_trait::async_trait;
 use kiln_proto::api::{BuildSummary, Event, ImageInfo, JobStatus, LogLine, NewLogLine, Notice};

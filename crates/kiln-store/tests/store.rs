@@ -1665,7 +1665,13 @@ async fn deleting_a_build_removes_everything_of_it_and_nothing_else() -> anyhow:
             .add_image(number, "j1", &claimed.lease, &image("disk.raw", at(2)))
             .await?;
         store
-            .finish(number, "j1", &claimed.lease, &["disk.raw".to_owned()], at(3))
+            .finish(
+                number,
+                "j1",
+                &claimed.lease,
+                &["disk.raw".to_owned()],
+                at(3),
+            )
             .await?;
     }
     // A running job blocks the deletion, and the refusal names it.
@@ -1695,7 +1701,9 @@ async fn counters_add_up_and_survive_reopening() -> anyhow::Result<()> {
     let path = dir.path().join("kiln.db");
     {
         let store = SqliteStore::open(&path).await?;
-        store.add_counters(&[("bytes_received", 10), ("chunks", 1)]).await?;
+        store
+            .add_counters(&[("bytes_received", 10), ("chunks", 1)])
+            .await?;
         store.add_counters(&[("bytes_received", 5)]).await?;
         store.set_counters(&[("chunks", 7)]).await?;
     }

@@ -29,6 +29,10 @@ pub enum Command {
     Events(EventsArgs),
     /// Restart or cancel a job.
     Job(JobArgs),
+    /// Delete a build with its images; chunks no image uses any more are freed.
+    Build(BuildArgs),
+    /// What the server stores: image bytes, chunk bytes, bytes received and saved.
+    Storage(StorageArgs),
     /// Download a build's images into a release directory.
     Release(ReleaseArgs),
     /// Run a whole farm on this machine and build the bundled example.
@@ -208,6 +212,38 @@ pub enum JobAction {
         #[command(flatten)]
         server: ServerOpts,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct BuildArgs {
+    #[command(subcommand)]
+    pub action: BuildAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BuildAction {
+    /// Delete a build: its jobs, logs, events and images. Refused while a job of it
+    /// runs, unless --force, which cancels those jobs first.
+    Delete {
+        build: String,
+        /// Cancel the build's running jobs first.
+        #[arg(long)]
+        force: bool,
+        /// Print what was deleted as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        server: ServerOpts,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct StorageArgs {
+    /// Print the counters as JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub server: ServerOpts,
 }
 
 #[derive(Debug, Args)]

@@ -1,6 +1,7 @@
 //! One module per subcommand; [`run`] dispatches.
 
 mod bench;
+mod build;
 mod chaos;
 mod client;
 mod demo;
@@ -64,6 +65,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 event.to
             );
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Build(args) => {
+            init_tracing("warn");
+            build::run(args).await
+        }
+        Command::Storage(args) => {
+            init_tracing("warn");
+            build::storage(args).await
         }
         Command::Release(args) => {
             init_tracing("warn");
