@@ -326,7 +326,7 @@ pub fn pack_chunk_list(entries: &[ChunkEntry]) -> Vec<u8> {
 
 /// Unpacks what [`pack_chunk_list`] packed.
 pub fn unpack_chunk_list(packed: &[u8]) -> Result<Vec<ChunkEntry>, FrameError> {
-    if packed.len() % CHUNK_ENTRY_BYTES != 0 {
+    if !packed.len().is_multiple_of(CHUNK_ENTRY_BYTES) {
         return Err(FrameError::BadChunkList(packed.len()));
     }
     Ok(packed
