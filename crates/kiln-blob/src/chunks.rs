@@ -339,7 +339,10 @@ mod tests {
             "zeros are compressed: {stats:?}"
         );
         assert!(store.missing(&[a.hash, b.hash]).unwrap().is_empty());
-        assert_eq!(store.put(&[a.clone()]).unwrap(), PutStats::default());
+        assert_eq!(
+            store.put(std::slice::from_ref(&a)).unwrap(),
+            PutStats::default()
+        );
         assert_eq!(store.read(&a.hash).unwrap(), a.decode().unwrap());
         assert_eq!(store.read(&b.hash).unwrap(), vec![0u8; 70_000]);
         let mut listed: Vec<ChunkHash> =
