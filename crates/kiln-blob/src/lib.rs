@@ -72,7 +72,7 @@ pub struct Digests {
 }
 
 /// Computes BLAKE3 and SHA-256 of a byte stream fed in pieces.
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct ImageHasher {
     size: u64,
     blake3: blake3::Hasher,

@@ -13,7 +13,15 @@ pub const FRAMES_CONTENT_TYPE: &str = "application/x-kiln-chunks";
 /// `POST /v1/jobs/B/J/chunks/missing`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MissingRequest {
+    /// The next chunks of the image, in order, repeats included.
     pub chunks: Vec<ChunkEntry>,
+    /// The image they belong to. With it, the server hashes the image in order while
+    /// its chunks arrive, so the commit need not read it back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Where in the image the first of `chunks` starts (0 starts the image again).
+    #[serde(default)]
+    pub offset: u64,
 }
 
 /// The answer: the chunks the server lacks, in the order asked, each once.

@@ -352,10 +352,12 @@ impl ServerConn {
         check(response).await.map(drop)
     }
 
-    /// Which of `chunks` the server lacks.
+    /// Which of `chunks` the server lacks. Naming the image they continue (and the
+    /// offset where they start) lets the server hash it while it arrives.
     pub async fn missing_chunks(
         &self,
         claim: &Claim,
+        image: Option<(&str, u64)>,
         chunks: Vec<ChunkEntry>,
     ) -> Result<Vec<ChunkHash>, CallError> {
         let response = self
@@ -364,7 +366,11 @@ impl ServerConn {
                 self.job_url(&claim.build, &claim.job_id, "chunks/missing"),
             )
             .header(LEASE_HEADER, &claim.lease)
-            .json(&MissingRequest { chunks })
+            .json(&MissingRequest {
+                chunks,
+                image: image.map(|(name, _)| name.to_owned()),
+                offset: image.map_or(0, |(_, offset)| offset),
+            })
             .send()
             .await
             .map_err(CallError::Transport)?;

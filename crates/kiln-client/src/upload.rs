@@ -77,7 +77,11 @@ fn local(what: String) -> impl FnOnce(std::io::Error) -> CallError {
 /// A batch of cut chunks waiting for the server's answer.
 #[derive(Default)]
 struct Batch {
-    chunks: Vec<(ChunkEntry, Bytes)>,
+    /// Every chunk cut, in order, repeats included: what the server is told.
+    entries: Vec<ChunkEntry>,
+    /// The bytes of chunks not offered before: what may be sent.
+    new: HashMap<ChunkHash, (ChunkEntry, Bytes)>,
+    /// Bytes of `new`.
     raw_bytes: u64,
 }
 
@@ -118,37 +122,38 @@ impl ImageUploader for ChunkedUploader {
         let mut sent = Sent::default();
         let mut sending: Option<JoinHandle<Result<Sent, CallError>>> = None;
         let mut batch = Batch::default();
+        let mut offset = 0u64;
         let mut last_report = Instant::now();
         loop {
             let next = cut.recv().await;
             let done = next.is_none();
             if let Some((entry, data)) = next {
                 entries.push(entry);
-                // A chunk that repeats within the image is offered once.
+                batch.entries.push(entry);
+                // A chunk that repeats within the image is sent once.
                 if offered.insert(entry.hash) {
                     batch.raw_bytes += u64::from(entry.len);
-                    batch.chunks.push((entry, data));
+                    batch.new.insert(entry.hash, (entry, data));
                 }
             }
-            let full = batch.raw_bytes >= BATCH_BYTES || batch.chunks.len() >= MAX_MISSING_QUERY;
-            if !(full || (done && !batch.chunks.is_empty())) {
+            let full = batch.raw_bytes >= BATCH_BYTES || batch.entries.len() >= MAX_MISSING_QUERY;
+            if !(full || (done && !batch.entries.is_empty())) {
                 if done {
                     break;
                 }
                 continue;
             }
-            let this_batch = std::mem::take(&mut batch);
-            let asked: Vec<ChunkEntry> =
-                this_batch.chunks.iter().map(|(entry, _)| *entry).collect();
-            let missing: HashSet<ChunkHash> = conn
-                .missing_chunks(claim, asked)
-                .await?
-                .into_iter()
-                .collect();
-            let to_send: Vec<(ChunkEntry, Bytes)> = this_batch
-                .chunks
-                .into_iter()
-                .filter(|(entry, _)| missing.contains(&entry.hash))
+            let mut this_batch = std::mem::take(&mut batch);
+            let batch_bytes: u64 = this_batch.entries.iter().map(|e| u64::from(e.len)).sum();
+            let missing = conn
+                .missing_chunks(claim, Some((name, offset)), this_batch.entries)
+                .await?;
+            offset += batch_bytes;
+            // A chunk missing but not in `new` was offered in an earlier batch: it is
+            // on its way already.
+            let to_send: Vec<(ChunkEntry, Bytes)> = missing
+                .iter()
+                .filter_map(|hash| this_batch.new.remove(hash))
                 .collect();
             if let Some(previous) = sending.take() {
                 add_sent(&mut sent, previous).await?;
@@ -162,8 +167,7 @@ impl ImageUploader for ChunkedUploader {
             }
             if last_report.elapsed() > Duration::from_secs(5) {
                 last_report = Instant::now();
-                let cut_bytes: u64 = entries.iter().map(|entry| u64::from(entry.len)).sum();
-                tracing::info!(image = %name, cut_bytes, sent_bytes = sent.wire_bytes, "uploading");
+                tracing::info!(image = %name, cut_bytes = offset, sent_bytes = sent.wire_bytes, "uploading");
             }
             if done {
                 break;
@@ -180,6 +184,7 @@ impl ImageUploader for ChunkedUploader {
             })?
             .map_err(local(format!("reading image {}", path.display())))?;
 
+        tracing::debug!(image = %name, secs = started.elapsed().as_secs_f64(), "image cut and chunks sent; committing");
         let commit = CommitRequest {
             size: chunked.digests.size,
             blake3: chunked.digests.blake3.clone(),

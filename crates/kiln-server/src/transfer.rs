@@ -61,6 +61,55 @@ pub struct Storage {
     gc_lock: tokio::sync::RwLock<()>,
     /// One collection at a time.
     gc_serial: tokio::sync::Mutex<()>,
+    /// Images being hashed in order while their chunks arrive, by (build, job, name).
+    hashing: Mutex<HashMap<(String, String, String), Arc<Mutex<InOrderHash>>>>,
+}
+
+/// An image hashed in order as its chunks become present, so that a commit finds its
+/// digests ready instead of reading the image back.
+struct InOrderHash {
+    /// The chunks announced so far, in image order.
+    entries: Vec<ChunkEntry>,
+    /// Bytes those cover.
+    announced: u64,
+    /// How many of `entries` are hashed.
+    hashed: usize,
+    hasher: kiln_blob::ImageHasher,
+    /// Announcements came out of order: the commit reads the image back instead.
+    broken: bool,
+    touched: Instant,
+}
+
+impl InOrderHash {
+    fn new() -> Self {
+        InOrderHash {
+            entries: Vec::new(),
+            announced: 0,
+            hashed: 0,
+            hasher: kiln_blob::ImageHasher::new(),
+            broken: false,
+            touched: Instant::now(),
+        }
+    }
+
+    /// Hashes announced chunks, in order, as far as they are stored.
+    fn advance(&mut self, chunks: &dyn ChunkStore) -> Result<(), BlobError> {
+        while self.hashed < self.entries.len() && !self.broken {
+            let entry = self.entries[self.hashed];
+            let bytes = match chunks.read_unchecked(&entry.hash) {
+                Ok(bytes) => bytes,
+                Err(BlobError::NotFound(_)) => break,
+                Err(err) => return Err(err),
+            };
+            if bytes.len() != entry.len as usize {
+                self.broken = true;
+                break;
+            }
+            self.hasher.update(&bytes);
+            self.hashed += 1;
+        }
+        Ok(())
+    }
 }
 
 impl Storage {
@@ -70,7 +119,55 @@ impl Storage {
             pins: Mutex::default(),
             gc_lock: tokio::sync::RwLock::new(()),
             gc_serial: tokio::sync::Mutex::new(()),
+            hashing: Mutex::default(),
         }
+    }
+
+    /// The in-order hash of an image, a new one when `restart`.
+    fn in_order_hash(
+        &self,
+        key: (String, String, String),
+        restart: bool,
+    ) -> Arc<Mutex<InOrderHash>> {
+        let mut hashing = self.hashing.lock().expect("hashing lock");
+        // Uploads abandoned long ago are forgotten here.
+        hashing.retain(|_, image| {
+            image
+                .try_lock()
+                .map_or(true, |image| image.touched.elapsed() < PIN_TTL)
+        });
+        if restart {
+            let fresh = Arc::new(Mutex::new(InOrderHash::new()));
+            hashing.insert(key, fresh.clone());
+            return fresh;
+        }
+        hashing
+            .entry(key)
+            .or_insert_with(|| {
+                let mut image = InOrderHash::new();
+                // Joined half-way (after a restart of the server): read back at commit.
+                image.broken = true;
+                Arc::new(Mutex::new(image))
+            })
+            .clone()
+    }
+
+    /// The images of a job being hashed in order.
+    fn in_order_hashes_of(&self, build: &str, job: &str) -> Vec<Arc<Mutex<InOrderHash>>> {
+        self.hashing
+            .lock()
+            .expect("hashing lock")
+            .iter()
+            .filter(|((b, j, _), _)| b == build && j == job)
+            .map(|(_, image)| image.clone())
+            .collect()
+    }
+
+    fn take_in_order_hash(
+        &self,
+        key: &(String, String, String),
+    ) -> Option<Arc<Mutex<InOrderHash>>> {
+        self.hashing.lock().expect("hashing lock").remove(key)
     }
 
     fn pin<'a>(&self, hashes: impl IntoIterator<Item = &'a ChunkHash>) {
@@ -144,8 +241,36 @@ pub async fn missing(
     }
     let hashes: Vec<ChunkHash> = request.chunks.iter().map(|entry| entry.hash).collect();
     state.storage.pin(&hashes);
+    let in_order = match &request.image {
+        Some(image) => {
+            check_name("image name", image).map_err(|msg| ApiErr::bad_request("bad_name", msg))?;
+            let key = (build.clone(), job.clone(), image.clone());
+            let in_order = state.storage.in_order_hash(key, request.offset == 0);
+            {
+                let mut in_order = in_order.lock().expect("in-order hash lock");
+                if request.offset != in_order.announced {
+                    in_order.broken = true;
+                }
+                in_order.entries.extend_from_slice(&request.chunks);
+                in_order.announced += request.chunks.iter().map(|e| u64::from(e.len)).sum::<u64>();
+                in_order.touched = Instant::now();
+            }
+            Some(in_order)
+        }
+        None => None,
+    };
     let chunks = state.storage.chunks.clone();
-    let missing = blocking(move || Ok(chunks.missing(&hashes)?)).await?;
+    let missing = blocking(move || {
+        let missing = chunks.missing(&hashes)?;
+        if let Some(in_order) = in_order {
+            in_order
+                .lock()
+                .expect("in-order hash lock")
+                .advance(&*chunks)?;
+        }
+        Ok(missing)
+    })
+    .await?;
     let missing_set: HashSet<&ChunkHash> = missing.iter().collect();
     let mut seen = HashSet::new();
     let deduplicated: u64 = request
@@ -209,7 +334,24 @@ pub async fn put_chunks(
                 report.chunks += frames.len() as u64;
                 state.storage.pin(frames.iter().map(|frame| &frame.hash));
                 let chunks = state.storage.chunks.clone();
-                let (stats, refused) = blocking(move || store_checked(&*chunks, frames)).await?;
+                let in_order = state.storage.in_order_hashes_of(&build, &job);
+                let store_started = Instant::now();
+                let (stats, refused) = blocking(move || {
+                    let stored = store_checked(&*chunks, frames)?;
+                    for image in in_order {
+                        image
+                            .lock()
+                            .expect("in-order hash lock")
+                            .advance(&*chunks)?;
+                    }
+                    Ok(stored)
+                })
+                .await?;
+                tracing::debug!(
+                    secs = store_started.elapsed().as_secs_f64(),
+                    new_bytes = stats.new_bytes,
+                    "chunks checked and stored"
+                );
                 report.bytes_stored += stats.new_bytes;
                 new_chunks += stats.new_chunks;
                 if let Some(err) = refused {
@@ -321,11 +463,26 @@ pub async fn commit(
     }
     let chunks = state.storage.chunks.clone();
     let entries = request.chunks;
-    let (digests, entries) = blocking(move || {
+    let verify_started = Instant::now();
+    let key = (build.clone(), job.clone(), name.clone());
+    let in_order = state.storage.take_in_order_hash(&key);
+    let (digests, entries, read_back) = blocking(move || {
+        if let Some(in_order) = in_order {
+            let mut in_order = in_order.lock().expect("in-order hash lock");
+            in_order.advance(&*chunks)?;
+            if !in_order.broken
+                && in_order.hashed == in_order.entries.len()
+                && in_order.entries == entries
+            {
+                let digests = in_order.hasher.clone().finish();
+                return Ok((digests, entries, false));
+            }
+        }
         let digests = kiln_blob::chunks::read_image(&*chunks, &entries, |_| Ok(()))?;
-        Ok((digests, entries))
+        Ok((digests, entries, true))
     })
     .await?;
+    tracing::debug!(image = %name, read_back, secs = verify_started.elapsed().as_secs_f64(), "image digests ready");
     if digests.blake3 != request.blake3 || digests.sha256 != request.sha256 {
         return Err(ApiErr::Unprocessable {
             code: "hash_mismatch",

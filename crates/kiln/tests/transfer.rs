@@ -265,7 +265,10 @@ fn bad_chunks_wrong_hashes_and_foreign_leases_are_refused_and_nothing_is_kept() 
             }
             other => panic!("a corrupted chunk was not refused: {other:?}"),
         }
-        let missing = conn.missing_chunks(&claim, vec![entries[0]]).await.unwrap();
+        let missing = conn
+            .missing_chunks(&claim, None, vec![entries[0]])
+            .await
+            .unwrap();
         assert_eq!(missing, vec![entries[0].hash], "the bad chunk was not kept");
 
         // A body cut off inside a frame.
@@ -342,7 +345,7 @@ fn bad_chunks_wrong_hashes_and_foreign_leases_are_refused_and_nothing_is_kept() 
             Err(CallError::Stale(_))
         ));
         assert!(matches!(
-            conn.missing_chunks(&foreign, entries.clone()).await,
+            conn.missing_chunks(&foreign, None, entries.clone()).await,
             Err(CallError::Stale(_))
         ));
 
