@@ -15,7 +15,8 @@ use crate::operator::{Operator, Refused, Unreachable};
 use anyhow::Context;
 use assemble::{ChunkSource, Counts, Expected, Pieces};
 use kiln_blob::chunking::ChunkParams;
-use kiln_blob::{ChunkEntry, ChunkHash, ImageHasher};
+use kiln_blob::wire::{FetchRequest, ImageIndex};
+use kiln_blob::{ChunkHash, ImageHasher};
 use kiln_proto::api::{BuildSummary, ImageInfo};
 use local::LocalChunks;
 use std::collections::HashMap;
@@ -64,15 +65,6 @@ impl Released {
     pub fn bytes(&self) -> u64 {
         self.images.iter().map(|(_, image)| image.size).sum()
     }
-}
-
-/// An image's chunk list as the server serves it (`GET .../images/NAME/index`).
-#[derive(Debug, serde::Deserialize)]
-struct ImageIndex {
-    size: u64,
-    blake3: String,
-    sha256: String,
-    chunks: Vec<ChunkEntry>,
 }
 
 /// Where each image goes under the build's directory: `CONFIGTYPE/FILE`, or
@@ -214,25 +206,17 @@ fn write_images(
     dir: &Path,
     placed: Vec<(PathBuf, ImageInfo)>,
 ) -> anyhow::Result<(Vec<(PathBuf, ImageInfo)>, Counts)> {
-    let index_bar = progress_bar("index", 0);
-    index_bar.set_message(to.display().to_string());
-    let (mut index, _) = LocalChunks::scan(
-        to,
-        ChunkParams::default(),
-        &|total| index_bar.set_length(total),
-        &|n_bytes| index_bar.inc(n_bytes),
-    )
-    .with_context(|| format!("looking for chunks already in {}", to.display()))?;
-    index_bar.finish_and_clear();
-
     let total: u64 = placed.iter().map(|(_, image)| image.size).sum();
-    let bar = progress_bar("release", total);
+    let bars = indicatif::MultiProgress::new();
+    let bar = bars.add(progress_bar("release", total));
     let mut source = HttpChunks {
         handle: handle.clone(),
         operator: operator.clone(),
     };
     let mut counts = Counts::default();
     let mut written = Vec::new();
+    // Made at the first chunk index: a server without them gets no scan.
+    let mut index: Option<LocalChunks> = None;
     for (relative, image) in placed {
         bar.set_message(relative.display().to_string());
         let path = dir.join(&relative);
@@ -244,6 +228,10 @@ fn write_images(
         match handle.block_on(operator.get_json::<ImageIndex>(&index_url)) {
             Ok(image_index) => {
                 check_index(&label, &image, &image_index)?;
+                let index = match &mut index {
+                    Some(index) => index,
+                    None => index.insert(scan(to, &bars)?),
+                };
                 let expected = Expected {
                     label: &label,
                     size: image.size,
@@ -251,7 +239,7 @@ fn write_images(
                     sha256: &image.sha256,
                 };
                 assemble::assemble(
-                    &mut index,
+                    index,
                     &mut source,
                     &image_index.chunks,
                     &expected,
@@ -275,6 +263,27 @@ fn write_images(
     }
     bar.finish_and_clear();
     Ok((written, counts))
+}
+
+/// Indexes the chunks of the files already in the release directory `to`, with a
+/// progress bar among `bars` while files are cut.
+fn scan(to: &Path, bars: &indicatif::MultiProgress) -> anyhow::Result<LocalChunks> {
+    let bar = progress_bar("index", 0);
+    // Shown only once there is something to cut.
+    bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    bar.set_message(to.display().to_string());
+    let (index, _) = LocalChunks::scan(
+        to,
+        ChunkParams::default(),
+        &|total| {
+            bar.set_length(total);
+            bars.insert(0, bar.clone());
+        },
+        &|n_bytes| bar.inc(n_bytes),
+    )
+    .with_context(|| format!("looking for chunks already in {}", to.display()))?;
+    bar.finish_and_clear();
+    Ok(index)
 }
 
 /// Whether the server answered 404.
@@ -313,7 +322,9 @@ struct HttpChunks {
 
 impl ChunkSource for HttpChunks {
     fn fetch(&mut self, hashes: &[ChunkHash]) -> anyhow::Result<Pieces> {
-        let body = serde_json::json!({ "chunks": hashes });
+        let body = FetchRequest {
+            chunks: hashes.to_vec(),
+        };
         let request = self
             .operator
             .request(reqwest::Method::POST, "/v1/chunks/fetch")

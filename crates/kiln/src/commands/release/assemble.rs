@@ -18,7 +18,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// Most chunks asked for in one fetch: the server's limit.
-pub const FETCH_BATCH: usize = 1024;
+pub const FETCH_BATCH: usize = kiln_blob::wire::MAX_FETCH;
 /// Most chunks planned at once. A batch's response waits while the chunks copied
 /// between its frames are written, so this bounds that wait; it also bounds how much
 /// is planned again when a local file turns out to have changed.
@@ -613,6 +613,13 @@ mod tests {
             counts.bytes_reused + counts.bytes_fetched,
             bytes.len() as u64
         );
+
+        // Every chunk is in the file just written, those copied from the changed file
+        // included: the same image again needs nothing from the server.
+        let again = dir.path().join("again.img");
+        let counts = write_image(&mut index, &mut server, &entries, &digests, &again).unwrap();
+        assert_eq!(counts.bytes_fetched, 0);
+        assert_eq!(std::fs::read(&again).unwrap(), bytes);
     }
 
     #[test]

@@ -72,6 +72,8 @@ struct LocalFile {
     stamp: Option<Stamp>,
     /// Cleared when the file turned out not to hold what the index says.
     usable: bool,
+    /// Written by this release (and checked as it was written).
+    own: bool,
 }
 
 /// What a scan did, for the summary.
@@ -182,10 +184,12 @@ impl LocalChunks {
         self.files[file_id.0 as usize].usable
     }
 
-    /// Records that `hash` is at `location`, unless it is already known somewhere.
+    /// Records that `hash` is at `location` in a file this release writes. A chunk is
+    /// read from the first such file that has it rather than from a file found by the
+    /// scan, which may have changed since it was indexed.
     pub fn insert(&mut self, hash: ChunkHash, location: ChunkLocation) {
         match self.chunks.get(&hash) {
-            Some(known) if self.files[known.file.0 as usize].usable => {}
+            Some(known) if self.is_usable(known.file) && self.files[known.file.0 as usize].own => {}
             _ => {
                 self.chunks.insert(hash, location);
             }
@@ -253,7 +257,9 @@ impl LocalChunks {
     /// Registers a file this release is writing at `path`, so that the chunks written
     /// to it can be read back for later occurrences.
     pub fn add_writing(&mut self, path: &Path) -> FileId {
-        self.push_file(path.to_owned(), None)
+        let file_id = self.push_file(path.to_owned(), None);
+        self.files[file_id.0 as usize].own = true;
+        file_id
     }
 
     /// The file `file_id` (being written) was renamed to `path` and holds `entries`:
@@ -303,6 +309,7 @@ impl LocalChunks {
             path,
             stamp,
             usable: true,
+            own: false,
         });
         file_id
     }
