@@ -480,6 +480,116 @@ mod tests {
         }
     }
 
+    /// A server from before chunked transfer, on loopback: it knows build 9 and its
+    /// one image, answers 404 for anything else (chunk indexes included), and serves
+    /// `served` as the image's bytes.
+    fn older_server(image: &ImageInfo, served: Vec<u8>) -> String {
+        use std::io::{BufRead, BufReader};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let summary = serde_json::json!({
+            "number": "9", "title": "Build 9", "build_time": null, "submitted_at": 0,
+            "n_jobs": 1, "n_queued": 0, "n_running": 0, "n_finished": 1,
+            "n_failed": 0, "n_expired": 0, "n_cancelled": 0,
+        })
+        .to_string()
+        .into_bytes();
+        let images = serde_json::to_vec(&[image]).unwrap();
+        let image_path = format!("/v1/jobs/9/{}/images/{}", image.job_id, image.name);
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut request_line = String::new();
+                reader.read_line(&mut request_line).unwrap();
+                loop {
+                    let mut header = String::new();
+                    if reader.read_line(&mut header).unwrap() == 0 || header == "\r\n" {
+                        break;
+                    }
+                }
+                let path = request_line.split_whitespace().nth(1).unwrap_or("");
+                let (status, body): (&str, &[u8]) = match path {
+                    "/v1/builds/9" => ("200 OK", &summary),
+                    "/v1/builds/9/images" => ("200 OK", &images),
+                    path if path == image_path => ("200 OK", &served),
+                    _ => (
+                        "404 Not Found",
+                        br#"{"code":"not_found","error":"no route"}"#,
+                    ),
+                };
+                let head = format!(
+                    "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = stream.write_all(head.as_bytes());
+                let _ = stream.write_all(body);
+            }
+        });
+        url
+    }
+
+    fn image_of(bytes: &[u8]) -> ImageInfo {
+        let mut hasher = ImageHasher::new();
+        hasher.update(bytes);
+        let digests = hasher.finish();
+        ImageInfo {
+            size: digests.size,
+            blake3: digests.blake3,
+            sha256: digests.sha256,
+            ..image("j", "PRO", "disk.img")
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_older_server_gets_whole_files_downloaded_and_checked() {
+        let bytes: Vec<u8> = (0..300_000u32).map(|n| (n * 7 % 251) as u8).collect();
+        let image = ImageInfo {
+            build: "9".into(),
+            ..image_of(&bytes)
+        };
+        let operator = Operator::with_token(&older_server(&image, bytes.clone()), None).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let released = release(&operator, "9", dir.path()).await.unwrap();
+        assert!(released.complete);
+        assert_eq!(
+            std::fs::read(dir.path().join("9/PRO/disk.img")).unwrap(),
+            bytes
+        );
+        assert_eq!(
+            released.counts,
+            Counts {
+                bytes_fetched: bytes.len() as u64,
+                wire_bytes: bytes.len() as u64,
+                ..Counts::default()
+            }
+        );
+        let sums = std::fs::read_to_string(dir.path().join("9/SHA256SUMS")).unwrap();
+        assert_eq!(sums, format!("{}  PRO/disk.img\n", image.sha256));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_whole_file_that_does_not_match_is_refused() {
+        let bytes = vec![5u8; 100_000];
+        let image = ImageInfo {
+            build: "9".into(),
+            ..image_of(&bytes)
+        };
+        let mut damaged = bytes.clone();
+        damaged[50_000] = 6;
+        let operator = Operator::with_token(&older_server(&image, damaged), None).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let err = release(&operator, "9", dir.path()).await.err().unwrap();
+        let message = format!("{err:#}");
+        assert!(message.contains("9/j/disk.img"), "{message}");
+        assert!(message.contains(&image.sha256), "{message}");
+        let left: Vec<_> = std::fs::read_dir(dir.path().join("9/PRO"))
+            .unwrap()
+            .collect();
+        assert!(left.is_empty(), "nothing is left: {left:?}");
+        assert!(!dir.path().join("9/SHA256SUMS").exists());
+    }
+
     #[test]
     fn colliding_names_get_a_job_directory() {
         let images = [
