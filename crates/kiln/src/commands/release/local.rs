@@ -111,8 +111,8 @@ impl LocalChunks {
     /// (shorter files are one short chunk, which can only be an image's last), except
     /// kiln's own directory `root/.kiln` and `*.kiln-part` files. Symbolic links are not
     /// followed. Chunk lists come from the cache when it is valid; files are cut (and
-    /// the cache written) otherwise. `on_cut` is told the bytes of each file about to
-    /// be cut, then `on_progress` the bytes cut as it goes.
+    /// the cache written) otherwise. When some files must be cut, `on_cut` is told
+    /// their total size first, then `on_progress` the bytes cut as it goes.
     ///
     /// A file that cannot be read is left out with a warning; only a failure to read
     /// `root` itself is an error (a missing `root` gives an empty index).
