@@ -249,9 +249,14 @@ pub struct StorageArgs {
 #[derive(Debug, Args)]
 pub struct ReleaseArgs {
     pub build: String,
-    /// The release directory: DIR/BUILD/CONFIGTYPE/FILE.
+    /// The release directory: DIR/BUILD/CONFIGTYPE/FILE. Chunks of files already
+    /// under it (earlier releases) are reused instead of downloaded.
     #[arg(long)]
     pub to: PathBuf,
+    /// Print what was reused and fetched as one JSON object on stdout, instead of the
+    /// directory.
+    #[arg(long)]
+    pub json: bool,
     #[command(flatten)]
     pub server: ServerOpts,
 }
