@@ -144,7 +144,7 @@ pub async fn run_job(run: JobRun) -> JobEnd {
     drop(log_tx);
     // Send every line before the report, so that the log is whole when the job ends.
     let _ = tokio::time::timeout(Duration::from_secs(60), shipper).await;
-    heartbeat.abort();
+    // Heartbeats go on through the upload: a long one must not lose the lease.
     abandon_watch.abort();
     let abandoned = abandoned.load(std::sync::atomic::Ordering::SeqCst);
 
@@ -176,6 +176,7 @@ pub async fn run_job(run: JobRun) -> JobEnd {
             .await
         }
     };
+    heartbeat.abort();
     local_state.forget(&claim);
     if let Err(err) = tokio::fs::remove_dir_all(&job_dir).await {
         tracing::warn!(cause = %kiln_proto::error_chain(&err), dir = %job_dir.display(), "cannot remove job directory");
@@ -632,13 +633,36 @@ async fn upload_and_finish(
     }
     for (name, path) in &images {
         let mut n_refused = 0;
+        // The upload's progress rides on the heartbeats, for `kiln status` and `wait`.
+        let on_progress = |done: u64, total: u64| {
+            let percent = (done * 100).checked_div(total).unwrap_or(100).min(100) as u8;
+            let mut shared = shared.lock().expect("job state poisoned");
+            shared.progress = Some(Progress {
+                major: Some("upload".into()),
+                minor: Some(name.clone()),
+                percent: Some(percent),
+            });
+            shared.progress_dirty = true;
+        };
         loop {
             match with_retries("uploading an image", || {
-                uploader.upload(conn, claim, name, path)
+                uploader.upload(conn, claim, name, path, &on_progress)
             })
             .await
             {
-                Ok(_report) => break,
+                Ok(report) => {
+                    tracing::info!(
+                        job = %claim.job_id,
+                        image = %name,
+                        size = report.size,
+                        chunks = report.chunks,
+                        chunks_sent = report.chunks_sent,
+                        wire_bytes = report.wire_bytes_sent,
+                        secs = report.elapsed.as_secs_f64(),
+                        "image uploaded"
+                    );
+                    break;
+                }
                 Err(CallError::Stale(_)) => return JobEnd::LeaseLost,
                 Err(CallError::Refused { message, .. }) if n_refused < 2 => {
                     // A refused upload (its bytes did not match their hash) is sent again.

@@ -37,6 +37,10 @@ pub struct UploadReport {
     pub elapsed: Duration,
 }
 
+/// Told how far an upload is: bytes of the image the server has (sent or already
+/// there), and the image's size.
+pub type OnProgress<'a> = &'a (dyn Fn(u64, u64) + Send + Sync);
+
 /// Sends one image of a job to its server under the job's lease.
 #[async_trait]
 pub trait ImageUploader: Send + Sync {
@@ -47,6 +51,7 @@ pub trait ImageUploader: Send + Sync {
         claim: &Claim,
         name: &str,
         path: &Path,
+        on_progress: OnProgress<'_>,
     ) -> Result<UploadReport, CallError>;
 }
 
@@ -101,10 +106,16 @@ impl ImageUploader for ChunkedUploader {
         claim: &Claim,
         name: &str,
         path: &Path,
+        on_progress: OnProgress<'_>,
     ) -> Result<UploadReport, CallError> {
         let started = Instant::now();
         let file = std::fs::File::open(path)
             .map_err(local(format!("opening image {}", path.display())))?;
+        let size = file
+            .metadata()
+            .map_err(local(format!("reading image {}", path.display())))?
+            .len();
+        on_progress(0, size);
         let (cut_sender, mut cut) = mpsc::channel::<(ChunkEntry, Bytes)>(CUT_AHEAD_CHUNKS);
         let params = self.params;
         let cutter = tokio::task::spawn_blocking(move || {
@@ -158,6 +169,8 @@ impl ImageUploader for ChunkedUploader {
             if let Some(previous) = sending.take() {
                 add_sent(&mut sent, previous).await?;
             }
+            // Everything before this batch is on the server now.
+            on_progress(offset - batch_bytes, size);
             if !to_send.is_empty() {
                 let conn = conn.clone();
                 let claim = claim.clone();
@@ -208,6 +221,7 @@ impl ImageUploader for ChunkedUploader {
                 Err(err) => return Err(err),
             }
         }
+        on_progress(size, size);
         let report = UploadReport {
             size: chunked.digests.size,
             chunks: commit.chunks.len() as u64,
@@ -216,15 +230,6 @@ impl ImageUploader for ChunkedUploader {
             wire_bytes_sent: sent.wire_bytes,
             elapsed: started.elapsed(),
         };
-        tracing::info!(
-            image = %name,
-            size = report.size,
-            chunks = report.chunks,
-            chunks_sent = report.chunks_sent,
-            wire_bytes = report.wire_bytes_sent,
-            secs = report.elapsed.as_secs_f64(),
-            "image uploaded"
-        );
         Ok(report)
     }
 }
@@ -317,13 +322,16 @@ impl ImageUploader for WholeFileUploader {
         claim: &Claim,
         name: &str,
         path: &Path,
+        on_progress: OnProgress<'_>,
     ) -> Result<UploadReport, CallError> {
         let started = Instant::now();
         let digests = kiln_blob::hash_file(path)
             .await
             .map_err(local(format!("hashing image {}", path.display())))?;
+        on_progress(0, digests.size);
         conn.put_image(claim, name, path, &digests.blake3, digests.size)
             .await?;
+        on_progress(digests.size, digests.size);
         Ok(UploadReport {
             size: digests.size,
             chunks: 0,

@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{write_build, Harness, Job, Server};
+use common::{text, wait_until, write_build, Harness, Job, Server, TcpProxy};
 use kiln_blob::wire::{FetchRequest, ImageIndex, StorageStats};
 use kiln_blob::{ChunkEntry, ChunkHash, Frame};
 use kiln_client::conn::{CallError, ServerConn};
@@ -128,7 +128,7 @@ fn a_similar_image_sends_only_the_chunks_that_differ() {
     runtime().block_on(async {
         let first = claim(&conn).await;
         let report = uploader
-            .upload(&conn, &first, "disk.img", &base_path)
+            .upload(&conn, &first, "disk.img", &base_path, &|_, _| {})
             .await
             .expect("first upload");
         assert_eq!(report.size, 8 << 20);
@@ -144,7 +144,7 @@ fn a_similar_image_sends_only_the_chunks_that_differ() {
 
         let second = claim(&conn).await;
         let report = uploader
-            .upload(&conn, &second, "disk.img", &variant_path)
+            .upload(&conn, &second, "disk.img", &variant_path, &|_, _| {})
             .await
             .expect("second upload");
         let after = storage(&server);
@@ -165,7 +165,7 @@ fn a_similar_image_sends_only_the_chunks_that_differ() {
         // 32 MiB of zeros: one distinct chunk, sent once and compressed.
         let third = claim(&conn).await;
         let report = uploader
-            .upload(&conn, &third, "zeros.img", &zeros_path)
+            .upload(&conn, &third, "zeros.img", &zeros_path, &|_, _| {})
             .await
             .expect("zeros upload");
         assert_eq!(report.chunks_sent, 1, "{report:?}");
@@ -216,7 +216,7 @@ fn an_upload_resumes_with_what_the_server_still_lacks() {
         }
         conn.put_chunks(&claim, body).await.expect("first half");
         let report = ChunkedUploader::new()
-            .upload(&conn, &claim, "disk.img", &path)
+            .upload(&conn, &claim, "disk.img", &path, &|_, _| {})
             .await
             .expect("the resumed upload");
         assert_eq!(
@@ -373,7 +373,7 @@ fn downloads_honour_ranges_and_etags_and_the_index_lists_the_chunks() {
     runtime().block_on(async {
         let claim = claim(&conn).await;
         ChunkedUploader::new()
-            .upload(&conn, &claim, "disk.img", &path)
+            .upload(&conn, &claim, "disk.img", &path, &|_, _| {})
             .await
             .expect("upload");
         conn.finish(&claim, vec!["disk.img".into()]).await.unwrap();
@@ -482,7 +482,10 @@ fn deleting_a_build_frees_only_chunks_no_other_image_uses() {
         // Build 400 has the base image; build 401 the variant, and one job running.
         for (path, name) in [(&base_path, "base.img"), (&variant_path, "variant.img")] {
             let claim = claim(&conn).await;
-            uploader.upload(&conn, &claim, name, path).await.unwrap();
+            uploader
+                .upload(&conn, &claim, name, path, &|_, _| {})
+                .await
+                .unwrap();
             conn.finish(&claim, vec![name.into()]).await.unwrap();
         }
         let running = claim(&conn).await;
@@ -545,4 +548,60 @@ fn chunk_files(data: &Path) -> std::collections::HashSet<String> {
         }
     }
     names
+}
+
+#[test]
+fn a_slow_upload_longer_than_the_lease_keeps_its_job_and_shows_its_progress() {
+    let harness = Harness::new("transfer-slow");
+    // A 3 s lease, and an upload of 24 MiB of noise at 4 MiB/s: about 6 s.
+    let server = harness.start_server("server", &["--lease-secs", "3", "--heartbeat-secs", "1"]);
+    let build = server.submit(&write_build(
+        &harness.mkdir("build"),
+        "340",
+        &[Job::new("slow", "IMG")
+            .image("head -c 25165824 /dev/urandom > \"$KILN_OUTPUT/disk.img\"")],
+    ));
+    let proxy = TcpProxy::start(&server.url);
+    proxy.limit_rate(4 << 20);
+    let args: Vec<String> = [
+        "client",
+        "--server",
+        &proxy.url,
+        "--id",
+        "slow-link",
+        "--include",
+        "IMG",
+        "--token-file",
+        &server.client_token_file.display().to_string(),
+    ]
+    .iter()
+    .map(|arg| arg.to_string())
+    .collect();
+    let _client = harness.start_client_with_args("slow-link", &args);
+    let progress = wait_until(
+        harness.path(),
+        "the job to report its upload's progress",
+        || {
+            let job = server.job(&build, "slow");
+            let percent = job["percent"].as_u64()?;
+            (job["major_state"] == "upload"
+                && job["minor_state"] == "disk.img"
+                && percent > 0
+                && percent < 100)
+                .then(|| job.clone())
+        },
+        || format!("{:#}", server.job(&build, "slow")),
+    );
+    let job = server.wait_for_job(&build, "slow", "to end", |job| {
+        !matches!(text(job, "state"), "queued" | "running")
+    });
+    assert_eq!(
+        text(&job, "state"),
+        "finished",
+        "{job:#}\nseen while uploading: {progress:#}"
+    );
+    assert_eq!(
+        job["attempt"], 1,
+        "the lease held through the upload: {job:#}"
+    );
 }

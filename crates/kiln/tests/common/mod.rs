@@ -991,6 +991,8 @@ struct ProxyShared {
     cut: std::sync::atomic::AtomicBool,
     /// The proxy is going away: every pump ends.
     stopping: std::sync::atomic::AtomicBool,
+    /// Bytes a second each way of each connection, 0 for no limit.
+    rate: std::sync::atomic::AtomicU64,
     /// Each connection's own cut flag, for [`TcpProxy::cut_open_connections`].
     connections: std::sync::Mutex<Vec<std::sync::Arc<std::sync::atomic::AtomicBool>>>,
 }
@@ -1052,6 +1054,14 @@ impl TcpProxy {
         self.shared
             .cut
             .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Passes at most `bytes_per_sec` each way of each connection (0: no limit), as a
+    /// slow network would.
+    pub fn limit_rate(&self, bytes_per_sec: u64) {
+        self.shared
+            .rate
+            .store(bytes_per_sec, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Passes bytes again on every connection; what was held back goes through.
@@ -1140,6 +1150,10 @@ fn proxy_pump(
             Ok(n_read) => {
                 if to.write_all(&buffer[..n_read]).is_err() {
                     break;
+                }
+                let rate = shared.rate.load(Ordering::SeqCst);
+                if rate > 0 {
+                    std::thread::sleep(Duration::from_secs_f64(n_read as f64 / rate as f64));
                 }
             }
             Err(_) => break,
