@@ -62,8 +62,11 @@ pub struct Storage {
     /// One collection at a time.
     gc_serial: tokio::sync::Mutex<()>,
     /// Images being hashed in order while their chunks arrive, by (build, job, name).
-    hashing: Mutex<HashMap<(String, String, String), Arc<Mutex<InOrderHash>>>>,
+    hashing: Mutex<HashMap<ImageKey, Arc<Mutex<InOrderHash>>>>,
 }
+
+/// An image of a job: (build, job, image name).
+type ImageKey = (String, String, String);
 
 /// An image hashed in order as its chunks become present, so that a commit finds its
 /// digests ready instead of reading the image back.
