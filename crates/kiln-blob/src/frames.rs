@@ -127,7 +127,7 @@ pub enum FrameError {
         expected: u32,
         actual: usize,
     },
-    #[error("chunk {hash}: its bytes hash to {actual}; refused")]
+    #[error("chunk {hash}: its bytes hash to {actual}")]
     HashMismatch { hash: ChunkHash, actual: ChunkHash },
     #[error("the stream ends inside a frame ({0} bytes left over)")]
     Truncated(usize),
