@@ -311,25 +311,44 @@ pub async fn put_chunks(
     };
     let mut new_chunks = 0u64;
     let mut stream = body.into_data_stream();
+    // Whole frames that arrived before a damaged header or a broken connection are
+    // still checked and stored: an interrupted upload need not send them again.
+    let mut cut_short: Option<ApiErr> = None;
     let outcome: Result<(), ApiErr> = async {
         loop {
             let piece = stream.next().await;
-            let done = piece.is_none();
-            if let Some(piece) = piece {
-                let piece = piece.map_err(|err| {
-                    ApiErr::bad_request(
+            let mut done = piece.is_none();
+            match piece {
+                Some(Ok(piece)) => {
+                    report.bytes_received += piece.len() as u64;
+                    reader.push(&piece);
+                    loop {
+                        match reader.next_frame() {
+                            Ok(Some(frame)) => {
+                                batch_bytes += frame.wire_len();
+                                batch.push(frame);
+                            }
+                            Ok(None) => break,
+                            Err(err) => {
+                                cut_short = Some(frame_refused(err));
+                                done = true;
+                                break;
+                            }
+                        }
+                    }
+                }
+                Some(Err(err)) => {
+                    cut_short = Some(ApiErr::bad_request(
                         "upload_interrupted",
                         format!("the chunk upload broke off: {err}"),
-                    )
-                })?;
-                report.bytes_received += piece.len() as u64;
-                reader.push(&piece);
-                while let Some(frame) = reader.next_frame().map_err(frame_refused)? {
-                    batch_bytes += frame.wire_len();
-                    batch.push(frame);
+                    ));
+                    done = true;
                 }
-            } else {
-                reader.finish().map_err(frame_refused)?;
+                None => {
+                    if let Err(err) = reader.finish() {
+                        cut_short = Some(frame_refused(err));
+                    }
+                }
             }
             if batch_bytes >= PUT_BATCH_BYTES || (done && !batch.is_empty()) {
                 let frames = std::mem::take(&mut batch);
@@ -362,7 +381,7 @@ pub async fn put_chunks(
                 }
             }
             if done {
-                return Ok(());
+                return cut_short.take().map_or(Ok(()), Err);
             }
         }
     }

@@ -271,14 +271,21 @@ fn bad_chunks_wrong_hashes_and_foreign_leases_are_refused_and_nothing_is_kept() 
             .unwrap();
         assert_eq!(missing, vec![entries[0].hash], "the bad chunk was not kept");
 
-        // A body cut off inside a frame.
+        // A body cut off inside a frame: refused, but the whole frame before the cut
+        // was checked and kept.
         let mut body = Vec::new();
+        frames[1].write_to(&mut body);
         frames[0].write_to(&mut body);
         body.truncate(body.len() - 1);
         assert!(matches!(
             conn.put_chunks(&claim, body).await,
             Err(CallError::Refused { .. })
         ));
+        let missing = conn
+            .missing_chunks(&claim, None, vec![entries[0], entries[1]])
+            .await
+            .unwrap();
+        assert_eq!(missing, vec![entries[0].hash]);
 
         // The good chunks, but for the last.
         let mut body = Vec::new();
