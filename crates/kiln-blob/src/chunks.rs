@@ -6,10 +6,14 @@
 //! from blocking threads.
 //!
 //! Writes are crash-safe a batch at a time: every new chunk of a batch is written to
-//! `DIR/tmp/`, the file system is synced once (`syncfs`), the files are renamed into
-//! place, and it is synced again. A file under a chunk's name is therefore always
-//! whole, and one sync pair covers thousands of chunks where an fsync per chunk would
-//! cost a journal commit each.
+//! a temporary `.part-*` file beside its final name, the file system is synced once
+//! (`syncfs`), and the files are renamed into place. (Temporary files live in the 256
+//! shard directories rather than one directory: creating thousands of files a second
+//! in a single directory serialises on its lock.) A file under a chunk's name is therefore always whole, and one sync
+//! covers thousands of chunks where an fsync per chunk would cost a journal commit
+//! each. The renames become durable at the next [`ChunkStore::sync`], which the server
+//! calls before it records an image that lists them: a crash before that loses only
+//! chunks no image lists yet, which the client is told are missing and sends again.
 
 use crate::chunking::{chunk_reader_with, ChunkParams, ChunkedFile};
 use crate::frames::{ChunkEntry, ChunkHash, Frame};
@@ -35,14 +39,20 @@ pub trait ChunkStore: Send + Sync + 'static {
     /// Which of `hashes` are not stored, in the order given, each once.
     fn missing(&self, hashes: &[ChunkHash]) -> Result<Vec<ChunkHash>, BlobError>;
     /// Stores chunks already checked against their names ([`Frame::decode`]); the
-    /// ones already stored are skipped. Everything is durable when this returns.
+    /// ones already stored are skipped. Their bytes are durable when this returns;
+    /// their names are after the next [`ChunkStore::sync`].
     fn put(&self, frames: &[Frame]) -> Result<PutStats, BlobError>;
+    /// Makes everything stored so far durable, names included.
+    fn sync(&self) -> Result<(), BlobError>;
     /// A chunk in its stored form, ready to send.
     fn read_frame(&self, hash: &ChunkHash) -> Result<Frame, BlobError>;
     /// Every stored chunk with the bytes it takes.
     fn list(&self) -> Result<Vec<(ChunkHash, u64)>, BlobError>;
     /// Deletes a chunk; returns the bytes freed (0 if it was not there).
     fn remove(&self, hash: &ChunkHash) -> Result<u64, BlobError>;
+    /// Deletes what interrupted writes left behind more than `older_than` ago; returns
+    /// how many.
+    fn remove_leftovers(&self, older_than: std::time::Duration) -> Result<u64, BlobError>;
 
     /// A chunk's bytes, checked against its name: a damaged file on disk is reported,
     /// never served.
@@ -64,22 +74,21 @@ pub trait ChunkStore: Send + Sync + 'static {
 #[derive(Debug, Clone)]
 pub struct LocalChunkStore {
     dir: PathBuf,
-    tmp: PathBuf,
 }
 
+/// How a temporary chunk file's name starts.
+const PART_PREFIX: &str = ".part-";
+
 impl LocalChunkStore {
-    /// Opens (creating) the store in `dir`, clearing partial writes a crash left.
+    /// Opens (creating) the store in `dir` with its 256 shard directories.
     pub fn open(dir: &Path) -> Result<Self, BlobError> {
-        let tmp = dir.join("tmp");
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp)
-                .map_err(|err| BlobError::io(format!("clearing {}", tmp.display()), err))?;
+        for shard in 0..=255u8 {
+            let shard = dir.join(hex::encode([shard]));
+            std::fs::create_dir_all(&shard)
+                .map_err(|err| BlobError::io(format!("creating {}", shard.display()), err))?;
         }
-        std::fs::create_dir_all(&tmp)
-            .map_err(|err| BlobError::io(format!("creating {}", tmp.display()), err))?;
         Ok(LocalChunkStore {
             dir: dir.to_owned(),
-            tmp,
         })
     }
 
@@ -90,8 +99,8 @@ impl LocalChunkStore {
 
     /// Flushes everything written on the file system holding the store.
     fn sync_all(&self) -> Result<(), BlobError> {
-        let dir = std::fs::File::open(&self.tmp)
-            .map_err(|err| BlobError::io(format!("opening {}", self.tmp.display()), err))?;
+        let dir = std::fs::File::open(&self.dir)
+            .map_err(|err| BlobError::io(format!("opening {}", self.dir.display()), err))?;
         // SAFETY: syncfs takes a file descriptor, which `dir` keeps open for the call.
         if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
             return Err(BlobError::io(
@@ -118,7 +127,7 @@ impl ChunkStore for LocalChunkStore {
     fn put(&self, frames: &[Frame]) -> Result<PutStats, BlobError> {
         let mut written: Vec<(PathBuf, PathBuf, u64)> = Vec::new();
         let mut seen = std::collections::HashSet::new();
-        let mut body = Vec::new();
+        let mut header = Vec::new();
         let result = (|| {
             for frame in frames {
                 let target = self.path_of(&frame.hash);
@@ -127,13 +136,17 @@ impl ChunkStore for LocalChunkStore {
                 }
                 let mut name = [0u8; 12];
                 rand::thread_rng().fill_bytes(&mut name);
-                let temp = self.tmp.join(hex::encode(name));
-                body.clear();
-                frame.write_body_to(&mut body);
+                let temp = target.with_file_name(format!("{PART_PREFIX}{}", hex::encode(name)));
+                // The header, then the data as it came: no copy of the data.
+                header.clear();
+                frame.write_header_to(&mut header);
                 std::fs::File::create(&temp)
-                    .and_then(|mut file| file.write_all(&body))
+                    .and_then(|mut file| {
+                        file.write_all(&header)?;
+                        file.write_all(&frame.data)
+                    })
                     .map_err(|err| BlobError::io(format!("writing chunk {}", frame.hash), err))?;
-                written.push((temp, target, body.len() as u64));
+                written.push((temp, target, (header.len() + frame.data.len()) as u64));
             }
             if written.is_empty() {
                 return Ok(PutStats::default());
@@ -141,15 +154,11 @@ impl ChunkStore for LocalChunkStore {
             self.sync_all()?;
             let mut stats = PutStats::default();
             for (temp, target, bytes) in &written {
-                let parent = target.parent().expect("chunk paths have a parent");
-                std::fs::create_dir_all(parent)
-                    .map_err(|err| BlobError::io(format!("creating {}", parent.display()), err))?;
                 std::fs::rename(temp, target)
                     .map_err(|err| BlobError::io(format!("storing {}", target.display()), err))?;
                 stats.new_chunks += 1;
                 stats.new_bytes += bytes;
             }
-            self.sync_all()?;
             Ok(stats)
         })();
         if result.is_err() {
@@ -158,6 +167,10 @@ impl ChunkStore for LocalChunkStore {
             }
         }
         result
+    }
+
+    fn sync(&self) -> Result<(), BlobError> {
+        self.sync_all()
     }
 
     fn read_frame(&self, hash: &ChunkHash) -> Result<Frame, BlobError> {
@@ -181,7 +194,7 @@ impl ChunkStore for LocalChunkStore {
         for shard in shards {
             let shard = shard.map_err(|err| BlobError::io("listing the chunk store", err))?;
             let shard_path = shard.path();
-            if shard_path == self.tmp || !shard_path.is_dir() {
+            if !shard_path.is_dir() {
                 continue;
             }
             let entries = std::fs::read_dir(&shard_path)
@@ -211,6 +224,30 @@ impl ChunkStore for LocalChunkStore {
             Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(0),
             Err(err) => Err(BlobError::io(format!("deleting {}", path.display()), err)),
         }
+    }
+
+    fn remove_leftovers(&self, older_than: std::time::Duration) -> Result<u64, BlobError> {
+        let mut removed = 0;
+        let now = std::time::SystemTime::now();
+        for shard in 0..=255u8 {
+            let shard = self.dir.join(hex::encode([shard]));
+            let Ok(entries) = std::fs::read_dir(&shard) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let is_part = entry.file_name().to_string_lossy().starts_with(PART_PREFIX);
+                let old = entry
+                    .metadata()
+                    .and_then(|meta| meta.modified())
+                    .ok()
+                    .and_then(|modified| now.duration_since(modified).ok())
+                    .is_some_and(|age| age >= older_than);
+                if is_part && old && std::fs::remove_file(entry.path()).is_ok() {
+                    removed += 1;
+                }
+            }
+        }
+        Ok(removed)
     }
 }
 
@@ -254,6 +291,7 @@ pub fn ingest<R: Read + Send>(
     }
     let chunked = chunked.map_err(|err| BlobError::io("cutting an image into chunks", err))?;
     flush(&mut batch, &mut stats)?;
+    store.sync()?;
     Ok((chunked, stats))
 }
 
@@ -363,8 +401,9 @@ mod tests {
         assert_eq!(store.remove(&a.hash).unwrap(), 0);
         assert!(matches!(store.read(&a.hash), Err(BlobError::NotFound(_))));
         assert_eq!(
-            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
-            0
+            store.remove_leftovers(std::time::Duration::ZERO).unwrap(),
+            0,
+            "no temporary file is left behind"
         );
     }
 
@@ -383,15 +422,20 @@ mod tests {
     }
 
     #[test]
-    fn partial_writes_are_cleared_at_open() {
+    fn partial_writes_are_removed_once_old_and_never_listed() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(dir.path().join("tmp")).unwrap();
-        std::fs::write(dir.path().join("tmp/leftover"), b"half a chunk").unwrap();
-        LocalChunkStore::open(dir.path()).unwrap();
+        let store = LocalChunkStore::open(dir.path()).unwrap();
+        let leftover = dir.path().join("ab").join(format!("{PART_PREFIX}0123"));
+        std::fs::write(&leftover, b"half a chunk").unwrap();
+        assert!(store.list().unwrap().is_empty());
+        let hour = std::time::Duration::from_secs(3600);
+        assert_eq!(store.remove_leftovers(hour).unwrap(), 0, "too young");
+        assert!(leftover.exists());
         assert_eq!(
-            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
-            0
+            store.remove_leftovers(std::time::Duration::ZERO).unwrap(),
+            1
         );
+        assert!(!leftover.exists());
     }
 
     #[test]

@@ -231,10 +231,16 @@ impl Frame {
 
     /// Appends everything but the name: the form a chunk is stored in.
     pub fn write_body_to(&self, out: &mut Vec<u8>) {
+        self.write_header_to(out);
+        out.extend_from_slice(&self.data);
+    }
+
+    /// Appends the stored form's header (raw length, encoding, data length), which
+    /// the data follows.
+    pub fn write_header_to(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.raw_len.to_le_bytes());
         out.push(self.encoding as u8);
         out.extend_from_slice(&(self.data.len() as u32).to_le_bytes());
-        out.extend_from_slice(&self.data);
     }
 
     /// Reads back what [`Frame::write_body_to`] wrote, for the chunk named `hash`.

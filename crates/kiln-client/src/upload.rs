@@ -59,6 +59,9 @@ pub trait ImageUploader: Send + Sync {
 const CUT_AHEAD_CHUNKS: usize = 256;
 /// Raw bytes of chunks gathered into one question and one body.
 const BATCH_BYTES: u64 = 16 << 20;
+/// Bodies of chunks on the wire at once: the server checks, writes and syncs one while
+/// the next arrives.
+const BODIES_IN_FLIGHT: usize = 2;
 /// Rounds of "send what the commit says is missing" before giving up.
 const COMMIT_ROUNDS: u32 = 3;
 
@@ -131,7 +134,9 @@ impl ImageUploader for ChunkedUploader {
         let mut entries: Vec<ChunkEntry> = Vec::new();
         let mut offered: HashSet<ChunkHash> = HashSet::new();
         let mut sent = Sent::default();
-        let mut sending: Option<JoinHandle<Result<Sent, CallError>>> = None;
+        // Bodies on the wire, oldest first, with the image offset each one ends at.
+        let mut sending: std::collections::VecDeque<(u64, JoinHandle<Result<Sent, CallError>>)> =
+            std::collections::VecDeque::new();
         let mut batch = Batch::default();
         let mut offset = 0u64;
         let mut last_report = Instant::now();
@@ -166,17 +171,22 @@ impl ImageUploader for ChunkedUploader {
                 .iter()
                 .filter_map(|hash| this_batch.new.remove(hash))
                 .collect();
-            if let Some(previous) = sending.take() {
+            while sending.len() >= BODIES_IN_FLIGHT {
+                let (done_to, previous) = sending.pop_front().expect("not empty");
                 add_sent(&mut sent, previous).await?;
+                on_progress(done_to, size);
             }
-            // Everything before this batch is on the server now.
-            on_progress(offset - batch_bytes, size);
-            if !to_send.is_empty() {
+            if to_send.is_empty() {
+                if sending.is_empty() {
+                    on_progress(offset, size);
+                }
+            } else {
                 let conn = conn.clone();
                 let claim = claim.clone();
-                sending = Some(tokio::spawn(async move {
-                    send_chunks(&conn, &claim, to_send).await
-                }));
+                sending.push_back((
+                    offset,
+                    tokio::spawn(async move { send_chunks(&conn, &claim, to_send).await }),
+                ));
             }
             if last_report.elapsed() > Duration::from_secs(5) {
                 last_report = Instant::now();
@@ -186,8 +196,9 @@ impl ImageUploader for ChunkedUploader {
                 break;
             }
         }
-        if let Some(previous) = sending.take() {
+        while let Some((done_to, previous)) = sending.pop_front() {
             add_sent(&mut sent, previous).await?;
+            on_progress(done_to, size);
         }
         let chunked = cutter
             .await

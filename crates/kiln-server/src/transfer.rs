@@ -39,8 +39,9 @@ use std::time::{Duration, Instant};
 
 /// How long a chunk an upload mentioned is safe from collection.
 pub const PIN_TTL: Duration = Duration::from_secs(3600);
-/// Bytes of frames received before they are checked and stored together.
-const PUT_BATCH_BYTES: usize = 8 << 20;
+/// Bytes of frames received before they are checked and stored together (one sync);
+/// a client's body is about this size.
+const PUT_BATCH_BYTES: usize = 16 << 20;
 /// Decoded chunks a download may hold ahead of the network.
 const STREAM_AHEAD: usize = 16;
 
@@ -95,14 +96,22 @@ impl InOrderHash {
         }
     }
 
-    /// Hashes announced chunks, in order, as far as they are stored.
-    fn advance(&mut self, chunks: &dyn ChunkStore) -> Result<(), BlobError> {
+    /// Hashes announced chunks, in order, as far as they are stored, taking the bytes
+    /// from `fresh` (chunks just received and checked) before reading the store.
+    fn advance(
+        &mut self,
+        chunks: &dyn ChunkStore,
+        fresh: &HashMap<ChunkHash, Bytes>,
+    ) -> Result<(), BlobError> {
         while self.hashed < self.entries.len() && !self.broken {
             let entry = self.entries[self.hashed];
-            let bytes = match chunks.read_unchecked(&entry.hash) {
-                Ok(bytes) => bytes,
-                Err(BlobError::NotFound(_)) => break,
-                Err(err) => return Err(err),
+            let bytes = match fresh.get(&entry.hash) {
+                Some(bytes) => bytes.clone(),
+                None => match chunks.read_unchecked(&entry.hash) {
+                    Ok(bytes) => bytes,
+                    Err(BlobError::NotFound(_)) => break,
+                    Err(err) => return Err(err),
+                },
             };
             if bytes.len() != entry.len as usize {
                 self.broken = true;
@@ -263,17 +272,11 @@ pub async fn missing(
         None => None,
     };
     let chunks = state.storage.chunks.clone();
-    let missing = blocking(move || {
-        let missing = chunks.missing(&hashes)?;
-        if let Some(in_order) = in_order {
-            in_order
-                .lock()
-                .expect("in-order hash lock")
-                .advance(&*chunks)?;
-        }
-        Ok(missing)
-    })
-    .await?;
+    let missing = blocking(move || Ok(chunks.missing(&hashes)?)).await?;
+    if in_order.is_some() {
+        // Chunks the server had already are hashed on while the client cuts the next.
+        advance_in_background(&state.storage, &build, &job, HashMap::new());
+    }
     let missing_set: HashSet<&ChunkHash> = missing.iter().collect();
     let mut seen = HashSet::new();
     let deduplicated: u64 = request
@@ -356,19 +359,12 @@ pub async fn put_chunks(
                 report.chunks += frames.len() as u64;
                 state.storage.pin(frames.iter().map(|frame| &frame.hash));
                 let chunks = state.storage.chunks.clone();
-                let in_order = state.storage.in_order_hashes_of(&build, &job);
                 let store_started = Instant::now();
-                let (stats, refused) = blocking(move || {
-                    let stored = store_checked(&*chunks, frames)?;
-                    for image in in_order {
-                        image
-                            .lock()
-                            .expect("in-order hash lock")
-                            .advance(&*chunks)?;
-                    }
-                    Ok(stored)
-                })
-                .await?;
+                let (stats, refused, fresh) =
+                    blocking(move || store_checked(&*chunks, frames)).await?;
+                // The images of this job are hashed on in the background: the client
+                // need not wait for it before it sends the next body.
+                advance_in_background(&state.storage, &build, &job, fresh);
                 tracing::debug!(
                     secs = store_started.elapsed().as_secs_f64(),
                     new_bytes = stats.new_bytes,
@@ -405,17 +401,51 @@ fn frame_refused(err: kiln_blob::frames::FrameError) -> ApiErr {
     }
 }
 
+/// Hashes the images of a job on, as far as their chunks are stored, on a blocking
+/// thread; a commit takes the same lock, so it waits for this to finish.
+fn advance_in_background(
+    storage: &Storage,
+    build: &str,
+    job: &str,
+    fresh: HashMap<ChunkHash, Bytes>,
+) {
+    let chunks = storage.chunks.clone();
+    let images = storage.in_order_hashes_of(build, job);
+    if images.is_empty() {
+        return;
+    }
+    tokio::task::spawn_blocking(move || {
+        for image in images {
+            let mut image = image.lock().expect("in-order hash lock");
+            if let Err(err) = image.advance(&*chunks, &fresh) {
+                // The commit reads the image back instead.
+                tracing::warn!(cause = %kiln_proto::error_chain(&err), "cannot hash an image in order");
+                image.broken = true;
+            }
+        }
+    });
+}
+
+/// What [`store_checked`] did: what storing added, the refusal of the first bad chunk
+/// if any, and the good chunks' bytes for the in-order hash.
+type Checked = (
+    kiln_blob::PutStats,
+    Option<ApiErr>,
+    HashMap<ChunkHash, Bytes>,
+);
+
 /// Checks each frame against its name and stores the good ones before the first bad
 /// one, which is returned as the refusal.
-fn store_checked(
-    chunks: &dyn ChunkStore,
-    frames: Vec<Frame>,
-) -> Result<(kiln_blob::PutStats, Option<ApiErr>), ApiErr> {
+fn store_checked(chunks: &dyn ChunkStore, frames: Vec<Frame>) -> Result<Checked, ApiErr> {
     let mut good = Vec::with_capacity(frames.len());
+    let mut fresh = HashMap::with_capacity(frames.len());
     let mut refused = None;
     for frame in frames {
         match frame.decode() {
-            Ok(_) => good.push(frame),
+            Ok(bytes) => {
+                fresh.insert(frame.hash, bytes);
+                good.push(frame);
+            }
             Err(err) => {
                 refused = Some(frame_refused(err));
                 break;
@@ -423,7 +453,7 @@ fn store_checked(
         }
     }
     let stats = chunks.put(&good)?;
-    Ok((stats, refused))
+    Ok((stats, refused, fresh))
 }
 
 /// `POST /v1/jobs/{build}/{job}/images/{name}/commit`
@@ -491,7 +521,7 @@ pub async fn commit(
     let (digests, entries, read_back) = blocking(move || {
         if let Some(in_order) = in_order {
             let mut in_order = in_order.lock().expect("in-order hash lock");
-            in_order.advance(&*chunks)?;
+            in_order.advance(&*chunks, &HashMap::new())?;
             if !in_order.broken
                 && in_order.hashed == in_order.entries.len()
                 && in_order.entries == entries
@@ -514,6 +544,9 @@ pub async fn commit(
             ),
         });
     }
+    // The chunks' names become durable before an image lists them.
+    let chunks = state.storage.chunks.clone();
+    blocking(move || Ok(chunks.sync()?)).await?;
     let now = crate::now_micros();
     state
         .store
@@ -959,6 +992,9 @@ async fn live_chunks(store: &dyn JobStore) -> Result<HashSet<ChunkHash>, ApiErr>
 pub async fn collect_garbage(state: &AppState) -> Result<(u64, u64), ApiErr> {
     let _one_at_a_time = state.storage.gc_serial.lock().await;
     state.storage.forget_old_pins();
+    // Writes interrupted by a crash; an hour is far longer than any write takes.
+    let chunks = state.storage.chunks.clone();
+    blocking(move || Ok(chunks.remove_leftovers(PIN_TTL)?)).await?;
     let live = live_chunks(&*state.store).await?;
     let chunks = state.storage.chunks.clone();
     let stored = blocking(move || Ok(chunks.list()?)).await?;

@@ -86,9 +86,13 @@ fn stored_chunks(data: &std::path::Path) -> usize {
     };
     shards
         .flatten()
-        .filter(|shard| shard.file_name() != "tmp")
         .filter_map(|shard| std::fs::read_dir(shard.path()).ok())
-        .map(|chunks| chunks.count())
+        .map(|chunks| {
+            chunks
+                .flatten()
+                .filter(|chunk| !chunk.file_name().to_string_lossy().starts_with('.'))
+                .count()
+        })
         .sum()
 }
 

@@ -547,11 +547,11 @@ fn deleting_a_build_frees_only_chunks_no_other_image_uses() {
 fn chunk_files(data: &Path) -> std::collections::HashSet<String> {
     let mut names = std::collections::HashSet::new();
     for shard in std::fs::read_dir(data.join("chunks")).unwrap().flatten() {
-        if shard.file_name() == "tmp" {
-            continue;
-        }
         for chunk in std::fs::read_dir(shard.path()).unwrap().flatten() {
-            names.insert(chunk.file_name().to_string_lossy().into_owned());
+            let name = chunk.file_name().to_string_lossy().into_owned();
+            if !name.starts_with('.') {
+                names.insert(name);
+            }
         }
     }
     names
@@ -560,16 +560,17 @@ fn chunk_files(data: &Path) -> std::collections::HashSet<String> {
 #[test]
 fn a_slow_upload_longer_than_the_lease_keeps_its_job_and_shows_its_progress() {
     let harness = Harness::new("transfer-slow");
-    // A 3 s lease, and an upload of 24 MiB of noise at 4 MiB/s: about 6 s.
+    // A 3 s lease, and an upload of 64 MiB of noise at 8 MiB/s: about 8 s, in four
+    // bodies of 16 MiB.
     let server = harness.start_server("server", &["--lease-secs", "3", "--heartbeat-secs", "1"]);
     let build = server.submit(&write_build(
         &harness.mkdir("build"),
         "340",
         &[Job::new("slow", "IMG")
-            .image("head -c 25165824 /dev/urandom > \"$KILN_OUTPUT/disk.img\"")],
+            .image("head -c 67108864 /dev/urandom > \"$KILN_OUTPUT/disk.img\"")],
     ));
     let proxy = TcpProxy::start(&server.url);
-    proxy.limit_rate(4 << 20);
+    proxy.limit_rate(8 << 20);
     let args: Vec<String> = [
         "client",
         "--server",
