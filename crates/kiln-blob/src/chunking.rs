@@ -202,6 +202,7 @@ impl<R: Read> Read for RetryInterrupted<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::noise::noise;
     use std::collections::HashSet;
     use std::io::Write;
 
@@ -211,20 +212,6 @@ mod tests {
         avg_size: 1024,
         max_size: 4096,
     };
-
-    /// Deterministic pseudo-random bytes (xorshift64), different for each seed.
-    fn pseudo_random_bytes(n_bytes: usize, seed: u64) -> Vec<u8> {
-        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        let mut bytes = Vec::with_capacity(n_bytes + 8);
-        while bytes.len() < n_bytes {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            bytes.extend_from_slice(&state.to_le_bytes());
-        }
-        bytes.truncate(n_bytes);
-        bytes
-    }
 
     fn digests_of(bytes: &[u8]) -> Digests {
         let mut image_hasher = ImageHasher::new();
@@ -270,7 +257,7 @@ mod tests {
 
     #[test]
     fn chunks_of_a_file_cover_it_and_hash_right() {
-        let bytes = pseudo_random_bytes(3 << 20, 1);
+        let bytes = noise(3 << 20, 1);
         let file = write_temp_file(&bytes);
         let chunked = chunk_file(file.path(), &ChunkParams::default()).unwrap();
         assert!(chunked.chunks.len() > 10, "{} chunks", chunked.chunks.len());
@@ -279,7 +266,7 @@ mod tests {
 
     #[test]
     fn many_small_chunks_cover_the_input_and_hash_right() {
-        let bytes = pseudo_random_bytes(300_000, 2);
+        let bytes = noise(300_000, 2);
         let chunked = chunk_reader(&bytes[..], &SMALL).unwrap();
         assert!(
             chunked.chunks.len() > 100,
@@ -305,7 +292,7 @@ mod tests {
 
     #[test]
     fn same_input_gives_same_chunks() {
-        let bytes = pseudo_random_bytes(1 << 20, 3);
+        let bytes = noise(1 << 20, 3);
         let first = chunk_reader(&bytes[..], &ChunkParams::default()).unwrap();
         let second = chunk_reader(&bytes[..], &ChunkParams::default()).unwrap();
         assert_eq!(first, second);
@@ -334,7 +321,7 @@ mod tests {
 
     #[test]
     fn boundaries_do_not_depend_on_read_sizes_or_interruptions() {
-        let bytes = pseudo_random_bytes(200_000, 4);
+        let bytes = noise(200_000, 4);
         let whole = chunk_reader(&bytes[..], &SMALL).unwrap();
         let trickle = TrickleReader {
             bytes: &bytes,
@@ -356,7 +343,7 @@ mod tests {
 
     #[test]
     fn input_smaller_than_min_size_is_one_chunk() {
-        let bytes = pseudo_random_bytes(1000, 5);
+        let bytes = noise(1000, 5);
         let file = write_temp_file(&bytes);
         let chunked = chunk_file(file.path(), &ChunkParams::default()).unwrap();
         assert_eq!(chunked.chunks.len(), 1);
@@ -368,10 +355,10 @@ mod tests {
 
     #[test]
     fn insertion_in_the_middle_changes_only_a_few_chunks() {
-        let original = pseudo_random_bytes(8 << 20, 6);
+        let original = noise(8 << 20, 6);
         let middle = original.len() / 2;
         let mut modified = original[..middle].to_vec();
-        modified.extend_from_slice(&pseudo_random_bytes(4096, 7));
+        modified.extend_from_slice(&noise(4096, 7));
         modified.extend_from_slice(&original[middle..]);
 
         let params = ChunkParams::default();

@@ -354,19 +354,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn noise(n_bytes: usize, seed: u64) -> Vec<u8> {
-        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        let mut bytes = Vec::with_capacity(n_bytes + 8);
-        while bytes.len() < n_bytes {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            bytes.extend_from_slice(&state.to_le_bytes());
-        }
-        bytes.truncate(n_bytes);
-        bytes
-    }
+    use crate::noise::noise;
 
     #[test]
     fn chunks_are_stored_once_and_read_back() {

@@ -357,18 +357,7 @@ pub fn unpack_chunk_list(packed: &[u8]) -> Result<Vec<ChunkEntry>, FrameError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn noise(n_bytes: usize, seed: u64) -> Vec<u8> {
-        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n_bytes)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                state as u8
-            })
-            .collect()
-    }
+    use crate::noise::noise;
 
     fn round_trip(frames: &[Frame], piece: usize) -> Vec<Frame> {
         let mut wire = Vec::new();

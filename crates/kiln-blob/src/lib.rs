@@ -12,6 +12,7 @@ pub mod chunking;
 pub mod chunks;
 pub mod frames;
 mod local;
+pub mod noise;
 pub mod wire;
 
 pub use chunks::{ChunkStore, LocalChunkStore, PutStats};

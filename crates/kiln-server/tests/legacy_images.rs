@@ -6,23 +6,11 @@ use kiln_proto::manifest::{BuildManifest, JobSpec};
 use kiln_server::{Server, ServerConfig};
 use kiln_store::{JobStore, NewBuild, NewImage, SqliteStore};
 
-fn noise(n_bytes: usize) -> Vec<u8> {
-    let mut state = 0x9E37_79B9_7F4A_7C15u64;
-    (0..n_bytes)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect()
-}
-
 #[tokio::test]
 async fn whole_file_images_are_converted_to_chunks_at_open() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let data = dir.path().to_owned();
-    let image = noise(3 << 20);
+    let image = kiln_blob::noise::noise(3 << 20, 7);
     let digests = kiln_blob::chunking::chunk_reader(&image[..], &Default::default())?.digests;
 
     // What an older server left: the image as one blob under its BLAKE3, and an image

@@ -6,6 +6,7 @@
 mod common;
 
 use common::{write_build, Harness, Job, Run, Server};
+use kiln_blob::noise::noise;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -13,20 +14,6 @@ use std::path::{Path, PathBuf};
 
 /// Size of the images the jobs leave.
 const IMAGE_BYTES: usize = 8 << 20;
-
-/// Deterministic, incompressible bytes (xorshift64), different for each seed.
-fn noise(n_bytes: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut bytes = Vec::with_capacity(n_bytes + 8);
-    while bytes.len() < n_bytes {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        bytes.extend_from_slice(&state.to_le_bytes());
-    }
-    bytes.truncate(n_bytes);
-    bytes
-}
 
 /// `base` with `count` bytes at `at` rewritten and `inserted` bytes inserted at
 /// `insert_at`.

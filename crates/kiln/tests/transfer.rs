@@ -9,6 +9,7 @@
 mod common;
 
 use common::{text, wait_until, write_build, Harness, Job, Server, TcpProxy};
+use kiln_blob::noise::noise;
 use kiln_blob::wire::{FetchRequest, ImageIndex, StorageStats};
 use kiln_blob::{ChunkEntry, ChunkHash, Frame};
 use kiln_client::conn::{CallError, ServerConn};
@@ -16,20 +17,6 @@ use kiln_client::upload::{ChunkedUploader, ImageUploader};
 use kiln_proto::api::{Claim, ClaimRequest};
 use sha2::Digest;
 use std::path::{Path, PathBuf};
-
-/// Deterministic incompressible bytes (xorshift64).
-fn noise(n_bytes: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut bytes = Vec::with_capacity(n_bytes + 8);
-    while bytes.len() < n_bytes {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        bytes.extend_from_slice(&state.to_le_bytes());
-    }
-    bytes.truncate(n_bytes);
-    bytes
-}
 
 /// `base` with a few regions rewritten and 4 KiB inserted (every later byte shifts).
 fn variant_of(base: &[u8]) -> Vec<u8> {

@@ -417,6 +417,7 @@ pub fn sync_parent(path: &Path) {
 mod tests {
     use super::*;
     use kiln_blob::chunking::{chunk_reader, ChunkParams};
+    use kiln_blob::noise::noise;
     use std::cell::RefCell;
     use std::rc::Rc;
 
@@ -425,19 +426,6 @@ mod tests {
         avg_size: 4096,
         max_size: 16384,
     };
-
-    fn noise(n_bytes: usize, seed: u64) -> Vec<u8> {
-        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        let mut out = Vec::with_capacity(n_bytes + 8);
-        while out.len() < n_bytes {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            out.extend_from_slice(&state.to_le_bytes());
-        }
-        out.truncate(n_bytes);
-        out
-    }
 
     /// A server in memory: every chunk of the images it was given, and a log of the
     /// batches asked for.

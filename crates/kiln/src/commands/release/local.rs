@@ -534,6 +534,7 @@ fn decode_cache(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kiln_blob::noise::noise;
 
     /// Small chunks, so that a few hundred KiB give many.
     const PARAMS: ChunkParams = ChunkParams {
@@ -541,19 +542,6 @@ mod tests {
         avg_size: 4096,
         max_size: 16384,
     };
-
-    fn noise(n_bytes: usize, seed: u64) -> Vec<u8> {
-        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        let mut out = Vec::with_capacity(n_bytes + 8);
-        while out.len() < n_bytes {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            out.extend_from_slice(&state.to_le_bytes());
-        }
-        out.truncate(n_bytes);
-        out
-    }
 
     fn scan(root: &Path) -> (LocalChunks, ScanStats) {
         LocalChunks::scan(root, PARAMS, &|_| {}, &|_| {}).unwrap()
