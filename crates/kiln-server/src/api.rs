@@ -701,25 +701,11 @@ async fn put_image(
             format!("image {name}: the bytes received hash to {} but the client said {expected}; nothing was stored", digests.blake3),
         ));
     }
-    let digests =
+    let info =
         transfer::store_whole_image(&state, &build, &job, &lease, &name, staged.path()).await?;
     drop(staged);
-    let now = crate::now_micros();
-    let config_type = state.store.get_job(&build, &job).await?.config_type;
-    tracing::info!(build = %build, job = %job, image = %name, size = digests.size, "image stored");
-    Ok((
-        StatusCode::CREATED,
-        Json(ImageInfo {
-            build,
-            job_id: job,
-            config_type,
-            name,
-            size: digests.size,
-            blake3: digests.blake3,
-            sha256: digests.sha256,
-            created_at: now,
-        }),
-    ))
+    tracing::info!(build = %build, job = %job, image = %name, size = info.size, "image stored");
+    Ok((StatusCode::CREATED, Json(info)))
 }
 
 async fn finish(

@@ -547,40 +547,52 @@ pub async fn commit(
     // The chunks' names become durable before an image lists them.
     let chunks = state.storage.chunks.clone();
     blocking(move || Ok(chunks.sync()?)).await?;
+    let info = record_image(&state, &build, &job, &lease, &name, &digests, &entries).await?;
+    tracing::info!(build = %build, job = %job, image = %name, size = digests.size, chunks = entries.len(), "image committed");
+    Ok((StatusCode::CREATED, Json(info)))
+}
+
+/// Records an image made of `entries` under the lease, and what to answer with.
+async fn record_image(
+    state: &AppState,
+    build: &str,
+    job: &str,
+    lease: &str,
+    name: &str,
+    digests: &kiln_blob::Digests,
+    entries: &[ChunkEntry],
+) -> Result<ImageInfo, ApiErr> {
     let now = crate::now_micros();
     state
         .store
         .add_image(
-            &build,
-            &job,
-            &lease,
+            build,
+            job,
+            lease,
             &NewImage {
-                name: name.clone(),
+                name: name.to_owned(),
                 size: digests.size,
                 blake3: digests.blake3.clone(),
                 sha256: digests.sha256.clone(),
                 blob_key: digests.blake3.clone(),
                 created_at: now,
-                chunk_list: pack_chunk_list(&entries),
+                chunk_list: pack_chunk_list(entries),
             },
         )
         .await?;
+    // The image keeps its chunks now.
     state.storage.unpin(entries.iter().map(|entry| &entry.hash));
-    let config_type = state.store.get_job(&build, &job).await?.config_type;
-    tracing::info!(build = %build, job = %job, image = %name, size = digests.size, chunks = entries.len(), "image committed");
-    Ok((
-        StatusCode::CREATED,
-        Json(ImageInfo {
-            build,
-            job_id: job,
-            config_type,
-            name,
-            size: digests.size,
-            blake3: digests.blake3,
-            sha256: digests.sha256,
-            created_at: now,
-        }),
-    ))
+    let config_type = state.store.get_job(build, job).await?.config_type;
+    Ok(ImageInfo {
+        build: build.to_owned(),
+        job_id: job.to_owned(),
+        config_type,
+        name: name.to_owned(),
+        size: digests.size,
+        blake3: digests.blake3.clone(),
+        sha256: digests.sha256.clone(),
+        created_at: now,
+    })
 }
 
 /// Stores an image that arrived whole (already staged in a file whose BLAKE3 was
@@ -592,7 +604,7 @@ pub async fn store_whole_image(
     lease: &str,
     name: &str,
     staged: &std::path::Path,
-) -> Result<kiln_blob::Digests, ApiErr> {
+) -> Result<ImageInfo, ApiErr> {
     let _no_collection = state.storage.gc_lock.read().await;
     let chunks = state.storage.chunks.clone();
     let path = staged.to_owned();
@@ -616,25 +628,7 @@ pub async fn store_whole_image(
             (CHUNKS, stats.new_chunks as i64),
         ])
         .await?;
-    state
-        .store
-        .add_image(
-            build,
-            job,
-            lease,
-            &NewImage {
-                name: name.to_owned(),
-                size: chunked.digests.size,
-                blake3: chunked.digests.blake3.clone(),
-                sha256: chunked.digests.sha256.clone(),
-                blob_key: chunked.digests.blake3.clone(),
-                created_at: crate::now_micros(),
-                chunk_list: pack_chunk_list(&entries),
-            },
-        )
-        .await?;
-    state.storage.unpin(entries.iter().map(|entry| &entry.hash));
-    Ok(chunked.digests)
+    record_image(state, build, job, lease, name, &chunked.digests, &entries).await
 }
 
 async fn image_entries(

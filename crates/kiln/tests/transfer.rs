@@ -600,3 +600,33 @@ fn a_slow_upload_longer_than_the_lease_keeps_its_job_and_shows_its_progress() {
         "the lease held through the upload: {job:#}"
     );
 }
+
+#[test]
+fn an_image_put_whole_is_stored_as_chunks_and_reads_back() {
+    let harness = Harness::new("transfer-put");
+    let (server, conn) = farm(&harness, "350", 1);
+    let image = noise(2 << 20, 9);
+    let path = write_file(harness.path(), "disk.img", &image);
+    runtime().block_on(async {
+        let claim = claim(&conn).await;
+        let report = kiln_client::upload::WholeFileUploader
+            .upload(&conn, &claim, "disk.img", &path, &|_, _| {})
+            .await
+            .expect("a whole-file upload");
+        assert_eq!(report.size, image.len() as u64);
+        conn.finish(&claim, vec!["disk.img".into()]).await.unwrap();
+        let url = "/v1/jobs/350/j0/images/disk.img";
+        let (_, _, index) = get_raw(&server, &format!("{url}/index"), &[]).await;
+        let index: ImageIndex = serde_json::from_slice(&index).unwrap();
+        assert!(
+            index.chunks.len() > 5,
+            "cut into chunks: {}",
+            index.chunks.len()
+        );
+        assert_eq!(index.sha256, sha256_hex(&image));
+        let (status, _, body) = get_raw(&server, url, &[]).await;
+        assert_eq!(status, 200);
+        assert!(body == image);
+    });
+    assert_eq!(storage(&server).bytes_received, image.len() as u64);
+}
