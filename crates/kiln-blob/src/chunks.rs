@@ -154,10 +154,15 @@ impl ChunkStore for LocalChunkStore {
             self.sync_all()?;
             let mut stats = PutStats::default();
             for (temp, target, bytes) in &written {
-                std::fs::rename(temp, target)
-                    .map_err(|err| BlobError::io(format!("storing {}", target.display()), err))?;
-                stats.new_chunks += 1;
-                stats.new_bytes += bytes;
+                if rename_no_replace(temp, target)
+                    .map_err(|err| BlobError::io(format!("storing {}", target.display()), err))?
+                {
+                    stats.new_chunks += 1;
+                    stats.new_bytes += bytes;
+                } else {
+                    // Another upload stored the same chunk meanwhile: same bytes.
+                    let _ = std::fs::remove_file(temp);
+                }
             }
             Ok(stats)
         })();
@@ -249,6 +254,41 @@ impl ChunkStore for LocalChunkStore {
         }
         Ok(removed)
     }
+}
+
+/// Renames `from` to `to` unless `to` exists; returns whether it renamed. Two
+/// uploads storing the same chunk at once then count it once.
+fn rename_no_replace(from: &Path, to: &Path) -> io::Result<bool> {
+    use std::os::unix::ffi::OsStrExt;
+    let from = std::ffi::CString::new(from.as_os_str().as_bytes())?;
+    let to = std::ffi::CString::new(to.as_os_str().as_bytes())?;
+    // SAFETY: both are NUL-terminated paths that live across the call.
+    let result = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if result == 0 {
+        return Ok(true);
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::EEXIST) => Ok(false),
+        // A file system without RENAME_NOREPLACE: a plain rename, counted as new.
+        Some(libc::EINVAL) | Some(libc::ENOSYS) => {
+            std::fs::rename(from_path(&from), from_path(&to)).map(|()| true)
+        }
+        _ => Err(err),
+    }
+}
+
+fn from_path(path: &std::ffi::CStr) -> &Path {
+    use std::os::unix::ffi::OsStrExt;
+    Path::new(std::ffi::OsStr::from_bytes(path.to_bytes()))
 }
 
 /// How many bytes of encoded chunks [`ingest`] gathers before storing them.
@@ -393,6 +433,22 @@ mod tests {
             0,
             "no temporary file is left behind"
         );
+    }
+
+    #[test]
+    fn a_chunk_stored_by_two_writers_at_once_is_counted_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalChunkStore::open(dir.path()).unwrap();
+        let frame = Frame::encode(&noise(30_000, 9));
+        // Both writers saw the chunk missing; the second rename finds it there.
+        let target = store.path_of(&frame.hash);
+        let first = target.with_file_name(".part-first");
+        let second = target.with_file_name(".part-second");
+        std::fs::write(&first, b"x").unwrap();
+        std::fs::write(&second, b"x").unwrap();
+        assert!(rename_no_replace(&first, &target).unwrap());
+        assert!(!rename_no_replace(&second, &target).unwrap());
+        assert!(second.exists(), "the loser's file is left to its writer");
     }
 
     #[test]
