@@ -350,6 +350,27 @@ pub enum BenchWhich {
         #[arg(long, default_value_t = 2.0)]
         job_secs: f64,
     },
+    /// Image transfer: a fresh image against curl -T to nginx, a changed image against
+    /// casync and rsync, the demo build's storage, the server's memory during an upload.
+    Transfer {
+        /// Size of the image sent fresh and changed, in MiB.
+        #[arg(long, default_value_t = 1024)]
+        size_mib: u64,
+        /// Size of the image sent while the server's memory is watched, in MiB.
+        #[arg(long, default_value_t = 4096)]
+        rss_size_mib: u64,
+        /// Leave out the server-memory part.
+        #[arg(long)]
+        skip_rss: bool,
+        /// Timed trials of each system.
+        #[arg(long, default_value_t = 3)]
+        trials: u32,
+        /// Make the work directory (removed at the end) in DIR rather than the
+        /// temporary directory; it needs about 4 times the image size plus 2 times
+        /// --rss-size-mib free.
+        #[arg(long)]
+        work: Option<PathBuf>,
+    },
 }
 
 /// How a client fails in `kiln bench failover`.

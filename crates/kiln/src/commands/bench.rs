@@ -51,6 +51,22 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             };
             super::chaos::run(plan).await
         }
+        BenchWhich::Transfer {
+            size_mib,
+            rss_size_mib,
+            skip_rss,
+            trials,
+            work,
+        } => {
+            super::bench_transfer::run(super::bench_transfer::Options {
+                size_mib,
+                rss_size_mib,
+                skip_rss,
+                trials,
+                work,
+            })
+            .await
+        }
     }
 }
 

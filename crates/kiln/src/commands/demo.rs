@@ -51,7 +51,7 @@ pub fn find_tool(name: &str) -> Option<PathBuf> {
         .find(|candidate| candidate.is_file())
 }
 
-fn write_example(dir: &Path) -> anyhow::Result<PathBuf> {
+pub fn write_example(dir: &Path) -> anyhow::Result<PathBuf> {
     for (name, text) in EXAMPLE_FILES {
         let path = dir.join(name);
         if let Some(parent) = path.parent() {

@@ -155,6 +155,11 @@ impl Farm {
         let _ = self.clients[idx].1.wait().await;
     }
 
+    /// The server's process id, while it runs.
+    pub fn server_pid(&self) -> Option<u32> {
+        self.server.id()
+    }
+
     /// The admin secret.
     pub fn admin_token(&self) -> anyhow::Result<String> {
         Ok(std::fs::read_to_string(&self.admin_token_file)?
