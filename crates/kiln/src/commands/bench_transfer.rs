@@ -111,6 +111,7 @@ async fn bench(options: &Options, work: &Path) -> anyhow::Result<()> {
     } else {
         part_d(work, options.rss_size_mib).await?;
     }
+    println!("load average at the end {}", load_average());
     Ok(())
 }
 
