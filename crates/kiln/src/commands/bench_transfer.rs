@@ -247,6 +247,7 @@ async fn part_a(work: &Path, files: &Files, trials: u32) -> anyhow::Result<()> {
     let mut kiln_wall = Vec::new();
     let mut kiln_reported = Vec::new();
     let mut curl = Vec::new();
+    let mut curl_synced = Vec::new();
     for trial in 0..=trials {
         let label = if trial == 0 {
             "warm-up".to_owned()
@@ -273,12 +274,15 @@ async fn part_a(work: &Path, files: &Files, trials: u32) -> anyhow::Result<()> {
         );
 
         sync_fs(work)?;
-        let secs = nginx.put(&files.base, files.size).await?;
-        eprintln!("transfer: (a) {label}: curl -T to nginx {secs:.2} s");
+        let (secs, sync_secs) = nginx.put(&files.base, files.size).await?;
+        eprintln!(
+            "transfer: (a) {label}: curl -T to nginx {secs:.2} s, then syncfs {sync_secs:.2} s"
+        );
         if trial > 0 {
             kiln_wall.push(wall.as_secs_f64());
             kiln_reported.push(report.elapsed.as_secs_f64());
             curl.push(secs);
+            curl_synced.push(secs + sync_secs);
         }
     }
     nginx.stop().await;
@@ -294,6 +298,10 @@ async fn part_a(work: &Path, files: &Files, trials: u32) -> anyhow::Result<()> {
         ("kiln (wall time around the upload call)", &mut kiln_wall),
         ("kiln (the uploader's own elapsed)", &mut kiln_reported),
         ("curl -T to nginx (WebDAV PUT)", &mut curl),
+        (
+            "curl -T to nginx, then syncfs (on disk, as kiln's is when it answers)",
+            &mut curl_synced,
+        ),
     ] {
         times.sort_by(f64::total_cmp);
         let median = median(times);
@@ -608,22 +616,22 @@ async fn part_d(work: &Path, size_mib: u64) -> anyhow::Result<()> {
     let sampler = {
         let sampling = sampling.clone();
         tokio::spawn(async move {
-            let mut max_kib = 0;
-            let mut n_samples = 0u64;
+            let mut samples = Vec::new();
             while sampling.load(Ordering::Relaxed) {
                 if let Ok(kib) = proc_status_kib(pid, "VmRSS") {
-                    max_kib = max_kib.max(kib);
-                    n_samples += 1;
+                    samples.push(kib);
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            (max_kib, n_samples)
+            samples
         })
     };
     eprintln!("transfer: (d) uploading it to a fresh server (pid {pid})");
     let upload = kiln.upload(&claim, &path).await;
     sampling.store(false, Ordering::Relaxed);
-    let (max_rss, n_samples) = sampler.await?;
+    let samples = sampler.await?;
+    let max_mib = |samples: &[u64]| samples.iter().max().copied().unwrap_or(0) as f64 / 1024.0;
+    let (first_half, second_half) = samples.split_at(samples.len() / 2);
     let (report, wall) = upload?;
     let hwm = proc_status_kib(pid, "VmHWM")?;
     kiln.stop().await;
@@ -633,17 +641,21 @@ async fn part_d(work: &Path, size_mib: u64) -> anyhow::Result<()> {
         "(d) the server's memory while it receives a fresh {size_mib} MiB incompressible image"
     );
     println!();
+    println!("| upload | RSS before | max RSS, first half of the upload | max RSS, second half | peak RSS (VmHWM) | target |");
+    println!("|---|---|---|---|---|---|");
     println!(
-        "| upload | RSS before | max RSS (sampled every 100 ms) | peak RSS (VmHWM) | target |"
-    );
-    println!("|---|---|---|---|---|");
-    println!(
-        "| {:.1} s ({:.0} MiB/s) | {:.1} MiB | {:.1} MiB ({n_samples} samples) | {:.1} MiB | flat, under 64 MiB |",
+        "| {:.1} s ({:.0} MiB/s) | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.1} MiB | flat, under 64 MiB |",
         wall.as_secs_f64(),
         report.size as f64 / MIB as f64 / wall.as_secs_f64(),
         rss_before as f64 / 1024.0,
-        max_rss as f64 / 1024.0,
+        max_mib(first_half),
+        max_mib(second_half),
         hwm as f64 / 1024.0
+    );
+    println!();
+    println!(
+        "VmRSS sampled every 100 ms ({} samples); VmHWM is the kernel's peak, between samples too.",
+        samples.len()
     );
     println!();
     Ok(())
@@ -823,9 +835,11 @@ http {{
         Ok(nginx)
     }
 
-    /// `curl -T FILE` to nginx; checks what arrived and deletes it again (files piling
-    /// up would be written back during later trials). Returns the wall time of curl.
-    async fn put(&self, path: &Path, size: u64) -> anyhow::Result<f64> {
+    /// `curl -T FILE` to nginx; checks what arrived, syncs the file system (nginx does
+    /// not: the file may not be on disk yet when it answers) and deletes the file again
+    /// (files piling up would be written back during later trials). Returns the wall
+    /// time of curl and then of the sync.
+    async fn put(&self, path: &Path, size: u64) -> anyhow::Result<(f64, f64)> {
         let url = format!("{}/{IMAGE_NAME}", self.url);
         let started = Instant::now();
         let output = Command::new("curl")
@@ -858,8 +872,11 @@ http {{
             stored_size == size,
             "nginx stored {stored_size} bytes of a {size}-byte file"
         );
+        let synced = Instant::now();
+        sync_fs(&self.dav)?;
+        let sync_secs = synced.elapsed().as_secs_f64();
         std::fs::remove_file(&stored)?;
-        Ok(secs)
+        Ok((secs, sync_secs))
     }
 
     async fn stop(mut self) {
