@@ -21,7 +21,6 @@ use kiln_blob::wire::StorageStats;
 use kiln_client::conn::ServerConn;
 use kiln_client::upload::{ChunkedUploader, ImageUploader, UploadReport};
 use kiln_proto::api::{Claim, ClaimRequest};
-use rand::{RngCore, SeedableRng};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
@@ -154,16 +153,17 @@ impl Edits {
     }
 }
 
-/// Writes `size_mib` MiB of random bytes from a generator seeded with `seed`, one
-/// MiB at a time.
+/// MiB number `idx` of the noise of `seed`: incompressible, the same every run.
+fn noise_piece(seed: u64, idx: u64) -> Vec<u8> {
+    kiln_blob::noise::noise(MIB as usize, (seed << 32) | idx)
+}
+
+/// Writes `size_mib` MiB of the noise of `seed`, one MiB at a time.
 fn write_noise(path: &Path, size_mib: u64, seed: u64) -> anyhow::Result<()> {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut file =
         std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
-    let mut piece = vec![0u8; MIB as usize];
-    for _ in 0..size_mib {
-        rng.fill_bytes(&mut piece);
-        file.write_all(&piece)
+    for idx in 0..size_mib {
+        file.write_all(&noise_piece(seed, idx))
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
@@ -171,13 +171,11 @@ fn write_noise(path: &Path, size_mib: u64, seed: u64) -> anyhow::Result<()> {
 
 /// Writes the variant of `base` that `edits` describe, one MiB at a time.
 fn write_variant(base: &Path, variant: &Path, edits: &Edits, seed: u64) -> anyhow::Result<()> {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut input =
         std::fs::File::open(base).with_context(|| format!("opening {}", base.display()))?;
     let mut output = std::fs::File::create(variant)
         .with_context(|| format!("creating {}", variant.display()))?;
     let mut piece = vec![0u8; MIB as usize];
-    let mut inserted = vec![0u8; INSERTED];
     for idx in 0.. {
         let n = read_full(&mut input, &mut piece)
             .with_context(|| format!("reading {}", base.display()))?;
@@ -186,7 +184,7 @@ fn write_variant(base: &Path, variant: &Path, edits: &Edits, seed: u64) -> anyho
         }
         let piece = &mut piece[..n];
         if edits.rewritten.contains(&idx) {
-            rng.fill_bytes(piece);
+            piece.copy_from_slice(&noise_piece(seed, idx)[..n]);
         }
         let start = idx * MIB;
         let write = |output: &mut std::fs::File, bytes: &[u8]| {
@@ -196,9 +194,8 @@ fn write_variant(base: &Path, variant: &Path, edits: &Edits, seed: u64) -> anyho
         };
         if (start..start + n as u64).contains(&edits.insert_at) {
             let split = (edits.insert_at - start) as usize;
-            rng.fill_bytes(&mut inserted);
             write(&mut output, &piece[..split])?;
-            write(&mut output, &inserted)?;
+            write(&mut output, &kiln_blob::noise::noise(INSERTED, seed))?;
             write(&mut output, &piece[split..])?;
         } else {
             write(&mut output, piece)?;
