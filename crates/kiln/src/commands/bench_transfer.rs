@@ -432,7 +432,9 @@ async fn kiln_delta(
         None => kiln.conn.clone(),
     };
     let second = claim(&conn).await?;
+    let chunk_dir = dir.join("server").join("chunks");
     let before = kiln.storage().await?;
+    let on_disk_before = tree_size(&chunk_dir)?;
     if let Some(relay) = &relay {
         relay.reset();
     }
@@ -444,6 +446,7 @@ async fn kiln_delta(
         (Some(up), Some(down))
     });
     let after = kiln.storage().await?;
+    let on_disk_after = tree_size(&chunk_dir)?;
     drop(relay);
     kiln.stop().await;
     remove_dir(&dir)?;
@@ -453,13 +456,14 @@ async fn kiln_delta(
         received: down,
         stored: Some(after.bytes_stored.saturating_sub(before.bytes_stored)),
         detail: format!(
-            "{} of {} chunks sent: {} raw, {} as chunk frames; the server counted {} received, {} deduplicated",
+            "{} of {} chunks sent: {} raw, {} as chunk frames; the server counted {} received, {} deduplicated; its chunk files grew {}",
             report.chunks_sent,
             report.chunks,
             bytes(report.raw_bytes_sent),
             bytes(report.wire_bytes_sent),
             bytes(after.bytes_received.saturating_sub(before.bytes_received)),
             bytes(after.bytes_deduplicated.saturating_sub(before.bytes_deduplicated)),
+            bytes(on_disk_after.file_bytes.saturating_sub(on_disk_before.file_bytes)),
         ),
     })
 }
@@ -494,33 +498,44 @@ async fn casync_delta(work: &Path, files: &Files, trial: u32) -> anyhow::Result<
         }
     };
     make(dir.join("base.caibx"), files.base.clone()).await?;
-    let (files_before, du_before) = tree_size(&store)?;
+    let before = tree_size(&store)?;
     sync_fs(work)?;
     let started = Instant::now();
     make(dir.join("variant.caibx"), files.variant.clone()).await?;
     let secs = started.elapsed().as_secs_f64();
-    let (files_after, du_after) = tree_size(&store)?;
+    let after = tree_size(&store)?;
     remove_dir(&dir)?;
     Ok(DeltaRun {
         secs,
         sent: None,
         received: None,
-        stored: Some(files_after - files_before),
+        stored: Some(after.file_bytes - before.file_bytes),
         detail: format!(
             "stored: growth of the chunk files in the store (`du -sb` of the store grew {}, directories included); a local store: nothing sent",
-            bytes(du_after - du_before)
+            bytes(after.all_bytes - before.all_bytes)
         ),
     })
 }
 
-/// The sizes of the regular files under `dir`, and of everything (what `du -sb` adds
-/// up: directories too).
-fn tree_size(dir: &Path) -> anyhow::Result<(u64, u64)> {
-    let mut files = 0;
-    let mut all = 0;
+/// What a directory tree holds.
+struct TreeSize {
+    /// Files in it, other than directories.
+    files: u64,
+    /// Their sizes.
+    file_bytes: u64,
+    /// Their sizes and the directories' (what `du -sb` adds up).
+    all_bytes: u64,
+}
+
+fn tree_size(dir: &Path) -> anyhow::Result<TreeSize> {
+    let mut size = TreeSize {
+        files: 0,
+        file_bytes: 0,
+        all_bytes: 0,
+    };
     let mut stack = vec![dir.to_owned()];
     while let Some(dir) = stack.pop() {
-        all += std::fs::metadata(&dir)?.len();
+        size.all_bytes += std::fs::metadata(&dir)?.len();
         for entry in
             std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))?
         {
@@ -529,12 +544,13 @@ fn tree_size(dir: &Path) -> anyhow::Result<(u64, u64)> {
             if meta.is_dir() {
                 stack.push(entry.path());
             } else {
-                files += meta.len();
-                all += meta.len();
+                size.files += 1;
+                size.file_bytes += meta.len();
+                size.all_bytes += meta.len();
             }
         }
     }
-    Ok((files, all))
+    Ok(size)
 }
 
 // ---------------------------------------------------------------------------------
@@ -575,21 +591,25 @@ async fn part_c(work: &Path) -> anyhow::Result<()> {
         .await
         .context("reading the server's storage counters")?;
     farm.stop().await;
+    // The counters, checked against the chunk files themselves.
+    let on_disk = tree_size(&dir.join("server").join("chunks"))?;
     remove_dir(&dir)?;
     println!(
         "(c) the demo build ({} jobs): its images in the store",
         submitted.n_jobs
     );
     println!();
-    println!("| images | sum of image sizes | bytes stored | stored / sum | chunks stored |");
-    println!("|---|---|---|---|---|");
+    println!("| images | sum of image sizes | bytes stored | stored / sum | chunks stored | chunk files on disk |");
+    println!("|---|---|---|---|---|---|");
     println!(
-        "| {} | {} | {} | {:.1} % | {} |",
+        "| {} | {} | {} | {:.1} % | {} | {} files, {} |",
         storage.images,
         bytes(storage.image_bytes),
         bytes(storage.bytes_stored),
         storage.bytes_stored as f64 / storage.image_bytes.max(1) as f64 * 100.0,
-        storage.chunks_stored
+        storage.chunks_stored,
+        on_disk.files,
+        bytes(on_disk.file_bytes)
     );
     println!();
     Ok(())
