@@ -39,9 +39,9 @@ use std::time::{Duration, Instant};
 
 /// How long a chunk an upload mentioned is safe from collection.
 pub const PIN_TTL: Duration = Duration::from_secs(3600);
-/// Bytes of frames received before they are checked and stored together (one sync);
-/// a client's body is about this size.
-const PUT_BATCH_BYTES: usize = 16 << 20;
+/// Bytes of frames received before they are checked, stored (one sync) and hashed
+/// into their image; what bounds a body's memory on the server.
+const PUT_BATCH_BYTES: usize = 8 << 20;
 /// Decoded chunks a download may hold ahead of the network.
 const STREAM_AHEAD: usize = 16;
 
@@ -275,7 +275,7 @@ pub async fn missing(
     let missing = blocking(move || Ok(chunks.missing(&hashes)?)).await?;
     if in_order.is_some() {
         // Chunks the server had already are hashed on while the client cuts the next.
-        advance_in_background(&state.storage, &build, &job, HashMap::new());
+        advance_in_background(&state.storage, &build, &job);
     }
     let missing_set: HashSet<&ChunkHash> = missing.iter().collect();
     let mut seen = HashSet::new();
@@ -360,11 +360,16 @@ pub async fn put_chunks(
                 state.storage.pin(frames.iter().map(|frame| &frame.hash));
                 let chunks = state.storage.chunks.clone();
                 let store_started = Instant::now();
-                let (stats, refused, fresh) =
-                    blocking(move || store_checked(&*chunks, frames)).await?;
-                // The images of this job are hashed on in the background: the client
-                // need not wait for it before it sends the next body.
-                advance_in_background(&state.storage, &build, &job, fresh);
+                let images = state.storage.in_order_hashes_of(&build, &job);
+                let (stats, refused) = blocking(move || {
+                    let (stats, refused, fresh) = store_checked(&*chunks, frames)?;
+                    // The images of this job are hashed on from the bytes at hand,
+                    // which are let go before the next batch is read: memory stays
+                    // at about one batch a body.
+                    advance_all(&images, &*chunks, &fresh);
+                    Ok((stats, refused))
+                })
+                .await?;
                 tracing::debug!(
                     secs = store_started.elapsed().as_secs_f64(),
                     new_bytes = stats.new_bytes,
@@ -403,27 +408,29 @@ fn frame_refused(err: kiln_blob::frames::FrameError) -> ApiErr {
 
 /// Hashes the images of a job on, as far as their chunks are stored, on a blocking
 /// thread; a commit takes the same lock, so it waits for this to finish.
-fn advance_in_background(
-    storage: &Storage,
-    build: &str,
-    job: &str,
-    fresh: HashMap<ChunkHash, Bytes>,
-) {
+fn advance_in_background(storage: &Storage, build: &str, job: &str) {
     let chunks = storage.chunks.clone();
     let images = storage.in_order_hashes_of(build, job);
     if images.is_empty() {
         return;
     }
-    tokio::task::spawn_blocking(move || {
-        for image in images {
-            let mut image = image.lock().expect("in-order hash lock");
-            if let Err(err) = image.advance(&*chunks, &fresh) {
-                // The commit reads the image back instead.
-                tracing::warn!(cause = %kiln_proto::error_chain(&err), "cannot hash an image in order");
-                image.broken = true;
-            }
+    tokio::task::spawn_blocking(move || advance_all(&images, &*chunks, &HashMap::new()));
+}
+
+/// Hashes `images` on as far as their chunks are stored (see [`InOrderHash::advance`]).
+fn advance_all(
+    images: &[Arc<Mutex<InOrderHash>>],
+    chunks: &dyn ChunkStore,
+    fresh: &HashMap<ChunkHash, Bytes>,
+) {
+    for image in images {
+        let mut image = image.lock().expect("in-order hash lock");
+        if let Err(err) = image.advance(chunks, fresh) {
+            // The commit reads the image back instead.
+            tracing::warn!(cause = %kiln_proto::error_chain(&err), "cannot hash an image in order");
+            image.broken = true;
         }
-    });
+    }
 }
 
 /// What [`store_checked`] did: what storing added, the refusal of the first bad chunk
