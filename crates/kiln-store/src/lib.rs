@@ -158,6 +158,14 @@ pub struct ImageTotals {
     pub bytes: u64,
 }
 
+/// A server's load as its masters see it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LoadCounts {
+    pub builds: u64,
+    pub queued: u64,
+    pub running: u64,
+}
+
 /// A job that changed state because of time (lease lapsed, deadline passed).
 #[derive(Debug, Clone)]
 pub struct TimedTransition {
@@ -357,4 +365,7 @@ pub trait JobStore: Send + Sync + 'static {
     async fn counters(&self) -> StoreResult<std::collections::BTreeMap<String, i64>>;
     /// How many images are stored, and their total size.
     async fn image_totals(&self) -> StoreResult<ImageTotals>;
+    /// How many builds there are and how many jobs are queued and running: what a
+    /// server reports to its masters.
+    async fn load_counts(&self) -> StoreResult<LoadCounts>;
 }

@@ -6,8 +6,8 @@
 
 use crate::{
     BuildRecord, Candidate, ClaimedJob, DeletedBuild, Failure, ImageRecord, ImageTotals, JobStore,
-    LeaseHolder, LegacyImage, NewBuild, NewImage, Notification, StoreError, StoreResult,
-    TimedTransition,
+    LeaseHolder, LegacyImage, LoadCounts, NewBuild, NewImage, Notification, StoreError,
+    StoreResult, TimedTransition,
 };
 use async_trait::async_trait;
 use kiln_proto::api::{BuildSummary, Event, ImageInfo, JobStatus, LogLine, NewLogLine, Notice};
@@ -1496,6 +1496,21 @@ impl JobStore for SqliteStore {
         Ok(ImageTotals {
             images: row.try_get::<i64, _>("n")? as u64,
             bytes: row.try_get::<i64, _>("bytes")? as u64,
+        })
+    }
+
+    async fn load_counts(&self) -> StoreResult<LoadCounts> {
+        let row = sqlx::query(
+            "SELECT (SELECT COUNT(*) FROM builds) AS builds, \
+             (SELECT COUNT(*) FROM jobs WHERE state = 'queued') AS queued, \
+             (SELECT COUNT(*) FROM jobs WHERE state = 'running') AS running",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(LoadCounts {
+            builds: row.try_get::<i64, _>("builds")? as u64,
+            queued: row.try_get::<i64, _>("queued")? as u64,
+            running: row.try_get::<i64, _>("running")? as u64,
         })
     }
 }

@@ -1713,3 +1713,28 @@ async fn counters_add_up_and_survive_reopening() -> anyhow::Result<()> {
     assert_eq!(counters.get("chunks"), Some(&7));
     Ok(())
 }
+
+#[tokio::test]
+async fn load_counts_give_builds_and_queued_and_running_jobs() -> anyhow::Result<()> {
+    let (_dir, store) = open_store().await?;
+    assert_eq!(
+        store.load_counts().await?,
+        kiln_store::LoadCounts::default()
+    );
+    store
+        .insert_build(&new_build(BUILD, vec![job("a"), job("b"), job("c")], at(0)))
+        .await?;
+    store
+        .insert_build(&new_build("20021017.1", vec![job("x")], at(10)))
+        .await?;
+    let a = claim(&store, BUILD, "a", "client-1", at(20)).await?;
+    claim(&store, BUILD, "b", "client-2", at(20)).await?;
+    finish_with_image(&store, &a, at(30)).await?;
+    let counts = store.load_counts().await?;
+    assert_eq!(
+        (counts.builds, counts.queued, counts.running),
+        (2, 2, 1),
+        "two builds; c and x queued, b running, a finished"
+    );
+    Ok(())
+}
