@@ -13,6 +13,7 @@ mod error;
 mod files;
 mod loops;
 mod notify;
+mod register;
 mod sessions;
 mod transfer;
 
@@ -57,6 +58,12 @@ pub struct ServerConfig {
     pub max_files_bytes: u64,
     /// The largest image accepted.
     pub max_image_bytes: u64,
+    /// Masters to register with and heartbeat to, every `heartbeat_secs`.
+    pub masters: Vec<String>,
+    /// The URL masters hand out for this server; needed when `masters` is not empty.
+    pub advertise: Option<String>,
+    /// The file holding the masters' server credential.
+    pub master_token_file: Option<PathBuf>,
 }
 
 impl ServerConfig {
@@ -75,6 +82,9 @@ impl ServerConfig {
             default_max_attempts: 3,
             max_files_bytes: 1 << 30,
             max_image_bytes: 64 << 30,
+            masters: Vec::new(),
+            advertise: None,
+            master_token_file: None,
         }
     }
 }
@@ -180,6 +190,7 @@ impl Server {
         let stop_rx = self.state.stopping.subscribe();
         let dispatcher = tokio::spawn(self.state.dispatcher.clone().run(stop_rx.clone()));
         let reaper = tokio::spawn(loops::timekeeper(self.state.clone(), stop_rx.clone()));
+        let registrar = tokio::spawn(register::registrar(self.state.clone(), stop_rx.clone()));
         let notifier = tokio::spawn(notify::notifier(self.state.clone(), stop_rx));
         // Whatever was queued before a restart is available now.
         self.state.dispatcher.wake();
@@ -207,6 +218,7 @@ impl Server {
             let _ = dispatcher.await;
             let _ = reaper.await;
             let _ = notifier.await;
+            let _ = registrar.await;
         })
         .await;
         result

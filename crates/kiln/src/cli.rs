@@ -17,6 +17,10 @@ pub enum Command {
     Server(ServerArgs),
     /// Run an imaging client that claims and runs jobs.
     Client(ClientArgs),
+    /// Run a master: the list of live servers that servers register with.
+    Master(MasterArgs),
+    /// List the servers a master knows.
+    Servers(ServersArgs),
     /// Submit a build (relbuild.xml or kiln.toml) with the files beside it.
     Submit(SubmitArgs),
     /// Show builds, or the jobs of one build.
@@ -84,6 +88,53 @@ pub struct ServerArgs {
     /// Lost runs (lease lapsed, client gone) after which a job fails with `lost`.
     #[arg(long, default_value_t = 3)]
     pub max_attempts: u32,
+    /// A master to register with and heartbeat to (repeat for several); needs --advertise.
+    #[arg(long = "master")]
+    pub masters: Vec<String>,
+    /// The URL masters hand out for this server.
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// File holding the masters' server credential (their server.token).
+    #[arg(long)]
+    pub master_token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct MasterArgs {
+    /// Address to listen on (port 0 picks a free one; the URL is printed).
+    #[arg(long, default_value = "127.0.0.1:7080")]
+    pub listen: String,
+    /// Directory for the server list and token files.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// A server that has not heartbeat for this long drops off the list, in seconds.
+    #[arg(long, default_value_t = 15)]
+    pub heartbeat_timeout_secs: u64,
+    /// Use this existing admin token file instead of DATA/admin.token.
+    #[arg(long)]
+    pub admin_token_file: Option<PathBuf>,
+    /// Use this existing server token file instead of DATA/server.token.
+    #[arg(long)]
+    pub server_token_file: Option<PathBuf>,
+    /// Use this existing client token file instead of DATA/client.token.
+    #[arg(long)]
+    pub client_token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ServersArgs {
+    /// The master's URL.
+    #[arg(long, env = "KILN_MASTER", default_value = "http://127.0.0.1:7080")]
+    pub master: String,
+    /// A file holding the master's client or admin credential (else KILN_TOKEN).
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// Include servers that dropped off (no heartbeat within the timeout).
+    #[arg(long)]
+    pub all: bool,
+    /// Print the master's JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

@@ -9,8 +9,10 @@ mod demo;
 mod events;
 mod farm;
 mod logs;
+mod master;
 mod release;
 mod server;
+mod servers;
 mod status;
 mod submit;
 
@@ -28,6 +30,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Client(args) => {
             init_tracing("info");
             client::run(args).await
+        }
+        Command::Master(args) => {
+            init_tracing("info");
+            master::run(args).await
+        }
+        Command::Servers(args) => {
+            init_tracing("warn");
+            servers::run(args).await
         }
         Command::Submit(args) => {
             init_tracing("warn");

@@ -16,6 +16,29 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
     config.hung_grace_secs = args.hung_grace_secs;
     config.default_accept_within_secs = args.accept_within_secs;
     config.default_max_attempts = args.max_attempts.max(1);
+    if !args.masters.is_empty() && args.advertise.is_none() {
+        return Err(crate::operator::Usage(
+            "--master needs --advertise URL: the URL the master hands out for this server".into(),
+        )
+        .into());
+    }
+    if args.advertise.is_some() && args.masters.is_empty() {
+        return Err(crate::operator::Usage(
+            "--advertise is only used with --master URL: name the masters to register with".into(),
+        )
+        .into());
+    }
+    if let Some(url) = &args.advertise {
+        kiln_master::validate_server_url(url)
+            .map_err(|message| crate::operator::Usage(format!("--advertise: {message}")))?;
+    }
+    for url in &args.masters {
+        kiln_master::validate_server_url(url)
+            .map_err(|message| crate::operator::Usage(format!("--master: {message}")))?;
+    }
+    config.masters = args.masters;
+    config.advertise = args.advertise;
+    config.master_token_file = args.master_token_file;
     let server = Server::open(config).await?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await

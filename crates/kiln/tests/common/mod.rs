@@ -1162,3 +1162,144 @@ fn proxy_pump(
     let _ = from.shutdown(std::net::Shutdown::Both);
     let _ = to.shutdown(std::net::Shutdown::Both);
 }
+
+/// A free loopback port, for a process that must know its URL before it starts (a
+/// server advertising itself to masters) or come back at the same one.
+pub fn free_loopback_addr() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binding a free port");
+    listener
+        .local_addr()
+        .expect("reading the bound address")
+        .to_string()
+}
+
+/// A running `kiln master`.
+pub struct Master {
+    pub name: String,
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    pub data: PathBuf,
+    pub admin_token_file: PathBuf,
+    pub server_token_file: PathBuf,
+    pub client_token_file: PathBuf,
+    log_dir: PathBuf,
+    pub process: ProcessGuard,
+}
+
+impl Harness {
+    /// Starts `kiln master --listen LISTEN --data DATA EXTRA...`, logging into
+    /// `master-NAME.log` (appended to, so that a restarted master keeps both logs).
+    pub fn start_master_at(&self, name: &str, listen: &str, data: &Path, extra: &[&str]) -> Master {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.path().join(format!("master-{name}.log")))
+            .expect("opening the master log");
+        let mut child = Command::new(KILN)
+            .args(["master", "--listen", listen, "--data"])
+            .arg(data)
+            .args(extra)
+            .env_remove("KILN_TOKEN")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|err| panic!("cannot start {KILN} master: {err}"));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let process = ProcessGuard {
+            child,
+            work_dir: None,
+        };
+        let (line_tx, line_rx) = mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let _ = line_tx.send(line);
+            }
+        });
+        let first = line_rx.recv_timeout(DEADLINE).unwrap_or_else(|err| {
+            fail(
+                self.path(),
+                &format!("master {name} printed no URL on stdout ({err})"),
+            )
+        });
+        let url = first
+            .strip_prefix("kiln master listening on ")
+            .unwrap_or_else(|| {
+                fail(
+                    self.path(),
+                    &format!("master {name}'s stdout line is not the URL line: {first:?}"),
+                )
+            })
+            .trim()
+            .to_owned();
+        if !url.starts_with("http://127.0.0.1:") {
+            fail(
+                self.path(),
+                &format!("master {name} is not on loopback: {url}"),
+            );
+        }
+        Master {
+            name: name.to_owned(),
+            url,
+            data: data.to_owned(),
+            admin_token_file: data.join("admin.token"),
+            server_token_file: data.join("server.token"),
+            client_token_file: data.join("client.token"),
+            log_dir: self.path().to_owned(),
+            process,
+        }
+    }
+
+    /// Starts `kiln master --listen 127.0.0.1:0 --data DIR/NAME-data EXTRA...`.
+    pub fn start_master(&self, name: &str, extra: &[&str]) -> Master {
+        let data = self.path().join(format!("{name}-data"));
+        self.start_master_at(name, "127.0.0.1:0", &data, extra)
+    }
+}
+
+impl Master {
+    /// Panics with `message` and the logs.
+    pub fn fail(&self, message: &str) -> ! {
+        fail(&self.log_dir, message)
+    }
+
+    /// `GET /v1/servers` (with `?all=true` when `all`) with the client credential,
+    /// parsed; fails the test unless it answers 200 with a JSON array.
+    pub fn servers(&self, all: bool) -> Vec<Value> {
+        let auth = format!("Bearer {}", read_token(&self.client_token_file));
+        let path = if all {
+            "/v1/servers?all=true"
+        } else {
+            "/v1/servers"
+        };
+        let response = http(&self.url, "GET", path, &[("Authorization", &auth)], None)
+            .unwrap_or_else(|err| {
+                self.fail(&format!("GET {path} from master {}: {err}", self.name))
+            });
+        if response.status != 200 {
+            self.fail(&format!(
+                "GET {path} from master {} answered {}: {}",
+                self.name, response.status, response.body
+            ));
+        }
+        match serde_json::from_str::<Value>(&response.body) {
+            Ok(Value::Array(servers)) => servers,
+            _ => self.fail(&format!(
+                "GET {path} from master {} is not a JSON array: {}",
+                self.name, response.body
+            )),
+        }
+    }
+
+    /// The URLs of the live servers, sorted.
+    pub fn live_urls(&self) -> Vec<String> {
+        let mut urls: Vec<String> = self
+            .servers(false)
+            .iter()
+            .filter_map(|server| server["url"].as_str().map(str::to_owned))
+            .collect();
+        urls.sort();
+        urls
+    }
+}

@@ -1,0 +1,121 @@
+//! Registration with masters: every `heartbeat_secs` the server posts its advertised
+//! URL and its counts (builds, queued and running jobs) to each master, so that the
+//! masters list it while it lives.
+
+use crate::AppState;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// An unreachable master is warned about at most this often.
+const WARN_EVERY: Duration = Duration::from_secs(60);
+
+/// What the server knows about one master.
+struct MasterLink {
+    url: String,
+    /// Whether the last post succeeded (starts true so the first failure warns).
+    reachable: bool,
+    last_warning: Option<Instant>,
+}
+
+/// Posts to every master until `stop` turns true. Does nothing without masters.
+pub(crate) async fn registrar(state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
+    let config = &state.config;
+    let Some(advertise) = config.advertise.clone() else {
+        return;
+    };
+    if config.masters.is_empty() {
+        return;
+    }
+    let token = match &config.master_token_file {
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(token) => Some(token.trim().to_owned()),
+            Err(err) => {
+                tracing::error!(path = %path.display(), cause = %err, "cannot read the master token file: not registering with masters");
+                return;
+            }
+        },
+        None => None,
+    };
+    let http = match reqwest::Client::builder()
+        .timeout(Duration::from_secs(config.heartbeat_secs.clamp(1, 10)))
+        .build()
+    {
+        Ok(http) => http,
+        Err(err) => {
+            tracing::error!(cause = %err, "cannot build the HTTP client for masters");
+            return;
+        }
+    };
+    let mut links: Vec<MasterLink> = config
+        .masters
+        .iter()
+        .map(|url| MasterLink {
+            url: url.trim_end_matches('/').to_owned(),
+            reachable: true,
+            last_warning: None,
+        })
+        .collect();
+    let every = Duration::from_secs(config.heartbeat_secs.max(1));
+    loop {
+        let counts = match state.store.load_counts().await {
+            Ok(counts) => counts,
+            Err(err) => {
+                tracing::warn!(cause = %err, "cannot count jobs for the masters");
+                kiln_store::LoadCounts::default()
+            }
+        };
+        let body = serde_json::json!({
+            "url": advertise,
+            "builds": counts.builds,
+            "queued": counts.queued,
+            "running": counts.running,
+        });
+        let posts = links.iter().map(|link| {
+            let mut request = http.post(format!("{}/v1/servers", link.url)).json(&body);
+            if let Some(token) = &token {
+                request = request.bearer_auth(token);
+            }
+            async move {
+                let response = request
+                    .send()
+                    .await
+                    .map_err(|err| kiln_proto::error_chain(&err))?;
+                let status = response.status();
+                if status.is_success() {
+                    return Ok(());
+                }
+                let text = response.text().await.unwrap_or_default();
+                Err(format!("HTTP {status}: {}", text.trim()))
+            }
+        });
+        let results = futures::future::join_all(posts).await;
+        for (link, result) in links.iter_mut().zip(results) {
+            match result {
+                Ok(()) => {
+                    if !link.reachable {
+                        tracing::info!(master = %link.url, "registered with the master again");
+                    }
+                    link.reachable = true;
+                }
+                Err(cause) => {
+                    let quiet = link
+                        .last_warning
+                        .is_some_and(|at| at.elapsed() < WARN_EVERY);
+                    if link.reachable || !quiet {
+                        tracing::warn!(master = %link.url, %cause, "cannot register with the master");
+                        link.last_warning = Some(Instant::now());
+                    }
+                    link.reachable = false;
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.changed() => return,
+        }
+        if *stop.borrow() {
+            return;
+        }
+    }
+}
