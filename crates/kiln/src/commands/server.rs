@@ -32,6 +32,21 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
         kiln_master::validate_server_url(url)
             .map_err(|message| crate::operator::Usage(format!("--advertise: {message}")))?;
     }
+    if !args.masters.is_empty() {
+        let Some(path) = &args.master_token_file else {
+            return Err(crate::operator::Usage(
+                "--master needs --master-token-file FILE: the masters' server credential".into(),
+            )
+            .into());
+        };
+        let token = std::fs::read_to_string(path)
+            .with_context(|| format!("reading --master-token-file {}", path.display()))?;
+        anyhow::ensure!(
+            !token.trim().is_empty(),
+            "--master-token-file {} is empty",
+            path.display()
+        );
+    }
     for url in &args.masters {
         kiln_master::validate_server_url(url)
             .map_err(|message| crate::operator::Usage(format!("--master: {message}")))?;
