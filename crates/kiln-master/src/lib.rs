@@ -17,7 +17,7 @@ use axum::{Json, Router};
 use kiln_proto::api::ApiError;
 use kiln_server::now_micros;
 use list::{Change, ServerList};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use subtle::ConstantTimeEq;
@@ -93,31 +93,6 @@ impl Credentials {
             None
         }
     }
-}
-
-/// Reads a secret from `given`, else from `default_path`, else creates it there
-/// (random, mode 0600).
-fn read_or_create(default_path: &Path, given: Option<&Path>) -> anyhow::Result<String> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let path = given.unwrap_or(default_path);
-    if given.is_some() || default_path.exists() {
-        let secret = std::fs::read_to_string(path)
-            .with_context(|| format!("reading token file {}", path.display()))?;
-        let secret = secret.trim().to_owned();
-        anyhow::ensure!(!secret.is_empty(), "token file {} is empty", path.display());
-        return Ok(secret);
-    }
-    let secret = kiln_server::new_secret();
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(default_path)
-        .with_context(|| format!("creating token file {}", default_path.display()))?;
-    writeln!(file, "{secret}")?;
-    file.sync_all()?;
-    Ok(secret)
 }
 
 /// A refusal of the API.
@@ -355,12 +330,15 @@ impl Master {
             .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
         let dir = &config.data_dir;
         let credentials = Credentials {
-            admin: read_or_create(&dir.join("admin.token"), config.admin_token_file.as_deref())?,
-            server: read_or_create(
+            admin: kiln_server::read_or_create_secret(
+                &dir.join("admin.token"),
+                config.admin_token_file.as_deref(),
+            )?,
+            server: kiln_server::read_or_create_secret(
                 &dir.join("server.token"),
                 config.server_token_file.as_deref(),
             )?,
-            client: read_or_create(
+            client: kiln_server::read_or_create_secret(
                 &dir.join("client.token"),
                 config.client_token_file.as_deref(),
             )?,

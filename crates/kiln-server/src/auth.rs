@@ -32,8 +32,8 @@ impl Credentials {
         admin_file: Option<&Path>,
         client_file: Option<&Path>,
     ) -> anyhow::Result<Self> {
-        let admin = read_or_create(&data_dir.join("admin.token"), admin_file)?;
-        let client = read_or_create(&data_dir.join("client.token"), client_file)?;
+        let admin = read_or_create_secret(&data_dir.join("admin.token"), admin_file)?;
+        let client = read_or_create_secret(&data_dir.join("client.token"), client_file)?;
         Ok(Credentials { admin, client })
     }
 
@@ -53,7 +53,9 @@ impl Credentials {
     }
 }
 
-fn read_or_create(default_path: &Path, given: Option<&Path>) -> anyhow::Result<String> {
+/// Reads a secret from `given`, else from `default_path`, else makes a new one there
+/// (random, mode 0600): how the server's and the master's token files come to be.
+pub fn read_or_create_secret(default_path: &Path, given: Option<&Path>) -> anyhow::Result<String> {
     use anyhow::Context;
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;

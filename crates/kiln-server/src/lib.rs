@@ -17,7 +17,7 @@ mod register;
 mod sessions;
 mod transfer;
 
-pub use auth::{new_secret, Role};
+pub use auth::{new_secret, read_or_create_secret, Role};
 
 use anyhow::Context;
 use dispatch::Dispatcher;
