@@ -4,7 +4,7 @@ use kiln_blob::wire::{
     CommitRequest, MissingRequest, MissingResponse, PutChunksResponse, FRAMES_CONTENT_TYPE,
 };
 use kiln_blob::{ChunkEntry, ChunkHash};
-use kiln_proto::api::{ApiError, Claim, ClaimRequest, Fail, Finish, Heartbeat, LogBatch};
+use kiln_proto::api::{ApiError, Claim, ClaimRequest, Fail, Finish, Heartbeat, LogBatch, Offer};
 use kiln_proto::progress::Progress;
 use kiln_proto::LEASE_HEADER;
 use reqwest::StatusCode;
@@ -135,6 +135,27 @@ impl ServerConn {
     pub async fn claim(&self, request: &ClaimRequest) -> Result<Option<Claim>, CallError> {
         let response = self
             .request(reqwest::Method::POST, format!("{}/v1/claim", self.base))
+            .timeout(Duration::from_secs(request.wait_secs + 30))
+            .json(request)
+            .send()
+            .await
+            .map_err(CallError::Transport)?;
+        let response = check(response).await?;
+        if response.status() == StatusCode::NO_CONTENT {
+            return Ok(None);
+        }
+        response
+            .json()
+            .await
+            .map(Some)
+            .map_err(CallError::Transport)
+    }
+
+    /// Asks which job a claim would get (waiting up to `request.wait_secs` for one),
+    /// without claiming it; `None` when there was none.
+    pub async fn offer(&self, request: &ClaimRequest) -> Result<Option<Offer>, CallError> {
+        let response = self
+            .request(reqwest::Method::POST, format!("{}/v1/offer", self.base))
             .timeout(Duration::from_secs(request.wait_secs + 30))
             .json(request)
             .send()

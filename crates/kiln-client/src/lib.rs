@@ -1,27 +1,41 @@
 //! The kiln imaging client: an agent that long-polls its servers for jobs it can do,
 //! runs them, uploads their images and takes the next.
 //!
-//! [`Agent::run`] starts one poller per server; a shared pool of slots makes sure the
-//! client never runs more jobs than it has slots, even when several servers offer work
-//! at once (a job offered without a free slot is given back at once). Each job runs in
-//! [`job::run_job`]; its steps run through [`runner::run_step`].
+//! [`Agent::run`] runs one dispatch loop: it takes a free slot, then a job for it. With
+//! one server it long-polls that server's claim; with several it asks each for its
+//! offer (`POST /v1/offer`, nothing claimed) and claims from the server with the best
+//! one — highest priority, then oldest — and when none has work it waits on every
+//! server's offer at once. Since a slot is taken before a claim is made, the client
+//! never holds more jobs than slots, however many servers offer work at the same
+//! moment. The servers it serves come from [`fleet::ServerList`]: fixed ones and
+//! those its masters list, refreshed as it runs. Each job runs in [`job::run_job`]; its
+//! steps run through [`runner::run_step`].
 
 pub mod conn;
+pub mod fleet;
 pub mod job;
 pub mod runner;
 pub mod state;
 pub mod upload;
 
 use conn::{CallError, ServerConn};
+use fleet::{MasterConn, ServerList};
+use futures::StreamExt;
 use job::{JobEnd, JobRun};
-use kiln_proto::api::ClaimRequest;
+use kiln_proto::api::{Claim, ClaimRequest, Offer};
 use rand::Rng;
 use state::LocalState;
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{watch, Notify, Semaphore};
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 use upload::{ChunkedUploader, ImageUploader};
+
+/// How long the client waits for one server's immediate offer before counting it as
+/// unreachable for a while.
+const OFFER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How the client runs.
 #[derive(Debug, Clone)]
@@ -30,8 +44,12 @@ pub struct ClientOptions {
     pub client_id: String,
     /// Config types it takes; `*` takes any.
     pub include: Vec<String>,
-    /// The servers it serves, each with the client credential for it.
+    /// The servers it always serves, each with the client credential for it.
     pub servers: Vec<ServerConn>,
+    /// Masters whose live servers it also serves (with the masters' credential).
+    pub masters: Vec<MasterConn>,
+    /// How often the server list is read again from the masters.
+    pub refresh: Duration,
     /// Where workspaces and the state file live.
     pub work_dir: PathBuf,
     /// How many jobs it runs at once.
@@ -53,8 +71,12 @@ pub struct AgentReport {
 /// The running client.
 pub struct Agent {
     options: ClientOptions,
+    list: ServerList,
     slots: Arc<Semaphore>,
-    slot_freed: Notify,
+    /// Servers this client holds jobs on, with how many: their sessions stay open
+    /// even after they drop off the list.
+    held: std::sync::Mutex<HashMap<String, (ServerConn, usize)>>,
+    held_changed: Notify,
     local_state: Arc<LocalState>,
     uploader: Arc<dyn ImageUploader>,
     report: std::sync::Mutex<AgentReport>,
@@ -71,13 +93,64 @@ pub enum Stop {
     Abandon,
 }
 
+/// Returns once `stop` says anything but [`Stop::Run`] (or its sender is gone).
+async fn until_stopped(stop: &mut watch::Receiver<Stop>) {
+    while *stop.borrow_and_update() == Stop::Run {
+        if stop.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Servers that failed lately and when each may be asked again: jittered exponential
+/// backoff, so that many clients do not come back to a restarted server all at once.
+#[derive(Default)]
+struct Backoff {
+    failing: HashMap<String, (u32, Instant)>,
+}
+
+impl Backoff {
+    fn is_ready(&self, url: &str) -> bool {
+        self.failing
+            .get(url)
+            .is_none_or(|(_, retry_at)| *retry_at <= Instant::now())
+    }
+
+    /// When the next failing server may be asked again.
+    fn next_retry(&self) -> Option<Instant> {
+        self.failing.values().map(|(_, at)| *at).min()
+    }
+
+    fn succeeded(&mut self, url: &str) {
+        self.failing.remove(url);
+    }
+
+    fn failed(&mut self, url: &str, err: &CallError) {
+        let entry = self
+            .failing
+            .entry(url.to_owned())
+            .or_insert((0, Instant::now()));
+        entry.0 += 1;
+        let base = Duration::from_millis(250 * 2u64.pow(entry.0.min(7)));
+        let delay = base
+            .min(Duration::from_secs(30))
+            .mul_f64(rand::thread_rng().gen_range(0.5..1.0));
+        entry.1 = Instant::now() + delay;
+        if let CallError::Refused { .. } = err {
+            tracing::error!(cause = %kiln_proto::error_chain(err), server = %url, ?delay, "the server refuses our claims");
+        } else {
+            tracing::warn!(cause = %kiln_proto::error_chain(err), server = %url, ?delay, "cannot ask the server for work; will retry");
+        }
+    }
+}
+
 impl Agent {
     /// Prepares the work directory and the state file.
     pub fn new(options: ClientOptions) -> anyhow::Result<Arc<Self>> {
         use anyhow::Context;
         anyhow::ensure!(
-            !options.servers.is_empty(),
-            "the client has no server to serve"
+            !options.servers.is_empty() || !options.masters.is_empty(),
+            "the client has no server to serve and no master to ask for one"
         );
         anyhow::ensure!(options.slots > 0, "the client needs at least one slot");
         std::fs::create_dir_all(options.work_dir.join("jobs"))
@@ -85,8 +158,10 @@ impl Agent {
         let local_state =
             LocalState::open(&options.work_dir).context("reading the client's state file")?;
         Ok(Arc::new(Agent {
+            list: ServerList::new(options.servers.clone(), options.masters.clone()),
             slots: Arc::new(Semaphore::new(options.slots as usize)),
-            slot_freed: Notify::new(),
+            held: std::sync::Mutex::new(HashMap::new()),
+            held_changed: Notify::new(),
             local_state: Arc::new(local_state),
             uploader: Arc::new(ChunkedUploader::new()),
             report: std::sync::Mutex::new(AgentReport::default()),
@@ -94,45 +169,39 @@ impl Agent {
         }))
     }
 
+    /// The servers served now.
+    pub fn servers(&self) -> Vec<ServerConn> {
+        self.list.now()
+    }
+
     /// Serves every server until told to stop; returns what it did.
     pub async fn run(self: Arc<Self>, stop: watch::Receiver<Stop>) -> AgentReport {
-        recover_held_jobs(
-            &self.local_state,
-            &self.options.servers,
-            &self.options.work_dir,
-        )
-        .await;
-        let sessions: Vec<_> = self
-            .options
-            .servers
-            .iter()
-            .map(|conn| tokio::spawn(hold_session(conn.clone(), self.options.client_id.clone())))
-            .collect();
+        if self.list.has_masters() && !self.list.refresh().await {
+            tracing::warn!("no master answers yet; serving the fixed servers until one does");
+        }
+        let held_before: Vec<ServerConn> = {
+            let mut conns: Vec<ServerConn> = Vec::new();
+            for held in self.local_state.held() {
+                if let Some(conn) = self.list.conn_for(&held.server) {
+                    if !conns.iter().any(|known| known.url() == conn.url()) {
+                        conns.push(conn);
+                    }
+                }
+            }
+            conns
+        };
+        recover_held_jobs(&self.local_state, &held_before, &self.options.work_dir).await;
+        let refresher = {
+            let agent = self.clone();
+            tokio::spawn(async move { agent.list.keep_fresh(agent.options.refresh).await })
+        };
+        let sessions = tokio::spawn(self.clone().keep_sessions());
         let (abandon_tx, abandon_rx) = watch::channel(false);
         let jobs = tokio_util::task::TaskTracker::new();
-        let mut pollers = Vec::new();
-        for (server_idx, conn) in self.options.servers.iter().enumerate() {
-            let agent = self.clone();
-            let conn = conn.clone();
-            let stop = stop.clone();
-            let jobs = jobs.clone();
-            let abandon = abandon_rx.clone();
-            pollers.push(tokio::spawn(async move {
-                agent
-                    .poll_server(server_idx, conn, stop, jobs, abandon)
-                    .await
-            }));
-        }
+        self.clone()
+            .dispatch(stop.clone(), jobs.clone(), abandon_rx)
+            .await;
         let mut stop_rx = stop.clone();
-        // Wait for the first stop request: pollers end on it by themselves.
-        while *stop_rx.borrow() == Stop::Run {
-            if stop_rx.changed().await.is_err() {
-                break;
-            }
-        }
-        for poller in pollers {
-            let _ = poller.await;
-        }
         jobs.close();
         tokio::select! {
             _ = jobs.wait() => {}
@@ -145,119 +214,305 @@ impl Agent {
                 jobs.wait().await;
             }
         }
-        for session in sessions {
-            session.abort();
-        }
+        refresher.abort();
+        sessions.abort();
         self.report.lock().expect("report poisoned").clone()
     }
 
-    async fn wait_for_free_slot(&self, stop: &mut watch::Receiver<Stop>) -> bool {
-        loop {
-            let freed = self.slot_freed.notified();
-            if *stop.borrow() != Stop::Run {
-                return false;
-            }
-            if self.slots.available_permits() > 0 {
-                return true;
-            }
-            tokio::select! {
-                _ = freed => {}
-                _ = stop.changed() => {}
-            }
+    fn claim_request(&self, wait_secs: u64) -> ClaimRequest {
+        ClaimRequest {
+            client_id: self.options.client_id.clone(),
+            include: self.options.include.clone(),
+            wait_secs,
         }
     }
 
-    async fn poll_server(
+    /// Takes a free slot, then a job for it, and starts the job; until told to stop.
+    async fn dispatch(
         self: Arc<Self>,
-        server_idx: usize,
-        conn: ServerConn,
         mut stop: watch::Receiver<Stop>,
         jobs: tokio_util::task::TaskTracker,
         abandon: watch::Receiver<bool>,
     ) {
-        let request = ClaimRequest {
-            client_id: self.options.client_id.clone(),
-            include: self.options.include.clone(),
-            wait_secs: self.options.wait_secs,
-        };
-        let mut n_failures: u32 = 0;
-        while self.wait_for_free_slot(&mut stop).await {
-            let claimed = tokio::select! {
-                result = conn.claim(&request) => result,
-                _ = stop.changed() => continue,
+        let mut list = self.list.subscribe();
+        let mut backoff = Backoff::default();
+        loop {
+            let permit = tokio::select! {
+                permit = self.slots.clone().acquire_owned() => permit.expect("the slot pool is never closed"),
+                _ = until_stopped(&mut stop) => return,
             };
-            let claim = match claimed {
-                Ok(Some(claim)) => claim,
-                Ok(None) => continue,
-                Err(err) => {
-                    n_failures += 1;
-                    // Jittered exponential backoff, so that many clients do not come
-                    // back to a restarted server all at once.
-                    let base = Duration::from_millis(250 * 2u64.pow(n_failures.min(7)));
-                    let delay = base
-                        .min(Duration::from_secs(30))
-                        .mul_f64(rand::thread_rng().gen_range(0.5..1.0));
-                    if let CallError::Refused { .. } = err {
-                        tracing::error!(cause = %kiln_proto::error_chain(&err), server = %conn.url(), "the server refuses our claims");
-                    } else {
-                        tracing::warn!(cause = %kiln_proto::error_chain(&err), server = %conn.url(), ?delay, "cannot claim; will retry");
+            let (conn, claim) = loop {
+                if *stop.borrow() != Stop::Run {
+                    return;
+                }
+                let ready: Vec<ServerConn> = list
+                    .borrow_and_update()
+                    .iter()
+                    .filter(|conn| backoff.is_ready(conn.url()))
+                    .cloned()
+                    .collect();
+                let found = match ready.as_slice() {
+                    [] => {
+                        let retry = backoff
+                            .next_retry()
+                            .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+                        tokio::select! {
+                            _ = tokio::time::sleep_until(retry) => {}
+                            _ = list.changed() => {}
+                            _ = until_stopped(&mut stop) => {}
+                        }
+                        None
                     }
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = stop.changed() => {}
+                    [conn] => {
+                        self.claim_from(conn, &mut backoff, &mut stop, &mut list)
+                            .await
                     }
-                    continue;
+                    several => {
+                        self.claim_best(several, &mut backoff, &mut stop, &mut list)
+                            .await
+                    }
+                };
+                if let Some(found) = found {
+                    break found;
                 }
             };
-            n_failures = 0;
-            let Ok(permit) = self.slots.clone().try_acquire_owned() else {
-                // Another server's job took the last slot meanwhile: give this one back.
-                tracing::info!(build = %claim.build, job = %claim.job_id, "no free slot; job given back");
+            if *stop.borrow() != Stop::Run {
+                // Claimed as the stop came: give it back at once.
                 if let Err(err) = conn.release(&claim).await {
                     tracing::warn!(cause = %kiln_proto::error_chain(&err), "cannot give back a job; its lease will lapse");
                 }
-                continue;
-            };
-            tracing::info!(build = %claim.build, job = %claim.job_id, attempt = claim.attempt, server = %conn.url(), "job claimed");
-            self.local_state.hold(conn.url(), &claim);
-            let job_dir = self
-                .options
-                .work_dir
-                .join("jobs")
-                // One directory level per name, so that no two jobs share a directory
-                // whatever dashes their names hold.
-                .join(format!("s{server_idx}"))
-                .join(&claim.build)
-                .join(&claim.job_id);
-            let run = JobRun {
-                conn: conn.clone(),
-                claim,
-                client_id: self.options.client_id.clone(),
-                job_dir,
-                kill_grace: self.options.kill_grace,
-                uploader: self.uploader.clone(),
-                local_state: self.local_state.clone(),
-                abandon: abandon.clone(),
-            };
-            let agent = self.clone();
-            jobs.spawn(async move {
-                let build = run.claim.build.clone();
-                let job = run.claim.job_id.clone();
-                let end = job::run_job(run).await;
-                tracing::info!(%build, %job, ?end, "job ended");
-                {
-                    let mut report = agent.report.lock().expect("report poisoned");
-                    match end {
-                        JobEnd::Finished => report.n_finished += 1,
-                        JobEnd::Failed(_) => report.n_failed += 1,
-                        JobEnd::LeaseLost | JobEnd::Abandoned => report.n_lost += 1,
-                    }
-                }
-                drop(permit);
-                agent.slot_freed.notify_waiters();
-            });
+                return;
+            }
+            self.start_job(conn, claim, permit, &jobs, &abandon);
         }
     }
+
+    /// Long-polls the only server served; `None` when the wait ended without a job, the
+    /// list changed, or a stop came.
+    async fn claim_from(
+        &self,
+        conn: &ServerConn,
+        backoff: &mut Backoff,
+        stop: &mut watch::Receiver<Stop>,
+        list: &mut watch::Receiver<Vec<ServerConn>>,
+    ) -> Option<(ServerConn, Claim)> {
+        let request = self.claim_request(self.options.wait_secs);
+        let claim = conn.claim(&request);
+        tokio::pin!(claim);
+        let claimed = loop {
+            tokio::select! {
+                result = &mut claim => break result,
+                _ = until_stopped(stop) => return None,
+                changed = list.changed() => {
+                    // Only a list that no longer is this one server ends the poll: an
+                    // abandoned claim in flight costs a lease if the server had just
+                    // answered it.
+                    let alone = changed.is_ok() && {
+                        let now = list.borrow_and_update();
+                        now.len() == 1 && now[0].url() == conn.url()
+                    };
+                    if !alone {
+                        return None;
+                    }
+                }
+            }
+        };
+        match claimed {
+            Ok(claim) => {
+                backoff.succeeded(conn.url());
+                claim.map(|claim| (conn.clone(), claim))
+            }
+            Err(err) => {
+                backoff.failed(conn.url(), &err);
+                None
+            }
+        }
+    }
+
+    /// Asks every server for its offer and claims from the best; when none has work,
+    /// waits for the first offer from any (then returns `None` to ask all again).
+    async fn claim_best(
+        &self,
+        servers: &[ServerConn],
+        backoff: &mut Backoff,
+        stop: &mut watch::Receiver<Stop>,
+        list: &mut watch::Receiver<Vec<ServerConn>>,
+    ) -> Option<(ServerConn, Claim)> {
+        let now = self.claim_request(0);
+        let answers = futures::future::join_all(servers.iter().map(|conn| {
+            let now = &now;
+            async move {
+                let answer = tokio::time::timeout(OFFER_TIMEOUT, conn.offer(now)).await;
+                (conn, answer)
+            }
+        }))
+        .await;
+        let mut offers: Vec<(&ServerConn, Offer)> = Vec::new();
+        for (conn, answer) in answers {
+            match answer {
+                Ok(Ok(offer)) => {
+                    backoff.succeeded(conn.url());
+                    offers.extend(offer.map(|offer| (conn, offer)));
+                }
+                Ok(Err(err)) => backoff.failed(conn.url(), &err),
+                Err(_elapsed) => {
+                    tracing::warn!(server = %conn.url(), "no answer to an offer request")
+                }
+            }
+        }
+        if !offers.is_empty() {
+            offers.sort_by(|(_, a), (_, b)| {
+                (std::cmp::Reverse(a.priority), a.submitted_at)
+                    .cmp(&(std::cmp::Reverse(b.priority), b.submitted_at))
+            });
+            for (conn, offer) in offers {
+                // A short claim: the offered job, or the server's next best if another
+                // client took it meanwhile.
+                match conn.claim(&self.claim_request(1)).await {
+                    Ok(Some(claim)) => {
+                        tracing::debug!(server = %conn.url(), offered = %format!("{}/{}", offer.build, offer.job_id), claimed = %format!("{}/{}", claim.build, claim.job_id), priority = offer.priority, "claimed the best offer");
+                        return Some((conn.clone(), claim));
+                    }
+                    Ok(None) => {}
+                    Err(err) => backoff.failed(conn.url(), &err),
+                }
+            }
+            return None;
+        }
+        let waiting = self.claim_request(self.options.wait_secs);
+        let mut waits: futures::stream::FuturesUnordered<_> = servers
+            .iter()
+            .filter(|conn| backoff.is_ready(conn.url()))
+            .map(|conn| {
+                let waiting = &waiting;
+                async move { (conn, conn.offer(waiting).await) }
+            })
+            .collect();
+        loop {
+            tokio::select! {
+                next = waits.next() => match next {
+                    None => return None,
+                    Some((conn, Ok(offer))) => {
+                        backoff.succeeded(conn.url());
+                        if offer.is_some() {
+                            return None;
+                        }
+                    }
+                    Some((conn, Err(err))) => backoff.failed(conn.url(), &err),
+                },
+                _ = list.changed() => return None,
+                _ = until_stopped(stop) => return None,
+            }
+        }
+    }
+
+    fn start_job(
+        self: &Arc<Self>,
+        conn: ServerConn,
+        claim: Claim,
+        permit: OwnedSemaphorePermit,
+        jobs: &tokio_util::task::TaskTracker,
+        abandon: &watch::Receiver<bool>,
+    ) {
+        tracing::info!(build = %claim.build, job = %claim.job_id, attempt = claim.attempt, server = %conn.url(), "job claimed");
+        self.local_state.hold(conn.url(), &claim);
+        self.held
+            .lock()
+            .expect("held list poisoned")
+            .entry(conn.url().to_owned())
+            .or_insert_with(|| (conn.clone(), 0))
+            .1 += 1;
+        self.held_changed.notify_one();
+        let job_dir = self
+            .options
+            .work_dir
+            .join("jobs")
+            // One directory level per name, so that no two jobs share a directory
+            // whatever dashes their names hold.
+            .join(server_dir_name(conn.url()))
+            .join(&claim.build)
+            .join(&claim.job_id);
+        let run = JobRun {
+            conn: conn.clone(),
+            claim,
+            client_id: self.options.client_id.clone(),
+            job_dir,
+            kill_grace: self.options.kill_grace,
+            uploader: self.uploader.clone(),
+            local_state: self.local_state.clone(),
+            abandon: abandon.clone(),
+        };
+        let agent = self.clone();
+        jobs.spawn(async move {
+            let build = run.claim.build.clone();
+            let job = run.claim.job_id.clone();
+            let end = job::run_job(run).await;
+            tracing::info!(%build, %job, ?end, "job ended");
+            {
+                let mut report = agent.report.lock().expect("report poisoned");
+                match end {
+                    JobEnd::Finished => report.n_finished += 1,
+                    JobEnd::Failed(_) => report.n_failed += 1,
+                    JobEnd::LeaseLost | JobEnd::Abandoned => report.n_lost += 1,
+                }
+            }
+            {
+                let mut held = agent.held.lock().expect("held list poisoned");
+                if let Some(entry) = held.get_mut(conn.url()) {
+                    entry.1 -= 1;
+                    if entry.1 == 0 {
+                        held.remove(conn.url());
+                    }
+                }
+            }
+            agent.held_changed.notify_one();
+            drop(permit);
+        });
+    }
+
+    /// Keeps a session open with every server on the list and every server it holds a
+    /// job on; closes the others'.
+    async fn keep_sessions(self: Arc<Self>) {
+        let mut list = self.list.subscribe();
+        // Dropping the set (when this task is aborted) ends every session.
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut sessions: HashMap<String, tokio::task::AbortHandle> = HashMap::new();
+        loop {
+            let mut wanted: HashMap<String, ServerConn> = list
+                .borrow_and_update()
+                .iter()
+                .map(|conn| (conn.url().to_owned(), conn.clone()))
+                .collect();
+            for (url, (conn, _)) in self.held.lock().expect("held list poisoned").iter() {
+                wanted.entry(url.clone()).or_insert_with(|| conn.clone());
+            }
+            sessions.retain(|url, task| {
+                let keep = wanted.contains_key(url);
+                if !keep {
+                    task.abort();
+                }
+                keep
+            });
+            for (url, conn) in wanted {
+                sessions.entry(url).or_insert_with(|| {
+                    tasks.spawn(hold_session(conn, self.options.client_id.clone()))
+                });
+            }
+            tokio::select! {
+                changed = list.changed() => if changed.is_err() { return },
+                _ = self.held_changed.notified() => {}
+                // Reap sessions that were aborted.
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            }
+        }
+    }
+}
+
+/// The directory a server's jobs run under: stable across restarts and list changes,
+/// and safe whatever the URL holds.
+fn server_dir_name(url: &str) -> String {
+    let hash = kiln_blob::ChunkHash::of(url.as_bytes()).to_string();
+    format!("s-{}", &hash[..16])
 }
 
 /// Keeps a session open with one server for as long as the client runs, reconnecting

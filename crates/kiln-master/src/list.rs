@@ -8,24 +8,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-/// One server as listed by `GET /v1/servers`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ServerEntry {
-    /// Where clients reach it.
-    pub url: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
-    pub builds: u64,
-    pub queued: u64,
-    pub running: u64,
-    /// Unix microseconds of its last registration or heartbeat.
-    pub last_heartbeat: i64,
-    /// Unix microseconds of its first registration with this master.
-    pub first_seen: i64,
-    /// Whether it heartbeat within the timeout (only with `?all=true`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub live: Option<bool>,
-}
+pub use kiln_proto::api::ServerEntry;
 
 /// What a server sends to register or heartbeat.
 #[derive(Debug, Clone, Deserialize)]

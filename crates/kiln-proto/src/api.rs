@@ -76,6 +76,27 @@ pub struct ClaimRequest {
     pub wait_secs: u64,
 }
 
+/// `POST /v1/offer` (body: a [`ClaimRequest`]): the job this server would hand the
+/// client next, without handing it over. A client serving several servers asks each
+/// and claims from the one with the best offer: the highest priority, then the oldest.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Offer {
+    pub build: String,
+    pub job_id: String,
+    pub priority: i64,
+    /// When the job's build was submitted (unix microseconds).
+    pub submitted_at: i64,
+}
+
+impl Offer {
+    /// Whether this offer should be taken before `other`: higher priority first, then
+    /// the older build.
+    pub fn is_better_than(&self, other: &Offer) -> bool {
+        (std::cmp::Reverse(self.priority), self.submitted_at)
+            < (std::cmp::Reverse(other.priority), other.submitted_at)
+    }
+}
+
 /// A claimed job: what the client needs to run it. Answer to [`ClaimRequest`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Claim {
@@ -209,4 +230,23 @@ pub struct Notice {
     /// The job's event sequence number in the build's event log (for `build_finished`,
     /// that of the transition that ended the build).
     pub seq: i64,
+}
+
+/// One server as listed by a master's `GET /v1/servers`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerEntry {
+    /// Where clients reach it.
+    pub url: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub builds: u64,
+    pub queued: u64,
+    pub running: u64,
+    /// Unix microseconds of its last registration or heartbeat.
+    pub last_heartbeat: i64,
+    /// Unix microseconds of its first registration with this master.
+    pub first_seen: i64,
+    /// Whether it heartbeat within the timeout (only with `?all=true`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live: Option<bool>,
 }

@@ -28,6 +28,10 @@ pub struct ClientConfig {
     pub include: Vec<String>,
     /// REDIRECTS: the servers this client serves.
     pub servers: Vec<ServerEntry>,
+    /// Masters to learn more servers from (TOML `[[master]]`; the XML has no such
+    /// element). `password` is the client credential, used with the servers too.
+    #[serde(default)]
+    pub masters: Vec<ServerEntry>,
     /// How many jobs the client runs at once (TOML `slots`; the XML has no such element).
     pub slots: Option<u32>,
     /// The client's work directory (TOML `work`; the XML has no such element).
@@ -155,13 +159,15 @@ impl ClientConfig {
             wait_secs,
             include,
             servers,
+            masters: Vec::new(),
             slots,
             work_dir,
         })
     }
 
     /// Parses the client's TOML form: `id`, `wait` (seconds), `include = [..]`, `slots`,
-    /// `work`, and one `[[server]]` table (`url`, `username`, `password`) per server.
+    /// `work`, one `[[server]]` table (`url`, `username`, `password`) per server and one
+    /// `[[master]]` table (same keys) per master to learn servers from.
     ///
     /// Unknown keys are refused. `wait` defaults to [`DEFAULT_WAIT_SECS`]. `file` is the
     /// name errors carry.
@@ -198,28 +204,15 @@ impl ClientConfig {
             }
             None => None,
         };
-        let mut servers = Vec::new();
-        for server in &raw.server {
-            let server = server.get_ref();
-            let url = server.url.get_ref().trim();
-            if url.is_empty() {
-                return Err(reader.error_at(
-                    server.url.span(),
-                    "expected a server url in `url`, found an empty string",
-                ));
-            }
-            servers.push(ServerEntry {
-                url: url.to_owned(),
-                username: non_empty(server.username.as_deref()),
-                password: non_empty(server.password.as_deref()),
-            });
-        }
+        let servers = server_tables(&reader, &raw.server, "server")?;
+        let masters = server_tables(&reader, &raw.master, "master")?;
 
         Ok(ClientConfig {
             id,
             wait_secs,
             include,
             servers,
+            masters,
             slots,
             work_dir,
         })
@@ -235,6 +228,31 @@ impl ClientConfig {
             ClientConfig::from_toml(file, text)
         }
     }
+}
+
+/// Reads `[[server]]` or `[[master]]` tables (`what` names them in errors).
+fn server_tables(
+    reader: &TomlReader<'_>,
+    tables: &[Spanned<RawServer>],
+    what: &str,
+) -> Result<Vec<ServerEntry>, FormatError> {
+    let mut entries = Vec::new();
+    for table in tables {
+        let table = table.get_ref();
+        let url = table.url.get_ref().trim();
+        if url.is_empty() {
+            return Err(reader.error_at(
+                table.url.span(),
+                format!("expected a {what} url in `url`, found an empty string"),
+            ));
+        }
+        entries.push(ServerEntry {
+            url: url.to_owned(),
+            username: non_empty(table.username.as_deref()),
+            password: non_empty(table.password.as_deref()),
+        });
+    }
+    Ok(entries)
 }
 
 /// Reads one REDIRECT element.
@@ -293,6 +311,8 @@ struct RawClientConfig {
     work: Option<Spanned<String>>,
     #[serde(default)]
     server: Vec<Spanned<RawServer>>,
+    #[serde(default)]
+    master: Vec<Spanned<RawServer>>,
 }
 
 /// One `[[server]]` table as written.
@@ -358,6 +378,7 @@ url = '\\ntre101\bvt$'
                 username: Some(r"redmond\bvt".to_owned()),
                 password: Some("bvtpassword".to_owned()),
             }],
+            masters: Vec::new(),
             slots: None,
             work_dir: None,
         }
@@ -601,6 +622,13 @@ url = "http://a.example:8080"
 url = "https://b.example"
 username = ""
 password = "secret"
+
+[[master]]
+url = "http://master1.example:7070"
+password = "fleet-secret"
+
+[[master]]
+url = "http://master2.example:7070"
 "#;
         let expected = ClientConfig {
             id: "17".to_owned(),
@@ -616,6 +644,18 @@ password = "secret"
                     url: "https://b.example".to_owned(),
                     username: None,
                     password: Some("secret".to_owned()),
+                },
+            ],
+            masters: vec![
+                ServerEntry {
+                    url: "http://master1.example:7070".to_owned(),
+                    username: None,
+                    password: Some("fleet-secret".to_owned()),
+                },
+                ServerEntry {
+                    url: "http://master2.example:7070".to_owned(),
+                    username: None,
+                    password: None,
                 },
             ],
             slots: Some(2),
@@ -634,6 +674,7 @@ password = "secret"
                 wait_secs: 60,
                 include: vec!["*".to_owned()],
                 servers: Vec::new(),
+                masters: Vec::new(),
                 slots: None,
                 work_dir: None,
             })
@@ -650,7 +691,7 @@ password = "secret"
         assert_eq!(
             toml_error("id = \"c1\"\ninclude = [\"*\"]\nwiat = 5\n"),
             "client.toml:3:1: invalid toml: unknown field `wiat`, expected one of `id`, `wait`, \
-             `include`, `slots`, `work`, `server`"
+             `include`, `slots`, `work`, `server`, `master`"
         );
         assert_eq!(
             toml_error("id = \"c1\"\ninclude = [\"*\"]\nwait = \"60s\"\n"),

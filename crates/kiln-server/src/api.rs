@@ -20,7 +20,7 @@ use futures::StreamExt;
 use kiln_blob::ImageHasher;
 use kiln_proto::api::{
     BuildSummary, Claim, ClaimRequest, Event, Fail, Finish, Heartbeat, ImageInfo, JobStatus,
-    LogBatch, LogChunk, Submitted,
+    LogBatch, LogChunk, Offer, Submitted,
 };
 use kiln_proto::manifest::BuildManifest;
 use kiln_proto::names::check_name;
@@ -69,6 +69,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/builds/{build}/images", get(list_images))
         .route("/v1/builds/{build}/files", get(build_files))
         .route("/v1/claim", post(claim))
+        .route("/v1/offer", post(offer))
         .route(
             "/v1/session",
             post(session).layer(DefaultBodyLimit::disable()),
@@ -484,11 +485,43 @@ async fn submit(
     Ok((StatusCode::CREATED, Json(Submitted { number, n_jobs })))
 }
 
-async fn claim(
+/// `POST /v1/offer`: the job a claim would get now (or, with `wait_secs`, as soon as
+/// one is queued), without claiming it.
+async fn offer(
     State(state): Shared,
     caller: Caller,
     Json(request): Json<ClaimRequest>,
 ) -> Result<Response, ApiErr> {
+    check_claim_request(&caller, &request)?;
+    let found = if request.wait_secs == 0 {
+        state
+            .dispatcher
+            .offer_now(&request.client_id, &request.include)
+            .await?
+    } else {
+        let wait = Duration::from_secs(request.wait_secs.min(MAX_WAIT_SECS));
+        let mut stopping = state.stopping.subscribe();
+        if *stopping.borrow_and_update() {
+            return Ok(StatusCode::NO_CONTENT.into_response());
+        }
+        tokio::select! {
+            found = state.dispatcher.wait_for_offer(&request.client_id, &request.include, wait) => found,
+            _ = stopping.changed() => None,
+        }
+    };
+    Ok(match found {
+        Some(candidate) => Json(Offer {
+            build: candidate.build,
+            job_id: candidate.job,
+            priority: candidate.priority,
+            submitted_at: candidate.submitted_at,
+        })
+        .into_response(),
+        None => StatusCode::NO_CONTENT.into_response(),
+    })
+}
+
+fn check_claim_request(caller: &Caller, request: &ClaimRequest) -> Result<(), ApiErr> {
     caller.require_client()?;
     check_name("client id", &request.client_id)
         .map_err(|msg| ApiErr::bad_request("bad_name", msg))?;
@@ -498,6 +531,15 @@ async fn claim(
             "a claim names at least one config type it includes (or *)",
         ));
     }
+    Ok(())
+}
+
+async fn claim(
+    State(state): Shared,
+    caller: Caller,
+    Json(request): Json<ClaimRequest>,
+) -> Result<Response, ApiErr> {
+    check_claim_request(&caller, &request)?;
     let wait = Duration::from_secs(request.wait_secs.min(MAX_WAIT_SECS));
     let mut stopping = state.stopping.subscribe();
     if *stopping.borrow_and_update() {

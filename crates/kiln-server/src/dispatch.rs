@@ -6,37 +6,63 @@
 //! first) with the best job each may take, claims it in the store (one conditional
 //! update: atomic even across server replicas) and sends it to the waiter. Nobody
 //! sleeps and re-asks: a job is claimed as soon as it is queued.
-
+//!
+//! A client serving several servers waits with `POST /v1/offer` instead: its waiter is
+//! told of the best job it may take without claiming it, so that the client can
+//! compare the servers' offers and claim the best. Claims are matched first; each
+//! queued job is offered to one offer waiter at a time and held for [`OFFER_HOLD`]
+//! before the next is told of it, so one new job does not wake every idle client.
 use kiln_store::{Candidate, ClaimedJob, JobStore};
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{oneshot, Notify};
+use tokio::time::Instant;
 
 /// How many queued jobs one dispatch round looks at.
 const CANDIDATE_LIMIT: u32 = 2048;
+
+/// How long a job offered to one offer waiter is kept from the others: time for that
+/// client to compare offers and claim.
+pub const OFFER_HOLD: Duration = Duration::from_secs(2);
+
+/// What a waiter is waiting for.
+enum Reply {
+    /// A job claimed for it.
+    Claim(oneshot::Sender<ClaimedJob>),
+    /// Word of a job it may take, not claimed.
+    Offer(oneshot::Sender<Candidate>),
+}
 
 /// A client waiting for a job.
 struct Waiter {
     id: u64,
     client_id: String,
     include: Vec<String>,
-    reply: oneshot::Sender<ClaimedJob>,
+    reply: Reply,
 }
 
 impl Waiter {
     fn can_take(&self, candidate: &Candidate) -> bool {
-        let assigned_ok = candidate
-            .assigned_to
-            .as_deref()
-            .is_none_or(|client| client == self.client_id);
-        let type_ok = self
-            .include
-            .iter()
-            .any(|include| include == "*" || include.eq_ignore_ascii_case(&candidate.config_type));
-        assigned_ok && type_ok
+        can_take(&self.client_id, &self.include, candidate)
     }
+
+    fn is_offer(&self) -> bool {
+        matches!(self.reply, Reply::Offer(_))
+    }
+}
+
+/// Whether a client with these config types may run `candidate`.
+fn can_take(client_id: &str, include: &[String], candidate: &Candidate) -> bool {
+    let assigned_ok = candidate
+        .assigned_to
+        .as_deref()
+        .is_none_or(|client| client == client_id);
+    let type_ok = include
+        .iter()
+        .any(|include| include == "*" || include.eq_ignore_ascii_case(&candidate.config_type));
+    assigned_ok && type_ok
 }
 
 /// Matches waiting clients with queued jobs.
@@ -46,6 +72,8 @@ pub struct Dispatcher {
     wake: Notify,
     next_id: AtomicU64,
     lease_secs: u64,
+    /// Jobs lately offered to an offer waiter, until when they are held.
+    offered: Mutex<HashMap<(String, String), Instant>>,
 }
 
 /// Removes a waiter that gave up (timed out, or its client hung up).
@@ -69,6 +97,7 @@ impl Dispatcher {
             wake: Notify::new(),
             next_id: AtomicU64::new(1),
             lease_secs,
+            offered: Mutex::new(HashMap::new()),
         })
     }
 
@@ -96,7 +125,44 @@ impl Dispatcher {
         include: &[String],
         wait: Duration,
     ) -> Option<ClaimedJob> {
-        let (reply, mut receiver) = oneshot::channel();
+        let (reply, receiver) = oneshot::channel();
+        self.wait(client_id, include, wait, Reply::Claim(reply), receiver)
+            .await
+    }
+
+    /// Waits up to `wait` to hear of a job this client may take, without claiming it;
+    /// `None` when none came.
+    pub async fn wait_for_offer(
+        &self,
+        client_id: &str,
+        include: &[String],
+        wait: Duration,
+    ) -> Option<Candidate> {
+        let (reply, receiver) = oneshot::channel();
+        self.wait(client_id, include, wait, Reply::Offer(reply), receiver)
+            .await
+    }
+
+    /// The best job this client may take now, not claimed; `None` when there is none.
+    pub async fn offer_now(
+        &self,
+        client_id: &str,
+        include: &[String],
+    ) -> Result<Option<Candidate>, kiln_store::StoreError> {
+        let candidates = self.store.queued_candidates(CANDIDATE_LIMIT).await?;
+        Ok(candidates
+            .into_iter()
+            .find(|candidate| can_take(client_id, include, candidate)))
+    }
+
+    async fn wait<T>(
+        &self,
+        client_id: &str,
+        include: &[String],
+        wait: Duration,
+        reply: Reply,
+        mut receiver: oneshot::Receiver<T>,
+    ) -> Option<T> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         self.waiters
             .lock()
@@ -127,49 +193,119 @@ impl Dispatcher {
 
     /// The dispatcher task: one round per wake-up, until `shutdown` fires.
     pub async fn run(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        // When a held offer lapses while offer waiters wait, so that the next is told.
+        let mut hold_ends: Option<Instant> = None;
         loop {
+            let hold_timer = async {
+                match hold_ends {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = self.wake.notified() => {}
+                _ = hold_timer => {}
                 _ = shutdown.changed() => {
                     // Dropping the waiters' senders answers their long polls with "no job".
                     self.waiters.lock().expect("waiter list poisoned").clear();
                     return;
                 }
             }
-            if let Err(err) = self.round().await {
-                tracing::error!(cause = %err, "dispatch round failed");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                self.wake();
-            }
+            hold_ends = match self.round().await {
+                Ok(hold_ends) => hold_ends,
+                Err(err) => {
+                    tracing::error!(cause = %err, "dispatch round failed");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    self.wake();
+                    None
+                }
+            };
         }
     }
 
-    async fn round(&self) -> Result<(), kiln_store::StoreError> {
+    fn take_waiter(&self, id: u64) -> Option<Waiter> {
+        let mut waiters = self.waiters.lock().expect("waiter list poisoned");
+        waiters
+            .iter()
+            .position(|waiter| waiter.id == id)
+            .and_then(|idx| waiters.remove(idx))
+    }
+
+    /// One round; returns when the earliest held offer lapses if an offer waiter is
+    /// still waiting.
+    async fn round(&self) -> Result<Option<Instant>, kiln_store::StoreError> {
         if self.n_waiting() == 0 {
-            return Ok(());
+            return Ok(None);
         }
         let mut candidates = self.store.queued_candidates(CANDIDATE_LIMIT).await?;
         if candidates.is_empty() {
-            return Ok(());
+            self.offered.lock().expect("offer holds poisoned").clear();
+            return Ok(None);
         }
-        // Match each waiter, oldest first, with the best job it may take.
-        let matches: Vec<(u64, String, Candidate)> = {
+        // Match each claim waiter, oldest first, with the best job it may take; then
+        // tell each offer waiter of the best job left that nobody else is considering.
+        let mut hold_ends = None;
+        let (matches, offers) = {
             let waiters = self.waiters.lock().expect("waiter list poisoned");
-            let mut matches = Vec::new();
-            for waiter in waiters.iter() {
+            let mut matches: Vec<(u64, String, Candidate)> = Vec::new();
+            for waiter in waiters.iter().filter(|waiter| !waiter.is_offer()) {
+                if candidates.is_empty() {
+                    break;
+                }
                 if let Some(idx) = candidates
                     .iter()
                     .position(|candidate| waiter.can_take(candidate))
                 {
                     matches.push((waiter.id, waiter.client_id.clone(), candidates.remove(idx)));
                 }
-                if candidates.is_empty() {
-                    break;
+            }
+            let now = Instant::now();
+            let mut offered = self.offered.lock().expect("offer holds poisoned");
+            offered.retain(|_, until| *until > now);
+            candidates.retain(|candidate| {
+                !offered.contains_key(&(candidate.build.clone(), candidate.job.clone()))
+            });
+            let mut offers: Vec<(u64, Candidate)> = Vec::new();
+            let mut n_unanswered = 0;
+            for waiter in waiters.iter().filter(|waiter| waiter.is_offer()) {
+                match candidates
+                    .iter()
+                    .position(|candidate| waiter.can_take(candidate))
+                {
+                    Some(idx) => {
+                        let candidate = candidates.remove(idx);
+                        offered.insert(
+                            (candidate.build.clone(), candidate.job.clone()),
+                            now + OFFER_HOLD,
+                        );
+                        offers.push((waiter.id, candidate));
+                    }
+                    None => n_unanswered += 1,
                 }
             }
-            matches
+            if n_unanswered > 0 {
+                hold_ends = offered.values().min().copied();
+            }
+            (matches, offers)
         };
         let mut missed = false;
+        for (waiter_id, candidate) in offers {
+            let delivered = match self.take_waiter(waiter_id) {
+                Some(Waiter {
+                    reply: Reply::Offer(reply),
+                    ..
+                }) => reply.send(candidate.clone()).is_ok(),
+                _ => false,
+            };
+            if !delivered {
+                // Nobody heard of it: free it for the next waiter.
+                self.offered
+                    .lock()
+                    .expect("offer holds poisoned")
+                    .remove(&(candidate.build, candidate.job));
+                missed = true;
+            }
+        }
         for (waiter_id, client_id, candidate) in matches {
             let now = crate::now_micros();
             let lease_until = now + self.lease_secs as i64 * 1_000_000;
@@ -188,16 +324,12 @@ impl Dispatcher {
                 missed = true;
                 continue;
             };
-            let waiter = {
-                let mut waiters = self.waiters.lock().expect("waiter list poisoned");
-                waiters
-                    .iter()
-                    .position(|waiter| waiter.id == waiter_id)
-                    .and_then(|idx| waiters.remove(idx))
-            };
-            let undelivered = match waiter {
-                Some(waiter) => waiter.reply.send(claimed).err(),
-                None => Some(claimed),
+            let undelivered = match self.take_waiter(waiter_id) {
+                Some(Waiter {
+                    reply: Reply::Claim(reply),
+                    ..
+                }) => reply.send(claimed).err(),
+                _ => Some(claimed),
             };
             if let Some(claimed) = undelivered {
                 // The client stopped waiting between match and claim: give the job back
@@ -217,6 +349,167 @@ impl Dispatcher {
         if missed {
             self.wake();
         }
-        Ok(())
+        Ok(hold_ends)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_proto::manifest::{BuildManifest, JobSpec};
+    use kiln_store::{NewBuild, SqliteStore};
+
+    fn job(id: &str, priority: i64) -> JobSpec {
+        JobSpec {
+            id: id.into(),
+            title: id.into(),
+            config_type: "PRO".into(),
+            install_script: "i.sh".into(),
+            configure_script: None,
+            image_script: "i.sh".into(),
+            timeout_secs: 60,
+            priority: Some(priority),
+            accept_within_secs: None,
+            assigned_to: None,
+            max_attempts: None,
+            retries: None,
+        }
+    }
+
+    async fn dispatcher_with(
+        dir: &std::path::Path,
+        jobs: Vec<JobSpec>,
+    ) -> (Arc<Dispatcher>, tokio::sync::watch::Sender<bool>) {
+        let store = SqliteStore::open(&dir.join("kiln.db"))
+            .await
+            .expect("opening the store");
+        store
+            .insert_build(&NewBuild {
+                manifest: BuildManifest {
+                    number: "7".into(),
+                    title: "t".into(),
+                    build_time: None,
+                    log_file: None,
+                    notify: vec![],
+                    jobs,
+                },
+                files_key: "0".repeat(64),
+                files_size: 0,
+                submitted_at: 1234,
+                default_accept_within_secs: None,
+                default_max_attempts: 3,
+            })
+            .await
+            .expect("inserting a build");
+        let dispatcher = Dispatcher::new(Arc::new(store), 60);
+        let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(dispatcher.clone().run(shutdown_rx));
+        (dispatcher, shutdown)
+    }
+
+    fn types() -> Vec<String> {
+        vec!["PRO".to_owned()]
+    }
+
+    #[tokio::test]
+    async fn an_offer_names_the_best_job_and_claims_nothing() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let (dispatcher, _shutdown) =
+            dispatcher_with(dir.path(), vec![job("low", 1), job("high", 5)]).await;
+        let offer = dispatcher
+            .offer_now("c1", &types())
+            .await
+            .expect("offer")
+            .expect("a job");
+        assert_eq!((offer.job.as_str(), offer.priority), ("high", 5));
+        assert_eq!(offer.submitted_at, 1234);
+        // Nothing was claimed: the same job is offered again, and claimed by a claim.
+        let again = dispatcher.offer_now("c2", &types()).await.expect("offer");
+        assert_eq!(again.map(|offer| offer.job), Some("high".to_owned()));
+        let claimed = dispatcher
+            .wait_for_job("c2", &types(), Duration::from_secs(5))
+            .await
+            .expect("a claim");
+        assert_eq!(claimed.job, "high");
+        let next = dispatcher.offer_now("c1", &types()).await.expect("offer");
+        assert_eq!(next.map(|offer| offer.job), Some("low".to_owned()));
+        // A client that takes another type is offered nothing.
+        let none = dispatcher
+            .offer_now("c3", &["HOME".to_owned()])
+            .await
+            .expect("offer");
+        assert!(none.is_none());
+    }
+
+    #[tokio::test]
+    async fn one_job_is_offered_to_one_waiter_at_a_time() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let (dispatcher, _shutdown) = dispatcher_with(dir.path(), vec![job("only", 1)]).await;
+        let started = Instant::now();
+        let waiters: Vec<_> = ["c1", "c2"]
+            .into_iter()
+            .map(|client| {
+                let dispatcher = dispatcher.clone();
+                tokio::spawn(async move {
+                    let offer = dispatcher
+                        .wait_for_offer(client, &types(), Duration::from_secs(10))
+                        .await;
+                    (offer.map(|offer| offer.job), started.elapsed())
+                })
+            })
+            .collect();
+        let mut answers = Vec::new();
+        for waiter in waiters {
+            answers.push(waiter.await.expect("a waiter"));
+        }
+        answers.sort_by_key(|(_, elapsed)| *elapsed);
+        // Both hear of the job (it was not claimed), the second only once the hold on
+        // the first's offer lapsed.
+        for (job, _) in &answers {
+            assert_eq!(job.as_deref(), Some("only"), "{answers:?}");
+        }
+        assert!(
+            answers[0].1 < OFFER_HOLD && answers[1].1 >= OFFER_HOLD,
+            "one waiter is told at once, the other after the hold: {answers:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_claim_waiter_comes_before_an_offer_waiter() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let (dispatcher, _shutdown) = dispatcher_with(dir.path(), Vec::new()).await;
+        // No job yet: both wait; then the only job arrives.
+        let types = types();
+        let offer = dispatcher.wait_for_offer("c1", &types, Duration::from_secs(3));
+        let claim = dispatcher.wait_for_job("c2", &types, Duration::from_secs(3));
+        let store = dispatcher.store.clone();
+        let arrive = async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            store
+                .insert_build(&NewBuild {
+                    manifest: BuildManifest {
+                        number: "8".into(),
+                        title: "t".into(),
+                        build_time: None,
+                        log_file: None,
+                        notify: vec![],
+                        jobs: vec![job("late", 1)],
+                    },
+                    files_key: "0".repeat(64),
+                    files_size: 0,
+                    submitted_at: 2,
+                    default_accept_within_secs: None,
+                    default_max_attempts: 3,
+                })
+                .await
+                .expect("inserting a build");
+            dispatcher.wake();
+        };
+        let (offered, claimed, ()) = tokio::join!(offer, claim, arrive);
+        assert_eq!(claimed.map(|job| job.job), Some("late".to_owned()));
+        assert!(
+            offered.is_none(),
+            "the job went to the claim; nothing is left to offer: {offered:?}"
+        );
     }
 }

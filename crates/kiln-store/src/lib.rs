@@ -81,6 +81,11 @@ pub struct Candidate {
     pub job: String,
     pub config_type: String,
     pub assigned_to: Option<String>,
+    /// Higher runs first.
+    pub priority: i64,
+    /// When its build was submitted (unix microseconds): among equal priorities the
+    /// older runs first.
+    pub submitted_at: i64,
 }
 
 /// A job the store just handed to a client.

@@ -611,8 +611,9 @@ impl JobStore for SqliteStore {
 
     async fn queued_candidates(&self, limit: u32) -> StoreResult<Vec<Candidate>> {
         let rows = sqlx::query(
-            "SELECT build, id, config_type, assigned_to FROM jobs WHERE state = 'queued' \
-             ORDER BY priority DESC, accept_deadline IS NULL, accept_deadline, pk LIMIT ?",
+            "SELECT j.build, j.id, j.config_type, j.assigned_to, j.priority, b.submitted_at \
+             FROM jobs j JOIN builds b ON b.number = j.build WHERE j.state = 'queued' \
+             ORDER BY j.priority DESC, j.accept_deadline IS NULL, j.accept_deadline, j.pk LIMIT ?",
         )
         .bind(limit as i64)
         .fetch_all(&self.pool)
@@ -624,6 +625,8 @@ impl JobStore for SqliteStore {
                     job: row.try_get("id")?,
                     config_type: row.try_get("config_type")?,
                     assigned_to: row.try_get("assigned_to")?,
+                    priority: row.try_get("priority")?,
+                    submitted_at: row.try_get("submitted_at")?,
                 })
             })
             .collect()

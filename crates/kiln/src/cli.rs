@@ -88,10 +88,11 @@ pub struct ServerArgs {
     /// Lost runs (lease lapsed, client gone) after which a job fails with `lost`.
     #[arg(long, default_value_t = 3)]
     pub max_attempts: u32,
-    /// A master to register with and heartbeat to (repeat for several); needs --advertise.
+    /// A master to register with and heartbeat to (repeat for several).
     #[arg(long = "master")]
     pub masters: Vec<String>,
-    /// The URL masters hand out for this server.
+    /// The URL masters hand out for this server (default: http:// and the address
+    /// listened on; needed when listening on every address).
     #[arg(long)]
     pub advertise: Option<String>,
     /// File holding the masters' server credential (their server.token).
@@ -148,6 +149,13 @@ pub struct ClientArgs {
     /// A server to serve (repeat for several).
     #[arg(long = "server")]
     pub servers: Vec<String>,
+    /// A master to learn servers from (repeat for several: the first that answers is
+    /// used). Its servers are called with the same client credential.
+    #[arg(long = "master")]
+    pub masters: Vec<String>,
+    /// How often the server list is read again from the masters, in seconds.
+    #[arg(long, default_value_t = 10)]
+    pub refresh_secs: u64,
     /// The client's id.
     #[arg(long)]
     pub id: Option<String>,

@@ -273,18 +273,21 @@ fn registration_needs_the_server_credential_and_a_plain_http_url() {
     .expect("GET");
     assert_eq!(read_as_server.status, 403);
 
-    // --master without --advertise is a usage error naming both flags.
+    // --master without --advertise while listening on every address is a usage error
+    // naming both flags (refused before anything is bound).
     let data = harness.path().join("lonely-data");
     let run = run_kiln(
         harness.path(),
         &[
             "server",
             "--listen",
-            "127.0.0.1:0",
+            "0.0.0.0:0",
             "--data",
             &data.display().to_string(),
             "--master",
             &master.url,
+            "--master-token-file",
+            &master.server_token_file.display().to_string(),
         ],
         &[],
     );

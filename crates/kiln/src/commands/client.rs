@@ -4,6 +4,7 @@ use crate::cli::{ClientAction, ClientArgs};
 use crate::operator::Usage;
 use anyhow::Context;
 use kiln_client::conn::ServerConn;
+use kiln_client::fleet::MasterConn;
 use kiln_client::{Agent, ClientOptions, Stop};
 use kiln_proto::client_config::ClientConfig;
 use std::process::ExitCode;
@@ -20,6 +21,7 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<ExitCode> {
         include = %options.include.join(","),
         slots = options.slots,
         servers = %options.servers.iter().map(|s| s.url().to_owned()).collect::<Vec<_>>().join(" "),
+        masters = %options.masters.iter().map(|m| m.url().to_owned()).collect::<Vec<_>>().join(" "),
         "client started"
     );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(Stop::Run);
@@ -135,10 +137,35 @@ fn options_from(args: ClientArgs) -> anyhow::Result<ClientOptions> {
             );
         }
     }
-    if servers.is_empty() {
-        return Err(
-            Usage("no server to serve: pass --server URL or a --config naming one".into()).into(),
-        );
+    let mut masters = Vec::new();
+    for url in &args.masters {
+        let token = flag_token.clone().ok_or_else(|| {
+            Usage(format!(
+                "no client credential for master {url}: pass --token-file FILE or set KILN_TOKEN"
+            ))
+        })?;
+        masters.push(MasterConn::new(url, &token).map_err(Usage)?);
+    }
+    if args.masters.is_empty() {
+        for entry in config.iter().flat_map(|config| config.masters.iter()) {
+            let token = flag_token
+                .clone()
+                .or_else(|| entry.password.clone())
+                .ok_or_else(|| {
+                    Usage(format!(
+                        "no client credential for master {}: give its password, --token-file or KILN_TOKEN",
+                        entry.url
+                    ))
+                })?;
+            masters.push(MasterConn::new(&entry.url, &token).map_err(Usage)?);
+        }
+    }
+    if servers.is_empty() && masters.is_empty() {
+        return Err(Usage(
+            "no server to serve: pass --server URL or --master URL, or a --config naming one"
+                .into(),
+        )
+        .into());
     }
     let client_id = args
         .id
@@ -192,6 +219,8 @@ fn options_from(args: ClientArgs) -> anyhow::Result<ClientOptions> {
         client_id,
         include,
         servers,
+        masters,
+        refresh: Duration::from_secs(args.refresh_secs.max(1)),
         work_dir,
         slots,
         wait_secs,

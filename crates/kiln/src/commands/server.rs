@@ -16,12 +16,6 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
     config.hung_grace_secs = args.hung_grace_secs;
     config.default_accept_within_secs = args.accept_within_secs;
     config.default_max_attempts = args.max_attempts.max(1);
-    if !args.masters.is_empty() && args.advertise.is_none() {
-        return Err(crate::operator::Usage(
-            "--master needs --advertise URL: the URL the master hands out for this server".into(),
-        )
-        .into());
-    }
     if args.advertise.is_some() && args.masters.is_empty() {
         return Err(crate::operator::Usage(
             "--advertise is only used with --master URL: name the masters to register with".into(),
@@ -51,14 +45,33 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
         kiln_master::validate_server_url(url)
             .map_err(|message| crate::operator::Usage(format!("--master: {message}")))?;
     }
-    config.masters = args.masters;
-    config.advertise = args.advertise;
-    config.master_token_file = args.master_token_file;
-    let server = Server::open(config).await?;
+    let listens_everywhere = args
+        .listen
+        .parse::<std::net::SocketAddr>()
+        .is_ok_and(|addr| addr.ip().is_unspecified());
+    if !args.masters.is_empty() && args.advertise.is_none() && listens_everywhere {
+        return Err(crate::operator::Usage(format!(
+            "--master needs --advertise URL when listening on every address ({}): the URL \
+             the master hands out for this server",
+            args.listen
+        ))
+        .into());
+    }
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
     let addr = listener.local_addr().context("reading the bound address")?;
+    let advertise = match args.advertise {
+        Some(url) => Some(url),
+        None if args.masters.is_empty() => None,
+        // Listening on one address (checked above): that address, with the port
+        // actually bound, is where clients reach this server.
+        None => Some(format!("http://{addr}")),
+    };
+    config.masters = args.masters;
+    config.advertise = advertise;
+    config.master_token_file = args.master_token_file;
+    let server = Server::open(config).await?;
     if !addr.ip().is_loopback() {
         tracing::warn!(%addr, "listening on a non-loopback address without TLS: credentials travel in clear");
     }

@@ -1,0 +1,207 @@
+//! Learning servers from masters: [`MasterConn`] reads a master's list, and
+//! [`ServerList`] keeps what the client serves now — its fixed servers (flags, the
+//! seed's REDIRECTs) and the live servers the first answering master lists.
+
+use crate::conn::{CallError, ServerConn};
+use kiln_proto::api::ServerEntry;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// One master as the client talks to it. Servers learned from it are called with the
+/// same client credential.
+#[derive(Clone)]
+pub struct MasterConn {
+    base: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+impl std::fmt::Debug for MasterConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The token is a secret: never printed.
+        f.debug_struct("MasterConn")
+            .field("base", &self.base)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MasterConn {
+    /// A connection to the master at `url` with the client credential `token`.
+    pub fn new(url: &str, token: &str) -> Result<Self, String> {
+        let parsed = reqwest::Url::parse(url)
+            .map_err(|err| format!("master URL {url:?} is not a URL: {err}"))?;
+        if !matches!(parsed.scheme(), "http" | "https") {
+            return Err(format!(
+                "master URL {url:?} is not an http:// or https:// URL"
+            ));
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(15))
+            .build()
+            .map_err(|err| format!("cannot set up HTTP: {err}"))?;
+        Ok(MasterConn {
+            base: url.trim_end_matches('/').to_owned(),
+            token: token.to_owned(),
+            http,
+        })
+    }
+
+    /// The master's URL.
+    pub fn url(&self) -> &str {
+        &self.base
+    }
+
+    /// The live servers the master lists.
+    pub async fn servers(&self) -> Result<Vec<ServerEntry>, CallError> {
+        let response = self
+            .http
+            .get(format!("{}/v1/servers", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(CallError::Transport)?;
+        let status = response.status();
+        if !status.is_success() {
+            let message = response.text().await.unwrap_or_default();
+            return Err(if status.is_server_error() {
+                CallError::ServerFailed { status, message }
+            } else {
+                CallError::Refused { status, message }
+            });
+        }
+        response.json().await.map_err(CallError::Transport)
+    }
+
+    /// A connection to a server this master listed, with the same credential.
+    fn server(&self, url: &str) -> Result<ServerConn, String> {
+        ServerConn::new(url, &self.token)
+    }
+}
+
+/// The servers the client serves now, kept current from its masters.
+pub struct ServerList {
+    fixed: Vec<ServerConn>,
+    masters: Vec<MasterConn>,
+    /// The master that answered last: asked first next time.
+    preferred: std::sync::atomic::AtomicUsize,
+    current: watch::Sender<Vec<ServerConn>>,
+}
+
+impl ServerList {
+    /// A list of `fixed` servers plus those `masters` list.
+    pub fn new(fixed: Vec<ServerConn>, masters: Vec<MasterConn>) -> Self {
+        let (current, _) = watch::channel(fixed.clone());
+        ServerList {
+            fixed,
+            masters,
+            preferred: std::sync::atomic::AtomicUsize::new(0),
+            current,
+        }
+    }
+
+    /// Whether servers are learned from masters (else the list never changes).
+    pub fn has_masters(&self) -> bool {
+        !self.masters.is_empty()
+    }
+
+    /// The servers served now.
+    pub fn now(&self) -> Vec<ServerConn> {
+        self.current.borrow().clone()
+    }
+
+    /// Follows the list as it changes.
+    pub fn subscribe(&self) -> watch::Receiver<Vec<ServerConn>> {
+        self.current.subscribe()
+    }
+
+    /// A connection to `url` with the credential the client would use for it: a fixed
+    /// server's own, else the masters' (for a server learned from a master).
+    pub fn conn_for(&self, url: &str) -> Option<ServerConn> {
+        let url = url.trim_end_matches('/');
+        if let Some(conn) = self.now().into_iter().find(|conn| conn.url() == url) {
+            return Some(conn);
+        }
+        if let Some(conn) = self.fixed.iter().find(|conn| conn.url() == url) {
+            return Some(conn.clone());
+        }
+        self.masters
+            .first()
+            .and_then(|master| master.server(url).ok())
+    }
+
+    /// Asks the masters, the one that answered last first, then the others in order;
+    /// the first that answers sets the list. Returns whether one answered.
+    pub async fn refresh(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        if self.masters.is_empty() {
+            return true;
+        }
+        let first = self.preferred.load(Ordering::Relaxed) % self.masters.len();
+        let order = (0..self.masters.len()).map(|i| (first + i) % self.masters.len());
+        for idx in order {
+            let master = &self.masters[idx];
+            match master.servers().await {
+                Ok(entries) => {
+                    if idx != first {
+                        tracing::info!(master = %master.url(), "server list now read from this master");
+                    }
+                    self.preferred.store(idx, Ordering::Relaxed);
+                    self.set_learned(master, &entries);
+                    return true;
+                }
+                Err(err) => {
+                    tracing::warn!(cause = %kiln_proto::error_chain(&err), master = %master.url(), "cannot read the server list from a master")
+                }
+            }
+        }
+        false
+    }
+
+    fn set_learned(&self, master: &MasterConn, entries: &[ServerEntry]) {
+        let mut next = self.fixed.clone();
+        for entry in entries {
+            if entry.live == Some(false) {
+                continue;
+            }
+            let url = entry.url.trim_end_matches('/');
+            if next.iter().any(|conn| conn.url() == url) {
+                continue;
+            }
+            match master.server(url) {
+                Ok(conn) => next.push(conn),
+                Err(err) => {
+                    tracing::warn!(master = %master.url(), %err, "master lists a server with a bad URL; skipped")
+                }
+            }
+        }
+        self.current.send_if_modified(|current| {
+            let urls =
+                |list: &[ServerConn]| list.iter().map(|c| c.url().to_owned()).collect::<Vec<_>>();
+            let (before, after) = (urls(current), urls(&next));
+            if before == after {
+                return false;
+            }
+            for url in after.iter().filter(|url| !before.contains(url)) {
+                tracing::info!(server = %url, "serving a new server");
+            }
+            for url in before.iter().filter(|url| !after.contains(url)) {
+                tracing::info!(server = %url, "server dropped off the list; no longer served");
+            }
+            *current = next;
+            true
+        });
+    }
+
+    /// Refreshes every `every`, for as long as the task runs; a refresh that finds no
+    /// master answering keeps the list as it was.
+    pub async fn keep_fresh(&self, every: Duration) {
+        if self.masters.is_empty() {
+            return;
+        }
+        loop {
+            tokio::time::sleep(every).await;
+            self.refresh().await;
+        }
+    }
+}
