@@ -1,11 +1,21 @@
 //! Learning servers from masters: [`MasterConn`] reads a master's list, and
 //! [`ServerList`] keeps what the client serves now — its fixed servers (flags, the
 //! seed's REDIRECTs) and the live servers the first answering master lists.
+//!
+//! The list is kept current by a long poll: the client sends back the membership
+//! version of its last answer and the master answers when a server joins, returns or
+//! drops off. A master that does not answer is replaced by the next; when none
+//! answers the list stays as it was and the masters are asked again every `refresh`.
 
 use crate::conn::{CallError, ServerConn};
 use kiln_proto::api::ServerEntry;
 use std::time::Duration;
 use tokio::sync::watch;
+
+/// The header a master's list answer carries its membership version in.
+const LIST_VERSION_HEADER: &str = "x-kiln-list-version";
+/// How long one long poll of a master's list waits for a change.
+const LIST_WAIT_SECS: u64 = 30;
 
 /// One master as the client talks to it. Servers learned from it are called with the
 /// same client credential.
@@ -37,7 +47,6 @@ impl MasterConn {
         }
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(15))
             .build()
             .map_err(|err| format!("cannot set up HTTP: {err}"))?;
         Ok(MasterConn {
@@ -52,15 +61,23 @@ impl MasterConn {
         &self.base
     }
 
-    /// The live servers the master lists.
-    pub async fn servers(&self) -> Result<Vec<ServerEntry>, CallError> {
-        let response = self
+    /// The live servers the master lists, and the list's membership version. With
+    /// `seen`, the master answers once its version differs from it, or after
+    /// `wait_secs`.
+    pub async fn servers(
+        &self,
+        seen: Option<u64>,
+        wait_secs: u64,
+    ) -> Result<(Vec<ServerEntry>, Option<u64>), CallError> {
+        let mut request = self
             .http
             .get(format!("{}/v1/servers", self.base))
             .bearer_auth(&self.token)
-            .send()
-            .await
-            .map_err(CallError::Transport)?;
+            .timeout(Duration::from_secs(wait_secs + 15));
+        if let Some(seen) = seen {
+            request = request.query(&[("version", seen), ("wait_secs", wait_secs)]);
+        }
+        let response = request.send().await.map_err(CallError::Transport)?;
         let status = response.status();
         if !status.is_success() {
             let message = response.text().await.unwrap_or_default();
@@ -70,7 +87,13 @@ impl MasterConn {
                 CallError::Refused { status, message }
             });
         }
-        response.json().await.map_err(CallError::Transport)
+        let version = response
+            .headers()
+            .get(LIST_VERSION_HEADER)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.parse().ok());
+        let entries = response.json().await.map_err(CallError::Transport)?;
+        Ok((entries, version))
     }
 
     /// A connection to a server this master listed, with the same credential.
@@ -133,29 +156,35 @@ impl ServerList {
     /// Asks the masters, the one that answered last first, then the others in order;
     /// the first that answers sets the list. Returns whether one answered.
     pub async fn refresh(&self) -> bool {
+        self.read_masters().await.is_some()
+    }
+
+    /// As [`ServerList::refresh`]; returns which master answered and the version of
+    /// its list.
+    async fn read_masters(&self) -> Option<(usize, Option<u64>)> {
         use std::sync::atomic::Ordering;
         if self.masters.is_empty() {
-            return true;
+            return None;
         }
         let first = self.preferred.load(Ordering::Relaxed) % self.masters.len();
         let order = (0..self.masters.len()).map(|i| (first + i) % self.masters.len());
         for idx in order {
             let master = &self.masters[idx];
-            match master.servers().await {
-                Ok(entries) => {
+            match master.servers(None, 0).await {
+                Ok((entries, version)) => {
                     if idx != first {
                         tracing::info!(master = %master.url(), "server list now read from this master");
                     }
                     self.preferred.store(idx, Ordering::Relaxed);
                     self.set_learned(master, &entries);
-                    return true;
+                    return Some((idx, version));
                 }
                 Err(err) => {
                     tracing::warn!(cause = %kiln_proto::error_chain(&err), master = %master.url(), "cannot read the server list from a master")
                 }
             }
         }
-        false
+        None
     }
 
     fn set_learned(&self, master: &MasterConn, entries: &[ServerEntry]) {
@@ -193,15 +222,39 @@ impl ServerList {
         });
     }
 
-    /// Refreshes every `every`, for as long as the task runs; a refresh that finds no
-    /// master answering keeps the list as it was.
+    /// Keeps the list current for as long as the task runs: long-polls the master
+    /// that answered last for changes; when it fails, reads the list from the first
+    /// master that answers; when none answers (or a master gives no version), asks
+    /// again after `every`. A failed read keeps the list as it was.
     pub async fn keep_fresh(&self, every: Duration) {
         if self.masters.is_empty() {
             return;
         }
+        let mut watching: Option<(usize, u64)> = None;
         loop {
-            tokio::time::sleep(every).await;
-            self.refresh().await;
+            if let Some((idx, seen)) = watching {
+                let master = &self.masters[idx];
+                match master.servers(Some(seen), LIST_WAIT_SECS).await {
+                    Ok((entries, version)) => {
+                        self.set_learned(master, &entries);
+                        watching = version.map(|version| (idx, version));
+                        if watching.is_none() {
+                            tokio::time::sleep(every).await;
+                        }
+                        continue;
+                    }
+                    Err(err) => {
+                        tracing::warn!(cause = %kiln_proto::error_chain(&err), master = %master.url(), "lost the master's server list; asking the masters again");
+                    }
+                }
+            }
+            watching = match self.read_masters().await {
+                Some((idx, Some(version))) => Some((idx, version)),
+                _ => {
+                    tokio::time::sleep(every).await;
+                    None
+                }
+            };
         }
     }
 }

@@ -2,6 +2,11 @@
 //! heartbeat with `POST /v1/servers`; anyone with the client or admin credential reads
 //! the list with `GET /v1/servers`. It holds no jobs.
 //!
+//! Each answer carries the list's membership version ([`VERSION_HEADER`]); a reader
+//! that sends it back with `?version=V&wait_secs=N` is answered as soon as a server
+//! joins, returns or drops off (or after N seconds), so clients learn of a new server
+//! at once without polling often.
+//!
 //! Start it with [`Master::open`] then [`Master::run`] on a bound listener.
 
 mod list;
@@ -29,6 +34,10 @@ pub const MAX_URL_LEN: usize = 2048;
 pub const MAX_NAME_LEN: usize = 256;
 /// Heartbeats that change nothing but counts are saved at most this often.
 const SAVE_EVERY: Duration = Duration::from_secs(5);
+/// The response header with the list's membership version.
+pub const VERSION_HEADER: &str = "x-kiln-list-version";
+/// The longest a list request waits for a change.
+pub const MAX_LIST_WAIT_SECS: u64 = 60;
 
 /// How the master runs.
 #[derive(Debug, Clone)]
@@ -136,6 +145,12 @@ struct MasterState {
     /// Wakes the saver at once (a membership change).
     save_now: tokio::sync::Notify,
     timeout_secs: u64,
+    /// The membership version: changes when a server joins, returns or drops off.
+    /// Starts at the master's start time, so that a restarted master never repeats a
+    /// version a reader saw before.
+    membership: tokio::sync::watch::Sender<u64>,
+    /// Becomes true when the master stops: waiting readers are answered at once.
+    stopping: tokio::sync::watch::Sender<bool>,
 }
 
 impl MasterState {
@@ -227,10 +242,12 @@ async fn register(
         Change::New => {
             tracing::info!(%url, "server registered");
             state.save_now.notify_one();
+            state.membership.send_modify(|version| *version += 1);
         }
         Change::Returned => {
             tracing::info!(%url, "server is back");
             state.save_now.notify_one();
+            state.membership.send_modify(|version| *version += 1);
         }
         Change::Heartbeat => {}
     }
@@ -243,13 +260,18 @@ async fn register(
 struct ListQuery {
     #[serde(default)]
     all: bool,
+    /// The membership version the reader has.
+    version: Option<u64>,
+    /// How long to wait for the version to change.
+    #[serde(default)]
+    wait_secs: u64,
 }
 
 async fn list_servers(
     State(state): State<Arc<MasterState>>,
     headers: HeaderMap,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Vec<ServerEntry>>, ApiErr> {
+) -> Result<Response, ApiErr> {
     match state.caller(&headers)? {
         Role::Admin | Role::Client => {}
         Role::Server => {
@@ -263,15 +285,26 @@ async fn list_servers(
     let Query(query) = query.map_err(|err| {
         ApiErr::bad_request(
             "invalid_query",
-            format!("bad query (all=true|false): {err}"),
+            format!("bad query (all=true|false, version=N, wait_secs=N): {err}"),
         )
     })?;
+    let mut membership = state.membership.subscribe();
+    if let Some(seen) = query.version {
+        let wait = Duration::from_secs(query.wait_secs.min(MAX_LIST_WAIT_SECS));
+        let mut stopping = state.stopping.subscribe();
+        let changed = membership.wait_for(|version| *version != seen);
+        tokio::select! {
+            _ = tokio::time::timeout(wait, changed) => {}
+            _ = stopping.wait_for(|stopping| *stopping) => {}
+        }
+    }
+    let version = *membership.borrow();
     let servers = state
         .list
         .lock()
         .expect("server list lock")
         .list(query.all, now_micros());
-    Ok(Json(servers))
+    Ok(([(VERSION_HEADER, version.to_string())], Json(servers)).into_response())
 }
 
 async fn health() -> Json<serde_json::Value> {
@@ -295,6 +328,9 @@ async fn keeper(state: Arc<MasterState>, mut stop: tokio::sync::watch::Receiver<
             let dropped = list.sweep(now_micros());
             for url in &dropped {
                 tracing::warn!(%url, timeout_secs = state.timeout_secs, "server dropped off: no heartbeat within the timeout");
+            }
+            if !dropped.is_empty() {
+                state.membership.send_modify(|version| *version += 1);
             }
             let due =
                 stopping || changed || !dropped.is_empty() || last_save.elapsed() >= SAVE_EVERY;
@@ -351,6 +387,8 @@ impl Master {
                 list: Mutex::new(list),
                 save_now: tokio::sync::Notify::new(),
                 timeout_secs,
+                membership: tokio::sync::watch::channel(now_micros().max(0) as u64).0,
+                stopping: tokio::sync::watch::channel(false).0,
             }),
         })
     }
@@ -361,17 +399,22 @@ impl Master {
         listener: TcpListener,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let keeper = tokio::spawn(keeper(self.state.clone(), stop_rx));
+        let keeper = tokio::spawn(keeper(self.state.clone(), self.state.stopping.subscribe()));
         let app = Router::new()
             .route("/v1/health", get(health))
             .route("/v1/servers", get(list_servers).post(register))
             .with_state(self.state.clone());
+        let state = self.state.clone();
         let result = axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
+            .with_graceful_shutdown(async move {
+                shutdown.await;
+                // Answers the readers waiting for a change, so that they do not hold
+                // the shutdown up.
+                let _ = state.stopping.send(true);
+            })
             .await
             .context("serving HTTP");
-        let _ = stop_tx.send(true);
+        let _ = self.state.stopping.send(true);
         let _ = tokio::time::timeout(Duration::from_secs(5), keeper).await;
         result
     }

@@ -149,6 +149,11 @@ impl Dispatcher {
         client_id: &str,
         include: &[String],
     ) -> Result<Option<Candidate>, kiln_store::StoreError> {
+        // The client asks now, so any offer it was waiting for here it gave up on.
+        self.waiters
+            .lock()
+            .expect("waiter list poisoned")
+            .retain(|waiter| waiter.client_id != client_id || !waiter.is_offer());
         let candidates = self.store.queued_candidates(CANDIDATE_LIMIT).await?;
         Ok(candidates
             .into_iter()
@@ -164,15 +169,20 @@ impl Dispatcher {
         mut receiver: oneshot::Receiver<T>,
     ) -> Option<T> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.waiters
-            .lock()
-            .expect("waiter list poisoned")
-            .push_back(Waiter {
+        {
+            let mut waiters = self.waiters.lock().expect("waiter list poisoned");
+            // A client waits once per server at a time: an older waiter of the same client
+            // is a request it gave up on (the server does not notice a client hanging up
+            // while a handler waits). Dropping it answers it with "nothing" and keeps a
+            // job from being handed to it.
+            waiters.retain(|waiter| waiter.client_id != client_id);
+            waiters.push_back(Waiter {
                 id,
                 client_id: client_id.to_owned(),
                 include: include.to_vec(),
                 reply,
             });
+        }
         let _guard = WaiterGuard {
             dispatcher: self,
             id,
@@ -511,5 +521,62 @@ mod tests {
             offered.is_none(),
             "the job went to the claim; nothing is left to offer: {offered:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_clients_new_request_ends_the_wait_it_gave_up_on() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let (dispatcher, _shutdown) = dispatcher_with(dir.path(), Vec::new()).await;
+        let started = Instant::now();
+        // A long poll the client hung up on, which the server did not notice.
+        let forgotten = {
+            let dispatcher = dispatcher.clone();
+            tokio::spawn(async move {
+                dispatcher
+                    .wait_for_offer("c1", &types(), Duration::from_secs(30))
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // The same client asks again: the forgotten wait ends with nothing, so that no
+        // job is offered into it.
+        assert!(dispatcher
+            .offer_now("c1", &types())
+            .await
+            .expect("offer")
+            .is_none());
+        assert!(forgotten.await.expect("the waiter").is_none());
+        // So does a forgotten claim when the client waits again.
+        let forgotten = {
+            let dispatcher = dispatcher.clone();
+            tokio::spawn(async move {
+                dispatcher
+                    .wait_for_job("c1", &types(), Duration::from_secs(30))
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let again = dispatcher
+            .wait_for_offer("c1", &types(), Duration::from_millis(100))
+            .await;
+        assert!(again.is_none());
+        assert!(forgotten.await.expect("the waiter").is_none());
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the forgotten waits ended when the client asked again, not at their timeout"
+        );
+        // Another client's wait is left alone.
+        let other = {
+            let dispatcher = dispatcher.clone();
+            tokio::spawn(async move {
+                dispatcher
+                    .wait_for_offer("c2", &types(), Duration::from_millis(500))
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        dispatcher.offer_now("c1", &types()).await.expect("offer");
+        assert_eq!(dispatcher.n_waiting(), 1, "c2 still waits");
+        assert!(other.await.expect("the waiter").is_none());
     }
 }

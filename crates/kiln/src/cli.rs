@@ -430,6 +430,23 @@ pub enum BenchWhich {
         #[arg(long)]
         work: Option<PathBuf>,
     },
+    /// A fleet: dispatch latency with several servers and many client processes that
+    /// know only a master, and the time from a new server's registration to its first
+    /// job claimed.
+    Fleet {
+        /// Servers registered with the master.
+        #[arg(long, default_value_t = 3)]
+        servers: u32,
+        /// `kiln client` processes (one slot each).
+        #[arg(long, default_value_t = 200)]
+        clients: u32,
+        /// Jobs to time for dispatch.
+        #[arg(long, default_value_t = 200)]
+        jobs: u32,
+        /// New servers to time from registration to first claim.
+        #[arg(long, default_value_t = 10)]
+        trials: u32,
+    },
 }
 
 /// How a client fails in `kiln bench failover`.

@@ -4,6 +4,7 @@
 //!   (in this process, one task each, speaking the client API); jobs are submitted one
 //!   at a time and the time from a job's availability to its claim is read from the
 //!   server's event log (microsecond timestamps).
+//! - `fleet`: see [`super::bench_fleet`].
 //! - `makespan`: a real server and N real `kiln client` processes run a build of
 //!   sleep jobs; the makespan (first job available → last job finished, from the event
 //!   log) is compared with the ideal, total work / clients.
@@ -67,10 +68,24 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             })
             .await
         }
+        BenchWhich::Fleet {
+            servers,
+            clients,
+            jobs,
+            trials,
+        } => {
+            super::bench_fleet::run(super::bench_fleet::Options {
+                servers,
+                clients,
+                jobs,
+                trials,
+            })
+            .await
+        }
     }
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+pub(super) fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
@@ -78,7 +93,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.min(sorted.len() - 1)]
 }
 
-fn write_build(
+pub(super) fn write_build(
     dir: &Path,
     number: &str,
     n_jobs: u32,
@@ -97,6 +112,28 @@ fn write_build(
     xml.push_str("  </JOBS>\n</SERVER>\n");
     std::fs::write(dir.join("relbuild.xml"), xml)?;
     Ok(())
+}
+
+/// Waits for the first job of build `number` to be claimed; returns the time from its
+/// queueing to its claim, from the server's event log, in milliseconds.
+pub(super) async fn claim_latency_ms(operator: &Operator, number: &str) -> anyhow::Result<f64> {
+    loop {
+        let events: Vec<Event> = operator
+            .get_json(&format!("/v1/builds/{number}/events"))
+            .await?;
+        let queued = events
+            .iter()
+            .find(|e| e.to == JobState::Queued)
+            .map(|e| e.time);
+        let running = events
+            .iter()
+            .find(|e| e.to == JobState::Running)
+            .map(|e| e.time);
+        if let (Some(queued), Some(running)) = (queued, running) {
+            return Ok((running - queued) as f64 / 1000.0);
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
 }
 
 async fn dispatch(n_clients: u32, n_jobs: u32) -> anyhow::Result<ExitCode> {
@@ -137,23 +174,7 @@ async fn dispatch(n_clients: u32, n_jobs: u32) -> anyhow::Result<ExitCode> {
         let number = format!("d{idx}");
         write_build(&build_dir, &number, 1, "true\n", "true\n")?;
         super::submit::submit(&operator, &build_dir.join("relbuild.xml"), &build_dir).await?;
-        let claimed = loop {
-            let events: Vec<Event> = operator
-                .get_json(&format!("/v1/builds/{number}/events"))
-                .await?;
-            let queued = events
-                .iter()
-                .find(|e| e.to == JobState::Queued)
-                .map(|e| e.time);
-            let running = events
-                .iter()
-                .find(|e| e.to == JobState::Running)
-                .map(|e| e.time);
-            if let (Some(queued), Some(running)) = (queued, running) {
-                break (running - queued) as f64 / 1000.0;
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        };
+        let claimed = claim_latency_ms(&operator, &number).await?;
         // The first few are warm-up.
         if idx >= 10 {
             latencies_ms.push(claimed);

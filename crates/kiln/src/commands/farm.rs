@@ -35,40 +35,48 @@ async fn spawn_server(
     listen: &str,
     args: &[String],
 ) -> anyhow::Result<(Child, String)> {
-    let exe = std::env::current_exe().context("finding the kiln executable")?;
     let data = dir.join("server");
     std::fs::create_dir_all(&data)?;
-    let mut server = Command::new(&exe)
-        .arg("server")
-        .arg("--listen")
-        .arg(listen)
-        .arg("--data")
-        .arg(&data)
+    let mut all: Vec<std::ffi::OsString> = vec![
+        "server".into(),
+        "--listen".into(),
+        listen.into(),
+        "--data".into(),
+        data.into(),
+    ];
+    all.extend(args.iter().map(Into::into));
+    spawn_listening(&all, &dir.join("server.log"), "kiln server listening on ").await
+}
+
+/// Starts `kiln ARGS` (a server or a master), logging to `log`; returns it and the URL
+/// from its first stdout line, which starts with `prefix`.
+pub async fn spawn_listening(
+    args: &[std::ffi::OsString],
+    log: &Path,
+    prefix: &str,
+) -> anyhow::Result<(Child, String)> {
+    let exe = std::env::current_exe().context("finding the kiln executable")?;
+    let mut child = Command::new(&exe)
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(log_file(&dir.join("server.log"))?)
+        .stderr(log_file(log)?)
         .kill_on_drop(true)
         .spawn()
-        .context("starting kiln server")?;
-    let stdout = server.stdout.take().context("server stdout")?;
+        .context("starting kiln")?;
+    let stdout = child.stdout.take().context("kiln's stdout")?;
     let mut lines = tokio::io::BufReader::new(stdout).lines();
     let first = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
         .await
-        .context("the server did not start within 30 s")??
-        .with_context(|| {
-            format!(
-                "the server exited at start; see {}",
-                dir.join("server.log").display()
-            )
-        })?;
+        .context("kiln did not start within 30 s")??
+        .with_context(|| format!("kiln exited at start; see {}", log.display()))?;
     let url = first
-        .strip_prefix("kiln server listening on ")
-        .with_context(|| format!("unexpected first line from the server: {first:?}"))?
+        .strip_prefix(prefix)
+        .with_context(|| format!("unexpected first line from kiln: {first:?}"))?
         .to_owned();
-    // Keep reading so that the server never writes into a closed pipe.
+    // Keep reading so that the process never writes into a closed pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Ok((server, url))
+    Ok((child, url))
 }
 
 impl Farm {
@@ -92,6 +100,19 @@ impl Farm {
     pub async fn crash_and_restart_server(&mut self) -> anyhow::Result<()> {
         signal(&self.server, libc::SIGKILL);
         let _ = self.server.wait().await;
+        self.respawn_server().await
+    }
+
+    /// Stops the server (SIGTERM) and starts it again on the same address and data,
+    /// with `server_args` from now on.
+    pub async fn restart_server_with(&mut self, server_args: &[&str]) -> anyhow::Result<()> {
+        signal(&self.server, libc::SIGTERM);
+        stop_child(&mut self.server).await;
+        self.server_args = server_args.iter().map(|arg| arg.to_string()).collect();
+        self.respawn_server().await
+    }
+
+    async fn respawn_server(&mut self) -> anyhow::Result<()> {
         let listen = self.url.trim_start_matches("http://").to_owned();
         let (server, url) = spawn_server(&self.dir, &listen, &self.server_args).await?;
         anyhow::ensure!(
@@ -189,7 +210,8 @@ impl Farm {
     }
 }
 
-fn signal(child: &Child, signal: i32) {
+/// Sends `signal` to `child` (by its own pid) if it has not been reaped.
+pub fn signal(child: &Child, signal: i32) {
     if let Some(pid) = child.id() {
         // SAFETY: kill(2) with a pid we started and have not reaped yet.
         unsafe {
@@ -198,7 +220,8 @@ fn signal(child: &Child, signal: i32) {
     }
 }
 
-async fn stop_child(child: &mut Child) {
+/// Waits up to 10 s for `child` to exit (after a SIGTERM), then SIGKILLs it.
+pub async fn stop_child(child: &mut Child) {
     if tokio::time::timeout(Duration::from_secs(10), child.wait())
         .await
         .is_err()

@@ -1,6 +1,7 @@
 //! One module per subcommand; [`run`] dispatches.
 
 mod bench;
+mod bench_fleet;
 mod bench_transfer;
 mod build;
 mod chaos;
