@@ -179,6 +179,8 @@ impl Agent {
             client_id: self.options.client_id.clone(),
             include: self.options.include.clone(),
             wait_secs: self.options.wait_secs,
+            slots: Some(self.options.slots),
+            version: Some(env!("CARGO_PKG_VERSION").to_owned()),
         };
         let mut n_failures: u32 = 0;
         while self.wait_for_free_slot(&mut stop).await {

@@ -7,7 +7,7 @@
 //! update: atomic even across server replicas) and sends it to the waiter. Nobody
 //! sleeps and re-asks: a job is claimed as soon as it is queued.
 
-use kiln_store::{Candidate, ClaimedJob, JobStore};
+use kiln_store::{Candidate, ClaimedJob, ClaimingClient, JobStore};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -20,8 +20,8 @@ const CANDIDATE_LIMIT: u32 = 2048;
 /// A client waiting for a job.
 struct Waiter {
     id: u64,
-    client_id: String,
-    include: Vec<String>,
+    /// The client as its claim describes it: recorded with the claim.
+    client: ClaimingClient,
     reply: oneshot::Sender<ClaimedJob>,
 }
 
@@ -30,11 +30,11 @@ impl Waiter {
         let assigned_ok = candidate
             .assigned_to
             .as_deref()
-            .is_none_or(|client| client == self.client_id);
-        let type_ok = self
-            .include
-            .iter()
-            .any(|include| include == "*" || include.eq_ignore_ascii_case(&candidate.config_type));
+            .is_none_or(|client| client == self.client.id);
+        let type_ok =
+            self.client.include.iter().any(|include| {
+                include == "*" || include.eq_ignore_ascii_case(&candidate.config_type)
+            });
         assigned_ok && type_ok
     }
 }
@@ -90,23 +90,13 @@ impl Dispatcher {
     }
 
     /// Waits up to `wait` for a job this client may take; `None` when none came.
-    pub async fn wait_for_job(
-        &self,
-        client_id: &str,
-        include: &[String],
-        wait: Duration,
-    ) -> Option<ClaimedJob> {
+    pub async fn wait_for_job(&self, client: ClaimingClient, wait: Duration) -> Option<ClaimedJob> {
         let (reply, mut receiver) = oneshot::channel();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         self.waiters
             .lock()
             .expect("waiter list poisoned")
-            .push_back(Waiter {
-                id,
-                client_id: client_id.to_owned(),
-                include: include.to_vec(),
-                reply,
-            });
+            .push_back(Waiter { id, client, reply });
         let _guard = WaiterGuard {
             dispatcher: self,
             id,
@@ -153,7 +143,7 @@ impl Dispatcher {
             return Ok(());
         }
         // Match each waiter, oldest first, with the best job it may take.
-        let matches: Vec<(u64, String, Candidate)> = {
+        let matches: Vec<(u64, ClaimingClient, Candidate)> = {
             let waiters = self.waiters.lock().expect("waiter list poisoned");
             let mut matches = Vec::new();
             for waiter in waiters.iter() {
@@ -161,7 +151,7 @@ impl Dispatcher {
                     .iter()
                     .position(|candidate| waiter.can_take(candidate))
                 {
-                    matches.push((waiter.id, waiter.client_id.clone(), candidates.remove(idx)));
+                    matches.push((waiter.id, waiter.client.clone(), candidates.remove(idx)));
                 }
                 if candidates.is_empty() {
                     break;
@@ -170,18 +160,12 @@ impl Dispatcher {
             matches
         };
         let mut missed = false;
-        for (waiter_id, client_id, candidate) in matches {
+        for (waiter_id, client, candidate) in matches {
             let now = crate::now_micros();
             let lease_until = now + self.lease_secs as i64 * 1_000_000;
             let claimed = self
                 .store
-                .claim(
-                    &candidate.build,
-                    &candidate.job,
-                    &client_id,
-                    lease_until,
-                    now,
-                )
+                .claim(&candidate.build, &candidate.job, &client, lease_until, now)
                 .await?;
             let Some(claimed) = claimed else {
                 // Another replica took it first; this waiter gets another round.
@@ -202,7 +186,7 @@ impl Dispatcher {
             if let Some(claimed) = undelivered {
                 // The client stopped waiting between match and claim: give the job back
                 // at once rather than letting its lease lapse.
-                tracing::info!(build = %claimed.build, job = %claimed.job, client = %client_id, "waiter gone; job released");
+                tracing::info!(build = %claimed.build, job = %claimed.job, client = %client.id, "waiter gone; job released");
                 self.store
                     .release(
                         &claimed.build,
