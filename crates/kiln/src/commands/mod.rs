@@ -5,6 +5,7 @@ mod bench_transfer;
 mod build;
 mod chaos;
 mod client;
+mod clients;
 mod demo;
 mod events;
 mod farm;
@@ -84,6 +85,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Storage(args) => {
             init_tracing("warn");
             build::storage(args).await
+        }
+        Command::Clients(args) => {
+            init_tracing("warn");
+            clients::run(args).await
         }
         Command::Release(args) => {
             init_tracing("warn");
