@@ -224,6 +224,8 @@ impl Agent {
             client_id: self.options.client_id.clone(),
             include: self.options.include.clone(),
             wait_secs,
+            slots: Some(self.options.slots),
+            version: Some(env!("CARGO_PKG_VERSION").to_owned()),
         }
     }
 

@@ -1,9 +1,10 @@
 //! JSON bodies of the HTTP API under `/v1`.
 //!
-//! Operators read [`BuildSummary`], [`JobStatus`], [`LogChunk`], [`Event`] and
-//! [`ImageInfo`]; clients send [`ClaimRequest`] and get a [`Claim`], then carry the
-//! claim's lease token (header [`crate::LEASE_HEADER`]) on [`Heartbeat`], [`LogBatch`],
-//! image uploads, [`Finish`] and [`Fail`]. Every refusal is an [`ApiError`].
+//! Operators read [`BuildSummary`], [`JobStatus`], [`LogChunk`], [`Event`],
+//! [`ImageInfo`] and [`ClientInfo`]; clients send [`ClaimRequest`] and get a
+//! [`Claim`], then carry the claim's lease token (header [`crate::LEASE_HEADER`]) on
+//! [`Heartbeat`], [`LogBatch`], image uploads, [`Finish`] and [`Fail`]. Every refusal
+//! is an [`ApiError`].
 //! Times are unix microseconds.
 
 use crate::progress::Progress;
@@ -74,6 +75,12 @@ pub struct ClaimRequest {
     pub include: Vec<String>,
     /// How long the server may hold the request open waiting for a job.
     pub wait_secs: u64,
+    /// How many jobs the client runs at once; older clients do not say.
+    #[serde(default)]
+    pub slots: Option<u32>,
+    /// The client's kiln version; older clients do not say.
+    #[serde(default)]
+    pub version: Option<String>,
 }
 
 /// `POST /v1/offer` (body: a [`ClaimRequest`]): the job this server would hand the
@@ -207,6 +214,51 @@ pub struct Event {
     pub reason: Option<String>,
 }
 
+/// A client as `GET /v1/clients` lists it: what it said of itself at its latest
+/// claim, the jobs it holds now, and what became of the jobs it took from this server.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ClientInfo {
+    pub id: String,
+    /// Config types it takes; `*` takes any.
+    pub include: Vec<String>,
+    /// How many jobs it runs at once, if it said.
+    pub slots: Option<u32>,
+    /// Its kiln version, if it said.
+    pub version: Option<String>,
+    /// The IP address its requests come from (a proxy's, behind one).
+    pub address: Option<String>,
+    /// Its first claim on this server (or, for a client that has claimed nothing yet,
+    /// the first time this server process heard from it).
+    pub first_seen: i64,
+    /// The latest claim, heartbeat, log batch or session keep-alive it sent.
+    pub last_contact: i64,
+    /// Whether it holds a session connection open now.
+    pub session_open: bool,
+    /// The jobs it runs now.
+    pub held: Vec<HeldJob>,
+    /// Runs it started (a job given back unstarted is not counted).
+    pub n_claimed: u64,
+    /// Jobs it finished.
+    pub n_finished: u64,
+    /// Jobs it reported failed, whether or not the job was queued again for a retry.
+    pub n_failed: u64,
+    /// Jobs taken back from it: lease lapsed, session dropped, given back after it
+    /// restarted or stopped, or held past their timeout.
+    pub n_lost: u64,
+    /// The total size of the images of the jobs it finished.
+    pub image_bytes: u64,
+}
+
+/// A job a client runs now, as [`ClientInfo`] lists it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct HeldJob {
+    pub build: String,
+    pub job: String,
+    /// The latest progress it reported, if any.
+    pub percent: Option<u8>,
+    pub major: Option<String>,
+}
+
 /// Answer to `POST /v1/builds`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Submitted {
@@ -249,4 +301,24 @@ pub struct ServerEntry {
     /// Whether it heartbeat within the timeout (only with `?all=true`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub live: Option<bool>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_claim_request_of_an_older_client_without_slots_or_version_is_read() {
+        let request: ClaimRequest =
+            serde_json::from_str(r#"{"client_id":"old","include":["PRO"],"wait_secs":30}"#)
+                .expect("an older client's claim request");
+        assert_eq!(request.slots, None);
+        assert_eq!(request.version, None);
+        let request: ClaimRequest = serde_json::from_str(
+            r#"{"client_id":"new","include":["*"],"wait_secs":30,"slots":2,"version":"0.1.0"}"#,
+        )
+        .expect("a claim request");
+        assert_eq!(request.slots, Some(2));
+        assert_eq!(request.version.as_deref(), Some("0.1.0"));
+    }
 }

@@ -1,17 +1,21 @@
 //! The HTTP API under `/v1`: routes and handlers.
 //!
-//! Operators (admin credential) submit, cancel, restart and read; clients (client
-//! credential) claim, heartbeat, log, upload and report, each call about a job carrying
-//! its lease token in [`kiln_proto::LEASE_HEADER`]. The seed's formats are served too:
-//! `relbuild.xml` per build and `status.xml` (JOBSTATUS) per job.
+//! Operators (admin credential) submit, cancel, restart, read and list the clients;
+//! clients (client credential) claim, heartbeat, log, upload and report, each call
+//! about a job carrying its lease token in [`kiln_proto::LEASE_HEADER`]. The seed's
+//! formats are served too: `relbuild.xml` per build and `status.xml` (JOBSTATUS) per
+//! job.
 
 use crate::auth::{Caller, Role};
+use crate::contacts::Announced;
 use crate::error::ApiErr;
 use crate::files;
 use crate::transfer;
 use crate::AppState;
 use axum::body::Body;
-use axum::extract::{DefaultBodyLimit, Multipart, Path, Query, Request, State};
+use axum::extract::{
+    ConnectInfo, DefaultBodyLimit, FromRequestParts, Multipart, Path, Query, Request, State,
+};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -19,14 +23,14 @@ use axum::{Json, Router};
 use futures::StreamExt;
 use kiln_blob::ImageHasher;
 use kiln_proto::api::{
-    BuildSummary, Claim, ClaimRequest, Event, Fail, Finish, Heartbeat, ImageInfo, JobStatus,
-    LogBatch, LogChunk, Offer, Submitted,
+    BuildSummary, Claim, ClaimRequest, ClientInfo, Event, Fail, Finish, Heartbeat, ImageInfo,
+    JobStatus, LogBatch, LogChunk, Offer, Submitted,
 };
 use kiln_proto::manifest::BuildManifest;
 use kiln_proto::names::check_name;
 use kiln_proto::status_xml::{render_job_status, JobStatusXml};
 use kiln_proto::{BLAKE3_HEADER, LEASE_HEADER};
-use kiln_store::{Failure, NewBuild, StoreError};
+use kiln_store::{ClaimingClient, Failure, NewBuild, StoreError};
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -44,6 +48,8 @@ const MAX_MANIFEST_BYTES: usize = 4 << 20;
 const MAX_COMMIT_BYTES: usize = 512 << 20;
 /// The most lines one log batch may carry.
 const MAX_LOG_BATCH: usize = 10_000;
+/// The longest version a claim may give; the rest is cut off.
+const MAX_VERSION_CHARS: usize = 64;
 
 type Shared = State<Arc<AppState>>;
 
@@ -70,6 +76,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/builds/{build}/files", get(build_files))
         .route("/v1/claim", post(claim))
         .route("/v1/offer", post(offer))
+        .route("/v1/clients", get(list_clients))
         .route(
             "/v1/session",
             post(session).layer(DefaultBodyLimit::disable()),
@@ -141,6 +148,27 @@ async fn health(State(state): Shared) -> Json<serde_json::Value> {
         "clients_connected": state.sessions.n_connected(),
         "clients_waiting": state.dispatcher.n_waiting(),
     }))
+}
+
+/// The IP address a request came from, when the server is served with connection
+/// info (as [`crate::Server::run`] does).
+pub(crate) struct Peer(Option<String>);
+
+impl<S: Send + Sync> FromRequestParts<S> for Peer {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(Peer(
+            parts
+                .extensions
+                .get::<ConnectInfo<std::net::SocketAddr>>()
+                // An IPv4 client of a server listening on IPv6 shows as IPv4.
+                .map(|ConnectInfo(peer)| peer.ip().to_canonical().to_string()),
+        ))
+    }
 }
 
 pub(crate) fn lease_of(headers: &HeaderMap) -> Result<&str, ApiErr> {
@@ -490,9 +518,11 @@ async fn submit(
 async fn offer(
     State(state): Shared,
     caller: Caller,
+    Peer(address): Peer,
     Json(request): Json<ClaimRequest>,
 ) -> Result<Response, ApiErr> {
     check_claim_request(&caller, &request)?;
+    announce(&state, &request, address);
     let found = if request.wait_secs == 0 {
         state
             .dispatcher
@@ -534,9 +564,40 @@ fn check_claim_request(caller: &Caller, request: &ClaimRequest) -> Result<(), Ap
     Ok(())
 }
 
+/// Notes the client a claim or offer request describes (its types, slots, version and
+/// address) as in contact now; returns it as a claim records it.
+fn announce(
+    state: &Arc<AppState>,
+    request: &ClaimRequest,
+    address: Option<String>,
+) -> ClaimingClient {
+    let version = request
+        .version
+        .as_ref()
+        .map(|version| version.chars().take(MAX_VERSION_CHARS).collect::<String>());
+    state.contacts.announced(
+        &request.client_id,
+        Announced {
+            include: request.include.clone(),
+            slots: request.slots,
+            version: version.clone(),
+        },
+        crate::now_micros(),
+    );
+    state.note_contact(&request.client_id, address.as_deref());
+    ClaimingClient {
+        id: request.client_id.clone(),
+        include: request.include.clone(),
+        slots: request.slots,
+        version,
+        address,
+    }
+}
+
 async fn claim(
     State(state): Shared,
     caller: Caller,
+    Peer(address): Peer,
     Json(request): Json<ClaimRequest>,
 ) -> Result<Response, ApiErr> {
     check_claim_request(&caller, &request)?;
@@ -545,13 +606,18 @@ async fn claim(
     if *stopping.borrow_and_update() {
         return Ok(StatusCode::NO_CONTENT.into_response());
     }
+    let client = announce(&state, &request, address);
     let waited = tokio::select! {
-        claimed = state.dispatcher.wait_for_job(&request.client_id, &request.include, wait) => claimed,
+        claimed = state.dispatcher.wait_for_job(client, wait) => claimed,
         _ = stopping.changed() => None,
     };
     let Some(claimed) = waited else {
         return Ok(StatusCode::NO_CONTENT.into_response());
     };
+    // The claim recorded the client and this contact.
+    state
+        .contacts
+        .stored(&request.client_id, crate::now_micros());
     tracing::info!(build = %claimed.build, job = %claimed.job, client = %request.client_id, attempt = claimed.attempt, "job claimed");
     state.changed();
     Ok(Json(Claim {
@@ -574,13 +640,14 @@ async fn claim(
 async fn heartbeat(
     State(state): Shared,
     caller: Caller,
+    Peer(address): Peer,
     Path((build, job)): Path<(String, String)>,
     headers: HeaderMap,
     Json(beat): Json<Heartbeat>,
 ) -> Result<Json<serde_json::Value>, ApiErr> {
     caller.require_client()?;
     let lease_until = crate::now_micros() + state.config.lease_secs as i64 * 1_000_000;
-    state
+    let holder = state
         .store
         .heartbeat(
             &build,
@@ -590,6 +657,7 @@ async fn heartbeat(
             beat.progress.as_ref(),
         )
         .await?;
+    state.note_contact(&holder.client_id, address.as_deref());
     if beat.steps_done {
         state
             .store
@@ -607,6 +675,7 @@ async fn heartbeat(
 async fn append_log(
     State(state): Shared,
     caller: Caller,
+    Peer(address): Peer,
     Path((build, job)): Path<(String, String)>,
     headers: HeaderMap,
     Json(batch): Json<LogBatch>,
@@ -617,7 +686,7 @@ async fn append_log(
             "a log batch carries at most {MAX_LOG_BATCH} lines"
         )));
     }
-    state
+    let holder = state
         .store
         .append_log(
             &build,
@@ -628,6 +697,7 @@ async fn append_log(
             crate::now_micros(),
         )
         .await?;
+    state.note_contact(&holder.client_id, address.as_deref());
     state.changed();
     Ok(StatusCode::NO_CONTENT)
 }
@@ -828,6 +898,7 @@ struct SessionQuery {
 async fn session(
     State(state): Shared,
     caller: Caller,
+    Peer(address): Peer,
     Query(query): Query<SessionQuery>,
     body: Body,
 ) -> Result<StatusCode, ApiErr> {
@@ -836,12 +907,17 @@ async fn session(
     check_name("client id", &client_id).map_err(|msg| ApiErr::bad_request("bad_name", msg))?;
     let generation = state.sessions.open(&client_id);
     tracing::debug!(client = %client_id, generation, "session opened");
+    state.note_contact(&client_id, address.as_deref());
     let mut stream = body.into_data_stream();
     let mut stopping = state.stopping.subscribe();
     let ended_by_client = loop {
         tokio::select! {
             chunk = stream.next() => match chunk {
-                Some(Ok(_)) => continue,
+                // Each keep-alive is a contact.
+                Some(Ok(_)) => {
+                    state.note_contact(&client_id, address.as_deref());
+                    continue;
+                }
                 Some(Err(_)) | None => break true,
             },
             // The server stopping is not the client leaving.
@@ -876,6 +952,62 @@ async fn session(
         });
     }
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// `GET /v1/clients`: every client the store has (those that claimed a job here) and
+/// every client heard from since the server started, by id, with the latest contact
+/// from memory and whether a session is open.
+async fn list_clients(
+    State(state): Shared,
+    caller: Caller,
+) -> Result<Json<Vec<ClientInfo>>, ApiErr> {
+    caller.require_admin()?;
+    let mut clients = state.store.clients().await?;
+    let mut contacts = state.contacts.snapshot();
+    for client in clients.iter_mut() {
+        let Some(contact) = contacts.remove(&client.id) else {
+            continue;
+        };
+        if contact.at > client.last_contact {
+            client.last_contact = contact.at;
+            if contact.address.is_some() {
+                client.address = contact.address;
+            }
+        }
+        // A claim request that got no job yet may say more than the last claim did.
+        if let Some(announced) = contact.announced {
+            client.include = announced.include;
+            client.slots = announced.slots;
+            client.version = announced.version;
+        }
+    }
+    clients.extend(contacts.into_iter().map(|(id, contact)| {
+        let announced = contact.announced;
+        ClientInfo {
+            include: announced
+                .as_ref()
+                .map(|announced| announced.include.clone())
+                .unwrap_or_default(),
+            slots: announced.as_ref().and_then(|announced| announced.slots),
+            version: announced.and_then(|announced| announced.version),
+            address: contact.address,
+            first_seen: contact.first_at,
+            last_contact: contact.at,
+            session_open: false,
+            held: Vec::new(),
+            n_claimed: 0,
+            n_finished: 0,
+            n_failed: 0,
+            n_lost: 0,
+            image_bytes: 0,
+            id,
+        }
+    }));
+    for client in clients.iter_mut() {
+        client.session_open = state.sessions.is_open(&client.id);
+    }
+    clients.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(Json(clients))
 }
 
 #[derive(Deserialize)]

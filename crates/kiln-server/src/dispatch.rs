@@ -12,7 +12,7 @@
 //! compare the servers' offers and claim the best. Claims are matched first; each
 //! queued job is offered to one offer waiter at a time and held for [`OFFER_HOLD`]
 //! before the next is told of it, so one new job does not wake every idle client.
-use kiln_store::{Candidate, ClaimedJob, JobStore};
+use kiln_store::{Candidate, ClaimedJob, ClaimingClient, JobStore};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -38,14 +38,14 @@ enum Reply {
 /// A client waiting for a job.
 struct Waiter {
     id: u64,
-    client_id: String,
-    include: Vec<String>,
+    /// The client as its request describes it: recorded with a claim.
+    client: ClaimingClient,
     reply: Reply,
 }
 
 impl Waiter {
     fn can_take(&self, candidate: &Candidate) -> bool {
-        can_take(&self.client_id, &self.include, candidate)
+        can_take(&self.client.id, &self.client.include, candidate)
     }
 
     fn is_offer(&self) -> bool {
@@ -119,15 +119,9 @@ impl Dispatcher {
     }
 
     /// Waits up to `wait` for a job this client may take; `None` when none came.
-    pub async fn wait_for_job(
-        &self,
-        client_id: &str,
-        include: &[String],
-        wait: Duration,
-    ) -> Option<ClaimedJob> {
+    pub async fn wait_for_job(&self, client: ClaimingClient, wait: Duration) -> Option<ClaimedJob> {
         let (reply, receiver) = oneshot::channel();
-        self.wait(client_id, include, wait, Reply::Claim(reply), receiver)
-            .await
+        self.wait(client, wait, Reply::Claim(reply), receiver).await
     }
 
     /// Waits up to `wait` to hear of a job this client may take, without claiming it;
@@ -139,8 +133,12 @@ impl Dispatcher {
         wait: Duration,
     ) -> Option<Candidate> {
         let (reply, receiver) = oneshot::channel();
-        self.wait(client_id, include, wait, Reply::Offer(reply), receiver)
-            .await
+        let client = ClaimingClient {
+            id: client_id.to_owned(),
+            include: include.to_vec(),
+            ..ClaimingClient::default()
+        };
+        self.wait(client, wait, Reply::Offer(reply), receiver).await
     }
 
     /// The best job this client may take now, not claimed; `None` when there is none.
@@ -153,7 +151,7 @@ impl Dispatcher {
         self.waiters
             .lock()
             .expect("waiter list poisoned")
-            .retain(|waiter| waiter.client_id != client_id || !waiter.is_offer());
+            .retain(|waiter| waiter.client.id != client_id || !waiter.is_offer());
         let candidates = self.store.queued_candidates(CANDIDATE_LIMIT).await?;
         Ok(candidates
             .into_iter()
@@ -162,8 +160,7 @@ impl Dispatcher {
 
     async fn wait<T>(
         &self,
-        client_id: &str,
-        include: &[String],
+        client: ClaimingClient,
         wait: Duration,
         reply: Reply,
         mut receiver: oneshot::Receiver<T>,
@@ -175,13 +172,8 @@ impl Dispatcher {
             // is a request it gave up on (the server does not notice a client hanging up
             // while a handler waits). Dropping it answers it with "nothing" and keeps a
             // job from being handed to it.
-            waiters.retain(|waiter| waiter.client_id != client_id);
-            waiters.push_back(Waiter {
-                id,
-                client_id: client_id.to_owned(),
-                include: include.to_vec(),
-                reply,
-            });
+            waiters.retain(|waiter| waiter.client.id != client.id);
+            waiters.push_back(Waiter { id, client, reply });
         }
         let _guard = WaiterGuard {
             dispatcher: self,
@@ -257,7 +249,7 @@ impl Dispatcher {
         let mut hold_ends = None;
         let (matches, offers) = {
             let waiters = self.waiters.lock().expect("waiter list poisoned");
-            let mut matches: Vec<(u64, String, Candidate)> = Vec::new();
+            let mut matches: Vec<(u64, ClaimingClient, Candidate)> = Vec::new();
             for waiter in waiters.iter().filter(|waiter| !waiter.is_offer()) {
                 if candidates.is_empty() {
                     break;
@@ -266,7 +258,7 @@ impl Dispatcher {
                     .iter()
                     .position(|candidate| waiter.can_take(candidate))
                 {
-                    matches.push((waiter.id, waiter.client_id.clone(), candidates.remove(idx)));
+                    matches.push((waiter.id, waiter.client.clone(), candidates.remove(idx)));
                 }
             }
             let now = Instant::now();
@@ -316,18 +308,12 @@ impl Dispatcher {
                 missed = true;
             }
         }
-        for (waiter_id, client_id, candidate) in matches {
+        for (waiter_id, client, candidate) in matches {
             let now = crate::now_micros();
             let lease_until = now + self.lease_secs as i64 * 1_000_000;
             let claimed = self
                 .store
-                .claim(
-                    &candidate.build,
-                    &candidate.job,
-                    &client_id,
-                    lease_until,
-                    now,
-                )
+                .claim(&candidate.build, &candidate.job, &client, lease_until, now)
                 .await?;
             let Some(claimed) = claimed else {
                 // Another replica took it first; this waiter gets another round.
@@ -344,7 +330,7 @@ impl Dispatcher {
             if let Some(claimed) = undelivered {
                 // The client stopped waiting between match and claim: give the job back
                 // at once rather than letting its lease lapse.
-                tracing::info!(build = %claimed.build, job = %claimed.job, client = %client_id, "waiter gone; job released");
+                tracing::info!(build = %claimed.build, job = %claimed.job, client = %client.id, "waiter gone; job released");
                 self.store
                     .release(
                         &claimed.build,
@@ -421,6 +407,14 @@ mod tests {
         vec!["PRO".to_owned()]
     }
 
+    fn claiming(id: &str) -> ClaimingClient {
+        ClaimingClient {
+            id: id.to_owned(),
+            include: types(),
+            ..ClaimingClient::default()
+        }
+    }
+
     #[tokio::test]
     async fn an_offer_names_the_best_job_and_claims_nothing() {
         let dir = tempfile::tempdir().expect("a temporary directory");
@@ -437,7 +431,7 @@ mod tests {
         let again = dispatcher.offer_now("c2", &types()).await.expect("offer");
         assert_eq!(again.map(|offer| offer.job), Some("high".to_owned()));
         let claimed = dispatcher
-            .wait_for_job("c2", &types(), Duration::from_secs(5))
+            .wait_for_job(claiming("c2"), Duration::from_secs(5))
             .await
             .expect("a claim");
         assert_eq!(claimed.job, "high");
@@ -491,7 +485,7 @@ mod tests {
         // No job yet: both wait; then the only job arrives.
         let types = types();
         let offer = dispatcher.wait_for_offer("c1", &types, Duration::from_secs(3));
-        let claim = dispatcher.wait_for_job("c2", &types, Duration::from_secs(3));
+        let claim = dispatcher.wait_for_job(claiming("c2"), Duration::from_secs(3));
         let store = dispatcher.store.clone();
         let arrive = async {
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -551,7 +545,7 @@ mod tests {
             let dispatcher = dispatcher.clone();
             tokio::spawn(async move {
                 dispatcher
-                    .wait_for_job("c1", &types(), Duration::from_secs(30))
+                    .wait_for_job(claiming("c1"), Duration::from_secs(30))
                     .await
             })
         };

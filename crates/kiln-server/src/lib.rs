@@ -8,6 +8,7 @@
 
 mod api;
 mod auth;
+mod contacts;
 mod dispatch;
 mod error;
 mod files;
@@ -106,6 +107,8 @@ pub struct AppState {
     pub(crate) notices: tokio::sync::Notify,
     /// Which clients hold a session connection.
     pub(crate) sessions: sessions::Sessions,
+    /// Each client's latest contact, written to the store now and then.
+    pub(crate) contacts: contacts::Contacts,
 }
 
 impl AppState {
@@ -113,6 +116,33 @@ impl AppState {
     pub(crate) fn changed(&self) {
         self.changes.send_modify(|generation| *generation += 1);
         self.notices.notify_one();
+    }
+
+    /// Notes a contact from a client (see [`contacts`]). When the store is due to get
+    /// it, it is written in a task of its own: the caller does not wait for it, and a
+    /// caller that is cancelled (a long poll whose client hung up) cannot cancel it
+    /// half-way.
+    pub(crate) fn note_contact(self: &Arc<Self>, client_id: &str, address: Option<&str>) {
+        let now = now_micros();
+        if !self.contacts.note(client_id, address, now) {
+            return;
+        }
+        let state = self.clone();
+        let client_id = client_id.to_owned();
+        let address = address.map(str::to_owned);
+        tokio::spawn(async move {
+            match state
+                .store
+                .touch_client(&client_id, address.as_deref(), now)
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => state.contacts.unknown_to_store(&client_id, now),
+                Err(err) => {
+                    tracing::warn!(cause = %kiln_proto::error_chain(&err), client = %client_id, "cannot record a client's contact")
+                }
+            }
+        });
     }
 }
 
@@ -173,6 +203,7 @@ impl Server {
                 stopping,
                 notices: tokio::sync::Notify::new(),
                 sessions: sessions::Sessions::default(),
+                contacts: contacts::Contacts::default(),
             }),
         };
         transfer::convert_legacy_images(&server.state)
@@ -209,6 +240,9 @@ impl Server {
                 tracing::warn!(cause = %err, "cannot set TCP_NODELAY");
             }
         });
+        // With each connection's peer address: the client inventory shows where each
+        // client's requests come from.
+        let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
         let result = axum::serve(listener, app)
             .with_graceful_shutdown(shutdown)
             .await

@@ -49,6 +49,12 @@ impl Sessions {
             .is_none_or(|entry| entry.n_open == 0 && entry.generation == generation)
     }
 
+    /// Whether the client has a session open now.
+    pub fn is_open(&self, client_id: &str) -> bool {
+        let clients = self.clients.lock().expect("sessions poisoned");
+        clients.get(client_id).is_some_and(|entry| entry.n_open > 0)
+    }
+
     /// How many clients have a session open now.
     pub fn n_connected(&self) -> usize {
         let clients = self.clients.lock().expect("sessions poisoned");
@@ -81,5 +87,9 @@ mod tests {
         sessions.close("c1");
         assert!(!sessions.gone_since("c1", second));
         assert_eq!(sessions.n_connected(), 1);
+        assert!(sessions.is_open("c1"));
+        sessions.close("c1");
+        assert!(!sessions.is_open("c1"));
+        assert!(!sessions.is_open("never-seen"));
     }
 }

@@ -53,7 +53,13 @@ async fn whole_file_images_are_converted_to_chunks_at_open() -> anyhow::Result<(
             })
             .await?;
         let claimed = store
-            .claim("7", "j", "old-client", i64::MAX / 2, 2)
+            .claim(
+                "7",
+                "j",
+                &kiln_store::ClaimingClient::with_id("old-client"),
+                i64::MAX / 2,
+                2,
+            )
             .await?
             .expect("claimable");
         store

@@ -7,13 +7,17 @@
 //! Every state change writes its [`kiln_proto::api::Event`] in the same transaction,
 //! and every call about a running job names its lease token: a token that is not the
 //! job's current one is refused with [`StoreError::StaleLease`].
+//!
+//! The store also keeps each client's history ([`JobStore::clients`]): a claim records
+//! the [`ClaimingClient`], and the transition that ends a run counts it as finished,
+//! failed or lost for its client in the same transaction.
 
 mod sqlite;
 
 pub use sqlite::SqliteStore;
 
 use async_trait::async_trait;
-use kiln_proto::api::{BuildSummary, Event, ImageInfo, JobStatus, LogLine, NewLogLine};
+use kiln_proto::api::{BuildSummary, ClientInfo, Event, ImageInfo, JobStatus, LogLine, NewLogLine};
 use kiln_proto::manifest::BuildManifest;
 use kiln_proto::progress::Progress;
 
@@ -101,6 +105,30 @@ pub struct ClaimedJob {
     pub timeout_secs: u64,
     pub attempt: u32,
     pub lease: String,
+}
+
+/// A client as it introduces itself in a claim: recorded with the claim.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClaimingClient {
+    pub id: String,
+    /// Config types it takes; `*` takes any.
+    pub include: Vec<String>,
+    /// How many jobs it runs at once, if it said.
+    pub slots: Option<u32>,
+    /// Its kiln version, if it said.
+    pub version: Option<String>,
+    /// The IP address its claim came from.
+    pub address: Option<String>,
+}
+
+impl ClaimingClient {
+    /// A client known only by its id.
+    pub fn with_id(id: &str) -> Self {
+        ClaimingClient {
+            id: id.to_owned(),
+            ..ClaimingClient::default()
+        }
+    }
 }
 
 /// The holder of a job's lease, as the store has it.
@@ -216,17 +244,19 @@ pub trait JobStore: Send + Sync + 'static {
     async fn get_job(&self, build: &str, job: &str) -> StoreResult<JobStatus>;
     /// Queued jobs in scheduling order (priority, deadline, submission), at most `limit`.
     async fn queued_candidates(&self, limit: u32) -> StoreResult<Vec<Candidate>>;
-    /// Atomically hands a queued job to a client under a new lease. `None` when the job
-    /// is no longer queued.
+    /// Atomically hands a queued job to a client under a new lease, and records the
+    /// client (what it said of itself, its address, its contact, one more claim) in
+    /// the same transaction. `None` when the job is no longer queued.
     async fn claim(
         &self,
         build: &str,
         job: &str,
-        client_id: &str,
+        client: &ClaimingClient,
         lease_until: i64,
         now: i64,
     ) -> StoreResult<Option<ClaimedJob>>;
-    /// Gives back a job its client never started: queued again, attempt not counted.
+    /// Gives back a job its client never started: queued again, attempt not counted,
+    /// and the claim not counted in the client's history either.
     async fn release(&self, build: &str, job: &str, lease: &str, now: i64) -> StoreResult<()>;
     /// Extends the lease and records progress. Returns the holder.
     async fn heartbeat(
@@ -242,7 +272,8 @@ pub trait JobStore: Send + Sync + 'static {
     async fn mark_steps_done(&self, build: &str, job: &str, lease: &str) -> StoreResult<()>;
     /// Checks that `lease` is the job's current lease.
     async fn check_lease(&self, build: &str, job: &str, lease: &str) -> StoreResult<LeaseHolder>;
-    /// Appends log lines under the lease (and the latest progress, if any).
+    /// Appends log lines under the lease (and the latest progress, if any). Returns the
+    /// holder.
     async fn append_log(
         &self,
         build: &str,
@@ -251,7 +282,7 @@ pub trait JobStore: Send + Sync + 'static {
         lines: &[NewLogLine],
         progress: Option<&Progress>,
         now: i64,
-    ) -> StoreResult<()>;
+    ) -> StoreResult<LeaseHolder>;
     /// Log lines after `after`, at most `limit`.
     async fn read_log(
         &self,
@@ -268,7 +299,8 @@ pub trait JobStore: Send + Sync + 'static {
         lease: &str,
         image: &NewImage,
     ) -> StoreResult<()>;
-    /// Marks the job finished: at least one image, each stored under this lease.
+    /// Marks the job finished: at least one image, each stored under this lease. Its
+    /// client's history counts one more finished job and the images' total size.
     async fn finish(
         &self,
         build: &str,
@@ -277,7 +309,8 @@ pub trait JobStore: Send + Sync + 'static {
         images: &[String],
         now: i64,
     ) -> StoreResult<Event>;
-    /// Marks the job failed, or queues it again when it has retries left.
+    /// Marks the job failed, or queues it again when it has retries left; either way
+    /// its client's history counts one more failed job.
     async fn fail(
         &self,
         build: &str,
@@ -287,7 +320,8 @@ pub trait JobStore: Send + Sync + 'static {
         now: i64,
     ) -> StoreResult<Event>;
     /// Requeues (or fails, past the attempt limit) running jobs whose lease lapsed, and
-    /// fails jobs held past their timeout plus `hung_grace_secs`.
+    /// fails jobs held past their timeout plus `hung_grace_secs`. Each counts as a lost
+    /// job in its client's history.
     async fn reap_leases(
         &self,
         now: i64,
@@ -295,7 +329,7 @@ pub trait JobStore: Send + Sync + 'static {
     ) -> StoreResult<Vec<TimedTransition>>;
     /// The holder gives a started job back (its client restarted, or is stopping):
     /// queued again at once with the run counted as lost, or failed as `lost` past
-    /// MAXATTEMPTS.
+    /// MAXATTEMPTS. The client's history counts a lost job.
     async fn give_up(
         &self,
         build: &str,
@@ -373,4 +407,10 @@ pub trait JobStore: Send + Sync + 'static {
     /// How many builds there are and how many jobs are queued and running: what a
     /// server reports to its masters.
     async fn load_counts(&self) -> StoreResult<LoadCounts>;
+    /// Records a later contact with a known client (and its address, if given). Returns
+    /// false when the store has no such client (it never claimed a job here).
+    async fn touch_client(&self, id: &str, address: Option<&str>, now: i64) -> StoreResult<bool>;
+    /// Every client that claimed a job here, by id, with the jobs it runs now. Their
+    /// `session_open` is false: sessions are the server's to know.
+    async fn clients(&self) -> StoreResult<Vec<ClientInfo>>;
 }

@@ -5,12 +5,14 @@
 //! conditional `UPDATE ... WHERE state = 'queued'`: whoever loses gets nothing.
 
 use crate::{
-    BuildRecord, Candidate, ClaimedJob, DeletedBuild, Failure, ImageRecord, ImageTotals, JobStore,
-    LeaseHolder, LegacyImage, LoadCounts, NewBuild, NewImage, Notification, StoreError,
-    StoreResult, TimedTransition,
+    BuildRecord, Candidate, ClaimedJob, ClaimingClient, DeletedBuild, Failure, ImageRecord,
+    ImageTotals, JobStore, LeaseHolder, LegacyImage, LoadCounts, NewBuild, NewImage, Notification,
+    StoreError, StoreResult, TimedTransition,
 };
 use async_trait::async_trait;
-use kiln_proto::api::{BuildSummary, Event, ImageInfo, JobStatus, LogLine, NewLogLine, Notice};
+use kiln_proto::api::{
+    BuildSummary, ClientInfo, Event, HeldJob, ImageInfo, JobStatus, LogLine, NewLogLine, Notice,
+};
 use kiln_proto::manifest::BuildManifest;
 use kiln_proto::progress::Progress;
 use kiln_proto::state::JobState;
@@ -366,6 +368,7 @@ async fn take_back(
     // Script failures retried at the manifest's request are not lost runs: only runs
     // taken back here count against MAXATTEMPTS.
     let leases_lost = row.try_get::<i64, _>("leases_lost")? as u32 + 1;
+    count_run_end(tx, client_id.as_deref(), RunEnd::Lost, now).await?;
     let (to, reason) = match why {
         TakeBack::Hung => (
             JobState::Failed,
@@ -416,6 +419,48 @@ async fn take_back(
         },
     )
     .await
+}
+
+/// What the end of a run adds to its client's history.
+enum RunEnd {
+    /// The client finished the job; its images total this many bytes.
+    Finished { image_bytes: i64 },
+    /// The client reported the job failed (queued again for a retry or not).
+    Failed,
+    /// The job was taken from the client: lease lapsed, session dropped, given back
+    /// after a restart or stop, or held past its timeout.
+    Lost,
+}
+
+/// Counts the end of a run in its client's history, in the transaction of the job's
+/// transition. A run the client reported the end of is also a contact with it. Every
+/// client holding a job has a row: claims write it, and the migration that made the
+/// table wrote one for the holders of jobs claimed before.
+async fn count_run_end(
+    tx: &mut Transaction<'static, Sqlite>,
+    client_id: Option<&str>,
+    end: RunEnd,
+    now: i64,
+) -> StoreResult<()> {
+    let Some(client_id) = client_id else {
+        return Ok(());
+    };
+    let query = match end {
+        RunEnd::Finished { image_bytes } => sqlx::query(
+            "UPDATE clients SET n_finished = n_finished + 1, image_bytes = image_bytes + ?, \
+             last_contact = MAX(last_contact, ?) WHERE id = ?",
+        )
+        .bind(image_bytes)
+        .bind(now),
+        RunEnd::Failed => sqlx::query(
+            "UPDATE clients SET n_failed = n_failed + 1, last_contact = MAX(last_contact, ?) \
+             WHERE id = ?",
+        )
+        .bind(now),
+        RunEnd::Lost => sqlx::query("UPDATE clients SET n_lost = n_lost + 1 WHERE id = ?"),
+    };
+    query.bind(client_id).execute(&mut **tx).await?;
+    Ok(())
 }
 
 /// Sets the progress columns from a progress report (keeping what it does not name).
@@ -636,10 +681,11 @@ impl JobStore for SqliteStore {
         &self,
         build: &str,
         job: &str,
-        client_id: &str,
+        client: &ClaimingClient,
         lease_until: i64,
         now: i64,
     ) -> StoreResult<Option<ClaimedJob>> {
+        let client_id = client.id.as_str();
         let lease = new_lease_token();
         let mut tx = self.write_tx().await?;
         let row = sqlx::query(
@@ -687,6 +733,26 @@ impl JobStore for SqliteStore {
             },
         )
         .await?;
+        // What a client says of itself may change from one claim to the next (an older
+        // client says nothing of its slots or version): the latest claim is the truth.
+        sqlx::query(
+            "INSERT INTO clients (id, include, slots, version, address, first_seen, \
+             last_contact, n_claimed) VALUES (?, ?, ?, ?, ?, ?, ?, 1) \
+             ON CONFLICT (id) DO UPDATE SET include = excluded.include, \
+             slots = excluded.slots, version = excluded.version, \
+             address = COALESCE(excluded.address, clients.address), \
+             last_contact = MAX(clients.last_contact, excluded.last_contact), \
+             n_claimed = clients.n_claimed + 1",
+        )
+        .bind(client_id)
+        .bind(client.include.join(","))
+        .bind(client.slots.map(i64::from))
+        .bind(&client.version)
+        .bind(&client.address)
+        .bind(now)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(Some(claimed))
     }
@@ -717,6 +783,11 @@ impl JobStore for SqliteStore {
             },
         )
         .await?;
+        // The run never started: like the attempt, the claim is not counted.
+        sqlx::query("UPDATE clients SET n_claimed = MAX(n_claimed - 1, 0) WHERE id = ?")
+            .bind(row.client_id.as_deref())
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -773,7 +844,7 @@ impl JobStore for SqliteStore {
         lines: &[NewLogLine],
         progress: Option<&Progress>,
         now: i64,
-    ) -> StoreResult<()> {
+    ) -> StoreResult<LeaseHolder> {
         let mut tx = self.write_tx().await?;
         let row = current_lease(&mut tx, build, job, lease).await?;
         for line in lines {
@@ -791,7 +862,7 @@ impl JobStore for SqliteStore {
             record_progress(&mut tx, build, job, progress).await?;
         }
         tx.commit().await?;
-        Ok(())
+        Ok(row.holder())
     }
 
     async fn read_log(
@@ -908,6 +979,20 @@ impl JobStore for SqliteStore {
                 .execute(&mut *tx)
                 .await?;
         }
+        let image_bytes: i64 = sqlx::query_scalar(
+            "SELECT COALESCE(SUM(size), 0) FROM images WHERE build = ? AND job = ?",
+        )
+        .bind(build)
+        .bind(job)
+        .fetch_one(&mut *tx)
+        .await?;
+        count_run_end(
+            &mut tx,
+            row.client_id.as_deref(),
+            RunEnd::Finished { image_bytes },
+            now,
+        )
+        .await?;
         let query =
             "UPDATE jobs SET state = 'finished', lease_token = NULL, lease_expires_at = NULL, \
              time_complete = ?, percent = 100, error = NULL WHERE build = ? AND id = ?";
@@ -946,6 +1031,7 @@ impl JobStore for SqliteStore {
         let mut tx = self.write_tx().await?;
         let row = current_lease(&mut tx, build, job, lease).await?;
         let error = format!("{}: {}", failure.reason, failure.message);
+        count_run_end(&mut tx, row.client_id.as_deref(), RunEnd::Failed, now).await?;
         let retry = row.retries_used < row.retries;
         let to = if retry {
             JobState::Queued
@@ -1515,6 +1601,84 @@ impl JobStore for SqliteStore {
             queued: row.try_get::<i64, _>("queued")? as u64,
             running: row.try_get::<i64, _>("running")? as u64,
         })
+    }
+
+    async fn touch_client(&self, id: &str, address: Option<&str>, now: i64) -> StoreResult<bool> {
+        // One statement, atomic on its own: no BEGIN IMMEDIATE round trip for a write
+        // that comes every few seconds from every client.
+        let done = sqlx::query(
+            "UPDATE clients SET last_contact = MAX(last_contact, ?), \
+             address = COALESCE(?, address) WHERE id = ?",
+        )
+        .bind(now)
+        .bind(address)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn clients(&self) -> StoreResult<Vec<ClientInfo>> {
+        // One read transaction: the held jobs and the counters are of the same moment.
+        let mut tx = self.pool.begin().await?;
+        let rows = sqlx::query(
+            "SELECT id, include, slots, version, address, first_seen, last_contact, n_claimed, \
+             n_finished, n_failed, n_lost, image_bytes FROM clients ORDER BY id",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        let held_rows = sqlx::query(
+            "SELECT client_id, build, id, percent, major_state FROM jobs \
+             WHERE state = 'running' AND client_id IS NOT NULL ORDER BY pk",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.rollback().await?;
+        let mut held: std::collections::HashMap<String, Vec<HeldJob>> =
+            std::collections::HashMap::new();
+        for row in &held_rows {
+            held.entry(row.try_get("client_id")?)
+                .or_default()
+                .push(HeldJob {
+                    build: row.try_get("build")?,
+                    job: row.try_get("id")?,
+                    percent: row
+                        .try_get::<Option<i64>, _>("percent")?
+                        .map(|p| p.clamp(0, 100) as u8),
+                    major: row.try_get("major_state")?,
+                });
+        }
+        let count = |row: &SqliteRow, name: &str| -> StoreResult<u64> {
+            Ok(row.try_get::<i64, _>(name)?.max(0) as u64)
+        };
+        rows.iter()
+            .map(|row| {
+                let id: String = row.try_get("id")?;
+                let include: String = row.try_get("include")?;
+                Ok(ClientInfo {
+                    held: held.remove(&id).unwrap_or_default(),
+                    include: include
+                        .split(',')
+                        .filter(|entry| !entry.is_empty())
+                        .map(str::to_owned)
+                        .collect(),
+                    slots: row
+                        .try_get::<Option<i64>, _>("slots")?
+                        .map(|slots| slots.clamp(0, i64::from(u32::MAX)) as u32),
+                    version: row.try_get("version")?,
+                    address: row.try_get("address")?,
+                    first_seen: row.try_get("first_seen")?,
+                    last_contact: row.try_get("last_contact")?,
+                    session_open: false,
+                    n_claimed: count(row, "n_claimed")?,
+                    n_finished: count(row, "n_finished")?,
+                    n_failed: count(row, "n_failed")?,
+                    n_lost: count(row, "n_lost")?,
+                    image_bytes: count(row, "image_bytes")?,
+                    id,
+                })
+            })
+            .collect()
     }
 }
 

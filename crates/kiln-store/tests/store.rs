@@ -14,7 +14,8 @@ use kiln_proto::manifest::{BuildManifest, JobSpec};
 use kiln_proto::progress::Progress;
 use kiln_proto::state::JobState::{self, Cancelled, Expired, Failed, Finished, Queued, Running};
 use kiln_store::{
-    ClaimedJob, Failure, JobStore, NewBuild, NewImage, SqliteStore, StoreError, StoreResult,
+    ClaimedJob, ClaimingClient, Failure, JobStore, NewBuild, NewImage, SqliteStore, StoreError,
+    StoreResult,
 };
 use tempfile::TempDir;
 
@@ -87,7 +88,7 @@ async fn claim(
         .claim(
             build,
             job,
-            client_id,
+            &ClaimingClient::with_id(client_id),
             now + LEASE_SECS * MICROS_PER_SEC,
             now,
         )
@@ -478,7 +479,13 @@ async fn claim_hands_out_attempt_one_under_a_fresh_lease_and_only_once() -> anyh
 
     assert!(
         store
-            .claim(BUILD, "a", "client-2", at(50), at(20))
+            .claim(
+                BUILD,
+                "a",
+                &ClaimingClient::with_id("client-2"),
+                at(50),
+                at(20)
+            )
             .await?
             .is_none(),
         "a running job must not be claimed again"
@@ -529,7 +536,13 @@ async fn racing_claims_from_eight_tasks_hand_each_job_to_exactly_one_client() ->
             // each one.
             for job_id in &job_ids {
                 if let Some(claimed) = store
-                    .claim(BUILD, job_id, &client_id, at(60), at(1))
+                    .claim(
+                        BUILD,
+                        job_id,
+                        &ClaimingClient::with_id(&client_id),
+                        at(60),
+                        at(1),
+                    )
                     .await?
                 {
                     won.push((claimed.job, client_id.clone(), claimed.lease));
@@ -864,7 +877,13 @@ async fn fail_without_retries_fails_the_job_with_reason_and_message() -> anyhow:
     );
     assert_eq!(status.time_complete, Some(at(10)));
     assert!(store
-        .claim(BUILD, "a", "client-2", at(50), at(20))
+        .claim(
+            BUILD,
+            "a",
+            &ClaimingClient::with_id("client-2"),
+            at(50),
+            at(20)
+        )
         .await?
         .is_none());
     assert_eq!(history(&store, BUILD, "a").await?.len(), 3);
@@ -1072,7 +1091,13 @@ async fn expire_unclaimed_expires_only_never_claimed_jobs_past_their_deadline() 
     assert_eq!(store.get_job(BUILD, "requeued").await?.state, Queued);
     assert_eq!(store.get_job(BUILD, "open").await?.state, Queued);
     assert!(store
-        .claim(BUILD, "never", "client-2", at(100), at(70))
+        .claim(
+            BUILD,
+            "never",
+            &ClaimingClient::with_id("client-2"),
+            at(100),
+            at(70)
+        )
         .await?
         .is_none());
     assert!(store.expire_unclaimed(at(100_000)).await?.is_empty());
@@ -1106,14 +1131,26 @@ async fn next_deadline_is_the_earliest_lease_expiry_or_accept_deadline() -> anyh
     assert_eq!(store.next_deadline().await?, Some(at(60)));
 
     let open = store
-        .claim(BUILD, "open", "client-1", at(90), at(1))
+        .claim(
+            BUILD,
+            "open",
+            &ClaimingClient::with_id("client-1"),
+            at(90),
+            at(1),
+        )
         .await?
         .context("open was not claimable")?;
     assert_eq!(store.next_deadline().await?, Some(at(60)));
 
     // Claimed, due-60's accept deadline no longer counts; its lease does.
     store
-        .claim(BUILD, "due-60", "client-2", at(100), at(2))
+        .claim(
+            BUILD,
+            "due-60",
+            &ClaimingClient::with_id("client-2"),
+            at(100),
+            at(2),
+        )
         .await?
         .context("due-60 was not claimable")?;
     assert_eq!(store.next_deadline().await?, Some(at(90)));
@@ -1290,7 +1327,13 @@ async fn cancel_ends_a_queued_or_running_job_and_refuses_an_ended_one() -> anyho
     assert_eq!(status.state, Cancelled);
     assert_eq!(status.time_complete, Some(at(5)));
     assert!(store
-        .claim(BUILD, "queued", "client-1", at(60), at(6))
+        .claim(
+            BUILD,
+            "queued",
+            &ClaimingClient::with_id("client-1"),
+            at(60),
+            at(6)
+        )
         .await?
         .is_none());
 
@@ -1330,11 +1373,23 @@ async fn extend_all_leases_gives_running_leases_at_least_until() -> anyhow::Resu
         ))
         .await?;
     store
-        .claim(BUILD, "short", "client-1", at(30), at(0))
+        .claim(
+            BUILD,
+            "short",
+            &ClaimingClient::with_id("client-1"),
+            at(30),
+            at(0),
+        )
         .await?
         .context("short was not claimable")?;
     store
-        .claim(BUILD, "long", "client-2", at(500), at(0))
+        .claim(
+            BUILD,
+            "long",
+            &ClaimingClient::with_id("client-2"),
+            at(500),
+            at(0),
+        )
         .await?
         .context("long was not claimable")?;
 
@@ -1736,5 +1791,399 @@ async fn load_counts_give_builds_and_queued_and_running_jobs() -> anyhow::Result
         (2, 2, 1),
         "two builds; c and x queued, b running, a finished"
     );
+    Ok(())
+}
+
+/// The client's record in [`JobStore::clients`]; an error if there is none.
+async fn client_record(
+    store: &SqliteStore,
+    id: &str,
+) -> anyhow::Result<kiln_proto::api::ClientInfo> {
+    store
+        .clients()
+        .await?
+        .into_iter()
+        .find(|client| client.id == id)
+        .with_context(|| format!("the store lists no client {id}"))
+}
+
+/// The ends a client's record counts: (claimed, finished, failed, lost).
+fn tally(client: &kiln_proto::api::ClientInfo) -> (u64, u64, u64, u64) {
+    (
+        client.n_claimed,
+        client.n_finished,
+        client.n_failed,
+        client.n_lost,
+    )
+}
+
+#[tokio::test]
+async fn claim_records_the_client_as_its_latest_claim_describes_it_with_the_jobs_it_holds(
+) -> anyhow::Result<()> {
+    let (_dir, store) = open_store().await?;
+    store
+        .insert_build(&new_build(BUILD, vec![job("a"), job("b")], at(0)))
+        .await?;
+    assert!(store.clients().await?.is_empty());
+    let imager = ClaimingClient {
+        id: "imager-1".to_owned(),
+        include: vec!["winxp-pro".to_owned(), "winxp-home".to_owned()],
+        slots: Some(2),
+        version: Some("0.1.0".to_owned()),
+        address: Some("10.0.0.7".to_owned()),
+    };
+    let first = store
+        .claim(BUILD, "a", &imager, at(40), at(10))
+        .await?
+        .context("a is claimable")?;
+    store
+        .heartbeat(
+            BUILD,
+            "a",
+            &first.lease,
+            at(50),
+            Some(&Progress {
+                major: Some("install".to_owned()),
+                minor: None,
+                percent: Some(40),
+            }),
+        )
+        .await?;
+
+    let record = client_record(&store, "imager-1").await?;
+    assert_eq!(record.include, ["winxp-pro", "winxp-home"]);
+    assert_eq!(record.slots, Some(2));
+    assert_eq!(record.version.as_deref(), Some("0.1.0"));
+    assert_eq!(record.address.as_deref(), Some("10.0.0.7"));
+    assert_eq!((record.first_seen, record.last_contact), (at(10), at(10)));
+    assert_eq!(tally(&record), (1, 0, 0, 0));
+    assert_eq!(
+        record.held,
+        [kiln_proto::api::HeldJob {
+            build: BUILD.to_owned(),
+            job: "a".to_owned(),
+            percent: Some(40),
+            major: Some("install".to_owned()),
+        }]
+    );
+
+    // An older client says nothing of its slots or version, and a claim may come
+    // without an address: the latest claim is what the client is, the address stays.
+    let restarted_older = ClaimingClient {
+        include: vec!["*".to_owned()],
+        slots: None,
+        version: None,
+        address: None,
+        ..imager.clone()
+    };
+    store
+        .claim(BUILD, "b", &restarted_older, at(60), at(20))
+        .await?
+        .context("b is claimable")?;
+    let record = client_record(&store, "imager-1").await?;
+    assert_eq!(record.include, ["*"]);
+    assert_eq!((record.slots, record.version.as_deref()), (None, None));
+    assert_eq!(record.address.as_deref(), Some("10.0.0.7"));
+    assert_eq!((record.first_seen, record.last_contact), (at(10), at(20)));
+    assert_eq!(tally(&record), (2, 0, 0, 0));
+    let held: Vec<&str> = record.held.iter().map(|held| held.job.as_str()).collect();
+    assert_eq!(held, ["a", "b"]);
+    assert!(!record.session_open, "sessions are the server's to know");
+    Ok(())
+}
+
+#[tokio::test]
+async fn finish_counts_a_finished_job_and_the_size_of_the_images_it_keeps_for_its_client(
+) -> anyhow::Result<()> {
+    let (_dir, store) = open_store().await?;
+    store
+        .insert_build(&new_build(BUILD, vec![job("a")], at(0)))
+        .await?;
+    // An image of a lost first run is dropped at the finish: it is not counted.
+    let lost_run = claim(&store, BUILD, "a", "client-1", at(0)).await?;
+    store
+        .add_image(BUILD, "a", &lost_run.lease, &image("old.wim", at(1)))
+        .await?;
+    store.reap_leases(at(31), 600).await?;
+
+    let run = claim(&store, BUILD, "a", "client-2", at(40)).await?;
+    for (name, size) in [
+        ("disk.wim", 3000),
+        ("recovery.wim", 500),
+        ("scratch.wim", 7),
+    ] {
+        let sized = NewImage {
+            size,
+            ..image(name, at(41))
+        };
+        store.add_image(BUILD, "a", &run.lease, &sized).await?;
+    }
+    // Only the images the finish names are the job's output.
+    let named = ["disk.wim".to_owned(), "recovery.wim".to_owned()];
+    store.finish(BUILD, "a", &run.lease, &named, at(45)).await?;
+
+    let finisher = client_record(&store, "client-2").await?;
+    assert_eq!(tally(&finisher), (1, 1, 0, 0));
+    assert_eq!(finisher.image_bytes, 3500);
+    assert_eq!(finisher.last_contact, at(45), "the finish is a contact");
+    assert!(finisher.held.is_empty());
+    let loser = client_record(&store, "client-1").await?;
+    assert_eq!(tally(&loser), (1, 0, 0, 1));
+    assert_eq!(loser.image_bytes, 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn fail_counts_a_failed_job_for_its_client_whether_it_is_retried_or_not() -> anyhow::Result<()>
+{
+    let (_dir, store) = open_store().await?;
+    let one_retry = JobSpec {
+        retries: Some(1),
+        ..job("a")
+    };
+    store
+        .insert_build(&new_build(BUILD, vec![one_retry], at(0)))
+        .await?;
+    let first = claim(&store, BUILD, "a", "client-1", at(0)).await?;
+    let event = store
+        .fail(
+            BUILD,
+            "a",
+            &first.lease,
+            &failure("exit", "status 1"),
+            at(5),
+        )
+        .await?;
+    assert_eq!(event.to, Queued, "retried");
+    let second = claim(&store, BUILD, "a", "client-2", at(10)).await?;
+    let event = store
+        .fail(
+            BUILD,
+            "a",
+            &second.lease,
+            &failure("exit", "status 1"),
+            at(15),
+        )
+        .await?;
+    assert_eq!(event.to, Failed, "no retry left");
+
+    let first_client = client_record(&store, "client-1").await?;
+    assert_eq!(tally(&first_client), (1, 0, 1, 0));
+    assert_eq!(first_client.last_contact, at(5), "the report is a contact");
+    assert_eq!(
+        tally(&client_record(&store, "client-2").await?),
+        (1, 0, 1, 0)
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn lapsed_leases_dropped_sessions_give_ups_and_hung_jobs_count_as_lost_for_their_client(
+) -> anyhow::Result<()> {
+    let (_dir, store) = open_store().await?;
+    let short = JobSpec {
+        timeout_secs: 10,
+        ..job("hung")
+    };
+    store
+        .insert_build(&new_build(
+            BUILD,
+            vec![job("lapsed"), job("dropped"), job("given-up"), short],
+            at(0),
+        ))
+        .await?;
+    claim(&store, BUILD, "lapsed", "client-1", at(0)).await?;
+    let reaped = store.reap_leases(at(31), 600).await?;
+    assert_eq!(reaped.len(), 1);
+    assert_eq!(
+        tally(&client_record(&store, "client-1").await?),
+        (1, 0, 0, 1),
+        "a lapsed lease is a lost job"
+    );
+
+    claim(&store, BUILD, "dropped", "client-2", at(40)).await?;
+    let taken = store
+        .take_back_from_client("client-2", "client connection lost", at(41))
+        .await?;
+    assert_eq!(taken.len(), 1);
+    assert_eq!(
+        tally(&client_record(&store, "client-2").await?),
+        (1, 0, 0, 1),
+        "a job taken back when the session dropped is a lost job"
+    );
+
+    let given = claim(&store, BUILD, "given-up", "client-3", at(50)).await?;
+    store
+        .give_up(
+            BUILD,
+            "given-up",
+            &given.lease,
+            "the client restarted; the job died with it",
+            at(51),
+        )
+        .await?;
+    assert_eq!(
+        tally(&client_record(&store, "client-3").await?),
+        (1, 0, 0, 1),
+        "a job its client gave back after a restart is a lost job"
+    );
+
+    let hung = claim(&store, BUILD, "hung", "client-4", at(60)).await?;
+    store
+        .heartbeat(BUILD, "hung", &hung.lease, at(60 + 600), None)
+        .await?;
+    let reaped = store.reap_leases(at(60 + 10 + 6), 5).await?;
+    assert_eq!(reaped.len(), 1);
+    assert_eq!(reaped[0].event.to, Failed);
+    assert_eq!(
+        tally(&client_record(&store, "client-4").await?),
+        (1, 0, 0, 1),
+        "a job taken from a client that held it past its timeout is a lost job"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_job_released_unstarted_counts_neither_as_claimed_nor_as_lost() -> anyhow::Result<()> {
+    let (_dir, store) = open_store().await?;
+    store
+        .insert_build(&new_build(BUILD, vec![job("a")], at(0)))
+        .await?;
+    let unstarted = claim(&store, BUILD, "a", "client-1", at(0)).await?;
+    store.release(BUILD, "a", &unstarted.lease, at(1)).await?;
+    let record = client_record(&store, "client-1").await?;
+    assert_eq!(tally(&record), (0, 0, 0, 0));
+    assert!(record.held.is_empty());
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_operator_cancelling_or_restarting_a_running_job_counts_no_end_for_its_client(
+) -> anyhow::Result<()> {
+    let (_dir, store) = open_store().await?;
+    store
+        .insert_build(&new_build(BUILD, vec![job("a"), job("b")], at(0)))
+        .await?;
+    claim(&store, BUILD, "a", "client-1", at(0)).await?;
+    claim(&store, BUILD, "b", "client-1", at(0)).await?;
+    store.cancel(BUILD, "a", at(1)).await?;
+    store.restart(BUILD, "b", at(2)).await?;
+    let record = client_record(&store, "client-1").await?;
+    assert_eq!(tally(&record), (2, 0, 0, 0));
+    assert!(record.held.is_empty());
+    Ok(())
+}
+
+#[tokio::test]
+async fn touch_client_moves_last_contact_forward_for_a_known_client_only() -> anyhow::Result<()> {
+    let (_dir, store) = open_store().await?;
+    store
+        .insert_build(&new_build(BUILD, vec![job("a")], at(0)))
+        .await?;
+    assert!(
+        !store
+            .touch_client("stranger", Some("10.0.0.9"), at(1))
+            .await?
+    );
+    assert!(store.clients().await?.is_empty(), "a touch records no one");
+
+    claim(&store, BUILD, "a", "client-1", at(10)).await?;
+    assert!(
+        store
+            .touch_client("client-1", Some("10.0.0.8"), at(20))
+            .await?
+    );
+    let record = client_record(&store, "client-1").await?;
+    assert_eq!(record.last_contact, at(20));
+    assert_eq!(record.address.as_deref(), Some("10.0.0.8"));
+    // A late write of an older contact does not move it back; no address keeps it.
+    assert!(store.touch_client("client-1", None, at(15)).await?);
+    let record = client_record(&store, "client-1").await?;
+    assert_eq!(record.last_contact, at(20));
+    assert_eq!(record.address.as_deref(), Some("10.0.0.8"));
+    assert_eq!(record.first_seen, at(10));
+    Ok(())
+}
+
+#[tokio::test]
+async fn client_history_survives_reopening() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("kiln.db");
+    let store = SqliteStore::open(&path).await?;
+    store
+        .insert_build(&new_build(BUILD, vec![job("a"), job("b")], at(0)))
+        .await?;
+    let finished = claim(&store, BUILD, "a", "client-1", at(0)).await?;
+    finish_with_image(&store, &finished, at(5)).await?;
+    claim(&store, BUILD, "b", "client-1", at(6)).await?;
+    let before = store.clients().await?;
+    drop(store);
+
+    let reopened = SqliteStore::open(&path).await?;
+    let after = reopened.clients().await?;
+    assert_eq!(after, before);
+    assert_eq!(tally(&after[0]), (2, 1, 0, 0));
+    assert_eq!(after[0].image_bytes, 1 << 20);
+    assert_eq!(after[0].held.len(), 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn upgrading_a_database_gives_the_holders_of_running_jobs_a_record_that_counts_their_end(
+) -> anyhow::Result<()> {
+    use sqlx::sqlite::{SqliteConnectOptions, SqlitePool};
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("kiln.db");
+    // A database as it was before clients were recorded, with one job running.
+    let old_migrations = dir.path().join("old-migrations");
+    std::fs::create_dir(&old_migrations)?;
+    let migrations = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
+    for name in ["0001_init.sql", "0002_chunks.sql"] {
+        std::fs::copy(migrations.join(name), old_migrations.join(name))?;
+    }
+    let pool = SqlitePool::connect_with(
+        SqliteConnectOptions::new()
+            .filename(&path)
+            .create_if_missing(true),
+    )
+    .await?;
+    sqlx::migrate::Migrator::new(old_migrations.as_path())
+        .await?
+        .run(&pool)
+        .await?;
+    sqlx::query(
+        "INSERT INTO builds (number, title, manifest, files_key, files_size, submitted_at) \
+         VALUES ('7', 'old', '{}', 'k', 0, 1)",
+    )
+    .execute(&pool)
+    .await?;
+    sqlx::query(
+        "INSERT INTO jobs (build, id, title, config_type, install_script, image_script, \
+         timeout_secs, priority, max_attempts, retries, state, client_id, lease_token, \
+         lease_expires_at, attempt, time_start) \
+         VALUES ('7', 'a', 'a', 'PRO', 'i.sh', 'm.sh', 60, 0, 3, 0, 'running', 'old-client', \
+         'lease-a', ?, 1, ?)",
+    )
+    .bind(at(600))
+    .bind(at(3))
+    .execute(&pool)
+    .await?;
+    pool.close().await;
+
+    let store = SqliteStore::open(&path).await?;
+    let record = client_record(&store, "old-client").await?;
+    assert_eq!(tally(&record), (1, 0, 0, 0));
+    assert_eq!((record.first_seen, record.last_contact), (at(3), at(3)));
+    assert!(record.include.is_empty(), "not known until its next claim");
+    assert_eq!(record.held.len(), 1);
+    store
+        .add_image("7", "a", "lease-a", &image("disk.wim", at(4)))
+        .await?;
+    store
+        .finish("7", "a", "lease-a", &["disk.wim".to_owned()], at(5))
+        .await?;
+    let record = client_record(&store, "old-client").await?;
+    assert_eq!(tally(&record), (1, 1, 0, 0));
+    assert_eq!(record.image_bytes, 1 << 20);
     Ok(())
 }

@@ -37,6 +37,9 @@ pub enum Command {
     Build(BuildArgs),
     /// What the server stores: image bytes, chunk bytes, bytes received and saved.
     Storage(StorageArgs),
+    /// The server's clients: what each runs now, when it was last heard from, and what
+    /// became of the jobs it took.
+    Clients(ClientsArgs),
     /// Download a build's images into a release directory.
     Release(ReleaseArgs),
     /// Run a whole farm on this machine and build the bundled example.
@@ -299,6 +302,15 @@ pub enum BuildAction {
 #[derive(Debug, Args)]
 pub struct StorageArgs {
     /// Print the counters as JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub server: ServerOpts,
+}
+
+#[derive(Debug, Args)]
+pub struct ClientsArgs {
+    /// Print the server's JSON instead of a table.
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]

@@ -58,6 +58,8 @@ async fn claim(conn: &ServerConn) -> Claim {
         client_id: "tester".into(),
         include: vec!["IMG".into()],
         wait_secs: 5,
+        slots: None,
+        version: None,
     })
     .await
     .expect("claim")

@@ -149,6 +149,8 @@ async fn dispatch(n_clients: u32, n_jobs: u32) -> anyhow::Result<ExitCode> {
                 client_id: format!("idle-{idx}"),
                 include: vec!["*".into()],
                 wait_secs: 60,
+                slots: Some(1),
+                version: Some(env!("CARGO_PKG_VERSION").to_owned()),
             };
             loop {
                 match conn.claim(&request).await {

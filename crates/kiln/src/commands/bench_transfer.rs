@@ -761,6 +761,8 @@ async fn claim(conn: &ServerConn) -> anyhow::Result<Claim> {
         client_id: "bench-transfer".into(),
         include: vec!["*".into()],
         wait_secs: 5,
+        slots: Some(1),
+        version: Some(env!("CARGO_PKG_VERSION").to_owned()),
     };
     for _ in 0..6 {
         if let Some(claim) = conn

@@ -6,6 +6,7 @@ mod bench_transfer;
 mod build;
 mod chaos;
 mod client;
+mod clients;
 mod demo;
 mod events;
 mod farm;
@@ -85,6 +86,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Storage(args) => {
             init_tracing("warn");
             build::storage(args).await
+        }
+        Command::Clients(args) => {
+            init_tracing("warn");
+            clients::run(args).await
         }
         Command::Release(args) => {
             init_tracing("warn");

@@ -54,7 +54,7 @@ fn job_json(job: &JobStatus) -> serde_json::Value {
 }
 
 /// Lays out rows under a header, each column as wide as its widest cell.
-fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+pub(crate) fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in rows {
         for (idx, cell) in row.iter().enumerate() {
