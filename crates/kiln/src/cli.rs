@@ -156,7 +156,8 @@ pub struct ClientArgs {
     /// used). Its servers are called with the same client credential.
     #[arg(long = "master")]
     pub masters: Vec<String>,
-    /// How often the server list is read again from the masters, in seconds.
+    /// When no master answers, ask again after this many seconds (otherwise the
+    /// client follows the master's list as it changes).
     #[arg(long, default_value_t = 10)]
     pub refresh_secs: u64,
     /// The client's id.

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 /// A call that could not reach the server: exit code 2.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot reach the server at {url}")]
+#[error("cannot reach {url}")]
 pub struct Unreachable {
     pub url: String,
     #[source]

@@ -136,13 +136,13 @@ pub async fn run(options: Options) -> anyhow::Result<ExitCode> {
     for idx in 0..options.servers {
         servers.push(Farm::start(&dir.join(format!("s{idx}")), &strs(&registered)).await?);
     }
+    let started = tokio::time::Instant::now();
     let mut clients = Vec::new();
     for idx in 0..options.clients {
         clients.push(fleet.start_client(&format!("fc{idx:03}"))?);
     }
     // Every client serves every server once each server counts every client's session.
     let http = reqwest::Client::new();
-    let started = tokio::time::Instant::now();
     for server in &servers {
         while sessions_open(&http, &server.url).await? < u64::from(options.clients) {
             anyhow::ensure!(
@@ -155,7 +155,7 @@ pub async fn run(options: Options) -> anyhow::Result<ExitCode> {
         }
     }
     eprintln!(
-        "{} clients serve {} servers ({:.1} s to start)",
+        "{} clients serve {} servers ({:.1} s from the first start)",
         options.clients,
         options.servers,
         started.elapsed().as_secs_f64()
