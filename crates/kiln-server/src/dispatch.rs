@@ -147,11 +147,11 @@ impl Dispatcher {
         client_id: &str,
         include: &[String],
     ) -> Result<Option<Candidate>, kiln_store::StoreError> {
-        // The client asks now, so any offer it was waiting for here it gave up on.
+        // The client asks now, so any wait of its here is one it gave up on.
         self.waiters
             .lock()
             .expect("waiter list poisoned")
-            .retain(|waiter| waiter.client.id != client_id || !waiter.is_offer());
+            .retain(|waiter| waiter.client.id != client_id);
         let candidates = self.store.queued_candidates(CANDIDATE_LIMIT).await?;
         Ok(candidates
             .into_iter()
@@ -554,6 +554,19 @@ mod tests {
             .wait_for_offer("c1", &types(), Duration::from_millis(100))
             .await;
         assert!(again.is_none());
+        assert!(forgotten.await.expect("the waiter").is_none());
+        // And a forgotten claim when the client asks for offers now (a client that
+        // went from one server to several).
+        let forgotten = {
+            let dispatcher = dispatcher.clone();
+            tokio::spawn(async move {
+                dispatcher
+                    .wait_for_job(claiming("c1"), Duration::from_secs(30))
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        dispatcher.offer_now("c1", &types()).await.expect("offer");
         assert!(forgotten.await.expect("the waiter").is_none());
         assert!(
             started.elapsed() < Duration::from_secs(30),
