@@ -133,29 +133,24 @@ impl ServerConn {
 
     /// Long-polls for a job; `None` when the wait ended without one.
     pub async fn claim(&self, request: &ClaimRequest) -> Result<Option<Claim>, CallError> {
-        let response = self
-            .request(reqwest::Method::POST, format!("{}/v1/claim", self.base))
-            .timeout(Duration::from_secs(request.wait_secs + 30))
-            .json(request)
-            .send()
-            .await
-            .map_err(CallError::Transport)?;
-        let response = check(response).await?;
-        if response.status() == StatusCode::NO_CONTENT {
-            return Ok(None);
-        }
-        response
-            .json()
-            .await
-            .map(Some)
-            .map_err(CallError::Transport)
+        self.wait_post("claim", request).await
     }
 
     /// Asks which job a claim would get (waiting up to `request.wait_secs` for one),
     /// without claiming it; `None` when there was none.
     pub async fn offer(&self, request: &ClaimRequest) -> Result<Option<Offer>, CallError> {
+        self.wait_post("offer", request).await
+    }
+
+    /// `POST /v1/{what}` with a claim request, waiting as long as it says: the answer's
+    /// body, or `None` for `204 No Content`.
+    async fn wait_post<T: serde::de::DeserializeOwned>(
+        &self,
+        what: &str,
+        request: &ClaimRequest,
+    ) -> Result<Option<T>, CallError> {
         let response = self
-            .request(reqwest::Method::POST, format!("{}/v1/offer", self.base))
+            .request(reqwest::Method::POST, format!("{}/v1/{what}", self.base))
             .timeout(Duration::from_secs(request.wait_secs + 30))
             .json(request)
             .send()

@@ -85,6 +85,17 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// How many clients hold a session with the server at `url` (its `/v1/health`).
+pub(super) async fn sessions_open(http: &reqwest::Client, url: &str) -> anyhow::Result<u64> {
+    let health: serde_json::Value = http
+        .get(format!("{url}/v1/health"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    Ok(health["clients_connected"].as_u64().unwrap_or(0))
+}
+
 pub(super) fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -463,15 +474,6 @@ async fn reattach(n_clients: u32, n_trials: u32) -> anyhow::Result<ExitCode> {
     }
     let operator = Operator::with_token(&farm.url, Some(farm.admin_token()?))?;
     let http = reqwest::Client::new();
-    let connected = |http: reqwest::Client, url: String| async move {
-        let health: serde_json::Value = http
-            .get(format!("{url}/v1/health"))
-            .send()
-            .await?
-            .json()
-            .await?;
-        anyhow::Ok(health["clients_connected"].as_u64().unwrap_or(0))
-    };
     let build_dir = temp.path().join("build");
     write_build(
         &build_dir,
@@ -492,7 +494,7 @@ async fn reattach(n_clients: u32, n_trials: u32) -> anyhow::Result<ExitCode> {
                 .filter(|job| job.state == JobState::Running)
                 .count();
             if running == n_clients as usize
-                && connected(http.clone(), farm.url.clone()).await? == u64::from(n_clients)
+                && sessions_open(&http, &farm.url).await? == u64::from(n_clients)
             {
                 break;
             }
@@ -500,7 +502,7 @@ async fn reattach(n_clients: u32, n_trials: u32) -> anyhow::Result<ExitCode> {
         }
         farm.crash_and_restart_server().await?;
         let restarted = tokio::time::Instant::now();
-        while connected(http.clone(), farm.url.clone()).await? < u64::from(n_clients) {
+        while sessions_open(&http, &farm.url).await? < u64::from(n_clients) {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         times.push(restarted.elapsed().as_secs_f64());

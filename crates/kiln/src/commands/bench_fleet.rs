@@ -7,7 +7,7 @@
 //!   master; the time from its registration (the master's `first_seen`) to the job's
 //!   claim (the job's `time_start`) is measured. Both clocks are this machine's.
 
-use super::bench::{claim_latency_ms, percentile, write_build};
+use super::bench::{claim_latency_ms, percentile, sessions_open, write_build};
 use super::farm::{signal, spawn_listening, stop_child, Farm};
 use crate::operator::Operator;
 use anyhow::Context;
@@ -83,16 +83,6 @@ impl Fleet {
 
 fn strs(args: &[String]) -> Vec<&str> {
     args.iter().map(String::as_str).collect()
-}
-
-async fn sessions_open(http: &reqwest::Client, url: &str) -> anyhow::Result<u64> {
-    let health: serde_json::Value = http
-        .get(format!("{url}/v1/health"))
-        .send()
-        .await?
-        .json()
-        .await?;
-    Ok(health["clients_connected"].as_u64().unwrap_or(0))
 }
 
 pub async fn run(options: Options) -> anyhow::Result<ExitCode> {
