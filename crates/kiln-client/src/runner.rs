@@ -370,6 +370,9 @@ async fn spawn_step(spec: &StepSpec) -> io::Result<Child> {
         };
         command
             .current_dir(&spec.cwd)
+            // The client's credential is the client's, not the job's: a step never
+            // inherits it, even when the client was given it in its environment.
+            .env_remove("KILN_TOKEN")
             .envs(spec.env.iter().map(|(key, value)| (key, value)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -427,6 +427,16 @@ impl Harness {
 
     /// Starts `kiln ARGS --work DIR/ID-work` as the client `id`.
     pub fn start_client_with_args(&self, id: &str, args: &[String]) -> Client {
+        self.start_client_with_env(id, args, &[])
+    }
+
+    /// As [`Harness::start_client_with_args`], with these environment variables set.
+    pub fn start_client_with_env(
+        &self,
+        id: &str,
+        args: &[String],
+        envs: &[(&str, &str)],
+    ) -> Client {
         let work_dir = self.path().join(format!("{id}-work"));
         let log_path = self.path().join(format!("client-{id}.log"));
         // Appended to, so that a client restarted under the same id keeps both logs.
@@ -441,6 +451,7 @@ impl Harness {
             .arg(&work_dir)
             .env_remove("KILN_SERVER")
             .env_remove("KILN_TOKEN")
+            .envs(envs.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("cloning the log file"))
             .stderr(log)

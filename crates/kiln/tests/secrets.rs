@@ -1,0 +1,164 @@
+//! Secrets stay secret: after a whole build through a master (a job that finishes, one
+//! that fails, one that prints its environment), no credential — admin, client or
+//! server — appears in any process's log (at debug level), the build's events, the
+//! jobs' status, the job logs, the client inventory, the master's list or the metrics;
+//! a wrong credential is not echoed back; and a job's steps do not inherit the
+//! client credential from the client's environment.
+
+mod common;
+
+use common::{run_kiln, write_build, Harness, Job};
+use std::path::Path;
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|err| panic!("{}: {err}", path.display()))
+}
+
+#[test]
+fn no_credential_appears_in_logs_events_status_or_job_environments() {
+    // Every process this test starts logs at debug level, HTTP and SQL included.
+    // SAFETY: the only test in this binary; set before any thread of ours reads it.
+    unsafe { std::env::set_var("RUST_LOG", "debug") };
+    let harness = Harness::new("secrets");
+    let client_token = harness.path().join("client.secret");
+    std::fs::write(&client_token, "client-secret-3f9a1c7e5b2d\n").expect("writing a token");
+    let client_arg = client_token.display().to_string();
+    let master = harness.start_master("m", &["--client-token-file", &client_arg]);
+    let server_token = master.server_token_file.display().to_string();
+    let server = harness.start_server_with_client_token(
+        "s",
+        Some(&client_token),
+        &[
+            "--master",
+            &master.url,
+            "--master-token-file",
+            &server_token,
+        ],
+    );
+
+    // The client gets its credential from KILN_TOKEN, as operators often start it.
+    let client_secret = read(&client_token).trim().to_owned();
+    let _client = harness.start_client_with_env(
+        "keeper",
+        &[
+            "client".into(),
+            "--master".into(),
+            master.url.clone(),
+            "--id".into(),
+            "keeper".into(),
+            "--include".into(),
+            "*".into(),
+            "--wait-secs".into(),
+            "5".into(),
+        ],
+        &[("KILN_TOKEN", &client_secret)],
+    );
+    let build = server.submit(&write_build(
+        &harness.mkdir("b"),
+        "900",
+        &[
+            Job::new("ok", "PRO"),
+            Job::new("broken", "PRO").install("echo failing on purpose >&2\nexit 1\n"),
+            Job::new("nosy", "PRO").install("env\n"),
+        ],
+    ));
+    let jobs = server.wait_for_build_end(&build);
+    let state = |id: &str| {
+        jobs.iter()
+            .find(|job| job["id"] == id)
+            .map(|job| job["state"].clone())
+    };
+    assert_eq!(state("ok"), Some("finished".into()), "{jobs:?}");
+    assert_eq!(state("broken"), Some("failed".into()), "{jobs:?}");
+    assert_eq!(state("nosy"), Some("finished".into()), "{jobs:?}");
+
+    // A wrong credential is refused without being repeated.
+    let wrong = harness.path().join("wrong.secret");
+    std::fs::write(&wrong, "wrong-secret-8d41e0b6\n").expect("writing a token");
+    let refused = run_kiln(
+        harness.path(),
+        &[
+            "status",
+            "--server",
+            &server.url,
+            "--token-file",
+            &wrong.display().to_string(),
+        ],
+        &[],
+    );
+    assert_ne!(refused.code, 0, "{refused:?}");
+    assert!(
+        !refused.stderr.contains("wrong-secret-8d41e0b6"),
+        "{refused:?}"
+    );
+
+    // Everything an operator or a log reader sees.
+    let mut seen = Vec::new();
+    for args in [
+        vec!["events", build.as_str(), "--json"],
+        vec!["status", build.as_str(), "--json"],
+        vec!["logs", "900/ok"],
+        vec!["logs", "900/broken"],
+        vec!["logs", "900/nosy"],
+        vec!["clients", "--json"],
+        vec!["storage", "--json"],
+    ] {
+        let run = server.kiln(&args);
+        assert_eq!(run.code, 0, "kiln {args:?}: {run:?}");
+        seen.push((format!("kiln {}", args.join(" ")), run.stdout + &run.stderr));
+    }
+    let nosy = &seen[4].1;
+    assert!(
+        nosy.contains("KILN_JOB_ID=nosy"),
+        "the nosy job printed its environment: {nosy}"
+    );
+    seen.push(("GET /metrics".into(), server.get("/metrics").body));
+    let auth = format!("Bearer {client_secret}");
+    let list = common::http(
+        &master.url,
+        "GET",
+        "/v1/servers?all=true",
+        &[("Authorization", &auth)],
+        None,
+    )
+    .expect("reading the master's list");
+    assert_eq!(list.status, 200, "{}", list.body);
+    seen.push(("the master's list".into(), list.body));
+    let mut n_logs = 0;
+    for entry in std::fs::read_dir(harness.path()).expect("reading the test directory") {
+        let path = entry.expect("an entry").path();
+        if path.extension().is_some_and(|ext| ext == "log") {
+            n_logs += 1;
+            seen.push((path.display().to_string(), read(&path)));
+        }
+    }
+    assert!(n_logs >= 3, "the master, server and client logs were read");
+    let client_log = &seen
+        .iter()
+        .find(|(name, _)| name.ends_with("client-keeper.log"))
+        .expect("the client's log")
+        .1;
+    assert!(
+        client_log.contains("DEBUG"),
+        "the client logged at debug level: {client_log}"
+    );
+
+    let secrets = [
+        ("admin", read(&server.admin_token_file).trim().to_owned()),
+        ("client", client_secret.clone()),
+        ("server", read(&master.server_token_file).trim().to_owned()),
+        (
+            "master admin",
+            read(&master.admin_token_file).trim().to_owned(),
+        ),
+    ];
+    for (what, secret) in &secrets {
+        assert!(secret.len() >= 16, "{what} secret is a real secret");
+        for (place, text) in &seen {
+            assert!(
+                !text.contains(secret.as_str()),
+                "the {what} credential appears in {place}"
+            );
+        }
+    }
+}
