@@ -30,7 +30,7 @@ for target in "${targets[@]}"; do
     -max_total_time="$seconds" -rss_limit_mb=2048 -malloc_limit_mb=64 \
     -timeout=10 -print_final_stats=1 >"$logs/$target" 2>&1; then
     grep -E '^Done [0-9]+ runs|^stat::(number_of_executed_units|peak_rss_mb)' "$logs/$target" || true
-    grep -E '^#[0-9]+ +DONE' "$logs/$target" | tail -n 1 || true
+    grep -E '^#[0-9]+[[:space:]]+DONE' "$logs/$target" | tail -n 1 || true
   else
     failed+=("$target")
     tail -n 40 "$logs/$target"
