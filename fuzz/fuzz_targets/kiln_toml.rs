@@ -1,0 +1,28 @@
+//! `kiln.toml` as a submitter writes it: any text must give a manifest or an error
+//! that names the file, and a manifest must survive being written as XML and reread.
+
+#![no_main]
+
+use kiln_proto::manifest::BuildManifest;
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    match BuildManifest::from_toml("kiln.toml", text) {
+        Ok(manifest) => {
+            manifest.validate().expect("a parsed manifest is valid");
+            let written = manifest.to_relbuild_xml();
+            let reread =
+                BuildManifest::from_relbuild_xml("relbuild.xml", &written).unwrap_or_else(|err| {
+                    panic!("written manifest does not reparse: {err}\n{written}")
+                });
+            assert_eq!(reread, manifest, "written manifest reads back different");
+        }
+        Err(err) => {
+            let message = err.to_string();
+            assert!(message.starts_with("kiln.toml:"), "{message}");
+        }
+    }
+});
