@@ -522,68 +522,61 @@ mod tests {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let (dispatcher, _shutdown) = dispatcher_with(dir.path(), Vec::new()).await;
         let started = Instant::now();
-        // A long poll the client hung up on, which the server did not notice.
-        let forgotten = {
+        // A wait of `client`'s (an offer or a claim) that it hung up on, which the
+        // server did not notice; returns whether it ended with a job.
+        let forget = |client: &'static str, claim: bool, wait: Duration| {
             let dispatcher = dispatcher.clone();
             tokio::spawn(async move {
-                dispatcher
-                    .wait_for_offer("c1", &types(), Duration::from_secs(30))
-                    .await
+                let got = if claim {
+                    dispatcher
+                        .wait_for_job(claiming(client), wait)
+                        .await
+                        .is_some()
+                } else {
+                    dispatcher
+                        .wait_for_offer(client, &types(), wait)
+                        .await
+                        .is_some()
+                };
+                got
             })
         };
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        let long = Duration::from_secs(30);
+        let settle = || tokio::time::sleep(Duration::from_millis(100));
+
         // The same client asks again: the forgotten wait ends with nothing, so that no
         // job is offered into it.
+        let forgotten = forget("c1", false, long);
+        settle().await;
         assert!(dispatcher
             .offer_now("c1", &types())
             .await
             .expect("offer")
             .is_none());
-        assert!(forgotten.await.expect("the waiter").is_none());
+        assert!(!forgotten.await.expect("the waiter"));
         // So does a forgotten claim when the client waits again.
-        let forgotten = {
-            let dispatcher = dispatcher.clone();
-            tokio::spawn(async move {
-                dispatcher
-                    .wait_for_job(claiming("c1"), Duration::from_secs(30))
-                    .await
-            })
-        };
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        let forgotten = forget("c1", true, long);
+        settle().await;
         let again = dispatcher
             .wait_for_offer("c1", &types(), Duration::from_millis(100))
             .await;
         assert!(again.is_none());
-        assert!(forgotten.await.expect("the waiter").is_none());
+        assert!(!forgotten.await.expect("the waiter"));
         // And a forgotten claim when the client asks for offers now (a client that
         // went from one server to several).
-        let forgotten = {
-            let dispatcher = dispatcher.clone();
-            tokio::spawn(async move {
-                dispatcher
-                    .wait_for_job(claiming("c1"), Duration::from_secs(30))
-                    .await
-            })
-        };
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        let forgotten = forget("c1", true, long);
+        settle().await;
         dispatcher.offer_now("c1", &types()).await.expect("offer");
-        assert!(forgotten.await.expect("the waiter").is_none());
+        assert!(!forgotten.await.expect("the waiter"));
         assert!(
-            started.elapsed() < Duration::from_secs(30),
+            started.elapsed() < long,
             "the forgotten waits ended when the client asked again, not at their timeout"
         );
         // Another client's wait is left alone.
-        let other = {
-            let dispatcher = dispatcher.clone();
-            tokio::spawn(async move {
-                dispatcher
-                    .wait_for_offer("c2", &types(), Duration::from_millis(500))
-                    .await
-            })
-        };
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        let other = forget("c2", false, Duration::from_millis(500));
+        settle().await;
         dispatcher.offer_now("c1", &types()).await.expect("offer");
         assert_eq!(dispatcher.n_waiting(), 1, "c2 still waits");
-        assert!(other.await.expect("the waiter").is_none());
+        assert!(!other.await.expect("the waiter"));
     }
 }
