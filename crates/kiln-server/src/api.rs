@@ -46,6 +46,10 @@ const LOG_PAGE: u32 = 2000;
 const MAX_MANIFEST_BYTES: usize = 4 << 20;
 /// The largest commit body: a chunk list of a 64 GiB image at the smallest chunks.
 const MAX_COMMIT_BYTES: usize = 512 << 20;
+/// The largest body of any call without a limit of its own (JSON calls).
+const MAX_JSON_BYTES: usize = 2 << 20;
+/// The most bytes of a plain-text refusal that are read to re-wrap it.
+const MAX_REFUSAL_TEXT: usize = 64 << 10;
 /// The most lines one log batch may carry.
 const MAX_LOG_BATCH: usize = 10_000;
 /// The longest version a claim may give; the rest is cut off.
@@ -116,8 +120,62 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chunks/fetch", post(transfer::fetch))
         .route("/v1/storage", get(transfer::storage))
         .route("/metrics", get(transfer::metrics))
+        .layer(DefaultBodyLimit::max(MAX_JSON_BYTES))
         .layer(axum::middleware::from_fn(run_to_completion))
+        .layer(axum::middleware::from_fn(move |request, next| {
+            refusals_as_json(request, next, submit_limit)
+        }))
         .with_state(state)
+}
+
+/// The body limit of the call at `path`, as the routes above set it.
+fn body_limit(path: &str, submit_limit: usize) -> usize {
+    if path == "/v1/builds" {
+        submit_limit
+    } else if path.ends_with("/commit") || path.ends_with("/chunks/missing") {
+        MAX_COMMIT_BYTES
+    } else {
+        MAX_JSON_BYTES
+    }
+}
+
+/// Axum's own refusals (a body over its limit, JSON that does not parse or does not
+/// fit its type, a path it cannot decode) are plain text; this gives them the API's
+/// `{code, error}` body, so that every refusal reads the same, and says which limit a
+/// body went over.
+async fn refusals_as_json(
+    request: Request,
+    next: axum::middleware::Next,
+    submit_limit: usize,
+) -> Response {
+    let limit = body_limit(request.uri().path(), submit_limit);
+    let response = next.run(request).await;
+    let status = response.status();
+    let plain_text = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|value| value.as_bytes().starts_with(b"text/plain"));
+    if !status.is_client_error() || !plain_text {
+        return response;
+    }
+    let text = axum::body::to_bytes(response.into_body(), MAX_REFUSAL_TEXT)
+        .await
+        .map(|bytes| String::from_utf8_lossy(&bytes).trim().to_owned())
+        .unwrap_or_default();
+    let (code, error) = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => (
+            "too_large",
+            format!("the request body is larger than the {limit} bytes this call accepts ({text})"),
+        ),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => ("bad_content_type", text),
+        _ => ("bad_request", text),
+    };
+    let body = kiln_proto::api::ApiError {
+        code: code.to_owned(),
+        error,
+        missing: None,
+    };
+    (status, Json(body)).into_response()
 }
 
 /// Liveness, with how many clients are connected and how many wait for a job.

@@ -932,13 +932,14 @@ impl JobStore for SqliteStore {
         images: &[String],
         now: i64,
     ) -> StoreResult<Event> {
+        // The lease first: a caller that does not hold the job learns nothing else.
+        let mut tx = self.write_tx().await?;
+        let row = current_lease(&mut tx, build, job, lease).await?;
         if images.is_empty() {
             return Err(StoreError::Conflict(format!(
                 "cannot finish job {build}/{job}: a finished job has at least one image"
             )));
         }
-        let mut tx = self.write_tx().await?;
-        let row = current_lease(&mut tx, build, job, lease).await?;
         // Images of earlier attempts were uploaded under leases that are gone: drop them,
         // so that only what this lease stored is the job's output (invariant 4).
         sqlx::query("DELETE FROM images WHERE build = ? AND job = ? AND lease_token != ?")
