@@ -169,11 +169,6 @@ impl Agent {
         }))
     }
 
-    /// The servers served now.
-    pub fn servers(&self) -> Vec<ServerConn> {
-        self.list.now()
-    }
-
     /// Serves every server until told to stop; returns what it did.
     pub async fn run(self: Arc<Self>, stop: watch::Receiver<Stop>) -> AgentReport {
         if self.list.has_masters() && !self.list.refresh().await {
@@ -363,10 +358,7 @@ impl Agent {
             }
         }
         if !offers.is_empty() {
-            offers.sort_by(|(_, a), (_, b)| {
-                (std::cmp::Reverse(a.priority), a.submitted_at)
-                    .cmp(&(std::cmp::Reverse(b.priority), b.submitted_at))
-            });
+            offers.sort_by_key(|(_, offer)| offer.precedence());
             for (conn, offer) in offers {
                 // A short claim: the offered job, or the server's next best if another
                 // client took it meanwhile.

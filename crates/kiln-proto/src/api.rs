@@ -96,11 +96,10 @@ pub struct Offer {
 }
 
 impl Offer {
-    /// Whether this offer should be taken before `other`: higher priority first, then
-    /// the older build.
-    pub fn is_better_than(&self, other: &Offer) -> bool {
+    /// Offers sort by this, the one to take first first: higher priority, then the
+    /// older build.
+    pub fn precedence(&self) -> (std::cmp::Reverse<i64>, i64) {
         (std::cmp::Reverse(self.priority), self.submitted_at)
-            < (std::cmp::Reverse(other.priority), other.submitted_at)
     }
 }
 
