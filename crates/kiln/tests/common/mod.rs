@@ -350,51 +350,12 @@ impl Harness {
         if let Some(token_file) = client_token_file {
             command.arg("--client-token-file").arg(token_file);
         }
-        let mut child = command
+        command
             .args(extra)
             .env_remove("KILN_SERVER")
             .env_remove("KILN_TOKEN")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|err| panic!("cannot start {KILN} server: {err}"));
-        let stdout = child.stdout.take().expect("piped stdout");
-        let guard = ProcessGuard {
-            child,
-            work_dir: None,
-        };
-        // Keep reading stdout for the server's whole life so that it never blocks on a
-        // full pipe; the first line is the URL.
-        let (line_tx, line_rx) = mpsc::channel::<String>();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                let _ = line_tx.send(line);
-            }
-        });
-        let first = line_rx.recv_timeout(DEADLINE).unwrap_or_else(|err| {
-            fail(
-                self.path(),
-                &format!("server {name} printed no URL on stdout ({err})"),
-            )
-        });
-        let url = first
-            .strip_prefix("kiln server listening on ")
-            .unwrap_or_else(|| {
-                fail(
-                    self.path(),
-                    &format!("server {name}'s stdout line is not the URL line: {first:?}"),
-                )
-            })
-            .trim()
-            .to_owned();
-        if !url.starts_with("http://127.0.0.1:") {
-            fail(
-                self.path(),
-                &format!("server {name} is not on loopback: {url}"),
-            );
-        }
+            .stderr(log);
+        let (guard, url) = self.spawn_listening("server", name, command);
         let client_token = client_token_file
             .map(Path::to_path_buf)
             .unwrap_or_else(|| data.join("client.token"));
@@ -407,6 +368,57 @@ impl Harness {
             log_dir: self.path().to_owned(),
             process: guard,
         }
+    }
+
+    /// Spawns `command` (a `kiln server` or `kiln master` with its stderr set), keeps
+    /// reading its stdout for its whole life so that it never blocks on a full pipe,
+    /// and returns it with the loopback URL its first line gives.
+    fn spawn_listening(
+        &self,
+        role: &str,
+        name: &str,
+        mut command: Command,
+    ) -> (ProcessGuard, String) {
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|err| panic!("cannot start {KILN} {role}: {err}"));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let guard = ProcessGuard {
+            child,
+            work_dir: None,
+        };
+        let (line_tx, line_rx) = mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let _ = line_tx.send(line);
+            }
+        });
+        let first = line_rx.recv_timeout(DEADLINE).unwrap_or_else(|err| {
+            fail(
+                self.path(),
+                &format!("{role} {name} printed no URL on stdout ({err})"),
+            )
+        });
+        let url = first
+            .strip_prefix(&format!("kiln {role} listening on "))
+            .unwrap_or_else(|| {
+                fail(
+                    self.path(),
+                    &format!("{role} {name}'s stdout line is not the URL line: {first:?}"),
+                )
+            })
+            .trim()
+            .to_owned();
+        if !url.starts_with("http://127.0.0.1:") {
+            fail(
+                self.path(),
+                &format!("{role} {name} is not on loopback: {url}"),
+            );
+        }
+        (guard, url)
     }
 
     /// Starts `kiln client --server URL... --id ID --work DIR/ID-work --token-file
@@ -1206,50 +1218,14 @@ impl Harness {
             .append(true)
             .open(self.path().join(format!("master-{name}.log")))
             .expect("opening the master log");
-        let mut child = Command::new(KILN)
+        let mut command = Command::new(KILN);
+        command
             .args(["master", "--listen", listen, "--data"])
             .arg(data)
             .args(extra)
             .env_remove("KILN_TOKEN")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|err| panic!("cannot start {KILN} master: {err}"));
-        let stdout = child.stdout.take().expect("piped stdout");
-        let process = ProcessGuard {
-            child,
-            work_dir: None,
-        };
-        let (line_tx, line_rx) = mpsc::channel::<String>();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                let _ = line_tx.send(line);
-            }
-        });
-        let first = line_rx.recv_timeout(DEADLINE).unwrap_or_else(|err| {
-            fail(
-                self.path(),
-                &format!("master {name} printed no URL on stdout ({err})"),
-            )
-        });
-        let url = first
-            .strip_prefix("kiln master listening on ")
-            .unwrap_or_else(|| {
-                fail(
-                    self.path(),
-                    &format!("master {name}'s stdout line is not the URL line: {first:?}"),
-                )
-            })
-            .trim()
-            .to_owned();
-        if !url.starts_with("http://127.0.0.1:") {
-            fail(
-                self.path(),
-                &format!("master {name} is not on loopback: {url}"),
-            );
-        }
+            .stderr(log);
+        let (process, url) = self.spawn_listening("master", name, command);
         Master {
             name: name.to_owned(),
             url,
