@@ -265,7 +265,14 @@ impl ServerConn {
             .send()
             .await
             .map_err(CallError::Transport)?;
-        check(response).await.map(drop)
+        match check(response).await {
+            // Our credential was revoked: nothing of this job can be reported any more,
+            // and the server takes it back when the lease lapses. Stop it.
+            Err(CallError::Refused { status, message }) if status == StatusCode::UNAUTHORIZED => {
+                Err(CallError::Stale(message))
+            }
+            other => other.map(drop),
+        }
     }
 
     /// Appends log lines (and the latest progress).

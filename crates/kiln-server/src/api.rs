@@ -878,6 +878,23 @@ async fn claim(
     let Some(claimed) = waited else {
         return Ok(StatusCode::NO_CONTENT.into_response());
     };
+    // The credential may have been revoked while the claim waited: the job goes back.
+    if !credential_is_live(&state, &request.client_id).await? {
+        state
+            .store
+            .release(
+                &claimed.build,
+                &claimed.job,
+                &claimed.lease,
+                crate::now_micros(),
+            )
+            .await?;
+        state.dispatcher.wake();
+        return Err(ApiErr::Unauthorized(format!(
+            "client {:?}'s credential was revoked",
+            request.client_id
+        )));
+    }
     // The claim recorded the client and this contact.
     state
         .contacts
@@ -1334,6 +1351,15 @@ async fn cancel(
     tracing::info!(build = %build, job = %job, "job cancelled");
     state.changed();
     Ok(Json(event))
+}
+
+/// Whether client `id` has a credential that is not revoked.
+async fn credential_is_live(state: &AppState, id: &str) -> Result<bool, ApiErr> {
+    Ok(state
+        .store
+        .client_credential(id)
+        .await?
+        .is_some_and(|row| row.revoked_at.is_none()))
 }
 
 /// `GET /v1/whoami`: what the presented credential is.
