@@ -288,3 +288,10 @@ pub fn kept_secret_path(dir: &Path, url: &str) -> PathBuf {
     let hash = kiln_blob::ChunkHash::of(url.trim_end_matches('/').as_bytes()).to_string();
     dir.join(format!("s-{}.json", &hash[..16]))
 }
+
+/// The client id a work directory enrolled as at the server at `url`, if it did: how
+/// `kiln client reset` acts as the client whose jobs it gives back.
+pub fn kept_client_id(dir: &Path, url: &str) -> Option<String> {
+    let base = url.trim_end_matches('/');
+    read_kept(&kept_secret_path(dir, base), base).map(|kept| kept.client_id)
+}

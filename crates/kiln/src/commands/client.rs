@@ -69,7 +69,17 @@ async fn reset(
             continue;
         }
         match &token {
-            Some(token) => servers.push(ServerConn::new(&job.server, token).map_err(Usage)?),
+            Some(token) => {
+                let conn = ServerConn::new(&job.server, token).map_err(Usage)?;
+                // The jobs are given back as the client that held them.
+                let keep_dir = work.join("credentials");
+                servers.push(
+                    match kiln_client::identity::kept_client_id(&keep_dir, &job.server) {
+                        Some(id) => conn.for_client(&id, Some(&keep_dir)),
+                        None => conn,
+                    },
+                );
+            }
             None => eprintln!(
                 "warning: no client credential (--token-file or KILN_TOKEN): {} is not told; its job's lease will lapse",
                 job.server
