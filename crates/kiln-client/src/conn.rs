@@ -1,5 +1,6 @@
 //! [`ServerConn`]: the client's side of the HTTP API of one server.
 
+use crate::identity::{kept_secret_path, Credential, Given};
 use kiln_blob::wire::{
     CommitRequest, MissingRequest, MissingResponse, PutChunksResponse, FRAMES_CONTENT_TYPE,
 };
@@ -54,7 +55,7 @@ impl CallError {
 #[derive(Clone)]
 pub struct ServerConn {
     base: String,
-    token: String,
+    credential: std::sync::Arc<Credential>,
     http: reqwest::Client,
 }
 
@@ -67,7 +68,7 @@ impl std::fmt::Debug for ServerConn {
     }
 }
 
-async fn check(response: reqwest::Response) -> Result<reqwest::Response, CallError> {
+pub(crate) async fn check(response: reqwest::Response) -> Result<reqwest::Response, CallError> {
     let status = response.status();
     if status.is_success() {
         return Ok(response);
@@ -97,8 +98,14 @@ async fn check(response: reqwest::Response) -> Result<reqwest::Response, CallErr
 }
 
 impl ServerConn {
-    /// A connection to the server at `url` with the client credential `token`.
+    /// A connection to the server at `url` with the join token (or, on a server from
+    /// before client identities, the client credential) `token`.
     pub fn new(url: &str, token: &str) -> Result<Self, String> {
+        Self::with_given(url, Given::Token(token.to_owned()))
+    }
+
+    /// A connection to the server at `url` with the credential `given`.
+    pub fn with_given(url: &str, given: Given) -> Result<Self, String> {
         let parsed = reqwest::Url::parse(url)
             .map_err(|err| format!("server URL {url:?} is not a URL: {err}"))?;
         if !matches!(parsed.scheme(), "http" | "https") {
@@ -113,9 +120,20 @@ impl ServerConn {
             .map_err(|err| format!("cannot set up HTTP: {err}"))?;
         Ok(ServerConn {
             base: url.trim_end_matches('/').to_owned(),
-            token: token.to_owned(),
+            credential: std::sync::Arc::new(Credential::new(given)),
             http,
         })
+    }
+
+    /// This connection as client `client_id`'s: calls are made with its own identity
+    /// (enrolled with the join token if need be), and an enrolled secret is kept under
+    /// `keep_dir` (`WORK/credentials`) when given.
+    pub fn for_client(mut self, client_id: &str, keep_dir: Option<&Path>) -> Self {
+        let mut credential = Credential::new(self.credential.given.clone());
+        credential.client_id = Some(client_id.to_owned());
+        credential.keep_in = keep_dir.map(|dir| kept_secret_path(dir, &self.base));
+        self.credential = std::sync::Arc::new(credential);
+        self
     }
 
     /// The server's URL.
@@ -127,8 +145,29 @@ impl ServerConn {
         format!("{}/v1/jobs/{build}/{job}/{rest}", self.base)
     }
 
-    fn request(&self, method: reqwest::Method, url: String) -> reqwest::RequestBuilder {
-        self.http.request(method, url).bearer_auth(&self.token)
+    async fn request(
+        &self,
+        method: reqwest::Method,
+        url: String,
+    ) -> Result<reqwest::RequestBuilder, CallError> {
+        self.request_as(None, method, url).await
+    }
+
+    /// A request with the identity of `client_id` (else the connection's client).
+    async fn request_as(
+        &self,
+        client_id: Option<&str>,
+        method: reqwest::Method,
+        url: String,
+    ) -> Result<reqwest::RequestBuilder, CallError> {
+        let header = self
+            .credential
+            .header(&self.http, &self.base, client_id)
+            .await?;
+        Ok(self
+            .http
+            .request(method, url)
+            .header(reqwest::header::AUTHORIZATION, header))
     }
 
     /// Long-polls for a job; `None` when the wait ended without one.
@@ -149,8 +188,31 @@ impl ServerConn {
         what: &str,
         request: &ClaimRequest,
     ) -> Result<Option<T>, CallError> {
+        match self.wait_post_once(what, request).await {
+            // An enrolled secret the server no longer takes (the server's data was
+            // reset, say): enroll again, once. A revoked client is refused that.
+            Err(CallError::Refused { status, .. })
+                if status == StatusCode::UNAUTHORIZED && self.credential.forget().await =>
+            {
+                tracing::warn!(server = %self.base, "the server does not take our enrolled secret; enrolling again");
+                self.wait_post_once(what, request).await
+            }
+            other => other,
+        }
+    }
+
+    async fn wait_post_once<T: serde::de::DeserializeOwned>(
+        &self,
+        what: &str,
+        request: &ClaimRequest,
+    ) -> Result<Option<T>, CallError> {
         let response = self
-            .request(reqwest::Method::POST, format!("{}/v1/{what}", self.base))
+            .request_as(
+                Some(&request.client_id),
+                reqwest::Method::POST,
+                format!("{}/v1/{what}", self.base),
+            )
+            .await?
             .timeout(Duration::from_secs(request.wait_secs + 30))
             .json(request)
             .send()
@@ -193,6 +255,7 @@ impl ServerConn {
                 reqwest::Method::POST,
                 self.job_url(&claim.build, &claim.job_id, "heartbeat"),
             )
+            .await?
             .header(LEASE_HEADER, &claim.lease)
             .timeout(Duration::from_secs(claim.heartbeat_secs.max(1) * 2))
             .json(&Heartbeat {
@@ -202,7 +265,14 @@ impl ServerConn {
             .send()
             .await
             .map_err(CallError::Transport)?;
-        check(response).await.map(drop)
+        match check(response).await {
+            // Our credential was revoked: nothing of this job can be reported any more,
+            // and the server takes it back when the lease lapses. Stop it.
+            Err(CallError::Refused { status, message }) if status == StatusCode::UNAUTHORIZED => {
+                Err(CallError::Stale(message))
+            }
+            other => other.map(drop),
+        }
     }
 
     /// Appends log lines (and the latest progress).
@@ -212,6 +282,7 @@ impl ServerConn {
                 reqwest::Method::POST,
                 self.job_url(&claim.build, &claim.job_id, "log"),
             )
+            .await?
             .header(LEASE_HEADER, &claim.lease)
             .timeout(Duration::from_secs(30))
             .json(batch)
@@ -228,6 +299,7 @@ impl ServerConn {
                 reqwest::Method::POST,
                 self.job_url(&claim.build, &claim.job_id, "finish"),
             )
+            .await?
             .header(LEASE_HEADER, &claim.lease)
             .timeout(Duration::from_secs(30))
             .json(&Finish { images })
@@ -244,6 +316,7 @@ impl ServerConn {
                 reqwest::Method::POST,
                 self.job_url(&claim.build, &claim.job_id, "fail"),
             )
+            .await?
             .header(LEASE_HEADER, &claim.lease)
             .timeout(Duration::from_secs(30))
             .json(report)
@@ -260,6 +333,7 @@ impl ServerConn {
                 reqwest::Method::POST,
                 self.job_url(&claim.build, &claim.job_id, "release"),
             )
+            .await?
             .header(LEASE_HEADER, &claim.lease)
             .timeout(Duration::from_secs(30))
             .send()
@@ -278,6 +352,7 @@ impl ServerConn {
     ) -> Result<(), CallError> {
         let response = self
             .request(reqwest::Method::POST, self.job_url(build, job, "giveup"))
+            .await?
             .header(LEASE_HEADER, lease)
             .timeout(Duration::from_secs(30))
             .json(&serde_json::json!({ "reason": reason }))
@@ -301,10 +376,12 @@ impl ServerConn {
             ))
         });
         let response = self
-            .request(
+            .request_as(
+                Some(client_id),
                 reqwest::Method::POST,
                 format!("{}/v1/session?client_id={client_id}", self.base),
             )
+            .await?
             .body(reqwest::Body::wrap_stream(keepalive))
             .send()
             .await
@@ -320,6 +397,7 @@ impl ServerConn {
         );
         let response = self
             .request(reqwest::Method::GET, url)
+            .await?
             .header(LEASE_HEADER, &claim.lease)
             .send()
             .await
@@ -358,6 +436,7 @@ impl ServerConn {
                 reqwest::Method::PUT,
                 self.job_url(&claim.build, &claim.job_id, &format!("images/{name}")),
             )
+            .await?
             .header(LEASE_HEADER, &claim.lease)
             .header(kiln_proto::BLAKE3_HEADER, blake3)
             .header(reqwest::header::CONTENT_LENGTH, size)
@@ -381,6 +460,7 @@ impl ServerConn {
                 reqwest::Method::POST,
                 self.job_url(&claim.build, &claim.job_id, "chunks/missing"),
             )
+            .await?
             .header(LEASE_HEADER, &claim.lease)
             .json(&MissingRequest {
                 chunks,
@@ -409,6 +489,7 @@ impl ServerConn {
                 reqwest::Method::POST,
                 self.job_url(&claim.build, &claim.job_id, "chunks"),
             )
+            .await?
             .header(LEASE_HEADER, &claim.lease)
             .header(reqwest::header::CONTENT_TYPE, FRAMES_CONTENT_TYPE)
             .body(frames)
@@ -438,6 +519,7 @@ impl ServerConn {
                     &format!("images/{name}/commit"),
                 ),
             )
+            .await?
             .header(LEASE_HEADER, &claim.lease)
             .json(commit)
             .send()

@@ -24,6 +24,9 @@ pub struct MasterConn {
     base: String,
     token: String,
     http: reqwest::Client,
+    /// The client id servers learned from this master are called as, and where
+    /// enrolled secrets are kept.
+    client: Option<(String, Option<std::path::PathBuf>)>,
 }
 
 impl std::fmt::Debug for MasterConn {
@@ -53,7 +56,15 @@ impl MasterConn {
             base: url.trim_end_matches('/').to_owned(),
             token: token.to_owned(),
             http,
+            client: None,
         })
+    }
+
+    /// Servers learned from this master are called as client `client_id` (see
+    /// [`ServerConn::for_client`]).
+    pub fn for_client(mut self, client_id: &str, keep_dir: Option<&std::path::Path>) -> Self {
+        self.client = Some((client_id.to_owned(), keep_dir.map(ToOwned::to_owned)));
+        self
     }
 
     /// The master's URL.
@@ -98,7 +109,11 @@ impl MasterConn {
 
     /// A connection to a server this master listed, with the same credential.
     fn server(&self, url: &str) -> Result<ServerConn, String> {
-        ServerConn::new(url, &self.token)
+        let conn = ServerConn::new(url, &self.token)?;
+        Ok(match &self.client {
+            Some((id, keep_dir)) => conn.for_client(id, keep_dir.as_deref()),
+            None => conn,
+        })
     }
 }
 

@@ -13,6 +13,7 @@
 
 pub mod conn;
 pub mod fleet;
+pub mod identity;
 pub mod job;
 pub mod runner;
 pub mod state;

@@ -321,3 +321,31 @@ mod tests {
         assert_eq!(request.version.as_deref(), Some("0.1.0"));
     }
 }
+
+/// A client's own secret, as enrolling or an operator's `kiln server client add` hands
+/// it out: once, in this answer.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ClientSecret {
+    pub client_id: String,
+    pub secret: String,
+}
+
+impl std::fmt::Debug for ClientSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The secret is never printed.
+        f.debug_struct("ClientSecret")
+            .field("client_id", &self.client_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A client credential as `GET /v1/credentials` lists it: never the secret or its hash.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CredentialInfo {
+    pub client_id: String,
+    /// `enrolled` (with the join token) or `issued` (by an operator).
+    pub origin: String,
+    /// Unix microseconds.
+    pub created_at: i64,
+    pub revoked_at: Option<i64>,
+}

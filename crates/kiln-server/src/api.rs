@@ -6,7 +6,7 @@
 //! formats are served too: `relbuild.xml` per build and `status.xml` (JOBSTATUS) per
 //! job.
 
-use crate::auth::{Caller, Role};
+use crate::auth::Caller;
 use crate::contacts::Announced;
 use crate::error::ApiErr;
 use crate::files;
@@ -16,9 +16,10 @@ use axum::body::Body;
 use axum::extract::{
     ConnectInfo, DefaultBodyLimit, FromRequestParts, Multipart, Path, Query, Request, State,
 };
+use axum::http::Method;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post, put, MethodRouter};
 use axum::{Json, Router};
 use futures::StreamExt;
 use kiln_blob::ImageHasher;
@@ -57,69 +58,274 @@ const MAX_VERSION_CHARS: usize = 64;
 
 type Shared = State<Arc<AppState>>;
 
+/// Who may call an endpoint; [`crate::auth::authorize`] enforces it before the
+/// handler runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Anyone, without a credential.
+    Open,
+    /// Any valid credential.
+    AnyCredential,
+    /// The admin, or a client that runs a job of the build named in the path. With
+    /// `public`, anyone when the server serves reads publicly (`--public-read`).
+    Read { public: bool },
+    /// The admin only.
+    Admin,
+    /// An identified client (a handler also checks that it names itself).
+    Client,
+    /// The client holding the job named in the path.
+    Holder,
+    /// The join token (or the admin): enrolls a client.
+    Enroll,
+}
+
+/// One endpoint: method, route template and who may call it.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub method: Method,
+    pub path: &'static str,
+    pub access: Access,
+}
+
+type Handler = MethodRouter<Arc<AppState>>;
+
+/// Every endpoint of the API with its handler: the router is built from this list
+/// and nothing else, so [`endpoints`] names every route there is.
+fn routes(submit_limit: usize) -> Vec<(Endpoint, Handler)> {
+    use Access::*;
+    const PUBLIC: Access = Read { public: true };
+    const PRIVATE: Access = Read { public: false };
+    let table: Vec<(Method, &'static str, Access, Handler)> = vec![
+        (Method::GET, "/v1/health", Open, get(health)),
+        (Method::GET, "/v1/whoami", AnyCredential, get(whoami)),
+        (Method::GET, "/v1/builds", Admin, get(list_builds)),
+        (
+            Method::POST,
+            "/v1/builds",
+            Admin,
+            post(submit).layer(DefaultBodyLimit::max(submit_limit)),
+        ),
+        (
+            Method::GET,
+            "/v1/builds/{build}",
+            PUBLIC,
+            get(build_summary),
+        ),
+        (
+            Method::DELETE,
+            "/v1/builds/{build}",
+            Admin,
+            delete(transfer::delete_build),
+        ),
+        (
+            Method::GET,
+            "/v1/builds/{build}/jobs",
+            PUBLIC,
+            get(list_jobs),
+        ),
+        (
+            Method::GET,
+            "/v1/builds/{build}/relbuild.xml",
+            PRIVATE,
+            get(relbuild_xml),
+        ),
+        (
+            Method::GET,
+            "/v1/builds/{build}/events",
+            PUBLIC,
+            get(events),
+        ),
+        (
+            Method::GET,
+            "/v1/builds/{build}/images",
+            PUBLIC,
+            get(list_images),
+        ),
+        (
+            Method::GET,
+            "/v1/builds/{build}/files",
+            PRIVATE,
+            get(build_files),
+        ),
+        (Method::POST, "/v1/claim", Client, post(claim)),
+        (Method::POST, "/v1/offer", Client, post(offer)),
+        (Method::GET, "/v1/clients", Admin, get(list_clients)),
+        (Method::POST, "/v1/enroll", Enroll, post(enroll)),
+        (Method::GET, "/v1/credentials", Admin, get(list_credentials)),
+        (
+            Method::POST,
+            "/v1/credentials/{client}",
+            Admin,
+            post(issue_credential),
+        ),
+        (
+            Method::DELETE,
+            "/v1/credentials/{client}",
+            Admin,
+            delete(revoke_credential),
+        ),
+        (Method::POST, "/v1/join-token", Admin, post(join_token)),
+        (
+            Method::POST,
+            "/v1/session",
+            Client,
+            post(session).layer(DefaultBodyLimit::disable()),
+        ),
+        (
+            Method::GET,
+            "/v1/jobs/{build}/{job}",
+            PUBLIC,
+            get(job_status),
+        ),
+        (
+            Method::GET,
+            "/v1/jobs/{build}/{job}/status.xml",
+            PUBLIC,
+            get(job_status_xml),
+        ),
+        (
+            Method::GET,
+            "/v1/jobs/{build}/{job}/log",
+            PRIVATE,
+            get(read_log),
+        ),
+        (
+            Method::POST,
+            "/v1/jobs/{build}/{job}/log",
+            Holder,
+            post(append_log),
+        ),
+        (
+            Method::POST,
+            "/v1/jobs/{build}/{job}/heartbeat",
+            Holder,
+            post(heartbeat),
+        ),
+        (
+            Method::POST,
+            "/v1/jobs/{build}/{job}/finish",
+            Holder,
+            post(finish),
+        ),
+        (
+            Method::POST,
+            "/v1/jobs/{build}/{job}/fail",
+            Holder,
+            post(fail),
+        ),
+        (
+            Method::POST,
+            "/v1/jobs/{build}/{job}/release",
+            Holder,
+            post(release),
+        ),
+        (
+            Method::POST,
+            "/v1/jobs/{build}/{job}/giveup",
+            Holder,
+            post(give_up),
+        ),
+        (
+            Method::POST,
+            "/v1/jobs/{build}/{job}/restart",
+            Admin,
+            post(restart),
+        ),
+        (
+            Method::POST,
+            "/v1/jobs/{build}/{job}/cancel",
+            Admin,
+            post(cancel),
+        ),
+        (
+            Method::GET,
+            "/v1/jobs/{build}/{job}/images/{name}",
+            PUBLIC,
+            get(transfer::get_image),
+        ),
+        (
+            Method::PUT,
+            "/v1/jobs/{build}/{job}/images/{name}",
+            Holder,
+            put(put_image).layer(DefaultBodyLimit::disable()),
+        ),
+        (
+            Method::GET,
+            "/v1/jobs/{build}/{job}/images/{name}/index",
+            PUBLIC,
+            get(transfer::index),
+        ),
+        (
+            Method::POST,
+            "/v1/jobs/{build}/{job}/images/{name}/commit",
+            Holder,
+            post(transfer::commit).layer(DefaultBodyLimit::max(MAX_COMMIT_BYTES)),
+        ),
+        (
+            Method::POST,
+            "/v1/jobs/{build}/{job}/chunks/missing",
+            Holder,
+            post(transfer::missing).layer(DefaultBodyLimit::max(MAX_COMMIT_BYTES)),
+        ),
+        (
+            Method::POST,
+            "/v1/jobs/{build}/{job}/chunks",
+            Holder,
+            post(transfer::put_chunks).layer(DefaultBodyLimit::disable()),
+        ),
+        (
+            Method::POST,
+            "/v1/chunks/fetch",
+            PUBLIC,
+            post(transfer::fetch),
+        ),
+        (Method::GET, "/v1/storage", Admin, get(transfer::storage)),
+        (Method::GET, "/metrics", Admin, get(transfer::metrics)),
+    ];
+    table
+        .into_iter()
+        .map(|(method, path, access, handler)| {
+            (
+                Endpoint {
+                    method,
+                    path,
+                    access,
+                },
+                handler,
+            )
+        })
+        .collect()
+}
+
+/// Every endpoint the router serves, with who may call it.
+pub fn endpoints() -> Vec<Endpoint> {
+    routes(0)
+        .into_iter()
+        .map(|(endpoint, _)| endpoint)
+        .collect()
+}
+
 /// Builds the router over `state`.
 pub fn router(state: Arc<AppState>) -> Router {
     let submit_limit =
         (state.config.max_files_bytes + MAX_MANIFEST_BYTES as u64 + (1 << 20)) as usize;
-    Router::new()
-        .route("/v1/health", get(health))
-        .route(
-            "/v1/builds",
-            get(list_builds)
-                .post(submit)
-                .layer(DefaultBodyLimit::max(submit_limit)),
-        )
-        .route(
-            "/v1/builds/{build}",
-            get(build_summary).delete(transfer::delete_build),
-        )
-        .route("/v1/builds/{build}/jobs", get(list_jobs))
-        .route("/v1/builds/{build}/relbuild.xml", get(relbuild_xml))
-        .route("/v1/builds/{build}/events", get(events))
-        .route("/v1/builds/{build}/images", get(list_images))
-        .route("/v1/builds/{build}/files", get(build_files))
-        .route("/v1/claim", post(claim))
-        .route("/v1/offer", post(offer))
-        .route("/v1/clients", get(list_clients))
-        .route(
-            "/v1/session",
-            post(session).layer(DefaultBodyLimit::disable()),
-        )
-        .route("/v1/jobs/{build}/{job}", get(job_status))
-        .route("/v1/jobs/{build}/{job}/status.xml", get(job_status_xml))
-        .route("/v1/jobs/{build}/{job}/log", get(read_log).post(append_log))
-        .route("/v1/jobs/{build}/{job}/heartbeat", post(heartbeat))
-        .route("/v1/jobs/{build}/{job}/finish", post(finish))
-        .route("/v1/jobs/{build}/{job}/fail", post(fail))
-        .route("/v1/jobs/{build}/{job}/release", post(release))
-        .route("/v1/jobs/{build}/{job}/giveup", post(give_up))
-        .route("/v1/jobs/{build}/{job}/restart", post(restart))
-        .route("/v1/jobs/{build}/{job}/cancel", post(cancel))
-        .route(
-            "/v1/jobs/{build}/{job}/images/{name}",
-            get(transfer::get_image)
-                .put(put_image)
-                .layer(DefaultBodyLimit::disable()),
-        )
-        .route(
-            "/v1/jobs/{build}/{job}/images/{name}/index",
-            get(transfer::index),
-        )
-        .route(
-            "/v1/jobs/{build}/{job}/images/{name}/commit",
-            post(transfer::commit).layer(DefaultBodyLimit::max(MAX_COMMIT_BYTES)),
-        )
-        .route(
-            "/v1/jobs/{build}/{job}/chunks/missing",
-            post(transfer::missing).layer(DefaultBodyLimit::max(MAX_COMMIT_BYTES)),
-        )
-        .route(
-            "/v1/jobs/{build}/{job}/chunks",
-            post(transfer::put_chunks).layer(DefaultBodyLimit::disable()),
-        )
-        .route("/v1/chunks/fetch", post(transfer::fetch))
-        .route("/v1/storage", get(transfer::storage))
-        .route("/metrics", get(transfer::metrics))
+    let mut by_path: Vec<(&'static str, Handler)> = Vec::new();
+    for (endpoint, handler) in routes(submit_limit) {
+        let access = endpoint.access;
+        let auth_state = state.clone();
+        let handler = handler.route_layer(axum::middleware::from_fn(move |request, next| {
+            crate::auth::authorize(auth_state.clone(), access, request, next)
+        }));
+        match by_path.iter_mut().find(|(path, _)| *path == endpoint.path) {
+            Some((_, existing)) => *existing = std::mem::take(existing).merge(handler),
+            None => by_path.push((endpoint.path, handler)),
+        }
+    }
+    by_path
+        .into_iter()
+        .fold(Router::new(), |router, (path, handler)| {
+            router.route(path, handler)
+        })
         .layer(DefaultBodyLimit::max(MAX_JSON_BYTES))
         .layer(axum::middleware::from_fn(run_to_completion))
         .layer(axum::middleware::from_fn(move |request, next| {
@@ -423,7 +629,7 @@ async fn build_files(
     headers: HeaderMap,
     request: Request,
 ) -> Result<Response, ApiErr> {
-    if caller.0 == Role::Client {
+    if let Caller::Client(_) = caller {
         let job = query.job.as_deref().ok_or_else(|| {
             ApiErr::bad_request(
                 "no_job",
@@ -610,9 +816,9 @@ async fn offer(
 }
 
 fn check_claim_request(caller: &Caller, request: &ClaimRequest) -> Result<(), ApiErr> {
-    caller.require_client()?;
     check_name("client id", &request.client_id)
         .map_err(|msg| ApiErr::bad_request("bad_name", msg))?;
+    caller.require_client_named(&request.client_id)?;
     if request.include.is_empty() {
         return Err(ApiErr::bad_request(
             "no_include",
@@ -672,6 +878,23 @@ async fn claim(
     let Some(claimed) = waited else {
         return Ok(StatusCode::NO_CONTENT.into_response());
     };
+    // The credential may have been revoked while the claim waited: the job goes back.
+    if !credential_is_live(&state, &request.client_id).await? {
+        state
+            .store
+            .release(
+                &claimed.build,
+                &claimed.job,
+                &claimed.lease,
+                crate::now_micros(),
+            )
+            .await?;
+        state.dispatcher.wake();
+        return Err(ApiErr::Unauthorized(format!(
+            "client {:?}'s credential was revoked",
+            request.client_id
+        )));
+    }
     // The claim recorded the client and this contact.
     state
         .contacts
@@ -960,9 +1183,9 @@ async fn session(
     Query(query): Query<SessionQuery>,
     body: Body,
 ) -> Result<StatusCode, ApiErr> {
-    caller.require_client()?;
     let client_id = query.client_id;
     check_name("client id", &client_id).map_err(|msg| ApiErr::bad_request("bad_name", msg))?;
+    caller.require_client_named(&client_id)?;
     let generation = state.sessions.open(&client_id);
     tracing::debug!(client = %client_id, generation, "session opened");
     state.note_contact(&client_id, address.as_deref());
@@ -1128,4 +1351,177 @@ async fn cancel(
     tracing::info!(build = %build, job = %job, "job cancelled");
     state.changed();
     Ok(Json(event))
+}
+
+/// Whether client `id` has a credential that is not revoked.
+async fn credential_is_live(state: &AppState, id: &str) -> Result<bool, ApiErr> {
+    Ok(state
+        .store
+        .client_credential(id)
+        .await?
+        .is_some_and(|row| row.revoked_at.is_none()))
+}
+
+/// `GET /v1/whoami`: what the presented credential is.
+async fn whoami(caller: Caller) -> Json<serde_json::Value> {
+    Json(match caller {
+        Caller::Admin => serde_json::json!({ "role": "admin" }),
+        Caller::Client(id) => serde_json::json!({ "role": "client", "client_id": id }),
+        Caller::Join => serde_json::json!({ "role": "join" }),
+        Caller::Anonymous => serde_json::json!({ "role": "anonymous" }),
+    })
+}
+
+#[derive(Deserialize)]
+struct EnrollRequest {
+    client_id: String,
+}
+
+/// `POST /v1/enroll`: with the join token, a client id that has no credential yet
+/// gets one; the secret is in this answer and nowhere else.
+async fn enroll(
+    State(state): Shared,
+    Json(request): Json<EnrollRequest>,
+) -> Result<(StatusCode, Json<kiln_proto::api::ClientSecret>), ApiErr> {
+    let id = request.client_id;
+    check_name("client id", &id).map_err(|msg| ApiErr::bad_request("bad_name", msg))?;
+    let secret = crate::auth::new_secret();
+    let hash = hash_off_thread(&secret).await?;
+    let put = state
+        .store
+        .put_client_credential(
+            &id,
+            &hash,
+            kiln_store::CredentialWrite::Enroll,
+            crate::now_micros(),
+        )
+        .await?;
+    match put {
+        kiln_store::CredentialPut::Exists => Err(ApiErr::Conflict {
+            code: "client_exists",
+            message: format!(
+                "client {id:?} is enrolled already: it calls with the secret it was given \
+                 (an operator can issue a new one: kiln server client add {id})"
+            ),
+        }),
+        kiln_store::CredentialPut::Revoked => Err(ApiErr::Forbidden(format!(
+            "client {id:?}'s credential was revoked: only an operator can give it a new \
+             one (kiln server client add {id})"
+        ))),
+        kiln_store::CredentialPut::Created | kiln_store::CredentialPut::Replaced => {
+            state.credentials.remember(&id, &hash, &secret);
+            tracing::info!(client = %id, "client enrolled");
+            Ok((
+                StatusCode::CREATED,
+                Json(kiln_proto::api::ClientSecret {
+                    client_id: id,
+                    secret,
+                }),
+            ))
+        }
+    }
+}
+
+async fn hash_off_thread(secret: &str) -> Result<String, ApiErr> {
+    let secret = secret.to_owned();
+    tokio::task::spawn_blocking(move || crate::auth::hash_secret(&secret))
+        .await
+        .map_err(|err| ApiErr::Internal(format!("hashing a secret failed: {err}")))?
+        .map_err(|err| ApiErr::Internal(err.to_string()))
+}
+
+/// `GET /v1/credentials`: every client credential (never a secret or its hash).
+async fn list_credentials(
+    State(state): Shared,
+) -> Result<Json<Vec<kiln_proto::api::CredentialInfo>>, ApiErr> {
+    let rows = state.store.client_credentials().await?;
+    Ok(Json(
+        rows.into_iter()
+            .map(|row| kiln_proto::api::CredentialInfo {
+                client_id: row.client_id,
+                origin: row.origin,
+                created_at: row.created_at,
+                revoked_at: row.revoked_at,
+            })
+            .collect(),
+    ))
+}
+
+/// `POST /v1/credentials/ID`: a new secret for client ID (its old one, revoked or
+/// not, stops working).
+async fn issue_credential(
+    State(state): Shared,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<kiln_proto::api::ClientSecret>), ApiErr> {
+    check_name("client id", &id).map_err(|msg| ApiErr::bad_request("bad_name", msg))?;
+    let secret = crate::auth::new_secret();
+    let hash = hash_off_thread(&secret).await?;
+    state
+        .store
+        .put_client_credential(
+            &id,
+            &hash,
+            kiln_store::CredentialWrite::Issue,
+            crate::now_micros(),
+        )
+        .await?;
+    state.credentials.remember(&id, &hash, &secret);
+    tracing::info!(client = %id, "client credential issued");
+    Ok((
+        StatusCode::CREATED,
+        Json(kiln_proto::api::ClientSecret {
+            client_id: id,
+            secret,
+        }),
+    ))
+}
+
+/// `DELETE /v1/credentials/ID`: client ID's secret stops working; the id cannot enroll
+/// again until an operator issues it a new one.
+async fn revoke_credential(
+    State(state): Shared,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiErr> {
+    check_name("client id", &id).map_err(|msg| ApiErr::bad_request("bad_name", msg))?;
+    let revoked = state
+        .store
+        .revoke_client_credential(&id, crate::now_micros())
+        .await?;
+    state.credentials.forget(&id);
+    if !revoked {
+        return Err(ApiErr::Store(kiln_store::StoreError::NotFound(format!(
+            "a live credential of client {id:?}"
+        ))));
+    }
+    tracing::info!(client = %id, "client credential revoked");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+struct JoinTokenRequest {
+    /// `rotate` (a new token, returned once) or `disable`.
+    action: String,
+}
+
+/// `POST /v1/join-token`: rotates or disables the join token.
+async fn join_token(
+    State(state): Shared,
+    Json(request): Json<JoinTokenRequest>,
+) -> Result<Json<serde_json::Value>, ApiErr> {
+    let token = match request.action.as_str() {
+        "rotate" => Some(crate::auth::new_secret()),
+        "disable" => None,
+        other => {
+            return Err(ApiErr::bad_request(
+                "bad_action",
+                format!("join-token action {other:?} is neither \"rotate\" nor \"disable\""),
+            ))
+        }
+    };
+    state
+        .credentials
+        .set_join_token(token.as_deref())
+        .map_err(|err| ApiErr::Internal(format!("{err:#}")))?;
+    tracing::info!(action = %request.action, "join token changed");
+    Ok(Json(serde_json::json!({ "join_token": token })))
 }

@@ -1,64 +1,425 @@
-//! Credentials: the admin and client secrets, and the [`Caller`] extractor that checks
-//! `Authorization: Bearer SECRET` in constant time.
+//! Who is calling, and what they may do.
+//!
+//! Three kinds of secret reach the server:
+//! - the **admin token** (`DATA/admin.token`): operators; `Authorization: Bearer`.
+//! - the **join token** (`DATA/client.token`, rotatable, can be disabled): it only
+//!   enrolls a client (`POST /v1/enroll`), which receives a secret of its own.
+//! - each **client's own secret**: `Authorization: Basic base64(ID:SECRET)`. The store
+//!   keeps an argon2id hash of it, never the secret; a verified secret is remembered in
+//!   memory as a keyed BLAKE3 digest so that only a client's first call pays for the
+//!   slow hash, and the stored row is read on every call so that a revocation (through
+//!   the API or straight in the data directory) takes effect at once.
+//!
+//! [`authorize`] is the one middleware that decides, from the route's [`Access`] in
+//! [`crate::api`]'s table, whether a call goes through; handlers then read the
+//! [`Caller`] it left in the request.
 
+use crate::api::Access;
 use crate::error::ApiErr;
 use crate::AppState;
-use axum::extract::FromRequestParts;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::Argon2;
+use axum::extract::{FromRequestParts, RawPathParams, Request};
 use axum::http::request::Parts;
-use std::path::Path;
-use std::sync::Arc;
+use axum::response::{IntoResponse, Response};
+use kiln_store::StoreError;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
 use subtle::ConstantTimeEq;
 
-/// What a credential allows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    /// Submit, cancel, restart, release; read everything.
+/// The authenticated caller of a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    /// The admin token: operators.
     Admin,
-    /// Claim, heartbeat, log, upload, finish: only for jobs it holds.
-    Client,
+    /// A client, by its own id and secret.
+    Client(String),
+    /// The join token: may enroll, nothing else.
+    Join,
+    /// No credential, on a route the server was told to serve publicly.
+    Anonymous,
 }
 
-/// The server's secrets.
+impl Caller {
+    /// Refuses anyone but the admin.
+    pub fn require_admin(&self) -> Result<(), ApiErr> {
+        match self {
+            Caller::Admin => Ok(()),
+            _ => Err(ApiErr::Forbidden(
+                "this call needs the admin credential".into(),
+            )),
+        }
+    }
+
+    /// Refuses anyone but an identified client; gives its id.
+    pub fn require_client(&self) -> Result<&str, ApiErr> {
+        match self {
+            Caller::Client(id) => Ok(id),
+            Caller::Join => Err(ApiErr::Forbidden(
+                "the join token only enrolls a client (POST /v1/enroll): call with the \
+                 client's own id and secret"
+                    .into(),
+            )),
+            _ => Err(ApiErr::Forbidden(
+                "this call needs a client credential".into(),
+            )),
+        }
+    }
+
+    /// Refuses a client that names an id other than its own.
+    pub fn require_client_named(&self, named: &str) -> Result<(), ApiErr> {
+        let id = self.require_client()?;
+        if id == named {
+            Ok(())
+        } else {
+            Err(ApiErr::Forbidden(format!(
+                "this credential is client {id:?}'s: it cannot act as client {named:?}"
+            )))
+        }
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
+    type Rejection = ApiErr;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiErr> {
+        parts
+            .extensions
+            .get::<Caller>()
+            .cloned()
+            .ok_or_else(|| ApiErr::Internal("route served without authorization".into()))
+    }
+}
+
+/// The server's secrets: the admin token, the join token, and what it remembers of
+/// verified client secrets.
 pub struct Credentials {
     admin: String,
-    client: String,
+    join: RwLock<Option<String>>,
+    join_file: PathBuf,
+    /// A key for the digests of verified secrets, new each start.
+    key: [u8; 32],
+    /// Client id → (the stored hash it was verified against, keyed digest of the secret).
+    verified: Mutex<HashMap<String, (String, [u8; 32])>>,
+    /// Argon2 runs at most this many at once: wrong secrets cannot take every core.
+    hashing: tokio::sync::Semaphore,
 }
+
+/// What the join token file holds when enrollment is disabled.
+const JOIN_DISABLED: &str = "disabled";
 
 impl Credentials {
     /// Reads the secrets from their files, or creates them (random, mode 0600) in
-    /// `data_dir` on first start.
+    /// `data_dir` on first start. A join token file holding `disabled` disables
+    /// enrollment.
     pub fn load_or_create(
         data_dir: &Path,
         admin_file: Option<&Path>,
         client_file: Option<&Path>,
     ) -> anyhow::Result<Self> {
         let admin = read_or_create_secret(&data_dir.join("admin.token"), admin_file)?;
-        let client = read_or_create_secret(&data_dir.join("client.token"), client_file)?;
-        Ok(Credentials { admin, client })
+        let join_file = client_file
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| data_dir.join("client.token"));
+        let join = read_or_create_secret(&data_dir.join("client.token"), client_file)?;
+        let join = (join != JOIN_DISABLED).then_some(join);
+        if join.is_none() {
+            tracing::info!(file = %join_file.display(), "enrollment with the join token is disabled");
+        }
+        let mut key = [0u8; 32];
+        rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut key);
+        Ok(Credentials {
+            admin,
+            join: RwLock::new(join),
+            join_file,
+            key,
+            verified: Mutex::new(HashMap::new()),
+            hashing: tokio::sync::Semaphore::new(2),
+        })
     }
 
-    /// The role a presented secret grants, if any.
-    pub fn role_of(&self, secret: &str) -> Option<Role> {
+    /// The caller a bearer token makes, if any. Both tokens are compared, so timing
+    /// says nothing about which one was close.
+    fn bearer(&self, secret: &str) -> Option<Caller> {
         let secret = secret.as_bytes();
-        // Compare with both so that timing says nothing about which one matched.
         let is_admin: bool = secret.ct_eq(self.admin.as_bytes()).into();
-        let is_client: bool = secret.ct_eq(self.client.as_bytes()).into();
+        let join = self.join.read().unwrap_or_else(|e| e.into_inner());
+        let is_join: bool = match join.as_deref() {
+            Some(join) => secret.ct_eq(join.as_bytes()).into(),
+            None => false,
+        };
         if is_admin {
-            Some(Role::Admin)
-        } else if is_client {
-            Some(Role::Client)
+            Some(Caller::Admin)
+        } else if is_join {
+            Some(Caller::Join)
         } else {
             None
         }
     }
+
+    /// A new join token, written to the join token file (atomically, mode 0600); the
+    /// old one stops working at once. `None` disables enrollment.
+    pub fn set_join_token(&self, token: Option<&str>) -> anyhow::Result<()> {
+        write_secret_file(&self.join_file, token.unwrap_or(JOIN_DISABLED))?;
+        *self.join.write().unwrap_or_else(|e| e.into_inner()) = token.map(str::to_owned);
+        Ok(())
+    }
+
+    fn digest(&self, secret: &str) -> [u8; 32] {
+        *blake3::keyed_hash(&self.key, secret.as_bytes()).as_bytes()
+    }
+
+    /// Remembers `secret` as verified against `hash` for client `id` (it was just made).
+    pub fn remember(&self, id: &str, hash: &str, secret: &str) {
+        let digest = self.digest(secret);
+        self.verified
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.to_owned(), (hash.to_owned(), digest));
+    }
+
+    /// Forgets what was verified for `id` (its credential changed).
+    pub fn forget(&self, id: &str) {
+        self.verified
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+    }
+}
+
+/// Checks client `id`'s `secret` against the store.
+async fn client_caller(state: &AppState, id: &str, secret: &str) -> Result<Caller, ApiErr> {
+    let invalid = || ApiErr::Unauthorized("the credential is not valid".into());
+    let Some(row) = state.store.client_credential(id).await? else {
+        return Err(invalid());
+    };
+    if row.revoked_at.is_some() {
+        return Err(ApiErr::Unauthorized(format!(
+            "client {id:?}'s credential was revoked"
+        )));
+    }
+    let credentials = &state.credentials;
+    let digest = credentials.digest(secret);
+    let remembered = credentials
+        .verified
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(id)
+        .is_some_and(|(hash, known)| *hash == row.secret_hash && bool::from(known.ct_eq(&digest)));
+    if remembered {
+        return Ok(Caller::Client(id.to_owned()));
+    }
+    let _permit = credentials
+        .hashing
+        .acquire()
+        .await
+        .map_err(|_| ApiErr::Internal("shutting down".into()))?;
+    let hash = row.secret_hash.clone();
+    let secret = secret.to_owned();
+    let matches = tokio::task::spawn_blocking(move || verify_secret(&secret, &hash))
+        .await
+        .map_err(|err| ApiErr::Internal(format!("verifying a secret failed: {err}")))?;
+    if !matches {
+        return Err(invalid());
+    }
+    credentials
+        .verified
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(id.to_owned(), (row.secret_hash, digest));
+    Ok(Caller::Client(id.to_owned()))
+}
+
+/// The caller the `Authorization` header makes: `Ok(None)` when there is none.
+async fn caller_of(state: &AppState, parts: &Parts) -> Result<Option<Caller>, ApiErr> {
+    let Some(header) = parts.headers.get(axum::http::header::AUTHORIZATION) else {
+        return Ok(None);
+    };
+    let not_understood = || {
+        ApiErr::Unauthorized(
+            "the Authorization header is neither 'Bearer TOKEN' nor 'Basic' with a client \
+             id and secret"
+                .into(),
+        )
+    };
+    let value = header.to_str().map_err(|_| not_understood())?;
+    if let Some(token) = value.strip_prefix("Bearer ") {
+        return state
+            .credentials
+            .bearer(token.trim())
+            .map(Some)
+            .ok_or_else(|| ApiErr::Unauthorized("the credential is not valid".into()));
+    }
+    let encoded = value.strip_prefix("Basic ").ok_or_else(not_understood)?;
+    let decoded = base64_decode(encoded.trim()).ok_or_else(not_understood)?;
+    let decoded = String::from_utf8(decoded).map_err(|_| not_understood())?;
+    let (id, secret) = decoded.split_once(':').ok_or_else(not_understood)?;
+    // A client's own identity first; else the password may be a token (the seed's
+    // buildclient.xml gives a USERNAME with every PASSWORD).
+    if !id.is_empty() && state.store.client_credential(id).await?.is_some() {
+        match client_caller(state, id, secret).await {
+            Ok(caller) => return Ok(Some(caller)),
+            // Not this client's secret; it may still be a token (a client that lost
+            // its secret calls with the join token to be told what to do).
+            Err(err) => return state.credentials.bearer(secret).map(Some).ok_or(err),
+        }
+    }
+    state
+        .credentials
+        .bearer(secret)
+        .map(Some)
+        .ok_or_else(|| ApiErr::Unauthorized("the credential is not valid".into()))
+}
+
+/// Decides whether a request may reach its handler, from its route's [`Access`], and
+/// leaves the [`Caller`] in the request for the handler.
+pub async fn authorize(
+    state: Arc<AppState>,
+    access: Access,
+    request: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let (mut parts, body) = request.into_parts();
+    match decide(&state, access, &mut parts).await {
+        Ok(caller) => {
+            parts.extensions.insert(caller);
+            next.run(Request::from_parts(parts, body)).await
+        }
+        Err(err) => err.into_response(),
+    }
+}
+
+async fn decide(state: &AppState, access: Access, parts: &mut Parts) -> Result<Caller, ApiErr> {
+    if access == Access::Open {
+        // Whatever credential comes with it: a liveness probe needs none.
+        return Ok(Caller::Anonymous);
+    }
+    let caller = caller_of(state, parts).await?;
+    let Some(caller) = caller else {
+        return match access {
+            Access::Open => Ok(Caller::Anonymous),
+            Access::Read { public: true } if state.config.public_read => Ok(Caller::Anonymous),
+            _ => Err(ApiErr::Unauthorized(
+                "no credential: send Authorization: Bearer TOKEN (operators) or Basic \
+                 with the client's id and secret"
+                    .into(),
+            )),
+        };
+    };
+    match access {
+        Access::Open | Access::AnyCredential => {}
+        Access::Admin => caller.require_admin()?,
+        Access::Client => {
+            caller.require_client()?;
+        }
+        Access::Enroll => {
+            if !matches!(caller, Caller::Join | Caller::Admin) {
+                return Err(ApiErr::Forbidden(
+                    "enrolling needs the join token (or the admin credential)".into(),
+                ));
+            }
+        }
+        Access::Holder => {
+            let id = caller.require_client()?;
+            let params = path_params(parts).await?;
+            let (Some(build), Some(job)) = (params.get("build"), params.get("job")) else {
+                return Err(ApiErr::Internal(
+                    "holder route without build and job".into(),
+                ));
+            };
+            // A call without a lease, or with one that is not current, is answered by
+            // the handler (400 no_lease, 409 stale_lease). A current lease in the hands
+            // of another client is refused here.
+            let lease = parts
+                .headers
+                .get(kiln_proto::LEASE_HEADER)
+                .and_then(|value| value.to_str().ok());
+            if let Some(lease) = lease.filter(|lease| !lease.is_empty()) {
+                match state.store.check_lease(build, job, lease).await {
+                    Ok(holder) if holder.client_id != id => {
+                        return Err(ApiErr::Forbidden(format!(
+                            "job {build}/{job} is not held by client {id:?}"
+                        )))
+                    }
+                    Ok(_) | Err(StoreError::StaleLease { .. }) | Err(StoreError::NotFound(_)) => {}
+                    Err(err) => return Err(err.into()),
+                }
+            }
+        }
+        Access::Read { .. } => match &caller {
+            Caller::Admin => {}
+            Caller::Client(id) => {
+                let params = path_params(parts).await?;
+                let Some(build) = params.get("build") else {
+                    return Err(ApiErr::Forbidden(
+                        "a client reads only the builds it runs a job of".into(),
+                    ));
+                };
+                if !holds_job_of(state, id, build).await? {
+                    return Err(ApiErr::Forbidden(format!(
+                        "client {id:?} runs no job of build {build:?}: it cannot read it"
+                    )));
+                }
+            }
+            _ => caller.require_admin()?,
+        },
+    }
+    Ok(caller)
+}
+
+/// Whether client `id` runs a job of `build` now.
+async fn holds_job_of(state: &AppState, id: &str, build: &str) -> Result<bool, ApiErr> {
+    match state.store.list_jobs(build).await {
+        Ok(jobs) => Ok(jobs.iter().any(|job| {
+            job.state == kiln_proto::state::JobState::Running
+                && job.client_id.as_deref() == Some(id)
+        })),
+        Err(StoreError::NotFound(_)) => Ok(false),
+        Err(err) => Err(err.into()),
+    }
+}
+
+async fn path_params(parts: &mut Parts) -> Result<HashMap<String, String>, ApiErr> {
+    let params = RawPathParams::from_request_parts(parts, &())
+        .await
+        .map_err(|err| ApiErr::bad_request("bad_request", err.to_string()))?;
+    Ok(params
+        .iter()
+        .map(|(key, value)| (key.to_owned(), value.to_owned()))
+        .collect())
+}
+
+/// An argon2id hash (PHC string) of `secret`, with a random salt.
+pub fn hash_secret(secret: &str) -> anyhow::Result<String> {
+    let salt = SaltString::generate(&mut argon2::password_hash::rand_core::OsRng);
+    Argon2::default()
+        .hash_password(secret.as_bytes(), &salt)
+        .map(|hash| hash.to_string())
+        .map_err(|err| anyhow::anyhow!("hashing a secret failed: {err}"))
+}
+
+/// Whether `secret` matches the argon2id PHC string `hash` (compared in constant time
+/// by the argon2 crate).
+pub fn verify_secret(secret: &str, hash: &str) -> bool {
+    PasswordHash::new(hash)
+        .map(|parsed| {
+            Argon2::default()
+                .verify_password(secret.as_bytes(), &parsed)
+                .is_ok()
+        })
+        .unwrap_or(false)
+}
+
+fn base64_decode(text: &str) -> Option<Vec<u8>> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.decode(text).ok()
 }
 
 /// Reads a secret from `given`, else from `default_path`, else makes a new one there
 /// (random, mode 0600): how the server's and the master's token files come to be.
 pub fn read_or_create_secret(default_path: &Path, given: Option<&Path>) -> anyhow::Result<String> {
     use anyhow::Context;
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     if let Some(path) = given {
         let secret = std::fs::read_to_string(path)
             .with_context(|| format!("reading token file {}", path.display()))?;
@@ -78,15 +439,28 @@ pub fn read_or_create_secret(default_path: &Path, given: Option<&Path>) -> anyho
         return Ok(secret);
     }
     let secret = new_secret();
+    write_secret_file(default_path, &secret)?;
+    Ok(secret)
+}
+
+/// Writes `secret` to `path` (mode 0600), replacing it atomically.
+pub fn write_secret_file(path: &Path, secret: &str) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let partial = path.with_extension("new");
+    let _ = std::fs::remove_file(&partial);
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(default_path)
-        .with_context(|| format!("creating token file {}", default_path.display()))?;
+        .open(&partial)
+        .with_context(|| format!("creating token file {}", partial.display()))?;
     writeln!(file, "{secret}")?;
     file.sync_all()?;
-    Ok(secret)
+    std::fs::rename(&partial, path)
+        .with_context(|| format!("replacing token file {}", path.display()))?;
+    Ok(())
 }
 
 /// A fresh random secret: 32 bytes, hex.
@@ -97,53 +471,40 @@ pub fn new_secret() -> String {
     hex::encode(bytes)
 }
 
-/// The authenticated caller of a request.
-#[derive(Debug, Clone, Copy)]
-pub struct Caller(pub Role);
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-impl Caller {
-    /// Refuses anyone but the admin.
-    pub fn require_admin(self) -> Result<(), ApiErr> {
-        match self.0 {
-            Role::Admin => Ok(()),
-            Role::Client => Err(ApiErr::Forbidden(
-                "this call needs the admin credential".into(),
-            )),
-        }
+    #[test]
+    fn a_hash_verifies_its_secret_only() {
+        let hash = hash_secret("right").unwrap();
+        assert!(hash.starts_with("$argon2id$"), "{hash}");
+        assert!(!hash.contains("right"));
+        assert!(verify_secret("right", &hash));
+        assert!(!verify_secret("wrong", &hash));
+        assert!(!verify_secret("right", "not a PHC string"));
+        // Salted: the same secret hashes differently each time.
+        assert_ne!(hash, hash_secret("right").unwrap());
     }
 
-    /// Refuses anyone but a client.
-    pub fn require_client(self) -> Result<(), ApiErr> {
-        match self.0 {
-            Role::Client => Ok(()),
-            Role::Admin => Err(ApiErr::Forbidden(
-                "this call needs a client credential".into(),
-            )),
-        }
-    }
-}
-
-impl FromRequestParts<Arc<AppState>> for Caller {
-    type Rejection = ApiErr;
-
-    async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, ApiErr> {
-        let header = parts
-            .headers
-            .get(axum::http::header::AUTHORIZATION)
-            .ok_or_else(|| {
-                ApiErr::Unauthorized("no credential: send Authorization: Bearer SECRET".into())
-            })?;
-        let secret = header
-            .to_str()
-            .ok()
-            .and_then(|value| value.strip_prefix("Bearer "))
-            .ok_or_else(|| {
-                ApiErr::Unauthorized("the Authorization header is not 'Bearer SECRET'".into())
-            })?;
-        state
-            .credentials
-            .role_of(secret.trim())
-            .map(Caller)
-            .ok_or_else(|| ApiErr::Unauthorized("the credential is not valid".into()))
+    #[test]
+    fn bearer_tokens_make_admin_or_join_and_rotation_ends_the_old_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let credentials = Credentials::load_or_create(dir.path(), None, None).unwrap();
+        let admin = std::fs::read_to_string(dir.path().join("admin.token")).unwrap();
+        let join = std::fs::read_to_string(dir.path().join("client.token")).unwrap();
+        assert_eq!(credentials.bearer(admin.trim()), Some(Caller::Admin));
+        assert_eq!(credentials.bearer(join.trim()), Some(Caller::Join));
+        assert_eq!(credentials.bearer("nonsense"), None);
+        credentials.set_join_token(Some("fresh")).unwrap();
+        assert_eq!(credentials.bearer(join.trim()), None);
+        assert_eq!(credentials.bearer("fresh"), Some(Caller::Join));
+        credentials.set_join_token(None).unwrap();
+        assert_eq!(credentials.bearer("fresh"), None);
+        assert_eq!(credentials.bearer(JOIN_DISABLED), None);
+        // Disabled survives a restart.
+        let again = Credentials::load_or_create(dir.path(), None, None).unwrap();
+        assert_eq!(again.bearer(JOIN_DISABLED), None);
+        assert_eq!(again.bearer(admin.trim()), Some(Caller::Admin));
     }
 }

@@ -24,6 +24,9 @@ pub enum ApiErr {
     /// A valid credential without the right to do this.
     #[error("{0}")]
     Forbidden(String),
+    /// The call conflicts with what exists (a client enrolled already, say).
+    #[error("{message}")]
+    Conflict { code: &'static str, message: String },
     /// The request body is larger than the server accepts.
     #[error("{0}")]
     TooLarge(String),
@@ -72,6 +75,7 @@ impl ApiErr {
             ApiErr::BadRequest { code, .. } => (StatusCode::BAD_REQUEST, code),
             ApiErr::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiErr::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            ApiErr::Conflict { code, .. } => (StatusCode::CONFLICT, code),
             ApiErr::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
             ApiErr::Unprocessable { code, .. } => (StatusCode::UNPROCESSABLE_ENTITY, code),
             ApiErr::MissingChunks { .. } => (StatusCode::CONFLICT, "missing_chunks"),

@@ -6,7 +6,7 @@
 //! tests can bind `127.0.0.1:0`. State lives in a [`kiln_store::JobStore`], bytes in a
 //! [`kiln_blob::BlobStore`].
 
-mod api;
+pub mod api;
 mod auth;
 mod contacts;
 mod dispatch;
@@ -18,7 +18,9 @@ mod register;
 mod sessions;
 mod transfer;
 
-pub use auth::{new_secret, read_or_create_secret, Role};
+pub use auth::{
+    hash_secret, new_secret, read_or_create_secret, verify_secret, write_secret_file, Caller,
+};
 
 use anyhow::Context;
 use dispatch::Dispatcher;
@@ -65,6 +67,8 @@ pub struct ServerConfig {
     pub advertise: Option<String>,
     /// The file holding the masters' server credential.
     pub master_token_file: Option<PathBuf>,
+    /// Serve build status and images to callers without a credential.
+    pub public_read: bool,
 }
 
 impl ServerConfig {
@@ -74,6 +78,7 @@ impl ServerConfig {
             data_dir,
             admin_token_file: None,
             client_token_file: None,
+            public_read: false,
             lease_secs: 15,
             heartbeat_secs: 5,
             startup_grace_secs: 15,

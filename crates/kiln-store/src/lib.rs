@@ -413,4 +413,58 @@ pub trait JobStore: Send + Sync + 'static {
     /// Every client that claimed a job here, by id, with the jobs it runs now. Their
     /// `session_open` is false: sessions are the server's to know.
     async fn clients(&self) -> StoreResult<Vec<ClientInfo>>;
+
+    /// A client's own credential, revoked or not.
+    async fn client_credential(&self, id: &str) -> StoreResult<Option<ClientCredential>>;
+
+    /// Every client credential, by id.
+    async fn client_credentials(&self) -> StoreResult<Vec<ClientCredential>>;
+
+    /// Records `secret_hash` as client `id`'s credential. With [`CredentialWrite::Enroll`]
+    /// only an id without a credential gets one (atomically: two enrollments of one id
+    /// cannot both win); [`CredentialWrite::Issue`] replaces any, a revoked one too.
+    async fn put_client_credential(
+        &self,
+        id: &str,
+        secret_hash: &str,
+        how: CredentialWrite,
+        now: i64,
+    ) -> StoreResult<CredentialPut>;
+
+    /// Revokes client `id`'s credential; false when it has none (or it was revoked).
+    async fn revoke_client_credential(&self, id: &str, now: i64) -> StoreResult<bool>;
+}
+
+/// A client's own credential as stored: the hash of its secret, never the secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientCredential {
+    pub client_id: String,
+    /// An argon2id PHC string.
+    pub secret_hash: String,
+    /// `enrolled` (with the join token) or `issued` (by an operator).
+    pub origin: String,
+    pub created_at: i64,
+    pub revoked_at: Option<i64>,
+}
+
+/// How [`JobStore::put_client_credential`] writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CredentialWrite {
+    /// A client enrolling itself: only if the id has no credential.
+    Enroll,
+    /// An operator issuing one: replaces any.
+    Issue,
+}
+
+/// What [`JobStore::put_client_credential`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CredentialPut {
+    /// The id had none: it has this one now.
+    Created,
+    /// An operator replaced the id's credential.
+    Replaced,
+    /// Enrolling: the id already has a credential (nothing written).
+    Exists,
+    /// Enrolling: the id's credential was revoked (nothing written).
+    Revoked,
 }

@@ -5,9 +5,10 @@
 //! conditional `UPDATE ... WHERE state = 'queued'`: whoever loses gets nothing.
 
 use crate::{
-    BuildRecord, Candidate, ClaimedJob, ClaimingClient, DeletedBuild, Failure, ImageRecord,
-    ImageTotals, JobStore, LeaseHolder, LegacyImage, LoadCounts, NewBuild, NewImage, Notification,
-    StoreError, StoreResult, TimedTransition,
+    BuildRecord, Candidate, ClaimedJob, ClaimingClient, ClientCredential, CredentialPut,
+    CredentialWrite, DeletedBuild, Failure, ImageRecord, ImageTotals, JobStore, LeaseHolder,
+    LegacyImage, LoadCounts, NewBuild, NewImage, Notification, StoreError, StoreResult,
+    TimedTransition,
 };
 use async_trait::async_trait;
 use kiln_proto::api::{
@@ -1681,6 +1682,75 @@ impl JobStore for SqliteStore {
             })
             .collect()
     }
+
+    async fn client_credential(&self, id: &str) -> StoreResult<Option<ClientCredential>> {
+        let row = sqlx::query(
+            "SELECT client_id, secret_hash, origin, created_at, revoked_at \
+             FROM client_credentials WHERE client_id = ?",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(credential_of).transpose()
+    }
+
+    async fn client_credentials(&self) -> StoreResult<Vec<ClientCredential>> {
+        let rows = sqlx::query(
+            "SELECT client_id, secret_hash, origin, created_at, revoked_at \
+             FROM client_credentials ORDER BY client_id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(credential_of).collect()
+    }
+
+    async fn put_client_credential(
+        &self,
+        id: &str,
+        secret_hash: &str,
+        how: CredentialWrite,
+        now: i64,
+    ) -> StoreResult<CredentialPut> {
+        let mut tx = self.write_tx().await?;
+        let existing: Option<Option<i64>> =
+            sqlx::query_scalar("SELECT revoked_at FROM client_credentials WHERE client_id = ?")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let (origin, put) = match (how, existing) {
+            (CredentialWrite::Enroll, Some(Some(_))) => return Ok(CredentialPut::Revoked),
+            (CredentialWrite::Enroll, Some(None)) => return Ok(CredentialPut::Exists),
+            (CredentialWrite::Enroll, None) => ("enrolled", CredentialPut::Created),
+            (CredentialWrite::Issue, None) => ("issued", CredentialPut::Created),
+            (CredentialWrite::Issue, Some(_)) => ("issued", CredentialPut::Replaced),
+        };
+        sqlx::query(
+            "INSERT INTO client_credentials (client_id, secret_hash, origin, created_at) \
+             VALUES (?, ?, ?, ?) ON CONFLICT (client_id) DO UPDATE SET \
+             secret_hash = excluded.secret_hash, origin = excluded.origin, \
+             created_at = excluded.created_at, revoked_at = NULL",
+        )
+        .bind(id)
+        .bind(secret_hash)
+        .bind(origin)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(put)
+    }
+
+    async fn revoke_client_credential(&self, id: &str, now: i64) -> StoreResult<bool> {
+        let done = sqlx::query(
+            "UPDATE client_credentials SET revoked_at = ? \
+             WHERE client_id = ? AND revoked_at IS NULL",
+        )
+        .bind(now)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
 }
 
 fn image_info_from_row(row: &SqliteRow) -> StoreResult<ImageInfo> {
@@ -1693,5 +1763,14 @@ fn image_info_from_row(row: &SqliteRow) -> StoreResult<ImageInfo> {
         blake3: row.try_get("blake3")?,
         sha256: row.try_get("sha256")?,
         created_at: row.try_get("created_at")?,
+    })
+}
+fn credential_of(row: &SqliteRow) -> StoreResult<ClientCredential> {
+    Ok(ClientCredential {
+        client_id: row.try_get("client_id")?,
+        secret_hash: row.try_get("secret_hash")?,
+        origin: row.try_get("origin")?,
+        created_at: row.try_get("created_at")?,
+        revoked_at: row.try_get("revoked_at")?,
     })
 }

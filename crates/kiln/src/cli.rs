@@ -60,13 +60,19 @@ pub struct ServerOpts {
 }
 
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct ServerArgs {
+    #[command(subcommand)]
+    pub action: Option<ServerAction>,
     /// Address to listen on (port 0 picks a free one; the URL is printed).
     #[arg(long, default_value = "127.0.0.1:7070")]
     pub listen: String,
     /// Directory for the database, images and token files.
+    #[arg(long, required = true)]
+    pub data: Option<PathBuf>,
+    /// Serve build status, events and images to callers without a credential.
     #[arg(long)]
-    pub data: PathBuf,
+    pub public_read: bool,
     /// Use this existing admin token file instead of DATA/admin.token.
     #[arg(long)]
     pub admin_token_file: Option<PathBuf>,
@@ -101,6 +107,79 @@ pub struct ServerArgs {
     /// File holding the masters' server credential (their server.token).
     #[arg(long)]
     pub master_token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ServerAction {
+    /// Manage clients' own credentials.
+    Client(ServerClientArgs),
+    /// Rotate or disable the join token clients enroll with.
+    JoinToken(JoinTokenArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServerClientArgs {
+    #[command(subcommand)]
+    pub action: CredentialAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CredentialAction {
+    /// Give client ID a new secret, printed once, alone on the last line; any previous
+    /// one (revoked or not) stops working.
+    Add {
+        id: String,
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+    /// End client ID's secret at once; it cannot enroll again until added.
+    Revoke {
+        id: String,
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+    /// List the clients' credentials (never the secrets).
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct JoinTokenArgs {
+    #[command(subcommand)]
+    pub action: JoinTokenAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JoinTokenAction {
+    /// Make a new join token (printed once, alone on the last line); the old one stops
+    /// working.
+    Rotate(AdminTarget),
+    /// Refuse enrollment until the token is rotated.
+    Disable(AdminTarget),
+}
+
+/// Where a credential command acts: on a data directory, or on a running server with
+/// the admin credential.
+#[derive(Debug, Clone, Args)]
+pub struct AdminTarget {
+    /// Act on this data directory directly (client credentials take effect at once,
+    /// even on a running server; a join token change at its next start).
+    #[arg(long, conflicts_with = "server")]
+    pub data: Option<PathBuf>,
+    /// Act on the server at this URL (default: KILN_SERVER, else http://127.0.0.1:7070).
+    #[arg(long)]
+    pub server: Option<String>,
+    /// A file holding the admin credential (else KILN_TOKEN).
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// The join token file the server uses, if not DATA/client.token (with --data).
+    #[arg(long, requires = "data")]
+    pub client_token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -6,14 +6,15 @@
 mod common;
 
 use common::{
-    kill_process_group, process_exists, text, wait_for_gate, wait_until, write_build, Harness, Job,
-    Server,
+    kill_process_group, process_exists, text, wait_for_gate, wait_until, write_build, Client,
+    Harness, Job, Server,
 };
 
-/// POSTs a heartbeat for `build/job` under `lease`; returns the HTTP status.
-fn heartbeat(server: &Server, build: &str, job: &str, lease: &str) -> u16 {
+/// POSTs a heartbeat for `build/job` under `lease` as `client`; returns the HTTP status.
+fn heartbeat(server: &Server, client: &Client, build: &str, job: &str, lease: &str) -> u16 {
     server
-        .client_post(
+        .client_post_as(
+            client,
             &format!("/v1/jobs/{build}/{job}/heartbeat"),
             &[("x-kiln-lease", lease)],
             "{}",
@@ -54,7 +55,7 @@ fn killed_clients_job_finishes_on_another_client_as_attempt_2_and_its_old_lease_
     let orphan_pgid = held_by_a["pgid"].as_i64().expect("a pgid") as i32;
     assert_eq!(held_by_a["attempt"], 1, "{held_by_a:#}");
     assert_eq!(
-        heartbeat(&server, &build, "long", &old_lease),
+        heartbeat(&server, &client_a, &build, "long", &old_lease),
         200,
         "A's lease is current while A holds the job"
     );
@@ -77,12 +78,12 @@ fn killed_clients_job_finishes_on_another_client_as_attempt_2_and_its_old_lease_
     let new_lease = text(&held_by_b, "lease").to_owned();
     assert_ne!(new_lease, old_lease, "a new attempt has a new lease");
     assert_eq!(
-        heartbeat(&server, &build, "long", &new_lease),
+        heartbeat(&server, &client_b, &build, "long", &new_lease),
         200,
         "B's lease is current"
     );
     assert_eq!(
-        heartbeat(&server, &build, "long", &old_lease),
+        heartbeat(&server, &client_a, &build, "long", &old_lease),
         409,
         "A's old lease is refused while B runs the job"
     );
@@ -97,7 +98,7 @@ fn killed_clients_job_finishes_on_another_client_as_attempt_2_and_its_old_lease_
     assert_eq!(text(&job, "client_id"), "B", "{job:#}");
     assert_eq!(job["attempt"], 2, "{job:#}");
     assert_eq!(
-        heartbeat(&server, &build, "long", &old_lease),
+        heartbeat(&server, &client_a, &build, "long", &old_lease),
         409,
         "A's old lease is refused after the job finished"
     );
@@ -210,7 +211,7 @@ fn frozen_client_loses_its_job_by_lease_and_on_waking_kills_its_step_and_changes
     assert_eq!(text(&job, "client_id"), "B", "{job:#}");
     assert_eq!(job["attempt"], 2, "{job:#}");
     assert_eq!(
-        heartbeat(&server, &build, "frozen", &old_lease),
+        heartbeat(&server, &client_a, &build, "frozen", &old_lease),
         409,
         "the frozen client's lease is refused"
     );

@@ -437,7 +437,7 @@ fn names_from_outside_in_manifests_and_urls_are_refused() {
         } else {
             "{}"
         };
-        let response = server.client_post(path, &[("x-kiln-lease", &lease)], body);
+        let response = server.client_post_as(&client, path, &[("x-kiln-lease", &lease)], body);
         assert!(
             matches!(response.status, 400 | 404),
             "POST {path} is refused: {response:?}"
@@ -450,7 +450,7 @@ fn names_from_outside_in_manifests_and_urls_are_refused() {
     let commit = format!(r#"{{"size":0,"blake3":"{zero}","sha256":"{zero}","chunks":[]}}"#);
     for name in ["..%2Fetc", "%2e%2e", "..", ".hidden", "a%00b"] {
         let path = format!("/v1/jobs/830/one/images/{name}/commit");
-        let response = server.client_post(&path, &[("x-kiln-lease", &lease)], &commit);
+        let response = server.client_post_as(&client, &path, &[("x-kiln-lease", &lease)], &commit);
         assert_refused(
             &server,
             &format!("POST {path}"),
@@ -463,7 +463,8 @@ fn names_from_outside_in_manifests_and_urls_are_refused() {
     // Chunk ids that are not 64 lowercase hex.
     for bad in ["../../etc/passwd", "abc", &"g".repeat(64), &"A".repeat(64)] {
         let missing = format!(r#"{{"chunks":[{{"hash":"{bad}","len":1}}]}}"#);
-        let response = server.client_post(
+        let response = server.client_post_as(
+            &client,
             "/v1/jobs/830/one/chunks/missing",
             &[("x-kiln-lease", &lease)],
             &missing,
@@ -475,7 +476,7 @@ fn names_from_outside_in_manifests_and_urls_are_refused() {
             "chunks[0].hash",
         );
         let fetch = format!(r#"{{"chunks":["{bad}"]}}"#);
-        let response = server.client_post("/v1/chunks/fetch", &[], &fetch);
+        let response = server.admin_post("/v1/chunks/fetch", &fetch);
         assert_bad_json(
             &server,
             &format!("chunks/fetch {bad:?}"),
@@ -525,7 +526,7 @@ fn oversized_bodies_are_refused_naming_the_limit_and_the_server_keeps_serving() 
     let claim = format!(r#"{{"client_id":"{client_id}","include":["*"],"wait_secs":0}}"#);
     // Sent with a helper that reads the answer even when the server refuses before the
     // whole body is in and closes (the harness's would fail on the broken pipe).
-    let auth = format!("Bearer {}", server.client_token());
+    let auth = server.enroll("oversized");
     let response = raw_request(
         &server,
         "POST",
@@ -549,7 +550,12 @@ fn oversized_bodies_are_refused_naming_the_limit_and_the_server_keeps_serving() 
         .map(|idx| format!(r#"{{"stream":"stdout","text":"{idx}"}}"#))
         .collect();
     let batch = format!(r#"{{"lines":[{}],"progress":null}}"#, lines.join(","));
-    let response = server.client_post("/v1/jobs/841/one/log", &[("x-kiln-lease", &lease)], &batch);
+    let response = server.client_post_as(
+        &client,
+        "/v1/jobs/841/one/log",
+        &[("x-kiln-lease", &lease)],
+        &batch,
+    );
     assert_refused(
         &server,
         "an oversized log batch",

@@ -143,7 +143,35 @@ fn no_credential_appears_in_logs_events_status_or_job_environments() {
         "the client logged at debug level: {client_log}"
     );
 
+    // The secret the client enrolled with, as it is kept and as it travels.
+    let kept_dir = harness.path().join("keeper-work").join("credentials");
+    let kept: Vec<serde_json::Value> = std::fs::read_dir(&kept_dir)
+        .expect("the client keeps its enrolled secret")
+        .map(|entry| serde_json::from_str(&read(&entry.expect("an entry").path())).expect("JSON"))
+        .collect();
+    assert_eq!(kept.len(), 1, "one server, one kept secret: {kept:?}");
+    let own_secret = kept[0]["secret"].as_str().expect("a secret").to_owned();
+    let own_header = common::basic_auth("keeper", &own_secret);
+    let own_header = own_header.trim_start_matches("Basic ").to_owned();
+    let listed = run_kiln(
+        harness.path(),
+        &[
+            "server",
+            "client",
+            "list",
+            "--json",
+            "--data",
+            &server.data.display().to_string(),
+        ],
+        &[],
+    );
+    assert_eq!(listed.code, 0, "{listed:?}");
+    assert!(listed.stdout.contains("keeper"), "{listed:?}");
+    seen.push(("kiln server client list".into(), listed.stdout));
+
     let secrets = [
+        ("client's own", own_secret),
+        ("client's own (as sent)", own_header),
         ("admin", read(&server.admin_token_file).trim().to_owned()),
         ("client", client_secret.clone()),
         ("server", read(&master.server_token_file).trim().to_owned()),

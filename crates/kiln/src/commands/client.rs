@@ -5,6 +5,7 @@ use crate::operator::Usage;
 use anyhow::Context;
 use kiln_client::conn::ServerConn;
 use kiln_client::fleet::MasterConn;
+use kiln_client::identity::Given;
 use kiln_client::{Agent, ClientOptions, Stop};
 use kiln_proto::client_config::ClientConfig;
 use std::process::ExitCode;
@@ -68,7 +69,17 @@ async fn reset(
             continue;
         }
         match &token {
-            Some(token) => servers.push(ServerConn::new(&job.server, token).map_err(Usage)?),
+            Some(token) => {
+                let conn = ServerConn::new(&job.server, token).map_err(Usage)?;
+                // The jobs are given back as the client that held them.
+                let keep_dir = work.join("credentials");
+                servers.push(
+                    match kiln_client::identity::kept_client_id(&keep_dir, &job.server) {
+                        Some(id) => conn.for_client(&id, Some(&keep_dir)),
+                        None => conn,
+                    },
+                );
+            }
             None => eprintln!(
                 "warning: no client credential (--token-file or KILN_TOKEN): {} is not told; its job's lease will lapse",
                 job.server
@@ -122,17 +133,25 @@ fn options_from(args: ClientArgs) -> anyhow::Result<ClientOptions> {
     }
     if args.servers.is_empty() {
         for entry in config.iter().flat_map(|config| config.servers.iter()) {
-            let token = flag_token
-                .clone()
-                .or_else(|| entry.password.clone())
-                .ok_or_else(|| {
-                    Usage(format!(
+            // USERNAME and PASSWORD: the client's own id and secret, or any name with
+            // the join token; the server tells which.
+            let given = match (&flag_token, &entry.username, &entry.password) {
+                (Some(token), _, _) => Given::Token(token.clone()),
+                (None, Some(user), Some(password)) if !user.is_empty() => Given::Basic {
+                    user: user.clone(),
+                    password: password.clone(),
+                },
+                (None, _, Some(password)) => Given::Token(password.clone()),
+                (None, _, None) => {
+                    return Err(Usage(format!(
                         "no client credential for {}: give PASSWORD, --token-file or KILN_TOKEN",
                         entry.url
                     ))
-                })?;
+                    .into())
+                }
+            };
             servers.push(
-                ServerConn::new(&entry.url, &token)
+                ServerConn::with_given(&entry.url, given)
                     .map_err(|err| Usage(format!("CONFIGLOC: {err}")))?,
             );
         }
@@ -198,6 +217,17 @@ fn options_from(args: ClientArgs) -> anyhow::Result<ClientOptions> {
                 .map(Into::into)
         })
         .ok_or_else(|| Usage("the client needs a work directory: pass --work DIR".into()))?;
+    // Each server knows this client by its id and its own secret, enrolled with the
+    // join token at the first claim and kept here.
+    let keep_dir = work_dir.join("credentials");
+    let servers = servers
+        .into_iter()
+        .map(|conn| conn.for_client(&client_id, Some(&keep_dir)))
+        .collect();
+    let masters = masters
+        .into_iter()
+        .map(|conn| conn.for_client(&client_id, Some(&keep_dir)))
+        .collect();
     let slots = args
         .slots
         .or_else(|| config.as_ref().and_then(|config| config.slots))

@@ -7,6 +7,7 @@ mod build;
 mod chaos;
 mod client;
 mod clients;
+mod credentials;
 mod demo;
 mod events;
 mod farm;

@@ -7,7 +7,15 @@ use std::io::Write;
 use std::process::ExitCode;
 
 pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
-    let mut config = ServerConfig::new(args.data.clone());
+    if let Some(action) = args.action {
+        return super::credentials::run(action).await;
+    }
+    let data = args
+        .data
+        .clone()
+        .ok_or_else(|| crate::operator::Usage("kiln server needs --data DIR".into()))?;
+    let mut config = ServerConfig::new(data.clone());
+    config.public_read = args.public_read;
     config.admin_token_file = args.admin_token_file;
     config.client_token_file = args.client_token_file;
     config.lease_secs = args.lease_secs.max(1);
@@ -78,7 +86,12 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
     // The URL is the one line on stdout, so that scripts and tests can read it.
     println!("kiln server listening on http://{addr}");
     std::io::stdout().flush().ok();
-    tracing::info!(data = %args.data.display(), "admin token in admin.token, client token in client.token");
+    tracing::info!(data = %data.display(), "admin token in admin.token, join token in client.token");
+    if args.public_read {
+        tracing::warn!(
+            "--public-read: build status, events and images are served without a credential"
+        );
+    }
     server.run(listener, super::terminated()).await?;
     tracing::info!("server stopped");
     Ok(ExitCode::SUCCESS)

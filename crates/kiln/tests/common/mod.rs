@@ -367,6 +367,7 @@ impl Harness {
             data,
             log_dir: self.path().to_owned(),
             process: guard,
+            probe: std::sync::OnceLock::new(),
         }
     }
 
@@ -490,6 +491,8 @@ pub struct Server {
     pub client_token_file: PathBuf,
     log_dir: PathBuf,
     pub process: ProcessGuard,
+    /// The Authorization header of a client enrolled by the test itself.
+    probe: std::sync::OnceLock<String>,
 }
 
 impl Server {
@@ -616,10 +619,58 @@ impl Server {
         )
     }
 
-    /// POSTs `body` to `path` with the client credential and these extra headers.
+    /// Enrolls client `id` with the join token; its `Authorization` header.
+    pub fn enroll(&self, id: &str) -> String {
+        let join = format!("Bearer {}", self.client_token());
+        let body = format!(r#"{{"client_id":"{id}"}}"#);
+        let response = http(
+            &self.url,
+            "POST",
+            "/v1/enroll",
+            &[("Authorization", &join)],
+            Some(&body),
+        )
+        .unwrap_or_else(|err| self.fail(&format!("enrolling {id}: {err}")));
+        if response.status != 201 {
+            self.fail(&format!("enrolling {id}: {response:?}"));
+        }
+        let answer: Value = serde_json::from_str(&response.body).expect("enroll JSON");
+        basic_auth(id, answer["secret"].as_str().expect("a secret"))
+    }
+
+    /// POSTs `body` to `path` as a client of the test's own (enrolled once, holding no
+    /// job) with these extra headers.
     pub fn client_post(&self, path: &str, headers: &[(&str, &str)], body: &str) -> HttpResponse {
-        let auth = format!("Bearer {}", self.client_token());
-        let mut all = vec![("Authorization", auth.as_str())];
+        let auth = self.probe.get_or_init(|| self.enroll("test-probe")).clone();
+        self.post_with(&auth, path, headers, body)
+    }
+
+    /// POSTs `body` to `path` as `client` (with the secret it enrolled with).
+    pub fn client_post_as(
+        &self,
+        client: &Client,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> HttpResponse {
+        let auth = client.auth_for(self);
+        self.post_with(&auth, path, headers, body)
+    }
+
+    /// POSTs `body` to `path` with the admin credential.
+    pub fn admin_post(&self, path: &str, body: &str) -> HttpResponse {
+        let auth = format!("Bearer {}", self.admin_token());
+        self.post_with(&auth, path, &[], body)
+    }
+
+    fn post_with(
+        &self,
+        auth: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> HttpResponse {
+        let mut all = vec![("Authorization", auth)];
         all.extend_from_slice(headers);
         http(&self.url, "POST", path, &all, Some(body))
             .unwrap_or_else(|err| self.fail(&format!("POST {path}: {err}")))
@@ -641,6 +692,29 @@ pub struct Client {
 }
 
 impl Client {
+    /// The `Authorization` header of the secret this client enrolled with at `server`
+    /// (kept in `WORK/credentials`).
+    pub fn auth_for(&self, server: &Server) -> String {
+        let dir = self.work_dir.join("credentials");
+        let entries = std::fs::read_dir(&dir)
+            .unwrap_or_else(|err| panic!("reading {}: {err}", dir.display()));
+        for entry in entries.flatten() {
+            let Ok(text) = std::fs::read_to_string(entry.path()) else {
+                continue;
+            };
+            let Ok(kept) = serde_json::from_str::<Value>(&text) else {
+                continue;
+            };
+            if kept["server"] == server.url.as_str() {
+                return basic_auth(
+                    kept["client_id"].as_str().expect("client_id"),
+                    kept["secret"].as_str().expect("secret"),
+                );
+            }
+        }
+        panic!("client {} has no secret for {}", self.id, server.url)
+    }
+
     /// The client's `WORK/state.json`, if it exists and parses.
     pub fn state(&self) -> Option<Value> {
         let text = std::fs::read_to_string(self.work_dir.join("state.json")).ok()?;
@@ -656,6 +730,13 @@ impl Client {
             .find(|held| held["build"] == build && held["job"] == job)
             .cloned()
     }
+}
+
+/// `Basic` credentials for `id` and `secret`.
+pub fn basic_auth(id: &str, secret: &str) -> String {
+    use base64::Engine;
+    let encoded = base64::engine::general_purpose::STANDARD.encode(format!("{id}:{secret}"));
+    format!("Basic {encoded}")
 }
 
 /// A response from [`http`].
