@@ -24,7 +24,7 @@ use futures::StreamExt;
 use kiln_blob::ImageHasher;
 use kiln_proto::api::{
     BuildSummary, Claim, ClaimRequest, ClientInfo, Event, Fail, Finish, Heartbeat, ImageInfo,
-    JobStatus, LogBatch, LogChunk, Offer, Submitted,
+    JobStatus, LogAppended, LogBatch, LogChunk, Offer, Submitted,
 };
 use kiln_proto::manifest::BuildManifest;
 use kiln_proto::names::check_name;
@@ -504,6 +504,15 @@ async fn submit(
                 })?;
                 let parsed = BuildManifest::parse(&file_name, text)
                     .map_err(|err| ApiErr::bad_request("bad_manifest", err.to_string()))?;
+                let max_jobs = state.config.max_jobs_per_build;
+                if parsed.jobs.len() > max_jobs {
+                    return Err(ApiErr::TooLarge(format!(
+                        "{file_name}: build {} has {} jobs; this server accepts at most \
+                         {max_jobs} jobs per build (--max-jobs-per-build)",
+                        parsed.number,
+                        parsed.jobs.len()
+                    )));
+                }
                 // Refuse a known build number before reading a large archive.
                 match state.store.build_summary(&parsed.number).await {
                     Ok(_) => return Err(StoreError::DuplicateBuild(parsed.number).into()),
@@ -737,27 +746,40 @@ async fn append_log(
     Path((build, job)): Path<(String, String)>,
     headers: HeaderMap,
     Json(batch): Json<LogBatch>,
-) -> Result<StatusCode, ApiErr> {
+) -> Result<Json<LogAppended>, ApiErr> {
     caller.require_client()?;
     if batch.lines.len() > MAX_LOG_BATCH {
         return Err(ApiErr::TooLarge(format!(
             "a log batch carries at most {MAX_LOG_BATCH} lines"
         )));
     }
-    let holder = state
+    let max_bytes = state.config.max_log_bytes_per_job;
+    let appended = state
         .store
-        .append_log(
+        .append_log_within(
             &build,
             &job,
             lease_of(&headers)?,
             &batch.lines,
             batch.progress.as_ref(),
             crate::now_micros(),
+            max_bytes,
+            &log_cut_notice(max_bytes),
         )
         .await?;
-    state.note_contact(&holder.client_id, address.as_deref());
+    state.note_contact(&appended.holder.client_id, address.as_deref());
     state.changed();
-    Ok(StatusCode::NO_CONTENT)
+    Ok(Json(LogAppended {
+        truncated: appended.cut,
+    }))
+}
+
+/// The last line of a log cut at `max_bytes`.
+fn log_cut_notice(max_bytes: u64) -> String {
+    format!(
+        "kiln: this job's log was cut at {max_bytes} bytes (the server's \
+         --max-log-bytes-per-job); later output was dropped, the job runs on"
+    )
 }
 
 #[derive(Deserialize)]
@@ -822,12 +844,12 @@ async fn put_image(
     headers: HeaderMap,
     body: Body,
 ) -> Result<(StatusCode, Json<ImageInfo>), ApiErr> {
-    caller.require_client()?;
-    check_job_names(&build, &job)?;
     check_name("image name", &name).map_err(|msg| ApiErr::bad_request("bad_name", msg))?;
-    let lease = lease_of(&headers)?.to_owned();
-    // Refuse a stale lease before reading a large body.
-    state.store.check_lease(&build, &job, &lease).await?;
+    // Refuse a stale lease, or one upload too many, before reading a large body.
+    let (lease, holder) = transfer::check_holder_of(&state, caller, &build, &job, &headers).await?;
+    let _slot = state
+        .uploads
+        .try_take(&holder.client_id, state.config.max_uploads_per_client)?;
     let expected = headers
         .get(BLAKE3_HEADER)
         .and_then(|value| value.to_str().ok())
