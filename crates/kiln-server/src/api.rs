@@ -13,8 +13,10 @@ use crate::files;
 use crate::transfer;
 use crate::AppState;
 use axum::body::Body;
+use axum::extract::rejection::RawPathParamsRejection;
 use axum::extract::{
-    ConnectInfo, DefaultBodyLimit, FromRequestParts, Multipart, Path, Query, Request, State,
+    ConnectInfo, DefaultBodyLimit, FromRequestParts, Multipart, Path, Query, RawPathParams,
+    Request, State,
 };
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -120,12 +122,41 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chunks/fetch", post(transfer::fetch))
         .route("/v1/storage", get(transfer::storage))
         .route("/metrics", get(transfer::metrics))
+        .route_layer(axum::middleware::from_fn(check_path_names))
         .layer(DefaultBodyLimit::max(MAX_JSON_BYTES))
         .layer(axum::middleware::from_fn(run_to_completion))
         .layer(axum::middleware::from_fn(move |request, next| {
             refusals_as_json(request, next, submit_limit)
         }))
         .with_state(state)
+}
+
+/// What each path parameter of the routes above names, as a refusal says it.
+const PATH_NAMES: [(&str, &str); 3] = [
+    ("build", "build number"),
+    ("job", "job id"),
+    ("name", "image name"),
+];
+
+/// Refuses, for every route, a `{build}`, `{job}` or `{name}` path parameter that is
+/// not a valid name (`400 bad_name`, naming the parameter), before any handler looks
+/// it up. A parameter that does not decode is left to the handler's own refusal.
+async fn check_path_names(
+    params: Result<RawPathParams, RawPathParamsRejection>,
+    request: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if let Ok(params) = params {
+        for (key, value) in &params {
+            let Some((_, what)) = PATH_NAMES.iter().find(|(param, _)| *param == key) else {
+                continue;
+            };
+            if let Err(message) = check_name(what, value) {
+                return ApiErr::bad_request("bad_name", message).into_response();
+            }
+        }
+    }
+    next.run(request).await
 }
 
 /// The body limit of the call at `path`, as the routes above set it.
