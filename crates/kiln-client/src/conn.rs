@@ -518,3 +518,44 @@ impl ServerConn {
         check(response).await.map(drop)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    fn busy() -> CallError {
+        CallError::Busy {
+            message: "too many uploads".into(),
+            retry_after: Duration::from_millis(5),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_busy_answer_is_sent_again_after_its_pause_and_other_answers_go_up() {
+        let n_calls = AtomicU32::new(0);
+        let answer = while_busy(|| async {
+            match n_calls.fetch_add(1, Ordering::SeqCst) {
+                0 | 1 => Err(busy()),
+                _ => Ok("stored"),
+            }
+        })
+        .await;
+        assert_eq!(answer.ok(), Some("stored"));
+        assert_eq!(n_calls.load(Ordering::SeqCst), 3);
+
+        let n_calls = AtomicU32::new(0);
+        let answer: Result<(), CallError> = while_busy(|| async {
+            n_calls.fetch_add(1, Ordering::SeqCst);
+            Err(CallError::Refused {
+                status: StatusCode::BAD_REQUEST,
+                message: "hash_mismatch".into(),
+            })
+        })
+        .await;
+        assert!(matches!(answer, Err(CallError::Refused { .. })));
+        assert_eq!(n_calls.load(Ordering::SeqCst), 1);
+        // Busy is worth retrying for callers that retry whole uploads, too.
+        assert!(busy().is_retryable());
+    }
+}
