@@ -298,7 +298,10 @@ pub trait JobStore: Send + Sync + 'static {
     /// `cut_notice` as a last `kiln` line, and from then on no more lines of the job
     /// (the progress is still recorded). The count lives in the job's row, so it holds
     /// across restarts.
-    #[allow(clippy::too_many_arguments)]
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the arguments of append_log and the limit with its notice"
+    )]
     async fn append_log_within(
         &self,
         build: &str,
