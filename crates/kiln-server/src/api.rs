@@ -799,6 +799,9 @@ async fn append_log(
         )
         .await?;
     state.note_contact(&appended.holder.client_id, address.as_deref());
+    if appended.cut_now {
+        tracing::info!(build = %build, job = %job, max_bytes, "job log cut at its limit; later lines are dropped");
+    }
     state.changed();
     Ok(Json(LogAppended {
         truncated: appended.cut,

@@ -148,6 +148,8 @@ pub struct LogAppend {
     pub n_stored: usize,
     /// The job's log is cut: it reached its limit, now or before.
     pub cut: bool,
+    /// This call cut it (and stored the notice).
+    pub cut_now: bool,
 }
 
 /// An image whose bytes are in the blob store, to record under a lease.

@@ -939,6 +939,7 @@ impl JobStore for SqliteStore {
             holder: row.holder(),
             n_stored,
             cut,
+            cut_now: cut && !was_cut,
         })
     }
 

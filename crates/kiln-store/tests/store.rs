@@ -2216,7 +2216,10 @@ async fn log_volume_stops_at_its_limit_with_a_notice_and_the_count_survives_reop
     let second = store
         .append_log_within(BUILD, "a", &lease, &lines, None, at(3), 25, "cut")
         .await?;
-    assert_eq!((second.n_stored, second.cut), (1, true));
+    assert_eq!(
+        (second.n_stored, second.cut, second.cut_now),
+        (1, true, true)
+    );
     // Once cut, nothing more is stored, but the progress still is.
     let progress = Progress {
         percent: Some(50),
@@ -2234,7 +2237,7 @@ async fn log_volume_stops_at_its_limit_with_a_notice_and_the_count_survives_reop
             "cut",
         )
         .await?;
-    assert_eq!((third.n_stored, third.cut), (0, true));
+    assert_eq!((third.n_stored, third.cut, third.cut_now), (0, true, false));
     let texts: Vec<(String, String)> = store
         .read_log(BUILD, "a", 0, 100)
         .await?
