@@ -1,4 +1,6 @@
+//! Rebuilds the crate when a migration is added: `sqlx::migrate!` embeds the
+//! directory's files at compile time, and cargo does not watch them by itself.
+
 fn main() {
-    // New migration files must rebuild the crate: sqlx::migrate! embeds them.
     println!("cargo:rerun-if-changed=migrations");
 }

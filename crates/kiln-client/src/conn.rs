@@ -5,7 +5,9 @@ use kiln_blob::wire::{
     CommitRequest, MissingRequest, MissingResponse, PutChunksResponse, FRAMES_CONTENT_TYPE,
 };
 use kiln_blob::{ChunkEntry, ChunkHash};
-use kiln_proto::api::{ApiError, Claim, ClaimRequest, Fail, Finish, Heartbeat, LogBatch, Offer};
+use kiln_proto::api::{
+    ApiError, Claim, ClaimRequest, Fail, Finish, Heartbeat, LogAppended, LogBatch, Offer,
+};
 use kiln_proto::progress::Progress;
 use kiln_proto::LEASE_HEADER;
 use reqwest::StatusCode;
@@ -25,6 +27,13 @@ pub enum CallError {
     /// The server could not do it now (5xx, e.g. out of disk); retry later.
     #[error("the server failed: {status}: {message}")]
     ServerFailed { status: StatusCode, message: String },
+    /// The server is taking as many uploads from this client as it accepts at once
+    /// (429): send this one again after the pause it asks for.
+    #[error("the server is busy with this client's other uploads: {message}")]
+    Busy {
+        message: String,
+        retry_after: Duration,
+    },
     /// The server could not be reached or the connection broke.
     #[error("cannot reach the server")]
     Transport(#[source] reqwest::Error),
@@ -46,7 +55,7 @@ impl CallError {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            CallError::Transport(_) | CallError::ServerFailed { .. }
+            CallError::Transport(_) | CallError::ServerFailed { .. } | CallError::Busy { .. }
         )
     }
 }
@@ -68,11 +77,55 @@ impl std::fmt::Debug for ServerConn {
     }
 }
 
+/// The pause after a `429` that names none.
+const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(1);
+/// The longest pause a `429` may ask for.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+/// How long an upload call is sent again while the server answers it is busy with
+/// this client's other uploads; then the busy answer goes up to the caller.
+const BUSY_RETRY_FOR: Duration = Duration::from_secs(600);
+
+/// Calls `send` again while the server answers busy (429), after the pause it asks
+/// for, for at most [`BUSY_RETRY_FOR`].
+async fn while_busy<T, F, Fut>(mut send: F) -> Result<T, CallError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, CallError>>,
+{
+    let give_up = tokio::time::Instant::now() + BUSY_RETRY_FOR;
+    let mut n_busy: u32 = 0;
+    loop {
+        match send().await {
+            Err(CallError::Busy {
+                retry_after,
+                message,
+            }) if tokio::time::Instant::now() + retry_after < give_up => {
+                // Once per call: a long wait would otherwise log every second.
+                if n_busy == 0 {
+                    tracing::info!(%message, ?retry_after, "the server takes no more uploads from this client at once; sending it again after a pause");
+                }
+                n_busy += 1;
+                tokio::time::sleep(retry_after).await;
+            }
+            result => return result,
+        }
+    }
+}
+
 pub(crate) async fn check(response: reqwest::Response) -> Result<reqwest::Response, CallError> {
     let status = response.status();
     if status.is_success() {
         return Ok(response);
     }
+    // Read before the body: a pause the server asks for when it is busy.
+    let retry_after = response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.trim().parse::<u64>().ok())
+        .map_or(DEFAULT_RETRY_AFTER, |secs| {
+            Duration::from_secs(secs).min(MAX_RETRY_AFTER)
+        });
     let text = response.text().await.unwrap_or_default();
     let (code, message, missing) = match serde_json::from_str::<ApiError>(&text) {
         Ok(body) => (body.code, body.error, body.missing),
@@ -90,6 +143,11 @@ pub(crate) async fn check(response: reqwest::Response) -> Result<reqwest::Respon
     // `stale_lease` means the job is no longer ours.
     Err(if status == StatusCode::CONFLICT && code == "stale_lease" {
         CallError::Stale(message)
+    } else if status == StatusCode::TOO_MANY_REQUESTS {
+        CallError::Busy {
+            message,
+            retry_after,
+        }
     } else if status.is_server_error() {
         CallError::ServerFailed { status, message }
     } else {
@@ -275,8 +333,9 @@ impl ServerConn {
         }
     }
 
-    /// Appends log lines (and the latest progress).
-    pub async fn log(&self, claim: &Claim, batch: &LogBatch) -> Result<(), CallError> {
+    /// Appends log lines (and the latest progress). The answer says whether the
+    /// job's log reached the server's limit (the server stores no more of its lines).
+    pub async fn log(&self, claim: &Claim, batch: &LogBatch) -> Result<LogAppended, CallError> {
         let response = self
             .request(
                 reqwest::Method::POST,
@@ -289,7 +348,12 @@ impl ServerConn {
             .send()
             .await
             .map_err(CallError::Transport)?;
-        check(response).await.map(drop)
+        let response = check(response).await?;
+        // A server older than the answer's body says `204 No Content`.
+        if response.status() == StatusCode::NO_CONTENT {
+            return Ok(LogAppended::default());
+        }
+        response.json().await.map_err(CallError::Transport)
     }
 
     /// Reports the job finished with these images.
@@ -424,27 +488,30 @@ impl ServerConn {
         blake3: &str,
         size: u64,
     ) -> Result<(), CallError> {
-        let file = tokio::fs::File::open(path)
-            .await
-            .map_err(|source| CallError::Local {
-                what: format!("opening image {}", path.display()),
-                source,
-            })?;
-        let stream = tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024);
-        let response = self
-            .request(
-                reqwest::Method::PUT,
-                self.job_url(&claim.build, &claim.job_id, &format!("images/{name}")),
-            )
-            .await?
-            .header(LEASE_HEADER, &claim.lease)
-            .header(kiln_proto::BLAKE3_HEADER, blake3)
-            .header(reqwest::header::CONTENT_LENGTH, size)
-            .body(reqwest::Body::wrap_stream(stream))
-            .send()
-            .await
-            .map_err(CallError::Transport)?;
-        check(response).await.map(drop)
+        while_busy(|| async {
+            let file = tokio::fs::File::open(path)
+                .await
+                .map_err(|source| CallError::Local {
+                    what: format!("opening image {}", path.display()),
+                    source,
+                })?;
+            let stream = tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024);
+            let response = self
+                .request(
+                    reqwest::Method::PUT,
+                    self.job_url(&claim.build, &claim.job_id, &format!("images/{name}")),
+                )
+                .await?
+                .header(LEASE_HEADER, &claim.lease)
+                .header(kiln_proto::BLAKE3_HEADER, blake3)
+                .header(reqwest::header::CONTENT_LENGTH, size)
+                .body(reqwest::Body::wrap_stream(stream))
+                .send()
+                .await
+                .map_err(CallError::Transport)?;
+            check(response).await.map(drop)
+        })
+        .await
     }
 
     /// Which of `chunks` the server lacks. Naming the image they continue (and the
@@ -484,23 +551,28 @@ impl ServerConn {
         claim: &Claim,
         frames: Vec<u8>,
     ) -> Result<PutChunksResponse, CallError> {
-        let response = self
-            .request(
-                reqwest::Method::POST,
-                self.job_url(&claim.build, &claim.job_id, "chunks"),
-            )
-            .await?
-            .header(LEASE_HEADER, &claim.lease)
-            .header(reqwest::header::CONTENT_TYPE, FRAMES_CONTENT_TYPE)
-            .body(frames)
-            .send()
-            .await
-            .map_err(CallError::Transport)?;
-        check(response)
-            .await?
-            .json()
-            .await
-            .map_err(CallError::Transport)
+        // Shared, not copied, each time the body is sent again.
+        let frames = bytes::Bytes::from(frames);
+        while_busy(|| async {
+            let response = self
+                .request(
+                    reqwest::Method::POST,
+                    self.job_url(&claim.build, &claim.job_id, "chunks"),
+                )
+                .await?
+                .header(LEASE_HEADER, &claim.lease)
+                .header(reqwest::header::CONTENT_TYPE, FRAMES_CONTENT_TYPE)
+                .body(frames.clone())
+                .send()
+                .await
+                .map_err(CallError::Transport)?;
+            check(response)
+                .await?
+                .json()
+                .await
+                .map_err(CallError::Transport)
+        })
+        .await
     }
 
     /// Commits an image whose chunks the server has.
@@ -526,5 +598,46 @@ impl ServerConn {
             .await
             .map_err(CallError::Transport)?;
         check(response).await.map(drop)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    fn busy() -> CallError {
+        CallError::Busy {
+            message: "too many uploads".into(),
+            retry_after: Duration::from_millis(5),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_busy_answer_is_sent_again_after_its_pause_and_other_answers_go_up() {
+        let n_calls = AtomicU32::new(0);
+        let answer = while_busy(|| async {
+            match n_calls.fetch_add(1, Ordering::SeqCst) {
+                0 | 1 => Err(busy()),
+                _ => Ok("stored"),
+            }
+        })
+        .await;
+        assert_eq!(answer.ok(), Some("stored"));
+        assert_eq!(n_calls.load(Ordering::SeqCst), 3);
+
+        let n_calls = AtomicU32::new(0);
+        let answer: Result<(), CallError> = while_busy(|| async {
+            n_calls.fetch_add(1, Ordering::SeqCst);
+            Err(CallError::Refused {
+                status: StatusCode::BAD_REQUEST,
+                message: "hash_mismatch".into(),
+            })
+        })
+        .await;
+        assert!(matches!(answer, Err(CallError::Refused { .. })));
+        assert_eq!(n_calls.load(Ordering::SeqCst), 1);
+        // Busy is worth retrying for callers that retry whole uploads, too.
+        assert!(busy().is_retryable());
     }
 }

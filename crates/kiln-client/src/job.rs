@@ -429,10 +429,14 @@ async fn ship_logs(
     let mut n_dropped: u64 = 0;
     let mut closed = false;
     let mut failures: u32 = 0;
+    // The server cut the job's log at its limit: lines are drained and dropped here,
+    // and only progress is sent.
+    let mut truncated = false;
     loop {
         let flush_at = Instant::now() + LOG_FLUSH;
         while !closed && buffer.len() < LOG_BATCH {
             match tokio::time::timeout_at(flush_at, rx.recv()).await {
+                Ok(Some(_)) if truncated => {}
                 Ok(Some(line)) => {
                     if buffer.len() >= LOG_BUFFER {
                         buffer.pop_front();
@@ -476,10 +480,15 @@ async fn ship_logs(
             )
             .await
         {
-            Ok(()) => {
+            Ok(answer) => {
                 buffer.drain(..n_sent);
                 n_dropped = 0;
                 failures = 0;
+                if answer.truncated && !truncated {
+                    truncated = true;
+                    buffer.clear();
+                    tracing::warn!(build = %claim.build, job = %claim.job_id, "the server cut this job's log at its limit; no more of its output is sent (the job runs on)");
+                }
             }
             Err(CallError::Stale(_)) => {
                 let _ = cancel.send(true);

@@ -149,6 +149,17 @@ pub struct LogBatch {
     pub progress: Option<Progress>,
 }
 
+/// The answer to a log batch. A server older than this field answers `204 No Content`,
+/// which reads as the default (not truncated).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogAppended {
+    /// The job's log reached the server's limit (`--max-log-bytes-per-job`): the
+    /// server stores no more of its lines, so the client stops sending them. The job
+    /// itself runs on.
+    #[serde(default)]
+    pub truncated: bool,
+}
+
 /// A stored log line.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LogLine {

@@ -13,8 +13,10 @@ use crate::files;
 use crate::transfer;
 use crate::AppState;
 use axum::body::Body;
+use axum::extract::rejection::RawPathParamsRejection;
 use axum::extract::{
-    ConnectInfo, DefaultBodyLimit, FromRequestParts, Multipart, Path, Query, Request, State,
+    ConnectInfo, DefaultBodyLimit, FromRequestParts, Multipart, Path, Query, RawPathParams,
+    Request, State,
 };
 use axum::http::Method;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -25,7 +27,7 @@ use futures::StreamExt;
 use kiln_blob::ImageHasher;
 use kiln_proto::api::{
     BuildSummary, Claim, ClaimRequest, ClientInfo, Event, Fail, Finish, Heartbeat, ImageInfo,
-    JobStatus, LogBatch, LogChunk, Offer, Submitted,
+    JobStatus, LogAppended, LogBatch, LogChunk, Offer, Submitted,
 };
 use kiln_proto::manifest::BuildManifest;
 use kiln_proto::names::check_name;
@@ -326,12 +328,41 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fold(Router::new(), |router, (path, handler)| {
             router.route(path, handler)
         })
+        .route_layer(axum::middleware::from_fn(check_path_names))
         .layer(DefaultBodyLimit::max(MAX_JSON_BYTES))
         .layer(axum::middleware::from_fn(run_to_completion))
         .layer(axum::middleware::from_fn(move |request, next| {
             refusals_as_json(request, next, submit_limit)
         }))
         .with_state(state)
+}
+
+/// What each path parameter of the routes above names, as a refusal says it.
+const PATH_NAMES: [(&str, &str); 3] = [
+    ("build", "build number"),
+    ("job", "job id"),
+    ("name", "image name"),
+];
+
+/// Refuses, for every route, a `{build}`, `{job}` or `{name}` path parameter that is
+/// not a valid name (`400 bad_name`, naming the parameter), before any handler looks
+/// it up. A parameter that does not decode is left to the handler's own refusal.
+async fn check_path_names(
+    params: Result<RawPathParams, RawPathParamsRejection>,
+    request: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if let Ok(params) = params {
+        for (key, value) in &params {
+            let Some((_, what)) = PATH_NAMES.iter().find(|(param, _)| *param == key) else {
+                continue;
+            };
+            if let Err(message) = check_name(what, value) {
+                return ApiErr::bad_request("bad_name", message).into_response();
+            }
+        }
+    }
+    next.run(request).await
 }
 
 /// The body limit of the call at `path`, as the routes above set it.
@@ -710,6 +741,15 @@ async fn submit(
                 })?;
                 let parsed = BuildManifest::parse(&file_name, text)
                     .map_err(|err| ApiErr::bad_request("bad_manifest", err.to_string()))?;
+                let max_jobs = state.config.max_jobs_per_build;
+                if parsed.jobs.len() > max_jobs {
+                    return Err(ApiErr::TooLarge(format!(
+                        "{file_name}: build {} has {} jobs; this server accepts at most \
+                         {max_jobs} jobs per build (--max-jobs-per-build)",
+                        parsed.number,
+                        parsed.jobs.len()
+                    )));
+                }
                 // Refuse a known build number before reading a large archive.
                 match state.store.build_summary(&parsed.number).await {
                     Ok(_) => return Err(StoreError::DuplicateBuild(parsed.number).into()),
@@ -960,27 +1000,43 @@ async fn append_log(
     Path((build, job)): Path<(String, String)>,
     headers: HeaderMap,
     Json(batch): Json<LogBatch>,
-) -> Result<StatusCode, ApiErr> {
+) -> Result<Json<LogAppended>, ApiErr> {
     caller.require_client()?;
     if batch.lines.len() > MAX_LOG_BATCH {
         return Err(ApiErr::TooLarge(format!(
             "a log batch carries at most {MAX_LOG_BATCH} lines"
         )));
     }
-    let holder = state
+    let max_bytes = state.config.max_log_bytes_per_job;
+    let appended = state
         .store
-        .append_log(
+        .append_log_within(
             &build,
             &job,
             lease_of(&headers)?,
             &batch.lines,
             batch.progress.as_ref(),
             crate::now_micros(),
+            max_bytes,
+            &log_cut_notice(max_bytes),
         )
         .await?;
-    state.note_contact(&holder.client_id, address.as_deref());
+    state.note_contact(&appended.holder.client_id, address.as_deref());
+    if appended.cut_now {
+        tracing::info!(build = %build, job = %job, max_bytes, "job log cut at its limit; later lines are dropped");
+    }
     state.changed();
-    Ok(StatusCode::NO_CONTENT)
+    Ok(Json(LogAppended {
+        truncated: appended.cut,
+    }))
+}
+
+/// The last line of a log cut at `max_bytes`.
+fn log_cut_notice(max_bytes: u64) -> String {
+    format!(
+        "kiln: this job's log was cut at {max_bytes} bytes (the server's \
+         --max-log-bytes-per-job); later output was dropped, the job runs on"
+    )
 }
 
 #[derive(Deserialize)]
@@ -1045,12 +1101,12 @@ async fn put_image(
     headers: HeaderMap,
     body: Body,
 ) -> Result<(StatusCode, Json<ImageInfo>), ApiErr> {
-    caller.require_client()?;
-    check_job_names(&build, &job)?;
     check_name("image name", &name).map_err(|msg| ApiErr::bad_request("bad_name", msg))?;
-    let lease = lease_of(&headers)?.to_owned();
-    // Refuse a stale lease before reading a large body.
-    state.store.check_lease(&build, &job, &lease).await?;
+    // Refuse a stale lease, or one upload too many, before reading a large body.
+    let (lease, holder) = transfer::check_holder_of(&state, caller, &build, &job, &headers).await?;
+    let _slot = state
+        .uploads
+        .try_take(&holder.client_id, state.config.max_uploads_per_client)?;
     let expected = headers
         .get(BLAKE3_HEADER)
         .and_then(|value| value.to_str().ok())

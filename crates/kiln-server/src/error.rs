@@ -8,6 +8,10 @@ use kiln_blob::BlobError;
 use kiln_proto::api::ApiError;
 use kiln_store::StoreError;
 
+/// The pause, in seconds, a client refused `too_many_uploads` waits before it sends
+/// the upload again.
+const RETRY_UPLOAD_AFTER_SECS: &str = "1";
+
 /// A refusal or failure of an API call.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiErr {
@@ -41,6 +45,10 @@ pub enum ApiErr {
         message: String,
         missing: Vec<String>,
     },
+    /// The client is sending as many uploads as it may at once: it retries after a
+    /// pause (`Retry-After`). Nothing of this one was read or kept.
+    #[error("{0}")]
+    TooManyUploads(String),
     /// Anything else: logged in full, reported without detail.
     #[error("internal error: {0}")]
     Internal(String),
@@ -79,6 +87,7 @@ impl ApiErr {
             ApiErr::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
             ApiErr::Unprocessable { code, .. } => (StatusCode::UNPROCESSABLE_ENTITY, code),
             ApiErr::MissingChunks { .. } => (StatusCode::CONFLICT, "missing_chunks"),
+            ApiErr::TooManyUploads(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_uploads"),
             ApiErr::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
@@ -95,7 +104,7 @@ impl IntoResponse for ApiErr {
         if status.is_server_error() {
             tracing::error!(cause = %message, code, "request failed");
         }
-        (
+        let mut response = (
             status,
             Json(ApiError {
                 code: code.to_owned(),
@@ -103,6 +112,13 @@ impl IntoResponse for ApiErr {
                 missing,
             }),
         )
-            .into_response()
+            .into_response();
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static(RETRY_UPLOAD_AFTER_SECS),
+            );
+        }
+        response
     }
 }

@@ -61,6 +61,14 @@ pub struct ServerConfig {
     pub max_files_bytes: u64,
     /// The largest image accepted.
     pub max_image_bytes: u64,
+    /// Bytes of log text stored per job; past them the log is cut with a last line
+    /// saying so, and later lines are dropped while the job runs on.
+    pub max_log_bytes_per_job: u64,
+    /// The most jobs one build's manifest may hold.
+    pub max_jobs_per_build: usize,
+    /// The most image uploads (chunk bodies, whole images) one client may send at
+    /// once; one more is answered `429 too_many_uploads`.
+    pub max_uploads_per_client: usize,
     /// Masters to register with and heartbeat to, every `heartbeat_secs`.
     pub masters: Vec<String>,
     /// The URL masters hand out for this server; needed when `masters` is not empty.
@@ -88,6 +96,9 @@ impl ServerConfig {
             default_max_attempts: 3,
             max_files_bytes: 1 << 30,
             max_image_bytes: 64 << 30,
+            max_log_bytes_per_job: 64 << 20,
+            max_jobs_per_build: 10_000,
+            max_uploads_per_client: 4,
             masters: Vec::new(),
             advertise: None,
             master_token_file: None,
@@ -114,6 +125,8 @@ pub struct AppState {
     pub(crate) sessions: sessions::Sessions,
     /// Each client's latest contact, written to the store now and then.
     pub(crate) contacts: contacts::Contacts,
+    /// How many image uploads each client is sending now.
+    pub(crate) uploads: transfer::UploadSlots,
 }
 
 impl AppState {
@@ -209,6 +222,7 @@ impl Server {
                 notices: tokio::sync::Notify::new(),
                 sessions: sessions::Sessions::default(),
                 contacts: contacts::Contacts::default(),
+                uploads: transfer::UploadSlots::default(),
             }),
         };
         transfer::convert_legacy_images(&server.state)

@@ -213,6 +213,60 @@ impl Storage {
     }
 }
 
+/// How many uploads each client is sending now: a counting semaphore per client id,
+/// tried (never waited on) by every body-carrying upload call. A client at its limit
+/// is answered `429 too_many_uploads` before its body is read.
+#[derive(Default)]
+pub struct UploadSlots {
+    in_flight: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+/// One upload's place among its client's; given back when dropped.
+pub struct UploadSlot {
+    in_flight: Arc<Mutex<HashMap<String, usize>>>,
+    client_id: String,
+}
+
+impl UploadSlots {
+    /// A slot for one more upload of `client_id`, or the refusal when it sends
+    /// `max` already.
+    pub fn try_take(&self, client_id: &str, max: usize) -> Result<UploadSlot, ApiErr> {
+        let mut in_flight = self.in_flight.lock().expect("upload slots lock");
+        let n_sending = in_flight.entry(client_id.to_owned()).or_default();
+        if *n_sending >= max {
+            return Err(ApiErr::TooManyUploads(format!(
+                "client {client_id} already sends as many uploads at once as this server \
+                 accepts from one client (--max-uploads-per-client {max}); send this one \
+                 again when one of them ends"
+            )));
+        }
+        *n_sending += 1;
+        Ok(UploadSlot {
+            in_flight: self.in_flight.clone(),
+            client_id: client_id.to_owned(),
+        })
+    }
+
+    /// How many uploads `client_id` is sending now.
+    #[cfg(test)]
+    fn n_sending(&self, client_id: &str) -> usize {
+        let in_flight = self.in_flight.lock().expect("upload slots lock");
+        in_flight.get(client_id).copied().unwrap_or(0)
+    }
+}
+
+impl Drop for UploadSlot {
+    fn drop(&mut self) {
+        let mut in_flight = self.in_flight.lock().expect("upload slots lock");
+        if let Some(n_sending) = in_flight.get_mut(&self.client_id) {
+            *n_sending = n_sending.saturating_sub(1);
+            if *n_sending == 0 {
+                in_flight.remove(&self.client_id);
+            }
+        }
+    }
+}
+
 /// Runs blocking chunk-store work off the async threads.
 async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, ApiErr> + Send + 'static,
@@ -229,11 +283,23 @@ async fn check_holder(
     job: &str,
     headers: &HeaderMap,
 ) -> Result<String, ApiErr> {
+    Ok(check_holder_of(state, caller, build, job, headers).await?.0)
+}
+
+/// Checks the caller holds the job, as [`check_holder`]; returns the lease and the
+/// holding client.
+pub(crate) async fn check_holder_of(
+    state: &AppState,
+    caller: Caller,
+    build: &str,
+    job: &str,
+    headers: &HeaderMap,
+) -> Result<(String, kiln_store::LeaseHolder), ApiErr> {
     caller.require_client()?;
     check_job_names(build, job)?;
     let lease = lease_of(headers)?.to_owned();
-    state.store.check_lease(build, job, &lease).await?;
-    Ok(lease)
+    let holder = state.store.check_lease(build, job, &lease).await?;
+    Ok((lease, holder))
 }
 
 /// `POST /v1/jobs/{build}/{job}/chunks/missing`
@@ -303,7 +369,10 @@ pub async fn put_chunks(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<PutChunksResponse>, ApiErr> {
-    check_holder(&state, caller, &build, &job, &headers).await?;
+    let (_, holder) = check_holder_of(&state, caller, &build, &job, &headers).await?;
+    let _slot = state
+        .uploads
+        .try_take(&holder.client_id, state.config.max_uploads_per_client)?;
     let mut reader = FrameReader::new();
     let mut batch: Vec<Frame> = Vec::new();
     let mut batch_bytes = 0usize;
@@ -1096,6 +1165,27 @@ pub async fn convert_legacy_images(state: &AppState) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn upload_slots_refuse_one_over_the_limit_per_client_and_come_back_when_dropped() {
+        let slots = UploadSlots::default();
+        let first = slots.try_take("client-a", 2).expect("first slot");
+        let second = slots.try_take("client-a", 2).expect("second slot");
+        let refused = slots
+            .try_take("client-a", 2)
+            .err()
+            .expect("a third is refused");
+        assert!(matches!(refused, ApiErr::TooManyUploads(_)), "{refused:?}");
+        // Another client has slots of its own.
+        let other = slots
+            .try_take("client-b", 2)
+            .expect("another client's slot");
+        drop(first);
+        let third = slots.try_take("client-a", 2).expect("a slot given back");
+        drop((second, third, other));
+        assert_eq!(slots.n_sending("client-a"), 0);
+        assert!(slots.in_flight.lock().unwrap().is_empty());
+    }
 
     #[test]
     fn ranges_are_read_as_rfc_9110_says() {

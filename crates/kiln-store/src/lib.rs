@@ -140,6 +140,18 @@ pub struct LeaseHolder {
     pub timeout_secs: u64,
 }
 
+/// What [`JobStore::append_log_within`] did.
+#[derive(Debug, Clone)]
+pub struct LogAppend {
+    pub holder: LeaseHolder,
+    /// How many of the lines given were stored.
+    pub n_stored: usize,
+    /// The job's log is cut: it reached its limit, now or before.
+    pub cut: bool,
+    /// This call cut it (and stored the notice).
+    pub cut_now: bool,
+}
+
 /// An image whose bytes are in the blob store, to record under a lease.
 #[derive(Debug, Clone)]
 pub struct NewImage {
@@ -283,6 +295,26 @@ pub trait JobStore: Send + Sync + 'static {
         progress: Option<&Progress>,
         now: i64,
     ) -> StoreResult<LeaseHolder>;
+    /// Appends log lines under the lease like [`JobStore::append_log`], keeping the
+    /// job's stored log text within `max_bytes`: the lines that fit are stored, then
+    /// `cut_notice` as a last `kiln` line, and from then on no more lines of the job
+    /// (the progress is still recorded). The count lives in the job's row, so it holds
+    /// across restarts.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the arguments of append_log and the limit with its notice"
+    )]
+    async fn append_log_within(
+        &self,
+        build: &str,
+        job: &str,
+        lease: &str,
+        lines: &[NewLogLine],
+        progress: Option<&Progress>,
+        now: i64,
+        max_bytes: u64,
+        cut_notice: &str,
+    ) -> StoreResult<LogAppend>;
     /// Log lines after `after`, at most `limit`.
     async fn read_log(
         &self,

@@ -7,7 +7,7 @@
 use crate::{
     BuildRecord, Candidate, ClaimedJob, ClaimingClient, ClientCredential, CredentialPut,
     CredentialWrite, DeletedBuild, Failure, ImageRecord, ImageTotals, JobStore, LeaseHolder,
-    LegacyImage, LoadCounts, NewBuild, NewImage, Notification, StoreError, StoreResult,
+    LegacyImage, LoadCounts, LogAppend, NewBuild, NewImage, Notification, StoreError, StoreResult,
     TimedTransition,
 };
 use async_trait::async_trait;
@@ -464,6 +464,29 @@ async fn count_run_end(
     Ok(())
 }
 
+async fn insert_log_line(
+    tx: &mut Transaction<'static, Sqlite>,
+    build: &str,
+    job: &str,
+    attempt: u32,
+    now: i64,
+    stream: &str,
+    text: &str,
+) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO log_lines (build, job, attempt, time, stream, text) VALUES (?, ?, ?, ?, ?, ?)",
+    )
+    .bind(build)
+    .bind(job)
+    .bind(attempt as i64)
+    .bind(now)
+    .bind(stream)
+    .bind(text)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
 /// Sets the progress columns from a progress report (keeping what it does not name).
 async fn record_progress(
     tx: &mut Transaction<'static, Sqlite>,
@@ -846,24 +869,79 @@ impl JobStore for SqliteStore {
         progress: Option<&Progress>,
         now: i64,
     ) -> StoreResult<LeaseHolder> {
+        let appended = self
+            .append_log_within(build, job, lease, lines, progress, now, u64::MAX, "")
+            .await?;
+        Ok(appended.holder)
+    }
+
+    async fn append_log_within(
+        &self,
+        build: &str,
+        job: &str,
+        lease: &str,
+        lines: &[NewLogLine],
+        progress: Option<&Progress>,
+        now: i64,
+        max_bytes: u64,
+        cut_notice: &str,
+    ) -> StoreResult<LogAppend> {
         let mut tx = self.write_tx().await?;
         let row = current_lease(&mut tx, build, job, lease).await?;
-        for line in lines {
-            sqlx::query("INSERT INTO log_lines (build, job, attempt, time, stream, text) VALUES (?, ?, ?, ?, ?, ?)")
+        let (log_bytes, was_cut): (i64, bool) =
+            sqlx::query_as("SELECT log_bytes, log_cut FROM jobs WHERE build = ? AND id = ?")
                 .bind(build)
                 .bind(job)
-                .bind(row.attempt as i64)
-                .bind(now)
-                .bind(&line.stream)
-                .bind(&line.text)
+                .fetch_one(&mut *tx)
+                .await?;
+        let mut log_bytes = log_bytes.max(0) as u64;
+        let mut n_stored = 0;
+        let mut cut = was_cut;
+        if !was_cut {
+            for line in lines {
+                let len = line.text.len() as u64;
+                if log_bytes.saturating_add(len) > max_bytes {
+                    cut = true;
+                    break;
+                }
+                insert_log_line(
+                    &mut tx,
+                    build,
+                    job,
+                    row.attempt,
+                    now,
+                    &line.stream,
+                    &line.text,
+                )
+                .await?;
+                log_bytes += len;
+                n_stored += 1;
+            }
+            if cut {
+                insert_log_line(&mut tx, build, job, row.attempt, now, "kiln", cut_notice).await?;
+            }
+            if n_stored > 0 || cut {
+                sqlx::query(
+                    "UPDATE jobs SET log_bytes = ?, log_cut = ? WHERE build = ? AND id = ?",
+                )
+                .bind(log_bytes as i64)
+                .bind(cut)
+                .bind(build)
+                .bind(job)
                 .execute(&mut *tx)
                 .await?;
+            }
         }
         if let Some(progress) = progress {
             record_progress(&mut tx, build, job, progress).await?;
         }
         tx.commit().await?;
-        Ok(row.holder())
+        Ok(LogAppend {
+            holder: row.holder(),
+            n_stored,
+            cut,
+            cut_now: cut && !was_cut,
+        })
     }
 
     async fn read_log(

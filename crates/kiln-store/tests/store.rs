@@ -2187,3 +2187,71 @@ async fn upgrading_a_database_gives_the_holders_of_running_jobs_a_record_that_co
     assert_eq!(record.image_bytes, 1 << 20);
     Ok(())
 }
+
+#[tokio::test]
+async fn log_volume_stops_at_its_limit_with_a_notice_and_the_count_survives_reopening(
+) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("kiln.db");
+    let lease = {
+        let store = SqliteStore::open(&path).await?;
+        store
+            .insert_build(&new_build(BUILD, vec![job("a")], at(0)))
+            .await?;
+        let a = claim(&store, BUILD, "a", "client-1", at(1)).await?;
+        // 10 + 10 bytes fit in 25; the third line would pass the limit.
+        let lines = [
+            log_line("stdout", "0123456789"),
+            log_line("stdout", "abcdefghij"),
+        ];
+        let first = store
+            .append_log_within(BUILD, "a", &a.lease, &lines, None, at(2), 25, "cut")
+            .await?;
+        assert_eq!((first.n_stored, first.cut), (2, false));
+        a.lease
+    };
+    // The 20 bytes stored count after a reopen: 5 more fit, 6 do not.
+    let store = SqliteStore::open(&path).await?;
+    let lines = [log_line("stdout", "12345"), log_line("stderr", "123456")];
+    let second = store
+        .append_log_within(BUILD, "a", &lease, &lines, None, at(3), 25, "cut")
+        .await?;
+    assert_eq!(
+        (second.n_stored, second.cut, second.cut_now),
+        (1, true, true)
+    );
+    // Once cut, nothing more is stored, but the progress still is.
+    let progress = Progress {
+        percent: Some(50),
+        ..Progress::default()
+    };
+    let third = store
+        .append_log_within(
+            BUILD,
+            "a",
+            &lease,
+            &[log_line("stdout", "x")],
+            Some(&progress),
+            at(4),
+            25,
+            "cut",
+        )
+        .await?;
+    assert_eq!((third.n_stored, third.cut, third.cut_now), (0, true, false));
+    let texts: Vec<(String, String)> = store
+        .read_log(BUILD, "a", 0, 100)
+        .await?
+        .into_iter()
+        .map(|line| (line.stream, line.text))
+        .collect();
+    let expected = [
+        ("stdout", "0123456789"),
+        ("stdout", "abcdefghij"),
+        ("stdout", "12345"),
+        ("kiln", "cut"),
+    ]
+    .map(|(stream, text)| (stream.to_owned(), text.to_owned()));
+    assert_eq!(texts, expected);
+    assert_eq!(store.get_job(BUILD, "a").await?.percent, Some(50));
+    Ok(())
+}

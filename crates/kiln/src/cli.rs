@@ -97,6 +97,16 @@ pub struct ServerArgs {
     /// Lost runs (lease lapsed, client gone) after which a job fails with `lost`.
     #[arg(long, default_value_t = 3)]
     pub max_attempts: u32,
+    /// Bytes of log text stored per job; later output is dropped (the job runs on).
+    #[arg(long, default_value_t = 64 << 20)]
+    pub max_log_bytes_per_job: u64,
+    /// Jobs one build's manifest may hold; a larger one is refused at submit.
+    #[arg(long, default_value_t = 10_000)]
+    pub max_jobs_per_build: usize,
+    /// Image uploads (chunk bodies, whole images) one client may send at once; more
+    /// are answered 429 and retried by the client.
+    #[arg(long, default_value_t = 4)]
+    pub max_uploads_per_client: usize,
     /// A master to register with and heartbeat to (repeat for several).
     #[arg(long = "master")]
     pub masters: Vec<String>,

@@ -24,6 +24,9 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
     config.hung_grace_secs = args.hung_grace_secs;
     config.default_accept_within_secs = args.accept_within_secs;
     config.default_max_attempts = args.max_attempts.max(1);
+    config.max_log_bytes_per_job = args.max_log_bytes_per_job;
+    config.max_jobs_per_build = args.max_jobs_per_build.max(1);
+    config.max_uploads_per_client = args.max_uploads_per_client.max(1);
     if args.advertise.is_some() && args.masters.is_empty() {
         return Err(crate::operator::Usage(
             "--advertise is only used with --master URL: name the masters to register with".into(),
