@@ -145,14 +145,13 @@ struct HeldUpload {
 }
 
 impl HeldUpload {
-    fn open(server: &Server, path: &str, lease: &str) -> Self {
+    fn open(server: &Server, auth: &str, path: &str, lease: &str) -> Self {
         let host = server.url.trim_start_matches("http://");
         let mut stream = TcpStream::connect(host).expect("connecting to the server");
         let head = format!(
-            "POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {}\r\n\
+            "POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: {auth}\r\n\
              x-kiln-lease: {lease}\r\nContent-Type: application/x-kiln-frames\r\n\
-             Content-Length: 1000000\r\n\r\n",
-            server.client_token()
+             Content-Length: 1000000\r\n\r\n"
         );
         stream.write_all(head.as_bytes()).expect("sending the head");
         HeldUpload { stream }
@@ -180,6 +179,7 @@ struct RawResponse {
 /// One request with a byte body over a fresh connection, answered in full.
 fn raw(
     server: &Server,
+    auth: &str,
     method: &str,
     path: &str,
     headers: &[(&str, &str)],
@@ -192,8 +192,7 @@ fn raw(
         .expect("setting a read timeout");
     let mut head = format!(
         "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\
-         Authorization: Bearer {}\r\nContent-Length: {}\r\n",
-        server.client_token(),
+         Authorization: {auth}\r\nContent-Length: {}\r\n",
         body.len()
     );
     for (name, value) in headers {
@@ -224,11 +223,18 @@ fn raw(
 
 /// The uploads a client may make: a chunk body (empty: nothing to store) and a whole
 /// image whose hash does not match (nothing is kept of it either).
-fn probe_uploads(server: &Server, build: &str, job: &str, lease: &str) -> Vec<RawResponse> {
+fn probe_uploads(
+    server: &Server,
+    auth: &str,
+    build: &str,
+    job: &str,
+    lease: &str,
+) -> Vec<RawResponse> {
     let wrong_hash = "0".repeat(64);
     vec![
         raw(
             server,
+            auth,
             "POST",
             &format!("/v1/jobs/{build}/{job}/chunks"),
             &[
@@ -239,6 +245,7 @@ fn probe_uploads(server: &Server, build: &str, job: &str, lease: &str) -> Vec<Ra
         ),
         raw(
             server,
+            auth,
             "PUT",
             &format!("/v1/jobs/{build}/{job}/images/probe.img"),
             &[("x-kiln-lease", lease), ("x-kiln-blake3", &wrong_hash)],
@@ -272,6 +279,8 @@ fn uploads_over_the_per_client_limit_are_answered_429_and_the_client_waits_its_t
     ));
     let client = harness.start_client("A", &[&server], &["--include", "*"]);
     let lease = lease_of_running(&server, &client, &build, "one");
+    // The calls below are the client's own: they go with its enrolled secret.
+    let auth = client.auth_for(&server);
 
     // One upload held open takes the client's only slot; every other is answered 429
     // before its body is read.
@@ -281,13 +290,18 @@ fn uploads_over_the_per_client_limit_are_answered_429_and_the_client_waits_its_t
         harness.path(),
         "uploads beside a held one to be refused",
         || {
-            let held = HeldUpload::open(&server, &format!("/v1/jobs/{build}/one/chunks"), &lease);
+            let held = HeldUpload::open(
+                &server,
+                &auth,
+                &format!("/v1/jobs/{build}/one/chunks"),
+                &lease,
+            );
             std::thread::sleep(std::time::Duration::from_millis(50));
-            let answers = probe_uploads(&server, &build, "one", &lease);
+            let answers = probe_uploads(&server, &auth, &build, "one", &lease);
             let all_refused = answers.iter().all(|answer| answer.status == 429);
             (all_refused && held.answered().is_empty()).then_some((held, answers))
         },
-        || format!("{:?}", probe_uploads(&server, &build, "one", &lease)),
+        || format!("{:?}", probe_uploads(&server, &auth, &build, "one", &lease)),
     );
     for answer in &refused {
         let body: Value = serde_json::from_str(&answer.body).expect("a JSON refusal");
@@ -331,7 +345,7 @@ fn uploads_over_the_per_client_limit_are_answered_429_and_the_client_waits_its_t
             .expect("the images as JSON");
     assert_eq!(images.as_array().map(Vec::len), Some(1), "{images:#}");
     // A slot given back serves the next upload.
-    let answers = probe_uploads(&server, &build, "one", &lease);
+    let answers = probe_uploads(&server, &auth, &build, "one", &lease);
     assert!(
         answers.iter().all(|answer| answer.status != 429),
         "{answers:?}"
