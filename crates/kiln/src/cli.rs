@@ -101,6 +101,16 @@ pub struct ServerArgs {
     /// File holding the masters' server credential (their server.token).
     #[arg(long)]
     pub master_token_file: Option<PathBuf>,
+    /// A PEM file of CA certificates to trust, besides the usual public ones, when
+    /// calling https:// masters.
+    #[arg(long)]
+    pub master_ca_file: Option<PathBuf>,
+    /// Serve HTTPS with this PEM certificate chain (needs --tls-key).
+    #[arg(long)]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long)]
+    pub tls_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -123,6 +133,12 @@ pub struct MasterArgs {
     /// Use this existing client token file instead of DATA/client.token.
     #[arg(long)]
     pub client_token_file: Option<PathBuf>,
+    /// Serve HTTPS with this PEM certificate chain (needs --tls-key).
+    #[arg(long)]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long)]
+    pub tls_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
