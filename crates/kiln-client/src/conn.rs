@@ -25,7 +25,7 @@ pub enum CallError {
     #[error("the server failed: {status}: {message}")]
     ServerFailed { status: StatusCode, message: String },
     /// The server could not be reached or the connection broke.
-    #[error("cannot reach the server")]
+    #[error("cannot reach the server{}", kiln_tls::certificate_hint(.0))]
     Transport(#[source] reqwest::Error),
     /// A commit named chunks the server lacks (it may have collected them): send
     /// them and commit again.
@@ -99,6 +99,11 @@ async fn check(response: reqwest::Response) -> Result<reqwest::Response, CallErr
 impl ServerConn {
     /// A connection to the server at `url` with the client credential `token`.
     pub fn new(url: &str, token: &str) -> Result<Self, String> {
+        Self::with_tls(url, token, &kiln_tls::ClientTls::default())
+    }
+
+    /// As [`ServerConn::new`], trusting the server's certificate as `tls` says.
+    pub fn with_tls(url: &str, token: &str, tls: &kiln_tls::ClientTls) -> Result<Self, String> {
         let parsed = reqwest::Url::parse(url)
             .map_err(|err| format!("server URL {url:?} is not a URL: {err}"))?;
         if !matches!(parsed.scheme(), "http" | "https") {
@@ -106,7 +111,8 @@ impl ServerConn {
                 "server URL {url:?} is not an http:// or https:// URL"
             ));
         }
-        let http = reqwest::Client::builder()
+        let http = tls
+            .client_builder()
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
             .build()

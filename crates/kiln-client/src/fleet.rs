@@ -24,6 +24,8 @@ pub struct MasterConn {
     base: String,
     token: String,
     http: reqwest::Client,
+    /// What the master's certificate and its servers' are checked against.
+    tls: kiln_tls::ClientTls,
 }
 
 impl std::fmt::Debug for MasterConn {
@@ -38,6 +40,12 @@ impl std::fmt::Debug for MasterConn {
 impl MasterConn {
     /// A connection to the master at `url` with the client credential `token`.
     pub fn new(url: &str, token: &str) -> Result<Self, String> {
+        Self::with_tls(url, token, &kiln_tls::ClientTls::default())
+    }
+
+    /// As [`MasterConn::new`], trusting the certificates of the master and of the
+    /// servers it lists as `tls` says.
+    pub fn with_tls(url: &str, token: &str, tls: &kiln_tls::ClientTls) -> Result<Self, String> {
         let parsed = reqwest::Url::parse(url)
             .map_err(|err| format!("master URL {url:?} is not a URL: {err}"))?;
         if !matches!(parsed.scheme(), "http" | "https") {
@@ -45,7 +53,8 @@ impl MasterConn {
                 "master URL {url:?} is not an http:// or https:// URL"
             ));
         }
-        let http = reqwest::Client::builder()
+        let http = tls
+            .client_builder()
             .connect_timeout(Duration::from_secs(5))
             .build()
             .map_err(|err| format!("cannot set up HTTP: {err}"))?;
@@ -53,6 +62,7 @@ impl MasterConn {
             base: url.trim_end_matches('/').to_owned(),
             token: token.to_owned(),
             http,
+            tls: tls.clone(),
         })
     }
 
@@ -98,7 +108,7 @@ impl MasterConn {
 
     /// A connection to a server this master listed, with the same credential.
     fn server(&self, url: &str) -> Result<ServerConn, String> {
-        ServerConn::new(url, &self.token)
+        ServerConn::with_tls(url, &self.token, &self.tls)
     }
 }
 

@@ -57,6 +57,10 @@ pub struct ServerOpts {
     /// A file holding the credential (else the env variable KILN_TOKEN holds it).
     #[arg(long)]
     pub token_file: Option<PathBuf>,
+    /// A PEM file of CA certificates to trust, besides the usual public ones, for an
+    /// https:// server.
+    #[arg(long, env = "KILN_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -149,6 +153,10 @@ pub struct ServersArgs {
     /// A file holding the master's client or admin credential (else KILN_TOKEN).
     #[arg(long)]
     pub token_file: Option<PathBuf>,
+    /// A PEM file of CA certificates to trust, besides the usual public ones, for an
+    /// https:// master.
+    #[arg(long, env = "KILN_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
     /// Include servers that dropped off (no heartbeat within the timeout).
     #[arg(long)]
     pub all: bool,
@@ -191,6 +199,10 @@ pub struct ClientArgs {
     /// File holding the client credential (else KILN_TOKEN, or PASSWORD from the config).
     #[arg(long)]
     pub token_file: Option<PathBuf>,
+    /// A PEM file of CA certificates to trust, besides the usual public ones, for
+    /// https:// servers and masters (overrides the config's ca_file).
+    #[arg(long)]
+    pub ca_file: Option<PathBuf>,
     /// How long one long poll waits, in seconds (the seed's WAITTIME).
     #[arg(long)]
     pub wait_secs: Option<u64>,
@@ -210,6 +222,9 @@ pub enum ClientAction {
         /// File holding the client credential (else KILN_TOKEN).
         #[arg(long)]
         token_file: Option<PathBuf>,
+        /// A PEM file of CA certificates to trust for https:// servers.
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
     },
 }
 

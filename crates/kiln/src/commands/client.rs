@@ -11,8 +11,13 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 pub async fn run(args: ClientArgs) -> anyhow::Result<ExitCode> {
-    if let Some(ClientAction::Reset { work, token_file }) = &args.action {
-        return reset(work, token_file.as_deref()).await;
+    if let Some(ClientAction::Reset {
+        work,
+        token_file,
+        ca_file,
+    }) = &args.action
+    {
+        return reset(work, token_file.as_deref(), ca_file.as_deref()).await;
     }
     let options = options_from(args)?;
     let agent = Agent::new(options.clone())?;
@@ -49,7 +54,9 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<ExitCode> {
 async fn reset(
     work: &std::path::Path,
     token_file: Option<&std::path::Path>,
+    ca_file: Option<&std::path::Path>,
 ) -> anyhow::Result<ExitCode> {
+    let tls = client_tls(ca_file, "--ca-file")?;
     let local_state = kiln_client::state::LocalState::open(work)
         .with_context(|| format!("reading the state file in {}", work.display()))?;
     let held = local_state.held();
@@ -68,7 +75,9 @@ async fn reset(
             continue;
         }
         match &token {
-            Some(token) => servers.push(ServerConn::new(&job.server, token).map_err(Usage)?),
+            Some(token) => {
+                servers.push(ServerConn::with_tls(&job.server, token, &tls).map_err(Usage)?)
+            }
             None => eprintln!(
                 "warning: no client credential (--token-file or KILN_TOKEN): {} is not told; its job's lease will lapse",
                 job.server
@@ -85,6 +94,16 @@ async fn reset(
         held.len()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// What the client trusts: the usual public CAs, and those of `ca_file` (`what`
+/// names where it was given, for errors).
+fn client_tls(
+    ca_file: Option<&std::path::Path>,
+    what: &str,
+) -> anyhow::Result<kiln_tls::ClientTls> {
+    kiln_tls::ClientTls::from_ca_file(ca_file)
+        .map_err(|err| Usage(format!("{what}: {}", kiln_proto::error_chain(&err))).into())
 }
 
 fn read_token(path: &std::path::Path) -> anyhow::Result<String> {
@@ -105,6 +124,17 @@ fn options_from(args: ClientArgs) -> anyhow::Result<ClientOptions> {
         }
         None => None,
     };
+    // The config's ca_file is relative to the config file, as written beside it.
+    let config_ca_file = args.config.as_ref().and_then(|path| {
+        let ca_file = config.as_ref()?.ca_file.as_ref()?;
+        let dir = path.parent().unwrap_or(std::path::Path::new(""));
+        Some(dir.join(ca_file))
+    });
+    let tls = match (&args.ca_file, &config_ca_file) {
+        (Some(path), _) => client_tls(Some(path), "--ca-file")?,
+        (None, Some(path)) => client_tls(Some(path), "ca_file")?,
+        (None, None) => kiln_tls::ClientTls::default(),
+    };
     let flag_token = match &args.token_file {
         Some(path) => Some(read_token(path)?),
         None => std::env::var("KILN_TOKEN")
@@ -118,7 +148,7 @@ fn options_from(args: ClientArgs) -> anyhow::Result<ClientOptions> {
                 "no client credential for {url}: pass --token-file FILE or set KILN_TOKEN"
             ))
         })?;
-        servers.push(ServerConn::new(url, &token).map_err(Usage)?);
+        servers.push(ServerConn::with_tls(url, &token, &tls).map_err(Usage)?);
     }
     if args.servers.is_empty() {
         for entry in config.iter().flat_map(|config| config.servers.iter()) {
@@ -132,7 +162,7 @@ fn options_from(args: ClientArgs) -> anyhow::Result<ClientOptions> {
                     ))
                 })?;
             servers.push(
-                ServerConn::new(&entry.url, &token)
+                ServerConn::with_tls(&entry.url, &token, &tls)
                     .map_err(|err| Usage(format!("CONFIGLOC: {err}")))?,
             );
         }
@@ -144,7 +174,7 @@ fn options_from(args: ClientArgs) -> anyhow::Result<ClientOptions> {
                 "no client credential for master {url}: pass --token-file FILE or set KILN_TOKEN"
             ))
         })?;
-        masters.push(MasterConn::new(url, &token).map_err(Usage)?);
+        masters.push(MasterConn::with_tls(url, &token, &tls).map_err(Usage)?);
     }
     if args.masters.is_empty() {
         for entry in config.iter().flat_map(|config| config.masters.iter()) {
@@ -157,7 +187,7 @@ fn options_from(args: ClientArgs) -> anyhow::Result<ClientOptions> {
                         entry.url
                     ))
                 })?;
-            masters.push(MasterConn::new(&entry.url, &token).map_err(Usage)?);
+            masters.push(MasterConn::with_tls(&entry.url, &token, &tls).map_err(Usage)?);
         }
     }
     if servers.is_empty() && masters.is_empty() {
