@@ -35,7 +35,7 @@ pub enum CallError {
         retry_after: Duration,
     },
     /// The server could not be reached or the connection broke.
-    #[error("cannot reach the server")]
+    #[error("cannot reach the server{}", kiln_tls::certificate_hint(.0))]
     Transport(#[source] reqwest::Error),
     /// A commit named chunks the server lacks (it may have collected them): send
     /// them and commit again.
@@ -159,11 +159,17 @@ impl ServerConn {
     /// A connection to the server at `url` with the join token (or, on a server from
     /// before client identities, the client credential) `token`.
     pub fn new(url: &str, token: &str) -> Result<Self, String> {
-        Self::with_given(url, Given::Token(token.to_owned()))
+        Self::with_tls(url, token, &kiln_tls::ClientTls::default())
     }
 
-    /// A connection to the server at `url` with the credential `given`.
-    pub fn with_given(url: &str, given: Given) -> Result<Self, String> {
+    /// As [`ServerConn::new`], trusting the server's certificate as `tls` says.
+    pub fn with_tls(url: &str, token: &str, tls: &kiln_tls::ClientTls) -> Result<Self, String> {
+        Self::with_given(url, Given::Token(token.to_owned()), tls)
+    }
+
+    /// A connection to the server at `url` with the credential `given`, trusting the
+    /// server's certificate as `tls` says.
+    pub fn with_given(url: &str, given: Given, tls: &kiln_tls::ClientTls) -> Result<Self, String> {
         let parsed = reqwest::Url::parse(url)
             .map_err(|err| format!("server URL {url:?} is not a URL: {err}"))?;
         if !matches!(parsed.scheme(), "http" | "https") {
@@ -171,7 +177,8 @@ impl ServerConn {
                 "server URL {url:?} is not an http:// or https:// URL"
             ));
         }
-        let http = reqwest::Client::builder()
+        let http = tls
+            .client_builder()
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
             .build()

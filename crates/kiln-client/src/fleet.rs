@@ -27,6 +27,8 @@ pub struct MasterConn {
     /// The client id servers learned from this master are called as, and where
     /// enrolled secrets are kept.
     client: Option<(String, Option<std::path::PathBuf>)>,
+    /// What the master's certificate and its servers' are checked against.
+    tls: kiln_tls::ClientTls,
 }
 
 impl std::fmt::Debug for MasterConn {
@@ -41,6 +43,12 @@ impl std::fmt::Debug for MasterConn {
 impl MasterConn {
     /// A connection to the master at `url` with the client credential `token`.
     pub fn new(url: &str, token: &str) -> Result<Self, String> {
+        Self::with_tls(url, token, &kiln_tls::ClientTls::default())
+    }
+
+    /// As [`MasterConn::new`], trusting the certificates of the master and of the
+    /// servers it lists as `tls` says.
+    pub fn with_tls(url: &str, token: &str, tls: &kiln_tls::ClientTls) -> Result<Self, String> {
         let parsed = reqwest::Url::parse(url)
             .map_err(|err| format!("master URL {url:?} is not a URL: {err}"))?;
         if !matches!(parsed.scheme(), "http" | "https") {
@@ -48,7 +56,8 @@ impl MasterConn {
                 "master URL {url:?} is not an http:// or https:// URL"
             ));
         }
-        let http = reqwest::Client::builder()
+        let http = tls
+            .client_builder()
             .connect_timeout(Duration::from_secs(5))
             .build()
             .map_err(|err| format!("cannot set up HTTP: {err}"))?;
@@ -57,6 +66,7 @@ impl MasterConn {
             token: token.to_owned(),
             http,
             client: None,
+            tls: tls.clone(),
         })
     }
 
@@ -109,7 +119,7 @@ impl MasterConn {
 
     /// A connection to a server this master listed, with the same credential.
     fn server(&self, url: &str) -> Result<ServerConn, String> {
-        let conn = ServerConn::new(url, &self.token)?;
+        let conn = ServerConn::with_tls(url, &self.token, &self.tls)?;
         Ok(match &self.client {
             Some((id, keep_dir)) => conn.for_client(id, keep_dir.as_deref()),
             None => conn,

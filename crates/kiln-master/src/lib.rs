@@ -53,6 +53,8 @@ pub struct MasterConfig {
     pub server_token_file: Option<PathBuf>,
     /// An existing client token file instead of `DATA/client.token`.
     pub client_token_file: Option<PathBuf>,
+    /// The certificate and key to serve HTTPS with; plain HTTP without.
+    pub tls: Option<kiln_tls::ServerTls>,
 }
 
 impl MasterConfig {
@@ -64,6 +66,7 @@ impl MasterConfig {
             admin_token_file: None,
             server_token_file: None,
             client_token_file: None,
+            tls: None,
         }
     }
 }
@@ -357,6 +360,7 @@ async fn keeper(state: Arc<MasterState>, mut stop: tokio::sync::watch::Receiver<
 /// A master ready to serve.
 pub struct Master {
     state: Arc<MasterState>,
+    tls: Option<kiln_tls::ServerTls>,
 }
 
 impl Master {
@@ -390,6 +394,7 @@ impl Master {
                 membership: tokio::sync::watch::channel(now_micros().max(0) as u64).0,
                 stopping: tokio::sync::watch::channel(false).0,
             }),
+            tls: config.tls,
         })
     }
 
@@ -405,13 +410,13 @@ impl Master {
             .route("/v1/servers", get(list_servers).post(register))
             .with_state(self.state.clone());
         let state = self.state.clone();
-        let result = axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                shutdown.await;
-                // Answers the readers waiting for a change, so that they do not hold
-                // the shutdown up.
-                let _ = state.stopping.send(true);
-            })
+        let shutdown = async move {
+            shutdown.await;
+            // Answers the readers waiting for a change, so that they do not hold the
+            // shutdown up.
+            let _ = state.stopping.send(true);
+        };
+        let result = kiln_tls::serve(listener, self.tls, app, shutdown)
             .await
             .context("serving HTTP");
         let _ = self.state.stopping.send(true);

@@ -36,6 +36,10 @@ pub struct ClientConfig {
     pub slots: Option<u32>,
     /// The client's work directory (TOML `work`; the XML has no such element).
     pub work_dir: Option<String>,
+    /// A PEM file of CA certificates to trust for https:// servers and masters, as
+    /// written (TOML `ca_file`; the XML has no such element).
+    #[serde(default)]
+    pub ca_file: Option<String>,
 }
 
 /// One server a client serves: the seed's REDIRECT element.
@@ -162,11 +166,12 @@ impl ClientConfig {
             masters: Vec::new(),
             slots,
             work_dir,
+            ca_file: None,
         })
     }
 
     /// Parses the client's TOML form: `id`, `wait` (seconds), `include = [..]`, `slots`,
-    /// `work`, one `[[server]]` table (`url`, `username`, `password`) per server and one
+    /// `work`, `ca_file`, one `[[server]]` table (`url`, `username`, `password`) per server and one
     /// `[[master]]` table (same keys) per master to learn servers from.
     ///
     /// Unknown keys are refused. `wait` defaults to [`DEFAULT_WAIT_SECS`]. `file` is the
@@ -204,6 +209,15 @@ impl ClientConfig {
             }
             None => None,
         };
+        let ca_file = match &raw.ca_file {
+            Some(ca_file) => {
+                let trimmed = ca_file.get_ref().trim();
+                check_plain_text(trimmed, "`ca_file`")
+                    .map_err(|m| reader.error_at(ca_file.span(), m))?;
+                (!trimmed.is_empty()).then(|| trimmed.to_owned())
+            }
+            None => None,
+        };
         let servers = server_tables(&reader, &raw.server, "server")?;
         let masters = server_tables(&reader, &raw.master, "master")?;
 
@@ -215,6 +229,7 @@ impl ClientConfig {
             masters,
             slots,
             work_dir,
+            ca_file,
         })
     }
 
@@ -309,6 +324,7 @@ struct RawClientConfig {
     include: Spanned<Vec<Spanned<String>>>,
     slots: Option<Spanned<Value>>,
     work: Option<Spanned<String>>,
+    ca_file: Option<Spanned<String>>,
     #[serde(default)]
     server: Vec<Spanned<RawServer>>,
     #[serde(default)]
@@ -381,6 +397,7 @@ url = '\\ntre101\bvt$'
             masters: Vec::new(),
             slots: None,
             work_dir: None,
+            ca_file: None,
         }
     }
 
@@ -614,6 +631,7 @@ wait = 5
 include = ["PRO", " HOME ", "PRO", "*"]
 slots = 2
 work = "/srv/kiln"
+ca_file = " ca.pem "
 
 [[server]]
 url = "http://a.example:8080"
@@ -660,6 +678,7 @@ url = "http://master2.example:7070"
             ],
             slots: Some(2),
             work_dir: Some("/srv/kiln".to_owned()),
+            ca_file: Some("ca.pem".to_owned()),
         };
         assert_eq!(ClientConfig::from_toml("client.toml", text), Ok(expected));
     }
@@ -677,6 +696,7 @@ url = "http://master2.example:7070"
                 masters: Vec::new(),
                 slots: None,
                 work_dir: None,
+                ca_file: None,
             })
         );
         assert_eq!(
@@ -691,7 +711,7 @@ url = "http://master2.example:7070"
         assert_eq!(
             toml_error("id = \"c1\"\ninclude = [\"*\"]\nwiat = 5\n"),
             "client.toml:3:1: invalid toml: unknown field `wiat`, expected one of `id`, `wait`, \
-             `include`, `slots`, `work`, `server`, `master`"
+             `include`, `slots`, `work`, `ca_file`, `server`, `master`"
         );
         assert_eq!(
             toml_error("id = \"c1\"\ninclude = [\"*\"]\nwait = \"60s\"\n"),

@@ -77,6 +77,10 @@ pub struct ServerConfig {
     pub master_token_file: Option<PathBuf>,
     /// Serve build status and images to callers without a credential.
     pub public_read: bool,
+    /// The certificate and key to serve HTTPS with; plain HTTP without.
+    pub tls: Option<kiln_tls::ServerTls>,
+    /// Which certificates the server trusts when it calls masters.
+    pub master_tls: kiln_tls::ClientTls,
 }
 
 impl ServerConfig {
@@ -102,6 +106,8 @@ impl ServerConfig {
             masters: Vec::new(),
             advertise: None,
             master_token_file: None,
+            tls: None,
+            master_tls: kiln_tls::ClientTls::default(),
         }
     }
 }
@@ -252,18 +258,10 @@ impl Server {
             shutdown.await;
             let _ = state.stopping.send(true);
         };
-        // Small responses written in pieces (headers, then a body) would otherwise wait
-        // for the peer's delayed ACK under Nagle's algorithm: 40 ms a request.
-        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-            if let Err(err) = tcp.set_nodelay(true) {
-                tracing::warn!(cause = %err, "cannot set TCP_NODELAY");
-            }
-        });
-        // With each connection's peer address: the client inventory shows where each
-        // client's requests come from.
-        let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
-        let result = axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
+        // Every connection carries its peer's address: the client inventory shows
+        // where each client's requests come from.
+        let tls = self.state.config.tls.clone();
+        let result = kiln_tls::serve(listener, tls, app, shutdown)
             .await
             .context("serving HTTP");
         let _ = self.state.stopping.send(true);

@@ -37,7 +37,9 @@ pub(crate) async fn registrar(state: Arc<AppState>, mut stop: watch::Receiver<bo
         },
         None => None,
     };
-    let http = match reqwest::Client::builder()
+    let http = match config
+        .master_tls
+        .client_builder()
         .timeout(Duration::from_secs(config.heartbeat_secs.clamp(1, 10)))
         .build()
     {
@@ -77,10 +79,13 @@ pub(crate) async fn registrar(state: Arc<AppState>, mut stop: watch::Receiver<bo
                 request = request.bearer_auth(token);
             }
             async move {
-                let response = request
-                    .send()
-                    .await
-                    .map_err(|err| kiln_proto::error_chain(&err))?;
+                let response = request.send().await.map_err(|err| {
+                    format!(
+                        "{}{}",
+                        kiln_proto::error_chain(&err),
+                        kiln_tls::certificate_hint(&err)
+                    )
+                })?;
                 let status = response.status();
                 if status.is_success() {
                     return Ok(());

@@ -57,6 +57,10 @@ pub struct ServerOpts {
     /// A file holding the credential (else the env variable KILN_TOKEN holds it).
     #[arg(long)]
     pub token_file: Option<PathBuf>,
+    /// A PEM file of CA certificates to trust, besides the usual public ones, for an
+    /// https:// server.
+    #[arg(long, env = "KILN_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -117,6 +121,16 @@ pub struct ServerArgs {
     /// File holding the masters' server credential (their server.token).
     #[arg(long)]
     pub master_token_file: Option<PathBuf>,
+    /// A PEM file of CA certificates to trust, besides the usual public ones, when
+    /// calling https:// masters.
+    #[arg(long)]
+    pub master_ca_file: Option<PathBuf>,
+    /// Serve HTTPS with this PEM certificate chain (needs --tls-key).
+    #[arg(long)]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long)]
+    pub tls_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -190,6 +204,9 @@ pub struct AdminTarget {
     /// The join token file the server uses, if not DATA/client.token (with --data).
     #[arg(long, requires = "data")]
     pub client_token_file: Option<PathBuf>,
+    /// CA certificates (PEM) to trust for an https:// server (else KILN_CA_FILE).
+    #[arg(long, env = "KILN_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -212,6 +229,12 @@ pub struct MasterArgs {
     /// Use this existing client token file instead of DATA/client.token.
     #[arg(long)]
     pub client_token_file: Option<PathBuf>,
+    /// Serve HTTPS with this PEM certificate chain (needs --tls-key).
+    #[arg(long)]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long)]
+    pub tls_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -222,6 +245,10 @@ pub struct ServersArgs {
     /// A file holding the master's client or admin credential (else KILN_TOKEN).
     #[arg(long)]
     pub token_file: Option<PathBuf>,
+    /// A PEM file of CA certificates to trust, besides the usual public ones, for an
+    /// https:// master.
+    #[arg(long, env = "KILN_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
     /// Include servers that dropped off (no heartbeat within the timeout).
     #[arg(long)]
     pub all: bool,
@@ -264,6 +291,10 @@ pub struct ClientArgs {
     /// File holding the client credential (else KILN_TOKEN, or PASSWORD from the config).
     #[arg(long)]
     pub token_file: Option<PathBuf>,
+    /// A PEM file of CA certificates to trust, besides the usual public ones, for
+    /// https:// servers and masters (overrides the config's ca_file).
+    #[arg(long)]
+    pub ca_file: Option<PathBuf>,
     /// How long one long poll waits, in seconds (the seed's WAITTIME).
     #[arg(long)]
     pub wait_secs: Option<u64>,
@@ -283,6 +314,9 @@ pub enum ClientAction {
         /// File holding the client credential (else KILN_TOKEN).
         #[arg(long)]
         token_file: Option<PathBuf>,
+        /// A PEM file of CA certificates to trust for https:// servers.
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
     },
 }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 /// A call that could not reach the server: exit code 2.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot reach {url}")]
+#[error("cannot reach {url}{}", kiln_tls::certificate_hint(.source))]
 pub struct Unreachable {
     pub url: String,
     #[source]
@@ -63,11 +63,22 @@ impl Operator {
                 .ok()
                 .map(|token| token.trim().to_owned()),
         };
-        Self::with_token(&opts.server, token)
+        let tls = kiln_tls::ClientTls::from_ca_file(opts.ca_file.as_deref())
+            .map_err(|err| Usage(format!("--ca-file: {}", kiln_proto::error_chain(&err))))?;
+        Self::with_tls(&opts.server, token, &tls)
     }
 
     /// For a server URL and a secret.
     pub fn with_token(url: &str, token: Option<String>) -> anyhow::Result<Self> {
+        Self::with_tls(url, token, &kiln_tls::ClientTls::default())
+    }
+
+    /// For a server URL and a secret, trusting what `tls` says.
+    pub fn with_tls(
+        url: &str,
+        token: Option<String>,
+        tls: &kiln_tls::ClientTls,
+    ) -> anyhow::Result<Self> {
         let parsed = reqwest::Url::parse(url)
             .map_err(|err| Usage(format!("server URL {url:?} is not a URL: {err}")))?;
         if !matches!(parsed.scheme(), "http" | "https") {
@@ -76,7 +87,8 @@ impl Operator {
             ))
             .into());
         }
-        let http = reqwest::Client::builder()
+        let http = tls
+            .client_builder()
             .connect_timeout(Duration::from_secs(5))
             .build()
             .context("setting up HTTP")?;

@@ -124,15 +124,12 @@ fn no_credential_appears_in_logs_events_status_or_job_environments() {
     .expect("reading the master's list");
     assert_eq!(list.status, 200, "{}", list.body);
     seen.push(("the master's list".into(), list.body));
-    let mut n_logs = 0;
-    for entry in std::fs::read_dir(harness.path()).expect("reading the test directory") {
-        let path = entry.expect("an entry").path();
-        if path.extension().is_some_and(|ext| ext == "log") {
-            n_logs += 1;
-            seen.push((path.display().to_string(), read(&path)));
-        }
-    }
-    assert!(n_logs >= 3, "the master, server and client logs were read");
+    let logs = common::read_logs(harness.path());
+    assert!(
+        logs.len() >= 3,
+        "the master, server and client logs were read"
+    );
+    seen.extend(logs);
     let client_log = &seen
         .iter()
         .find(|(name, _)| name.ends_with("client-keeper.log"))
@@ -180,13 +177,5 @@ fn no_credential_appears_in_logs_events_status_or_job_environments() {
             read(&master.admin_token_file).trim().to_owned(),
         ),
     ];
-    for (what, secret) in &secrets {
-        assert!(secret.len() >= 16, "{what} secret is a real secret");
-        for (place, text) in &seen {
-            assert!(
-                !text.contains(secret.as_str()),
-                "the {what} credential appears in {place}"
-            );
-        }
-    }
+    common::assert_no_secret_in(&secrets, &seen);
 }

@@ -12,8 +12,13 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 pub async fn run(args: ClientArgs) -> anyhow::Result<ExitCode> {
-    if let Some(ClientAction::Reset { work, token_file }) = &args.action {
-        return reset(work, token_file.as_deref()).await;
+    if let Some(ClientAction::Reset {
+        work,
+        token_file,
+        ca_file,
+    }) = &args.action
+    {
+        return reset(work, token_file.as_deref(), ca_file.as_deref()).await;
     }
     let options = options_from(args)?;
     let agent = Agent::new(options.clone())?;
@@ -50,7 +55,9 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<ExitCode> {
 async fn reset(
     work: &std::path::Path,
     token_file: Option<&std::path::Path>,
+    ca_file: Option<&std::path::Path>,
 ) -> anyhow::Result<ExitCode> {
+    let tls = client_tls(ca_file, "--ca-file")?;
     let local_state = kiln_client::state::LocalState::open(work)
         .with_context(|| format!("reading the state file in {}", work.display()))?;
     let held = local_state.held();
@@ -70,7 +77,7 @@ async fn reset(
         }
         match &token {
             Some(token) => {
-                let conn = ServerConn::new(&job.server, token).map_err(Usage)?;
+                let conn = ServerConn::with_tls(&job.server, token, &tls).map_err(Usage)?;
                 // The jobs are given back as the client that held them.
                 let keep_dir = work.join("credentials");
                 servers.push(
@@ -98,6 +105,16 @@ async fn reset(
     Ok(ExitCode::SUCCESS)
 }
 
+/// What the client trusts: the usual public CAs, and those of `ca_file` (`what`
+/// names where it was given, for errors).
+fn client_tls(
+    ca_file: Option<&std::path::Path>,
+    what: &str,
+) -> anyhow::Result<kiln_tls::ClientTls> {
+    kiln_tls::ClientTls::from_ca_file(ca_file)
+        .map_err(|err| Usage(format!("{what}: {}", kiln_proto::error_chain(&err))).into())
+}
+
 fn read_token(path: &std::path::Path) -> anyhow::Result<String> {
     Ok(std::fs::read_to_string(path)
         .with_context(|| format!("reading token file {}", path.display()))?
@@ -116,6 +133,17 @@ fn options_from(args: ClientArgs) -> anyhow::Result<ClientOptions> {
         }
         None => None,
     };
+    // The config's ca_file is relative to the config file, as written beside it.
+    let config_ca_file = args.config.as_ref().and_then(|path| {
+        let ca_file = config.as_ref()?.ca_file.as_ref()?;
+        let dir = path.parent().unwrap_or(std::path::Path::new(""));
+        Some(dir.join(ca_file))
+    });
+    let tls = match (&args.ca_file, &config_ca_file) {
+        (Some(path), _) => client_tls(Some(path), "--ca-file")?,
+        (None, Some(path)) => client_tls(Some(path), "ca_file")?,
+        (None, None) => kiln_tls::ClientTls::default(),
+    };
     let flag_token = match &args.token_file {
         Some(path) => Some(read_token(path)?),
         None => std::env::var("KILN_TOKEN")
@@ -129,7 +157,7 @@ fn options_from(args: ClientArgs) -> anyhow::Result<ClientOptions> {
                 "no client credential for {url}: pass --token-file FILE or set KILN_TOKEN"
             ))
         })?;
-        servers.push(ServerConn::new(url, &token).map_err(Usage)?);
+        servers.push(ServerConn::with_tls(url, &token, &tls).map_err(Usage)?);
     }
     if args.servers.is_empty() {
         for entry in config.iter().flat_map(|config| config.servers.iter()) {
@@ -151,7 +179,7 @@ fn options_from(args: ClientArgs) -> anyhow::Result<ClientOptions> {
                 }
             };
             servers.push(
-                ServerConn::with_given(&entry.url, given)
+                ServerConn::with_given(&entry.url, given, &tls)
                     .map_err(|err| Usage(format!("CONFIGLOC: {err}")))?,
             );
         }
@@ -163,7 +191,7 @@ fn options_from(args: ClientArgs) -> anyhow::Result<ClientOptions> {
                 "no client credential for master {url}: pass --token-file FILE or set KILN_TOKEN"
             ))
         })?;
-        masters.push(MasterConn::new(url, &token).map_err(Usage)?);
+        masters.push(MasterConn::with_tls(url, &token, &tls).map_err(Usage)?);
     }
     if args.masters.is_empty() {
         for entry in config.iter().flat_map(|config| config.masters.iter()) {
@@ -176,7 +204,7 @@ fn options_from(args: ClientArgs) -> anyhow::Result<ClientOptions> {
                         entry.url
                     ))
                 })?;
-            masters.push(MasterConn::new(&entry.url, &token).map_err(Usage)?);
+            masters.push(MasterConn::with_tls(&entry.url, &token, &tls).map_err(Usage)?);
         }
     }
     if servers.is_empty() && masters.is_empty() {

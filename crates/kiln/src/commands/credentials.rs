@@ -47,6 +47,7 @@ fn operator(target: &AdminTarget) -> anyhow::Result<Operator> {
     Operator::new(&crate::cli::ServerOpts {
         server,
         token_file: target.token_file.clone(),
+        ca_file: target.ca_file.clone(),
     })
 }
 

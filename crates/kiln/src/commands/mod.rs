@@ -21,6 +21,7 @@ mod submit;
 
 use crate::cli::{Cli, Command, JobAction};
 use crate::operator::{split_job, Operator};
+use anyhow::Context;
 use std::process::ExitCode;
 
 /// Runs the parsed command line.
@@ -127,5 +128,32 @@ pub async fn terminated() {
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
+    }
+}
+
+/// `--tls-cert` and `--tls-key` of `kiln server` and `kiln master`: both or neither.
+pub(crate) fn server_tls(
+    cert: Option<&std::path::Path>,
+    key: Option<&std::path::Path>,
+) -> anyhow::Result<Option<kiln_tls::ServerTls>> {
+    let usage = |message: &str| crate::operator::Usage(message.to_owned());
+    match (cert, key) {
+        (None, None) => Ok(None),
+        (Some(_), None) => {
+            Err(usage("--tls-cert needs --tls-key FILE: the certificate's private key").into())
+        }
+        (None, Some(_)) => {
+            Err(usage("--tls-key needs --tls-cert FILE: the certificate chain of the key").into())
+        }
+        (Some(cert), Some(key)) => Ok(Some(
+            kiln_tls::ServerTls::from_pem_files(cert, key).context("setting up TLS")?,
+        )),
+    }
+}
+
+/// Warns that a listener without TLS on a reachable address sends secrets in clear.
+pub(crate) fn warn_if_clear_text(addr: std::net::SocketAddr, tls: Option<&kiln_tls::ServerTls>) {
+    if tls.is_none() && !addr.ip().is_loopback() {
+        tracing::warn!(%addr, "listening on a non-loopback address without TLS: credentials travel in clear text (pass --tls-cert and --tls-key)");
     }
 }

@@ -27,6 +27,17 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
     config.max_log_bytes_per_job = args.max_log_bytes_per_job;
     config.max_jobs_per_build = args.max_jobs_per_build.max(1);
     config.max_uploads_per_client = args.max_uploads_per_client.max(1);
+    config.tls = super::server_tls(args.tls_cert.as_deref(), args.tls_key.as_deref())?;
+    let scheme = kiln_tls::scheme(config.tls.as_ref());
+    if args.master_ca_file.is_some() && args.masters.is_empty() {
+        return Err(crate::operator::Usage(
+            "--master-ca-file is only used with --master URL: name the masters to register with"
+                .into(),
+        )
+        .into());
+    }
+    config.master_tls = kiln_tls::ClientTls::from_ca_file(args.master_ca_file.as_deref())
+        .context("--master-ca-file")?;
     if args.advertise.is_some() && args.masters.is_empty() {
         return Err(crate::operator::Usage(
             "--advertise is only used with --master URL: name the masters to register with".into(),
@@ -77,17 +88,16 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
         None if args.masters.is_empty() => None,
         // Listening on one address (checked above): that address, with the port
         // actually bound, is where clients reach this server.
-        None => Some(format!("http://{addr}")),
+        None => Some(format!("{scheme}://{addr}")),
     };
     config.masters = args.masters;
     config.advertise = advertise;
     config.master_token_file = args.master_token_file;
+    let server_tls = config.tls.clone();
     let server = Server::open(config).await?;
-    if !addr.ip().is_loopback() {
-        tracing::warn!(%addr, "listening on a non-loopback address without TLS: credentials travel in clear");
-    }
+    super::warn_if_clear_text(addr, server_tls.as_ref());
     // The URL is the one line on stdout, so that scripts and tests can read it.
-    println!("kiln server listening on http://{addr}");
+    println!("kiln server listening on {scheme}://{addr}");
     std::io::stdout().flush().ok();
     tracing::info!(data = %data.display(), "admin token in admin.token, join token in client.token");
     if args.public_read {

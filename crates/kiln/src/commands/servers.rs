@@ -9,6 +9,7 @@ pub async fn run(args: ServersArgs) -> anyhow::Result<ExitCode> {
     let operator = Operator::new(&ServerOpts {
         server: args.master.clone(),
         token_file: args.token_file.clone(),
+        ca_file: args.ca_file.clone(),
     })?;
     let path = if args.all {
         "/v1/servers?all=true"

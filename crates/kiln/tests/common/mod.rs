@@ -1,5 +1,6 @@
 //! Helpers for kiln's end-to-end tests: each test drives the real `kiln` binary as
-//! real processes over loopback HTTP.
+//! real processes over loopback HTTP (or HTTPS: [`Harness::with_env`] and the
+//! servers' and masters' `ca_file` let a test run a farm with TLS).
 //!
 //! A [`Harness`] owns a test's temporary directory; every process it starts logs into
 //! a `*.log` file there, and every failed wait panics with those logs attached.
@@ -13,6 +14,7 @@
 #![allow(dead_code)]
 
 use serde_json::Value;
+use std::ffi::OsStr;
 use std::fmt::Write as _;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -271,6 +273,8 @@ fn read_in_background(mut pipe: impl Read + Send + 'static) -> std::thread::Join
 /// When a test fails on a plain `assert!`, dropping the harness prints the logs.
 pub struct Harness {
     dir: tempfile::TempDir,
+    /// Environment variables for every server, master and client this starts.
+    envs: Vec<(String, String)>,
 }
 
 impl Drop for Harness {
@@ -287,7 +291,17 @@ impl Harness {
             .prefix(&format!("kiln-e2e-{test_name}-"))
             .tempdir()
             .expect("creating the test's temporary directory");
-        Harness { dir }
+        Harness {
+            dir,
+            envs: Vec::new(),
+        }
+    }
+
+    /// Sets `name=value` in the environment of every server, master and client this
+    /// harness starts from now on (`RUST_LOG=debug`, say).
+    pub fn with_env(mut self, name: &str, value: &str) -> Self {
+        self.envs.push((name.to_owned(), value.to_owned()));
+        self
     }
 
     pub fn path(&self) -> &Path {
@@ -365,6 +379,7 @@ impl Harness {
             admin_token_file: data.join("admin.token"),
             client_token_file: client_token,
             data,
+            ca_file: None,
             log_dir: self.path().to_owned(),
             process: guard,
             probe: std::sync::OnceLock::new(),
@@ -381,6 +396,7 @@ impl Harness {
         mut command: Command,
     ) -> (ProcessGuard, String) {
         let mut child = command
+            .envs(self.envs.iter().map(|(name, value)| (name, value)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .spawn()
@@ -413,7 +429,7 @@ impl Harness {
             })
             .trim()
             .to_owned();
-        if !url.starts_with("http://127.0.0.1:") {
+        if !url.starts_with("http://127.0.0.1:") && !url.starts_with("https://127.0.0.1:") {
             fail(
                 self.path(),
                 &format!("{role} {name} is not on loopback: {url}"),
@@ -464,6 +480,7 @@ impl Harness {
             .arg(&work_dir)
             .env_remove("KILN_SERVER")
             .env_remove("KILN_TOKEN")
+            .envs(self.envs.iter().map(|(name, value)| (name, value)))
             .envs(envs.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("cloning the log file"))
@@ -484,9 +501,11 @@ impl Harness {
 /// A running `kiln server`.
 pub struct Server {
     pub name: String,
-    /// `http://127.0.0.1:PORT`.
+    /// `http://127.0.0.1:PORT`, or `https://` when it serves TLS.
     pub url: String,
     pub data: PathBuf,
+    /// The CA file operator commands trust it by (`--ca-file`), for a server with TLS.
+    pub ca_file: Option<PathBuf>,
     pub admin_token_file: PathBuf,
     pub client_token_file: PathBuf,
     log_dir: PathBuf,
@@ -509,11 +528,16 @@ impl Server {
         read_token(&self.client_token_file)
     }
 
-    /// Runs `kiln ARGS --server URL --token-file ADMIN_TOKEN`.
+    /// Runs `kiln ARGS --server URL --token-file ADMIN_TOKEN` (and `--ca-file` when
+    /// the server has one).
     pub fn kiln(&self, args: &[&str]) -> Run {
         let admin = self.admin_token_file.display().to_string();
+        let ca_file = self.ca_file.as_ref().map(|path| path.display().to_string());
         let mut all: Vec<&str> = args.to_vec();
         all.extend(["--server", &self.url, "--token-file", &admin]);
+        if let Some(ca_file) = &ca_file {
+            all.extend(["--ca-file", ca_file]);
+        }
         run_kiln(&self.log_dir, &all, &[])
     }
 
@@ -747,7 +771,8 @@ pub struct HttpResponse {
 }
 
 /// One HTTP/1.1 request over a fresh connection to `base_url` (`http://HOST:PORT`);
-/// a JSON body when `body` is given.
+/// a JSON body when `body` is given. Plain HTTP only: talk to a server with TLS
+/// through the `kiln` CLI ([`Server::kiln`]).
 pub fn http(
     base_url: &str,
     method: &str,
@@ -1057,6 +1082,11 @@ impl Server {
             .arg(&self.url)
             .arg("--token-file")
             .arg(&self.admin_token_file)
+            .args(
+                self.ca_file
+                    .iter()
+                    .flat_map(|path| [OsStr::new("--ca-file"), path.as_os_str()]),
+            )
             .env_remove("KILN_SERVER")
             .env_remove("KILN_TOKEN")
             .stdin(Stdio::null())
@@ -1280,7 +1310,7 @@ pub fn free_loopback_addr() -> String {
 /// A running `kiln master`.
 pub struct Master {
     pub name: String,
-    /// `http://127.0.0.1:PORT`.
+    /// `http://127.0.0.1:PORT`, or `https://` when it serves TLS.
     pub url: String,
     pub data: PathBuf,
     pub admin_token_file: PathBuf,
@@ -1369,5 +1399,34 @@ impl Master {
             .collect();
         urls.sort();
         urls
+    }
+}
+
+/// Every `*.log` file directly in `dir`, as (its path, its text).
+pub fn read_logs(dir: &Path) -> Vec<(String, String)> {
+    let mut logs = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("reading the test directory") {
+        let path = entry.expect("an entry").path();
+        if path.extension().is_some_and(|ext| ext == "log") {
+            let text = std::fs::read_to_string(&path)
+                .unwrap_or_else(|err| panic!("{}: {err}", path.display()));
+            logs.push((path.display().to_string(), text));
+        }
+    }
+    logs
+}
+
+/// Panics unless no secret of `secrets` (what it is, the secret) appears in any text
+/// of `seen` (where it was seen, the text). Each secret must be a real one (16 bytes
+/// or more), so that an empty token file cannot pass for "not found".
+pub fn assert_no_secret_in(secrets: &[(&str, String)], seen: &[(String, String)]) {
+    for (what, secret) in secrets {
+        assert!(secret.len() >= 16, "{what} secret is a real secret");
+        for (place, text) in seen {
+            assert!(
+                !text.contains(secret.as_str()),
+                "the {what} credential appears in {place}"
+            );
+        }
     }
 }
