@@ -144,7 +144,7 @@ fn a_build_runs_over_tls_and_untrusting_callers_are_refused() {
     );
 
     // The client knows only the master, and trusts the CA.
-    let _client = harness.start_client_with_args(
+    let client = harness.start_client_with_args(
         "c1",
         &[
             "client".into(),
@@ -302,7 +302,23 @@ fn a_build_runs_over_tls_and_untrusting_callers_are_refused() {
         "the server logged the refused handshakes at debug level: {server_log}"
     );
     seen.extend(logs);
+    // The secret the client enrolled with over TLS, as kept and as sent.
+    let own = client.auth_for(&server);
+    let own_secret = {
+        use base64::Engine;
+        let encoded = own.trim_start_matches("Basic ");
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .expect("base64");
+        let decoded = String::from_utf8(decoded).expect("utf-8");
+        decoded.split_once(':').expect("id:secret").1.to_owned()
+    };
     let secrets = [
+        ("client's own", own_secret),
+        (
+            "client's own (as sent)",
+            own.trim_start_matches("Basic ").to_owned(),
+        ),
         ("admin", read(&server.admin_token_file).trim().to_owned()),
         ("client", read(&client_token).trim().to_owned()),
         ("server", read(&server_token).trim().to_owned()),
