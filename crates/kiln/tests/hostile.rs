@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{text, wait_for_gate, wait_until, write_build, Harness, HttpResponse, Job, Server};
+use common::{text, wait_for_gate, write_build, Harness, HttpResponse, Job, Server};
 use serde_json::Value;
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -352,20 +352,6 @@ fn crafted_archives_over_the_api_are_refused_naming_the_entry() {
     );
 }
 
-/// A running job's lease, read from the client's state file once its step runs.
-fn lease_of_running(server: &Server, client: &common::Client, build: &str, job: &str) -> String {
-    server.wait_for_job(build, job, "running", |value| {
-        text(value, "state") == "running"
-    });
-    let held = wait_until(
-        &server.data,
-        &format!("the client to hold {build}/{job}"),
-        || client.held_job(build, job),
-        || format!("{:?}", client.state()),
-    );
-    text(&held, "lease").to_owned()
-}
-
 #[test]
 fn names_from_outside_in_manifests_and_urls_are_refused() {
     let harness = Harness::new("hostile-names");
@@ -411,7 +397,7 @@ fn names_from_outside_in_manifests_and_urls_are_refused() {
         &[Job::new("one", "PRO").install(&wait_for_gate(&gate))],
     ));
     let client = harness.start_client("A", &[&server], &["--include", "*"]);
-    let lease = lease_of_running(&server, &client, &build, "one");
+    let lease = client.lease_of_running(&server, &build, "one");
     let data_before = tree(&server.data);
 
     for path in [
@@ -545,7 +531,7 @@ fn oversized_bodies_are_refused_naming_the_limit_and_the_server_keeps_serving() 
         &[Job::new("one", "PRO").install(&wait_for_gate(&gate))],
     ));
     let client = harness.start_client("A", &[&server], &["--include", "*"]);
-    let lease = lease_of_running(&server, &client, &build, "one");
+    let lease = client.lease_of_running(&server, &build, "one");
     let lines: Vec<String> = (0..10_001)
         .map(|idx| format!(r#"{{"stream":"stdout","text":"{idx}"}}"#))
         .collect();
@@ -590,8 +576,8 @@ fn stale_foreign_and_made_up_leases_are_refused_and_change_nothing() {
         ],
     ));
     let client = harness.start_client("A", &[&server], &["--include", "*", "--slots", "2"]);
-    let lease_one = lease_of_running(&server, &client, &build, "one");
-    let lease_two = lease_of_running(&server, &client, &build, "two");
+    let lease_one = client.lease_of_running(&server, &build, "one");
+    let lease_two = client.lease_of_running(&server, &build, "two");
     assert_ne!(lease_one, lease_two);
 
     let calls = |lease: &str| -> Vec<(String, HttpResponse)> {

@@ -6,8 +6,8 @@
 
 mod common;
 
+use common::Server;
 use common::{http, text, wait_for_gate, wait_until, write_build, Harness, HttpResponse, Job};
-use common::{Client, Server};
 use serde_json::Value;
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -254,19 +254,6 @@ fn probe_uploads(
     ]
 }
 
-fn lease_of_running(server: &Server, client: &Client, build: &str, job: &str) -> String {
-    server.wait_for_job(build, job, "running", |value| {
-        text(value, "state") == "running"
-    });
-    let held = wait_until(
-        &server.data,
-        &format!("the client to hold {build}/{job}"),
-        || client.held_job(build, job),
-        || format!("{:?}", client.state()),
-    );
-    text(&held, "lease").to_owned()
-}
-
 #[test]
 fn uploads_over_the_per_client_limit_are_answered_429_and_the_client_waits_its_turn() {
     let harness = Harness::new("limits-uploads");
@@ -278,7 +265,7 @@ fn uploads_over_the_per_client_limit_are_answered_429_and_the_client_waits_its_t
         &[Job::new("one", "PRO").install(&wait_for_gate(&gate))],
     ));
     let client = harness.start_client("A", &[&server], &["--include", "*"]);
-    let lease = lease_of_running(&server, &client, &build, "one");
+    let lease = client.lease_of_running(&server, &build, "one");
     // The calls below are the client's own: they go with its enrolled secret.
     let auth = client.auth_for(&server);
 

@@ -739,6 +739,20 @@ impl Client {
         panic!("client {} has no secret for {}", self.id, server.url)
     }
 
+    /// The lease of `build/job` once it runs here, read from the client's state file.
+    pub fn lease_of_running(&self, server: &Server, build: &str, job: &str) -> String {
+        server.wait_for_job(build, job, "running", |value| {
+            text(value, "state") == "running"
+        });
+        let held = wait_until(
+            &server.data,
+            &format!("client {} to hold {build}/{job}", self.id),
+            || self.held_job(build, job),
+            || format!("{:?}", self.state()),
+        );
+        text(&held, "lease").to_owned()
+    }
+
     /// The client's `WORK/state.json`, if it exists and parses.
     pub fn state(&self) -> Option<Value> {
         let text = std::fs::read_to_string(self.work_dir.join("state.json")).ok()?;
