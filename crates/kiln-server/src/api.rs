@@ -1442,7 +1442,7 @@ async fn enroll(
     let id = request.client_id;
     check_name("client id", &id).map_err(|msg| ApiErr::bad_request("bad_name", msg))?;
     let secret = crate::auth::new_secret();
-    let hash = hash_off_thread(&secret).await?;
+    let hash = hash_off_thread(&state, &secret).await?;
     let put = state
         .store
         .put_client_credential(
@@ -1478,7 +1478,10 @@ async fn enroll(
     }
 }
 
-async fn hash_off_thread(secret: &str) -> Result<String, ApiErr> {
+/// Hashes a new secret on a blocking thread, as one of the few argon2 runs allowed at
+/// once (each takes 19 MiB: a crowd of enrolling clients must not take them all).
+async fn hash_off_thread(state: &AppState, secret: &str) -> Result<String, ApiErr> {
+    let _permit = state.credentials.hashing_permit().await?;
     let secret = secret.to_owned();
     tokio::task::spawn_blocking(move || crate::auth::hash_secret(&secret))
         .await
@@ -1511,7 +1514,7 @@ async fn issue_credential(
 ) -> Result<(StatusCode, Json<kiln_proto::api::ClientSecret>), ApiErr> {
     check_name("client id", &id).map_err(|msg| ApiErr::bad_request("bad_name", msg))?;
     let secret = crate::auth::new_secret();
-    let hash = hash_off_thread(&secret).await?;
+    let hash = hash_off_thread(&state, &secret).await?;
     state
         .store
         .put_client_credential(

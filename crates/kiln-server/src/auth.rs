@@ -179,6 +179,14 @@ impl Credentials {
             .insert(id.to_owned(), (hash.to_owned(), digest));
     }
 
+    /// A turn to run argon2 (hash or verify): at most two run at once.
+    pub async fn hashing_permit(&self) -> Result<tokio::sync::SemaphorePermit<'_>, ApiErr> {
+        self.hashing
+            .acquire()
+            .await
+            .map_err(|_| ApiErr::Internal("shutting down".into()))
+    }
+
     /// Forgets what was verified for `id` (its credential changed).
     pub fn forget(&self, id: &str) {
         self.verified
@@ -210,11 +218,7 @@ async fn client_caller(state: &AppState, id: &str, secret: &str) -> Result<Calle
     if remembered {
         return Ok(Caller::Client(id.to_owned()));
     }
-    let _permit = credentials
-        .hashing
-        .acquire()
-        .await
-        .map_err(|_| ApiErr::Internal("shutting down".into()))?;
+    let _permit = credentials.hashing_permit().await?;
     let hash = row.secret_hash.clone();
     let secret = secret.to_owned();
     let matches = tokio::task::spawn_blocking(move || verify_secret(&secret, &hash))
