@@ -1411,6 +1411,9 @@ async fn cancel(
 
 /// Whether client `id` has a credential that is not revoked.
 async fn credential_is_live(state: &AppState, id: &str) -> Result<bool, ApiErr> {
+    if state.credentials.recently_live(id) {
+        return Ok(true);
+    }
     Ok(state
         .store
         .client_credential(id)

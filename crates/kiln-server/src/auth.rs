@@ -26,6 +26,7 @@ use kiln_store::StoreError;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 use subtle::ConstantTimeEq;
 
 /// The authenticated caller of a request.
@@ -100,11 +101,26 @@ pub struct Credentials {
     join_file: PathBuf,
     /// A key for the digests of verified secrets, new each start.
     key: [u8; 32],
-    /// Client id → (the stored hash it was verified against, keyed digest of the secret).
-    verified: Mutex<HashMap<String, (String, [u8; 32])>>,
+    /// Client id → what was verified for it.
+    verified: Mutex<HashMap<String, Verified>>,
     /// Argon2 runs at most this many at once: wrong secrets cannot take every core.
     hashing: tokio::sync::Semaphore,
 }
+
+/// A client secret verified against its stored hash.
+struct Verified {
+    /// The stored hash it was verified against.
+    hash: String,
+    /// The keyed digest of the secret.
+    digest: [u8; 32],
+    /// When the stored row was last read and found live.
+    checked: Instant,
+}
+
+/// How long a verified secret is taken without reading its row again: a revocation
+/// through the API is seen at once, one written straight into the data directory
+/// within this.
+const FRESH: Duration = Duration::from_secs(1);
 
 /// What the join token file holds when enrollment is disabled.
 const JOIN_DISABLED: &str = "disabled";
@@ -173,10 +189,48 @@ impl Credentials {
     /// Remembers `secret` as verified against `hash` for client `id` (it was just made).
     pub fn remember(&self, id: &str, hash: &str, secret: &str) {
         let digest = self.digest(secret);
+        self.remember_digest(id, hash, digest);
+    }
+
+    fn remember_digest(&self, id: &str, hash: &str, digest: [u8; 32]) {
         self.verified
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(id.to_owned(), (hash.to_owned(), digest));
+            .insert(
+                id.to_owned(),
+                Verified {
+                    hash: hash.to_owned(),
+                    digest,
+                    checked: Instant::now(),
+                },
+            );
+    }
+
+    /// Whether `digest` is client `id`'s secret as verified against `hash` (or, with no
+    /// `hash`, as verified within [`FRESH`]); a match against `hash` counts as checked now.
+    fn matches(&self, id: &str, hash: Option<&str>, digest: &[u8; 32]) -> bool {
+        let mut verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(known) = verified.get_mut(id) else {
+            return false;
+        };
+        let same_secret: bool = known.digest.ct_eq(digest).into();
+        match hash {
+            Some(hash) if same_secret && known.hash == hash => {
+                known.checked = Instant::now();
+                true
+            }
+            Some(_) => false,
+            None => same_secret && known.checked.elapsed() < FRESH,
+        }
+    }
+
+    /// Whether client `id`'s credential was found live within [`FRESH`].
+    pub fn recently_live(&self, id: &str) -> bool {
+        self.verified
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .is_some_and(|known| known.checked.elapsed() < FRESH)
     }
 
     /// A turn to run argon2 (hash or verify): at most two run at once.
@@ -196,27 +250,24 @@ impl Credentials {
     }
 }
 
-/// Checks client `id`'s `secret` against the store.
-async fn client_caller(state: &AppState, id: &str, secret: &str) -> Result<Caller, ApiErr> {
-    let invalid = || ApiErr::Unauthorized("the credential is not valid".into());
+/// Checks client `id`'s `secret`: `Ok(None)` when the id has no credential.
+async fn client_caller(state: &AppState, id: &str, secret: &str) -> Result<Option<Caller>, ApiErr> {
+    let credentials = &state.credentials;
+    let digest = credentials.digest(secret);
+    if credentials.matches(id, None, &digest) {
+        return Ok(Some(Caller::Client(id.to_owned())));
+    }
     let Some(row) = state.store.client_credential(id).await? else {
-        return Err(invalid());
+        return Ok(None);
     };
     if row.revoked_at.is_some() {
+        credentials.forget(id);
         return Err(ApiErr::Unauthorized(format!(
             "client {id:?}'s credential was revoked"
         )));
     }
-    let credentials = &state.credentials;
-    let digest = credentials.digest(secret);
-    let remembered = credentials
-        .verified
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .get(id)
-        .is_some_and(|(hash, known)| *hash == row.secret_hash && bool::from(known.ct_eq(&digest)));
-    if remembered {
-        return Ok(Caller::Client(id.to_owned()));
+    if credentials.matches(id, Some(&row.secret_hash), &digest) {
+        return Ok(Some(Caller::Client(id.to_owned())));
     }
     let _permit = credentials.hashing_permit().await?;
     let hash = row.secret_hash.clone();
@@ -225,14 +276,10 @@ async fn client_caller(state: &AppState, id: &str, secret: &str) -> Result<Calle
         .await
         .map_err(|err| ApiErr::Internal(format!("verifying a secret failed: {err}")))?;
     if !matches {
-        return Err(invalid());
+        return Err(ApiErr::Unauthorized("the credential is not valid".into()));
     }
-    credentials
-        .verified
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(id.to_owned(), (row.secret_hash, digest));
-    Ok(Caller::Client(id.to_owned()))
+    credentials.remember_digest(id, &row.secret_hash, digest);
+    Ok(Some(Caller::Client(id.to_owned())))
 }
 
 /// The caller the `Authorization` header makes: `Ok(None)` when there is none.
@@ -261,9 +308,11 @@ async fn caller_of(state: &AppState, parts: &Parts) -> Result<Option<Caller>, Ap
     let (id, secret) = decoded.split_once(':').ok_or_else(not_understood)?;
     // A client's own identity first; else the password may be a token (the seed's
     // buildclient.xml gives a USERNAME with every PASSWORD).
-    if !id.is_empty() && state.store.client_credential(id).await?.is_some() {
+    if !id.is_empty() {
         match client_caller(state, id, secret).await {
-            Ok(caller) => return Ok(Some(caller)),
+            Ok(Some(caller)) => return Ok(Some(caller)),
+            // No such client: the password may be a token.
+            Ok(None) => {}
             // Not this client's secret; it may still be a token (a client that lost
             // its secret calls with the join token to be told what to do).
             Err(err) => return state.credentials.bearer(secret).map(Some).ok_or(err),
