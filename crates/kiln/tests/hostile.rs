@@ -7,8 +7,6 @@ mod common;
 
 use common::{text, wait_for_gate, write_build, Harness, HttpResponse, Job, Server};
 use serde_json::Value;
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::Path;
 
 /// The builds `GET /v1/builds` lists.
@@ -107,38 +105,12 @@ fn raw_request(
     content_type: &str,
     body: &[u8],
 ) -> HttpResponse {
-    let host = server.url.trim_start_matches("http://");
-    let mut stream = TcpStream::connect(host).expect("connecting to the server");
-    stream
-        .set_read_timeout(Some(common::DEADLINE))
-        .expect("setting a read timeout");
-    let mut head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\
-         Content-Type: {content_type}\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (name, value) in headers {
-        head.push_str(&format!("{name}: {value}\r\n"));
-    }
-    head.push_str("\r\n");
-    stream.write_all(head.as_bytes()).expect("sending the head");
-    // The server may answer and close before reading a body it refuses.
-    let _ = stream.write_all(body);
-    let mut raw = Vec::new();
-    let _ = stream.read_to_end(&mut raw);
-    let split = raw
-        .windows(4)
-        .position(|window| window == b"\r\n\r\n")
-        .unwrap_or_else(|| panic!("no response to {method} {path}: {raw:?}"));
-    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or_else(|| panic!("bad status line: {head:?}"));
+    let mut all = vec![("Content-Type", content_type)];
+    all.extend_from_slice(headers);
+    let answer = common::raw_http(&server.url, method, path, &all, body);
     HttpResponse {
-        status,
-        body: String::from_utf8_lossy(&raw[split + 4..]).into_owned(),
+        status: answer.status,
+        body: answer.body,
     }
 }
 

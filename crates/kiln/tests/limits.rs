@@ -6,8 +6,8 @@
 
 mod common;
 
-use common::Server;
 use common::{http, text, wait_for_gate, wait_until, write_build, Harness, HttpResponse, Job};
+use common::{RawResponse, Server};
 use serde_json::Value;
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -168,15 +168,7 @@ impl HeldUpload {
     }
 }
 
-/// A response with its head, from [`raw`].
-#[derive(Debug)]
-struct RawResponse {
-    status: u16,
-    head: String,
-    body: String,
-}
-
-/// One request with a byte body over a fresh connection, answered in full.
+/// One request as the client `auth` names, with a byte body, answered in full.
 fn raw(
     server: &Server,
     auth: &str,
@@ -185,40 +177,9 @@ fn raw(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> RawResponse {
-    let host = server.url.trim_start_matches("http://");
-    let mut stream = TcpStream::connect(host).expect("connecting to the server");
-    stream
-        .set_read_timeout(Some(common::DEADLINE))
-        .expect("setting a read timeout");
-    let mut head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\
-         Authorization: {auth}\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (name, value) in headers {
-        head.push_str(&format!("{name}: {value}\r\n"));
-    }
-    head.push_str("\r\n");
-    stream.write_all(head.as_bytes()).expect("sending the head");
-    // A refusal may come before the body is read.
-    let _ = stream.write_all(body);
-    let mut answer = Vec::new();
-    let _ = stream.read_to_end(&mut answer);
-    let split = answer
-        .windows(4)
-        .position(|window| window == b"\r\n\r\n")
-        .unwrap_or_else(|| server.fail(&format!("no answer to {method} {path}")));
-    let head = String::from_utf8_lossy(&answer[..split]).into_owned();
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or_else(|| server.fail(&format!("bad status line: {head:?}")));
-    RawResponse {
-        status,
-        head,
-        body: String::from_utf8_lossy(&answer[split + 4..]).into_owned(),
-    }
+    let mut all = vec![("Authorization", auth)];
+    all.extend_from_slice(headers);
+    common::raw_http(&server.url, method, path, &all, body)
 }
 
 /// The uploads a client may make: a chunk body (empty: nothing to store) and a whole

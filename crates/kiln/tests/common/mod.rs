@@ -777,6 +777,61 @@ pub fn basic_auth(id: &str, secret: &str) -> String {
     format!("Basic {encoded}")
 }
 
+/// A response from [`raw_http`], with its head.
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status: u16,
+    pub head: String,
+    pub body: String,
+}
+
+/// One HTTP/1.1 request with a byte body over a fresh connection to `base_url`
+/// (`http://HOST:PORT`), answered in full. Unlike [`http`], the body is bytes, every
+/// header (the content type too) is the caller's, and the answer is read even when the
+/// server refuses and closes before it has read the whole body.
+pub fn raw_http(
+    base_url: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> RawResponse {
+    let host = base_url.trim_start_matches("http://");
+    let mut stream = TcpStream::connect(host).expect("connecting to the server");
+    stream
+        .set_read_timeout(Some(DEADLINE))
+        .expect("setting a read timeout");
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\
+         Content-Length: {}\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).expect("sending the head");
+    // The server may answer and close before reading a body it refuses.
+    let _ = stream.write_all(body);
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    let split = answer
+        .windows(4)
+        .position(|window| window == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no answer to {method} {path}: {answer:?}"));
+    let head = String::from_utf8_lossy(&answer[..split]).into_owned();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line: {head:?}"));
+    RawResponse {
+        status,
+        head,
+        body: String::from_utf8_lossy(&answer[split + 4..]).into_owned(),
+    }
+}
+
 /// A response from [`http`].
 #[derive(Debug)]
 pub struct HttpResponse {
