@@ -338,13 +338,14 @@ pub fn router(state: Arc<AppState>) -> Router {
 }
 
 /// What each path parameter of the routes above names, as a refusal says it.
-const PATH_NAMES: [(&str, &str); 3] = [
+const PATH_NAMES: [(&str, &str); 4] = [
     ("build", "build number"),
     ("job", "job id"),
     ("name", "image name"),
+    ("client", "client id"),
 ];
 
-/// Refuses, for every route, a `{build}`, `{job}` or `{name}` path parameter that is
+/// Refuses, for every route, a `{build}`, `{job}`, `{name}` or `{client}` path parameter that is
 /// not a valid name (`400 bad_name`, naming the parameter), before any handler looks
 /// it up. A parameter that does not decode is left to the handler's own refusal.
 async fn check_path_names(
@@ -477,11 +478,6 @@ pub(crate) fn lease_of(headers: &HeaderMap) -> Result<&str, ApiErr> {
                 format!("this call needs the job's lease token in the {LEASE_HEADER} header"),
             )
         })
-}
-
-pub(crate) fn check_job_names(build: &str, job: &str) -> Result<(), ApiErr> {
-    check_name("build number", build).map_err(|msg| ApiErr::bad_request("bad_name", msg))?;
-    check_name("job id", job).map_err(|msg| ApiErr::bad_request("bad_name", msg))
 }
 
 /// Fills in `eta_seconds` from percent done and past runs of the same config type.
@@ -1101,7 +1097,6 @@ async fn put_image(
     headers: HeaderMap,
     body: Body,
 ) -> Result<(StatusCode, Json<ImageInfo>), ApiErr> {
-    check_name("image name", &name).map_err(|msg| ApiErr::bad_request("bad_name", msg))?;
     // Refuse a stale lease, or one upload too many, before reading a large body.
     let (lease, holder) = transfer::check_holder_of(&state, caller, &build, &job, &headers).await?;
     let _slot = state
@@ -1515,7 +1510,6 @@ async fn issue_credential(
     State(state): Shared,
     Path(id): Path<String>,
 ) -> Result<(StatusCode, Json<kiln_proto::api::ClientSecret>), ApiErr> {
-    check_name("client id", &id).map_err(|msg| ApiErr::bad_request("bad_name", msg))?;
     let secret = crate::auth::new_secret();
     let hash = hash_off_thread(&state, &secret).await?;
     state
@@ -1544,7 +1538,6 @@ async fn revoke_credential(
     State(state): Shared,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiErr> {
-    check_name("client id", &id).map_err(|msg| ApiErr::bad_request("bad_name", msg))?;
     let revoked = state
         .store
         .revoke_client_credential(&id, crate::now_micros())

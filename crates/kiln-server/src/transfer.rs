@@ -12,7 +12,7 @@
 //! commit that finds a chunk gone answers `missing_chunks`, so the client sends it
 //! again.
 
-use crate::api::{check_job_names, lease_of};
+use crate::api::lease_of;
 use crate::auth::Caller;
 use crate::error::ApiErr;
 use crate::AppState;
@@ -296,7 +296,6 @@ pub(crate) async fn check_holder_of(
     headers: &HeaderMap,
 ) -> Result<(String, kiln_store::LeaseHolder), ApiErr> {
     caller.require_client()?;
-    check_job_names(build, job)?;
     let lease = lease_of(headers)?.to_owned();
     let holder = state.store.check_lease(build, job, &lease).await?;
     Ok((lease, holder))
@@ -541,7 +540,6 @@ pub async fn commit(
     Json(request): Json<CommitRequest>,
 ) -> Result<(StatusCode, Json<ImageInfo>), ApiErr> {
     let lease = check_holder(&state, caller, &build, &job, &headers).await?;
-    check_name("image name", &name).map_err(|msg| ApiErr::bad_request("bad_name", msg))?;
     if request.size > state.config.max_image_bytes {
         return Err(ApiErr::TooLarge(format!(
             "image {name} is larger than the {} bytes this server accepts",
@@ -713,7 +711,6 @@ async fn image_entries(
     job: &str,
     name: &str,
 ) -> Result<(kiln_store::ImageRecord, Vec<ChunkEntry>), ApiErr> {
-    check_job_names(build, job)?;
     let image = state.store.get_image(build, job, name).await?;
     let packed = image.chunk_list.as_deref().ok_or_else(|| {
         ApiErr::Internal(format!(
@@ -1029,7 +1026,6 @@ pub async fn delete_build(
     Path(build): Path<String>,
 ) -> Result<Json<DeleteReport>, ApiErr> {
     caller.require_admin()?;
-    check_name("build number", &build).map_err(|msg| ApiErr::bad_request("bad_name", msg))?;
     let deleted = state.store.delete_build(&build).await?;
     if !deleted.files_key_shared {
         state.blobs.remove(&deleted.files_key).await?;

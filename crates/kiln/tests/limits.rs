@@ -302,7 +302,7 @@ fn uploads_over_the_per_client_limit_are_answered_429_and_the_client_waits_its_t
 }
 
 #[test]
-fn bad_names_on_every_read_route_are_refused_naming_the_parameter() {
+fn bad_names_in_every_path_are_refused_naming_the_parameter() {
     let harness = Harness::new("limits-names");
     let server = harness.start_server("main", &[]);
     let long = "x".repeat(200);
@@ -319,6 +319,7 @@ fn bad_names_on_every_read_route_are_refused_naming_the_parameter() {
         "/v1/jobs/{build}/{job}/log",
         "/v1/jobs/{build}/{job}/images/{name}",
         "/v1/jobs/{build}/{job}/images/{name}/index",
+        "/v1/credentials/{client}",
     ];
     let admin = format!("Bearer {}", server.admin_token());
     let mut n_checked = 0;
@@ -327,6 +328,7 @@ fn bad_names_on_every_read_route_are_refused_naming_the_parameter() {
             ("{build}", "build number"),
             ("{job}", "job id"),
             ("{name}", "image name"),
+            ("{client}", "client id"),
         ] {
             if !route.contains(param) {
                 continue;
@@ -340,6 +342,9 @@ fn bad_names_on_every_read_route_are_refused_naming_the_parameter() {
                 let mut methods = vec!["GET"];
                 if route == "/v1/builds/{build}" {
                     methods.push("DELETE");
+                }
+                if route == "/v1/credentials/{client}" {
+                    methods = vec!["POST", "DELETE"];
                 }
                 for method in methods {
                     let response: HttpResponse = http(
@@ -370,8 +375,9 @@ fn bad_names_on_every_read_route_are_refused_naming_the_parameter() {
             }
         }
     }
-    // Six build routes (one with DELETE too), three job routes, two image routes.
-    assert_eq!(n_checked, bad_names.len() * (6 + 1 + 3 * 2 + 2 * 3));
+    // Six build routes (one with DELETE too), three job routes, two image routes, and
+    // a client's credential (POST and DELETE).
+    assert_eq!(n_checked, bad_names.len() * (6 + 1 + 3 * 2 + 2 * 3 + 2));
     // Valid names still reach the store, which says what it lacks.
     let response = server.get("/v1/jobs/900/one");
     assert_eq!(response.status, 404, "{response:?}");
