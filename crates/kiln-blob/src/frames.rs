@@ -8,7 +8,7 @@
 //! as 36 bytes a chunk (name, length) by [`pack_chunk_list`].
 
 use bytes::{Buf, Bytes, BytesMut};
-use std::fmt;
+pub use kiln_proto::transfer::{ChunkEntry, ChunkHash};
 
 /// The longest chunk accepted anywhere (the chunker's maximum is 256 KiB).
 pub const MAX_CHUNK_BYTES: u32 = 1 << 20;
@@ -24,61 +24,6 @@ const ZSTD_LEVEL: i32 = 1;
 /// How many leading bytes of a chunk are compressed to judge whether the whole is
 /// worth compressing.
 const SAMPLE_BYTES: usize = 4096;
-
-/// A chunk's name: the BLAKE3 hash of its bytes.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ChunkHash(pub [u8; 32]);
-
-impl ChunkHash {
-    /// The name of `bytes`.
-    pub fn of(bytes: &[u8]) -> Self {
-        ChunkHash(*blake3::hash(bytes).as_bytes())
-    }
-
-    /// Parses 64 lowercase hex digits.
-    pub fn parse(hex_digits: &str) -> Option<Self> {
-        if !crate::is_valid_key(hex_digits) {
-            return None;
-        }
-        let mut bytes = [0u8; 32];
-        hex::decode_to_slice(hex_digits, &mut bytes).ok()?;
-        Some(ChunkHash(bytes))
-    }
-
-    /// 64 lowercase hex digits.
-    pub fn to_hex(&self) -> String {
-        hex::encode(self.0)
-    }
-}
-
-impl fmt::Display for ChunkHash {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.to_hex())
-    }
-}
-
-impl fmt::Debug for ChunkHash {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "ChunkHash({})", &self.to_hex()[..12])
-    }
-}
-
-impl serde::Serialize for ChunkHash {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(&self.to_hex())
-    }
-}
-
-impl<'de> serde::Deserialize<'de> for ChunkHash {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
-        ChunkHash::parse(&text).ok_or_else(|| {
-            serde::de::Error::custom(format!(
-                "invalid chunk name {text:?}: expected 64 lowercase hex digits"
-            ))
-        })
-    }
-}
 
 /// How a frame's data holds its chunk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,13 +42,6 @@ impl Encoding {
             _ => None,
         }
     }
-}
-
-/// One entry of an image's chunk list.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct ChunkEntry {
-    pub hash: ChunkHash,
-    pub len: u32,
 }
 
 /// What was wrong with a frame or a chunk list.

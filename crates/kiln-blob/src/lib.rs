@@ -13,7 +13,6 @@ pub mod chunks;
 pub mod frames;
 mod local;
 pub mod noise;
-pub mod wire;
 
 pub use chunks::{ChunkStore, LocalChunkStore, PutStats};
 pub use frames::{ChunkEntry, ChunkHash, Frame};
@@ -167,5 +166,5 @@ pub trait BlobStore: Send + Sync + 'static {
 
 /// Whether `key` is a lowercase hex digest of 64 characters.
 pub fn is_valid_key(key: &str) -> bool {
-    key.len() == 64 && key.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    kiln_proto::transfer::is_hex_digest(key)
 }

@@ -1,14 +1,14 @@
 //! [`ServerConn`]: the client's side of the HTTP API of one server.
 
 use crate::identity::{kept_secret_path, Credential, Given};
-use kiln_blob::wire::{
-    CommitRequest, MissingRequest, MissingResponse, PutChunksResponse, FRAMES_CONTENT_TYPE,
-};
 use kiln_blob::{ChunkEntry, ChunkHash};
 use kiln_proto::api::{
     ApiError, Claim, ClaimRequest, Fail, Finish, Heartbeat, LogAppended, LogBatch, Offer,
 };
 use kiln_proto::progress::Progress;
+use kiln_proto::transfer::{
+    CommitRequest, MissingRequest, MissingResponse, PutChunksResponse, FRAMES_CONTENT_TYPE,
+};
 use kiln_proto::LEASE_HEADER;
 use reqwest::StatusCode;
 use std::path::Path;

@@ -261,25 +261,11 @@ fn read_kept(path: &Path, base: &str) -> Option<Kept> {
 }
 
 fn write_kept(path: &Path, kept: &Kept) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let partial = path.with_extension("new");
-    let _ = std::fs::remove_file(&partial);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&partial)?;
-    file.write_all(&serde_json::to_vec(kept).map_err(std::io::Error::other)?)?;
-    file.sync_all()?;
-    std::fs::rename(&partial, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
+    let bytes = serde_json::to_vec(kept).map_err(std::io::Error::other)?;
+    kiln_common::fs::write_atomic_with_mode(path, &bytes, 0o600)
 }
 
 /// The file a client keeps its enrolled secret for the server at `url` in, under

@@ -130,15 +130,6 @@ fn process_group_of(pid: u32) -> Option<u32> {
 }
 
 fn write_atomically(path: &Path, file: &StateFile) -> std::io::Result<()> {
-    use std::io::Write;
     let bytes = serde_json::to_vec_pretty(file).map_err(std::io::Error::other)?;
-    let temp = path.with_extension("json.tmp");
-    let mut out = std::fs::File::create(&temp)?;
-    out.write_all(&bytes)?;
-    out.sync_all()?;
-    std::fs::rename(&temp, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
+    kiln_common::fs::write_atomic(path, &bytes)
 }

@@ -19,8 +19,8 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use kiln_common::now_micros;
 use kiln_proto::api::ApiError;
-use kiln_server::now_micros;
 use list::{Change, ServerList};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -342,7 +342,8 @@ async fn keeper(state: Arc<MasterState>, mut stop: tokio::sync::watch::Receiver<
         if let Some((path, bytes)) = snapshot {
             last_save = tokio::time::Instant::now();
             let result =
-                tokio::task::spawn_blocking(move || list::save_atomically(&path, &bytes)).await;
+                tokio::task::spawn_blocking(move || kiln_common::fs::write_atomic(&path, &bytes))
+                    .await;
             match result {
                 Ok(Ok(())) => {}
                 Ok(Err(err)) => {
@@ -370,15 +371,15 @@ impl Master {
             .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
         let dir = &config.data_dir;
         let credentials = Credentials {
-            admin: kiln_server::read_or_create_secret(
+            admin: kiln_common::secret::read_or_create_secret(
                 &dir.join("admin.token"),
                 config.admin_token_file.as_deref(),
             )?,
-            server: kiln_server::read_or_create_secret(
+            server: kiln_common::secret::read_or_create_secret(
                 &dir.join("server.token"),
                 config.server_token_file.as_deref(),
             )?,
-            client: kiln_server::read_or_create_secret(
+            client: kiln_common::secret::read_or_create_secret(
                 &dir.join("client.token"),
                 config.client_token_file.as_deref(),
             )?,

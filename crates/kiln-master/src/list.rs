@@ -2,10 +2,8 @@
 //! saved to `servers.json` atomically (temporary file, fsync, rename, fsync of the
 //! directory) and loaded at start.
 
-use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 pub use kiln_proto::api::ServerEntry;
@@ -201,27 +199,6 @@ impl ServerList {
     }
 }
 
-/// Writes `bytes` to `path` atomically: a temporary file beside it, fsync, rename,
-/// fsync of the directory.
-pub fn save_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let dir = path
-        .parent()
-        .with_context(|| format!("{} has no parent directory", path.display()))?;
-    let tmp = path.with_extension("json.tmp");
-    let mut file =
-        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    file.write_all(bytes)
-        .and_then(|()| file.sync_all())
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    drop(file);
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-    std::fs::File::open(dir)
-        .and_then(|dir| dir.sync_all())
-        .with_context(|| format!("syncing directory {}", dir.display()))?;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -273,7 +250,7 @@ mod tests {
         assert!(list.is_dirty());
         let (path, bytes) = list.snapshot();
         assert!(!list.is_dirty());
-        save_atomically(&path, &bytes).unwrap();
+        kiln_common::fs::write_atomic(&path, &bytes).unwrap();
 
         // Restarted long after the last heartbeat: still listed until one timeout.
         let later = T0 + 100 * SEC;

@@ -7,6 +7,7 @@
 //! - [`status_xml`]: the seed's `job_id.xml` (JOBSTATUS) rendering.
 //! - [`state`]: [`state::JobState`] and the transitions the invariants allow.
 //! - [`api`]: the JSON bodies of the HTTP API under `/v1`.
+//! - [`transfer`]: chunk names and the bodies of the chunked image transfer calls.
 //! - [`names`]: validation of names that come from outside.
 
 pub mod api;
@@ -17,6 +18,7 @@ pub mod names;
 pub mod progress;
 pub mod state;
 pub mod status_xml;
+pub mod transfer;
 
 /// The HTTP header that carries a job's lease token on every client call about it.
 pub const LEASE_HEADER: &str = "x-kiln-lease";

@@ -482,7 +482,7 @@ pub(crate) fn lease_of(headers: &HeaderMap) -> Result<&str, ApiErr> {
 
 /// Fills in `eta_seconds` from percent done and past runs of the same config type.
 async fn with_eta(state: &AppState, mut jobs: Vec<JobStatus>) -> Result<Vec<JobStatus>, ApiErr> {
-    let now = crate::now_micros();
+    let now = kiln_common::now_micros();
     let mut means: HashMap<String, Option<f64>> = HashMap::new();
     for job in jobs.iter_mut() {
         if job.state != kiln_proto::state::JobState::Running {
@@ -801,7 +801,7 @@ async fn submit(
             manifest,
             files_key: digests.blake3,
             files_size: digests.size,
-            submitted_at: crate::now_micros(),
+            submitted_at: kiln_common::now_micros(),
             default_accept_within_secs: state.config.default_accept_within_secs,
             default_max_attempts: state.config.default_max_attempts,
         })
@@ -881,7 +881,7 @@ fn announce(
             slots: request.slots,
             version: version.clone(),
         },
-        crate::now_micros(),
+        kiln_common::now_micros(),
     );
     state.note_contact(&request.client_id, address.as_deref());
     ClaimingClient {
@@ -921,7 +921,7 @@ async fn claim(
                 &claimed.build,
                 &claimed.job,
                 &claimed.lease,
-                crate::now_micros(),
+                kiln_common::now_micros(),
             )
             .await?;
         state.dispatcher.wake();
@@ -933,7 +933,7 @@ async fn claim(
     // The claim recorded the client and this contact.
     state
         .contacts
-        .stored(&request.client_id, crate::now_micros());
+        .stored(&request.client_id, kiln_common::now_micros());
     tracing::info!(build = %claimed.build, job = %claimed.job, client = %request.client_id, attempt = claimed.attempt, "job claimed");
     state.changed();
     Ok(Json(Claim {
@@ -961,7 +961,7 @@ async fn heartbeat(
     headers: HeaderMap,
     Json(beat): Json<Heartbeat>,
 ) -> Result<Json<serde_json::Value>, ApiErr> {
-    let lease_until = crate::now_micros() + state.config.lease_secs as i64 * 1_000_000;
+    let lease_until = kiln_common::now_micros() + state.config.lease_secs as i64 * 1_000_000;
     let holder = state
         .store
         .heartbeat(
@@ -1009,7 +1009,7 @@ async fn append_log(
             lease_of(&headers)?,
             &batch.lines,
             batch.progress.as_ref(),
-            crate::now_micros(),
+            kiln_common::now_micros(),
             max_bytes,
             &log_cut_notice(max_bytes),
         )
@@ -1163,7 +1163,7 @@ async fn finish(
             &job,
             lease_of(&headers)?,
             &report.images,
-            crate::now_micros(),
+            kiln_common::now_micros(),
         )
         .await?;
     tracing::info!(build = %build, job = %job, n_images = report.images.len(), "job finished");
@@ -1189,7 +1189,7 @@ async fn fail(
             &job,
             lease_of(&headers)?,
             &failure,
-            crate::now_micros(),
+            kiln_common::now_micros(),
         )
         .await?;
     tracing::info!(build = %build, job = %job, reason = %failure.reason, to = %event.to, "job failed");
@@ -1206,7 +1206,7 @@ async fn release(
 ) -> Result<StatusCode, ApiErr> {
     state
         .store
-        .release(&build, &job, lease_of(&headers)?, crate::now_micros())
+        .release(&build, &job, lease_of(&headers)?, kiln_common::now_micros())
         .await?;
     state.changed();
     state.dispatcher.wake();
@@ -1260,7 +1260,11 @@ async fn session(
             }
             match state
                 .store
-                .take_back_from_client(&client_id, "client connection lost", crate::now_micros())
+                .take_back_from_client(
+                    &client_id,
+                    "client connection lost",
+                    kiln_common::now_micros(),
+                )
                 .await
             {
                 Ok(taken) if taken.is_empty() => {}
@@ -1356,7 +1360,7 @@ async fn give_up(
             &job,
             lease_of(&headers)?,
             &reason,
-            crate::now_micros(),
+            kiln_common::now_micros(),
         )
         .await?;
     tracing::info!(build = %build, job = %job, reason = %reason, to = %event.to, "job given up by its client");
@@ -1372,7 +1376,7 @@ async fn restart(
 ) -> Result<Json<Event>, ApiErr> {
     let event = state
         .store
-        .restart(&build, &job, crate::now_micros())
+        .restart(&build, &job, kiln_common::now_micros())
         .await?;
     tracing::info!(build = %build, job = %job, "job restarted");
     state.changed();
@@ -1387,7 +1391,7 @@ async fn cancel(
 ) -> Result<Json<Event>, ApiErr> {
     let event = state
         .store
-        .cancel(&build, &job, crate::now_micros())
+        .cancel(&build, &job, kiln_common::now_micros())
         .await?;
     tracing::info!(build = %build, job = %job, "job cancelled");
     state.changed();
@@ -1429,7 +1433,7 @@ async fn enroll(
 ) -> Result<(StatusCode, Json<kiln_proto::api::ClientSecret>), ApiErr> {
     let id = request.client_id;
     check_name("client id", &id).map_err(|msg| ApiErr::bad_request("bad_name", msg))?;
-    let secret = crate::auth::new_secret();
+    let secret = kiln_common::secret::new_secret();
     let hash = hash_off_thread(&state, &secret).await?;
     let put = state
         .store
@@ -1437,7 +1441,7 @@ async fn enroll(
             &id,
             &hash,
             kiln_store::CredentialWrite::Enroll,
-            crate::now_micros(),
+            kiln_common::now_micros(),
         )
         .await?;
     match put {
@@ -1500,7 +1504,7 @@ async fn issue_credential(
     State(state): Shared,
     Path(id): Path<String>,
 ) -> Result<(StatusCode, Json<kiln_proto::api::ClientSecret>), ApiErr> {
-    let secret = crate::auth::new_secret();
+    let secret = kiln_common::secret::new_secret();
     let hash = hash_off_thread(&state, &secret).await?;
     state
         .store
@@ -1508,7 +1512,7 @@ async fn issue_credential(
             &id,
             &hash,
             kiln_store::CredentialWrite::Issue,
-            crate::now_micros(),
+            kiln_common::now_micros(),
         )
         .await?;
     state.credentials.remember(&id, &hash, &secret);
@@ -1530,7 +1534,7 @@ async fn revoke_credential(
 ) -> Result<StatusCode, ApiErr> {
     let revoked = state
         .store
-        .revoke_client_credential(&id, crate::now_micros())
+        .revoke_client_credential(&id, kiln_common::now_micros())
         .await?;
     state.credentials.forget(&id);
     if !revoked {
@@ -1554,7 +1558,7 @@ async fn join_token(
     Json(request): Json<JoinTokenRequest>,
 ) -> Result<Json<serde_json::Value>, ApiErr> {
     let token = match request.action.as_str() {
-        "rotate" => Some(crate::auth::new_secret()),
+        "rotate" => Some(kiln_common::secret::new_secret()),
         "disable" => None,
         other => {
             return Err(ApiErr::bad_request(

@@ -134,11 +134,15 @@ impl Credentials {
         admin_file: Option<&Path>,
         client_file: Option<&Path>,
     ) -> anyhow::Result<Self> {
-        let admin = read_or_create_secret(&data_dir.join("admin.token"), admin_file)?;
+        let admin =
+            kiln_common::secret::read_or_create_secret(&data_dir.join("admin.token"), admin_file)?;
         let join_file = client_file
             .map(Path::to_path_buf)
             .unwrap_or_else(|| data_dir.join("client.token"));
-        let join = read_or_create_secret(&data_dir.join("client.token"), client_file)?;
+        let join = kiln_common::secret::read_or_create_secret(
+            &data_dir.join("client.token"),
+            client_file,
+        )?;
         let join = (join != JOIN_DISABLED).then_some(join);
         if join.is_none() {
             tracing::info!(file = %join_file.display(), "enrollment with the join token is disabled");
@@ -177,7 +181,7 @@ impl Credentials {
     /// A new join token, written to the join token file (atomically, mode 0600); the
     /// old one stops working at once. `None` disables enrollment.
     pub fn set_join_token(&self, token: Option<&str>) -> anyhow::Result<()> {
-        write_secret_file(&self.join_file, token.unwrap_or(JOIN_DISABLED))?;
+        kiln_common::secret::write_secret_file(&self.join_file, token.unwrap_or(JOIN_DISABLED))?;
         *self.join.write().unwrap_or_else(|e| e.into_inner()) = token.map(str::to_owned);
         Ok(())
     }
@@ -467,61 +471,6 @@ pub fn verify_secret(secret: &str, hash: &str) -> bool {
 fn base64_decode(text: &str) -> Option<Vec<u8>> {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.decode(text).ok()
-}
-
-/// Reads a secret from `given`, else from `default_path`, else makes a new one there
-/// (random, mode 0600): how the server's and the master's token files come to be.
-pub fn read_or_create_secret(default_path: &Path, given: Option<&Path>) -> anyhow::Result<String> {
-    use anyhow::Context;
-    if let Some(path) = given {
-        let secret = std::fs::read_to_string(path)
-            .with_context(|| format!("reading token file {}", path.display()))?;
-        let secret = secret.trim().to_owned();
-        anyhow::ensure!(!secret.is_empty(), "token file {} is empty", path.display());
-        return Ok(secret);
-    }
-    if default_path.exists() {
-        let secret = std::fs::read_to_string(default_path)
-            .with_context(|| format!("reading token file {}", default_path.display()))?;
-        let secret = secret.trim().to_owned();
-        anyhow::ensure!(
-            !secret.is_empty(),
-            "token file {} is empty (delete it to have a new secret made)",
-            default_path.display()
-        );
-        return Ok(secret);
-    }
-    let secret = new_secret();
-    write_secret_file(default_path, &secret)?;
-    Ok(secret)
-}
-
-/// Writes `secret` to `path` (mode 0600), replacing it atomically.
-pub fn write_secret_file(path: &Path, secret: &str) -> anyhow::Result<()> {
-    use anyhow::Context;
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let partial = path.with_extension("new");
-    let _ = std::fs::remove_file(&partial);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&partial)
-        .with_context(|| format!("creating token file {}", partial.display()))?;
-    writeln!(file, "{secret}")?;
-    file.sync_all()?;
-    std::fs::rename(&partial, path)
-        .with_context(|| format!("replacing token file {}", path.display()))?;
-    Ok(())
-}
-
-/// A fresh random secret: 32 bytes, hex.
-pub fn new_secret() -> String {
-    use rand::RngCore;
-    let mut bytes = [0u8; 32];
-    rand::thread_rng().fill_bytes(&mut bytes);
-    hex::encode(bytes)
 }
 
 #[cfg(test)]

@@ -309,7 +309,7 @@ impl Dispatcher {
             }
         }
         for (waiter_id, client, candidate) in matches {
-            let now = crate::now_micros();
+            let now = kiln_common::now_micros();
             let lease_until = now + self.lease_secs as i64 * 1_000_000;
             let claimed = self
                 .store
@@ -336,7 +336,7 @@ impl Dispatcher {
                         &claimed.build,
                         &claimed.job,
                         &claimed.lease,
-                        crate::now_micros(),
+                        kiln_common::now_micros(),
                     )
                     .await?;
                 missed = true;

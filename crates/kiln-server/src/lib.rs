@@ -18,9 +18,7 @@ mod register;
 mod sessions;
 mod transfer;
 
-pub use auth::{
-    hash_secret, new_secret, read_or_create_secret, verify_secret, write_secret_file, Caller,
-};
+pub use auth::{hash_secret, verify_secret, Caller};
 
 use anyhow::Context;
 use dispatch::Dispatcher;
@@ -147,7 +145,7 @@ impl AppState {
     /// caller that is cancelled (a long poll whose client hung up) cannot cancel it
     /// half-way.
     pub(crate) fn note_contact(self: &Arc<Self>, client_id: &str, address: Option<&str>) {
-        let now = now_micros();
+        let now = kiln_common::now_micros();
         if !self.contacts.note(client_id, address, now) {
             return;
         }
@@ -175,14 +173,6 @@ pub struct Server {
     state: Arc<AppState>,
 }
 
-/// Unix time in microseconds: the one clock that orders the store.
-pub fn now_micros() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_micros() as i64)
-        .unwrap_or_default()
-}
-
 impl Server {
     /// Opens the data directory: database, blob store and credentials.
     pub async fn open(config: ServerConfig) -> anyhow::Result<Self> {
@@ -203,7 +193,7 @@ impl Server {
         let store: Arc<dyn JobStore> = Arc::new(store);
         // Running jobs' clients may not have heard from us for a while: give them time
         // to re-attach before their leases count as lost (invariant 3).
-        let grace_until = now_micros() + config.startup_grace_secs as i64 * 1_000_000;
+        let grace_until = kiln_common::now_micros() + config.startup_grace_secs as i64 * 1_000_000;
         let extended = store.extend_all_leases(grace_until).await?;
         if extended > 0 {
             tracing::info!(

@@ -26,7 +26,7 @@ pub async fn timekeeper(state: Arc<AppState>, mut shutdown: watch::Receiver<bool
 }
 
 async fn tick(state: &AppState) -> Result<(), kiln_store::StoreError> {
-    let now = crate::now_micros();
+    let now = kiln_common::now_micros();
     match state.store.next_deadline().await? {
         Some(deadline) if deadline <= now => {}
         _ => {

@@ -42,7 +42,7 @@ pub async fn notifier(state: Arc<AppState>, mut shutdown: watch::Receiver<bool>)
         }
         let due = match state
             .store
-            .due_notifications(crate::now_micros(), 256)
+            .due_notifications(kiln_common::now_micros(), 256)
             .await
         {
             Ok(due) => due,
@@ -85,7 +85,7 @@ async fn deliver(state: &AppState, http: &reqwest::Client, notification: Notific
         Ok(response) => Some(format!("HTTP {}", response.status())),
         Err(err) => Some(kiln_proto::error_chain(&err)),
     };
-    let now = crate::now_micros();
+    let now = kiln_common::now_micros();
     let recorded = match &error {
         None => {
             state

@@ -25,13 +25,13 @@ use bytes::Bytes;
 use futures::StreamExt;
 use kiln_blob::chunking::ChunkParams;
 use kiln_blob::frames::{pack_chunk_list, unpack_chunk_list, FrameReader, MAX_CHUNK_BYTES};
-use kiln_blob::wire::{
-    CommitRequest, DeleteReport, FetchRequest, ImageIndex, MissingRequest, MissingResponse,
-    PutChunksResponse, StorageStats, FRAMES_CONTENT_TYPE, MAX_FETCH, MAX_MISSING_QUERY,
-};
 use kiln_blob::{BlobError, ChunkEntry, ChunkHash, ChunkStore, Frame};
 use kiln_proto::api::ImageInfo;
 use kiln_proto::names::check_name;
+use kiln_proto::transfer::{
+    CommitRequest, DeleteReport, FetchRequest, ImageIndex, MissingRequest, MissingResponse,
+    PutChunksResponse, StorageStats, FRAMES_CONTENT_TYPE, MAX_FETCH, MAX_MISSING_QUERY,
+};
 use kiln_store::{JobStore, NewImage};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -634,7 +634,7 @@ async fn record_image(
     digests: &kiln_blob::Digests,
     entries: &[ChunkEntry],
 ) -> Result<ImageInfo, ApiErr> {
-    let now = crate::now_micros();
+    let now = kiln_common::now_micros();
     state
         .store
         .add_image(

@@ -43,11 +43,11 @@ pub enum TlsError {
         #[source]
         source: rustls::Error,
     },
-    #[error("the CA certificate in {} is not usable", .path.display())]
-    BadCa {
+    #[error("the CA certificates in {} are not usable", .path.display())]
+    BadCaFile {
         path: PathBuf,
         #[source]
-        source: reqwest::Error,
+        source: rustls::Error,
     },
 }
 
@@ -169,16 +169,25 @@ pub async fn serve(
 }
 
 /// How an HTTP client checks servers' certificates: the usual public roots, and the
-/// CA certificates of a CA file when one is given.
+/// certificates of a CA file when one is given.
+///
+/// A certificate in the CA file is trusted both as a CA (it may sign the server's
+/// certificate) and as the server's own certificate, pinned: a self-signed server
+/// certificate made with `openssl req -x509` carries `CA:TRUE`, which the usual path
+/// check refuses as a server's certificate ("CA used as end entity"); like curl, kiln
+/// accepts it when it is byte for byte one of the CA file's certificates and is valid
+/// for the host name called.
 #[derive(Clone, Default)]
 pub struct ClientTls {
-    extra_roots: Vec<reqwest::Certificate>,
+    /// The rustls setup with the CA file's certificates; `None` for reqwest's own.
+    config: Option<Arc<rustls::ClientConfig>>,
+    n_extra: usize,
 }
 
 impl std::fmt::Debug for ClientTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ClientTls")
-            .field("extra_roots", &self.extra_roots.len())
+            .field("extra_roots", &self.n_extra)
             .finish()
     }
 }
@@ -189,36 +198,127 @@ impl ClientTls {
         let Some(path) = ca_file else {
             return Ok(ClientTls::default());
         };
-        let mut extra_roots = Vec::new();
-        for certificate in certificates(path)? {
-            let certificate =
-                reqwest::Certificate::from_der(&certificate).map_err(|source| TlsError::BadCa {
-                    path: path.to_owned(),
-                    source,
-                })?;
-            extra_roots.push(certificate);
-        }
-        // The builder only stores certificates; building a client checks them, so that
-        // a bad CA file is named here and not at the first call.
-        let mut builder = reqwest::Client::builder();
-        for certificate in &extra_roots {
-            builder = builder.add_root_certificate(certificate.clone());
-        }
-        builder.build().map_err(|source| TlsError::BadCa {
+        let pinned = certificates(path)?;
+        let bad_ca = |source: rustls::Error| TlsError::BadCaFile {
             path: path.to_owned(),
             source,
-        })?;
-        Ok(ClientTls { extra_roots })
+        };
+        let mut roots = rustls::RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        };
+        for certificate in &pinned {
+            roots.add(certificate.clone()).map_err(bad_ca)?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider.clone(),
+        )
+        .build()
+        .map_err(|err| bad_ca(rustls::Error::General(err.to_string())))?;
+        let n_extra = pinned.len();
+        let verifier = PinningVerifier { inner, pinned };
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(bad_ca)?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_no_client_auth();
+        // Our servers speak HTTP/1.1 only, and so do our clients.
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(ClientTls {
+            n_extra,
+            config: Some(Arc::new(config)),
+        })
     }
 
     /// A client builder that trusts what this says, to add timeouts and build.
     pub fn client_builder(&self) -> reqwest::ClientBuilder {
-        let mut builder = reqwest::Client::builder().use_rustls_tls();
-        for certificate in &self.extra_roots {
-            builder = builder.add_root_certificate(certificate.clone());
+        let builder = reqwest::Client::builder().use_rustls_tls();
+        match &self.config {
+            Some(config) => builder.use_preconfigured_tls((**config).clone()),
+            None => builder,
         }
-        builder
     }
+}
+
+/// The usual certificate path check, and the CA file's certificates pinned as servers'
+/// own (see [`ClientTls`]).
+#[derive(Debug)]
+struct PinningVerifier {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    pinned: Vec<CertificateDer<'static>>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for PinningVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &rustls_pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let refusal = match self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        ) {
+            Ok(verified) => return Ok(verified),
+            Err(refusal) => refusal,
+        };
+        let is_pinned = self
+            .pinned
+            .iter()
+            .any(|pinned| pinned.as_ref() == end_entity.as_ref());
+        // Only the path check is waived for a pinned certificate: a wrong name or an
+        // expired certificate is refused as ever.
+        let path_refused = matches!(
+            &refusal,
+            rustls::Error::InvalidCertificate(
+                rustls::CertificateError::UnknownIssuer | rustls::CertificateError::Other(_)
+            )
+        );
+        if !(is_pinned && path_refused) {
+            return Err(refusal);
+        }
+        let certificate = webpki::EndEntityCert::try_from(end_entity)
+            .map_err(|err| pki_error(err, "the pinned certificate"))?;
+        certificate
+            .verify_is_valid_for_subject_name(server_name)
+            .map_err(|_| {
+                rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName)
+            })?;
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+fn pki_error(err: webpki::Error, what: &str) -> rustls::Error {
+    rustls::Error::General(format!("{what}: {err}"))
 }
 
 /// A client builder that also trusts the CA certificates in `ca_file`, when given.
@@ -246,7 +346,17 @@ pub fn certificate_problem(err: &(dyn std::error::Error + 'static)) -> Option<St
                 E::Expired | E::ExpiredContext { .. } => {
                     "the server's certificate is not trusted: it has expired".to_owned()
                 }
-                other => format!("the server's certificate is not trusted: {other:?}"),
+                E::Other(other) if other.to_string().contains("CaUsedAsEndEntity") => {
+                    "the server's certificate is not trusted: it is a CA certificate used as \
+                     the server's own (pass that very certificate with --ca-file to pin it, \
+                     or have a CA sign a server certificate)"
+                        .to_owned()
+                }
+                other => format!(
+                    "the server's certificate is not trusted ({other:?}); pass --ca-file \
+                     with the CA certificate that signed it, or with the server's own \
+                     certificate"
+                ),
             });
         }
         cause = err.source();

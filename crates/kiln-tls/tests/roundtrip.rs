@@ -118,3 +118,76 @@ fn errors_name_the_file() {
         format!("cannot read {}", name(&missing))
     );
 }
+
+/// The self-signed certificate most people make first, exactly as they make it:
+/// `openssl req -x509` marks it `CA:TRUE`, which a strict path check refuses as a
+/// server's own certificate. Handed to callers as the CA file, it is pinned and
+/// accepted (as curl accepts it with `--cacert`); handed to nobody, it is refused in
+/// words that say what to do.
+#[tokio::test]
+async fn a_self_signed_openssl_certificate_given_as_the_ca_file_is_pinned() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let status = std::process::Command::new("openssl")
+        .current_dir(dir.path())
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "key.pem",
+            "-out",
+            "cert.pem",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("running openssl (Debian package openssl)");
+    assert!(status.success(), "openssl req failed: {status}");
+    let cert = dir.path().join("cert.pem");
+    let own = Files {
+        ca: cert.clone(),
+        cert: cert.clone(),
+        key: dir.path().join("key.pem"),
+        _dir: dir,
+    };
+    let url = start(&own).await;
+
+    let pinning = ClientTls::from_ca_file(Some(&cert))
+        .expect("the certificate as a CA file")
+        .client_builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .expect("a client");
+    let answer = pinning.get(&url).send().await.expect("an answer");
+    assert_eq!(answer.text().await.expect("a body"), "hello 127.0.0.1");
+
+    // Pinned for the names it holds only: by another name it is refused.
+    let by_name = url.replacen("127.0.0.1", "localhost", 1);
+    let err = pinning
+        .get(&by_name)
+        .send()
+        .await
+        .expect_err("refused by a name it does not hold");
+    let problem = certificate_problem(&err).unwrap_or_else(|| panic!("no problem in {err:?}"));
+    assert!(
+        problem.contains("not valid for this host name"),
+        "{problem}"
+    );
+
+    // Another CA file does not pin it.
+    let other = files();
+    let unpinned = ClientTls::from_ca_file(Some(&other.ca))
+        .expect("another CA file")
+        .client_builder()
+        .build()
+        .expect("a client");
+    let err = unpinned.get(&url).send().await.expect_err("refused");
+    let problem = certificate_problem(&err).unwrap_or_else(|| panic!("no problem in {err:?}"));
+    assert!(problem.contains("--ca-file"), "{problem}");
+}

@@ -10,11 +10,11 @@ mod common;
 
 use common::{text, wait_until, write_build, Harness, Job, Server, TcpProxy};
 use kiln_blob::noise::noise;
-use kiln_blob::wire::{FetchRequest, ImageIndex, StorageStats};
 use kiln_blob::{ChunkEntry, ChunkHash, Frame};
 use kiln_client::conn::{CallError, ServerConn};
 use kiln_client::upload::{ChunkedUploader, ImageUploader};
 use kiln_proto::api::{Claim, ClaimRequest};
+use kiln_proto::transfer::{FetchRequest, ImageIndex, StorageStats};
 use sha2::Digest;
 use std::path::{Path, PathBuf};
 
@@ -282,7 +282,7 @@ fn bad_chunks_wrong_hashes_and_foreign_leases_are_refused_and_nothing_is_kept() 
             frame.write_to(&mut body);
         }
         conn.put_chunks(&claim, body).await.expect("good chunks");
-        let commit = kiln_blob::wire::CommitRequest {
+        let commit = kiln_proto::transfer::CommitRequest {
             size: chunked.digests.size,
             blake3: chunked.digests.blake3.clone(),
             sha256: chunked.digests.sha256.clone(),
@@ -299,15 +299,15 @@ fn bad_chunks_wrong_hashes_and_foreign_leases_are_refused_and_nothing_is_kept() 
         conn.put_chunks(&claim, body).await.expect("the last chunk");
 
         // Wrong whole-file hashes, a wrong size, chunks out of order.
-        let wrong_blake3 = kiln_blob::wire::CommitRequest {
+        let wrong_blake3 = kiln_proto::transfer::CommitRequest {
             blake3: ChunkHash::of(b"something else").to_hex(),
             ..commit.clone()
         };
-        let wrong_sha256 = kiln_blob::wire::CommitRequest {
+        let wrong_sha256 = kiln_proto::transfer::CommitRequest {
             sha256: sha256_hex(b"something else"),
             ..commit.clone()
         };
-        let wrong_size = kiln_blob::wire::CommitRequest {
+        let wrong_size = kiln_proto::transfer::CommitRequest {
             size: commit.size + 1,
             ..commit.clone()
         };
@@ -494,7 +494,7 @@ fn deleting_a_build_frees_only_chunks_no_other_image_uses() {
         let before = storage(&server);
         let deleted = server.kiln(&["build", "delete", "400", "--json"]);
         assert_eq!(deleted.code, 0, "{deleted:?}");
-        let report: kiln_blob::wire::DeleteReport =
+        let report: kiln_proto::transfer::DeleteReport =
             serde_json::from_str(deleted.last_line()).unwrap();
         assert_eq!((report.jobs, report.images), (1, 1));
         // Only the chunks of the base that the variant does not share went.

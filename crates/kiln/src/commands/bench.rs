@@ -413,7 +413,7 @@ async fn failover(
         let rescuer = farm.add_client(&rescuer_id, "*", 1)?;
         // Let the rescuer reach its long poll before the failure.
         tokio::time::sleep(Duration::from_millis(1500)).await;
-        let failed_at = kiln_server::now_micros();
+        let failed_at = kiln_common::now_micros();
         match mode {
             FailoverMode::Kill => farm.signal_client(victim, libc::SIGKILL),
             FailoverMode::Stop => farm.signal_client(victim, libc::SIGSTOP),

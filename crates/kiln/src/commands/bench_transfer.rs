@@ -17,10 +17,10 @@
 use super::farm::Farm;
 use crate::operator::Operator;
 use anyhow::Context;
-use kiln_blob::wire::StorageStats;
 use kiln_client::conn::ServerConn;
 use kiln_client::upload::{ChunkedUploader, ImageUploader, UploadReport};
 use kiln_proto::api::{Claim, ClaimRequest};
+use kiln_proto::transfer::StorageStats;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};

@@ -3,9 +3,9 @@
 
 use crate::cli::{BuildAction, BuildArgs, StorageArgs};
 use crate::operator::{Operator, Usage};
-use kiln_blob::wire::{DeleteReport, StorageStats};
 use kiln_proto::api::JobStatus;
 use kiln_proto::state::JobState;
+use kiln_proto::transfer::{DeleteReport, StorageStats};
 use std::process::ExitCode;
 
 pub async fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {

@@ -22,7 +22,7 @@ pub async fn run(args: ClientsArgs) -> anyhow::Result<ExitCode> {
         eprintln!("no client has been heard from");
         return Ok(ExitCode::SUCCESS);
     }
-    print!("{}", clients_table(&clients, kiln_server::now_micros()));
+    print!("{}", clients_table(&clients, kiln_common::now_micros()));
     if clients.iter().any(has_trouble) {
         println!(
             "{MARK} marks a client whose jobs failed or were lost: `kiln events BUILD` says why"

@@ -60,10 +60,10 @@ async fn add(id: &str, target: &AdminTarget) -> anyhow::Result<ExitCode> {
     let secret = match &target.data {
         Some(data) => {
             let store = open_store(data).await?;
-            let secret = kiln_server::new_secret();
+            let secret = kiln_common::secret::new_secret();
             let hash = kiln_server::hash_secret(&secret)?;
             let put = store
-                .put_client_credential(id, &hash, CredentialWrite::Issue, kiln_server::now_micros())
+                .put_client_credential(id, &hash, CredentialWrite::Issue, kiln_common::now_micros())
                 .await?;
             if put == CredentialPut::Replaced {
                 println!("client {id}: its previous secret no longer works");
@@ -90,7 +90,7 @@ async fn revoke(id: &str, target: &AdminTarget) -> anyhow::Result<ExitCode> {
         Some(data) => {
             let store = open_store(data).await?;
             if !store
-                .revoke_client_credential(id, kiln_server::now_micros())
+                .revoke_client_credential(id, kiln_common::now_micros())
                 .await?
             {
                 anyhow::bail!("client {id:?} has no live credential in {}", data.display());
@@ -156,8 +156,8 @@ async fn join_token(target: &AdminTarget, rotate: bool) -> anyhow::Result<ExitCo
                 .client_token_file
                 .clone()
                 .unwrap_or_else(|| data.join("client.token"));
-            let token = rotate.then(kiln_server::new_secret);
-            kiln_server::write_secret_file(&file, token.as_deref().unwrap_or("disabled"))?;
+            let token = rotate.then(kiln_common::secret::new_secret);
+            kiln_common::secret::write_secret_file(&file, token.as_deref().unwrap_or("disabled"))?;
             println!(
                 "join token written to {} (a running server takes it at its next start)",
                 file.display()

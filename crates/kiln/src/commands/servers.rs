@@ -21,7 +21,7 @@ pub async fn run(args: ServersArgs) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&servers)?);
         return Ok(ExitCode::SUCCESS);
     }
-    let now = kiln_server::now_micros();
+    let now = kiln_common::now_micros();
     let url_width = servers
         .iter()
         .map(|server| server.url.len())

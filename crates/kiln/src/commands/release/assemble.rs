@@ -18,7 +18,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// Most chunks asked for in one fetch: the server's limit.
-pub const FETCH_BATCH: usize = kiln_blob::wire::MAX_FETCH;
+pub const FETCH_BATCH: usize = kiln_proto::transfer::MAX_FETCH;
 /// Most chunks planned at once. A batch's response waits while the chunks copied
 /// between its frames are written, so this bounds that wait; it also bounds how much
 /// is planned again when a local file turns out to have changed.

@@ -1,7 +1,75 @@
-//! JSON bodies of the chunked transfer API (see docs/transfer.md).
+//! The chunked image transfer's vocabulary (see docs/transfer.md): chunk names and
+//! chunk list entries, and the JSON bodies of the transfer calls.
 
-use crate::frames::{ChunkEntry, ChunkHash};
 use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// A chunk's name: the BLAKE3 hash of its bytes.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ChunkHash(pub [u8; 32]);
+
+impl ChunkHash {
+    /// The name of `bytes`.
+    pub fn of(bytes: &[u8]) -> Self {
+        ChunkHash(*blake3::hash(bytes).as_bytes())
+    }
+
+    /// Parses 64 lowercase hex digits.
+    pub fn parse(hex_digits: &str) -> Option<Self> {
+        if !is_hex_digest(hex_digits) {
+            return None;
+        }
+        let mut bytes = [0u8; 32];
+        hex::decode_to_slice(hex_digits, &mut bytes).ok()?;
+        Some(ChunkHash(bytes))
+    }
+
+    /// 64 lowercase hex digits.
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+}
+
+impl fmt::Display for ChunkHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl fmt::Debug for ChunkHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ChunkHash({})", &self.to_hex()[..12])
+    }
+}
+
+impl serde::Serialize for ChunkHash {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.to_hex())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for ChunkHash {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        ChunkHash::parse(&text).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "invalid chunk name {text:?}: expected 64 lowercase hex digits"
+            ))
+        })
+    }
+}
+
+/// One entry of an image's chunk list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ChunkEntry {
+    pub hash: ChunkHash,
+    pub len: u32,
+}
+
+/// Whether `text` is a lowercase hex digest of 64 characters (a BLAKE3 or SHA-256).
+pub fn is_hex_digest(text: &str) -> bool {
+    text.len() == 64 && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
 
 /// The most chunks one `chunks/missing` question may name.
 pub const MAX_MISSING_QUERY: usize = 4096;
