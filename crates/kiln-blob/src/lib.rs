@@ -3,10 +3,12 @@
 //! - [`ImageHasher`] computes an image's whole-file BLAKE3 and SHA-256 in one pass.
 //! - [`chunking`] cuts an image into content-defined chunks named by their BLAKE3 hash.
 //! - [`frames`] is how chunks travel and rest; [`ChunkStore`] keeps each chunk once.
-//! - [`BlobStore`] is where the server keeps image bytes and build files, by key;
-//!   [`LocalBlobStore`] keeps them in a directory, written crash-safely (temp file,
-//!   fsync, rename, fsync the directory). An S3-compatible store implements the same
-//!   trait.
+//! - [`BlobStore`] is where the server keeps build files archives, by key, streamed
+//!   in and out; [`LocalBlobStore`] keeps them in a directory, written crash-safely
+//!   (temporary file, fsync, rename, fsync the directory).
+//!
+//! Both store traits are async and name no file system: a backend that keeps bytes
+//! elsewhere implements them as they are.
 
 pub mod chunking;
 pub mod chunks;
@@ -14,13 +16,15 @@ pub mod frames;
 mod local;
 pub mod noise;
 
-pub use chunks::{ChunkStore, LocalChunkStore, PutStats};
+pub use chunks::{BlockingChunks, ChunkStore, LocalChunkStore, PutStats, StoredChunk};
 pub use frames::{ChunkEntry, ChunkHash, Frame};
 pub use local::LocalBlobStore;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use sha2::Digest;
-use std::path::{Path, PathBuf};
+use std::ops::Range;
+use std::path::Path;
 
 /// What went wrong with stored bytes.
 #[derive(Debug, thiserror::Error)]
@@ -123,43 +127,33 @@ pub async fn hash_file(path: &Path) -> std::io::Result<Digests> {
     .map_err(std::io::Error::other)?
 }
 
-/// A file being written into the store, not yet visible under any key. Dropped
-/// without [`BlobStore::commit`], it is deleted.
-pub struct StagedBlob {
-    path: PathBuf,
-    committed: bool,
+/// Bytes streamed out of a store.
+pub type ByteStream = futures::stream::BoxStream<'static, Result<Bytes, BlobError>>;
+
+/// Bytes streamed into a store.
+pub type ByteReader = Box<dyn tokio::io::AsyncRead + Send + Unpin>;
+
+/// A stored blob being read: its whole size, and the bytes asked for.
+pub struct BlobRead {
+    /// The size of the whole blob, whatever range was asked.
+    pub size: u64,
+    pub body: ByteStream,
 }
 
-impl StagedBlob {
-    /// Where to write the bytes.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-}
-
-impl Drop for StagedBlob {
-    fn drop(&mut self) {
-        if !self.committed {
-            let _ = std::fs::remove_file(&self.path);
-        }
-    }
-}
-
-/// Where the server keeps image bytes and build files.
+/// Where the server keeps build files archives, by key (the BLAKE3 of the bytes).
 #[async_trait]
 pub trait BlobStore: Send + Sync + 'static {
-    /// A new staging file to write an incoming blob to.
-    async fn stage(&self) -> Result<StagedBlob, BlobError>;
-    /// Makes the staged bytes durable and visible under `key` (a hex digest of them).
-    /// A blob already stored under `key` is kept: the bytes are the same.
-    async fn commit(&self, staged: StagedBlob, key: &str) -> Result<(), BlobError>;
-    /// Whether a blob is stored under `key`.
-    async fn contains(&self, key: &str) -> Result<bool, BlobError>;
+    /// Stores what `reader` yields under `key`, durably when this returns. A blob
+    /// already stored under `key` is kept (its bytes are the same: the key is their
+    /// digest, which the caller computed). Returns the bytes read.
+    async fn put(&self, key: &str, reader: ByteReader) -> Result<u64, BlobError>;
+    /// The bytes `range` covers (end exclusive; the whole blob when `None`) of the
+    /// blob under `key`, streamed.
+    async fn get(&self, key: &str, range: Option<Range<u64>>) -> Result<BlobRead, BlobError>;
     /// The size of the blob under `key`.
     async fn size(&self, key: &str) -> Result<u64, BlobError>;
-    /// A file holding the blob, for stores that keep blobs as local files (served with
-    /// Range support straight from it).
-    fn local_path(&self, key: &str) -> Result<PathBuf, BlobError>;
+    /// Whether a blob is stored under `key`.
+    async fn contains(&self, key: &str) -> Result<bool, BlobError>;
     /// Deletes the blob under `key`, if there is one.
     async fn remove(&self, key: &str) -> Result<(), BlobError>;
 }

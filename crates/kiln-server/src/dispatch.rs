@@ -12,7 +12,9 @@
 //! compare the servers' offers and claim the best. Claims are matched first; each
 //! queued job is offered to one offer waiter at a time and held for [`OFFER_HOLD`]
 //! before the next is told of it, so one new job does not wake every idle client.
-use kiln_store::{Candidate, ClaimedJob, ClaimingClient, JobStore};
+use crate::workers::{Worker, WorkerError};
+use async_trait::async_trait;
+use kiln_store::{Candidate, ClaimedJob, ClaimingClient, Store};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -67,7 +69,7 @@ fn can_take(client_id: &str, include: &[String], candidate: &Candidate) -> bool 
 
 /// Matches waiting clients with queued jobs.
 pub struct Dispatcher {
-    store: Arc<dyn JobStore>,
+    store: Arc<dyn Store>,
     waiters: Mutex<VecDeque<Waiter>>,
     wake: Notify,
     next_id: AtomicU64,
@@ -90,7 +92,7 @@ impl Drop for WaiterGuard<'_> {
 
 impl Dispatcher {
     /// A dispatcher over `store`, granting leases of `lease_secs`.
-    pub fn new(store: Arc<dyn JobStore>, lease_secs: u64) -> Arc<Self> {
+    pub fn new(store: Arc<dyn Store>, lease_secs: u64) -> Arc<Self> {
         Arc::new(Dispatcher {
             store,
             waiters: Mutex::new(VecDeque::new()),
@@ -190,38 +192,6 @@ impl Dispatcher {
                     receiver.await.ok()
                 }
             }
-        }
-    }
-
-    /// The dispatcher task: one round per wake-up, until `shutdown` fires.
-    pub async fn run(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
-        // When a held offer lapses while offer waiters wait, so that the next is told.
-        let mut hold_ends: Option<Instant> = None;
-        loop {
-            let hold_timer = async {
-                match hold_ends {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                _ = self.wake.notified() => {}
-                _ = hold_timer => {}
-                _ = shutdown.changed() => {
-                    // Dropping the waiters' senders answers their long polls with "no job".
-                    self.waiters.lock().expect("waiter list poisoned").clear();
-                    return;
-                }
-            }
-            hold_ends = match self.round().await {
-                Ok(hold_ends) => hold_ends,
-                Err(err) => {
-                    tracing::error!(cause = %err, "dispatch round failed");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    self.wake();
-                    None
-                }
-            };
         }
     }
 
@@ -349,11 +319,72 @@ impl Dispatcher {
     }
 }
 
+/// The dispatcher as a background worker: one round each time it is woken (a job may
+/// have become available, a client started waiting) or a held offer lapses.
+pub struct DispatchWorker {
+    dispatcher: Arc<Dispatcher>,
+    /// When a held offer lapses while offer waiters wait, so that the next is told.
+    hold_ends: Option<Instant>,
+}
+
+impl DispatchWorker {
+    pub fn new(dispatcher: Arc<Dispatcher>) -> Self {
+        DispatchWorker {
+            dispatcher,
+            hold_ends: None,
+        }
+    }
+}
+
+#[async_trait]
+impl Worker for DispatchWorker {
+    fn name(&self) -> &'static str {
+        "dispatcher"
+    }
+
+    async fn wait_for_work(&mut self) {
+        let hold_timer = async {
+            match self.hold_ends {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = self.dispatcher.wake.notified() => {}
+            _ = hold_timer => {}
+        }
+    }
+
+    async fn work(&mut self) -> Result<(), WorkerError> {
+        match self.dispatcher.round().await {
+            Ok(hold_ends) => {
+                self.hold_ends = hold_ends;
+                Ok(())
+            }
+            Err(err) => {
+                // The runner pauses, then the next round reads the queue again.
+                self.hold_ends = None;
+                self.dispatcher.wake();
+                Err(WorkerError::of(&err))
+            }
+        }
+    }
+
+    fn stopped(&mut self) {
+        // Dropping the waiters' senders answers their long polls with "no job".
+        self.dispatcher
+            .waiters
+            .lock()
+            .expect("waiter list poisoned")
+            .clear();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use kiln_proto::manifest::{BuildManifest, JobSpec};
-    use kiln_store::{NewBuild, SqliteStore};
+    use kiln_store::{NewBuild, Queue, SqliteStore};
 
     fn job(id: &str, priority: i64) -> JobSpec {
         JobSpec {
@@ -375,7 +406,7 @@ mod tests {
     async fn dispatcher_with(
         dir: &std::path::Path,
         jobs: Vec<JobSpec>,
-    ) -> (Arc<Dispatcher>, tokio::sync::watch::Sender<bool>) {
+    ) -> (Arc<Dispatcher>, crate::workers::Workers) {
         let store = SqliteStore::open(&dir.join("kiln.db"))
             .await
             .expect("opening the store");
@@ -398,9 +429,9 @@ mod tests {
             .await
             .expect("inserting a build");
         let dispatcher = Dispatcher::new(Arc::new(store), 60);
-        let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
-        tokio::spawn(dispatcher.clone().run(shutdown_rx));
-        (dispatcher, shutdown)
+        let workers = crate::workers::Workers::default();
+        workers.spawn(DispatchWorker::new(dispatcher.clone()));
+        (dispatcher, workers)
     }
 
     fn types() -> Vec<String> {
@@ -418,7 +449,7 @@ mod tests {
     #[tokio::test]
     async fn an_offer_names_the_best_job_and_claims_nothing() {
         let dir = tempfile::tempdir().expect("a temporary directory");
-        let (dispatcher, _shutdown) =
+        let (dispatcher, _workers) =
             dispatcher_with(dir.path(), vec![job("low", 1), job("high", 5)]).await;
         let offer = dispatcher
             .offer_now("c1", &types())
@@ -448,7 +479,7 @@ mod tests {
     #[tokio::test]
     async fn one_job_is_offered_to_one_waiter_at_a_time() {
         let dir = tempfile::tempdir().expect("a temporary directory");
-        let (dispatcher, _shutdown) = dispatcher_with(dir.path(), vec![job("only", 1)]).await;
+        let (dispatcher, _workers) = dispatcher_with(dir.path(), vec![job("only", 1)]).await;
         let started = Instant::now();
         let waiters: Vec<_> = ["c1", "c2"]
             .into_iter()
@@ -481,7 +512,7 @@ mod tests {
     #[tokio::test]
     async fn a_claim_waiter_comes_before_an_offer_waiter() {
         let dir = tempfile::tempdir().expect("a temporary directory");
-        let (dispatcher, _shutdown) = dispatcher_with(dir.path(), Vec::new()).await;
+        let (dispatcher, _workers) = dispatcher_with(dir.path(), Vec::new()).await;
         // No job yet: both wait; then the only job arrives.
         let types = types();
         let offer = dispatcher.wait_for_offer("c1", &types, Duration::from_secs(3));
@@ -520,7 +551,7 @@ mod tests {
     #[tokio::test]
     async fn a_clients_new_request_ends_the_wait_it_gave_up_on() {
         let dir = tempfile::tempdir().expect("a temporary directory");
-        let (dispatcher, _shutdown) = dispatcher_with(dir.path(), Vec::new()).await;
+        let (dispatcher, _workers) = dispatcher_with(dir.path(), Vec::new()).await;
         let started = Instant::now();
         // A wait of `client`'s (an offer or a claim) that it hung up on, which the
         // server did not notice; returns whether it ended with a job.

@@ -1,34 +1,36 @@
-//! The kiln server: the HTTP API under `/v1`, the dispatcher that hands jobs to
-//! long-polling clients, and the background loop that reclaims lapsed leases and
-//! expires jobs nobody accepted.
+//! The kiln server: a build farm's state and its HTTP API.
 //!
-//! Start it with [`Server::open`] then [`Server::run`] on a bound listener, so that
-//! tests can bind `127.0.0.1:0`. State lives in a [`kiln_store::JobStore`], bytes in a
-//! [`kiln_blob::BlobStore`].
+//! Three layers, each knowing only the one below:
+//! - [`farm`]: the domain. [`farm::Farm`] does everything the server does (submit,
+//!   claim, heartbeat, log, finish, fail, restart, cancel, delete a build, collect
+//!   garbage, issue and revoke credentials) over the stores it is given
+//!   ([`farm::Backends`]), and returns [`farm::FarmError`]; it knows nothing of HTTP.
+//! - [`http`]: the route table, the router built from it, and thin handlers grouped
+//!   by resource that call the farm.
+//! - [`workers`]: background work in one shape (dispatcher, timekeeper, notifier,
+//!   registrar), run and stopped by one runner.
+//!
+//! Start a server with [`Server::open`] (the embedded defaults: SQLite and local
+//! stores under `--data`) or [`Server::with_backends`], then [`Server::run`] on a
+//! bound listener, so that tests can bind `127.0.0.1:0`.
 
-pub mod api;
-mod auth;
 mod contacts;
 mod dispatch;
-mod error;
-mod files;
-mod loops;
-mod notify;
-mod register;
+pub mod farm;
+pub mod http;
 mod sessions;
-mod transfer;
+pub mod workers;
 
-pub use auth::{hash_secret, verify_secret, Caller};
+pub use farm::credentials::{hash_secret, verify_secret};
+pub use farm::{Backends, Caller, Farm};
 
 use anyhow::Context;
-use dispatch::Dispatcher;
-use kiln_blob::{BlobStore, LocalBlobStore, LocalChunkStore};
-use kiln_store::{JobStore, SqliteStore};
-use std::path::PathBuf;
+use kiln_blob::{LocalBlobStore, LocalChunkStore};
+use kiln_store::SqliteStore;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 
 /// How the server runs. Durations are whole seconds, as on the command line.
 #[derive(Debug, Clone)]
@@ -110,158 +112,106 @@ impl ServerConfig {
     }
 }
 
-/// Everything a request handler needs.
-pub struct AppState {
-    pub(crate) config: ServerConfig,
-    pub(crate) store: Arc<dyn JobStore>,
-    pub(crate) blobs: Arc<dyn BlobStore>,
-    /// Image chunks, and what keeps collection from racing uploads.
-    pub(crate) storage: transfer::Storage,
-    pub(crate) credentials: auth::Credentials,
-    pub(crate) dispatcher: Arc<Dispatcher>,
-    /// Bumped whenever log lines are appended or a job changes state, for followers.
-    pub(crate) changes: watch::Sender<u64>,
-    /// Becomes true when the server stops: long polls end at once.
-    pub(crate) stopping: watch::Sender<bool>,
-    /// Wakes the notifier: a transition may have queued webhook notices.
-    pub(crate) notices: tokio::sync::Notify,
-    /// Which clients hold a session connection.
-    pub(crate) sessions: sessions::Sessions,
-    /// Each client's latest contact, written to the store now and then.
-    pub(crate) contacts: contacts::Contacts,
-    /// How many image uploads each client is sending now.
-    pub(crate) uploads: transfer::UploadSlots,
-}
+/// How long the background workers get to stop when the server does.
+const WORKERS_STOP_DEADLINE: Duration = Duration::from_secs(5);
 
-impl AppState {
-    /// Tells log followers and the dispatcher that something changed.
-    pub(crate) fn changed(&self) {
-        self.changes.send_modify(|generation| *generation += 1);
-        self.notices.notify_one();
-    }
-
-    /// Notes a contact from a client (see [`contacts`]). When the store is due to get
-    /// it, it is written in a task of its own: the caller does not wait for it, and a
-    /// caller that is cancelled (a long poll whose client hung up) cannot cancel it
-    /// half-way.
-    pub(crate) fn note_contact(self: &Arc<Self>, client_id: &str, address: Option<&str>) {
-        let now = kiln_common::now_micros();
-        if !self.contacts.note(client_id, address, now) {
-            return;
-        }
-        let state = self.clone();
-        let client_id = client_id.to_owned();
-        let address = address.map(str::to_owned);
-        tokio::spawn(async move {
-            match state
-                .store
-                .touch_client(&client_id, address.as_deref(), now)
-                .await
-            {
-                Ok(true) => {}
-                Ok(false) => state.contacts.unknown_to_store(&client_id, now),
-                Err(err) => {
-                    tracing::warn!(cause = %kiln_proto::error_chain(&err), client = %client_id, "cannot record a client's contact")
-                }
-            }
-        });
+impl Backends {
+    /// The embedded defaults, under `data_dir`: SQLite in `kiln.db`, chunks in
+    /// `chunks/`, build files in `blobs/`.
+    pub async fn local(data_dir: &Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(data_dir)
+            .with_context(|| format!("creating data directory {}", data_dir.display()))?;
+        let store = SqliteStore::open(&data_dir.join("kiln.db"))
+            .await
+            .context("opening the job store")?;
+        let files =
+            LocalBlobStore::open(&data_dir.join("blobs")).context("opening the blob store")?;
+        let chunks =
+            LocalChunkStore::open(&data_dir.join("chunks")).context("opening the chunk store")?;
+        Ok(Backends {
+            store: Arc::new(store),
+            chunks: Arc::new(chunks),
+            files: Arc::new(files),
+        })
     }
 }
 
 /// A server ready to serve.
 pub struct Server {
-    state: Arc<AppState>,
+    farm: Arc<Farm>,
 }
 
 impl Server {
-    /// Opens the data directory: database, blob store and credentials.
+    /// Opens the data directory with the embedded defaults (see [`Backends::local`]).
     pub async fn open(config: ServerConfig) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(&config.data_dir)
-            .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
-        let store = SqliteStore::open(&config.data_dir.join("kiln.db"))
-            .await
-            .context("opening the job store")?;
-        let blobs = LocalBlobStore::open(&config.data_dir.join("blobs"))
-            .context("opening the blob store")?;
-        let chunks = LocalChunkStore::open(&config.data_dir.join("chunks"))
-            .context("opening the chunk store")?;
-        let credentials = auth::Credentials::load_or_create(
-            &config.data_dir,
-            config.admin_token_file.as_deref(),
-            config.client_token_file.as_deref(),
-        )?;
-        let store: Arc<dyn JobStore> = Arc::new(store);
-        // Running jobs' clients may not have heard from us for a while: give them time
-        // to re-attach before their leases count as lost (invariant 3).
-        let grace_until = kiln_common::now_micros() + config.startup_grace_secs as i64 * 1_000_000;
-        let extended = store.extend_all_leases(grace_until).await?;
-        if extended > 0 {
-            tracing::info!(
-                n_jobs = extended,
-                grace_secs = config.startup_grace_secs,
-                "leases extended for re-attach"
-            );
-        }
-        let dispatcher = Dispatcher::new(store.clone(), config.lease_secs);
-        let (changes, _) = watch::channel(0);
-        let (stopping, _) = watch::channel(false);
-        let server = Server {
-            state: Arc::new(AppState {
-                config,
-                store,
-                blobs: Arc::new(blobs),
-                storage: transfer::Storage::new(Arc::new(chunks)),
-                credentials,
-                dispatcher,
-                changes,
-                stopping,
-                notices: tokio::sync::Notify::new(),
-                sessions: sessions::Sessions::default(),
-                contacts: contacts::Contacts::default(),
-                uploads: transfer::UploadSlots::default(),
-            }),
-        };
-        transfer::convert_legacy_images(&server.state)
-            .await
-            .context("converting images stored whole to chunks")?;
-        Ok(server)
+        let backends = Backends::local(&config.data_dir).await?;
+        Self::with_backends(config, backends).await
     }
 
-    /// Serves on `listener` until `shutdown` resolves, then stops the loops.
+    /// A server over `backends`; its tokens and scratch space are in `config.data_dir`.
+    pub async fn with_backends(config: ServerConfig, backends: Backends) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+        Ok(Server {
+            farm: Farm::open(config, backends).await?,
+        })
+    }
+
+    /// The farm this server serves.
+    pub fn farm(&self) -> &Arc<Farm> {
+        &self.farm
+    }
+
+    /// Serves on `listener` until `shutdown` resolves, then stops the workers (within
+    /// a deadline; any that failed are reported as the error).
     pub async fn run(
         self,
         listener: TcpListener,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let stop_rx = self.state.stopping.subscribe();
-        let dispatcher = tokio::spawn(self.state.dispatcher.clone().run(stop_rx.clone()));
-        let reaper = tokio::spawn(loops::timekeeper(self.state.clone(), stop_rx.clone()));
-        let registrar = tokio::spawn(register::registrar(self.state.clone(), stop_rx.clone()));
-        let notifier = tokio::spawn(notify::notifier(self.state.clone(), stop_rx));
+        let farm = self.farm;
+        let workers = Arc::new(workers::Workers::default());
+        workers.spawn(dispatch::DispatchWorker::new(farm.dispatcher().clone()));
+        workers.spawn(workers::Timekeeper::new(farm.clone()));
+        match workers::Notifier::new(farm.clone()) {
+            Ok(notifier) => workers.spawn(notifier),
+            Err(err) => {
+                tracing::error!(cause = %kiln_proto::error_chain(&err), "notifier cannot set up HTTP; webhooks are off")
+            }
+        }
+        if let Some(registrar) = workers::Registrar::new(farm.clone()) {
+            workers.spawn(registrar);
+        }
         // Whatever was queued before a restart is available now.
-        self.state.dispatcher.wake();
-        let app = api::router(self.state.clone());
-        let state = self.state.clone();
+        farm.dispatcher().wake();
+        let app = http::router(Arc::new(http::ServerState {
+            farm: farm.clone(),
+            workers: workers.clone(),
+        }));
         // Long polls would hold a graceful shutdown open for their whole wait: end them
         // first (waiting clients get "no job" and come back to the next server).
+        let stopping = farm.clone();
         let shutdown = async move {
             shutdown.await;
-            let _ = state.stopping.send(true);
+            stopping.stop();
         };
         // Every connection carries its peer's address: the client inventory shows
         // where each client's requests come from.
-        let tls = self.state.config.tls.clone();
-        let result = kiln_tls::serve(listener, tls, app, shutdown)
+        let tls = farm.config().tls.clone();
+        let served = kiln_tls::serve(listener, tls, app, shutdown)
             .await
             .context("serving HTTP");
-        let _ = self.state.stopping.send(true);
-        let _ = tokio::time::timeout(Duration::from_secs(5), async {
-            let _ = dispatcher.await;
-            let _ = reaper.await;
-            let _ = notifier.await;
-            let _ = registrar.await;
-        })
-        .await;
-        result
+        farm.stop();
+        let report = workers.stop(WORKERS_STOP_DEADLINE).await;
+        served?;
+        if !report.failed.is_empty() {
+            let failed: Vec<String> = report
+                .failed
+                .iter()
+                .map(|(name, what)| format!("{name}: {what}"))
+                .collect();
+            anyhow::bail!("background workers failed: {}", failed.join("; "));
+        }
+        Ok(())
     }
 }

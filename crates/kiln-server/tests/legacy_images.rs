@@ -1,10 +1,9 @@
 //! A data directory from before images were kept as chunks: its whole-file images are
 //! converted when the server opens it, and read back byte for byte.
 
-use kiln_blob::BlobStore;
 use kiln_proto::manifest::{BuildManifest, JobSpec};
 use kiln_server::{Server, ServerConfig};
-use kiln_store::{JobStore, NewBuild, NewImage, SqliteStore};
+use kiln_store::{Images, NewBuild, NewImage, Queue, SqliteStore};
 
 #[tokio::test]
 async fn whole_file_images_are_converted_to_chunks_at_open() -> anyhow::Result<()> {
@@ -13,13 +12,14 @@ async fn whole_file_images_are_converted_to_chunks_at_open() -> anyhow::Result<(
     let image = kiln_blob::noise::noise(3 << 20, 7);
     let digests = kiln_blob::chunking::chunk_reader(&image[..], &Default::default())?.digests;
 
-    // What an older server left: the image as one blob under its BLAKE3, and an image
-    // row without a chunk list.
-    let blobs = kiln_blob::LocalBlobStore::open(&data.join("blobs"))?;
-    let staged = blobs.stage().await?;
-    std::fs::write(staged.path(), &image)?;
-    blobs.commit(staged, &digests.blake3).await?;
-    let blob_path = blobs.local_path(&digests.blake3)?;
+    // What an older server left: the image as one blob under its BLAKE3 (in the blob
+    // directory's layout of then and now), and an image row without a chunk list.
+    let blob_path = data
+        .join("blobs/objects")
+        .join(&digests.blake3[..2])
+        .join(&digests.blake3);
+    std::fs::create_dir_all(blob_path.parent().expect("a parent"))?;
+    std::fs::write(&blob_path, &image)?;
     {
         let store = SqliteStore::open(&data.join("kiln.db")).await?;
         store

@@ -1,17 +1,34 @@
-//! The job store: builds, jobs, leases, events, logs and image records.
+//! The store: builds, jobs, leases, events, logs, image records, the webhook outbox and
+//! the clients' histories and credentials. Only this crate speaks SQL.
 //!
-//! [`JobStore`] is the interface the server uses; [`SqliteStore`] implements it on an
-//! embedded SQLite database (WAL, claims in `BEGIN IMMEDIATE`). A PostgreSQL store
-//! implements the same trait. Only this crate speaks SQL.
+//! The server sees the store through one trait per area: [`Queue`] (builds, jobs,
+//! claims, transitions, events, deadlines, load counts), [`Logs`], [`Images`] (image
+//! records, chunk lists, legacy images, storage counters), [`Outbox`] (webhook notices)
+//! and [`Clients`] (histories, contacts, credentials). [`Store`] is all of them, so
+//! that the server holds one `Arc<dyn Store>` and may hand a part on as a narrower
+//! trait object. [`SqliteStore`] implements them on an embedded SQLite database (WAL,
+//! every read-modify-write in `BEGIN IMMEDIATE`), with its migrations in
+//! `migrations/sqlite/`; it is the only backend so far.
+//!
+//! The farm's rules live apart from any SQL, in the private module `rules`: what a
+//! claim, a report, a lost lease, a restart or a cancel does to a job, the reason its
+//! event gives, how attempts, lost leases and retries are counted, and which of the
+//! client's counters moves. A backend reads the job's row inside its transaction, asks
+//! the rules, and writes what they decided. The `conformance` module (cargo feature
+//! `conformance`) holds the store's tests, written against the traits, that every
+//! backend runs with the macro `conformance_tests!`.
 //!
 //! Every state change writes its [`kiln_proto::api::Event`] in the same transaction,
 //! and every call about a running job names its lease token: a token that is not the
 //! job's current one is refused with [`StoreError::StaleLease`].
 //!
-//! The store also keeps each client's history ([`JobStore::clients`]): a claim records
+//! The store also keeps each client's history ([`Clients::clients`]): a claim records
 //! the [`ClaimingClient`], and the transition that ends a run counts it as finished,
 //! failed or lost for its client in the same transaction.
 
+#[cfg(feature = "conformance")]
+pub mod conformance;
+mod rules;
 mod sqlite;
 
 pub use sqlite::SqliteStore;
@@ -20,6 +37,7 @@ use async_trait::async_trait;
 use kiln_proto::api::{BuildSummary, ClientInfo, Event, ImageInfo, JobStatus, LogLine, NewLogLine};
 use kiln_proto::manifest::BuildManifest;
 use kiln_proto::progress::Progress;
+use std::collections::BTreeMap;
 
 /// What went wrong in the store.
 #[derive(Debug, thiserror::Error)]
@@ -140,7 +158,7 @@ pub struct LeaseHolder {
     pub timeout_secs: u64,
 }
 
-/// What [`JobStore::append_log_within`] did.
+/// What [`Logs::append_log_within`] did.
 #[derive(Debug, Clone)]
 pub struct LogAppend {
     pub holder: LeaseHolder,
@@ -170,7 +188,7 @@ pub struct NewImage {
 pub struct ImageRecord {
     pub info: ImageInfo,
     /// The whole-file blob of an image stored before chunking (see
-    /// [`JobStore::legacy_images`]).
+    /// [`Images::legacy_images`]).
     pub blob_key: String,
     /// The packed chunk list; `None` only for an image not yet converted.
     pub chunk_list: Option<Vec<u8>>,
@@ -238,10 +256,16 @@ pub struct Failure {
     pub message: String,
 }
 
-/// The job store. All times are unix microseconds, passed in by the caller so that one
-/// clock (the server's) orders everything.
+/// Builds, jobs and their leases: submission, the queue in scheduling order, claims,
+/// every transition and the event it writes, the timed transitions (lapsed leases,
+/// hung jobs, accept deadlines), and what the server reports of its load.
+///
+/// All times are unix microseconds, passed in by the caller so that one clock (the
+/// server's) orders everything. Every transition follows the farm's rules (the crate's
+/// `rules` module) and writes its [`Event`] (and the webhook notices it calls for) in
+/// its own transaction.
 #[async_trait]
-pub trait JobStore: Send + Sync + 'static {
+pub trait Queue: Send + Sync + 'static {
     /// Inserts a build and its queued jobs. Refuses a number that exists.
     async fn insert_build(&self, build: &NewBuild) -> StoreResult<()>;
     /// Every build, newest first, with job counts.
@@ -284,55 +308,9 @@ pub trait JobStore: Send + Sync + 'static {
     async fn mark_steps_done(&self, build: &str, job: &str, lease: &str) -> StoreResult<()>;
     /// Checks that `lease` is the job's current lease.
     async fn check_lease(&self, build: &str, job: &str, lease: &str) -> StoreResult<LeaseHolder>;
-    /// Appends log lines under the lease (and the latest progress, if any). Returns the
-    /// holder.
-    async fn append_log(
-        &self,
-        build: &str,
-        job: &str,
-        lease: &str,
-        lines: &[NewLogLine],
-        progress: Option<&Progress>,
-        now: i64,
-    ) -> StoreResult<LeaseHolder>;
-    /// Appends log lines under the lease like [`JobStore::append_log`], keeping the
-    /// job's stored log text within `max_bytes`: the lines that fit are stored, then
-    /// `cut_notice` as a last `kiln` line, and from then on no more lines of the job
-    /// (the progress is still recorded). The count lives in the job's row, so it holds
-    /// across restarts.
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "the arguments of append_log and the limit with its notice"
-    )]
-    async fn append_log_within(
-        &self,
-        build: &str,
-        job: &str,
-        lease: &str,
-        lines: &[NewLogLine],
-        progress: Option<&Progress>,
-        now: i64,
-        max_bytes: u64,
-        cut_notice: &str,
-    ) -> StoreResult<LogAppend>;
-    /// Log lines after `after`, at most `limit`.
-    async fn read_log(
-        &self,
-        build: &str,
-        job: &str,
-        after: i64,
-        limit: u32,
-    ) -> StoreResult<Vec<LogLine>>;
-    /// Records an uploaded image under the lease (replacing one of the same name).
-    async fn add_image(
-        &self,
-        build: &str,
-        job: &str,
-        lease: &str,
-        image: &NewImage,
-    ) -> StoreResult<()>;
-    /// Marks the job finished: at least one image, each stored under this lease. Its
-    /// client's history counts one more finished job and the images' total size.
+    /// Marks the job finished: at least one image, each stored under this lease (with
+    /// [`Images::add_image`]); the job's other images are dropped. Its client's history
+    /// counts one more finished job and the images' total size.
     async fn finish(
         &self,
         build: &str,
@@ -371,7 +349,7 @@ pub trait JobStore: Send + Sync + 'static {
         now: i64,
     ) -> StoreResult<Event>;
     /// Takes every running job of a client that is gone (its connection dropped and it
-    /// did not come back), as [`JobStore::give_up`] does.
+    /// did not come back), as [`Queue::give_up`] does.
     async fn take_back_from_client(
         &self,
         client_id: &str,
@@ -379,22 +357,117 @@ pub trait JobStore: Send + Sync + 'static {
         now: i64,
     ) -> StoreResult<Vec<TimedTransition>>;
     /// Expires queued jobs no client took before their accept deadline (a job given back
-    /// unstarted with [`JobStore::release`] counts as never taken).
+    /// unstarted with [`Queue::release`] counts as never taken).
     async fn expire_unclaimed(&self, now: i64) -> StoreResult<Vec<TimedTransition>>;
     /// The earliest lease expiry or accept deadline, if any.
     async fn next_deadline(&self) -> StoreResult<Option<i64>>;
     /// Gives every running job's lease at least until `until` (start-up grace).
     async fn extend_all_leases(&self, until: i64) -> StoreResult<u64>;
-    /// Puts a job back in the queue as new, whatever its state.
+    /// Puts a job back in the queue as new, whatever its state, without its images.
     async fn restart(&self, build: &str, job: &str, now: i64) -> StoreResult<Event>;
     /// Cancels a job that has not ended.
     async fn cancel(&self, build: &str, job: &str, now: i64) -> StoreResult<Event>;
     /// The build's events after `after`.
     async fn events(&self, build: &str, after: i64) -> StoreResult<Vec<Event>>;
+    /// Mean run time in seconds of finished jobs of a config type.
+    async fn mean_run_secs(&self, config_type: &str) -> StoreResult<Option<f64>>;
+    /// Deletes a build with its jobs, events, logs, images and pending notifications.
+    /// Refuses (conflict, naming them) while any of its jobs is running.
+    async fn delete_build(&self, build: &str) -> StoreResult<DeletedBuild>;
+    /// Whether any build's files are stored under `key`.
+    async fn files_key_in_use(&self, key: &str) -> StoreResult<bool>;
+    /// How many builds there are and how many jobs are queued and running: what a
+    /// server reports to its masters.
+    async fn load_counts(&self) -> StoreResult<LoadCounts>;
+}
+
+/// Jobs' logs: lines appended under the lease, read back by sequence number.
+#[async_trait]
+pub trait Logs: Send + Sync + 'static {
+    /// Appends log lines under the lease (and the latest progress, if any). Returns the
+    /// holder.
+    async fn append_log(
+        &self,
+        build: &str,
+        job: &str,
+        lease: &str,
+        lines: &[NewLogLine],
+        progress: Option<&Progress>,
+        now: i64,
+    ) -> StoreResult<LeaseHolder>;
+    /// Appends log lines under the lease like [`Logs::append_log`], keeping the
+    /// job's stored log text within `max_bytes`: the lines that fit are stored, then
+    /// `cut_notice` as a last `kiln` line, and from then on no more lines of the job
+    /// (the progress is still recorded). The count lives in the job's row, so it holds
+    /// across restarts.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the arguments of append_log and the limit with its notice"
+    )]
+    async fn append_log_within(
+        &self,
+        build: &str,
+        job: &str,
+        lease: &str,
+        lines: &[NewLogLine],
+        progress: Option<&Progress>,
+        now: i64,
+        max_bytes: u64,
+        cut_notice: &str,
+    ) -> StoreResult<LogAppend>;
+    /// Log lines after `after`, at most `limit`.
+    async fn read_log(
+        &self,
+        build: &str,
+        job: &str,
+        after: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<LogLine>>;
+}
+
+/// Image records and what refers to chunks: the images stored under a lease and kept by
+/// finished jobs, their chunk lists (for garbage collection), images stored whole before
+/// chunking, and the storage counters.
+#[async_trait]
+pub trait Images: Send + Sync + 'static {
+    /// Records an uploaded image under the lease (replacing one of the same name).
+    async fn add_image(
+        &self,
+        build: &str,
+        job: &str,
+        lease: &str,
+        image: &NewImage,
+    ) -> StoreResult<()>;
     /// The build's stored images (of finished jobs).
     async fn list_images(&self, build: &str) -> StoreResult<Vec<ImageInfo>>;
     /// One stored image.
     async fn get_image(&self, build: &str, job: &str, name: &str) -> StoreResult<ImageRecord>;
+    /// Images stored whole, before chunking, that the server must convert.
+    async fn legacy_images(&self) -> StoreResult<Vec<LegacyImage>>;
+    /// Records the chunk list of a converted image.
+    async fn set_chunk_list(
+        &self,
+        build: &str,
+        job: &str,
+        name: &str,
+        chunk_list: &[u8],
+    ) -> StoreResult<()>;
+    /// The packed chunk list of every image, for garbage collection.
+    async fn chunk_lists(&self) -> StoreResult<Vec<Vec<u8>>>;
+    /// How many images are stored, and their total size.
+    async fn image_totals(&self) -> StoreResult<ImageTotals>;
+    /// Adds to named counters, creating them at zero.
+    async fn add_counters(&self, deltas: &[(&str, i64)]) -> StoreResult<()>;
+    /// Sets named counters.
+    async fn set_counters(&self, values: &[(&str, i64)]) -> StoreResult<()>;
+    /// Every counter.
+    async fn counters(&self) -> StoreResult<BTreeMap<String, i64>>;
+}
+
+/// The webhook outbox: notices written with the events that call for them, handed to
+/// the notifier when due, until delivered or given up.
+#[async_trait]
+pub trait Outbox: Send + Sync + 'static {
     /// The pending notifications of every URL whose oldest pending one is due at `now`,
     /// oldest first, at most `limit`.
     async fn due_notifications(&self, now: i64, limit: u32) -> StoreResult<Vec<Notification>>;
@@ -408,50 +481,22 @@ pub trait JobStore: Send + Sync + 'static {
         retry_at: Option<i64>,
         now: i64,
     ) -> StoreResult<()>;
-    /// Mean run time in seconds of finished jobs of a config type.
-    async fn mean_run_secs(&self, config_type: &str) -> StoreResult<Option<f64>>;
+}
 
-    /// Images stored whole, before chunking, that the server must convert.
-    async fn legacy_images(&self) -> StoreResult<Vec<LegacyImage>>;
-    /// Records the chunk list of a converted image.
-    async fn set_chunk_list(
-        &self,
-        build: &str,
-        job: &str,
-        name: &str,
-        chunk_list: &[u8],
-    ) -> StoreResult<()>;
-    /// The packed chunk list of every image, for garbage collection.
-    async fn chunk_lists(&self) -> StoreResult<Vec<Vec<u8>>>;
-    /// Deletes a build with its jobs, events, logs, images and pending notifications.
-    /// Refuses (conflict, naming them) while any of its jobs is running.
-    async fn delete_build(&self, build: &str) -> StoreResult<DeletedBuild>;
-    /// Whether any build's files are stored under `key`.
-    async fn files_key_in_use(&self, key: &str) -> StoreResult<bool>;
-    /// Adds to named counters, creating them at zero.
-    async fn add_counters(&self, deltas: &[(&str, i64)]) -> StoreResult<()>;
-    /// Sets named counters.
-    async fn set_counters(&self, values: &[(&str, i64)]) -> StoreResult<()>;
-    /// Every counter.
-    async fn counters(&self) -> StoreResult<std::collections::BTreeMap<String, i64>>;
-    /// How many images are stored, and their total size.
-    async fn image_totals(&self) -> StoreResult<ImageTotals>;
-    /// How many builds there are and how many jobs are queued and running: what a
-    /// server reports to its masters.
-    async fn load_counts(&self) -> StoreResult<LoadCounts>;
+/// The clients: each one's history (written by the transitions of [`Queue`]), its
+/// latest stored contact, and its own credential.
+#[async_trait]
+pub trait Clients: Send + Sync + 'static {
     /// Records a later contact with a known client (and its address, if given). Returns
     /// false when the store has no such client (it never claimed a job here).
     async fn touch_client(&self, id: &str, address: Option<&str>, now: i64) -> StoreResult<bool>;
     /// Every client that claimed a job here, by id, with the jobs it runs now. Their
     /// `session_open` is false: sessions are the server's to know.
     async fn clients(&self) -> StoreResult<Vec<ClientInfo>>;
-
     /// A client's own credential, revoked or not.
     async fn client_credential(&self, id: &str) -> StoreResult<Option<ClientCredential>>;
-
     /// Every client credential, by id.
     async fn client_credentials(&self) -> StoreResult<Vec<ClientCredential>>;
-
     /// Records `secret_hash` as client `id`'s credential. With [`CredentialWrite::Enroll`]
     /// only an id without a credential gets one (atomically: two enrollments of one id
     /// cannot both win); [`CredentialWrite::Issue`] replaces any, a revoked one too.
@@ -462,10 +507,16 @@ pub trait JobStore: Send + Sync + 'static {
         how: CredentialWrite,
         now: i64,
     ) -> StoreResult<CredentialPut>;
-
     /// Revokes client `id`'s credential; false when it has none (or it was revoked).
     async fn revoke_client_credential(&self, id: &str, now: i64) -> StoreResult<bool>;
 }
+
+/// The whole store: every area in one object, so that the server holds one
+/// `Arc<dyn Store>` and hands a part of it on as `&dyn Queue`, `Arc<dyn Images>`, ...
+/// Every type that implements the five areas is a `Store`.
+pub trait Store: Queue + Logs + Images + Outbox + Clients {}
+
+impl<T: Queue + Logs + Images + Outbox + Clients> Store for T {}
 
 /// A client's own credential as stored: the hash of its secret, never the secret.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -479,7 +530,7 @@ pub struct ClientCredential {
     pub revoked_at: Option<i64>,
 }
 
-/// How [`JobStore::put_client_credential`] writes.
+/// How [`Clients::put_client_credential`] writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CredentialWrite {
     /// A client enrolling itself: only if the id has no credential.
@@ -488,7 +539,7 @@ pub enum CredentialWrite {
     Issue,
 }
 
-/// What [`JobStore::put_client_credential`] did.
+/// What [`Clients::put_client_credential`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CredentialPut {
     /// The id had none: it has this one now.

@@ -169,13 +169,20 @@ fn upload_to_a_full_disk_is_refused_the_job_waits_and_finishes_once_space_is_bac
     });
     assert_eq!(text(&job, "state"), "finished", "{job:#}");
     assert_eq!(job["attempt"], 1, "the same run went on: {job:#}");
-    let staging: Vec<PathBuf> = std::fs::read_dir(data.join("blobs").join("staging"))
-        .expect("the blob store's staging directory")
-        .filter_map(|entry| entry.ok().map(|entry| entry.path()))
+    // Uploads are spooled in DATA/tmp, and written beside their final names under
+    // temporary names: none of them is left.
+    let leftovers: Vec<PathBuf> = files_under(&data)
+        .into_iter()
+        .filter(|path| {
+            let name = path.file_name().unwrap_or_default().to_string_lossy();
+            path.starts_with(data.join("tmp"))
+                || name.starts_with(".part-")
+                || name.starts_with(".kiln-tmp-")
+        })
         .collect();
     assert!(
-        staging.is_empty(),
-        "nothing is left of the refused uploads: {staging:?}"
+        leftovers.is_empty(),
+        "nothing is left of the refused uploads: {leftovers:?}"
     );
 
     let expected = std::fs::read_to_string(&expected_file)
@@ -204,4 +211,24 @@ fn upload_to_a_full_disk_is_refused_the_job_waits_and_finishes_once_space_is_bac
         expected,
         "the stored image is the one the step made, whole"
     );
+}
+
+/// Every file under `dir`, at any depth.
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    let mut dirs = vec![dir.to_owned()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir)
+            .expect("listing the data directory")
+            .flatten()
+        {
+            let path = entry.path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else {
+                files.push(path);
+            }
+        }
+    }
+    files
 }

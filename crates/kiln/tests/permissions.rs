@@ -247,7 +247,7 @@ fn every_endpoint_answers_every_kind_of_caller_as_the_matrix_says() {
     let harness = Harness::new("permissions");
     let (server, callers) = start(&harness, &["--lease-secs", "120"]);
     let expected = matrix();
-    let served: BTreeMap<(String, String), ()> = kiln_server::api::endpoints()
+    let served: BTreeMap<(String, String), ()> = kiln_server::http::endpoints()
         .into_iter()
         .map(|endpoint| ((endpoint.method.to_string(), endpoint.path.to_owned()), ()))
         .collect();

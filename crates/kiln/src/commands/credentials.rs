@@ -5,7 +5,7 @@ use crate::cli::{AdminTarget, CredentialAction, JoinTokenAction, ServerAction};
 use crate::operator::{Operator, Usage};
 use anyhow::Context;
 use kiln_proto::api::{ClientSecret, CredentialInfo};
-use kiln_store::{CredentialPut, CredentialWrite, JobStore, SqliteStore};
+use kiln_store::{Clients, CredentialPut, CredentialWrite, SqliteStore};
 use std::path::Path;
 use std::process::ExitCode;
 

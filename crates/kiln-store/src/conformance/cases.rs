@@ -1,298 +1,21 @@
-//! Behaviour of the job store, driven through [`JobStore`] on a [`SqliteStore`] in a
-//! temporary directory: builds and their counts, the queue order, atomic claims, lease
-//! fencing (invariant 2), timed transitions (lapsed leases, hung jobs, accept
-//! deadlines), restart and cancel, durability across a reopen (invariant 3), and the
-//! event every transition writes (invariant 5).
-//!
-//! Times come from a fake clock ([`at`]), so every test is deterministic.
+//! The conformance cases: each is one behaviour of the store, checked through its
+//! traits on a store that a [`StoreFactory`] opened.
+//! [`conformance_tests!`](crate::conformance_tests) runs every one of them as a test of
+//! its own, named after it.
 
+use super::*;
+use crate::{Clients, Images, Logs, Outbox, Queue};
+use anyhow::Context as _;
+use kiln_proto::api::Notice;
+use kiln_proto::state::JobState::{Cancelled, Expired, Failed, Finished, Queued, Running};
 use std::collections::HashSet;
 
-use anyhow::Context as _;
-use kiln_proto::api::{Event, NewLogLine};
-use kiln_proto::manifest::{BuildManifest, JobSpec};
-use kiln_proto::progress::Progress;
-use kiln_proto::state::JobState::{self, Cancelled, Expired, Failed, Finished, Queued, Running};
-use kiln_store::{
-    ClaimedJob, ClaimingClient, Failure, JobStore, NewBuild, NewImage, SqliteStore, StoreError,
-    StoreResult,
-};
-use tempfile::TempDir;
-
-const MICROS_PER_SEC: i64 = 1_000_000;
-
-/// The fake clock's zero, a fixed instant.
-const T0: i64 = 1_700_000_000 * MICROS_PER_SEC;
-
-/// How long the leases handed out by [`claim`] last.
-const LEASE_SECS: i64 = 30;
-
-const BUILD: &str = "20021016.1";
-
-/// The fake clock: `secs` seconds after [`T0`], in unix microseconds.
-fn at(secs: i64) -> i64 {
-    T0 + secs * MICROS_PER_SEC
-}
-
-async fn open_store() -> anyhow::Result<(TempDir, SqliteStore)> {
-    let dir = tempfile::tempdir()?;
-    let store = SqliteStore::open(&dir.path().join("kiln.db")).await?;
-    Ok((dir, store))
-}
-
-/// A job with the seed's usual fields and no scheduling options.
-fn job(id: &str) -> JobSpec {
-    JobSpec {
-        id: id.to_owned(),
-        title: format!("Image {id}"),
-        config_type: "winxp-pro".to_owned(),
-        install_script: "scripts/install.cmd".to_owned(),
-        configure_script: None,
-        image_script: "scripts/image.cmd".to_owned(),
-        timeout_secs: 3600,
-        priority: None,
-        accept_within_secs: None,
-        assigned_to: None,
-        max_attempts: None,
-        retries: None,
-    }
-}
-
-fn new_build(number: &str, jobs: Vec<JobSpec>, submitted_at: i64) -> NewBuild {
-    NewBuild {
-        manifest: BuildManifest {
-            number: number.to_owned(),
-            title: format!("Release {number}"),
-            build_time: Some("20021016:18:00:00".to_owned()),
-            log_file: Some("relbuild.log".to_owned()),
-            notify: vec!["http://127.0.0.1:9/notify".to_owned()],
-            jobs,
-        },
-        files_key: format!("files/{number}.tar"),
-        files_size: 4096,
-        submitted_at,
-        default_accept_within_secs: None,
-        default_max_attempts: 3,
-    }
-}
-
-/// Claims a job at `now` under a lease of [`LEASE_SECS`]; an error if it is not queued.
-async fn claim(
-    store: &SqliteStore,
-    build: &str,
-    job: &str,
-    client_id: &str,
-    now: i64,
-) -> anyhow::Result<ClaimedJob> {
-    store
-        .claim(
-            build,
-            job,
-            &ClaimingClient::with_id(client_id),
-            now + LEASE_SECS * MICROS_PER_SEC,
-            now,
-        )
-        .await?
-        .with_context(|| format!("job {build}/{job} was not claimable"))
-}
-
-fn image(name: &str, created_at: i64) -> NewImage {
-    NewImage {
-        name: name.to_owned(),
-        size: 1 << 20,
-        blake3: format!("b3-{name}"),
-        sha256: format!("sha-{name}"),
-        blob_key: format!("images/{name}"),
-        created_at,
-        chunk_list: name.as_bytes().repeat(36),
-    }
-}
-
-fn log_line(stream: &str, text: &str) -> NewLogLine {
-    NewLogLine {
-        stream: stream.to_owned(),
-        text: text.to_owned(),
-    }
-}
-
-fn failure(reason: &str, message: &str) -> Failure {
-    Failure {
-        reason: reason.to_owned(),
-        message: message.to_owned(),
-    }
-}
-
-/// Stores one image named after the job under the claim's lease and finishes with it.
-async fn finish_with_image(
-    store: &SqliteStore,
-    claimed: &ClaimedJob,
-    now: i64,
-) -> anyhow::Result<Event> {
-    let name = format!("{}.wim", claimed.job);
-    store
-        .add_image(
-            &claimed.build,
-            &claimed.job,
-            &claimed.lease,
-            &image(&name, now),
-        )
-        .await?;
-    Ok(store
-        .finish(&claimed.build, &claimed.job, &claimed.lease, &[name], now)
-        .await?)
-}
-
-/// One transition as the event log has it, without its sequence number and reason.
-#[derive(Debug, PartialEq)]
-struct Step {
-    time: i64,
-    from: Option<JobState>,
-    to: JobState,
-    client_id: Option<String>,
-    attempt: u32,
-}
-
-fn step(
-    time: i64,
-    from: Option<JobState>,
-    to: JobState,
-    client_id: Option<&str>,
-    attempt: u32,
-) -> Step {
-    Step {
-        time,
-        from,
-        to,
-        client_id: client_id.map(str::to_owned),
-        attempt,
-    }
-}
-
-fn steps(events: &[Event]) -> Vec<Step> {
-    events
-        .iter()
-        .map(|event| Step {
-            time: event.time,
-            from: event.from,
-            to: event.to,
-            client_id: event.client_id.clone(),
-            attempt: event.attempt,
-        })
-        .collect()
-}
-
-fn reason(event: &Event) -> &str {
-    event.reason.as_deref().unwrap_or_default()
-}
-
-/// The job's events in order. Checks what every event of the build must have: a
-/// sequence that only grows, its build, and a reason.
-async fn history(store: &SqliteStore, build: &str, job: &str) -> anyhow::Result<Vec<Event>> {
-    let events = store.events(build, 0).await?;
-    assert!(
-        events.windows(2).all(|pair| pair[0].seq < pair[1].seq),
-        "events of build {build} are not in sequence order: {events:?}"
-    );
-    for event in &events {
-        assert_eq!(event.build, build, "event of another build: {event:?}");
-        assert!(
-            !reason(event).is_empty(),
-            "event without a reason: {event:?}"
-        );
-    }
-    Ok(events
-        .into_iter()
-        .filter(|event| event.job == job)
-        .collect())
-}
-
-#[track_caller]
-fn assert_stale<T: std::fmt::Debug>(call: &str, result: StoreResult<T>) {
-    match result {
-        Err(StoreError::StaleLease { .. }) => {}
-        other => panic!("{call}: expected StoreError::StaleLease, got {other:?}"),
-    }
-}
-
-#[track_caller]
-fn assert_conflict<T: std::fmt::Debug>(call: &str, result: StoreResult<T>) {
-    match result {
-        Err(StoreError::Conflict(_)) => {}
-        other => panic!("{call}: expected StoreError::Conflict, got {other:?}"),
-    }
-}
-
-#[track_caller]
-fn assert_not_found<T: std::fmt::Debug>(call: &str, result: StoreResult<T>) {
-    match result {
-        Err(StoreError::NotFound(_)) => {}
-        other => panic!("{call}: expected StoreError::NotFound, got {other:?}"),
-    }
-}
-
-/// Every call a client makes about a job, with `lease`: each must be refused as stale.
-async fn assert_every_lease_call_refused(
-    store: &SqliteStore,
-    build: &str,
-    job: &str,
-    lease: &str,
-    now: i64,
-) {
-    let progress = Progress {
-        major: Some("stale".to_owned()),
-        ..Progress::default()
-    };
-    assert_stale("check_lease", store.check_lease(build, job, lease).await);
-    assert_stale(
-        "heartbeat",
-        store
-            .heartbeat(
-                build,
-                job,
-                lease,
-                now + 600 * MICROS_PER_SEC,
-                Some(&progress),
-            )
-            .await,
-    );
-    assert_stale(
-        "append_log",
-        store
-            .append_log(
-                build,
-                job,
-                lease,
-                &[log_line("stdout", "from a stale client")],
-                Some(&progress),
-                now,
-            )
-            .await,
-    );
-    assert_stale(
-        "add_image",
-        store
-            .add_image(build, job, lease, &image("stale.wim", now))
-            .await,
-    );
-    assert_stale(
-        "finish",
-        store
-            .finish(build, job, lease, &["stale.wim".to_owned()], now)
-            .await,
-    );
-    assert_stale(
-        "fail",
-        store
-            .fail(build, job, lease, &failure("exit", "stale"), now)
-            .await,
-    );
-    assert_stale("release", store.release(build, job, lease, now).await);
-}
-
-#[tokio::test]
-async fn insert_build_is_listed_with_counts_and_a_duplicate_number_changes_nothing(
-) -> anyhow::Result<()> {
-    let (_dir, store) = open_store().await?;
+pub async fn insert_build_is_listed_with_counts_and_a_duplicate_number_changes_nothing<
+    F: StoreFactory,
+>(
+    factory: &F,
+) -> CaseResult {
+    let (_place, store) = open_store(factory).await?;
     let original = new_build(BUILD, vec![job("a"), job("b"), job("c")], at(0));
     store.insert_build(&original).await?;
     store
@@ -306,9 +29,9 @@ async fn insert_build_is_listed_with_counts_and_a_duplicate_number_changes_nothi
     assert_eq!(summary.submitted_at, at(0));
     assert_eq!((summary.n_jobs, summary.n_queued), (3, 3));
 
-    let a = claim(&store, BUILD, "a", "client-1", at(20)).await?;
-    finish_with_image(&store, &a, at(30)).await?;
-    claim(&store, BUILD, "b", "client-2", at(20)).await?;
+    let a = claim(&*store, BUILD, "a", "client-1", at(20)).await?;
+    finish_with_image(&*store, &a, at(30)).await?;
+    claim(&*store, BUILD, "b", "client-2", at(20)).await?;
     let summary = store.build_summary(BUILD).await?;
     assert_eq!(
         (
@@ -331,7 +54,7 @@ async fn insert_build_is_listed_with_counts_and_a_duplicate_number_changes_nothi
     let jobs = store.list_jobs(BUILD).await?;
     let ids: Vec<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
     assert_eq!(ids, ["a", "b", "c"], "manifest order");
-    let c_events = history(&store, BUILD, "c").await?;
+    let c_events = history(&*store, BUILD, "c").await?;
     assert_eq!(steps(&c_events), [step(at(0), None, Queued, None, 0)]);
     assert_eq!(reason(&c_events[0]), "submitted");
 
@@ -357,10 +80,12 @@ async fn insert_build_is_listed_with_counts_and_a_duplicate_number_changes_nothi
     Ok(())
 }
 
-#[tokio::test]
-async fn queued_candidates_order_by_priority_then_accept_deadline_then_submission(
-) -> anyhow::Result<()> {
-    let (_dir, store) = open_store().await?;
+pub async fn queued_candidates_order_by_priority_then_accept_deadline_then_submission<
+    F: StoreFactory,
+>(
+    factory: &F,
+) -> CaseResult {
+    let (_place, store) = open_store(factory).await?;
     let with = |id: &str, priority: Option<i64>, accept_within_secs: Option<u64>| JobSpec {
         priority,
         accept_within_secs,
@@ -420,7 +145,7 @@ async fn queued_candidates_order_by_priority_then_accept_deadline_then_submissio
     assert_eq!(first_three[0].config_type, "winxp-pro");
     assert_eq!(first_three[2].build, "20021017.1");
 
-    claim(&store, BUILD, "high-due", "client-1", at(20)).await?;
+    claim(&*store, BUILD, "high-due", "client-1", at(20)).await?;
     let order: Vec<String> = store
         .queued_candidates(2)
         .await?
@@ -435,9 +160,10 @@ async fn queued_candidates_order_by_priority_then_accept_deadline_then_submissio
     Ok(())
 }
 
-#[tokio::test]
-async fn claim_hands_out_attempt_one_under_a_fresh_lease_and_only_once() -> anyhow::Result<()> {
-    let (_dir, store) = open_store().await?;
+pub async fn claim_hands_out_attempt_one_under_a_fresh_lease_and_only_once<F: StoreFactory>(
+    factory: &F,
+) -> CaseResult {
+    let (_place, store) = open_store(factory).await?;
     let configured = JobSpec {
         configure_script: Some("scripts/configure.cmd".to_owned()),
         timeout_secs: 900,
@@ -447,7 +173,7 @@ async fn claim_hands_out_attempt_one_under_a_fresh_lease_and_only_once() -> anyh
         .insert_build(&new_build(BUILD, vec![configured, job("b")], at(0)))
         .await?;
 
-    let claimed = claim(&store, BUILD, "a", "client-1", at(10)).await?;
+    let claimed = claim(&*store, BUILD, "a", "client-1", at(10)).await?;
     assert_eq!(claimed.attempt, 1);
     assert_eq!((claimed.build.as_str(), claimed.job.as_str()), (BUILD, "a"));
     assert_eq!(claimed.title, "Image a");
@@ -493,11 +219,11 @@ async fn claim_hands_out_attempt_one_under_a_fresh_lease_and_only_once() -> anyh
     assert_eq!(store.get_job(BUILD, "a").await?, status);
     store.check_lease(BUILD, "a", &claimed.lease).await?;
 
-    let other = claim(&store, BUILD, "b", "client-2", at(20)).await?;
+    let other = claim(&*store, BUILD, "b", "client-2", at(20)).await?;
     assert_eq!(other.attempt, 1);
     assert_ne!(other.lease, claimed.lease, "every claim gets its own lease");
 
-    let events = history(&store, BUILD, "a").await?;
+    let events = history(&*store, BUILD, "a").await?;
     assert_eq!(
         steps(&events),
         [
@@ -508,12 +234,12 @@ async fn claim_hands_out_attempt_one_under_a_fresh_lease_and_only_once() -> anyh
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 8)]
-async fn racing_claims_from_eight_tasks_hand_each_job_to_exactly_one_client() -> anyhow::Result<()>
-{
+pub async fn racing_claims_from_eight_tasks_hand_each_job_to_exactly_one_client<F: StoreFactory>(
+    factory: &F,
+) -> CaseResult {
     const N_JOBS: usize = 50;
     const N_TASKS: usize = 8;
-    let (_dir, store) = open_store().await?;
+    let (_place, store) = open_store(factory).await?;
     let job_ids: Vec<String> = (0..N_JOBS)
         .map(|job_idx| format!("job-{job_idx:02}"))
         .collect();
@@ -577,10 +303,12 @@ async fn racing_claims_from_eight_tasks_hand_each_job_to_exactly_one_client() ->
     Ok(())
 }
 
-#[tokio::test]
-async fn lease_calls_with_a_wrong_token_are_refused_and_with_the_current_one_accepted(
-) -> anyhow::Result<()> {
-    let (_dir, store) = open_store().await?;
+pub async fn lease_calls_with_a_wrong_token_are_refused_and_with_the_current_one_accepted<
+    F: StoreFactory,
+>(
+    factory: &F,
+) -> CaseResult {
+    let (_place, store) = open_store(factory).await?;
     store
         .insert_build(&new_build(
             BUILD,
@@ -588,25 +316,25 @@ async fn lease_calls_with_a_wrong_token_are_refused_and_with_the_current_one_acc
             at(0),
         ))
         .await?;
-    let a = claim(&store, BUILD, "a", "client-1", at(1)).await?;
-    let b = claim(&store, BUILD, "b", "client-2", at(1)).await?;
+    let a = claim(&*store, BUILD, "a", "client-1", at(1)).await?;
+    let b = claim(&*store, BUILD, "b", "client-2", at(1)).await?;
     let status_before = store.get_job(BUILD, "a").await?;
 
     assert_every_lease_call_refused(
-        &store,
+        &*store,
         BUILD,
         "a",
         "0123456789abcdef0123456789abcdef",
         at(2),
     )
     .await;
-    assert_every_lease_call_refused(&store, BUILD, "a", "", at(2)).await;
+    assert_every_lease_call_refused(&*store, BUILD, "a", "", at(2)).await;
     // Another job's current lease is not a lease on this one.
-    assert_every_lease_call_refused(&store, BUILD, "a", &b.lease, at(2)).await;
+    assert_every_lease_call_refused(&*store, BUILD, "a", &b.lease, at(2)).await;
 
     assert_eq!(store.get_job(BUILD, "a").await?, status_before);
     assert!(store.read_log(BUILD, "a", 0, 100).await?.is_empty());
-    assert_eq!(history(&store, BUILD, "a").await?.len(), 2);
+    assert_eq!(history(&*store, BUILD, "a").await?.len(), 2);
     assert_eq!(store.get_job(BUILD, "b").await?.state, Running);
 
     let holder = store.check_lease(BUILD, "a", &a.lease).await?;
@@ -631,23 +359,24 @@ async fn lease_calls_with_a_wrong_token_are_refused_and_with_the_current_one_acc
         .await?;
     assert_eq!(store.get_job(BUILD, "a").await?.state, Finished);
     // Once finished, the lease is no longer current.
-    assert_every_lease_call_refused(&store, BUILD, "a", &a.lease, at(6)).await;
+    assert_every_lease_call_refused(&*store, BUILD, "a", &a.lease, at(6)).await;
 
-    let c = claim(&store, BUILD, "c", "client-3", at(1)).await?;
+    let c = claim(&*store, BUILD, "c", "client-3", at(1)).await?;
     store
         .fail(BUILD, "c", &c.lease, &failure("exit", "status 1"), at(5))
         .await?;
     assert_eq!(store.get_job(BUILD, "c").await?.state, Failed);
 
-    let d = claim(&store, BUILD, "d", "client-4", at(1)).await?;
+    let d = claim(&*store, BUILD, "d", "client-4", at(1)).await?;
     store.release(BUILD, "d", &d.lease, at(5)).await?;
     assert_eq!(store.get_job(BUILD, "d").await?.state, Queued);
     Ok(())
 }
 
-#[tokio::test]
-async fn old_lease_is_refused_after_restart_and_after_cancel() -> anyhow::Result<()> {
-    let (_dir, store) = open_store().await?;
+pub async fn old_lease_is_refused_after_restart_and_after_cancel<F: StoreFactory>(
+    factory: &F,
+) -> CaseResult {
+    let (_place, store) = open_store(factory).await?;
     store
         .insert_build(&new_build(
             BUILD,
@@ -656,22 +385,22 @@ async fn old_lease_is_refused_after_restart_and_after_cancel() -> anyhow::Result
         ))
         .await?;
 
-    let old = claim(&store, BUILD, "restarted", "client-1", at(1)).await?;
+    let old = claim(&*store, BUILD, "restarted", "client-1", at(1)).await?;
     store.restart(BUILD, "restarted", at(2)).await?;
-    assert_every_lease_call_refused(&store, BUILD, "restarted", &old.lease, at(3)).await;
+    assert_every_lease_call_refused(&*store, BUILD, "restarted", &old.lease, at(3)).await;
     assert_eq!(store.get_job(BUILD, "restarted").await?.state, Queued);
-    let new = claim(&store, BUILD, "restarted", "client-2", at(4)).await?;
+    let new = claim(&*store, BUILD, "restarted", "client-2", at(4)).await?;
     assert_ne!(new.lease, old.lease);
-    assert_every_lease_call_refused(&store, BUILD, "restarted", &old.lease, at(5)).await;
+    assert_every_lease_call_refused(&*store, BUILD, "restarted", &old.lease, at(5)).await;
     let holder = store.check_lease(BUILD, "restarted", &new.lease).await?;
     assert_eq!(holder.client_id, "client-2");
 
-    let held = claim(&store, BUILD, "cancelled", "client-3", at(1)).await?;
+    let held = claim(&*store, BUILD, "cancelled", "client-3", at(1)).await?;
     store.cancel(BUILD, "cancelled", at(2)).await?;
-    assert_every_lease_call_refused(&store, BUILD, "cancelled", &held.lease, at(3)).await;
+    assert_every_lease_call_refused(&*store, BUILD, "cancelled", &held.lease, at(3)).await;
     assert_eq!(store.get_job(BUILD, "cancelled").await?.state, Cancelled);
 
-    let events = history(&store, BUILD, "restarted").await?;
+    let events = history(&*store, BUILD, "restarted").await?;
     assert_eq!(
         steps(&events),
         [
@@ -684,13 +413,14 @@ async fn old_lease_is_refused_after_restart_and_after_cancel() -> anyhow::Result
     Ok(())
 }
 
-#[tokio::test]
-async fn heartbeat_extends_the_lease_and_records_progress() -> anyhow::Result<()> {
-    let (_dir, store) = open_store().await?;
+pub async fn heartbeat_extends_the_lease_and_records_progress<F: StoreFactory>(
+    factory: &F,
+) -> CaseResult {
+    let (_place, store) = open_store(factory).await?;
     store
         .insert_build(&new_build(BUILD, vec![job("a")], at(0)))
         .await?;
-    let claimed = claim(&store, BUILD, "a", "client-1", at(0)).await?;
+    let claimed = claim(&*store, BUILD, "a", "client-1", at(0)).await?;
 
     let progress = Progress {
         major: Some("install".to_owned()),
@@ -741,7 +471,7 @@ async fn heartbeat_extends_the_lease_and_records_progress() -> anyhow::Result<()
     assert_eq!(reaped[0].event.to, Queued);
 
     // Heartbeats are not transitions: the log holds only submit, claim and the reap.
-    let events = history(&store, BUILD, "a").await?;
+    let events = history(&*store, BUILD, "a").await?;
     assert_eq!(
         steps(&events),
         [
@@ -753,14 +483,15 @@ async fn heartbeat_extends_the_lease_and_records_progress() -> anyhow::Result<()
     Ok(())
 }
 
-#[tokio::test]
-async fn finish_keeps_only_images_stored_under_the_finishing_lease() -> anyhow::Result<()> {
-    let (_dir, store) = open_store().await?;
+pub async fn finish_keeps_only_images_stored_under_the_finishing_lease<F: StoreFactory>(
+    factory: &F,
+) -> CaseResult {
+    let (_place, store) = open_store(factory).await?;
     store
         .insert_build(&new_build(BUILD, vec![job("a")], at(0)))
         .await?;
 
-    let first = claim(&store, BUILD, "a", "client-1", at(0)).await?;
+    let first = claim(&*store, BUILD, "a", "client-1", at(0)).await?;
     store
         .add_image(BUILD, "a", &first.lease, &image("lease1.wim", at(10)))
         .await?;
@@ -768,7 +499,7 @@ async fn finish_keeps_only_images_stored_under_the_finishing_lease() -> anyhow::
     assert_eq!(reaped.len(), 1);
     assert_eq!(store.get_job(BUILD, "a").await?.state, Queued);
 
-    let second = claim(&store, BUILD, "a", "client-2", at(40)).await?;
+    let second = claim(&*store, BUILD, "a", "client-2", at(40)).await?;
     assert_eq!(second.attempt, 2);
     store
         .add_image(BUILD, "a", &second.lease, &image("lease2.wim", at(50)))
@@ -832,7 +563,7 @@ async fn finish_keeps_only_images_stored_under_the_finishing_lease() -> anyhow::
         store.get_image(BUILD, "a", "lease1.wim").await,
     );
 
-    let events = history(&store, BUILD, "a").await?;
+    let events = history(&*store, BUILD, "a").await?;
     assert_eq!(
         steps(&events),
         [
@@ -846,13 +577,14 @@ async fn finish_keeps_only_images_stored_under_the_finishing_lease() -> anyhow::
     Ok(())
 }
 
-#[tokio::test]
-async fn fail_without_retries_fails_the_job_with_reason_and_message() -> anyhow::Result<()> {
-    let (_dir, store) = open_store().await?;
+pub async fn fail_without_retries_fails_the_job_with_reason_and_message<F: StoreFactory>(
+    factory: &F,
+) -> CaseResult {
+    let (_place, store) = open_store(factory).await?;
     store
         .insert_build(&new_build(BUILD, vec![job("a")], at(0)))
         .await?;
-    let claimed = claim(&store, BUILD, "a", "client-1", at(0)).await?;
+    let claimed = claim(&*store, BUILD, "a", "client-1", at(0)).await?;
 
     let event = store
         .fail(
@@ -886,13 +618,14 @@ async fn fail_without_retries_fails_the_job_with_reason_and_message() -> anyhow:
         )
         .await?
         .is_none());
-    assert_eq!(history(&store, BUILD, "a").await?.len(), 3);
+    assert_eq!(history(&*store, BUILD, "a").await?.len(), 3);
     Ok(())
 }
 
-#[tokio::test]
-async fn fail_with_a_retry_left_requeues_then_fails() -> anyhow::Result<()> {
-    let (_dir, store) = open_store().await?;
+pub async fn fail_with_a_retry_left_requeues_then_fails<F: StoreFactory>(
+    factory: &F,
+) -> CaseResult {
+    let (_place, store) = open_store(factory).await?;
     let retried = JobSpec {
         retries: Some(1),
         ..job("a")
@@ -901,7 +634,7 @@ async fn fail_with_a_retry_left_requeues_then_fails() -> anyhow::Result<()> {
         .insert_build(&new_build(BUILD, vec![retried], at(0)))
         .await?;
 
-    let first = claim(&store, BUILD, "a", "client-1", at(0)).await?;
+    let first = claim(&*store, BUILD, "a", "client-1", at(0)).await?;
     let event = store
         .fail(
             BUILD,
@@ -917,9 +650,9 @@ async fn fail_with_a_retry_left_requeues_then_fails() -> anyhow::Result<()> {
     assert_eq!(status.state, Queued);
     assert_eq!(status.client_id, None);
     assert_eq!(status.time_complete, None);
-    assert_every_lease_call_refused(&store, BUILD, "a", &first.lease, at(11)).await;
+    assert_every_lease_call_refused(&*store, BUILD, "a", &first.lease, at(11)).await;
 
-    let second = claim(&store, BUILD, "a", "client-2", at(20)).await?;
+    let second = claim(&*store, BUILD, "a", "client-2", at(20)).await?;
     assert_eq!(second.attempt, 2);
     let event = store
         .fail(
@@ -936,7 +669,7 @@ async fn fail_with_a_retry_left_requeues_then_fails() -> anyhow::Result<()> {
     assert_eq!(status.error.as_deref(), Some("exit: second try"));
     assert_eq!(status.time_complete, Some(at(30)));
 
-    let events = history(&store, BUILD, "a").await?;
+    let events = history(&*store, BUILD, "a").await?;
     assert_eq!(
         steps(&events),
         [
@@ -950,10 +683,12 @@ async fn fail_with_a_retry_left_requeues_then_fails() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test]
-async fn reap_requeues_a_lapsed_lease_and_fails_it_as_lost_on_the_last_attempt(
-) -> anyhow::Result<()> {
-    let (_dir, store) = open_store().await?;
+pub async fn reap_requeues_a_lapsed_lease_and_fails_it_as_lost_on_the_last_attempt<
+    F: StoreFactory,
+>(
+    factory: &F,
+) -> CaseResult {
+    let (_place, store) = open_store(factory).await?;
     let two_attempts = JobSpec {
         max_attempts: Some(2),
         ..job("a")
@@ -962,7 +697,7 @@ async fn reap_requeues_a_lapsed_lease_and_fails_it_as_lost_on_the_last_attempt(
         .insert_build(&new_build(BUILD, vec![two_attempts], at(0)))
         .await?;
 
-    let first = claim(&store, BUILD, "a", "client-1", at(0)).await?;
+    let first = claim(&*store, BUILD, "a", "client-1", at(0)).await?;
     assert!(store.reap_leases(at(29), 600).await?.is_empty());
     let reaped = store.reap_leases(at(31), 600).await?;
     assert_eq!(reaped.len(), 1);
@@ -978,10 +713,10 @@ async fn reap_requeues_a_lapsed_lease_and_fails_it_as_lost_on_the_last_attempt(
     assert_eq!(status.state, Queued);
     assert_eq!(status.attempt, 1, "the lapsed attempt counts");
     assert_eq!(status.client_id, None);
-    assert_every_lease_call_refused(&store, BUILD, "a", &first.lease, at(32)).await;
+    assert_every_lease_call_refused(&*store, BUILD, "a", &first.lease, at(32)).await;
     assert!(store.reap_leases(at(35), 600).await?.is_empty());
 
-    let second = claim(&store, BUILD, "a", "client-2", at(40)).await?;
+    let second = claim(&*store, BUILD, "a", "client-2", at(40)).await?;
     assert_eq!(second.attempt, 2);
     let reaped = store.reap_leases(at(71), 600).await?;
     assert_eq!(reaped.len(), 1);
@@ -1002,17 +737,19 @@ async fn reap_requeues_a_lapsed_lease_and_fails_it_as_lost_on_the_last_attempt(
     );
     assert_eq!(status.time_complete, Some(at(71)));
 
-    let events = history(&store, BUILD, "a").await?;
+    let events = history(&*store, BUILD, "a").await?;
     assert_eq!(events.len(), 5);
     assert_eq!(events[4].seq, reaped[0].event.seq);
     Ok(())
 }
 
-#[tokio::test]
-async fn reap_fails_a_job_held_past_its_timeout_and_grace_despite_heartbeats() -> anyhow::Result<()>
-{
+pub async fn reap_fails_a_job_held_past_its_timeout_and_grace_despite_heartbeats<
+    F: StoreFactory,
+>(
+    factory: &F,
+) -> CaseResult {
     const HUNG_GRACE_SECS: u64 = 30;
-    let (_dir, store) = open_store().await?;
+    let (_place, store) = open_store(factory).await?;
     let short = JobSpec {
         timeout_secs: 60,
         ..job("a")
@@ -1020,7 +757,7 @@ async fn reap_fails_a_job_held_past_its_timeout_and_grace_despite_heartbeats() -
     store
         .insert_build(&new_build(BUILD, vec![short], at(0)))
         .await?;
-    let claimed = claim(&store, BUILD, "a", "client-1", at(0)).await?;
+    let claimed = claim(&*store, BUILD, "a", "client-1", at(0)).await?;
 
     for secs in (10..=80).step_by(10) {
         store
@@ -1050,14 +787,16 @@ async fn reap_fails_a_job_held_past_its_timeout_and_grace_despite_heartbeats() -
             .is_some_and(|e| e.starts_with("timeout")),
         "{status:?}"
     );
-    assert_every_lease_call_refused(&store, BUILD, "a", &claimed.lease, at(92)).await;
+    assert_every_lease_call_refused(&*store, BUILD, "a", &claimed.lease, at(92)).await;
     Ok(())
 }
 
-#[tokio::test]
-async fn expire_unclaimed_expires_only_never_claimed_jobs_past_their_deadline() -> anyhow::Result<()>
-{
-    let (_dir, store) = open_store().await?;
+pub async fn expire_unclaimed_expires_only_never_claimed_jobs_past_their_deadline<
+    F: StoreFactory,
+>(
+    factory: &F,
+) -> CaseResult {
+    let (_place, store) = open_store(factory).await?;
     let due = |id: &str| JobSpec {
         accept_within_secs: Some(60),
         ..job(id)
@@ -1069,7 +808,7 @@ async fn expire_unclaimed_expires_only_never_claimed_jobs_past_their_deadline() 
             at(0),
         ))
         .await?;
-    claim(&store, BUILD, "requeued", "client-1", at(10)).await?;
+    claim(&*store, BUILD, "requeued", "client-1", at(10)).await?;
     assert_eq!(store.reap_leases(at(41), 600).await?.len(), 1);
     assert_eq!(store.get_job(BUILD, "requeued").await?.state, Queued);
 
@@ -1102,7 +841,7 @@ async fn expire_unclaimed_expires_only_never_claimed_jobs_past_their_deadline() 
         .is_none());
     assert!(store.expire_unclaimed(at(100_000)).await?.is_empty());
 
-    let events = history(&store, BUILD, "never").await?;
+    let events = history(&*store, BUILD, "never").await?;
     assert_eq!(
         steps(&events),
         [
@@ -1113,9 +852,10 @@ async fn expire_unclaimed_expires_only_never_claimed_jobs_past_their_deadline() 
     Ok(())
 }
 
-#[tokio::test]
-async fn next_deadline_is_the_earliest_lease_expiry_or_accept_deadline() -> anyhow::Result<()> {
-    let (_dir, store) = open_store().await?;
+pub async fn next_deadline_is_the_earliest_lease_expiry_or_accept_deadline<F: StoreFactory>(
+    factory: &F,
+) -> CaseResult {
+    let (_place, store) = open_store(factory).await?;
     assert_eq!(store.next_deadline().await?, None);
     let due = |id: &str, secs: u64| JobSpec {
         accept_within_secs: Some(secs),
@@ -1165,13 +905,14 @@ async fn next_deadline_is_the_earliest_lease_expiry_or_accept_deadline() -> anyh
     Ok(())
 }
 
-#[tokio::test]
-async fn release_requeues_without_counting_the_attempt() -> anyhow::Result<()> {
-    let (_dir, store) = open_store().await?;
+pub async fn release_requeues_without_counting_the_attempt<F: StoreFactory>(
+    factory: &F,
+) -> CaseResult {
+    let (_place, store) = open_store(factory).await?;
     store
         .insert_build(&new_build(BUILD, vec![job("a")], at(0)))
         .await?;
-    let first = claim(&store, BUILD, "a", "client-1", at(0)).await?;
+    let first = claim(&*store, BUILD, "a", "client-1", at(0)).await?;
     let progress = Progress {
         major: Some("download".to_owned()),
         ..Progress::default()
@@ -1187,13 +928,13 @@ async fn release_requeues_without_counting_the_attempt() -> anyhow::Result<()> {
     assert_eq!(status.client_id, None);
     assert_eq!(status.time_start, None);
     assert_eq!(status.major_state, None);
-    assert_every_lease_call_refused(&store, BUILD, "a", &first.lease, at(6)).await;
+    assert_every_lease_call_refused(&*store, BUILD, "a", &first.lease, at(6)).await;
 
-    let second = claim(&store, BUILD, "a", "client-2", at(10)).await?;
+    let second = claim(&*store, BUILD, "a", "client-2", at(10)).await?;
     assert_eq!(second.attempt, 1);
     assert_ne!(second.lease, first.lease);
 
-    let events = history(&store, BUILD, "a").await?;
+    let events = history(&*store, BUILD, "a").await?;
     assert_eq!(
         steps(&events),
         [
@@ -1206,9 +947,10 @@ async fn release_requeues_without_counting_the_attempt() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test]
-async fn restart_puts_a_finished_or_failed_job_back_as_new() -> anyhow::Result<()> {
-    let (_dir, store) = open_store().await?;
+pub async fn restart_puts_a_finished_or_failed_job_back_as_new<F: StoreFactory>(
+    factory: &F,
+) -> CaseResult {
+    let (_place, store) = open_store(factory).await?;
     store
         .insert_build(&new_build(
             BUILD,
@@ -1217,8 +959,8 @@ async fn restart_puts_a_finished_or_failed_job_back_as_new() -> anyhow::Result<(
         ))
         .await?;
 
-    let finished = claim(&store, BUILD, "finished", "client-1", at(0)).await?;
-    finish_with_image(&store, &finished, at(10)).await?;
+    let finished = claim(&*store, BUILD, "finished", "client-1", at(0)).await?;
+    finish_with_image(&*store, &finished, at(10)).await?;
     assert_eq!(store.list_images(BUILD).await?.len(), 1);
     let event = store.restart(BUILD, "finished", at(100)).await?;
     assert_eq!(
@@ -1238,10 +980,10 @@ async fn restart_puts_a_finished_or_failed_job_back_as_new() -> anyhow::Result<(
         "get_image after restart",
         store.get_image(BUILD, "finished", "finished.wim").await,
     );
-    let again = claim(&store, BUILD, "finished", "client-2", at(110)).await?;
+    let again = claim(&*store, BUILD, "finished", "client-2", at(110)).await?;
     assert_eq!(again.attempt, 1);
 
-    let failed = claim(&store, BUILD, "failed", "client-1", at(0)).await?;
+    let failed = claim(&*store, BUILD, "failed", "client-1", at(0)).await?;
     store
         .fail(
             BUILD,
@@ -1269,9 +1011,10 @@ async fn restart_puts_a_finished_or_failed_job_back_as_new() -> anyhow::Result<(
     Ok(())
 }
 
-#[tokio::test]
-async fn restart_of_an_expired_job_gives_it_a_fresh_accept_deadline() -> anyhow::Result<()> {
-    let (_dir, store) = open_store().await?;
+pub async fn restart_of_an_expired_job_gives_it_a_fresh_accept_deadline<F: StoreFactory>(
+    factory: &F,
+) -> CaseResult {
+    let (_place, store) = open_store(factory).await?;
     let due = JobSpec {
         accept_within_secs: Some(60),
         ..job("a")
@@ -1294,7 +1037,7 @@ async fn restart_of_an_expired_job_gives_it_a_fresh_accept_deadline() -> anyhow:
     assert!(store.expire_unclaimed(at(159)).await?.is_empty());
     assert_eq!(store.expire_unclaimed(at(161)).await?.len(), 1);
 
-    let events = history(&store, BUILD, "a").await?;
+    let events = history(&*store, BUILD, "a").await?;
     assert_eq!(
         steps(&events),
         [
@@ -1307,9 +1050,10 @@ async fn restart_of_an_expired_job_gives_it_a_fresh_accept_deadline() -> anyhow:
     Ok(())
 }
 
-#[tokio::test]
-async fn cancel_ends_a_queued_or_running_job_and_refuses_an_ended_one() -> anyhow::Result<()> {
-    let (_dir, store) = open_store().await?;
+pub async fn cancel_ends_a_queued_or_running_job_and_refuses_an_ended_one<F: StoreFactory>(
+    factory: &F,
+) -> CaseResult {
+    let (_place, store) = open_store(factory).await?;
     store
         .insert_build(&new_build(
             BUILD,
@@ -1337,7 +1081,7 @@ async fn cancel_ends_a_queued_or_running_job_and_refuses_an_ended_one() -> anyho
         .await?
         .is_none());
 
-    claim(&store, BUILD, "running", "client-1", at(1)).await?;
+    claim(&*store, BUILD, "running", "client-1", at(1)).await?;
     let event = store.cancel(BUILD, "running", at(5)).await?;
     assert_eq!(
         steps(std::slice::from_ref(&event)),
@@ -1345,8 +1089,8 @@ async fn cancel_ends_a_queued_or_running_job_and_refuses_an_ended_one() -> anyho
     );
     assert_eq!(store.get_job(BUILD, "running").await?.state, Cancelled);
 
-    let finished = claim(&store, BUILD, "finished", "client-2", at(1)).await?;
-    finish_with_image(&store, &finished, at(2)).await?;
+    let finished = claim(&*store, BUILD, "finished", "client-2", at(1)).await?;
+    finish_with_image(&*store, &finished, at(2)).await?;
     let events_before = store.events(BUILD, 0).await?.len();
     assert_conflict(
         "cancel of a finished job",
@@ -1362,9 +1106,10 @@ async fn cancel_ends_a_queued_or_running_job_and_refuses_an_ended_one() -> anyho
     Ok(())
 }
 
-#[tokio::test]
-async fn extend_all_leases_gives_running_leases_at_least_until() -> anyhow::Result<()> {
-    let (_dir, store) = open_store().await?;
+pub async fn extend_all_leases_gives_running_leases_at_least_until<F: StoreFactory>(
+    factory: &F,
+) -> CaseResult {
+    let (_place, store) = open_store(factory).await?;
     store
         .insert_build(&new_build(
             BUILD,
@@ -1405,11 +1150,11 @@ async fn extend_all_leases_gives_running_leases_at_least_until() -> anyhow::Resu
     Ok(())
 }
 
-#[tokio::test]
-async fn reopened_store_keeps_builds_jobs_events_logs_and_leases() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let path = dir.path().join("kiln.db");
-    let store = SqliteStore::open(&path).await?;
+pub async fn reopened_store_keeps_builds_jobs_events_logs_and_leases<F: StoreFactory>(
+    factory: &F,
+) -> CaseResult {
+    let place = factory.new_place().await?;
+    let store = factory.open(&place).await?;
     let original = new_build(
         BUILD,
         vec![job("running"), job("finished"), job("failed")],
@@ -1417,7 +1162,7 @@ async fn reopened_store_keeps_builds_jobs_events_logs_and_leases() -> anyhow::Re
     );
     store.insert_build(&original).await?;
 
-    let running = claim(&store, BUILD, "running", "client-1", at(1)).await?;
+    let running = claim(&*store, BUILD, "running", "client-1", at(1)).await?;
     store
         .append_log(
             BUILD,
@@ -1435,9 +1180,9 @@ async fn reopened_store_keeps_builds_jobs_events_logs_and_leases() -> anyhow::Re
             at(2),
         )
         .await?;
-    let finished = claim(&store, BUILD, "finished", "client-2", at(1)).await?;
-    finish_with_image(&store, &finished, at(3)).await?;
-    let failed = claim(&store, BUILD, "failed", "client-3", at(1)).await?;
+    let finished = claim(&*store, BUILD, "finished", "client-2", at(1)).await?;
+    finish_with_image(&*store, &finished, at(3)).await?;
+    let failed = claim(&*store, BUILD, "failed", "client-3", at(1)).await?;
     store
         .fail(
             BUILD,
@@ -1455,7 +1200,7 @@ async fn reopened_store_keeps_builds_jobs_events_logs_and_leases() -> anyhow::Re
     let images_before = format!("{:?}", store.list_images(BUILD).await?);
     drop(store);
 
-    let store = SqliteStore::open(&path).await?;
+    let store = factory.open(&place).await?;
     assert_eq!(format!("{:?}", store.list_builds().await?), builds_before);
     assert_eq!(store.list_jobs(BUILD).await?, jobs_before);
     assert_eq!(
@@ -1488,14 +1233,15 @@ async fn reopened_store_keeps_builds_jobs_events_logs_and_leases() -> anyhow::Re
     Ok(())
 }
 
-#[tokio::test]
-async fn read_log_returns_lines_after_a_seq_in_order_with_their_attempt() -> anyhow::Result<()> {
-    let (_dir, store) = open_store().await?;
+pub async fn read_log_returns_lines_after_a_seq_in_order_with_their_attempt<F: StoreFactory>(
+    factory: &F,
+) -> CaseResult {
+    let (_place, store) = open_store(factory).await?;
     store
         .insert_build(&new_build(BUILD, vec![job("a"), job("b")], at(0)))
         .await?;
-    let a = claim(&store, BUILD, "a", "client-1", at(0)).await?;
-    let b = claim(&store, BUILD, "b", "client-2", at(0)).await?;
+    let a = claim(&*store, BUILD, "a", "client-1", at(0)).await?;
+    let b = claim(&*store, BUILD, "b", "client-2", at(0)).await?;
     store
         .append_log(
             BUILD,
@@ -1560,7 +1306,7 @@ async fn read_log_returns_lines_after_a_seq_in_order_with_their_attempt() -> any
     assert_eq!(texts, ["b only"]);
 
     assert_eq!(store.reap_leases(at(31), 600).await?.len(), 2);
-    let again = claim(&store, BUILD, "a", "client-3", at(40)).await?;
+    let again = claim(&*store, BUILD, "a", "client-3", at(40)).await?;
     store
         .append_log(
             BUILD,
@@ -1580,9 +1326,10 @@ async fn read_log_returns_lines_after_a_seq_in_order_with_their_attempt() -> any
     Ok(())
 }
 
-#[tokio::test]
-async fn mean_run_secs_averages_finished_jobs_of_a_config_type() -> anyhow::Result<()> {
-    let (_dir, store) = open_store().await?;
+pub async fn mean_run_secs_averages_finished_jobs_of_a_config_type<F: StoreFactory>(
+    factory: &F,
+) -> CaseResult {
+    let (_place, store) = open_store(factory).await?;
     let other = JobSpec {
         config_type: "win2k-server".to_owned(),
         ..job("other")
@@ -1602,14 +1349,14 @@ async fn mean_run_secs_averages_finished_jobs_of_a_config_type() -> anyhow::Resu
         .await?;
     assert_eq!(store.mean_run_secs("winxp-pro").await?, None);
 
-    let fast = claim(&store, BUILD, "fast", "client-1", at(0)).await?;
-    finish_with_image(&store, &fast, at(100)).await?;
-    let slow = claim(&store, BUILD, "slow", "client-2", at(10)).await?;
+    let fast = claim(&*store, BUILD, "fast", "client-1", at(0)).await?;
+    finish_with_image(&*store, &fast, at(100)).await?;
+    let slow = claim(&*store, BUILD, "slow", "client-2", at(10)).await?;
     store
         .heartbeat(BUILD, "slow", &slow.lease, at(400), None)
         .await?;
-    finish_with_image(&store, &slow, at(310)).await?;
-    let failed = claim(&store, BUILD, "failed", "client-3", at(0)).await?;
+    finish_with_image(&*store, &slow, at(310)).await?;
+    let failed = claim(&*store, BUILD, "failed", "client-3", at(0)).await?;
     store
         .fail(
             BUILD,
@@ -1619,9 +1366,9 @@ async fn mean_run_secs_averages_finished_jobs_of_a_config_type() -> anyhow::Resu
             at(1000),
         )
         .await?;
-    claim(&store, BUILD, "running", "client-4", at(0)).await?;
-    let other = claim(&store, BUILD, "other", "client-5", at(0)).await?;
-    finish_with_image(&store, &other, at(50)).await?;
+    claim(&*store, BUILD, "running", "client-4", at(0)).await?;
+    let other = claim(&*store, BUILD, "other", "client-5", at(0)).await?;
+    finish_with_image(&*store, &other, at(50)).await?;
 
     let mean = store
         .mean_run_secs("winxp-pro")
@@ -1640,9 +1387,10 @@ async fn mean_run_secs_averages_finished_jobs_of_a_config_type() -> anyhow::Resu
     Ok(())
 }
 
-#[tokio::test]
-async fn script_retries_do_not_use_up_the_lost_lease_allowance() -> anyhow::Result<()> {
-    let (_dir, store) = open_store().await?;
+pub async fn script_retries_do_not_use_up_the_lost_lease_allowance<F: StoreFactory>(
+    factory: &F,
+) -> CaseResult {
+    let (_place, store) = open_store(factory).await?;
     let mut spec = job("j1");
     spec.max_attempts = Some(2);
     spec.retries = Some(1);
@@ -1650,7 +1398,7 @@ async fn script_retries_do_not_use_up_the_lost_lease_allowance() -> anyhow::Resu
         .insert_build(&new_build(BUILD, vec![spec], at(0)))
         .await?;
     // A script failure, retried at the manifest's request.
-    let first = claim(&store, BUILD, "j1", "c1", at(1)).await?;
+    let first = claim(&*store, BUILD, "j1", "c1", at(1)).await?;
     store
         .fail(
             BUILD,
@@ -1661,12 +1409,12 @@ async fn script_retries_do_not_use_up_the_lost_lease_allowance() -> anyhow::Resu
         )
         .await?;
     // One lost lease: with MAXATTEMPTS 2 the job goes back to the queue once more.
-    claim(&store, BUILD, "j1", "c1", at(3)).await?;
+    claim(&*store, BUILD, "j1", "c1", at(3)).await?;
     let reaped = store.reap_leases(at(3 + LEASE_SECS + 1), 60).await?;
     assert_eq!(reaped.len(), 1);
     assert_eq!(reaped[0].event.to, Queued, "{:?}", reaped[0].event);
     // A second lost lease reaches the limit.
-    claim(&store, BUILD, "j1", "c1", at(100)).await?;
+    claim(&*store, BUILD, "j1", "c1", at(100)).await?;
     let reaped = store.reap_leases(at(100 + LEASE_SECS + 1), 60).await?;
     assert_eq!(reaped[0].event.to, Failed);
     assert!(
@@ -1677,13 +1425,12 @@ async fn script_retries_do_not_use_up_the_lost_lease_allowance() -> anyhow::Resu
     Ok(())
 }
 
-#[tokio::test]
-async fn finish_without_an_image_is_refused() -> anyhow::Result<()> {
-    let (_dir, store) = open_store().await?;
+pub async fn finish_without_an_image_is_refused<F: StoreFactory>(factory: &F) -> CaseResult {
+    let (_place, store) = open_store(factory).await?;
     store
         .insert_build(&new_build(BUILD, vec![job("j1")], at(0)))
         .await?;
-    let claimed = claim(&store, BUILD, "j1", "c1", at(1)).await?;
+    let claimed = claim(&*store, BUILD, "j1", "c1", at(1)).await?;
     assert_conflict(
         "finish",
         store.finish(BUILD, "j1", &claimed.lease, &[], at(2)).await,
@@ -1692,13 +1439,12 @@ async fn finish_without_an_image_is_refused() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test]
-async fn a_requeued_job_shows_no_start_time() -> anyhow::Result<()> {
-    let (_dir, store) = open_store().await?;
+pub async fn a_requeued_job_shows_no_start_time<F: StoreFactory>(factory: &F) -> CaseResult {
+    let (_place, store) = open_store(factory).await?;
     store
         .insert_build(&new_build(BUILD, vec![job("j1")], at(0)))
         .await?;
-    claim(&store, BUILD, "j1", "c1", at(1)).await?;
+    claim(&*store, BUILD, "j1", "c1", at(1)).await?;
     store.reap_leases(at(1 + LEASE_SECS + 1), 60).await?;
     let status = store.get_job(BUILD, "j1").await?;
     assert_eq!(
@@ -1708,14 +1454,15 @@ async fn a_requeued_job_shows_no_start_time() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test]
-async fn deleting_a_build_removes_everything_of_it_and_nothing_else() -> anyhow::Result<()> {
-    let (_dir, store) = open_store().await?;
+pub async fn deleting_a_build_removes_everything_of_it_and_nothing_else<F: StoreFactory>(
+    factory: &F,
+) -> CaseResult {
+    let (_place, store) = open_store(factory).await?;
     for number in ["100", "200"] {
         store
             .insert_build(&new_build(number, vec![job("j1"), job("j2")], at(0)))
             .await?;
-        let claimed = claim(&store, number, "j1", "c1", at(1)).await?;
+        let claimed = claim(&*store, number, "j1", "c1", at(1)).await?;
         store
             .add_image(number, "j1", &claimed.lease, &image("disk.raw", at(2)))
             .await?;
@@ -1730,7 +1477,7 @@ async fn deleting_a_build_removes_everything_of_it_and_nothing_else() -> anyhow:
             .await?;
     }
     // A running job blocks the deletion, and the refusal names it.
-    claim(&store, "100", "j2", "c1", at(4)).await?;
+    claim(&*store, "100", "j2", "c1", at(4)).await?;
     let refused = store.delete_build("100").await.unwrap_err().to_string();
     assert!(refused.contains("j2"), "{refused}");
     let claimed = store.get_job("100", "j2").await?;
@@ -1750,41 +1497,37 @@ async fn deleting_a_build_removes_everything_of_it_and_nothing_else() -> anyhow:
     Ok(())
 }
 
-#[tokio::test]
-async fn counters_add_up_and_survive_reopening() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let path = dir.path().join("kiln.db");
+pub async fn counters_add_up_and_survive_reopening<F: StoreFactory>(factory: &F) -> CaseResult {
+    let place = factory.new_place().await?;
     {
-        let store = SqliteStore::open(&path).await?;
+        let store = factory.open(&place).await?;
         store
             .add_counters(&[("bytes_received", 10), ("chunks", 1)])
             .await?;
         store.add_counters(&[("bytes_received", 5)]).await?;
         store.set_counters(&[("chunks", 7)]).await?;
     }
-    let store = SqliteStore::open(&path).await?;
+    let store = factory.open(&place).await?;
     let counters = store.counters().await?;
     assert_eq!(counters.get("bytes_received"), Some(&15));
     assert_eq!(counters.get("chunks"), Some(&7));
     Ok(())
 }
 
-#[tokio::test]
-async fn load_counts_give_builds_and_queued_and_running_jobs() -> anyhow::Result<()> {
-    let (_dir, store) = open_store().await?;
-    assert_eq!(
-        store.load_counts().await?,
-        kiln_store::LoadCounts::default()
-    );
+pub async fn load_counts_give_builds_and_queued_and_running_jobs<F: StoreFactory>(
+    factory: &F,
+) -> CaseResult {
+    let (_place, store) = open_store(factory).await?;
+    assert_eq!(store.load_counts().await?, crate::LoadCounts::default());
     store
         .insert_build(&new_build(BUILD, vec![job("a"), job("b"), job("c")], at(0)))
         .await?;
     store
         .insert_build(&new_build("20021017.1", vec![job("x")], at(10)))
         .await?;
-    let a = claim(&store, BUILD, "a", "client-1", at(20)).await?;
-    claim(&store, BUILD, "b", "client-2", at(20)).await?;
-    finish_with_image(&store, &a, at(30)).await?;
+    let a = claim(&*store, BUILD, "a", "client-1", at(20)).await?;
+    claim(&*store, BUILD, "b", "client-2", at(20)).await?;
+    finish_with_image(&*store, &a, at(30)).await?;
     let counts = store.load_counts().await?;
     assert_eq!(
         (counts.builds, counts.queued, counts.running),
@@ -1794,33 +1537,12 @@ async fn load_counts_give_builds_and_queued_and_running_jobs() -> anyhow::Result
     Ok(())
 }
 
-/// The client's record in [`JobStore::clients`]; an error if there is none.
-async fn client_record(
-    store: &SqliteStore,
-    id: &str,
-) -> anyhow::Result<kiln_proto::api::ClientInfo> {
-    store
-        .clients()
-        .await?
-        .into_iter()
-        .find(|client| client.id == id)
-        .with_context(|| format!("the store lists no client {id}"))
-}
-
-/// The ends a client's record counts: (claimed, finished, failed, lost).
-fn tally(client: &kiln_proto::api::ClientInfo) -> (u64, u64, u64, u64) {
-    (
-        client.n_claimed,
-        client.n_finished,
-        client.n_failed,
-        client.n_lost,
-    )
-}
-
-#[tokio::test]
-async fn claim_records_the_client_as_its_latest_claim_describes_it_with_the_jobs_it_holds(
-) -> anyhow::Result<()> {
-    let (_dir, store) = open_store().await?;
+pub async fn claim_records_the_client_as_its_latest_claim_describes_it_with_the_jobs_it_holds<
+    F: StoreFactory,
+>(
+    factory: &F,
+) -> CaseResult {
+    let (_place, store) = open_store(factory).await?;
     store
         .insert_build(&new_build(BUILD, vec![job("a"), job("b")], at(0)))
         .await?;
@@ -1850,7 +1572,7 @@ async fn claim_records_the_client_as_its_latest_claim_describes_it_with_the_jobs
         )
         .await?;
 
-    let record = client_record(&store, "imager-1").await?;
+    let record = client_record(&*store, "imager-1").await?;
     assert_eq!(record.include, ["winxp-pro", "winxp-home"]);
     assert_eq!(record.slots, Some(2));
     assert_eq!(record.version.as_deref(), Some("0.1.0"));
@@ -1880,7 +1602,7 @@ async fn claim_records_the_client_as_its_latest_claim_describes_it_with_the_jobs
         .claim(BUILD, "b", &restarted_older, at(60), at(20))
         .await?
         .context("b is claimable")?;
-    let record = client_record(&store, "imager-1").await?;
+    let record = client_record(&*store, "imager-1").await?;
     assert_eq!(record.include, ["*"]);
     assert_eq!((record.slots, record.version.as_deref()), (None, None));
     assert_eq!(record.address.as_deref(), Some("10.0.0.7"));
@@ -1892,21 +1614,23 @@ async fn claim_records_the_client_as_its_latest_claim_describes_it_with_the_jobs
     Ok(())
 }
 
-#[tokio::test]
-async fn finish_counts_a_finished_job_and_the_size_of_the_images_it_keeps_for_its_client(
-) -> anyhow::Result<()> {
-    let (_dir, store) = open_store().await?;
+pub async fn finish_counts_a_finished_job_and_the_size_of_the_images_it_keeps_for_its_client<
+    F: StoreFactory,
+>(
+    factory: &F,
+) -> CaseResult {
+    let (_place, store) = open_store(factory).await?;
     store
         .insert_build(&new_build(BUILD, vec![job("a")], at(0)))
         .await?;
     // An image of a lost first run is dropped at the finish: it is not counted.
-    let lost_run = claim(&store, BUILD, "a", "client-1", at(0)).await?;
+    let lost_run = claim(&*store, BUILD, "a", "client-1", at(0)).await?;
     store
         .add_image(BUILD, "a", &lost_run.lease, &image("old.wim", at(1)))
         .await?;
     store.reap_leases(at(31), 600).await?;
 
-    let run = claim(&store, BUILD, "a", "client-2", at(40)).await?;
+    let run = claim(&*store, BUILD, "a", "client-2", at(40)).await?;
     for (name, size) in [
         ("disk.wim", 3000),
         ("recovery.wim", 500),
@@ -1922,21 +1646,23 @@ async fn finish_counts_a_finished_job_and_the_size_of_the_images_it_keeps_for_it
     let named = ["disk.wim".to_owned(), "recovery.wim".to_owned()];
     store.finish(BUILD, "a", &run.lease, &named, at(45)).await?;
 
-    let finisher = client_record(&store, "client-2").await?;
+    let finisher = client_record(&*store, "client-2").await?;
     assert_eq!(tally(&finisher), (1, 1, 0, 0));
     assert_eq!(finisher.image_bytes, 3500);
     assert_eq!(finisher.last_contact, at(45), "the finish is a contact");
     assert!(finisher.held.is_empty());
-    let loser = client_record(&store, "client-1").await?;
+    let loser = client_record(&*store, "client-1").await?;
     assert_eq!(tally(&loser), (1, 0, 0, 1));
     assert_eq!(loser.image_bytes, 0);
     Ok(())
 }
 
-#[tokio::test]
-async fn fail_counts_a_failed_job_for_its_client_whether_it_is_retried_or_not() -> anyhow::Result<()>
-{
-    let (_dir, store) = open_store().await?;
+pub async fn fail_counts_a_failed_job_for_its_client_whether_it_is_retried_or_not<
+    F: StoreFactory,
+>(
+    factory: &F,
+) -> CaseResult {
+    let (_place, store) = open_store(factory).await?;
     let one_retry = JobSpec {
         retries: Some(1),
         ..job("a")
@@ -1944,7 +1670,7 @@ async fn fail_counts_a_failed_job_for_its_client_whether_it_is_retried_or_not() 
     store
         .insert_build(&new_build(BUILD, vec![one_retry], at(0)))
         .await?;
-    let first = claim(&store, BUILD, "a", "client-1", at(0)).await?;
+    let first = claim(&*store, BUILD, "a", "client-1", at(0)).await?;
     let event = store
         .fail(
             BUILD,
@@ -1955,7 +1681,7 @@ async fn fail_counts_a_failed_job_for_its_client_whether_it_is_retried_or_not() 
         )
         .await?;
     assert_eq!(event.to, Queued, "retried");
-    let second = claim(&store, BUILD, "a", "client-2", at(10)).await?;
+    let second = claim(&*store, BUILD, "a", "client-2", at(10)).await?;
     let event = store
         .fail(
             BUILD,
@@ -1967,20 +1693,22 @@ async fn fail_counts_a_failed_job_for_its_client_whether_it_is_retried_or_not() 
         .await?;
     assert_eq!(event.to, Failed, "no retry left");
 
-    let first_client = client_record(&store, "client-1").await?;
+    let first_client = client_record(&*store, "client-1").await?;
     assert_eq!(tally(&first_client), (1, 0, 1, 0));
     assert_eq!(first_client.last_contact, at(5), "the report is a contact");
     assert_eq!(
-        tally(&client_record(&store, "client-2").await?),
+        tally(&client_record(&*store, "client-2").await?),
         (1, 0, 1, 0)
     );
     Ok(())
 }
 
-#[tokio::test]
-async fn lapsed_leases_dropped_sessions_give_ups_and_hung_jobs_count_as_lost_for_their_client(
-) -> anyhow::Result<()> {
-    let (_dir, store) = open_store().await?;
+pub async fn lapsed_leases_dropped_sessions_give_ups_and_hung_jobs_count_as_lost_for_their_client<
+    F: StoreFactory,
+>(
+    factory: &F,
+) -> CaseResult {
+    let (_place, store) = open_store(factory).await?;
     let short = JobSpec {
         timeout_secs: 10,
         ..job("hung")
@@ -1992,27 +1720,27 @@ async fn lapsed_leases_dropped_sessions_give_ups_and_hung_jobs_count_as_lost_for
             at(0),
         ))
         .await?;
-    claim(&store, BUILD, "lapsed", "client-1", at(0)).await?;
+    claim(&*store, BUILD, "lapsed", "client-1", at(0)).await?;
     let reaped = store.reap_leases(at(31), 600).await?;
     assert_eq!(reaped.len(), 1);
     assert_eq!(
-        tally(&client_record(&store, "client-1").await?),
+        tally(&client_record(&*store, "client-1").await?),
         (1, 0, 0, 1),
         "a lapsed lease is a lost job"
     );
 
-    claim(&store, BUILD, "dropped", "client-2", at(40)).await?;
+    claim(&*store, BUILD, "dropped", "client-2", at(40)).await?;
     let taken = store
         .take_back_from_client("client-2", "client connection lost", at(41))
         .await?;
     assert_eq!(taken.len(), 1);
     assert_eq!(
-        tally(&client_record(&store, "client-2").await?),
+        tally(&client_record(&*store, "client-2").await?),
         (1, 0, 0, 1),
         "a job taken back when the session dropped is a lost job"
     );
 
-    let given = claim(&store, BUILD, "given-up", "client-3", at(50)).await?;
+    let given = claim(&*store, BUILD, "given-up", "client-3", at(50)).await?;
     store
         .give_up(
             BUILD,
@@ -2023,12 +1751,12 @@ async fn lapsed_leases_dropped_sessions_give_ups_and_hung_jobs_count_as_lost_for
         )
         .await?;
     assert_eq!(
-        tally(&client_record(&store, "client-3").await?),
+        tally(&client_record(&*store, "client-3").await?),
         (1, 0, 0, 1),
         "a job its client gave back after a restart is a lost job"
     );
 
-    let hung = claim(&store, BUILD, "hung", "client-4", at(60)).await?;
+    let hung = claim(&*store, BUILD, "hung", "client-4", at(60)).await?;
     store
         .heartbeat(BUILD, "hung", &hung.lease, at(60 + 600), None)
         .await?;
@@ -2036,47 +1764,51 @@ async fn lapsed_leases_dropped_sessions_give_ups_and_hung_jobs_count_as_lost_for
     assert_eq!(reaped.len(), 1);
     assert_eq!(reaped[0].event.to, Failed);
     assert_eq!(
-        tally(&client_record(&store, "client-4").await?),
+        tally(&client_record(&*store, "client-4").await?),
         (1, 0, 0, 1),
         "a job taken from a client that held it past its timeout is a lost job"
     );
     Ok(())
 }
 
-#[tokio::test]
-async fn a_job_released_unstarted_counts_neither_as_claimed_nor_as_lost() -> anyhow::Result<()> {
-    let (_dir, store) = open_store().await?;
+pub async fn a_job_released_unstarted_counts_neither_as_claimed_nor_as_lost<F: StoreFactory>(
+    factory: &F,
+) -> CaseResult {
+    let (_place, store) = open_store(factory).await?;
     store
         .insert_build(&new_build(BUILD, vec![job("a")], at(0)))
         .await?;
-    let unstarted = claim(&store, BUILD, "a", "client-1", at(0)).await?;
+    let unstarted = claim(&*store, BUILD, "a", "client-1", at(0)).await?;
     store.release(BUILD, "a", &unstarted.lease, at(1)).await?;
-    let record = client_record(&store, "client-1").await?;
+    let record = client_record(&*store, "client-1").await?;
     assert_eq!(tally(&record), (0, 0, 0, 0));
     assert!(record.held.is_empty());
     Ok(())
 }
 
-#[tokio::test]
-async fn an_operator_cancelling_or_restarting_a_running_job_counts_no_end_for_its_client(
-) -> anyhow::Result<()> {
-    let (_dir, store) = open_store().await?;
+pub async fn an_operator_cancelling_or_restarting_a_running_job_counts_no_end_for_its_client<
+    F: StoreFactory,
+>(
+    factory: &F,
+) -> CaseResult {
+    let (_place, store) = open_store(factory).await?;
     store
         .insert_build(&new_build(BUILD, vec![job("a"), job("b")], at(0)))
         .await?;
-    claim(&store, BUILD, "a", "client-1", at(0)).await?;
-    claim(&store, BUILD, "b", "client-1", at(0)).await?;
+    claim(&*store, BUILD, "a", "client-1", at(0)).await?;
+    claim(&*store, BUILD, "b", "client-1", at(0)).await?;
     store.cancel(BUILD, "a", at(1)).await?;
     store.restart(BUILD, "b", at(2)).await?;
-    let record = client_record(&store, "client-1").await?;
+    let record = client_record(&*store, "client-1").await?;
     assert_eq!(tally(&record), (2, 0, 0, 0));
     assert!(record.held.is_empty());
     Ok(())
 }
 
-#[tokio::test]
-async fn touch_client_moves_last_contact_forward_for_a_known_client_only() -> anyhow::Result<()> {
-    let (_dir, store) = open_store().await?;
+pub async fn touch_client_moves_last_contact_forward_for_a_known_client_only<F: StoreFactory>(
+    factory: &F,
+) -> CaseResult {
+    let (_place, store) = open_store(factory).await?;
     store
         .insert_build(&new_build(BUILD, vec![job("a")], at(0)))
         .await?;
@@ -2087,39 +1819,37 @@ async fn touch_client_moves_last_contact_forward_for_a_known_client_only() -> an
     );
     assert!(store.clients().await?.is_empty(), "a touch records no one");
 
-    claim(&store, BUILD, "a", "client-1", at(10)).await?;
+    claim(&*store, BUILD, "a", "client-1", at(10)).await?;
     assert!(
         store
             .touch_client("client-1", Some("10.0.0.8"), at(20))
             .await?
     );
-    let record = client_record(&store, "client-1").await?;
+    let record = client_record(&*store, "client-1").await?;
     assert_eq!(record.last_contact, at(20));
     assert_eq!(record.address.as_deref(), Some("10.0.0.8"));
     // A late write of an older contact does not move it back; no address keeps it.
     assert!(store.touch_client("client-1", None, at(15)).await?);
-    let record = client_record(&store, "client-1").await?;
+    let record = client_record(&*store, "client-1").await?;
     assert_eq!(record.last_contact, at(20));
     assert_eq!(record.address.as_deref(), Some("10.0.0.8"));
     assert_eq!(record.first_seen, at(10));
     Ok(())
 }
 
-#[tokio::test]
-async fn client_history_survives_reopening() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let path = dir.path().join("kiln.db");
-    let store = SqliteStore::open(&path).await?;
+pub async fn client_history_survives_reopening<F: StoreFactory>(factory: &F) -> CaseResult {
+    let place = factory.new_place().await?;
+    let store = factory.open(&place).await?;
     store
         .insert_build(&new_build(BUILD, vec![job("a"), job("b")], at(0)))
         .await?;
-    let finished = claim(&store, BUILD, "a", "client-1", at(0)).await?;
-    finish_with_image(&store, &finished, at(5)).await?;
-    claim(&store, BUILD, "b", "client-1", at(6)).await?;
+    let finished = claim(&*store, BUILD, "a", "client-1", at(0)).await?;
+    finish_with_image(&*store, &finished, at(5)).await?;
+    claim(&*store, BUILD, "b", "client-1", at(6)).await?;
     let before = store.clients().await?;
     drop(store);
 
-    let reopened = SqliteStore::open(&path).await?;
+    let reopened = factory.open(&place).await?;
     let after = reopened.clients().await?;
     assert_eq!(after, before);
     assert_eq!(tally(&after[0]), (2, 1, 0, 0));
@@ -2128,77 +1858,18 @@ async fn client_history_survives_reopening() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test]
-async fn upgrading_a_database_gives_the_holders_of_running_jobs_a_record_that_counts_their_end(
-) -> anyhow::Result<()> {
-    use sqlx::sqlite::{SqliteConnectOptions, SqlitePool};
-    let dir = tempfile::tempdir()?;
-    let path = dir.path().join("kiln.db");
-    // A database as it was before clients were recorded, with one job running.
-    let old_migrations = dir.path().join("old-migrations");
-    std::fs::create_dir(&old_migrations)?;
-    let migrations = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
-    for name in ["0001_init.sql", "0002_chunks.sql"] {
-        std::fs::copy(migrations.join(name), old_migrations.join(name))?;
-    }
-    let pool = SqlitePool::connect_with(
-        SqliteConnectOptions::new()
-            .filename(&path)
-            .create_if_missing(true),
-    )
-    .await?;
-    sqlx::migrate::Migrator::new(old_migrations.as_path())
-        .await?
-        .run(&pool)
-        .await?;
-    sqlx::query(
-        "INSERT INTO builds (number, title, manifest, files_key, files_size, submitted_at) \
-         VALUES ('7', 'old', '{}', 'k', 0, 1)",
-    )
-    .execute(&pool)
-    .await?;
-    sqlx::query(
-        "INSERT INTO jobs (build, id, title, config_type, install_script, image_script, \
-         timeout_secs, priority, max_attempts, retries, state, client_id, lease_token, \
-         lease_expires_at, attempt, time_start) \
-         VALUES ('7', 'a', 'a', 'PRO', 'i.sh', 'm.sh', 60, 0, 3, 0, 'running', 'old-client', \
-         'lease-a', ?, 1, ?)",
-    )
-    .bind(at(600))
-    .bind(at(3))
-    .execute(&pool)
-    .await?;
-    pool.close().await;
-
-    let store = SqliteStore::open(&path).await?;
-    let record = client_record(&store, "old-client").await?;
-    assert_eq!(tally(&record), (1, 0, 0, 0));
-    assert_eq!((record.first_seen, record.last_contact), (at(3), at(3)));
-    assert!(record.include.is_empty(), "not known until its next claim");
-    assert_eq!(record.held.len(), 1);
-    store
-        .add_image("7", "a", "lease-a", &image("disk.wim", at(4)))
-        .await?;
-    store
-        .finish("7", "a", "lease-a", &["disk.wim".to_owned()], at(5))
-        .await?;
-    let record = client_record(&store, "old-client").await?;
-    assert_eq!(tally(&record), (1, 1, 0, 0));
-    assert_eq!(record.image_bytes, 1 << 20);
-    Ok(())
-}
-
-#[tokio::test]
-async fn log_volume_stops_at_its_limit_with_a_notice_and_the_count_survives_reopening(
-) -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let path = dir.path().join("kiln.db");
+pub async fn log_volume_stops_at_its_limit_with_a_notice_and_the_count_survives_reopening<
+    F: StoreFactory,
+>(
+    factory: &F,
+) -> CaseResult {
+    let place = factory.new_place().await?;
     let lease = {
-        let store = SqliteStore::open(&path).await?;
+        let store = factory.open(&place).await?;
         store
             .insert_build(&new_build(BUILD, vec![job("a")], at(0)))
             .await?;
-        let a = claim(&store, BUILD, "a", "client-1", at(1)).await?;
+        let a = claim(&*store, BUILD, "a", "client-1", at(1)).await?;
         // 10 + 10 bytes fit in 25; the third line would pass the limit.
         let lines = [
             log_line("stdout", "0123456789"),
@@ -2211,7 +1882,7 @@ async fn log_volume_stops_at_its_limit_with_a_notice_and_the_count_survives_reop
         a.lease
     };
     // The 20 bytes stored count after a reopen: 5 more fit, 6 do not.
-    let store = SqliteStore::open(&path).await?;
+    let store = factory.open(&place).await?;
     let lines = [log_line("stdout", "12345"), log_line("stderr", "123456")];
     let second = store
         .append_log_within(BUILD, "a", &lease, &lines, None, at(3), 25, "cut")
@@ -2253,5 +1924,416 @@ async fn log_volume_stops_at_its_limit_with_a_notice_and_the_count_survives_reop
     .map(|(stream, text)| (stream.to_owned(), text.to_owned()));
     assert_eq!(texts, expected);
     assert_eq!(store.get_job(BUILD, "a").await?.percent, Some(50));
+    Ok(())
+}
+
+pub async fn a_job_whose_steps_are_done_is_taken_back_only_when_its_lease_lapses<
+    F: StoreFactory,
+>(
+    factory: &F,
+) -> CaseResult {
+    const HUNG_GRACE_SECS: u64 = 5;
+    let (_place, store) = open_store(factory).await?;
+    let short = JobSpec {
+        timeout_secs: 10,
+        ..job("a")
+    };
+    store
+        .insert_build(&new_build(BUILD, vec![short], at(0)))
+        .await?;
+    let uploading = claim(&*store, BUILD, "a", "client-1", at(0)).await?;
+    assert_stale(
+        "mark_steps_done with another lease",
+        store.mark_steps_done(BUILD, "a", "not-the-lease").await,
+    );
+    store
+        .heartbeat(BUILD, "a", &uploading.lease, at(100), None)
+        .await?;
+    store.mark_steps_done(BUILD, "a", &uploading.lease).await?;
+    // Timeout and grace end at 15 s, but the steps are over: the images upload.
+    assert!(store.reap_leases(at(50), HUNG_GRACE_SECS).await?.is_empty());
+    assert_eq!(store.get_job(BUILD, "a").await?.state, Running);
+    let reaped = store.reap_leases(at(101), HUNG_GRACE_SECS).await?;
+    assert_eq!(reaped.len(), 1);
+    assert_eq!(
+        steps(std::slice::from_ref(&reaped[0].event)),
+        [step(at(101), Some(Running), Queued, Some("client-1"), 1)]
+    );
+    assert_eq!(reason(&reaped[0].event), "lease lapsed");
+
+    // The next claim starts its steps again: held past timeout and grace, it is hung.
+    let again = claim(&*store, BUILD, "a", "client-2", at(110)).await?;
+    store
+        .heartbeat(BUILD, "a", &again.lease, at(1000), None)
+        .await?;
+    assert!(store
+        .reap_leases(at(125), HUNG_GRACE_SECS)
+        .await?
+        .is_empty());
+    let reaped = store.reap_leases(at(126), HUNG_GRACE_SECS).await?;
+    assert_eq!(reaped.len(), 1);
+    assert_eq!(reaped[0].event.to, Failed);
+    assert!(reason(&reaped[0].event).starts_with("timeout"));
+    Ok(())
+}
+
+pub async fn a_files_key_is_in_use_while_a_build_holds_it<F: StoreFactory>(
+    factory: &F,
+) -> CaseResult {
+    let (_place, store) = open_store(factory).await?;
+    for number in ["100", "200"] {
+        let mut build = new_build(number, vec![job("j1")], at(0));
+        build.files_key = "files/shared.tar".to_owned();
+        store.insert_build(&build).await?;
+    }
+    assert!(store.files_key_in_use("files/shared.tar").await?);
+    assert!(!store.files_key_in_use("files/none.tar").await?);
+
+    let first = store.delete_build("100").await?;
+    assert_eq!(first.files_key, "files/shared.tar");
+    assert!(first.files_key_shared, "build 200 holds the same files");
+    assert!(store.files_key_in_use("files/shared.tar").await?);
+    let last = store.delete_build("200").await?;
+    assert!(!last.files_key_shared);
+    assert!(!store.files_key_in_use("files/shared.tar").await?);
+    Ok(())
+}
+
+/// The notices waiting in the outbox (all of them are due by the end of time), as
+/// (URL, notice), oldest first.
+async fn queued_notices(store: &dyn Store) -> anyhow::Result<Vec<(String, Notice)>> {
+    store
+        .due_notifications(i64::MAX, 1000)
+        .await?
+        .into_iter()
+        .map(|notification| {
+            let notice: Notice = serde_json::from_str(&notification.body)
+                .with_context(|| format!("notice body {}", notification.body))?;
+            assert_eq!(notification.build, notice.build);
+            assert_eq!(notification.attempts, 0);
+            Ok((notification.url, notice))
+        })
+        .collect()
+}
+
+/// A queued notice as a case checks it: (URL, event, job, reason, event sequence number).
+type NoticeSeen<'a> = (&'a str, &'a str, Option<&'a str>, Option<&'a str>, i64);
+
+pub async fn job_ends_queue_a_notice_per_url_and_the_build_end_once_per_time_it_ends<
+    F: StoreFactory,
+>(
+    factory: &F,
+) -> CaseResult {
+    let (_place, store) = open_store(factory).await?;
+    let urls = ["http://127.0.0.1:9/a", "http://127.0.0.1:9/b"];
+    let mut build = new_build(BUILD, vec![job("a"), job("b")], at(0));
+    build.manifest.notify = urls.iter().map(|url| url.to_string()).collect();
+    store.insert_build(&build).await?;
+    assert!(
+        queued_notices(&*store).await?.is_empty(),
+        "a submission is no end"
+    );
+
+    let a = claim(&*store, BUILD, "a", "client-1", at(1)).await?;
+    let finished_a = finish_with_image(&*store, &a, at(10)).await?;
+    let b = claim(&*store, BUILD, "b", "client-2", at(1)).await?;
+    let failed_b = store
+        .fail(BUILD, "b", &b.lease, &failure("exit", "status 1"), at(20))
+        .await?;
+    store.restart(BUILD, "b", at(30)).await?;
+    let b = claim(&*store, BUILD, "b", "client-3", at(31)).await?;
+    let finished_b = finish_with_image(&*store, &b, at(40)).await?;
+
+    let notices = queued_notices(&*store).await?;
+    let seen: Vec<NoticeSeen> = notices
+        .iter()
+        .map(|(url, notice)| {
+            (
+                url.as_str(),
+                notice.event.as_str(),
+                notice.job.as_deref(),
+                notice.reason.as_deref(),
+                notice.seq,
+            )
+        })
+        .collect();
+    let stored = "images stored and verified";
+    let (url_a, url_b) = (urls[0], urls[1]);
+    let mut expected = Vec::new();
+    for url in urls {
+        expected.push((url, "job_finished", Some("a"), Some(stored), finished_a.seq));
+    }
+    for url in urls {
+        expected.push((url, "job_failed", Some("b"), Some("exit"), failed_b.seq));
+    }
+    for url in urls {
+        let reason = Some("1 of 2 jobs finished");
+        expected.push((url, "build_finished", None, reason, failed_b.seq));
+    }
+    for url in urls {
+        expected.push((url, "job_finished", Some("b"), Some(stored), finished_b.seq));
+    }
+    // The restart reopened the build: its second end is announced again.
+    for url in [url_a, url_b] {
+        let reason = Some("2 of 2 jobs finished");
+        expected.push((url, "build_finished", None, reason, finished_b.seq));
+    }
+    assert_eq!(seen, expected);
+    let (_, first) = &notices[0];
+    assert_eq!(first.build, BUILD);
+    assert_eq!(first.client_id.as_deref(), Some("client-1"));
+    assert_eq!(first.time, kiln_proto::format_rfc3339(at(10)));
+    let (_, build_end) = &notices[4];
+    assert_eq!(build_end.client_id, None);
+    assert_eq!(build_end.time, kiln_proto::format_rfc3339(at(20)));
+
+    // Jobs that end together end their build once; a cancel has no notice of its own.
+    let expiring = JobSpec {
+        accept_within_secs: Some(60),
+        ..job("x")
+    };
+    let also_expiring = JobSpec {
+        id: "y".to_owned(),
+        ..expiring.clone()
+    };
+    store
+        .insert_build(&new_build(
+            "20021017.1",
+            vec![expiring, also_expiring],
+            at(0),
+        ))
+        .await?;
+    assert_eq!(store.expire_unclaimed(at(61)).await?.len(), 2);
+    store
+        .insert_build(&new_build("20021018.1", vec![job("z")], at(0)))
+        .await?;
+    store.cancel("20021018.1", "z", at(70)).await?;
+    let later: Vec<(String, Option<String>, Option<String>)> = queued_notices(&*store)
+        .await?
+        .into_iter()
+        .skip(notices.len())
+        .map(|(_, notice)| (notice.event, notice.job, notice.reason))
+        .collect();
+    let within = Some("no client accepted it within 60 s".to_owned());
+    assert_eq!(
+        later,
+        [
+            (
+                "job_expired".to_owned(),
+                Some("x".to_owned()),
+                within.clone()
+            ),
+            ("job_expired".to_owned(), Some("y".to_owned()), within),
+            (
+                "build_finished".to_owned(),
+                None,
+                Some("0 of 2 jobs finished".to_owned())
+            ),
+            (
+                "build_finished".to_owned(),
+                None,
+                Some("0 of 1 jobs finished".to_owned())
+            ),
+        ]
+    );
+    Ok(())
+}
+
+pub async fn the_outbox_hands_out_a_url_s_notices_in_order_until_delivered_or_given_up<
+    F: StoreFactory,
+>(
+    factory: &F,
+) -> CaseResult {
+    let (_place, store) = open_store(factory).await?;
+    store
+        .insert_build(&new_build(BUILD, vec![job("a"), job("b")], at(0)))
+        .await?;
+    let mut other = new_build("20021017.1", vec![job("c")], at(0));
+    other.manifest.notify = vec!["http://127.0.0.1:9/other".to_owned()];
+    store.insert_build(&other).await?;
+    let a = claim(&*store, BUILD, "a", "client-1", at(1)).await?;
+    finish_with_image(&*store, &a, at(10)).await?;
+    let b = claim(&*store, BUILD, "b", "client-1", at(1)).await?;
+    finish_with_image(&*store, &b, at(20)).await?;
+    let c = claim(&*store, "20021017.1", "c", "client-2", at(1)).await?;
+    finish_with_image(&*store, &c, at(30)).await?;
+
+    let ids = |due: &[crate::Notification]| due.iter().map(|n| n.id).collect::<Vec<_>>();
+    assert!(store.due_notifications(at(5), 100).await?.is_empty());
+    // A URL's notices come together once its oldest is due, in order.
+    let due = store.due_notifications(at(15), 100).await?;
+    assert_eq!(due.len(), 3, "a's end, b's end, the build's end: {due:?}");
+    let (n1, n2, n3) = (due[0].id, due[1].id, due[2].id);
+    assert!(n1 < n2 && n2 < n3);
+    assert!(due.iter().all(|n| n.url == "http://127.0.0.1:9/notify"));
+    assert_eq!(ids(&store.due_notifications(at(15), 2).await?), [n1, n2]);
+    let due = store.due_notifications(at(30), 100).await?;
+    assert_eq!(due.len(), 5, "and the other build's two: {due:?}");
+    let n4 = due[3].id;
+    let n5 = due[4].id;
+
+    // A failed delivery waits until its retry, and holds back the later ones of its URL
+    // only.
+    store
+        .notification_failed(n1, "503 Service Unavailable", Some(at(100)), at(31))
+        .await?;
+    assert_eq!(ids(&store.due_notifications(at(50), 100).await?), [n4, n5]);
+    store.notification_delivered(n4, at(51)).await?;
+    store.notification_delivered(n5, at(51)).await?;
+    let due = store.due_notifications(at(100), 100).await?;
+    assert_eq!(ids(&due), [n1, n2, n3]);
+    assert_eq!(due[0].attempts, 1);
+    assert_eq!(due[1].attempts, 0);
+
+    store.notification_delivered(n1, at(101)).await?;
+    store
+        .notification_failed(n2, "404 Not Found", None, at(102))
+        .await?;
+    assert_eq!(
+        ids(&store.due_notifications(at(103), 100).await?),
+        [n3],
+        "given up, the notice is not tried again"
+    );
+    store.notification_delivered(n3, at(104)).await?;
+    assert!(store.due_notifications(i64::MAX, 100).await?.is_empty());
+    Ok(())
+}
+
+pub async fn enrolling_takes_a_free_id_only_and_issuing_replaces_any_credential<F: StoreFactory>(
+    factory: &F,
+) -> CaseResult {
+    use crate::{CredentialPut, CredentialWrite};
+    let (_place, store) = open_store(factory).await?;
+    assert_eq!(store.client_credential("c1").await?, None);
+    assert!(store.client_credentials().await?.is_empty());
+
+    let put = |id: &'static str, hash: &'static str, how, secs| {
+        let store = store.clone();
+        async move { store.put_client_credential(id, hash, how, at(secs)).await }
+    };
+    assert_eq!(
+        put("c1", "h1", CredentialWrite::Enroll, 1).await?,
+        CredentialPut::Created
+    );
+    assert_eq!(
+        put("c1", "h2", CredentialWrite::Enroll, 2).await?,
+        CredentialPut::Exists
+    );
+    assert_eq!(
+        put("c2", "h3", CredentialWrite::Issue, 3).await?,
+        CredentialPut::Created
+    );
+    let c1 = store
+        .client_credential("c1")
+        .await?
+        .context("c1 enrolled")?;
+    assert_eq!(
+        (
+            c1.secret_hash.as_str(),
+            c1.origin.as_str(),
+            c1.created_at,
+            c1.revoked_at
+        ),
+        ("h1", "enrolled", at(1), None),
+        "a second enrollment changes nothing"
+    );
+
+    assert!(store.revoke_client_credential("c1", at(4)).await?);
+    assert!(
+        !store.revoke_client_credential("c1", at(5)).await?,
+        "revoked already"
+    );
+    assert!(!store.revoke_client_credential("nobody", at(5)).await?);
+    assert_eq!(
+        put("c1", "h4", CredentialWrite::Enroll, 6).await?,
+        CredentialPut::Revoked
+    );
+    let c1 = store.client_credential("c1").await?.context("c1 kept")?;
+    assert_eq!(
+        (c1.secret_hash.as_str(), c1.revoked_at),
+        ("h1", Some(at(4)))
+    );
+
+    assert_eq!(
+        put("c1", "h5", CredentialWrite::Issue, 7).await?,
+        CredentialPut::Replaced
+    );
+    let all = store.client_credentials().await?;
+    let ids: Vec<&str> = all.iter().map(|c| c.client_id.as_str()).collect();
+    assert_eq!(ids, ["c1", "c2"]);
+    assert_eq!(
+        (
+            all[0].secret_hash.as_str(),
+            all[0].origin.as_str(),
+            all[0].created_at,
+            all[0].revoked_at
+        ),
+        ("h5", "issued", at(7), None)
+    );
+    assert_eq!(
+        (all[1].origin.as_str(), all[1].created_at),
+        ("issued", at(3))
+    );
+    Ok(())
+}
+
+pub async fn every_area_works_through_its_own_narrow_trait_object<F: StoreFactory>(
+    factory: &F,
+) -> CaseResult {
+    let (_place, store) = open_store(factory).await?;
+    let queue: Arc<dyn Queue> = store.clone();
+    let logs: Arc<dyn Logs> = store.clone();
+    let images: Arc<dyn Images> = store.clone();
+    let outbox: Arc<dyn Outbox> = store.clone();
+    let clients: Arc<dyn Clients> = store.clone();
+
+    queue
+        .insert_build(&new_build(BUILD, vec![job("a")], at(0)))
+        .await?;
+    let claimed = queue
+        .claim(
+            BUILD,
+            "a",
+            &ClaimingClient::with_id("client-1"),
+            at(30),
+            at(1),
+        )
+        .await?
+        .context("a is claimable")?;
+    logs.append_log(
+        BUILD,
+        "a",
+        &claimed.lease,
+        &[log_line("stdout", "imaging")],
+        None,
+        at(2),
+    )
+    .await?;
+    images
+        .add_image(BUILD, "a", &claimed.lease, &image("a.wim", at(3)))
+        .await?;
+    queue
+        .finish(BUILD, "a", &claimed.lease, &["a.wim".to_owned()], at(4))
+        .await?;
+
+    assert_eq!(logs.read_log(BUILD, "a", 0, 10).await?.len(), 1);
+    assert_eq!(images.list_images(BUILD).await?.len(), 1);
+    assert_eq!(images.chunk_lists().await?, [image("a.wim", 0).chunk_list]);
+    assert_eq!(
+        images.image_totals().await?,
+        crate::ImageTotals {
+            images: 1,
+            bytes: 1 << 20
+        }
+    );
+    let due = outbox.due_notifications(at(4), 10).await?;
+    assert_eq!(due.len(), 2, "the job's end and the build's: {due:?}");
+    let record = clients
+        .clients()
+        .await?
+        .into_iter()
+        .next()
+        .context("one client")?;
+    assert_eq!(tally(&record), (1, 1, 0, 0));
     Ok(())
 }

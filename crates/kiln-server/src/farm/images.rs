@@ -1,0 +1,1030 @@
+//! Images: the chunked transfer (which chunks are missing, receiving chunks,
+//! committing an image), images that arrive whole, reading images back (whole, by
+//! range, by chunk), collecting chunks no image uses, and the storage figures. See
+//! docs/transfer.md.
+//!
+//! Two rules keep collection from racing uploads. Every chunk an upload asks about
+//! or sends is *pinned* until an image that lists it is committed (at most
+//! [`PIN_TTL`]: an upload abandoned for good stops protecting its chunks), and
+//! collection skips pinned chunks. And a commit checks that all its chunks are present
+//! and records the image while holding [`Images::gc_lock`] for reading, which
+//! collection holds for writing while it deletes: a chunk is never deleted between a
+//! commit's check and its record, and a commit that finds a chunk gone answers
+//! `missing_chunks`, so the client sends it again. (Both are of one server process.)
+
+use super::{Farm, FarmError, FarmResult};
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use kiln_blob::chunking::ChunkParams;
+use kiln_blob::frames::{pack_chunk_list, unpack_chunk_list, FrameReader, MAX_CHUNK_BYTES};
+use kiln_blob::{BlobError, BlockingChunks, ByteStream, ChunkEntry, ChunkHash, ChunkStore, Frame};
+use kiln_proto::api::ImageInfo;
+use kiln_proto::names::check_name;
+use kiln_proto::transfer::{
+    CommitRequest, ImageIndex, MissingRequest, MissingResponse, PutChunksResponse, StorageStats,
+    MAX_FETCH, MAX_MISSING_QUERY,
+};
+use kiln_store::NewImage;
+use std::collections::{HashMap, HashSet};
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long a chunk an upload mentioned is safe from collection.
+pub const PIN_TTL: Duration = Duration::from_secs(3600);
+/// Bytes of frames received before they are checked, stored (one sync) and hashed
+/// into their image; what bounds a body's memory on the server.
+const PUT_BATCH_BYTES: usize = 8 << 20;
+/// Decoded chunks a download may hold ahead of the network.
+const STREAM_AHEAD: usize = 16;
+/// Chunks listed at a time while collecting garbage.
+const LIST_PAGE: usize = 4096;
+
+/// Counter names in the store.
+const RECEIVED: &str = "bytes_received";
+const DEDUPLICATED: &str = "bytes_deduplicated";
+const STORED: &str = "bytes_stored";
+const CHUNKS: &str = "chunks_stored";
+
+/// The chunk store with what keeps collection and uploads apart, and what uploads
+/// are under way.
+pub(super) struct Images {
+    chunks: Arc<dyn ChunkStore>,
+    /// Chunks uploads mentioned, and when.
+    pins: Mutex<HashMap<ChunkHash, Instant>>,
+    /// Commits hold it for reading, collection for writing while it deletes.
+    gc_lock: tokio::sync::RwLock<()>,
+    /// One collection at a time.
+    gc_serial: tokio::sync::Mutex<()>,
+    /// Images being hashed in order while their chunks arrive, by (build, job, name).
+    hashing: Mutex<HashMap<ImageKey, Arc<Mutex<InOrderHash>>>>,
+    /// How many image uploads each client is sending now.
+    uploads: UploadSlots,
+}
+
+/// An image of a job: (build, job, image name).
+type ImageKey = (String, String, String);
+
+/// An image hashed in order as its chunks become present, so that a commit finds its
+/// digests ready instead of reading the image back.
+struct InOrderHash {
+    /// The chunks announced so far, in image order.
+    entries: Vec<ChunkEntry>,
+    /// Bytes those cover.
+    announced: u64,
+    /// How many of `entries` are hashed.
+    hashed: usize,
+    hasher: kiln_blob::ImageHasher,
+    /// Announcements came out of order: the commit reads the image back instead.
+    broken: bool,
+    touched: Instant,
+}
+
+impl InOrderHash {
+    fn new() -> Self {
+        InOrderHash {
+            entries: Vec::new(),
+            announced: 0,
+            hashed: 0,
+            hasher: kiln_blob::ImageHasher::new(),
+            broken: false,
+            touched: Instant::now(),
+        }
+    }
+
+    /// Hashes announced chunks, in order, as far as they are stored, taking the bytes
+    /// from `fresh` (chunks just received and checked) before reading the store. Runs
+    /// on a blocking thread.
+    fn advance(
+        &mut self,
+        chunks: &BlockingChunks,
+        fresh: &HashMap<ChunkHash, Bytes>,
+    ) -> Result<(), BlobError> {
+        while self.hashed < self.entries.len() && !self.broken {
+            let entry = self.entries[self.hashed];
+            let bytes = match fresh.get(&entry.hash) {
+                Some(bytes) => bytes.clone(),
+                None => match chunks.read_unchecked(&entry.hash) {
+                    Ok(bytes) => bytes,
+                    Err(BlobError::NotFound(_)) => break,
+                    Err(err) => return Err(err),
+                },
+            };
+            if bytes.len() != entry.len as usize {
+                self.broken = true;
+                break;
+            }
+            self.hasher.update(&bytes);
+            self.hashed += 1;
+        }
+        Ok(())
+    }
+}
+
+impl Images {
+    pub(super) fn new(chunks: Arc<dyn ChunkStore>) -> Self {
+        Images {
+            chunks,
+            pins: Mutex::default(),
+            gc_lock: tokio::sync::RwLock::new(()),
+            gc_serial: tokio::sync::Mutex::new(()),
+            hashing: Mutex::default(),
+            uploads: UploadSlots::default(),
+        }
+    }
+
+    /// The in-order hash of an image, a new one when `restart`.
+    fn in_order_hash(&self, key: ImageKey, restart: bool) -> Arc<Mutex<InOrderHash>> {
+        let mut hashing = self.hashing.lock().expect("hashing lock");
+        // Uploads abandoned long ago are forgotten here.
+        hashing.retain(|_, image| {
+            image
+                .try_lock()
+                .map_or(true, |image| image.touched.elapsed() < PIN_TTL)
+        });
+        if restart {
+            let fresh = Arc::new(Mutex::new(InOrderHash::new()));
+            hashing.insert(key, fresh.clone());
+            return fresh;
+        }
+        hashing
+            .entry(key)
+            .or_insert_with(|| {
+                let mut image = InOrderHash::new();
+                // Joined half-way (after a restart of the server): read back at commit.
+                image.broken = true;
+                Arc::new(Mutex::new(image))
+            })
+            .clone()
+    }
+
+    /// The images of a job being hashed in order.
+    fn in_order_hashes_of(&self, build: &str, job: &str) -> Vec<Arc<Mutex<InOrderHash>>> {
+        self.hashing
+            .lock()
+            .expect("hashing lock")
+            .iter()
+            .filter(|((b, j, _), _)| b == build && j == job)
+            .map(|(_, image)| image.clone())
+            .collect()
+    }
+
+    fn take_in_order_hash(&self, key: &ImageKey) -> Option<Arc<Mutex<InOrderHash>>> {
+        self.hashing.lock().expect("hashing lock").remove(key)
+    }
+
+    fn pin<'a>(&self, hashes: impl IntoIterator<Item = &'a ChunkHash>) {
+        let now = Instant::now();
+        let mut pins = self.pins.lock().expect("pins lock");
+        for hash in hashes {
+            pins.insert(*hash, now);
+        }
+    }
+
+    /// Drops the pins of chunks an image now lists: the image keeps them.
+    fn unpin<'a>(&self, hashes: impl IntoIterator<Item = &'a ChunkHash>) {
+        let mut pins = self.pins.lock().expect("pins lock");
+        for hash in hashes {
+            pins.remove(hash);
+        }
+    }
+
+    fn is_pinned(&self, hash: &ChunkHash, now: Instant) -> bool {
+        let pins = self.pins.lock().expect("pins lock");
+        pins.get(hash)
+            .is_some_and(|pinned_at| now.duration_since(*pinned_at) < PIN_TTL)
+    }
+
+    fn forget_old_pins(&self) {
+        let now = Instant::now();
+        self.pins
+            .lock()
+            .expect("pins lock")
+            .retain(|_, pinned_at| now.duration_since(*pinned_at) < PIN_TTL);
+    }
+
+    fn blocking(&self) -> BlockingChunks {
+        BlockingChunks::new(self.chunks.clone())
+    }
+}
+
+/// How many uploads each client is sending now: a counting semaphore per client id,
+/// tried (never waited on) by every body-carrying upload call. A client at its limit
+/// is refused `too_many_uploads` before its body is read.
+#[derive(Default)]
+struct UploadSlots {
+    in_flight: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+/// One upload's place among its client's; given back when dropped.
+struct UploadSlot {
+    in_flight: Arc<Mutex<HashMap<String, usize>>>,
+    client_id: String,
+}
+
+impl UploadSlots {
+    /// A slot for one more upload of `client_id`, or the refusal when it sends
+    /// `max` already.
+    fn try_take(&self, client_id: &str, max: usize) -> FarmResult<UploadSlot> {
+        let mut in_flight = self.in_flight.lock().expect("upload slots lock");
+        let n_sending = in_flight.entry(client_id.to_owned()).or_default();
+        if *n_sending >= max {
+            return Err(FarmError::TooManyUploads(format!(
+                "client {client_id} already sends as many uploads at once as this server \
+                 accepts from one client (--max-uploads-per-client {max}); send this one \
+                 again when one of them ends"
+            )));
+        }
+        *n_sending += 1;
+        Ok(UploadSlot {
+            in_flight: self.in_flight.clone(),
+            client_id: client_id.to_owned(),
+        })
+    }
+
+    /// How many uploads `client_id` is sending now.
+    #[cfg(test)]
+    fn n_sending(&self, client_id: &str) -> usize {
+        let in_flight = self.in_flight.lock().expect("upload slots lock");
+        in_flight.get(client_id).copied().unwrap_or(0)
+    }
+}
+
+impl Drop for UploadSlot {
+    fn drop(&mut self) {
+        let mut in_flight = self.in_flight.lock().expect("upload slots lock");
+        if let Some(n_sending) = in_flight.get_mut(&self.client_id) {
+            *n_sending = n_sending.saturating_sub(1);
+            if *n_sending == 0 {
+                in_flight.remove(&self.client_id);
+            }
+        }
+    }
+}
+
+/// Runs blocking chunk work (hashing, cutting) off the async threads.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> FarmResult<T> + Send + 'static,
+) -> FarmResult<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|err| FarmError::task("chunk work", err))?
+}
+
+/// A stored image: its record and its chunks in order.
+pub struct StoredImage {
+    pub info: ImageInfo,
+    pub entries: Vec<ChunkEntry>,
+}
+
+impl Farm {
+    /// Which of the chunks an upload names the server lacks. With the image named,
+    /// the chunks it already has are hashed into it on the way.
+    pub async fn missing_chunks(
+        &self,
+        build: &str,
+        job: &str,
+        lease: &str,
+        request: &MissingRequest,
+    ) -> FarmResult<MissingResponse> {
+        self.store.check_lease(build, job, lease).await?;
+        if request.chunks.len() > MAX_MISSING_QUERY {
+            return Err(FarmError::TooLarge(format!(
+                "{} chunks in one question; at most {MAX_MISSING_QUERY}",
+                request.chunks.len()
+            )));
+        }
+        let hashes: Vec<ChunkHash> = request.chunks.iter().map(|entry| entry.hash).collect();
+        self.images.pin(&hashes);
+        let in_order = match &request.image {
+            Some(image) => {
+                check_name("image name", image)
+                    .map_err(|msg| FarmError::invalid("bad_name", msg))?;
+                let key = (build.to_owned(), job.to_owned(), image.clone());
+                let in_order = self.images.in_order_hash(key, request.offset == 0);
+                {
+                    let mut in_order = in_order.lock().expect("in-order hash lock");
+                    if request.offset != in_order.announced {
+                        in_order.broken = true;
+                    }
+                    in_order.entries.extend_from_slice(&request.chunks);
+                    in_order.announced +=
+                        request.chunks.iter().map(|e| u64::from(e.len)).sum::<u64>();
+                    in_order.touched = Instant::now();
+                }
+                Some(in_order)
+            }
+            None => None,
+        };
+        let missing = self.images.chunks.missing(&hashes).await?;
+        if in_order.is_some() {
+            // Chunks the server had already are hashed on while the client cuts the next.
+            self.advance_in_background(build, job);
+        }
+        let missing_set: HashSet<&ChunkHash> = missing.iter().collect();
+        let mut seen = HashSet::new();
+        let deduplicated: u64 = request
+            .chunks
+            .iter()
+            .filter(|entry| seen.insert(entry.hash) && !missing_set.contains(&entry.hash))
+            .map(|entry| u64::from(entry.len))
+            .sum();
+        if deduplicated > 0 {
+            self.store
+                .add_counters(&[(DEDUPLICATED, deduplicated as i64)])
+                .await?;
+        }
+        Ok(MissingResponse { missing })
+    }
+
+    /// A body of frames: each checked against its name before it is stored. Whole
+    /// frames that arrived before a damaged one or a broken connection are still
+    /// stored: an interrupted upload need not send them again.
+    pub async fn put_chunks<S, E>(
+        &self,
+        build: &str,
+        job: &str,
+        lease: &str,
+        mut body: S,
+    ) -> FarmResult<PutChunksResponse>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Unpin,
+        E: std::fmt::Display,
+    {
+        let holder = self.store.check_lease(build, job, lease).await?;
+        let _slot = self
+            .images
+            .uploads
+            .try_take(&holder.client_id, self.config.max_uploads_per_client)?;
+        let mut reader = FrameReader::new();
+        let mut batch: Vec<Frame> = Vec::new();
+        let mut batch_bytes = 0usize;
+        let mut report = PutChunksResponse {
+            chunks: 0,
+            bytes_received: 0,
+            bytes_stored: 0,
+        };
+        let mut new_chunks = 0u64;
+        let mut cut_short: Option<FarmError> = None;
+        let outcome: FarmResult<()> = async {
+            loop {
+                let piece = body.next().await;
+                let mut done = piece.is_none();
+                match piece {
+                    Some(Ok(piece)) => {
+                        report.bytes_received += piece.len() as u64;
+                        reader.push(&piece);
+                        loop {
+                            match reader.next_frame() {
+                                Ok(Some(frame)) => {
+                                    batch_bytes += frame.wire_len();
+                                    batch.push(frame);
+                                }
+                                Ok(None) => break,
+                                Err(err) => {
+                                    cut_short = Some(frame_refused(err));
+                                    done = true;
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    Some(Err(err)) => {
+                        cut_short = Some(FarmError::invalid(
+                            "upload_interrupted",
+                            format!("the chunk upload broke off: {err}"),
+                        ));
+                        done = true;
+                    }
+                    None => {
+                        if let Err(err) = reader.finish() {
+                            cut_short = Some(frame_refused(err));
+                        }
+                    }
+                }
+                if batch_bytes >= PUT_BATCH_BYTES || (done && !batch.is_empty()) {
+                    let frames = std::mem::take(&mut batch);
+                    batch_bytes = 0;
+                    report.chunks += frames.len() as u64;
+                    self.images.pin(frames.iter().map(|frame| &frame.hash));
+                    let chunks = self.images.blocking();
+                    let store_started = Instant::now();
+                    let images = self.images.in_order_hashes_of(build, job);
+                    let (stats, refused) = blocking(move || {
+                        let (stats, refused, fresh) = store_checked(&chunks, frames)?;
+                        // The images of this job are hashed on from the bytes at hand,
+                        // which are let go before the next batch is read: memory stays
+                        // at about one batch a body.
+                        advance_all(&images, &chunks, &fresh);
+                        Ok((stats, refused))
+                    })
+                    .await?;
+                    tracing::debug!(
+                        secs = store_started.elapsed().as_secs_f64(),
+                        new_bytes = stats.new_bytes,
+                        "chunks checked and stored"
+                    );
+                    report.bytes_stored += stats.new_bytes;
+                    new_chunks += stats.new_chunks;
+                    if let Some(err) = refused {
+                        return Err(err);
+                    }
+                }
+                if done {
+                    return cut_short.take().map_or(Ok(()), Err);
+                }
+            }
+        }
+        .await;
+        self.store
+            .add_counters(&[
+                (RECEIVED, report.bytes_received as i64),
+                (STORED, report.bytes_stored as i64),
+                (CHUNKS, new_chunks as i64),
+            ])
+            .await?;
+        outcome?;
+        Ok(report)
+    }
+
+    /// Hashes the images of a job on, as far as their chunks are stored, on a blocking
+    /// thread; a commit takes the same lock, so it waits for this to finish.
+    fn advance_in_background(&self, build: &str, job: &str) {
+        let images = self.images.in_order_hashes_of(build, job);
+        if images.is_empty() {
+            return;
+        }
+        let chunks = self.images.blocking();
+        tokio::task::spawn_blocking(move || advance_all(&images, &chunks, &HashMap::new()));
+    }
+
+    /// Commits an image made of chunks the server has: checks the list, the chunks'
+    /// presence and the whole image's digests, makes the chunks durable, and records
+    /// the image under the lease.
+    pub async fn commit_image(
+        &self,
+        build: &str,
+        job: &str,
+        lease: &str,
+        name: &str,
+        request: CommitRequest,
+    ) -> FarmResult<ImageInfo> {
+        self.store.check_lease(build, job, lease).await?;
+        if request.size > self.config.max_image_bytes {
+            return Err(FarmError::TooLarge(format!(
+                "image {name} is larger than the {} bytes this server accepts",
+                self.config.max_image_bytes
+            )));
+        }
+        if let Some(bad) = request
+            .chunks
+            .iter()
+            .find(|entry| entry.len == 0 || entry.len > MAX_CHUNK_BYTES)
+        {
+            return Err(FarmError::invalid(
+                "bad_chunk",
+                format!(
+                    "image {name}: chunk {} has length {}, outside 1..={MAX_CHUNK_BYTES}",
+                    bad.hash, bad.len
+                ),
+            ));
+        }
+        let listed: u64 = request
+            .chunks
+            .iter()
+            .map(|entry| u64::from(entry.len))
+            .sum();
+        if listed != request.size {
+            return Err(FarmError::Mismatch {
+                code: "size_mismatch",
+                message: format!(
+                    "image {name}: the chunks add up to {listed} bytes, not the {} announced; nothing was stored",
+                    request.size
+                ),
+            });
+        }
+        let hashes: Vec<ChunkHash> = request.chunks.iter().map(|entry| entry.hash).collect();
+        self.images.pin(&hashes);
+        let _no_collection = self.images.gc_lock.read().await;
+        let missing = self.images.chunks.missing(&hashes).await?;
+        if !missing.is_empty() {
+            return Err(FarmError::MissingChunks {
+                message: format!(
+                    "image {name}: the server lacks {} of its chunks; send them and commit again",
+                    missing.len()
+                ),
+                missing: missing.iter().map(ChunkHash::to_hex).collect(),
+            });
+        }
+        let chunks = self.images.blocking();
+        let entries = request.chunks;
+        let verify_started = Instant::now();
+        let key = (build.to_owned(), job.to_owned(), name.to_owned());
+        let in_order = self.images.take_in_order_hash(&key);
+        let (digests, entries, read_back) = blocking(move || {
+            if let Some(in_order) = in_order {
+                let mut in_order = in_order.lock().expect("in-order hash lock");
+                in_order.advance(&chunks, &HashMap::new())?;
+                if !in_order.broken
+                    && in_order.hashed == in_order.entries.len()
+                    && in_order.entries == entries
+                {
+                    let digests = in_order.hasher.clone().finish();
+                    return Ok((digests, entries, false));
+                }
+            }
+            let digests = kiln_blob::chunks::read_image(&chunks, &entries, |_| Ok(()))?;
+            Ok((digests, entries, true))
+        })
+        .await?;
+        tracing::debug!(image = %name, read_back, secs = verify_started.elapsed().as_secs_f64(), "image digests ready");
+        if digests.blake3 != request.blake3 || digests.sha256 != request.sha256 {
+            return Err(FarmError::Mismatch {
+                code: "hash_mismatch",
+                message: format!(
+                    "image {name}: its chunks hash to BLAKE3 {} and SHA-256 {}, but the client said {} and {}; nothing was stored",
+                    digests.blake3, digests.sha256, request.blake3, request.sha256
+                ),
+            });
+        }
+        // The chunks' names become durable before an image lists them.
+        self.images.chunks.persist().await?;
+        let info = self
+            .record_image(build, job, lease, name, &digests, &entries)
+            .await?;
+        tracing::info!(build = %build, job = %job, image = %name, size = digests.size, chunks = entries.len(), "image committed");
+        Ok(info)
+    }
+
+    /// Records an image made of `entries` under the lease, and what to answer with.
+    async fn record_image(
+        &self,
+        build: &str,
+        job: &str,
+        lease: &str,
+        name: &str,
+        digests: &kiln_blob::Digests,
+        entries: &[ChunkEntry],
+    ) -> FarmResult<ImageInfo> {
+        let now = kiln_common::now_micros();
+        self.store
+            .add_image(
+                build,
+                job,
+                lease,
+                &NewImage {
+                    name: name.to_owned(),
+                    size: digests.size,
+                    blake3: digests.blake3.clone(),
+                    sha256: digests.sha256.clone(),
+                    blob_key: digests.blake3.clone(),
+                    created_at: now,
+                    chunk_list: pack_chunk_list(entries),
+                },
+            )
+            .await?;
+        // The image keeps its chunks now.
+        self.images.unpin(entries.iter().map(|entry| &entry.hash));
+        let config_type = self.store.get_job(build, job).await?.config_type;
+        Ok(ImageInfo {
+            build: build.to_owned(),
+            job_id: job.to_owned(),
+            config_type,
+            name: name.to_owned(),
+            size: digests.size,
+            blake3: digests.blake3.clone(),
+            sha256: digests.sha256.clone(),
+            created_at: now,
+        })
+    }
+
+    /// An image that arrives whole (the older upload call): spooled while its BLAKE3 is
+    /// checked against `expected` (the hash the client sent with it), then cut into
+    /// chunks and recorded under the lease.
+    pub async fn put_whole_image<S, E>(
+        &self,
+        build: &str,
+        job: &str,
+        lease: &str,
+        name: &str,
+        expected: Option<&str>,
+        mut body: S,
+    ) -> FarmResult<ImageInfo>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Unpin,
+        E: std::fmt::Display,
+    {
+        // Refuse a stale lease, or one upload too many, before reading a large body.
+        let holder = self.store.check_lease(build, job, lease).await?;
+        let _slot = self
+            .images
+            .uploads
+            .try_take(&holder.client_id, self.config.max_uploads_per_client)?;
+        let expected = expected
+            .filter(|value| kiln_blob::is_valid_key(value))
+            .ok_or_else(|| {
+                FarmError::invalid(
+                    "no_hash",
+                    format!(
+                        "an image upload carries its BLAKE3 hash (64 lowercase hex) in the {} header",
+                        kiln_proto::BLAKE3_HEADER
+                    ),
+                )
+            })?;
+        let storing = |err: std::io::Error| {
+            FarmError::from(BlobError::io(format!("storing image {name}"), err))
+        };
+        let scratch = self.scratch_dir();
+        let mut file = tokio::task::spawn_blocking(move || {
+            tempfile::Builder::new()
+                .prefix("image-")
+                .tempfile_in(scratch)
+        })
+        .await
+        .map_err(|err| FarmError::task("staging an image", err))?
+        .map_err(|err| FarmError::from(BlobError::io(format!("staging image {name}"), err)))?;
+        let mut hasher = kiln_blob::ImageHasher::new();
+        let mut size = 0u64;
+        while let Some(piece) = body.next().await {
+            let piece = piece.map_err(|err| {
+                FarmError::invalid(
+                    "upload_interrupted",
+                    format!("image {name}: the upload broke off: {err}"),
+                )
+            })?;
+            size += piece.len() as u64;
+            if size > self.config.max_image_bytes {
+                return Err(FarmError::TooLarge(format!(
+                    "image {name} is larger than the {} bytes this server accepts",
+                    self.config.max_image_bytes
+                )));
+            }
+            hasher.update(&piece);
+            file = tokio::task::spawn_blocking(move || {
+                use std::io::Write;
+                file.write_all(&piece).map(|()| file)
+            })
+            .await
+            .map_err(|err| FarmError::task("staging an image", err))?
+            .map_err(storing)?;
+        }
+        let digests = hasher.finish();
+        if digests.blake3 != expected {
+            return Err(FarmError::invalid(
+                "hash_mismatch",
+                format!("image {name}: the bytes received hash to {} but the client said {expected}; nothing was stored", digests.blake3),
+            ));
+        }
+        let _no_collection = self.images.gc_lock.read().await;
+        let chunks = self.images.blocking();
+        let (chunked, stats) = blocking(move || {
+            let reader = std::fs::File::open(file.path())
+                .map_err(|err| BlobError::io("reading a staged image", err))?;
+            Ok(kiln_blob::chunks::ingest(
+                &chunks,
+                reader,
+                &ChunkParams::default(),
+            )?)
+        })
+        .await?;
+        let entries: Vec<ChunkEntry> = chunked.chunks.iter().map(|chunk| chunk.entry()).collect();
+        self.images.pin(entries.iter().map(|entry| &entry.hash));
+        self.store
+            .add_counters(&[
+                (RECEIVED, chunked.digests.size as i64),
+                (STORED, stats.new_bytes as i64),
+                (CHUNKS, stats.new_chunks as i64),
+            ])
+            .await?;
+        let info = self
+            .record_image(build, job, lease, name, &chunked.digests, &entries)
+            .await?;
+        tracing::info!(build = %build, job = %job, image = %name, size = info.size, "image stored");
+        Ok(info)
+    }
+
+    /// A stored image with its chunk list.
+    pub async fn image(&self, build: &str, job: &str, name: &str) -> FarmResult<StoredImage> {
+        let image = self.store.get_image(build, job, name).await?;
+        let packed = image.chunk_list.as_deref().ok_or_else(|| {
+            FarmError::Internal(format!(
+                "image {name} of {build}/{job} has not been converted to chunks"
+            ))
+        })?;
+        let entries = unpack_chunk_list(packed)
+            .map_err(|err| FarmError::Internal(format!("image {name} of {build}/{job}: {err}")))?;
+        Ok(StoredImage {
+            info: image.info,
+            entries,
+        })
+    }
+
+    /// A stored image's digests and chunk list.
+    pub async fn image_index(&self, build: &str, job: &str, name: &str) -> FarmResult<ImageIndex> {
+        let image = self.image(build, job, name).await?;
+        Ok(ImageIndex {
+            name: name.to_owned(),
+            size: image.info.size,
+            blake3: image.info.blake3,
+            sha256: image.info.sha256,
+            chunks: image.entries,
+        })
+    }
+
+    /// The bytes of `span` (end exclusive) of a stored image, read chunk by chunk (each
+    /// checked against its name) on a blocking thread a few chunks ahead of the reader.
+    pub fn read_image_span(&self, image: StoredImage, span: Range<u64>) -> ByteStream {
+        let mut offset = 0u64;
+        let mut wanted = Vec::new();
+        for entry in &image.entries {
+            let chunk_start = offset;
+            let chunk_end = offset + u64::from(entry.len);
+            offset = chunk_end;
+            if chunk_end <= span.start {
+                continue;
+            }
+            if chunk_start >= span.end {
+                break;
+            }
+            let from = span.start.saturating_sub(chunk_start) as usize;
+            let to = (span.end.min(chunk_end) - chunk_start) as usize;
+            wanted.push((entry.hash, from..to));
+        }
+        let chunks = self.images.blocking();
+        produce(move |sender| {
+            let hashes = wanted.iter().map(|(hash, _)| *hash).collect();
+            for (frame, (_, piece)) in chunks.frames(hashes).zip(wanted) {
+                let bytes = frame.and_then(|frame| {
+                    frame.decode().map_err(|err| {
+                        BlobError::io("reading a stored chunk", std::io::Error::other(err))
+                    })
+                });
+                let failed = bytes.is_err();
+                if sender
+                    .blocking_send(bytes.map(|bytes| bytes.slice(piece)))
+                    .is_err()
+                    || failed
+                {
+                    return;
+                }
+            }
+        })
+    }
+
+    /// The frames of the chunks asked for, in that order, ready to send.
+    pub async fn fetch_frames(&self, hashes: Vec<ChunkHash>) -> FarmResult<ByteStream> {
+        if hashes.len() > MAX_FETCH {
+            return Err(FarmError::TooLarge(format!(
+                "{} chunks in one fetch; at most {MAX_FETCH}",
+                hashes.len()
+            )));
+        }
+        // Refuse up front what cannot be served, rather than cutting the stream later.
+        let missing = self.images.chunks.missing(&hashes).await?;
+        if let Some(hash) = missing.first() {
+            return Err(BlobError::NotFound(format!("chunk {hash}")).into());
+        }
+        let chunks = self.images.blocking();
+        Ok(produce(move |sender| {
+            for frame in chunks.frames(hashes) {
+                let wire = frame.map(|frame| {
+                    let mut wire = Vec::with_capacity(frame.wire_len());
+                    frame.write_to(&mut wire);
+                    Bytes::from(wire)
+                });
+                let failed = wire.is_err();
+                if sender.blocking_send(wire).is_err() || failed {
+                    return;
+                }
+            }
+        }))
+    }
+
+    /// What the server has received and keeps.
+    pub async fn storage_stats(&self) -> FarmResult<StorageStats> {
+        let counters = self.store.counters().await?;
+        let counter = |name: &str| counters.get(name).copied().unwrap_or(0).max(0) as u64;
+        let totals = self.store.image_totals().await?;
+        Ok(StorageStats {
+            bytes_received: counter(RECEIVED),
+            bytes_deduplicated: counter(DEDUPLICATED),
+            bytes_stored: counter(STORED),
+            chunks_stored: counter(CHUNKS),
+            image_bytes: totals.bytes,
+            images: totals.images,
+        })
+    }
+
+    /// The chunks some image lists.
+    async fn live_chunks(&self) -> FarmResult<HashSet<ChunkHash>> {
+        let mut live = HashSet::new();
+        for packed in self.store.chunk_lists().await? {
+            let entries = unpack_chunk_list(&packed)
+                .map_err(|err| FarmError::Internal(format!("a stored chunk list: {err}")))?;
+            live.extend(entries.into_iter().map(|entry| entry.hash));
+        }
+        Ok(live)
+    }
+
+    /// Deletes every chunk no image lists and no upload has pinned; returns how many and
+    /// their bytes. Also sets the stored-bytes counters to what the store holds.
+    pub async fn collect_garbage(&self) -> FarmResult<(u64, u64)> {
+        let _one_at_a_time = self.images.gc_serial.lock().await;
+        self.images.forget_old_pins();
+        let live = self.live_chunks().await?;
+        let mut candidates: Vec<ChunkHash> = Vec::new();
+        let mut stored_bytes = 0u64;
+        let mut stored_chunks = 0u64;
+        let mut after = None;
+        loop {
+            let page = self.images.chunks.list_page(after, LIST_PAGE).await?;
+            let Some(last) = page.last() else {
+                break;
+            };
+            after = Some(last.hash);
+            let now = Instant::now();
+            for chunk in &page {
+                stored_bytes += chunk.bytes;
+                stored_chunks += 1;
+                if !live.contains(&chunk.hash) && !self.images.is_pinned(&chunk.hash, now) {
+                    candidates.push(chunk.hash);
+                }
+            }
+        }
+        let (freed, freed_bytes) = if candidates.is_empty() {
+            (0, 0)
+        } else {
+            // Commits made since the first look are seen here; none can start until done.
+            let _exclusive = self.images.gc_lock.write().await;
+            let live = self.live_chunks().await?;
+            let now = Instant::now();
+            let doomed: Vec<ChunkHash> = candidates
+                .into_iter()
+                .filter(|hash| !live.contains(hash) && !self.images.is_pinned(hash, now))
+                .collect();
+            let freed_bytes = self.images.chunks.remove(&doomed).await?;
+            (doomed.len() as u64, freed_bytes)
+        };
+        self.store
+            .set_counters(&[
+                (STORED, stored_bytes.saturating_sub(freed_bytes) as i64),
+                (CHUNKS, stored_chunks.saturating_sub(freed) as i64),
+            ])
+            .await?;
+        Ok((freed, freed_bytes))
+    }
+
+    /// Converts images stored whole (before chunking) into chunk lists, then deletes
+    /// their whole-file blobs. Runs at start, before the server serves.
+    pub(super) async fn convert_legacy_images(&self) -> anyhow::Result<()> {
+        let legacy = self.store.legacy_images().await?;
+        if legacy.is_empty() {
+            return Ok(());
+        }
+        tracing::info!(
+            n_images = legacy.len(),
+            "converting whole-file images to chunks"
+        );
+        let mut keys = HashSet::new();
+        for image in &legacy {
+            let read = self.files.get(&image.blob_key, None).await?;
+            let reader = tokio_util::io::StreamReader::new(
+                read.body.map(|piece| piece.map_err(std::io::Error::other)),
+            );
+            let reader = tokio_util::io::SyncIoBridge::new(reader);
+            let chunks = self.images.blocking();
+            let (chunked, stats) = tokio::task::spawn_blocking(move || {
+                kiln_blob::chunks::ingest(&chunks, reader, &ChunkParams::default())
+            })
+            .await??;
+            if chunked.digests.blake3 != image.blob_key {
+                anyhow::bail!(
+                    "image {} of {}/{}: its stored bytes hash to {}, not {}; left as it is",
+                    image.name,
+                    image.build,
+                    image.job,
+                    chunked.digests.blake3,
+                    image.blob_key
+                );
+            }
+            let entries: Vec<ChunkEntry> =
+                chunked.chunks.iter().map(|chunk| chunk.entry()).collect();
+            self.store
+                .set_chunk_list(
+                    &image.build,
+                    &image.job,
+                    &image.name,
+                    &pack_chunk_list(&entries),
+                )
+                .await?;
+            self.store
+                .add_counters(&[
+                    (STORED, stats.new_bytes as i64),
+                    (CHUNKS, stats.new_chunks as i64),
+                ])
+                .await?;
+            keys.insert(image.blob_key.clone());
+        }
+        for key in keys {
+            if !self.store.files_key_in_use(&key).await? {
+                self.files.remove(&key).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn frame_refused(err: kiln_blob::frames::FrameError) -> FarmError {
+    FarmError::Mismatch {
+        code: "chunk_mismatch",
+        message: format!("{err}; the chunk was not stored"),
+    }
+}
+
+/// Hashes `images` on as far as their chunks are stored (see [`InOrderHash::advance`]).
+fn advance_all(
+    images: &[Arc<Mutex<InOrderHash>>],
+    chunks: &BlockingChunks,
+    fresh: &HashMap<ChunkHash, Bytes>,
+) {
+    for image in images {
+        let mut image = image.lock().expect("in-order hash lock");
+        if let Err(err) = image.advance(chunks, fresh) {
+            // The commit reads the image back instead.
+            tracing::warn!(cause = %kiln_proto::error_chain(&err), "cannot hash an image in order");
+            image.broken = true;
+        }
+    }
+}
+
+/// What [`store_checked`] did: what storing added, the refusal of the first bad chunk
+/// if any, and the good chunks' bytes for the in-order hash.
+type Checked = (
+    kiln_blob::PutStats,
+    Option<FarmError>,
+    HashMap<ChunkHash, Bytes>,
+);
+
+/// Checks each frame against its name and stores the good ones before the first bad
+/// one, which is returned as the refusal.
+fn store_checked(chunks: &BlockingChunks, frames: Vec<Frame>) -> FarmResult<Checked> {
+    let mut good = Vec::with_capacity(frames.len());
+    let mut fresh = HashMap::with_capacity(frames.len());
+    let mut refused = None;
+    for frame in frames {
+        match frame.decode() {
+            Ok(bytes) => {
+                fresh.insert(frame.hash, bytes);
+                good.push(frame);
+            }
+            Err(err) => {
+                refused = Some(frame_refused(err));
+                break;
+            }
+        }
+    }
+    let stats = chunks.put(good)?;
+    Ok((stats, refused, fresh))
+}
+
+/// A stream fed by `producer` on a blocking thread, a few items ahead of its reader;
+/// the producer stops when the reader goes away.
+fn produce(
+    producer: impl FnOnce(tokio::sync::mpsc::Sender<Result<Bytes, BlobError>>) + Send + 'static,
+) -> ByteStream {
+    let (sender, receiver) = tokio::sync::mpsc::channel::<Result<Bytes, BlobError>>(STREAM_AHEAD);
+    tokio::task::spawn_blocking(move || producer(sender));
+    futures::stream::unfold(receiver, |mut receiver| async move {
+        receiver.recv().await.map(|item| (item, receiver))
+    })
+    .boxed()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upload_slots_refuse_one_over_the_limit_per_client_and_come_back_when_dropped() {
+        let slots = UploadSlots::default();
+        let first = slots.try_take("client-a", 2).expect("first slot");
+        let second = slots.try_take("client-a", 2).expect("second slot");
+        let refused = slots
+            .try_take("client-a", 2)
+            .err()
+            .expect("a third is refused");
+        assert!(
+            matches!(refused, FarmError::TooManyUploads(_)),
+            "{refused:?}"
+        );
+        // Another client has slots of its own.
+        let other = slots
+            .try_take("client-b", 2)
+            .expect("another client's slot");
+        drop(first);
+        let third = slots.try_take("client-a", 2).expect("a slot given back");
+        drop((second, third, other));
+        assert_eq!(slots.n_sending("client-a"), 0);
+        assert!(slots.in_flight.lock().unwrap().is_empty());
+    }
+}

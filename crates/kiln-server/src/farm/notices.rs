@@ -1,0 +1,38 @@
+//! The webhook outbox as the notifier sees it, and what a server tells its masters.
+
+use super::{Farm, FarmResult};
+use kiln_store::{LoadCounts, Notification};
+
+/// The most notices read from the outbox at a time.
+const DUE_PAGE: u32 = 256;
+
+impl Farm {
+    /// The pending notices of every URL whose oldest pending one is due at `now`.
+    pub async fn due_notices(&self, now: i64) -> FarmResult<Vec<Notification>> {
+        Ok(self.store.due_notifications(now, DUE_PAGE).await?)
+    }
+
+    /// Records a delivery.
+    pub async fn notice_delivered(&self, id: i64, now: i64) -> FarmResult<()> {
+        Ok(self.store.notification_delivered(id, now).await?)
+    }
+
+    /// Records a failed delivery: tried again at `retry_at`, or given up when `None`.
+    pub async fn notice_failed(
+        &self,
+        id: i64,
+        error: &str,
+        retry_at: Option<i64>,
+        now: i64,
+    ) -> FarmResult<()> {
+        Ok(self
+            .store
+            .notification_failed(id, error, retry_at, now)
+            .await?)
+    }
+
+    /// How many builds there are and how many jobs are queued and running.
+    pub async fn load_counts(&self) -> FarmResult<LoadCounts> {
+        Ok(self.store.load_counts().await?)
+    }
+}

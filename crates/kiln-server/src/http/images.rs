@@ -1,0 +1,290 @@
+//! Images: the chunked transfer (`chunks/missing`, `chunks`, `commit`), the older
+//! whole-image upload, and image downloads (whole, by range, by chunk).
+
+use super::error::HttpError;
+use super::{lease_of, Shared};
+use crate::farm::Caller;
+use axum::body::Body;
+use axum::extract::Path;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use kiln_proto::api::ImageInfo;
+use kiln_proto::transfer::{
+    CommitRequest, FetchRequest, ImageIndex, MissingRequest, MissingResponse, PutChunksResponse,
+    FRAMES_CONTENT_TYPE,
+};
+use std::ops::Range;
+
+type Answer<T> = Result<T, HttpError>;
+
+/// `POST /v1/jobs/{build}/{job}/chunks/missing`
+pub async fn missing(
+    state: Shared,
+    _caller: Caller,
+    Path((build, job)): Path<(String, String)>,
+    headers: HeaderMap,
+    Json(request): Json<MissingRequest>,
+) -> Answer<Json<MissingResponse>> {
+    let lease = lease_of(&headers)?;
+    Ok(Json(
+        state
+            .farm
+            .missing_chunks(&build, &job, lease, &request)
+            .await?,
+    ))
+}
+
+/// `POST /v1/jobs/{build}/{job}/chunks`: a body of frames.
+pub async fn put_chunks(
+    state: Shared,
+    _caller: Caller,
+    Path((build, job)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Answer<Json<PutChunksResponse>> {
+    let lease = lease_of(&headers)?;
+    Ok(Json(
+        state
+            .farm
+            .put_chunks(&build, &job, lease, body.into_data_stream())
+            .await?,
+    ))
+}
+
+/// `POST /v1/jobs/{build}/{job}/images/{name}/commit`
+pub async fn commit(
+    state: Shared,
+    _caller: Caller,
+    Path((build, job, name)): Path<(String, String, String)>,
+    headers: HeaderMap,
+    Json(request): Json<CommitRequest>,
+) -> Answer<(StatusCode, Json<ImageInfo>)> {
+    let lease = lease_of(&headers)?;
+    let info = state
+        .farm
+        .commit_image(&build, &job, lease, &name, request)
+        .await?;
+    Ok((StatusCode::CREATED, Json(info)))
+}
+
+/// `PUT /v1/jobs/{build}/{job}/images/{name}`: an image whole, its BLAKE3 in a header.
+pub async fn put_whole(
+    state: Shared,
+    _caller: Caller,
+    Path((build, job, name)): Path<(String, String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Answer<(StatusCode, Json<ImageInfo>)> {
+    let lease = lease_of(&headers)?;
+    let expected = headers
+        .get(kiln_proto::BLAKE3_HEADER)
+        .and_then(|value| value.to_str().ok());
+    let info = state
+        .farm
+        .put_whole_image(
+            &build,
+            &job,
+            lease,
+            &name,
+            expected,
+            body.into_data_stream(),
+        )
+        .await?;
+    Ok((StatusCode::CREATED, Json(info)))
+}
+
+/// `GET /v1/jobs/{build}/{job}/images/{name}/index`
+pub async fn index(
+    state: Shared,
+    _caller: Caller,
+    Path((build, job, name)): Path<(String, String, String)>,
+) -> Answer<Json<ImageIndex>> {
+    Ok(Json(state.farm.image_index(&build, &job, &name).await?))
+}
+
+/// `GET /v1/jobs/{build}/{job}/images/{name}`: the whole image, or one range of it,
+/// streamed from its chunks.
+pub async fn download(
+    state: Shared,
+    _caller: Caller,
+    Path((build, job, name)): Path<(String, String, String)>,
+    headers: HeaderMap,
+) -> Answer<Response> {
+    let image = state.farm.image(&build, &job, &name).await?;
+    let etag = format!("\"{}\"", image.info.blake3);
+    let farm = &state.farm;
+    Ok(ranged(&headers, image.info.size, &etag, &name)
+        .answer(|span| farm.read_image_span(image, span)))
+}
+
+/// `POST /v1/chunks/fetch`: the frames of the chunks asked for, in that order.
+pub async fn fetch(
+    state: Shared,
+    _caller: Caller,
+    Json(request): Json<FetchRequest>,
+) -> Answer<Response> {
+    let frames = state.farm.fetch_frames(request.chunks).await?;
+    Ok((
+        [(header::CONTENT_TYPE, FRAMES_CONTENT_TYPE)],
+        Body::from_stream(frames),
+    )
+        .into_response())
+}
+
+/// How to answer a GET of a stored file: the status, the headers, and which bytes
+/// (none for 304 and 416).
+pub struct RangedPlan {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub span: Option<Range<u64>>,
+}
+
+impl RangedPlan {
+    /// The answer, with `body` (the bytes of the span) when there is a span.
+    pub fn answer<S>(self, body: impl FnOnce(Range<u64>) -> S) -> Response
+    where
+        S: futures::Stream<Item = Result<bytes::Bytes, kiln_blob::BlobError>> + Send + 'static,
+    {
+        match self.span {
+            Some(span) => {
+                (self.status, self.headers, Body::from_stream(body(span))).into_response()
+            }
+            None => (self.status, self.headers).into_response(),
+        }
+    }
+}
+
+/// Plans the answer to a GET of a `size`-byte file whose validator is `etag`, as RFC
+/// 9110 has it: `If-None-Match` (304), `Range` with `If-Range` (206, or 416 when no
+/// byte of it exists), else the whole file.
+pub fn ranged(headers: &HeaderMap, size: u64, etag: &str, download_name: &str) -> RangedPlan {
+    let mut response_headers = HeaderMap::new();
+    response_headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    if let Ok(value) = HeaderValue::from_str(etag) {
+        response_headers.insert(header::ETAG, value);
+    }
+    if let Ok(value) = HeaderValue::from_str(&format!("attachment; filename=\"{download_name}\"")) {
+        response_headers.insert(header::CONTENT_DISPOSITION, value);
+    }
+    let text = |name| {
+        headers
+            .get(name)
+            .and_then(|value: &HeaderValue| value.to_str().ok())
+    };
+    if text(header::IF_NONE_MATCH).is_some_and(|tags| {
+        tags.split(',')
+            .any(|tag| tag.trim() == etag || tag.trim() == "*")
+    }) {
+        return RangedPlan {
+            status: StatusCode::NOT_MODIFIED,
+            headers: response_headers,
+            span: None,
+        };
+    }
+    // If-Range with another validator means: send the whole (new) file.
+    let range = match text(header::IF_RANGE) {
+        Some(validator) if validator.trim() != etag => None,
+        _ => text(header::RANGE),
+    };
+    let (status, span) = match parse_range(range, size) {
+        Ok(Some(span)) => (StatusCode::PARTIAL_CONTENT, span),
+        Ok(None) => (StatusCode::OK, 0..size),
+        Err(()) => {
+            if let Ok(value) = HeaderValue::from_str(&format!("bytes */{size}")) {
+                response_headers.insert(header::CONTENT_RANGE, value);
+            }
+            return RangedPlan {
+                status: StatusCode::RANGE_NOT_SATISFIABLE,
+                headers: response_headers,
+                span: None,
+            };
+        }
+    };
+    if status == StatusCode::PARTIAL_CONTENT {
+        let value = format!("bytes {}-{}/{size}", span.start, span.end - 1);
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            response_headers.insert(header::CONTENT_RANGE, value);
+        }
+    }
+    response_headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    response_headers.insert(
+        header::CONTENT_LENGTH,
+        HeaderValue::from(span.end - span.start),
+    );
+    RangedPlan {
+        status,
+        headers: response_headers,
+        span: Some(span),
+    }
+}
+
+/// What a `Range` header asks of a `size`-byte file: `Ok(None)` for the whole file
+/// (no header, a form not understood, or several ranges), `Err(())` when no byte of
+/// it exists.
+fn parse_range(value: Option<&str>, size: u64) -> Result<Option<Range<u64>>, ()> {
+    let Some(spec) = value.and_then(|value| value.trim().strip_prefix("bytes=")) else {
+        return Ok(None);
+    };
+    if spec.contains(',') {
+        return Ok(None);
+    }
+    let Some((first, last)) = spec.trim().split_once('-') else {
+        return Ok(None);
+    };
+    let (first, last) = (first.trim(), last.trim());
+    let span = if first.is_empty() {
+        // The last N bytes.
+        let Ok(suffix) = last.parse::<u64>() else {
+            return Ok(None);
+        };
+        if suffix == 0 || size == 0 {
+            return Err(());
+        }
+        size.saturating_sub(suffix)..size
+    } else {
+        let Ok(start) = first.parse::<u64>() else {
+            return Ok(None);
+        };
+        let end = if last.is_empty() {
+            size
+        } else {
+            match last.parse::<u64>() {
+                Ok(last) if last >= start => last.saturating_add(1).min(size),
+                _ => return Ok(None),
+            }
+        };
+        if start >= size {
+            return Err(());
+        }
+        start..end
+    };
+    Ok(Some(span))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_are_read_as_rfc_9110_says() {
+        let size = 1000;
+        let span = |start, end| Ok(Some(start..end));
+        assert_eq!(parse_range(None, size), Ok(None));
+        assert_eq!(parse_range(Some("bytes=0-99"), size), span(0, 100));
+        assert_eq!(parse_range(Some("bytes=900-"), size), span(900, 1000));
+        assert_eq!(parse_range(Some("bytes=-100"), size), span(900, 1000));
+        assert_eq!(parse_range(Some("bytes=-5000"), size), span(0, 1000));
+        assert_eq!(parse_range(Some("bytes=990-5000"), size), span(990, 1000));
+        assert_eq!(parse_range(Some("bytes=1000-"), size), Err(()));
+        assert_eq!(parse_range(Some("bytes=-0"), size), Err(()));
+        // Several ranges, or forms not understood: the whole file.
+        assert_eq!(parse_range(Some("bytes=0-1,5-6"), size), Ok(None));
+        assert_eq!(parse_range(Some("bytes=5-1"), size), Ok(None));
+        assert_eq!(parse_range(Some("items=0-1"), size), Ok(None));
+        assert_eq!(parse_range(Some("bytes=x-1"), size), Ok(None));
+    }
+}

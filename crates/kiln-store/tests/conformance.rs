@@ -1,0 +1,44 @@
+//! The store's conformance cases (`kiln_store::conformance`) on [`SqliteStore`], each a
+//! test of its own, on a new database in a temporary directory.
+
+use async_trait::async_trait;
+use kiln_store::conformance::StoreFactory;
+use kiln_store::{SqliteStore, Store};
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use tempfile::TempDir;
+
+/// SQLite stores: a database file in a temporary directory.
+struct SqliteFactory;
+
+#[async_trait]
+impl StoreFactory for SqliteFactory {
+    type Place = TempDir;
+
+    async fn new_place(&self) -> anyhow::Result<TempDir> {
+        Ok(tempfile::tempdir()?)
+    }
+
+    async fn open(&self, place: &TempDir) -> anyhow::Result<Arc<dyn Store>> {
+        Ok(Arc::new(
+            SqliteStore::open(&place.path().join("kiln.db")).await?,
+        ))
+    }
+}
+
+kiln_store::conformance_tests!(sqlite, SqliteFactory);
+
+/// A case written in `cases.rs` but missing from the list in `conformance_tests!` would
+/// run on no backend.
+#[test]
+fn every_case_written_is_run() {
+    let source = include_str!("../src/conformance/cases.rs");
+    let written: BTreeSet<&str> = source
+        .lines()
+        .filter_map(|line| line.strip_prefix("pub async fn "))
+        .filter_map(|rest| rest.split(['<', '(']).next())
+        .collect();
+    let run: BTreeSet<&str> = sqlite::CASES.iter().copied().collect();
+    assert_eq!(written, run);
+    assert_eq!(run.len(), sqlite::CASES.len(), "a case listed twice");
+}

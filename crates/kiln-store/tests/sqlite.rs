@@ -1,0 +1,100 @@
+//! What only the SQLite store has: its migrations. A database made by an older server
+//! opens and is upgraded in place, and the migrations that existing databases recorded
+//! keep their checksums. The behaviour every backend shares is in `conformance.rs`.
+
+use kiln_store::conformance::{at, client_record, image, tally};
+use kiln_store::{Images, Queue, SqliteStore};
+use std::path::{Path, PathBuf};
+
+fn migrations_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/sqlite")
+}
+
+/// Each migration's SHA-384 as the databases that applied it recorded it (sqlx checks
+/// them at every open): a migration edited after its release, moved into another
+/// directory with other bytes, or checked out with other line endings would make every
+/// existing data directory refuse to open.
+const RECORDED_CHECKSUMS: [(i64, &str); 5] = [
+    (1, "064340ad3f39e9a8d607f43bcbc0ac9b702063f319ea69da49e46b5b4bc81a10dd6469138e2182d30fe5107ce7ac00ea"),
+    (2, "240db48f72331136a33ea491cc892fe0a04a6ff11a3a5792696a96e59499803cabb43030a1e2563930bf2beb99bd7183"),
+    (3, "0871dccc49ac71bc64ad92653002b486861355560a20a3748cc690544fda6b0d46fb280c30a4cc0bf89c8538858c24f3"),
+    (4, "48b6239428f3782459ae6a7bae8503f3a0c4b0a3ac307d7a2d6114da08851224e989d1ea556db34e39e9e2801907bd9d"),
+    (5, "66919413b1f05ac73f53c0949148082498076c098ba4e22168285df5f5534ae22335dc53ed6078c344d13b79fe48dd6f"),
+];
+
+#[tokio::test]
+async fn released_migrations_keep_the_checksums_existing_databases_recorded() -> anyhow::Result<()>
+{
+    let migrator = sqlx::migrate::Migrator::new(migrations_dir().as_path()).await?;
+    let released: Vec<(i64, String)> = migrator
+        .iter()
+        .filter(|migration| migration.version <= RECORDED_CHECKSUMS.len() as i64)
+        .map(|migration| (migration.version, hex::encode(&migration.checksum)))
+        .collect();
+    let recorded: Vec<(i64, String)> = RECORDED_CHECKSUMS
+        .iter()
+        .map(|(version, checksum)| (*version, checksum.to_string()))
+        .collect();
+    assert_eq!(released, recorded);
+    Ok(())
+}
+
+#[tokio::test]
+async fn upgrading_a_database_gives_the_holders_of_running_jobs_a_record_that_counts_their_end(
+) -> anyhow::Result<()> {
+    use sqlx::sqlite::{SqliteConnectOptions, SqlitePool};
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("kiln.db");
+    // A database as it was before clients were recorded, with one job running.
+    let old_migrations = dir.path().join("old-migrations");
+    std::fs::create_dir(&old_migrations)?;
+    let migrations = migrations_dir();
+    for name in ["0001_init.sql", "0002_chunks.sql"] {
+        std::fs::copy(migrations.join(name), old_migrations.join(name))?;
+    }
+    let pool = SqlitePool::connect_with(
+        SqliteConnectOptions::new()
+            .filename(&path)
+            .create_if_missing(true),
+    )
+    .await?;
+    sqlx::migrate::Migrator::new(old_migrations.as_path())
+        .await?
+        .run(&pool)
+        .await?;
+    sqlx::query(
+        "INSERT INTO builds (number, title, manifest, files_key, files_size, submitted_at) \
+         VALUES ('7', 'old', '{}', 'k', 0, 1)",
+    )
+    .execute(&pool)
+    .await?;
+    sqlx::query(
+        "INSERT INTO jobs (build, id, title, config_type, install_script, image_script, \
+         timeout_secs, priority, max_attempts, retries, state, client_id, lease_token, \
+         lease_expires_at, attempt, time_start) \
+         VALUES ('7', 'a', 'a', 'PRO', 'i.sh', 'm.sh', 60, 0, 3, 0, 'running', 'old-client', \
+         'lease-a', ?, 1, ?)",
+    )
+    .bind(at(600))
+    .bind(at(3))
+    .execute(&pool)
+    .await?;
+    pool.close().await;
+
+    let store = SqliteStore::open(&path).await?;
+    let record = client_record(&store, "old-client").await?;
+    assert_eq!(tally(&record), (1, 0, 0, 0));
+    assert_eq!((record.first_seen, record.last_contact), (at(3), at(3)));
+    assert!(record.include.is_empty(), "not known until its next claim");
+    assert_eq!(record.held.len(), 1);
+    store
+        .add_image("7", "a", "lease-a", &image("disk.wim", at(4)))
+        .await?;
+    store
+        .finish("7", "a", "lease-a", &["disk.wim".to_owned()], at(5))
+        .await?;
+    let record = client_record(&store, "old-client").await?;
+    assert_eq!(tally(&record), (1, 1, 0, 0));
+    assert_eq!(record.image_bytes, 1 << 20);
+    Ok(())
+}
