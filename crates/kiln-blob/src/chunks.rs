@@ -20,6 +20,7 @@
 
 use crate::chunking::{chunk_reader_with, ChunkParams, ChunkedFile};
 use crate::frames::{ChunkEntry, ChunkHash, Frame};
+use crate::packs::CompactStats;
 use crate::{BlobError, Digests, ImageHasher};
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -62,7 +63,8 @@ pub trait ChunkStore: Send + Sync + 'static {
     async fn put(&self, frames: Vec<Frame>) -> Result<PutStats, BlobError>;
     /// Makes everything stored so far durable and findable.
     async fn persist(&self) -> Result<(), BlobError>;
-    /// A chunk in its stored form, ready to send.
+    /// A chunk in its stored form, ready to send, checked against its name: a damaged
+    /// chunk is [`BlobError::Damaged`], never served.
     async fn read_frame(&self, hash: &ChunkHash) -> Result<Frame, BlobError>;
     /// Up to `limit` stored chunks whose names follow `after` (from the first when
     /// `None`), in name order: a listing a page at a time.
@@ -71,8 +73,16 @@ pub trait ChunkStore: Send + Sync + 'static {
         after: Option<ChunkHash>,
         limit: usize,
     ) -> Result<Vec<StoredChunk>, BlobError>;
-    /// Deletes chunks; returns the bytes freed (nothing for those not there).
+    /// Deletes chunks; returns the bytes freed (nothing for those not there). A store
+    /// may keep chunks its index has pinned (see [`crate::packs`]).
     async fn remove(&self, hashes: &[ChunkHash]) -> Result<u64, BlobError>;
+
+    /// Gives back the room of removed chunks where it is not given back at once:
+    /// rewrites what holds less than `live_share` live bytes.
+    async fn compact(&self, live_share: f64) -> Result<CompactStats, BlobError> {
+        let _ = live_share;
+        Ok(CompactStats::default())
+    }
 
     /// The chunks `hashes` names, in that order, a few read ahead. A store that can
     /// read neighbours together does better than this one-at-a-time default.
@@ -339,9 +349,12 @@ impl ChunkFiles {
             }
             Err(err) => return Err(BlobError::io(format!("reading {}", path.display()), err)),
         };
-        Frame::from_body(*hash, Bytes::from(body)).map_err(|err| {
-            BlobError::io(format!("reading {}", path.display()), io::Error::other(err))
-        })
+        let frame = Frame::from_body(*hash, Bytes::from(body))
+            .map_err(|err| BlobError::Damaged(format!("{}: {err}", path.display())))?;
+        frame
+            .decode()
+            .map_err(|err| BlobError::Damaged(format!("{}: {err}", path.display())))?;
+        Ok(frame)
     }
 
     /// A page of the listing: shard directories in order, names sorted within each.

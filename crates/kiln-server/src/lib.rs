@@ -11,13 +11,15 @@
 //!   registrar), run and stopped by one runner.
 //!
 //! Start a server with [`Server::open`] (the embedded defaults: SQLite and local
-//! stores under `--data`) or [`Server::with_backends`], then [`Server::run`] on a
-//! bound listener, so that tests can bind `127.0.0.1:0`.
+//! packs under `--data`) or [`Server::with_backends`] (for images in object storage,
+//! [`Backends::s3`]), then [`Server::run`] on a bound listener, so that tests can
+//! bind `127.0.0.1:0`.
 
 mod contacts;
 mod dispatch;
 pub mod farm;
 pub mod http;
+pub mod pack_index;
 mod sessions;
 pub mod workers;
 
@@ -25,7 +27,9 @@ pub use farm::credentials::{hash_secret, verify_secret};
 pub use farm::{Backends, Caller, Farm};
 
 use anyhow::Context;
-use kiln_blob::{LocalBlobStore, LocalChunkStore};
+use kiln_blob::packs::convert_chunk_files;
+use kiln_blob::s3::{S3BlobStore, S3Config, S3PackFiles};
+use kiln_blob::{ChunkStore, LocalBlobStore, LocalPackFiles, PackChunkStore};
 use kiln_store::SqliteStore;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -116,24 +120,80 @@ impl ServerConfig {
 const WORKERS_STOP_DEADLINE: Duration = Duration::from_secs(5);
 
 impl Backends {
-    /// The embedded defaults, under `data_dir`: SQLite in `kiln.db`, chunks in
-    /// `chunks/`, build files in `blobs/`.
+    /// The embedded defaults, under `data_dir`: SQLite in `kiln.db`, image chunks in
+    /// packs in `packs/` (indexed in the database), build files in `blobs/`. Chunks
+    /// kept one file each (`chunks/ab/<hash>`, the layout of older servers) are moved
+    /// into packs first.
     pub async fn local(data_dir: &Path) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(data_dir)
-            .with_context(|| format!("creating data directory {}", data_dir.display()))?;
-        let store = SqliteStore::open(&data_dir.join("kiln.db"))
-            .await
-            .context("opening the job store")?;
+        let store = open_state(data_dir).await?;
         let files =
             LocalBlobStore::open(&data_dir.join("blobs")).context("opening the blob store")?;
-        let chunks =
-            LocalChunkStore::open(&data_dir.join("chunks")).context("opening the chunk store")?;
+        let packs =
+            LocalPackFiles::open(&data_dir.join("packs")).context("opening the pack store")?;
+        let chunks = PackChunkStore::new(
+            Arc::new(packs),
+            Arc::new(pack_index::StorePackIndex::new(store.clone())),
+        );
+        convert_old_chunks(data_dir, &chunks).await?;
         Ok(Backends {
-            store: Arc::new(store),
+            store,
             chunks: Arc::new(chunks),
             files: Arc::new(files),
         })
     }
+
+    /// SQLite in `data_dir/kiln.db`; image packs and build files as objects in the
+    /// bucket `s3` names. Nothing about images is kept on the local disk.
+    pub async fn s3(data_dir: &Path, s3: &S3Config) -> anyhow::Result<Self> {
+        let store = open_state(data_dir).await?;
+        let bucket = s3.connect().context("opening the object store")?;
+        let packs = S3PackFiles::new(bucket.clone(), s3.clone());
+        let chunks = PackChunkStore::new(
+            Arc::new(packs),
+            Arc::new(pack_index::StorePackIndex::new(store.clone())),
+        );
+        convert_old_chunks(data_dir, &chunks).await?;
+        Ok(Backends {
+            store,
+            chunks: Arc::new(chunks),
+            files: Arc::new(S3BlobStore::new(bucket, s3.clone())),
+        })
+    }
+}
+
+/// Opens (creating) the SQLite store in `data_dir`.
+async fn open_state(data_dir: &Path) -> anyhow::Result<Arc<farm::Store>> {
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("creating data directory {}", data_dir.display()))?;
+    let store = SqliteStore::open(&data_dir.join("kiln.db"))
+        .await
+        .context("opening the job store")?;
+    Ok(Arc::new(store))
+}
+
+/// Moves chunks an older server kept one file each into packs.
+async fn convert_old_chunks(data_dir: &Path, chunks: &dyn ChunkStore) -> anyhow::Result<()> {
+    let old = data_dir.join("chunks");
+    if !old.exists() {
+        return Ok(());
+    }
+    tracing::info!(dir = %old.display(), "moving chunk files into packs");
+    let (moved, damaged) = convert_chunk_files(&old, chunks)
+        .await
+        .context("moving chunk files into packs")?;
+    tracing::info!(
+        n_chunks = moved,
+        n_damaged = damaged,
+        "chunk files moved into packs"
+    );
+    if damaged > 0 {
+        tracing::error!(
+            n_damaged = damaged,
+            dir = %old.display(),
+            "damaged chunk files were left where they are; images that list them fail to read"
+        );
+    }
+    Ok(())
 }
 
 /// A server ready to serve.

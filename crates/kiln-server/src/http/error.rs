@@ -13,6 +13,10 @@ use kiln_store::StoreError;
 /// the upload again.
 const RETRY_UPLOAD_AFTER_SECS: &str = "1";
 
+/// The pause, in seconds, a caller refused `store_unavailable` waits before it tries
+/// again: the object store may be back by then.
+const RETRY_STORE_AFTER_SECS: &str = "5";
+
 /// A farm error on its way out as an HTTP answer.
 #[derive(Debug)]
 pub struct HttpError(pub FarmError);
@@ -45,6 +49,12 @@ pub fn status_and_code(err: &FarmError) -> (StatusCode, &'static str) {
             (StatusCode::INSUFFICIENT_STORAGE, "no_space")
         }
         FarmError::Blob(BlobError::Io { .. }) => (StatusCode::INTERNAL_SERVER_ERROR, "io_failed"),
+        FarmError::Blob(BlobError::Damaged(_)) => {
+            (StatusCode::INTERNAL_SERVER_ERROR, "damaged_chunk")
+        }
+        FarmError::Blob(BlobError::Unavailable { .. }) => {
+            (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable")
+        }
         FarmError::Invalid { code, .. } => (StatusCode::BAD_REQUEST, code),
         FarmError::NotAuthenticated(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
         FarmError::NotAllowed(_) => (StatusCode::FORBIDDEN, "forbidden"),
@@ -78,11 +88,15 @@ impl IntoResponse for HttpError {
             }),
         )
             .into_response();
-        if status == StatusCode::TOO_MANY_REQUESTS {
-            response.headers_mut().insert(
-                header::RETRY_AFTER,
-                HeaderValue::from_static(RETRY_UPLOAD_AFTER_SECS),
-            );
+        let retry_after = match status {
+            StatusCode::TOO_MANY_REQUESTS => Some(RETRY_UPLOAD_AFTER_SECS),
+            StatusCode::SERVICE_UNAVAILABLE => Some(RETRY_STORE_AFTER_SECS),
+            _ => None,
+        };
+        if let Some(secs) = retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static(secs));
         }
         response
     }

@@ -18,6 +18,7 @@ mod auth;
 mod builds;
 mod clients;
 mod error;
+pub use error::status_and_code;
 mod images;
 mod jobs;
 mod meta;

@@ -432,7 +432,7 @@ async fn kiln_delta(
         None => kiln.conn.clone(),
     };
     let second = claim(&conn).await?;
-    let chunk_dir = dir.join("server").join("chunks");
+    let chunk_dir = dir.join("server").join("packs");
     let before = kiln.storage().await?;
     let on_disk_before = tree_size(&chunk_dir)?;
     if let Some(relay) = &relay {
@@ -592,7 +592,7 @@ async fn part_c(work: &Path) -> anyhow::Result<()> {
         .context("reading the server's storage counters")?;
     farm.stop().await;
     // The counters, checked against the chunk files themselves.
-    let on_disk = tree_size(&dir.join("server").join("chunks"))?;
+    let on_disk = tree_size(&dir.join("server").join("packs"))?;
     remove_dir(&dir)?;
     println!(
         "(c) the demo build ({} jobs): its images in the store",
