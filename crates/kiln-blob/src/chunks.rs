@@ -77,6 +77,18 @@ pub trait ChunkStore: Send + Sync + 'static {
     /// may keep chunks its index has pinned (see [`crate::packs`]).
     async fn remove(&self, hashes: &[ChunkHash]) -> Result<u64, BlobError>;
 
+    /// Deletes chunks as [`ChunkStore::remove`] does, for a collection that started at
+    /// `since` (unix microseconds): a store that keeps pins skips chunks pinned past
+    /// it, so that an upload that commits while the collection runs keeps its chunks.
+    async fn remove_unpinned_since(
+        &self,
+        hashes: &[ChunkHash],
+        since: i64,
+    ) -> Result<u64, BlobError> {
+        let _ = since;
+        self.remove(hashes).await
+    }
+
     /// Gives back the room of removed chunks where it is not given back at once:
     /// rewrites what holds less than `live_share` live bytes.
     async fn compact(&self, live_share: f64) -> Result<CompactStats, BlobError> {

@@ -26,9 +26,10 @@
 //! server that stored the same chunk meanwhile leaves a dead copy, reclaimed by
 //! compaction).
 //!
-//! Collection: [`ChunkStore::remove`] drops index entries, but never those of a chunk
-//! pinned in the index (an upload about to commit pins its chunks first, in the same
-//! store; see the server's `farm::images`). [`ChunkStore::compact`] then rewrites
+//! Collection: [`ChunkStore::remove_unpinned_since`] drops index entries, but never
+//! those of a chunk pinned in the index past the collection's start (an upload about
+//! to commit pins its chunks first, in the same store; see the server's
+//! `farm::images`). [`ChunkStore::compact`] then rewrites
 //! each pack whose live share fell below a threshold: its live chunks are copied to a
 //! new pack, the index entries are moved to it in one transaction, and the old pack is
 //! deleted once no entry points into it. A reader that looked a chunk up just before
@@ -102,9 +103,10 @@ pub trait PackIndex: Send + Sync + 'static {
         after: Option<ChunkHash>,
         limit: usize,
     ) -> Result<Vec<StoredChunk>, BlobError>;
-    /// Drops the entries of `hashes` except those pinned at `now` (unix microseconds),
-    /// in one transaction; returns the bytes of the frames dropped.
-    async fn remove_unpinned(&self, hashes: &[ChunkHash], now: i64) -> Result<u64, BlobError>;
+    /// Drops the entries of `hashes` except those pinned past `since` (unix
+    /// microseconds: when the collection started), in one transaction; returns the
+    /// bytes of the frames dropped.
+    async fn remove_unpinned(&self, hashes: &[ChunkHash], since: i64) -> Result<u64, BlobError>;
     /// Packs whose indexed bytes are below `live_share` of their length.
     async fn sparse_packs(&self, live_share: f64) -> Result<Vec<PackUsage>, BlobError>;
     /// The entries that point into `pack`.
@@ -408,6 +410,14 @@ impl ChunkStore for PackChunkStore {
         self.index
             .remove_unpinned(hashes, kiln_common::now_micros())
             .await
+    }
+
+    async fn remove_unpinned_since(
+        &self,
+        hashes: &[ChunkHash],
+        since: i64,
+    ) -> Result<u64, BlobError> {
+        self.index.remove_unpinned(hashes, since).await
     }
 
     async fn compact(&self, live_share: f64) -> Result<CompactStats, BlobError> {
@@ -809,11 +819,11 @@ impl PackIndex for MemoryPackIndex {
             .collect())
     }
 
-    async fn remove_unpinned(&self, hashes: &[ChunkHash], now: i64) -> Result<u64, BlobError> {
+    async fn remove_unpinned(&self, hashes: &[ChunkHash], since: i64) -> Result<u64, BlobError> {
         let mut state = self.state.lock().expect("index lock");
         let mut freed = 0;
         for hash in hashes {
-            if state.pins.get(hash).is_some_and(|until| *until > now) {
+            if state.pins.get(hash).is_some_and(|until| *until > since) {
                 continue;
             }
             if let Some(location) = state.chunks.remove(hash) {

@@ -83,9 +83,9 @@ impl PackIndex for StorePackIndex {
             .collect())
     }
 
-    async fn remove_unpinned(&self, hashes: &[ChunkHash], now: i64) -> Result<u64, BlobError> {
+    async fn remove_unpinned(&self, hashes: &[ChunkHash], since: i64) -> Result<u64, BlobError> {
         self.store
-            .remove_unpinned_chunks(hashes, now)
+            .remove_unpinned_chunks(hashes, since)
             .await
             .map_err(index_error)
     }

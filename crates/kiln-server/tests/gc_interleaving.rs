@@ -91,6 +91,14 @@ impl ChunkStore for Pausing {
         Self::stop_here(&self.at_remove).await;
         self.inner.remove(hashes).await
     }
+    async fn remove_unpinned_since(
+        &self,
+        hashes: &[ChunkHash],
+        since: i64,
+    ) -> Result<u64, BlobError> {
+        Self::stop_here(&self.at_remove).await;
+        self.inner.remove_unpinned_since(hashes, since).await
+    }
     async fn compact(&self, live_share: f64) -> Result<CompactStats, BlobError> {
         self.inner.compact(live_share).await
     }

@@ -570,8 +570,9 @@ pub trait Packs: Send + Sync + 'static {
         after: Option<ChunkHash>,
         limit: u32,
     ) -> StoreResult<Vec<(ChunkHash, u32)>>;
-    /// Drops the entries of `hashes` not pinned at `now`; returns the bytes dropped.
-    async fn remove_unpinned_chunks(&self, hashes: &[ChunkHash], now: i64) -> StoreResult<u64>;
+    /// Drops the entries of `hashes` that no pin holds past `since` (when the
+    /// collection removing them started); returns the bytes dropped.
+    async fn remove_unpinned_chunks(&self, hashes: &[ChunkHash], since: i64) -> StoreResult<u64>;
     /// Packs whose entries cover less than `live_share` of their bytes.
     async fn sparse_packs(&self, live_share: f64) -> StoreResult<Vec<PackFill>>;
     /// The entries of `pack`, in offset order.
@@ -585,8 +586,12 @@ pub trait Packs: Send + Sync + 'static {
         new: Option<(&str, u64, &[PackEntry])>,
         now: i64,
     ) -> StoreResult<bool>;
-    /// Keeps `hashes` from collection until `until` (or later, if pinned longer).
-    async fn pin_chunks(&self, hashes: &[ChunkHash], until: i64) -> StoreResult<()>;
+    /// Keeps `hashes` from collection until `until` for `owner` (or later, if it
+    /// pinned them longer).
+    async fn pin_chunks(&self, owner: &str, hashes: &[ChunkHash], until: i64) -> StoreResult<()>;
+    /// Ends `owner`'s pins of `hashes` at `now` (an image that lists them is recorded):
+    /// collections that started before `now` still skip them, later ones do not.
+    async fn release_pins(&self, owner: &str, hashes: &[ChunkHash], now: i64) -> StoreResult<()>;
     /// Forgets pins that ended before `now`; returns how many.
     async fn forget_pins(&self, now: i64) -> StoreResult<u64>;
 }

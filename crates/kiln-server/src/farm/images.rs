@@ -6,8 +6,10 @@
 //! Collection never races uploads, whichever server of a farm runs it: every chunk an
 //! upload asks about, sends or commits is *pinned* in the state store for [`PIN_TTL`]
 //! (an upload abandoned for good stops protecting its chunks then), and the chunk
-//! store's removal skips chunks pinned at that moment, in the same transaction that
-//! removes. A commit pins its chunks *before* it checks they are present: either the
+//! store's removal skips chunks pinned past the collection's start, in the same
+//! transaction that removes. A commit ends its pins at the time it recorded its image:
+//! a collection that started before then may not have seen the image, and still skips
+//! them; one that starts later sees the image. A commit pins its chunks *before* it checks they are present: either the
 //! pin is there when collection removes (the chunk stays), or the removal came first
 //! and the check finds the chunk gone and answers `missing_chunks`, so the client
 //! sends it again. Either way no image is recorded that lists a chunk not stored.
@@ -261,7 +263,7 @@ impl Farm {
             )));
         }
         let hashes: Vec<ChunkHash> = request.chunks.iter().map(|entry| entry.hash).collect();
-        self.pin_chunks(&hashes).await?;
+        self.pin_chunks(build, job, &hashes).await?;
         let in_order = match &request.image {
             Some(image) => {
                 check_name("image name", image)
@@ -373,7 +375,7 @@ impl Farm {
                     batch_bytes = 0;
                     report.chunks += frames.len() as u64;
                     let hashes: Vec<ChunkHash> = frames.iter().map(|frame| frame.hash).collect();
-                    self.pin_chunks(&hashes).await?;
+                    self.pin_chunks(build, job, &hashes).await?;
                     let chunks = self.images.blocking();
                     let store_started = Instant::now();
                     let images = self.images.in_order_hashes_of(build, job);
@@ -477,7 +479,7 @@ impl Farm {
         }
         let hashes: Vec<ChunkHash> = request.chunks.iter().map(|entry| entry.hash).collect();
         // Pinned before the check: see the module docs.
-        self.pin_chunks(&hashes).await?;
+        self.pin_chunks(build, job, &hashes).await?;
         let missing = self.images.chunks.missing(&hashes).await?;
         if !missing.is_empty() {
             return Err(FarmError::MissingChunks {
@@ -553,6 +555,15 @@ impl Farm {
                     created_at: now,
                     chunk_list: pack_chunk_list(entries),
                 },
+            )
+            .await?;
+        // The image keeps its chunks now; collections that start from here on see it.
+        let hashes: Vec<ChunkHash> = entries.iter().map(|entry| entry.hash).collect();
+        self.store
+            .release_pins(
+                &format!("{build}/{job}"),
+                &hashes,
+                kiln_common::now_micros(),
             )
             .await?;
         let config_type = self.store.get_job(build, job).await?.config_type;
@@ -665,7 +676,7 @@ impl Farm {
             let entries: Vec<ChunkEntry> =
                 chunked.chunks.iter().map(|chunk| chunk.entry()).collect();
             let hashes: Vec<ChunkHash> = entries.iter().map(|entry| entry.hash).collect();
-            self.pin_chunks(&hashes).await?;
+            self.pin_chunks(build, job, &hashes).await?;
             attempts += 1;
             if self.images.chunks.missing(&hashes).await?.is_empty() || attempts == 3 {
                 break (chunked, stats, entries);
@@ -809,9 +820,13 @@ impl Farm {
     }
 
     /// Keeps `hashes` from collection for [`PIN_TTL`], in the state store.
-    async fn pin_chunks(&self, hashes: &[ChunkHash]) -> FarmResult<()> {
+    /// The pins of one job's uploads are theirs: another upload's commit of the same
+    /// chunks does not end them.
+    async fn pin_chunks(&self, build: &str, job: &str, hashes: &[ChunkHash]) -> FarmResult<()> {
         let until = kiln_common::now_micros() + PIN_TTL.as_micros() as i64;
-        self.store.pin_chunks(hashes, until).await?;
+        self.store
+            .pin_chunks(&format!("{build}/{job}"), hashes, until)
+            .await?;
         Ok(())
     }
 
@@ -821,7 +836,10 @@ impl Farm {
     /// run, on this server or another on the same state store (see the module docs).
     pub async fn collect_garbage(&self) -> FarmResult<(u64, u64)> {
         let _one_at_a_time = self.images.gc_serial.lock().await;
-        self.store.forget_pins(kiln_common::now_micros()).await?;
+        // Taken before the mark: a pin released after it (an image recorded while
+        // this collection runs, which the mark may not have seen) still holds.
+        let started = kiln_common::now_micros();
+        self.store.forget_pins(started).await?;
         let live = self.live_chunks().await?;
         let mut candidates: Vec<ChunkHash> = Vec::new();
         let mut stored_bytes = 0u64;
@@ -846,7 +864,11 @@ impl Farm {
         let mut freed_bytes = 0u64;
         for batch in candidates.chunks(LIST_PAGE) {
             let before = self.images.chunks.missing(batch).await?.len();
-            freed_bytes += self.images.chunks.remove(batch).await?;
+            freed_bytes += self
+                .images
+                .chunks
+                .remove_unpinned_since(batch, started)
+                .await?;
             let after = self.images.chunks.missing(batch).await?.len();
             freed += (after - before) as u64;
         }

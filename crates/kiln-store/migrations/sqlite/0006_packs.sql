@@ -17,9 +17,13 @@ CREATE TABLE pack_chunks (
 ) WITHOUT ROWID;
 CREATE INDEX pack_chunks_by_pack ON pack_chunks (pack);
 
--- Chunks an upload named (asked about, sent, or committing): garbage collection
--- removes none of them before `until` (unix microseconds), whichever server runs it.
+-- Chunks an upload (`owner`: its build and job) named, asked about, sent or is
+-- committing: a garbage collection that started before `until` (unix microseconds)
+-- removes none of them, whichever server runs it. A commit sets `until` to the time
+-- it recorded its image, which collections that start later see.
 CREATE TABLE chunk_pins (
-    hash  BLOB PRIMARY KEY NOT NULL,
-    until INTEGER NOT NULL
+    hash  BLOB NOT NULL,
+    owner TEXT NOT NULL,
+    until INTEGER NOT NULL,
+    PRIMARY KEY (hash, owner)
 ) WITHOUT ROWID;

@@ -2443,7 +2443,8 @@ pub async fn the_pack_index_keeps_the_first_entry_of_a_chunk_and_survives_reopen
     Ok(())
 }
 
-/// Removal skips chunks pinned at the time it runs, and pins end when they say.
+/// Removal skips chunks pinned past the start of the collection, pins end when they
+/// say, and a released pin still holds for collections that started before it.
 pub async fn removing_chunks_skips_pinned_ones_until_their_pins_end<F: StoreFactory>(
     factory: &F,
 ) -> CaseResult {
@@ -2456,9 +2457,11 @@ pub async fn removing_chunks_skips_pinned_ones_until_their_pins_end<F: StoreFact
             at(0),
         )
         .await?;
-    store.pin_chunks(&[chunk(1), chunk(2)], at(60)).await?;
+    store
+        .pin_chunks("1/a", &[chunk(1), chunk(2)], at(60))
+        .await?;
     // A shorter pin does not shorten a longer one.
-    store.pin_chunks(&[chunk(2)], at(10)).await?;
+    store.pin_chunks("1/a", &[chunk(2)], at(10)).await?;
     let freed = store
         .remove_unpinned_chunks(&[chunk(1), chunk(2), chunk(3), chunk(9)], at(30))
         .await?;
@@ -2468,11 +2471,26 @@ pub async fn removing_chunks_skips_pinned_ones_until_their_pins_end<F: StoreFact
         vec![(chunk(1), 100), (chunk(2), 200)]
     );
     assert_eq!(store.forget_pins(at(30)).await?, 0, "no pin has ended");
-    assert_eq!(store.forget_pins(at(60)).await?, 2);
-    let freed = store
-        .remove_unpinned_chunks(&[chunk(1), chunk(2)], at(61))
+    // Two uploads pin chunk 1; one commits and releases its pin at 40.
+    store.pin_chunks("1/b", &[chunk(1)], at(45)).await?;
+    store
+        .release_pins("1/a", &[chunk(1), chunk(2)], at(40))
         .await?;
-    assert_eq!(freed, 300);
+    assert_eq!(
+        store.remove_unpinned_chunks(&[chunk(2)], at(39)).await?,
+        0,
+        "a collection that started before the release still skips chunk 2"
+    );
+    assert_eq!(
+        store
+            .remove_unpinned_chunks(&[chunk(1), chunk(2)], at(41))
+            .await?,
+        200,
+        "one started after it removes chunk 2; the other upload's pin keeps chunk 1"
+    );
+    assert_eq!(store.forget_pins(at(45)).await?, 3);
+    let freed = store.remove_unpinned_chunks(&[chunk(1)], at(46)).await?;
+    assert_eq!(freed, 100);
     assert!(store.list_chunks(None, 10).await?.is_empty());
     Ok(())
 }

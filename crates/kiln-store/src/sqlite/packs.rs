@@ -103,7 +103,7 @@ impl Packs for SqliteStore {
             .collect()
     }
 
-    async fn remove_unpinned_chunks(&self, hashes: &[ChunkHash], now: i64) -> StoreResult<u64> {
+    async fn remove_unpinned_chunks(&self, hashes: &[ChunkHash], since: i64) -> StoreResult<u64> {
         let mut tx = self.write_tx().await?;
         let mut freed = 0u64;
         for batch in hashes.chunks(BIND_BATCH) {
@@ -118,13 +118,13 @@ impl Packs for SqliteStore {
             for hash in batch {
                 sum = sum.bind(&hash.0[..]);
             }
-            freed += unsigned(&sum.bind(now).fetch_one(&mut *tx).await?, "bytes")?;
+            freed += unsigned(&sum.bind(since).fetch_one(&mut *tx).await?, "bytes")?;
             let delete_sql = format!("DELETE FROM pack_chunks WHERE {condition}");
             let mut delete = sqlx::query(&delete_sql);
             for hash in batch {
                 delete = delete.bind(&hash.0[..]);
             }
-            delete.bind(now).execute(&mut *tx).await?;
+            delete.bind(since).execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(freed)
@@ -209,20 +209,35 @@ impl Packs for SqliteStore {
         Ok(!in_use)
     }
 
-    async fn pin_chunks(&self, hashes: &[ChunkHash], until: i64) -> StoreResult<()> {
+    async fn pin_chunks(&self, owner: &str, hashes: &[ChunkHash], until: i64) -> StoreResult<()> {
         if hashes.is_empty() {
             return Ok(());
         }
         let mut tx = self.write_tx().await?;
         for hash in hashes {
             sqlx::query(
-                "INSERT INTO chunk_pins (hash, until) VALUES (?, ?) \
-                 ON CONFLICT (hash) DO UPDATE SET until = MAX(until, excluded.until)",
+                "INSERT INTO chunk_pins (hash, owner, until) VALUES (?, ?, ?) \
+                 ON CONFLICT (hash, owner) DO UPDATE SET until = MAX(until, excluded.until)",
             )
             .bind(&hash.0[..])
+            .bind(owner)
             .bind(until)
             .execute(&mut *tx)
             .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn release_pins(&self, owner: &str, hashes: &[ChunkHash], now: i64) -> StoreResult<()> {
+        let mut tx = self.write_tx().await?;
+        for hash in hashes {
+            sqlx::query("UPDATE chunk_pins SET until = MIN(until, ?) WHERE hash = ? AND owner = ?")
+                .bind(now)
+                .bind(&hash.0[..])
+                .bind(owner)
+                .execute(&mut *tx)
+                .await?;
         }
         tx.commit().await?;
         Ok(())
