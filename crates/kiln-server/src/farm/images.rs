@@ -678,8 +678,18 @@ impl Farm {
             let hashes: Vec<ChunkHash> = entries.iter().map(|entry| entry.hash).collect();
             self.pin_chunks(build, job, &hashes).await?;
             attempts += 1;
-            if self.images.chunks.missing(&hashes).await?.is_empty() || attempts == 3 {
+            let missing = self.images.chunks.missing(&hashes).await?;
+            if missing.is_empty() {
                 break (chunked, stats, entries);
+            }
+            if attempts == 3 {
+                return Err(FarmError::MissingChunks {
+                    message: format!(
+                        "image {name}: {} of its chunks were collected as they were stored;                          send it again",
+                        missing.len()
+                    ),
+                    missing: missing.iter().map(ChunkHash::to_hex).collect(),
+                });
             }
         };
         self.store
