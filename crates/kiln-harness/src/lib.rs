@@ -10,8 +10,9 @@
 //! - [`chaos`]: `kiln bench chaos`, a build run while clients and the server are
 //!   SIGKILLed, checked from the images and the event log;
 //! - [`demo`]: `kiln demo`, a whole farm building the bundled example;
-//! - [`testing`]: the end-to-end tests' support (blocking: a test's harness, servers,
-//!   clients, masters, builds, a tiny HTTP client, a proxy that cuts the network).
+//! - [`proxy::TcpProxy`]: a proxy that cuts the network between a client and a server;
+//! - `testing` (feature `testing`): the end-to-end tests' support (blocking: a test's
+//!   harness, servers, clients, masters, builds, a tiny HTTP client).
 //!
 //! The harness is test and benchmark code: its errors are `anyhow`'s, and it reports
 //! its progress on stderr. It runs the `kiln` binary that [`kiln_exe`] finds.
@@ -20,6 +21,8 @@ pub mod bench;
 pub mod chaos;
 pub mod demo;
 pub mod farm;
+pub mod proxy;
+#[cfg(feature = "testing")]
 pub mod testing;
 
 use std::path::PathBuf;

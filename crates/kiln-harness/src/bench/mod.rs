@@ -283,7 +283,7 @@ pub async fn failover(
             "echo x > \"$KILN_OUTPUT/image.bin\"\n",
         )?;
         // The failing client starts alone, so that it is the one that takes the job.
-        let proxy = crate::testing::TcpProxy::start(&farm.url);
+        let proxy = crate::proxy::TcpProxy::start(&farm.url);
         let victim_url = if mode == FailoverMode::Partition {
             proxy.url.clone()
         } else {

@@ -12,11 +12,10 @@
 
 mod builds;
 mod http;
-mod proxy;
 
+pub use crate::proxy::TcpProxy;
 pub use builds::*;
 pub use http::*;
-pub use proxy::*;
 
 use serde_json::Value;
 use std::ffi::OsStr;

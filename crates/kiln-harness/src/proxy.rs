@@ -1,7 +1,10 @@
 //! [`TcpProxy`]: a proxy on loopback between a client and a server that can cut the
-//! network, slow it down, and heal it.
+//! network, slow it down, and heal it; the partition tests and the failover bench use
+//! it.
 
-use super::*;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
 
 /// A TCP proxy on loopback in front of a server, that can cut the network: while cut,
 /// it passes no byte either way but keeps every connection open, as a broken network
