@@ -7,12 +7,15 @@ mod build;
 mod chaos;
 mod client;
 mod clients;
+pub mod completions;
 mod credentials;
 mod demo;
 mod events;
 mod farm;
 mod logs;
+pub mod manpages;
 mod master;
+pub mod openapi;
 mod release;
 mod server;
 mod servers;
@@ -105,6 +108,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             init_tracing("warn");
             bench::run(args).await
         }
+        Command::Completions(args) => completions::run(args),
+        Command::Man(args) => manpages::run(args),
+        Command::Openapi(args) => openapi::run(args),
     }
 }
 
