@@ -71,8 +71,11 @@ pub struct JobStatus {
 /// `POST /v1/claim`: a client asks for one job, waiting up to `wait_secs` for one.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ClaimRequest {
+    /// The caller's own client id.
+    #[schema(pattern = "^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
     pub client_id: String,
     /// Config types the client takes; `*` takes any.
+    #[schema(min_items = 1)]
     pub include: Vec<String>,
     /// How long the server may hold the request open waiting for a job.
     pub wait_secs: u64,

@@ -81,6 +81,8 @@ impl<'de> serde::Deserialize<'de> for ChunkHash {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, ToSchema)]
 pub struct ChunkEntry {
     pub hash: ChunkHash,
+    /// The chunk's length in bytes, 1 to 1 MiB.
+    #[schema(minimum = 1, maximum = 1048576)]
     pub len: u32,
 }
 
@@ -130,8 +132,13 @@ pub struct PutChunksResponse {
 /// `POST /v1/jobs/B/J/images/NAME/commit`.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct CommitRequest {
+    /// The image's size in bytes: the sum of its chunks' lengths.
     pub size: u64,
+    /// The whole image's BLAKE3, 64 lowercase hex digits.
+    #[schema(pattern = "^[0-9a-f]{64}$")]
     pub blake3: String,
+    /// The whole image's SHA-256, 64 lowercase hex digits.
+    #[schema(pattern = "^[0-9a-f]{64}$")]
     pub sha256: String,
     pub chunks: Vec<ChunkEntry>,
 }

@@ -310,3 +310,102 @@ async fn a_session_naming_a_client_id_that_is_not_a_name_is_refused_bad_name_as_
     assert_refused_as_described(response, "POST", "/v1/session", 400, "bad_name").await;
     server.stop().await;
 }
+
+/// What schemathesis's `positive_data_acceptance` check found: requests the description
+/// allowed that the server refuses. The description now states each rule (a pattern,
+/// a length, a count); each case asserts the rule is there and that a request breaking
+/// it is refused as described.
+#[tokio::test]
+async fn what_the_server_refuses_the_description_rules_out() {
+    let server = Running::start().await;
+    let (id, secret) = server.enroll("probe").await;
+    let document = document();
+    let schema = |name: &str| document["components"]["schemas"][name].clone();
+    let http = reqwest::Client::new();
+    let post = |path: &str| http.post(format!("{}{path}", server.url));
+
+    // An empty lease header is no lease.
+    let lease = document["paths"]["/v1/jobs/{build}/{job}/heartbeat"]["post"]["parameters"]
+        .as_array()
+        .expect("parameters")
+        .iter()
+        .find(|parameter| parameter["name"] == kiln_proto::LEASE_HEADER)
+        .expect("the lease header")
+        .clone();
+    assert_eq!(lease["schema"]["minLength"], 1);
+    let response = post("/v1/jobs/4000/disk/heartbeat")
+        .basic_auth(&id, Some(&secret))
+        .header(kiln_proto::LEASE_HEADER, "")
+        .json(&serde_json::json!({}))
+        .send()
+        .await
+        .expect("a heartbeat");
+    assert_refused_as_described(
+        response,
+        "POST",
+        "/v1/jobs/{build}/{job}/heartbeat",
+        400,
+        "no_lease",
+    )
+    .await;
+
+    // A claim names its client with a safe name, and takes at least one config type.
+    let claim_request = schema("ClaimRequest");
+    assert_eq!(
+        claim_request["properties"]["client_id"]["pattern"],
+        kiln_server::http::openapi::SAFE_NAME_PATTERN
+    );
+    assert_eq!(claim_request["properties"]["include"]["minItems"], 1);
+    for (path, body, code) in [
+        (
+            "/v1/claim",
+            serde_json::json!({"client_id": "", "include": ["*"], "wait_secs": 0}),
+            "bad_name",
+        ),
+        (
+            "/v1/offer",
+            serde_json::json!({"client_id": "", "include": ["*"], "wait_secs": 0}),
+            "bad_name",
+        ),
+        (
+            "/v1/claim",
+            serde_json::json!({"client_id": id, "include": [], "wait_secs": 0}),
+            "no_include",
+        ),
+    ] {
+        let response = post(path)
+            .basic_auth(&id, Some(&secret))
+            .json(&body)
+            .send()
+            .await
+            .expect("a claim");
+        assert_refused_as_described(response, "POST", path, 400, code).await;
+    }
+
+    // Enrolling names a safe client id.
+    assert_eq!(
+        schema("EnrollRequest")["properties"]["client_id"]["pattern"],
+        kiln_server::http::openapi::SAFE_NAME_PATTERN
+    );
+    let response = post("/v1/enroll")
+        .bearer_auth(&server.admin)
+        .json(&serde_json::json!({"client_id": ""}))
+        .send()
+        .await
+        .expect("an enrollment");
+    assert_refused_as_described(response, "POST", "/v1/enroll", 400, "bad_name").await;
+
+    // The join token is rotated or disabled, nothing else.
+    assert_eq!(
+        schema("JoinTokenRequest")["properties"]["action"]["pattern"],
+        "^(rotate|disable)$"
+    );
+    let response = post("/v1/join-token")
+        .bearer_auth(&server.admin)
+        .json(&serde_json::json!({"action": ""}))
+        .send()
+        .await
+        .expect("a join-token change");
+    assert_refused_as_described(response, "POST", "/v1/join-token", 400, "bad_action").await;
+    server.stop().await;
+}

@@ -259,11 +259,7 @@ pub fn files_doc() -> Doc {
              client adds `?job=JOB` and that job's lease in `x-kiln-lease`.",
         )
         .query::<FilesQuery>()
-        .header(
-            kiln_proto::LEASE_HEADER,
-            false,
-            "A client's lease of the job named by `job`.",
-        )
+        .lease("A client's lease of the job named by `job`.")
         .ranged()
         .answers_ranged("the build's files archive")
         .refuses(400, &["no_job", "no_lease"])

@@ -32,6 +32,7 @@ pub fn list_doc() -> Doc {
 #[derive(Deserialize, ToSchema)]
 pub struct EnrollRequest {
     /// A safe name, not enrolled yet.
+    #[schema(pattern = "^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
     client_id: String,
 }
 
@@ -103,7 +104,7 @@ pub fn revoke_credential_doc() -> Doc {
 #[derive(Deserialize, ToSchema)]
 pub struct JoinTokenRequest {
     /// `rotate` (a new token, returned once) or `disable`.
-    #[schema(example = "rotate")]
+    #[schema(example = "rotate", pattern = "^(rotate|disable)$")]
     action: String,
 }
 

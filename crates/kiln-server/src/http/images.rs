@@ -158,9 +158,8 @@ pub fn put_whole_doc() -> Doc {
              arrive and stores them (cut into chunks) only if their BLAKE3 is the one in \
              `x-kiln-blake3`. The same name again under the same lease replaces it.",
         )
-        .header(
+        .digest_header(
             kiln_proto::BLAKE3_HEADER,
-            true,
             "The image's BLAKE3, 64 lowercase hex digits.",
         )
         .takes_bytes("application/octet-stream", "The image's bytes.")

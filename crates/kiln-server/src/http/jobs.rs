@@ -87,6 +87,7 @@ pub fn offer_doc() -> Doc {
 #[into_params(parameter_in = Query)]
 pub struct SessionQuery {
     /// The caller's own client id.
+    #[param(pattern = "^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
     client_id: String,
 }
 

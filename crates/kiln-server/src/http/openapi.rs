@@ -85,7 +85,7 @@ const PATH_PARAMETERS: [(&str, &str, &str); 4] = [
 ];
 
 /// A safe name, as every path parameter must be.
-const SAFE_NAME_PATTERN: &str = "^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$";
+pub const SAFE_NAME_PATTERN: &str = "^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$";
 
 /// Media type of image bytes and build files.
 const BYTES: &str = "application/octet-stream";
@@ -138,6 +138,23 @@ impl Doc {
     pub fn header(mut self, name: &str, required: bool, description: &str) -> Self {
         self.parameters
             .push(header_parameter(name, required, description));
+        self
+    }
+
+    /// The `x-kiln-lease` header, when the route reads it without requiring it.
+    pub fn lease(mut self, description: &str) -> Self {
+        self.parameters.push(lease_header(false, description));
+        self
+    }
+
+    /// A header that carries a BLAKE3 or SHA-256: 64 lowercase hex digits.
+    pub fn digest_header(mut self, name: &str, description: &str) -> Self {
+        self.parameters.push(header_parameter_of(
+            name,
+            true,
+            description,
+            ObjectBuilder::new().pattern(Some("^[0-9a-f]{64}$")),
+        ));
         self
     }
 
@@ -357,6 +374,16 @@ fn binary() -> Schema {
 }
 
 fn header_parameter(name: &str, required: bool, description: &str) -> Parameter {
+    header_parameter_of(name, required, description, ObjectBuilder::new())
+}
+
+/// A header parameter whose value `schema` (a string) describes further.
+fn header_parameter_of(
+    name: &str,
+    required: bool,
+    description: &str,
+    schema: ObjectBuilder,
+) -> Parameter {
     ParameterBuilder::new()
         .name(name)
         .parameter_in(ParameterIn::Header)
@@ -366,8 +393,18 @@ fn header_parameter(name: &str, required: bool, description: &str) -> Parameter 
             Required::False
         })
         .description(Some(description))
-        .schema(Some(ObjectBuilder::new().schema_type(Type::String).build()))
+        .schema(Some(schema.schema_type(Type::String).build()))
         .build()
+}
+
+/// The `x-kiln-lease` header: an empty one is no lease at all.
+fn lease_header(required: bool, description: &str) -> Parameter {
+    header_parameter_of(
+        kiln_proto::LEASE_HEADER,
+        required,
+        description,
+        ObjectBuilder::new().min_length(Some(1)),
+    )
 }
 
 /// A route as the description has it: its row and its doc.
@@ -552,11 +589,7 @@ fn operation(route: &Described<'_>) -> Operation {
         })
         .collect();
     if endpoint.access == Access::Holder {
-        parameters.push(header_parameter(
-            kiln_proto::LEASE_HEADER,
-            true,
-            "The lease token of the claim.",
-        ));
+        parameters.push(lease_header(true, "The lease token of the claim."));
     }
     parameters.extend(doc.parameters.iter().cloned());
 
