@@ -3,7 +3,7 @@
 use super::error::HttpError;
 use super::images::ranged;
 use super::{lease_header, xml_response, Doc, Shared};
-use crate::farm::{Caller, FarmError};
+use crate::domain::{Caller, FarmError};
 use axum::extract::{Multipart, Path, Query};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;

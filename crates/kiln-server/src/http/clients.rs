@@ -2,8 +2,8 @@
 
 use super::error::HttpError;
 use super::{Doc, Shared};
-use crate::farm::clients::JoinTokenAction;
-use crate::farm::{Caller, FarmError};
+use crate::domain::clients::JoinTokenAction;
+use crate::domain::{Caller, FarmError};
 use axum::extract::Path;
 use axum::http::StatusCode;
 use axum::Json;

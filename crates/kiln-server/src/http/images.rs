@@ -3,7 +3,7 @@
 
 use super::error::HttpError;
 use super::{lease_of, Doc, Shared};
-use crate::farm::Caller;
+use crate::domain::Caller;
 use axum::body::Body;
 use axum::extract::Path;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};

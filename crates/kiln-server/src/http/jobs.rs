@@ -3,7 +3,7 @@
 
 use super::error::HttpError;
 use super::{lease_of, xml_response, Doc, Peer, Shared};
-use crate::farm::{Caller, FarmError};
+use crate::domain::{Caller, FarmError};
 use axum::body::Body;
 use axum::extract::{Path, Query};
 use axum::http::{HeaderMap, StatusCode};

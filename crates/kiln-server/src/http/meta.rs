@@ -4,7 +4,7 @@
 
 use super::error::HttpError;
 use super::{Doc, Shared};
-use crate::farm::Caller;
+use crate::domain::Caller;
 use crate::workers::{WorkerState, WorkerStatus};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};

@@ -24,7 +24,7 @@ mod jobs;
 mod meta;
 pub mod openapi;
 
-use crate::farm::Farm;
+use crate::domain::Farm;
 use crate::workers::Workers;
 use axum::extract::rejection::RawPathParamsRejection;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequestParts, RawPathParams, Request};
@@ -115,7 +115,7 @@ struct Route {
 /// The largest submission: the files archive the server accepts, the largest
 /// manifest, and room for the multipart framing.
 fn submit_limit(max_files_bytes: u64) -> usize {
-    (max_files_bytes + crate::farm::builds::MAX_MANIFEST_BYTES as u64 + (1 << 20)) as usize
+    (max_files_bytes + crate::domain::builds::MAX_MANIFEST_BYTES as u64 + (1 << 20)) as usize
 }
 
 /// Every endpoint of the API with its handler: the router is built from this list
@@ -607,7 +607,7 @@ async fn check_path_names(
                 continue;
             };
             if let Err(message) = check_name(what, value) {
-                return HttpError::from(crate::farm::FarmError::invalid("bad_name", message))
+                return HttpError::from(crate::domain::FarmError::invalid("bad_name", message))
                     .into_response();
             }
         }
@@ -668,7 +668,7 @@ async fn run_to_completion(request: Request, next: axum::middleware::Next) -> Re
     match tokio::spawn(next.run(request)).await {
         Ok(response) => response,
         Err(err) => {
-            HttpError::from(crate::farm::FarmError::task("request handler", err)).into_response()
+            HttpError::from(crate::domain::FarmError::task("request handler", err)).into_response()
         }
     }
 }
@@ -703,7 +703,7 @@ fn lease_header(headers: &HeaderMap) -> Option<&str> {
 
 /// The lease token a call about a job must carry, or the refusal saying where it goes.
 fn lease_of(headers: &HeaderMap) -> Result<&str, HttpError> {
-    Ok(crate::farm::builds::require_lease(lease_header(headers))?)
+    Ok(crate::domain::builds::require_lease(lease_header(headers))?)
 }
 
 /// An XML answer.
