@@ -1,14 +1,17 @@
 //! The kiln server: a build farm's state and its HTTP API.
 //!
 //! Three layers, each knowing only the one below:
-//! - [`farm`]: the domain. [`farm::Farm`] does everything the server does (submit,
+//! - [`domain`]: the farm itself. [`domain::Farm`] does everything the server does (submit,
 //!   claim, heartbeat, log, finish, fail, restart, cancel, delete a build, collect
 //!   garbage, issue and revoke credentials) over the stores it is given
-//!   ([`farm::Backends`]), and returns [`farm::FarmError`]; it knows nothing of HTTP.
+//!   ([`domain::Backends`]), and returns [`domain::FarmError`]; it knows nothing of HTTP.
 //! - [`http`]: the route table, the router built from it, and thin handlers grouped
 //!   by resource that call the farm.
 //! - [`workers`]: background work in one shape (dispatcher, timekeeper, notifier,
 //!   registrar), run and stopped by one runner.
+//!
+//! [`offline`] changes client credentials and the join token on a data directory
+//! without going through a server's HTTP API, with the farm's own rules.
 //!
 //! Start a server with [`Server::open`] (the embedded defaults: SQLite and local
 //! packs under `--data`) or [`Server::with_backends`] (for images in object storage,
@@ -17,18 +20,22 @@
 
 mod contacts;
 mod dispatch;
-pub mod farm;
+pub mod domain;
 pub mod http;
+pub mod offline;
 pub mod pack_index;
 mod sessions;
 pub mod workers;
 
-pub use farm::credentials::{hash_secret, verify_secret};
-pub use farm::{Backends, Caller, Farm};
+pub use domain::credentials::{hash_secret, verify_secret};
+pub use domain::{Backends, Caller, Farm};
+/// Where images rest in object storage: `--images s3://BUCKET[/PREFIX]` and the
+/// `--s3-*` flags.
+pub use kiln_blob::s3::S3Config;
 
 use anyhow::Context;
 use kiln_blob::packs::convert_chunk_files;
-use kiln_blob::s3::{S3BlobStore, S3Config, S3PackFiles};
+use kiln_blob::s3::{S3BlobStore, S3PackFiles};
 use kiln_blob::{ChunkStore, LocalBlobStore, LocalPackFiles, PackChunkStore};
 use kiln_store::SqliteStore;
 use std::path::{Path, PathBuf};
@@ -162,7 +169,7 @@ impl Backends {
 }
 
 /// Opens (creating) the SQLite store in `data_dir`.
-async fn open_state(data_dir: &Path) -> anyhow::Result<Arc<farm::Store>> {
+async fn open_state(data_dir: &Path) -> anyhow::Result<Arc<domain::Store>> {
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("creating data directory {}", data_dir.display()))?;
     let store = SqliteStore::open(&data_dir.join("kiln.db"))

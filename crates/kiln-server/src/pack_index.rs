@@ -9,11 +9,11 @@ use std::sync::Arc;
 
 /// The pack index in the state store.
 pub struct StorePackIndex {
-    store: Arc<crate::farm::Store>,
+    store: Arc<crate::domain::Store>,
 }
 
 impl StorePackIndex {
-    pub fn new(store: Arc<crate::farm::Store>) -> Self {
+    pub fn new(store: Arc<crate::domain::Store>) -> Self {
         StorePackIndex { store }
     }
 }

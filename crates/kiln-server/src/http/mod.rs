@@ -5,14 +5,15 @@
 //! enforced by [`auth::authorize`] before the handler), the largest body it takes,
 //! whether it is a long poll, and its handler. The router is built from that table
 //! alone, and so is everything that depends on a route: body limits, the words of a
-//! refusal for a body over its limit, and which calls run to completion when their
-//! client hangs up. [`endpoints`] lists the table for tests and tools.
+//! refusal for a body over its limit, which calls run to completion when their client
+//! hangs up, and the API's OpenAPI description ([`openapi`]: each row carries its
+//! [`Doc`]). [`endpoints`] lists the table for tests and tools.
 //!
 //! - [`builds`]: submit, list, read and delete builds; their events, images, files.
 //! - [`jobs`]: claims and offers, sessions, what a holder reports, restart and cancel.
 //! - [`images`]: the chunked transfer and image downloads.
 //! - [`clients`]: the inventory, enrollment and credentials.
-//! - [`meta`]: health, whoami, storage figures, metrics.
+//! - [`meta`]: health, whoami, storage figures, metrics, the OpenAPI description.
 
 mod auth;
 mod builds;
@@ -22,8 +23,9 @@ pub use error::status_and_code;
 mod images;
 mod jobs;
 mod meta;
+pub mod openapi;
 
-use crate::farm::Farm;
+use crate::domain::Farm;
 use crate::workers::Workers;
 use axum::extract::rejection::RawPathParamsRejection;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequestParts, RawPathParams, Request};
@@ -33,6 +35,7 @@ use axum::routing::{delete, get, post, put, MethodRouter};
 use axum::{Json, Router};
 use error::HttpError;
 use kiln_proto::names::check_name;
+pub use openapi::Doc;
 use std::sync::Arc;
 
 /// The largest commit body: a chunk list of a 64 GiB image at the smallest chunks.
@@ -103,16 +106,17 @@ pub struct Endpoint {
 
 type Handler = MethodRouter<Arc<ServerState>>;
 
-/// A row of the table: the endpoint and its handler.
+/// A row of the table: the endpoint, its handler and its description.
 struct Route {
     endpoint: Endpoint,
     handler: Handler,
+    doc: Doc,
 }
 
 /// The largest submission: the files archive the server accepts, the largest
 /// manifest, and room for the multipart framing.
 fn submit_limit(max_files_bytes: u64) -> usize {
-    (max_files_bytes + crate::farm::builds::MAX_MANIFEST_BYTES as u64 + (1 << 20)) as usize
+    (max_files_bytes + crate::domain::builds::MAX_MANIFEST_BYTES as u64 + (1 << 20)) as usize
 }
 
 /// Every endpoint of the API with its handler: the router is built from this list
@@ -130,7 +134,8 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
                access: Access,
                body_limit: BodyLimit,
                long_poll: bool,
-               handler: Handler| Route {
+               handler: Handler,
+               doc: Doc| Route {
         endpoint: Endpoint {
             method,
             path,
@@ -139,6 +144,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             long_poll,
         },
         handler,
+        doc,
     };
     vec![
         row(
@@ -148,6 +154,16 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             JSON,
             false,
             get(meta::health),
+            meta::health_doc(),
+        ),
+        row(
+            Method::GET,
+            "/v1/openapi.json",
+            Open,
+            JSON,
+            false,
+            get(meta::openapi),
+            meta::openapi_doc(),
         ),
         row(
             Method::GET,
@@ -156,6 +172,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             JSON,
             false,
             get(meta::whoami),
+            meta::whoami_doc(),
         ),
         row(
             Method::GET,
@@ -164,6 +181,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             JSON,
             false,
             get(builds::list),
+            builds::list_doc(),
         ),
         row(
             Method::POST,
@@ -172,6 +190,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             submit,
             false,
             post(builds::submit),
+            builds::submit_doc(),
         ),
         row(
             Method::GET,
@@ -180,6 +199,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             JSON,
             false,
             get(builds::summary),
+            builds::summary_doc(),
         ),
         row(
             Method::DELETE,
@@ -188,6 +208,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             JSON,
             false,
             delete(builds::delete),
+            builds::delete_doc(),
         ),
         row(
             Method::GET,
@@ -196,6 +217,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             JSON,
             false,
             get(builds::jobs),
+            builds::jobs_doc(),
         ),
         row(
             Method::GET,
@@ -204,6 +226,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             JSON,
             false,
             get(builds::relbuild_xml),
+            builds::relbuild_xml_doc(),
         ),
         row(
             Method::GET,
@@ -212,6 +235,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             JSON,
             true,
             get(builds::events),
+            builds::events_doc(),
         ),
         row(
             Method::GET,
@@ -220,6 +244,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             JSON,
             false,
             get(builds::images),
+            builds::images_doc(),
         ),
         row(
             Method::GET,
@@ -228,6 +253,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             JSON,
             false,
             get(builds::files),
+            builds::files_doc(),
         ),
         row(
             Method::POST,
@@ -236,6 +262,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             JSON,
             true,
             post(jobs::claim),
+            jobs::claim_doc(),
         ),
         row(
             Method::POST,
@@ -244,6 +271,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             JSON,
             true,
             post(jobs::offer),
+            jobs::offer_doc(),
         ),
         row(
             Method::GET,
@@ -252,6 +280,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             JSON,
             false,
             get(clients::list),
+            clients::list_doc(),
         ),
         row(
             Method::POST,
@@ -260,6 +289,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             JSON,
             false,
             post(clients::enroll),
+            clients::enroll_doc(),
         ),
         row(
             Method::GET,
@@ -268,6 +298,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             JSON,
             false,
             get(clients::credentials),
+            clients::credentials_doc(),
         ),
         row(
             Method::POST,
@@ -276,6 +307,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             JSON,
             false,
             post(clients::issue_credential),
+            clients::issue_credential_doc(),
         ),
         row(
             Method::DELETE,
@@ -284,6 +316,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             JSON,
             false,
             delete(clients::revoke_credential),
+            clients::revoke_credential_doc(),
         ),
         row(
             Method::POST,
@@ -292,6 +325,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             JSON,
             false,
             post(clients::join_token),
+            clients::join_token_doc(),
         ),
         row(
             Method::POST,
@@ -300,6 +334,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             STREAMED,
             true,
             post(jobs::session),
+            jobs::session_doc(),
         ),
         row(
             Method::GET,
@@ -308,6 +343,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             JSON,
             false,
             get(jobs::status),
+            jobs::status_doc(),
         ),
         row(
             Method::GET,
@@ -316,6 +352,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             JSON,
             false,
             get(jobs::status_xml),
+            jobs::status_xml_doc(),
         ),
         row(
             Method::GET,
@@ -324,6 +361,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             JSON,
             true,
             get(jobs::read_log),
+            jobs::read_log_doc(),
         ),
         row(
             Method::POST,
@@ -332,6 +370,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             JSON,
             false,
             post(jobs::append_log),
+            jobs::append_log_doc(),
         ),
         row(
             Method::POST,
@@ -340,6 +379,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             JSON,
             false,
             post(jobs::heartbeat),
+            jobs::heartbeat_doc(),
         ),
         row(
             Method::POST,
@@ -348,6 +388,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             JSON,
             false,
             post(jobs::finish),
+            jobs::finish_doc(),
         ),
         row(
             Method::POST,
@@ -356,6 +397,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             JSON,
             false,
             post(jobs::fail),
+            jobs::fail_doc(),
         ),
         row(
             Method::POST,
@@ -364,6 +406,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             JSON,
             false,
             post(jobs::release),
+            jobs::release_doc(),
         ),
         row(
             Method::POST,
@@ -372,6 +415,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             JSON,
             false,
             post(jobs::give_up),
+            jobs::give_up_doc(),
         ),
         row(
             Method::POST,
@@ -380,6 +424,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             JSON,
             false,
             post(jobs::restart),
+            jobs::restart_doc(),
         ),
         row(
             Method::POST,
@@ -388,6 +433,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             JSON,
             false,
             post(jobs::cancel),
+            jobs::cancel_doc(),
         ),
         row(
             Method::GET,
@@ -396,6 +442,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             JSON,
             false,
             get(images::download),
+            images::download_doc(),
         ),
         row(
             Method::PUT,
@@ -404,6 +451,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             STREAMED,
             false,
             put(images::put_whole),
+            images::put_whole_doc(),
         ),
         row(
             Method::GET,
@@ -412,6 +460,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             JSON,
             false,
             get(images::index),
+            images::index_doc(),
         ),
         row(
             Method::POST,
@@ -420,6 +469,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             COMMIT,
             false,
             post(images::commit),
+            images::commit_doc(),
         ),
         row(
             Method::POST,
@@ -428,6 +478,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             COMMIT,
             false,
             post(images::missing),
+            images::missing_doc(),
         ),
         row(
             Method::POST,
@@ -436,6 +487,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             STREAMED,
             false,
             post(images::put_chunks),
+            images::put_chunks_doc(),
         ),
         row(
             Method::POST,
@@ -444,6 +496,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             JSON,
             false,
             post(images::fetch),
+            images::fetch_doc(),
         ),
         row(
             Method::GET,
@@ -452,6 +505,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             JSON,
             false,
             get(meta::storage),
+            meta::storage_doc(),
         ),
         row(
             Method::GET,
@@ -460,6 +514,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             JSON,
             false,
             get(meta::metrics),
+            meta::metrics_doc(),
         ),
     ]
 }
@@ -472,10 +527,33 @@ pub fn endpoints() -> Vec<Endpoint> {
         .collect()
 }
 
+/// The API's OpenAPI description, as a server with the default configuration serves
+/// it (and `docs/openapi.json` has it).
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    openapi_for(crate::ServerConfig::new(Default::default()).max_files_bytes)
+}
+
+/// The OpenAPI description of a server that accepts build files up to
+/// `max_files_bytes`.
+fn openapi_for(max_files_bytes: u64) -> utoipa::openapi::OpenApi {
+    let routes = routes(max_files_bytes);
+    let described: Vec<openapi::Described<'_>> = routes
+        .iter()
+        .map(|route| openapi::Described {
+            endpoint: &route.endpoint,
+            doc: &route.doc,
+        })
+        .collect();
+    openapi::describe(&described)
+}
+
 /// Builds the router over `state` from the route table.
 pub fn router(state: Arc<ServerState>) -> Router {
     let mut by_path: Vec<(&'static str, Handler)> = Vec::new();
-    for Route { endpoint, handler } in routes(state.farm.config().max_files_bytes) {
+    for Route {
+        endpoint, handler, ..
+    } in routes(state.farm.config().max_files_bytes)
+    {
         let access = endpoint.access;
         let auth_state = state.clone();
         let limit = endpoint.body_limit;
@@ -530,7 +608,7 @@ async fn check_path_names(
                 continue;
             };
             if let Err(message) = check_name(what, value) {
-                return HttpError::from(crate::farm::FarmError::invalid("bad_name", message))
+                return HttpError::from(crate::domain::FarmError::invalid("bad_name", message))
                     .into_response();
             }
         }
@@ -591,7 +669,7 @@ async fn run_to_completion(request: Request, next: axum::middleware::Next) -> Re
     match tokio::spawn(next.run(request)).await {
         Ok(response) => response,
         Err(err) => {
-            HttpError::from(crate::farm::FarmError::task("request handler", err)).into_response()
+            HttpError::from(crate::domain::FarmError::task("request handler", err)).into_response()
         }
     }
 }
@@ -626,7 +704,7 @@ fn lease_header(headers: &HeaderMap) -> Option<&str> {
 
 /// The lease token a call about a job must carry, or the refusal saying where it goes.
 fn lease_of(headers: &HeaderMap) -> Result<&str, HttpError> {
-    Ok(crate::farm::builds::require_lease(lease_header(headers))?)
+    Ok(crate::domain::builds::require_lease(lease_header(headers))?)
 }
 
 /// An XML answer.

@@ -130,8 +130,8 @@ fn s3_config(
     endpoint: &str,
     region: &str,
     credentials_file: Option<&std::path::Path>,
-) -> anyhow::Result<kiln_blob::s3::S3Config> {
-    let mut s3 = kiln_blob::s3::S3Config::from_url(url, endpoint, region)
+) -> anyhow::Result<kiln_server::S3Config> {
+    let mut s3 = kiln_server::S3Config::from_url(url, endpoint, region)
         .map_err(|msg| crate::operator::Usage(format!("--images: {msg}")))?;
     s3.credentials = match credentials_file {
         Some(path) => {
