@@ -63,6 +63,14 @@ pub trait ChunkStore: Send + Sync + 'static {
     async fn put(&self, frames: Vec<Frame>) -> Result<PutStats, BlobError>;
     /// Makes everything stored so far durable and findable.
     async fn persist(&self) -> Result<(), BlobError>;
+    /// Which of `hashes` are not durable and findable, in the order given, each once:
+    /// called after [`ChunkStore::persist`] by a caller that must know its own chunks
+    /// made it. A store that shares pending writes between callers (packs) may lose
+    /// another caller's chunks when a write of theirs fails, and says so here. By
+    /// default, [`ChunkStore::missing`].
+    async fn not_persisted(&self, hashes: &[ChunkHash]) -> Result<Vec<ChunkHash>, BlobError> {
+        self.missing(hashes).await
+    }
     /// A chunk in its stored form, ready to send, checked against its name: a damaged
     /// chunk is [`BlobError::Damaged`], never served.
     async fn read_frame(&self, hash: &ChunkHash) -> Result<Frame, BlobError>;
@@ -150,6 +158,11 @@ impl BlockingChunks {
     /// See [`ChunkStore::persist`].
     pub fn persist(&self) -> Result<(), BlobError> {
         self.runtime.block_on(self.store.persist())
+    }
+
+    /// See [`ChunkStore::not_persisted`].
+    pub fn not_persisted(&self, hashes: &[ChunkHash]) -> Result<Vec<ChunkHash>, BlobError> {
+        self.runtime.block_on(self.store.not_persisted(hashes))
     }
 
     /// See [`ChunkStore::read_unchecked`].
@@ -526,7 +539,26 @@ pub fn ingest<R: Read + Send>(
     let chunked = chunked.map_err(|err| BlobError::io("cutting an image into chunks", err))?;
     flush(&mut batch, &mut stats)?;
     store.persist()?;
+    let hashes: Vec<ChunkHash> = chunked
+        .chunks
+        .iter()
+        .map(|chunk| chunk.entry().hash)
+        .collect();
+    let lost = store.not_persisted(&hashes)?;
+    if !lost.is_empty() {
+        return Err(lost_with_a_pack(lost.len()));
+    }
     Ok((chunked, stats))
+}
+
+/// The error of a caller whose chunks, stored and persisted without error, are not all
+/// findable: they went down with a pack another caller failed to write (the store
+/// failed), so the same upload may work later.
+pub fn lost_with_a_pack(n_lost: usize) -> BlobError {
+    BlobError::Unavailable {
+        what: format!("{n_lost} chunks were lost with a pack that could not be written"),
+        source: Box::new(io::Error::other("a pack could not be written")),
+    }
 }
 
 /// How many decoded chunks may wait between the two threads of [`read_image`].

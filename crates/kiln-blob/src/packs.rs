@@ -315,6 +315,29 @@ impl ChunkStore for PackChunkStore {
         Ok(missing)
     }
 
+    /// Only the index counts: a chunk in the open pack is not durable yet, and one
+    /// whose pack failed to seal (another caller's persist, say) is in neither.
+    async fn not_persisted(&self, hashes: &[ChunkHash]) -> Result<Vec<ChunkHash>, BlobError> {
+        let mut seen = HashSet::with_capacity(hashes.len());
+        let unique: Vec<ChunkHash> = hashes
+            .iter()
+            .filter(|hash| seen.insert(**hash))
+            .copied()
+            .collect();
+        let mut missing = Vec::new();
+        for batch in unique.chunks(4096) {
+            let found = self.index.locate(batch).await?;
+            missing.extend(
+                batch
+                    .iter()
+                    .zip(found)
+                    .filter(|(_, location)| location.is_none())
+                    .map(|(hash, _)| *hash),
+            );
+        }
+        Ok(missing)
+    }
+
     async fn put(&self, frames: Vec<Frame>) -> Result<PutStats, BlobError> {
         let mut open = self.open.lock().await;
         let mut seen = HashSet::with_capacity(frames.len());
@@ -969,6 +992,100 @@ mod tests {
             .collect();
         names.sort();
         names
+    }
+
+    /// Local packs whose next seal fails while `fail` is set, as an object store that
+    /// went away would.
+    struct FailingSeals {
+        inner: LocalPackFiles,
+        fail: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    struct FailingOpen {
+        inner: Box<dyn OpenPack>,
+        fail: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    #[async_trait]
+    impl OpenPack for FailingOpen {
+        fn name(&self) -> &str {
+            self.inner.name()
+        }
+        fn size(&self) -> u64 {
+            self.inner.size()
+        }
+        async fn append(&mut self, pieces: Vec<Bytes>) -> Result<(), BlobError> {
+            self.inner.append(pieces).await
+        }
+        async fn read(&self, range: Range<u64>) -> Result<Bytes, BlobError> {
+            self.inner.read(range).await
+        }
+        async fn seal(self: Box<Self>) -> Result<(), BlobError> {
+            if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+                self.inner.abandon().await;
+                return Err(crate::chunks::lost_with_a_pack(0));
+            }
+            self.inner.seal().await
+        }
+        async fn abandon(self: Box<Self>) {
+            self.inner.abandon().await
+        }
+    }
+
+    #[async_trait]
+    impl PackFiles for FailingSeals {
+        async fn begin(&self) -> Result<Box<dyn OpenPack>, BlobError> {
+            Ok(Box::new(FailingOpen {
+                inner: self.inner.begin().await?,
+                fail: self.fail.clone(),
+            }))
+        }
+        async fn read(&self, pack: &str, range: Range<u64>) -> Result<Bytes, BlobError> {
+            self.inner.read(pack, range).await
+        }
+        async fn remove(&self, pack: &str) -> Result<(), BlobError> {
+            self.inner.remove(pack).await
+        }
+        fn target_pack_bytes(&self) -> u64 {
+            self.inner.target_pack_bytes()
+        }
+    }
+
+    #[tokio::test]
+    async fn chunks_that_went_down_with_another_callers_failed_seal_are_not_persisted() {
+        let dir = tempfile::tempdir().unwrap();
+        let fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let files = FailingSeals {
+            inner: LocalPackFiles::open(dir.path()).unwrap(),
+            fail: fail.clone(),
+        };
+        let store = PackChunkStore::new(Arc::new(files), Arc::new(MemoryPackIndex::default()));
+        let mine = Frame::encode(&noise(50_000, 1));
+        let theirs = Frame::encode(&noise(50_000, 2));
+        store.put(vec![mine.clone()]).await.unwrap();
+        store.put(vec![theirs.clone()]).await.unwrap();
+        // The other caller persists while the store is failing: the shared open pack,
+        // with my chunk in it, is lost.
+        fail.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(store.persist().await.is_err());
+        fail.store(false, std::sync::atomic::Ordering::SeqCst);
+        // My persist finds nothing open and succeeds; my chunk is not persisted.
+        store.persist().await.unwrap();
+        assert_eq!(
+            store.not_persisted(&[mine.hash]).await.unwrap(),
+            vec![mine.hash]
+        );
+        assert_eq!(store.missing(&[mine.hash]).await.unwrap(), vec![mine.hash]);
+        // Sent again, it is.
+        store.put(vec![mine.clone()]).await.unwrap();
+        assert_eq!(store.missing(&[mine.hash]).await.unwrap(), vec![]);
+        assert_eq!(
+            store.not_persisted(&[mine.hash]).await.unwrap(),
+            vec![mine.hash],
+            "in the open pack, not yet durable"
+        );
+        store.persist().await.unwrap();
+        assert!(store.not_persisted(&[mine.hash]).await.unwrap().is_empty());
     }
 
     #[tokio::test]

@@ -333,6 +333,7 @@ impl Farm {
             bytes_stored: 0,
         };
         let mut new_chunks = 0u64;
+        let mut body_hashes: Vec<ChunkHash> = Vec::new();
         let mut cut_short: Option<FarmError> = None;
         let outcome: FarmResult<()> = async {
             loop {
@@ -376,6 +377,7 @@ impl Farm {
                     report.chunks += frames.len() as u64;
                     let hashes: Vec<ChunkHash> = frames.iter().map(|frame| frame.hash).collect();
                     self.pin_chunks(build, job, &hashes).await?;
+                    body_hashes.extend_from_slice(&hashes);
                     let chunks = self.images.blocking();
                     let store_started = Instant::now();
                     let images = self.images.in_order_hashes_of(build, job);
@@ -418,6 +420,12 @@ impl Farm {
             .await?;
         outcome?;
         persisted?;
+        // Durable means findable in the index: chunks of this body that shared an open
+        // pack with another body whose write failed went down with it.
+        let lost = self.images.chunks.not_persisted(&body_hashes).await?;
+        if !lost.is_empty() {
+            return Err(kiln_blob::chunks::lost_with_a_pack(lost.len()).into());
+        }
         Ok(report)
     }
 
@@ -523,6 +531,18 @@ impl Farm {
         }
         // The chunks' names become durable before an image lists them.
         self.images.chunks.persist().await?;
+        // And they are findable in the index: a pack shared with another upload whose
+        // write failed takes its chunks down with it; the client sends them again.
+        let lost = self.images.chunks.not_persisted(&hashes).await?;
+        if !lost.is_empty() {
+            return Err(FarmError::MissingChunks {
+                message: format!(
+                    "image {name}: {} of its chunks were lost with a pack that could not be written; send them and commit again",
+                    lost.len()
+                ),
+                missing: lost.iter().map(ChunkHash::to_hex).collect(),
+            });
+        }
         let info = self
             .record_image(build, job, lease, name, &digests, &entries)
             .await?;

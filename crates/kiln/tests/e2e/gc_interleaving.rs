@@ -77,6 +77,9 @@ impl ChunkStore for Pausing {
         Self::stop_here(&self.at_persist).await;
         self.inner.persist().await
     }
+    async fn not_persisted(&self, hashes: &[ChunkHash]) -> Result<Vec<ChunkHash>, BlobError> {
+        self.inner.not_persisted(hashes).await
+    }
     async fn read_frame(&self, hash: &ChunkHash) -> Result<Frame, BlobError> {
         self.inner.read_frame(hash).await
     }
