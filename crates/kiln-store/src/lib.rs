@@ -6,9 +6,11 @@
 //! records, chunk lists, legacy images, storage counters), [`Outbox`] (webhook notices)
 //! and [`Clients`] (histories, contacts, credentials). [`Store`] is all of them, so
 //! that the server holds one `Arc<dyn Store>` and may hand a part on as a narrower
-//! trait object. [`SqliteStore`] implements them on an embedded SQLite database (WAL,
-//! every read-modify-write in `BEGIN IMMEDIATE`), with its migrations in
-//! `migrations/sqlite/`; it is the only backend so far.
+//! trait object. Two backends implement them: [`SqliteStore`] on an embedded SQLite
+//! database (WAL, every read-modify-write in `BEGIN IMMEDIATE`), the default, and
+//! [`PgStore`] on a PostgreSQL server (row locks and conditional updates), for farms
+//! whose server processes share one database. Each has its migrations in
+//! `migrations/<backend>/`.
 //!
 //! The farm's rules live apart from any SQL, in the private module `rules`: what a
 //! claim, a report, a lost lease, a restart or a cancel does to a job, the reason its
@@ -29,8 +31,10 @@
 #[cfg(feature = "conformance")]
 pub mod conformance;
 mod rules;
+mod postgres;
 mod sqlite;
 
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 use async_trait::async_trait;
