@@ -7,10 +7,10 @@
 //! or failed with a reason. A 409 from any call means the lease is gone: the job's
 //! processes are killed and its output discarded.
 
-use crate::conn::{CallError, ServerConn};
 use crate::runner::{run_step, OutputLine, StepOutcome, StepSpec, Stream};
 use crate::state::LocalState;
 use crate::upload::ImageUploader;
+use kiln_api::{CallError, ServerConn};
 use kiln_proto::api::{Claim, Fail, LogBatch, NewLogLine};
 use kiln_proto::progress::{parse_progress_line, Progress};
 use std::collections::VecDeque;

@@ -11,18 +11,16 @@
 //! those its masters list, refreshed as it runs. Each job runs in [`job::run_job`]; its
 //! steps run through [`runner::run_step`].
 
-pub mod conn;
 pub mod fleet;
-pub mod identity;
 pub mod job;
 pub mod runner;
 pub mod state;
 pub mod upload;
 
-use conn::{CallError, ServerConn};
-use fleet::{MasterConn, ServerList};
+use fleet::ServerList;
 use futures::StreamExt;
 use job::{JobEnd, JobRun};
+use kiln_api::{CallError, MasterConn, ServerConn};
 use kiln_proto::api::{Claim, ClaimRequest, Offer};
 use rand::Rng;
 use state::LocalState;

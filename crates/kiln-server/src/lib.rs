@@ -10,6 +10,9 @@
 //! - [`workers`]: background work in one shape (dispatcher, timekeeper, notifier,
 //!   registrar), run and stopped by one runner.
 //!
+//! [`offline`] changes client credentials and the join token on a data directory
+//! without going through a server's HTTP API, with the farm's own rules.
+//!
 //! Start a server with [`Server::open`] (the embedded defaults: SQLite and local
 //! stores under `--data`) or [`Server::with_backends`], then [`Server::run`] on a
 //! bound listener, so that tests can bind `127.0.0.1:0`.
@@ -18,6 +21,7 @@ mod contacts;
 mod dispatch;
 pub mod farm;
 pub mod http;
+pub mod offline;
 mod sessions;
 pub mod workers;
 

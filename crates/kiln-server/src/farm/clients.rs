@@ -5,7 +5,7 @@
 use super::{Farm, FarmError, FarmResult};
 use kiln_proto::api::{ClientInfo, ClientSecret, CredentialInfo};
 use kiln_proto::names::check_name;
-use kiln_store::{CredentialPut, CredentialWrite, StoreError};
+use kiln_store::{ClientCredential, Clients, CredentialPut, CredentialWrite, StoreError};
 use std::sync::Arc;
 
 /// What an operator does to the join token.
@@ -137,25 +137,14 @@ impl Farm {
 
     /// Every client credential (never a secret or its hash).
     pub async fn credentials(&self) -> FarmResult<Vec<CredentialInfo>> {
-        let rows = self.store.client_credentials().await?;
-        Ok(rows
-            .into_iter()
-            .map(|row| CredentialInfo {
-                client_id: row.client_id,
-                origin: row.origin,
-                created_at: row.created_at,
-                revoked_at: row.revoked_at,
-            })
-            .collect())
+        Ok(list_credentials(self.store.as_ref()).await?)
     }
 
     /// A new secret for client `id`; its old one, revoked or not, stops working.
     pub async fn issue_credential(&self, id: &str) -> FarmResult<ClientSecret> {
         let secret = kiln_common::secret::new_secret();
         let hash = self.hash_off_thread(&secret).await?;
-        self.store
-            .put_client_credential(id, &hash, CredentialWrite::Issue, kiln_common::now_micros())
-            .await?;
+        issue(self.store.as_ref(), id, &hash).await?;
         self.credentials.remember(id, &hash, &secret);
         tracing::info!(client = %id, "client credential issued");
         Ok(ClientSecret {
@@ -167,10 +156,7 @@ impl Farm {
     /// Client `id`'s secret stops working; the id cannot enroll again until an
     /// operator issues it a new one.
     pub async fn revoke_credential(&self, id: &str) -> FarmResult<()> {
-        let revoked = self
-            .store
-            .revoke_client_credential(id, kiln_common::now_micros())
-            .await?;
+        let revoked = revoke(self.store.as_ref(), id).await?;
         self.credentials.forget(id);
         if !revoked {
             return Err(StoreError::NotFound(format!("a live credential of client {id:?}")).into());
@@ -181,14 +167,58 @@ impl Farm {
 
     /// Rotates or disables the join token; a rotated one is returned, once.
     pub fn change_join_token(&self, action: JoinTokenAction) -> FarmResult<Option<String>> {
-        let token = match action {
-            JoinTokenAction::Rotate => Some(kiln_common::secret::new_secret()),
-            JoinTokenAction::Disable => None,
-        };
+        let token = action.new_token();
         self.credentials
             .set_join_token(token.as_deref())
             .map_err(|err| FarmError::Internal(kiln_proto::error_chain(&err)))?;
         tracing::info!(?action, "join token changed");
         Ok(token)
     }
+}
+
+impl JoinTokenAction {
+    /// The token the action leaves: a new random one, or none.
+    pub(crate) fn new_token(self) -> Option<String> {
+        match self {
+            JoinTokenAction::Rotate => Some(kiln_common::secret::new_secret()),
+            JoinTokenAction::Disable => None,
+        }
+    }
+}
+
+/// Every client credential in `store`, as operators see them (never a secret or its
+/// hash). The farm and [`crate::offline`] list them alike.
+pub(crate) async fn list_credentials(
+    store: &dyn Clients,
+) -> Result<Vec<CredentialInfo>, StoreError> {
+    let rows = store.client_credentials().await?;
+    Ok(rows.into_iter().map(credential_info).collect())
+}
+
+fn credential_info(row: ClientCredential) -> CredentialInfo {
+    CredentialInfo {
+        client_id: row.client_id,
+        origin: row.origin,
+        created_at: row.created_at,
+        revoked_at: row.revoked_at,
+    }
+}
+
+/// Stores `hash` as client `id`'s issued secret, replacing any other (revoked or not).
+/// The farm and [`crate::offline`] issue alike.
+pub(crate) async fn issue(
+    store: &dyn Clients,
+    id: &str,
+    hash: &str,
+) -> Result<CredentialPut, StoreError> {
+    store
+        .put_client_credential(id, hash, CredentialWrite::Issue, kiln_common::now_micros())
+        .await
+}
+
+/// Ends client `id`'s live secret; `false` when it had none.
+pub(crate) async fn revoke(store: &dyn Clients, id: &str) -> Result<bool, StoreError> {
+    store
+        .revoke_client_credential(id, kiln_common::now_micros())
+        .await
 }

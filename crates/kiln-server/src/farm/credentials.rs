@@ -131,7 +131,7 @@ impl Credentials {
         &self,
         token: Option<&str>,
     ) -> Result<(), kiln_common::secret::SecretFileError> {
-        kiln_common::secret::write_secret_file(&self.join_file, token.unwrap_or(JOIN_DISABLED))?;
+        write_join_token(&self.join_file, token)?;
         *self.join.write().unwrap_or_else(|e| e.into_inner()) = token.map(str::to_owned);
         Ok(())
     }
@@ -281,6 +281,15 @@ impl Farm {
             .map_err(|err| FarmError::task("hashing a secret", err))?
             .map_err(|err| FarmError::Internal(err.to_string()))
     }
+}
+
+/// Writes the join token file (atomically, mode 0600): the token, or what disables
+/// enrollment.
+pub(crate) fn write_join_token(
+    file: &Path,
+    token: Option<&str>,
+) -> Result<(), kiln_common::secret::SecretFileError> {
+    kiln_common::secret::write_secret_file(file, token.unwrap_or(JOIN_DISABLED))
 }
 
 /// An argon2id hash (PHC string) of `secret`, with a random salt.

@@ -1,16 +1,13 @@
-//! One module per subcommand; [`run`] dispatches.
+//! One module per subcommand, each parsing its arguments into a library call and
+//! printing what comes back; [`run`] dispatches.
 
 mod bench;
-mod bench_fleet;
-mod bench_transfer;
 mod build;
-mod chaos;
 mod client;
 mod clients;
 mod credentials;
 mod demo;
 mod events;
-mod farm;
 mod logs;
 mod master;
 mod release;
@@ -20,7 +17,7 @@ mod status;
 mod submit;
 
 use crate::cli::{Cli, Command, JobAction};
-use crate::operator::{split_job, Operator};
+use crate::operator::split_job;
 use anyhow::Context;
 use std::process::ExitCode;
 
@@ -66,14 +63,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Job(args) => {
             init_tracing("warn");
             let (name, opts, action) = match &args.action {
-                JobAction::Restart { job, server } => (job, server, "restart"),
-                JobAction::Cancel { job, server } => (job, server, "cancel"),
+                JobAction::Restart { job, server } => (job, server, kiln_api::JobAction::Restart),
+                JobAction::Cancel { job, server } => (job, server, kiln_api::JobAction::Cancel),
             };
             let (build, job) = split_job(name)?;
-            let operator = Operator::new(opts)?;
-            let event: kiln_proto::api::Event = operator
-                .post_json(&format!("/v1/jobs/{build}/{job}/{action}"))
-                .await?;
+            let operator = crate::operator::operator(opts)?;
+            let event = operator.job_action(&build, &job, action).await?;
             println!(
                 "job {build}/{job}: {} -> {}",
                 event.from.map_or("-".into(), |s| s.to_string()),
