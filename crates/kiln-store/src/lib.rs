@@ -60,6 +60,11 @@ pub enum StoreError {
     /// The job's state does not allow the change.
     #[error("{0}")]
     Conflict(String),
+    /// The database cannot be reached now (a database server restarting, a broken
+    /// connection, no connection free in time): nothing was changed, and the same call
+    /// may succeed later.
+    #[error("the database is unavailable; try again")]
+    Unavailable(#[source] sqlx::Error),
     /// The database failed.
     #[error("database error")]
     Db(#[source] sqlx::Error),
@@ -70,7 +75,28 @@ pub enum StoreError {
 
 impl From<sqlx::Error> for StoreError {
     fn from(err: sqlx::Error) -> Self {
-        StoreError::Db(err)
+        if is_unavailable(&err) {
+            StoreError::Unavailable(err)
+        } else {
+            StoreError::Db(err)
+        }
+    }
+}
+
+/// Whether `err` says the database could not be reached rather than that it refused
+/// what was asked: connection failures, a pool with no connection to give, and
+/// PostgreSQL's connection exceptions (class 08) and shutdown notices (57P01 to 57P03).
+fn is_unavailable(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|code| code.starts_with("08") || matches!(&*code, "57P01" | "57P02" | "57P03")),
+        _ => false,
     }
 }
 

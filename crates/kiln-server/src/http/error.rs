@@ -38,6 +38,9 @@ pub fn status_and_code(err: &FarmError) -> (StatusCode, &'static str) {
         }
         FarmError::Store(StoreError::StaleLease { .. }) => (StatusCode::CONFLICT, "stale_lease"),
         FarmError::Store(StoreError::Conflict(_)) => (StatusCode::CONFLICT, "conflict"),
+        FarmError::Store(StoreError::Unavailable(_)) => {
+            (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable")
+        }
         FarmError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "store_failed"),
         FarmError::Blob(BlobError::NotFound(_)) => (StatusCode::NOT_FOUND, "not_found"),
         FarmError::Blob(BlobError::InvalidKey(_)) => (StatusCode::BAD_REQUEST, "invalid_key"),
@@ -78,7 +81,7 @@ impl IntoResponse for HttpError {
             }),
         )
             .into_response();
-        if status == StatusCode::TOO_MANY_REQUESTS {
+        if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
             response.headers_mut().insert(
                 header::RETRY_AFTER,
                 HeaderValue::from_static(RETRY_UPLOAD_AFTER_SECS),
