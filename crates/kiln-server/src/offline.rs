@@ -9,8 +9,8 @@
 //! (it reads the stored row again within a second); a join token written here is read
 //! by the server at its next start.
 
-use crate::farm::clients::{issue, list_credentials, revoke, JoinTokenAction};
-use crate::farm::credentials::{hash_secret, write_join_token};
+use crate::domain::clients::{issue, list_credentials, revoke, JoinTokenAction};
+use crate::domain::credentials::{hash_secret, write_join_token};
 use kiln_proto::api::{ClientSecret, CredentialInfo};
 use kiln_store::{Clients, CredentialPut, SqliteStore, StoreError};
 use std::path::{Path, PathBuf};

@@ -3,7 +3,7 @@
 //! masters list it while it lives.
 
 use super::{Worker, WorkerError};
-use crate::farm::Farm;
+use crate::domain::Farm;
 use async_trait::async_trait;
 use kiln_api::{CallError, Endpoint, MasterConn, Registration, Secret};
 use std::sync::Arc;

@@ -5,11 +5,14 @@ mod bench;
 mod build;
 mod client;
 mod clients;
+pub mod completions;
 mod credentials;
 mod demo;
 mod events;
 mod logs;
+pub mod manpages;
 mod master;
+pub mod openapi;
 mod release;
 mod server;
 mod servers;
@@ -100,6 +103,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             init_tracing("warn");
             bench::run(args).await
         }
+        Command::Completions(args) => completions::run(args),
+        Command::Man(args) => manpages::run(args),
+        Command::Openapi(args) => openapi::run(args),
     }
 }
 

@@ -67,6 +67,7 @@ fn matrix() -> BTreeMap<(&'static str, &'static str), [Expect; 7]> {
     let read_unscoped = [U, U, U, F, F, F, T];
     BTreeMap::from([
         (("GET", "/v1/health"), [T, T, T, T, T, T, T]),
+        (("GET", "/v1/openapi.json"), [T, T, T, T, T, T, T]),
         (("GET", "/v1/whoami"), [U, U, U, T, T, T, T]),
         (("GET", "/v1/builds"), admin),
         (("POST", "/v1/builds"), admin),
