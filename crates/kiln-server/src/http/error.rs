@@ -9,9 +9,9 @@ use kiln_blob::BlobError;
 use kiln_proto::api::ApiError;
 use kiln_store::StoreError;
 
-/// The pause, in seconds, a client refused `too_many_uploads` waits before it sends
-/// the upload again.
-const RETRY_UPLOAD_AFTER_SECS: &str = "1";
+/// The pause, in seconds, a client refused `too_many_uploads` or `store_unavailable`
+/// waits before it sends the call again.
+const RETRY_AFTER_SECS: &str = "1";
 
 /// A farm error on its way out as an HTTP answer.
 #[derive(Debug)]
@@ -84,7 +84,7 @@ impl IntoResponse for HttpError {
         if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
             response.headers_mut().insert(
                 header::RETRY_AFTER,
-                HeaderValue::from_static(RETRY_UPLOAD_AFTER_SECS),
+                HeaderValue::from_static(RETRY_AFTER_SECS),
             );
         }
         response
