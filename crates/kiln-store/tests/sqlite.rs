@@ -189,11 +189,15 @@ async fn writes_succeed_again_once_a_full_disk_has_space() -> anyhow::Result<()>
         store
             .append_log("1", "a", &lease, &batch[..4], None, at(3))
             .await
-            .map_err(|err| anyhow::Error::new(err).context(format!("write {n} after space came back")))?;
+            .map_err(|err| {
+                anyhow::Error::new(err).context(format!("write {n} after space came back"))
+            })?;
         store
             .insert_build(&new_build(&format!("after-{n}"), vec![job("a")], at(3)))
             .await
-            .map_err(|err| anyhow::Error::new(err).context(format!("build {n} after space came back")))?;
+            .map_err(|err| {
+                anyhow::Error::new(err).context(format!("build {n} after space came back"))
+            })?;
     }
     Ok(())
 }

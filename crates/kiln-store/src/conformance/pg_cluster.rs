@@ -65,8 +65,7 @@ impl PgCluster {
         let bin_dir = find_bin_dir()?;
         remove_stale_dirs();
         let n = N_DATABASES.fetch_add(1, Ordering::Relaxed);
-        let data_dir =
-            std::env::temp_dir().join(format!("kiln-pg-{}-{n}", std::process::id()));
+        let data_dir = std::env::temp_dir().join(format!("kiln-pg-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&data_dir);
         std::fs::create_dir_all(&data_dir)
             .with_context(|| format!("creating {}", data_dir.display()))?;
@@ -78,7 +77,16 @@ impl PgCluster {
         initdb
             .arg("-D")
             .arg(data_dir.join("data"))
-            .args(["-A", "trust", "-U", "postgres", "-E", "UTF8", "--locale=C", "--no-sync"])
+            .args([
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+            ])
             .stdin(Stdio::null());
         as_server_user(&mut initdb, owner);
         let out = initdb.output().context("running initdb")?;
@@ -125,7 +133,10 @@ impl PgCluster {
     /// Stops the server at once (SIGKILL), as a crash would. Only a cluster of one's
     /// own ([`PgCluster::start`]) can be stopped.
     pub fn kill(&self) -> anyhow::Result<()> {
-        let server = self.own.as_ref().context("this server is not ours to stop")?;
+        let server = self
+            .own
+            .as_ref()
+            .context("this server is not ours to stop")?;
         let mut child = server.child.lock().expect("cluster lock");
         if let Some(mut child) = child.take() {
             child.kill()?;
@@ -136,7 +147,10 @@ impl PgCluster {
 
     /// Starts the server again after [`PgCluster::kill`], on the same port and data.
     pub fn restart(&self) -> anyhow::Result<()> {
-        let server = self.own.as_ref().context("this server is not ours to start")?;
+        let server = self
+            .own
+            .as_ref()
+            .context("this server is not ours to start")?;
         server.start_server()
     }
 }
@@ -229,8 +243,8 @@ impl OwnServer {
                 .as_mut()
                 .and_then(|child| child.try_wait().ok().flatten())
             {
-                let log = std::fs::read_to_string(self.data_dir.join("server.log"))
-                    .unwrap_or_default();
+                let log =
+                    std::fs::read_to_string(self.data_dir.join("server.log")).unwrap_or_default();
                 bail!("postgres exited with {status}: {}", log.trim());
             }
             if Instant::now() > deadline {
@@ -319,7 +333,11 @@ fn remove_stale_dirs() {
         let Some(rest) = name.to_str().and_then(|name| name.strip_prefix("kiln-pg-")) else {
             continue;
         };
-        let Some(pid) = rest.split('-').next().and_then(|pid| pid.parse::<u32>().ok()) else {
+        let Some(pid) = rest
+            .split('-')
+            .next()
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
             continue;
         };
         if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {

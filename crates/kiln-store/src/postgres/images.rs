@@ -114,13 +114,15 @@ impl Images for PgStore {
         chunk_list: &[u8],
     ) -> StoreResult<()> {
         let mut tx = self.write_tx().await?;
-        sqlx::query("UPDATE images SET chunk_list = $1 WHERE build = $2 AND job = $3 AND name = $4")
-            .bind(chunk_list)
-            .bind(build)
-            .bind(job)
-            .bind(name)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "UPDATE images SET chunk_list = $1 WHERE build = $2 AND job = $3 AND name = $4",
+        )
+        .bind(chunk_list)
+        .bind(build)
+        .bind(job)
+        .bind(name)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -135,9 +137,11 @@ impl Images for PgStore {
     }
 
     async fn image_totals(&self) -> StoreResult<ImageTotals> {
-        let row = sqlx::query("SELECT COUNT(*) AS n, COALESCE(SUM(size), 0)::BIGINT AS bytes FROM images")
-            .fetch_one(&self.pool)
-            .await?;
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS n, COALESCE(SUM(size), 0)::BIGINT AS bytes FROM images",
+        )
+        .fetch_one(&self.pool)
+        .await?;
         Ok(ImageTotals {
             images: unsigned(&row, "n")?,
             bytes: unsigned(&row, "bytes")?,

@@ -61,11 +61,12 @@ impl Logs for PgStore {
     ) -> StoreResult<LogAppend> {
         let mut tx = self.write_tx().await?;
         let row = leased_job_row(&mut tx, build, job, lease).await?;
-        let volume = sqlx::query("SELECT log_bytes, log_cut FROM jobs WHERE build = $1 AND id = $2")
-            .bind(build)
-            .bind(job)
-            .fetch_one(&mut *tx)
-            .await?;
+        let volume =
+            sqlx::query("SELECT log_bytes, log_cut FROM jobs WHERE build = $1 AND id = $2")
+                .bind(build)
+                .bind(job)
+                .fetch_one(&mut *tx)
+                .await?;
         let volume = LogVolume {
             bytes: unsigned(&volume, "log_bytes")?,
             cut: volume.try_get("log_cut")?,
@@ -79,13 +80,15 @@ impl Logs for PgStore {
             insert_log_line(&mut tx, build, job, attempt, now, "kiln", cut_notice).await?;
         }
         if fit.changed() {
-            sqlx::query("UPDATE jobs SET log_bytes = $1, log_cut = $2 WHERE build = $3 AND id = $4")
-                .bind(fit.volume.bytes as i64)
-                .bind(fit.volume.cut)
-                .bind(build)
-                .bind(job)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(
+                "UPDATE jobs SET log_bytes = $1, log_cut = $2 WHERE build = $3 AND id = $4",
+            )
+            .bind(fit.volume.bytes as i64)
+            .bind(fit.volume.cut)
+            .bind(build)
+            .bind(job)
+            .execute(&mut *tx)
+            .await?;
         }
         if let Some(progress) = progress {
             let run = rules::with_progress(row.run.clone(), progress);

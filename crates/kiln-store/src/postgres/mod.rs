@@ -246,9 +246,9 @@ async fn count_client(
              last_contact = GREATEST(last_contact, $1) WHERE id = $2",
         ),
         ClientCount::Lost => sqlx::query("UPDATE clients SET n_lost = n_lost + 1 WHERE id = $1"),
-        ClientCount::ClaimGivenBack => sqlx::query(
-            "UPDATE clients SET n_claimed = GREATEST(n_claimed - 1, 0) WHERE id = $1",
-        ),
+        ClientCount::ClaimGivenBack => {
+            sqlx::query("UPDATE clients SET n_claimed = GREATEST(n_claimed - 1, 0) WHERE id = $1")
+        }
     };
     if count.is_contact() {
         query = query.bind(now);
@@ -317,11 +317,10 @@ async fn queue_notices(tx: &mut Tx, event: &Event) -> StoreResult<()> {
     if !rules::may_notify(event) {
         return Ok(());
     }
-    let notify: Option<String> =
-        sqlx::query_scalar("SELECT notify FROM builds WHERE number = $1")
-            .bind(&event.build)
-            .fetch_optional(&mut **tx)
-            .await?;
+    let notify: Option<String> = sqlx::query_scalar("SELECT notify FROM builds WHERE number = $1")
+        .bind(&event.build)
+        .fetch_optional(&mut **tx)
+        .await?;
     let urls: Vec<String> = notify
         .and_then(|text| serde_json::from_str(&text).ok())
         .unwrap_or_default();

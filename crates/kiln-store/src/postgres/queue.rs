@@ -1,8 +1,8 @@
 //! [`Queue`] on PostgreSQL: builds, jobs, claims, transitions, events and deadlines.
 
 use super::{
-    apply, event_from_row, insert_event, job_row, job_row_from, job_status_from_row,
-    is_unique_violation, leased_job_row, unsigned, write_run, PgStore, Tx, JOB_COLUMNS,
+    apply, event_from_row, insert_event, is_unique_violation, job_row, job_row_from,
+    job_status_from_row, leased_job_row, unsigned, write_run, PgStore, Tx, JOB_COLUMNS,
     JOB_ROW_COLUMNS,
 };
 use crate::rules::{self, TakeBack};
@@ -459,8 +459,7 @@ impl Queue for PgStore {
         now: i64,
     ) -> StoreResult<Vec<TimedTransition>> {
         let mut tx = self.write_tx().await?;
-        let query =
-            format!(
+        let query = format!(
             "SELECT {JOB_ROW_COLUMNS} FROM jobs WHERE state = 'running' AND client_id = $1 \
              ORDER BY build, pk FOR UPDATE"
         );
@@ -564,16 +563,18 @@ impl Queue for PgStore {
 
     async fn delete_build(&self, build: &str) -> StoreResult<DeletedBuild> {
         let mut tx = self.write_tx().await?;
-        let files_key: String = sqlx::query_scalar("SELECT files_key FROM builds WHERE number = $1")
-            .bind(build)
-            .fetch_optional(&mut *tx)
-            .await?
-            .ok_or_else(|| StoreError::NotFound(format!("build {build}")))?;
+        let files_key: String =
+            sqlx::query_scalar("SELECT files_key FROM builds WHERE number = $1")
+                .bind(build)
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or_else(|| StoreError::NotFound(format!("build {build}")))?;
         // Lock every job of the build, so that none is claimed while it goes.
-        let jobs = sqlx::query("SELECT id, state FROM jobs WHERE build = $1 ORDER BY pk FOR UPDATE")
-            .bind(build)
-            .fetch_all(&mut *tx)
-            .await?;
+        let jobs =
+            sqlx::query("SELECT id, state FROM jobs WHERE build = $1 ORDER BY pk FOR UPDATE")
+                .bind(build)
+                .fetch_all(&mut *tx)
+                .await?;
         let mut running = Vec::new();
         for job in &jobs {
             if job.try_get::<&str, _>("state")? == "running" {

@@ -38,7 +38,12 @@ fn a_build_runs_end_to_end_with_the_farm_state_in_postgresql() {
         "the state went to PostgreSQL, not to SQLite under --data"
     );
     let release_dir = harness.path().join("release");
-    let release = server.kiln(&["release", &build, "--to", &release_dir.display().to_string()]);
+    let release = server.kiln(&[
+        "release",
+        &build,
+        "--to",
+        &release_dir.display().to_string(),
+    ]);
     harness.check(release.code == 0, || format!("{release:?}"));
     let sums = std::fs::read_to_string(release_dir.join(&build).join("SHA256SUMS"))
         .expect("the release's SHA256SUMS");
@@ -58,7 +63,14 @@ fn postgresql_killed_and_restarted_mid_build_loses_nothing_and_the_job_finishes_
     let database = new_database(&cluster);
     let server = harness.start_server(
         "pg",
-        &["--database", &database, "--lease-secs", "6", "--heartbeat-secs", "1"],
+        &[
+            "--database",
+            &database,
+            "--lease-secs",
+            "6",
+            "--heartbeat-secs",
+            "1",
+        ],
     );
     let runs_file = harness.path().join("runs");
     let gate = harness.path().join("gate");
