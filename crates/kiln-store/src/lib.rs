@@ -308,6 +308,10 @@ pub trait Queue: Send + Sync + 'static {
     async fn list_jobs(&self, build: &str) -> StoreResult<Vec<JobStatus>>;
     /// One job.
     async fn get_job(&self, build: &str, job: &str) -> StoreResult<JobStatus>;
+    /// The key and size of a build's files archive, without reading its manifest.
+    async fn build_files(&self, number: &str) -> StoreResult<(String, u64)>;
+    /// Whether `client_id` runs a job of `build` now (false for an unknown build).
+    async fn runs_job_of(&self, client_id: &str, build: &str) -> StoreResult<bool>;
     /// Queued jobs in scheduling order (priority, deadline, submission), at most `limit`.
     async fn queued_candidates(&self, limit: u32) -> StoreResult<Vec<Candidate>>;
     /// Atomically hands a queued job to a client under a new lease, and records the

@@ -555,6 +555,23 @@ pub enum BenchWhich {
         #[arg(long, default_value_t = 2.0)]
         job_secs: f64,
     },
+    /// Jobs per second and the server's CPU per job, for a build of trivial jobs on
+    /// real client processes.
+    Throughput {
+        /// Jobs in the build.
+        #[arg(long, default_value_t = 2000)]
+        jobs: u32,
+        /// `kiln client` processes.
+        #[arg(long, default_value_t = 8)]
+        clients: u32,
+        /// Slots of each client.
+        #[arg(long, default_value_t = 4)]
+        slots: u32,
+        /// Keep the server's state in this PostgreSQL database instead of SQLite (its
+        /// build numbers are unique to the run, so a database may be used again).
+        #[arg(long, value_name = "URL")]
+        database: Option<String>,
+    },
     /// Image transfer: a fresh image against curl -T to nginx, a changed image against
     /// casync and rsync, the demo build's storage, the server's memory during an upload.
     Transfer {

@@ -76,6 +76,11 @@ pub async fn insert_build_is_listed_with_counts_and_a_duplicate_number_changes_n
     assert_eq!(stored.manifest, original.manifest);
     assert_eq!(stored.submitted_at, at(0));
     assert_eq!(stored.files_key, original.files_key);
+    assert_eq!(
+        store.build_files(BUILD).await?,
+        (original.files_key.clone(), original.files_size)
+    );
+    assert_not_found("build_files of no build", store.build_files("none").await);
     assert_not_found("get_job z", store.get_job(BUILD, "z").await);
     Ok(())
 }
@@ -190,6 +195,10 @@ pub async fn claim_hands_out_attempt_one_under_a_fresh_lease_and_only_once<F: St
         "lease token too short to be unguessable: {:?}",
         claimed.lease
     );
+
+    assert!(store.runs_job_of("client-1", BUILD).await?);
+    assert!(!store.runs_job_of("client-2", BUILD).await?);
+    assert!(!store.runs_job_of("client-1", "no-such-build").await?);
 
     let status = store.get_job(BUILD, "a").await?;
     assert_eq!(status.state, Running);

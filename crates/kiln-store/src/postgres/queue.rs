@@ -179,6 +179,30 @@ impl Queue for PgStore {
         })
     }
 
+    async fn build_files(&self, number: &str) -> StoreResult<(String, u64)> {
+        let row = sqlx::query("SELECT files_key, files_size FROM builds WHERE number = $1")
+            .bind(number)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("build {number}")))?;
+        Ok((
+            row.try_get("files_key")?,
+            row.try_get::<i64, _>("files_size")? as u64,
+        ))
+    }
+
+    async fn runs_job_of(&self, client_id: &str, build: &str) -> StoreResult<bool> {
+        let row = sqlx::query(
+            "SELECT EXISTS (SELECT 1 FROM jobs WHERE build = $1 AND client_id = $2 \
+             AND state = 'running') AS runs",
+        )
+        .bind(build)
+        .bind(client_id)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.try_get("runs")?)
+    }
+
     async fn list_jobs(&self, build: &str) -> StoreResult<Vec<JobStatus>> {
         let query = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE build = $1 ORDER BY pk");
         let rows = sqlx::query(&query)
