@@ -1,10 +1,10 @@
 //! Running one claimed job: workspace, steps, log shipping, heartbeats, images, report.
 //!
 //! [`run_job`] follows DESIGN.md "Running a job on the client": a fresh workspace with
-//! the build's files, install → configure → image as process groups under one timeout,
-//! every output line to the server's log, `##kiln[progress ...]` lines to the job's
-//! status, every regular file left in `KILN_OUTPUT` uploaded as an image, then finished
-//! or failed with a reason. A 409 from any call means the lease is gone: the job's
+//! the build's files, install → configure → image → verify as process groups under one
+//! timeout, every output line to the server's log, `##kiln[progress ...]` lines to the
+//! job's status, every regular file left in `KILN_OUTPUT` uploaded as an image, then
+//! finished or failed with a reason. A 409 from any call means the lease is gone: the job's
 //! processes are killed and its output discarded.
 
 use crate::conn::{CallError, ServerConn};
@@ -234,6 +234,7 @@ async fn execute(
         ("install", Some(&claim.install_script)),
         ("configure", claim.configure_script.as_ref()),
         ("image", Some(&claim.image_script)),
+        ("verify", claim.verify_script.as_ref()),
     ];
     for (name, script) in steps {
         let Some(script) = script else { continue };

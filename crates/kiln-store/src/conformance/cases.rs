@@ -166,6 +166,7 @@ pub async fn claim_hands_out_attempt_one_under_a_fresh_lease_and_only_once<F: St
     let (_place, store) = open_store(factory).await?;
     let configured = JobSpec {
         configure_script: Some("scripts/configure.cmd".to_owned()),
+        verify_script: Some("scripts/verify.sh".to_owned()),
         timeout_secs: 900,
         ..job("a")
     };
@@ -184,6 +185,7 @@ pub async fn claim_hands_out_attempt_one_under_a_fresh_lease_and_only_once<F: St
         Some("scripts/configure.cmd")
     );
     assert_eq!(claimed.image_script, "scripts/image.cmd");
+    assert_eq!(claimed.verify_script.as_deref(), Some("scripts/verify.sh"));
     assert_eq!(claimed.timeout_secs, 900);
     assert!(
         claimed.lease.len() >= 32,

@@ -182,6 +182,7 @@ pub fn job(id: &str) -> JobSpec {
         install_script: "scripts/install.cmd".to_owned(),
         configure_script: None,
         image_script: "scripts/image.cmd".to_owned(),
+        verify_script: None,
         timeout_secs: 3600,
         priority: None,
         accept_within_secs: None,

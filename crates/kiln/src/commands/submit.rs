@@ -57,6 +57,7 @@ pub async fn submit(
             Some(&job.install_script),
             job.configure_script.as_ref(),
             Some(&job.image_script),
+            job.verify_script.as_ref(),
         ];
         for script in scripts.into_iter().flatten() {
             anyhow::ensure!(
