@@ -301,6 +301,13 @@ pub struct ClientArgs {
     /// Seconds between SIGTERM and SIGKILL when a step is stopped.
     #[arg(long, default_value_t = 10)]
     pub kill_grace_secs: u64,
+    /// The job cache that outlives jobs, KILN_CACHE to their steps (default: WORK/cache).
+    #[arg(long)]
+    pub cache: Option<PathBuf>,
+    /// The most bytes the job cache keeps: past it, least recently used entries are
+    /// removed between jobs (default: 8 GiB).
+    #[arg(long)]
+    pub cache_max_bytes: Option<u64>,
 }
 
 #[derive(Debug, Subcommand)]
