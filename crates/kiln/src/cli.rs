@@ -474,6 +474,20 @@ pub struct DemoArgs {
     /// Keep the farm's data directory here instead of a temporary one.
     #[arg(long)]
     pub data: Option<PathBuf>,
+    /// Which example to build: `demo`, the quick one (seconds), or `debian`, four real
+    /// Debian images installed, booted and released (tens of minutes; needs root,
+    /// mmdebstrap, qemu and GRUB).
+    #[arg(long, value_enum, default_value_t = DemoExample::Demo)]
+    pub example: DemoExample,
+}
+
+/// The examples `kiln demo` can build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DemoExample {
+    /// examples/demo: 2 products × 3 configurations of small ext4 images.
+    Demo,
+    /// examples/debian: 2 products × 2 configurations of bootable Debian disks.
+    Debian,
 }
 
 #[derive(Debug, Args)]

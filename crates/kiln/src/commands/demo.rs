@@ -63,6 +63,9 @@ pub fn write_example(dir: &Path) -> anyhow::Result<PathBuf> {
 }
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
+    if args.example == crate::cli::DemoExample::Debian {
+        return super::demo_debian::run(args).await;
+    }
     let missing: Vec<&str> = ["mkfs.ext4", "debugfs"]
         .into_iter()
         .filter(|tool| find_tool(tool).is_none())

@@ -9,6 +9,7 @@ mod client;
 mod clients;
 mod credentials;
 mod demo;
+mod demo_debian;
 mod events;
 mod farm;
 mod logs;
