@@ -40,6 +40,7 @@ mmdebstrap --variant=minbase --mode=root --format=directory \
     --dpkgopt='path-include=/usr/share/doc/*/copyright' \
     --skip=download/empty --skip=essential/unlink \
     --setup-hook='sh "$KILN_WORKSPACE/common/cache-in.sh" "$1"' \
+    --essential-hook='sh "$KILN_WORKSPACE/common/initramfs.sh" "$1"' \
     --customize-hook='sh "$KILN_WORKSPACE/common/cache-out.sh" "$1"' \
     "$SUITE" "$ROOTFS" "$MIRROR" 2>&1
 progress install done 100

@@ -40,6 +40,10 @@ const EXAMPLE_FILES: &[(&str, &str)] = &[
         include_str!("../../../../examples/debian/common/cache-out.sh"),
     ),
     (
+        "common/initramfs.sh",
+        include_str!("../../../../examples/debian/common/initramfs.sh"),
+    ),
+    (
         "common/configure.sh",
         include_str!("../../../../examples/debian/common/configure.sh"),
     ),
