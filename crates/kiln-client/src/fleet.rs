@@ -1,4 +1,4 @@
-//! Learning servers from masters: [`MasterConn`] reads a master's list, and
+//! Learning servers from masters: [`MasterConn`] (kiln-api) reads a master's list, and
 //! [`ServerList`] keeps what the client serves now — its fixed servers (flags, the
 //! seed's REDIRECTs) and the live servers the first answering master lists.
 //!
@@ -7,125 +7,13 @@
 //! drops off. A master that does not answer is replaced by the next; when none
 //! answers the list stays as it was and the masters are asked again every `refresh`.
 
-use crate::conn::{CallError, ServerConn};
+use kiln_api::{MasterConn, ServerConn};
 use kiln_proto::api::ServerEntry;
 use std::time::Duration;
 use tokio::sync::watch;
 
-/// The header a master's list answer carries its membership version in.
-const LIST_VERSION_HEADER: &str = "x-kiln-list-version";
 /// How long one long poll of a master's list waits for a change.
 const LIST_WAIT_SECS: u64 = 30;
-
-/// One master as the client talks to it. Servers learned from it are called with the
-/// same client credential.
-#[derive(Clone)]
-pub struct MasterConn {
-    base: String,
-    token: String,
-    http: reqwest::Client,
-    /// The client id servers learned from this master are called as, and where
-    /// enrolled secrets are kept.
-    client: Option<(String, Option<std::path::PathBuf>)>,
-    /// What the master's certificate and its servers' are checked against.
-    tls: kiln_tls::ClientTls,
-}
-
-impl std::fmt::Debug for MasterConn {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // The token is a secret: never printed.
-        f.debug_struct("MasterConn")
-            .field("base", &self.base)
-            .finish_non_exhaustive()
-    }
-}
-
-impl MasterConn {
-    /// A connection to the master at `url` with the client credential `token`.
-    pub fn new(url: &str, token: &str) -> Result<Self, String> {
-        Self::with_tls(url, token, &kiln_tls::ClientTls::default())
-    }
-
-    /// As [`MasterConn::new`], trusting the certificates of the master and of the
-    /// servers it lists as `tls` says.
-    pub fn with_tls(url: &str, token: &str, tls: &kiln_tls::ClientTls) -> Result<Self, String> {
-        let parsed = reqwest::Url::parse(url)
-            .map_err(|err| format!("master URL {url:?} is not a URL: {err}"))?;
-        if !matches!(parsed.scheme(), "http" | "https") {
-            return Err(format!(
-                "master URL {url:?} is not an http:// or https:// URL"
-            ));
-        }
-        let http = tls
-            .client_builder()
-            .connect_timeout(Duration::from_secs(5))
-            .build()
-            .map_err(|err| format!("cannot set up HTTP: {err}"))?;
-        Ok(MasterConn {
-            base: url.trim_end_matches('/').to_owned(),
-            token: token.to_owned(),
-            http,
-            client: None,
-            tls: tls.clone(),
-        })
-    }
-
-    /// Servers learned from this master are called as client `client_id` (see
-    /// [`ServerConn::for_client`]).
-    pub fn for_client(mut self, client_id: &str, keep_dir: Option<&std::path::Path>) -> Self {
-        self.client = Some((client_id.to_owned(), keep_dir.map(ToOwned::to_owned)));
-        self
-    }
-
-    /// The master's URL.
-    pub fn url(&self) -> &str {
-        &self.base
-    }
-
-    /// The live servers the master lists, and the list's membership version. With
-    /// `seen`, the master answers once its version differs from it, or after
-    /// `wait_secs`.
-    pub async fn servers(
-        &self,
-        seen: Option<u64>,
-        wait_secs: u64,
-    ) -> Result<(Vec<ServerEntry>, Option<u64>), CallError> {
-        let mut request = self
-            .http
-            .get(format!("{}/v1/servers", self.base))
-            .bearer_auth(&self.token)
-            .timeout(Duration::from_secs(wait_secs + 15));
-        if let Some(seen) = seen {
-            request = request.query(&[("version", seen), ("wait_secs", wait_secs)]);
-        }
-        let response = request.send().await.map_err(CallError::Transport)?;
-        let status = response.status();
-        if !status.is_success() {
-            let message = response.text().await.unwrap_or_default();
-            return Err(if status.is_server_error() {
-                CallError::ServerFailed { status, message }
-            } else {
-                CallError::Refused { status, message }
-            });
-        }
-        let version = response
-            .headers()
-            .get(LIST_VERSION_HEADER)
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.parse().ok());
-        let entries = response.json().await.map_err(CallError::Transport)?;
-        Ok((entries, version))
-    }
-
-    /// A connection to a server this master listed, with the same credential.
-    fn server(&self, url: &str) -> Result<ServerConn, String> {
-        let conn = ServerConn::with_tls(url, &self.token, &self.tls)?;
-        Ok(match &self.client {
-            Some((id, keep_dir)) => conn.for_client(id, keep_dir.as_deref()),
-            None => conn,
-        })
-    }
-}
 
 /// The servers the client serves now, kept current from its masters.
 pub struct ServerList {
@@ -175,7 +63,7 @@ impl ServerList {
         }
         self.masters
             .first()
-            .and_then(|master| master.server(url).ok())
+            .and_then(|master| master.server_conn(url).ok())
     }
 
     /// Asks the masters, the one that answered last first, then the others in order;
@@ -222,7 +110,7 @@ impl ServerList {
             if next.iter().any(|conn| conn.url() == url) {
                 continue;
             }
-            match master.server(url) {
+            match master.server_conn(url) {
                 Ok(conn) => next.push(conn),
                 Err(err) => {
                     tracing::warn!(master = %master.url(), %err, "master lists a server with a bad URL; skipped")

@@ -8,10 +8,10 @@
 //! processes are killed and its output discarded.
 
 use crate::cache::JobCache;
-use crate::conn::{CallError, ServerConn};
 use crate::runner::{run_step, OutputLine, StepOutcome, StepSpec, Stream};
 use crate::state::LocalState;
 use crate::upload::ImageUploader;
+use kiln_api::{CallError, ServerConn};
 use kiln_proto::api::{Claim, Fail, LogBatch, NewLogLine};
 use kiln_proto::progress::{parse_progress_line, Progress};
 use std::collections::VecDeque;

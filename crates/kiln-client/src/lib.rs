@@ -13,19 +13,17 @@
 //! `KILN_CACHE`, evicted between jobs.
 
 pub mod cache;
-pub mod conn;
 pub mod fleet;
-pub mod identity;
 pub mod job;
 pub mod runner;
 pub mod state;
 pub mod upload;
 
 use cache::JobCache;
-use conn::{CallError, ServerConn};
-use fleet::{MasterConn, ServerList};
+use fleet::ServerList;
 use futures::StreamExt;
 use job::{JobEnd, JobRun};
+use kiln_api::{CallError, MasterConn, ServerConn};
 use kiln_proto::api::{Claim, ClaimRequest, Offer};
 use rand::Rng;
 use state::LocalState;

@@ -7,9 +7,9 @@
 //! after an interruption, it re-cuts the file and sends only what the server still
 //! lacks. [`WholeFileUploader`] streams the file whole, for servers' older route.
 
-use crate::conn::{CallError, ServerConn};
 use async_trait::async_trait;
 use bytes::Bytes;
+use kiln_api::{CallError, ServerConn};
 use kiln_blob::chunking::{chunk_reader_with, ChunkParams};
 use kiln_blob::{ChunkEntry, ChunkHash, Frame};
 use kiln_proto::api::Claim;

@@ -10,9 +10,10 @@
 use crate::progress::Progress;
 use crate::state::JobState;
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 /// The body of every refusal: what was wrong, in words, and a stable code.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ApiError {
     /// A stable machine-readable code such as `stale_lease` or `duplicate_build`.
     pub code: String,
@@ -24,7 +25,7 @@ pub struct ApiError {
 }
 
 /// A build as listed by `GET /v1/builds`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct BuildSummary {
     pub number: String,
     pub title: String,
@@ -47,7 +48,7 @@ impl BuildSummary {
 }
 
 /// A job's status as operators see it (`kiln status BUILD --json` prints these).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct JobStatus {
     pub build: String,
     pub id: String,
@@ -68,10 +69,13 @@ pub struct JobStatus {
 }
 
 /// `POST /v1/claim`: a client asks for one job, waiting up to `wait_secs` for one.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ClaimRequest {
+    /// The caller's own client id.
+    #[schema(pattern = "^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
     pub client_id: String,
     /// Config types the client takes; `*` takes any.
+    #[schema(min_items = 1)]
     pub include: Vec<String>,
     /// How long the server may hold the request open waiting for a job.
     pub wait_secs: u64,
@@ -86,7 +90,7 @@ pub struct ClaimRequest {
 /// `POST /v1/offer` (body: a [`ClaimRequest`]): the job this server would hand the
 /// client next, without handing it over. A client serving several servers asks each
 /// and claims from the one with the best offer: the highest priority, then the oldest.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 pub struct Offer {
     pub build: String,
     pub job_id: String,
@@ -104,7 +108,7 @@ impl Offer {
 }
 
 /// A claimed job: what the client needs to run it. Answer to [`ClaimRequest`].
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Claim {
     pub build: String,
     pub job_id: String,
@@ -128,7 +132,7 @@ pub struct Claim {
 }
 
 /// `POST /v1/jobs/{build}/{job}/heartbeat`: the holder is alive, with its progress.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 pub struct Heartbeat {
     pub progress: Option<Progress>,
     /// The job's steps are over and its images are being uploaded: the job's TIMEOUT
@@ -138,7 +142,7 @@ pub struct Heartbeat {
 }
 
 /// One line a step printed.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct NewLogLine {
     /// `stdout`, `stderr` or `kiln` (the client's own notes).
     pub stream: String,
@@ -146,7 +150,7 @@ pub struct NewLogLine {
 }
 
 /// `POST /v1/jobs/{build}/{job}/log`: lines in order, and the latest progress if any.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 pub struct LogBatch {
     pub lines: Vec<NewLogLine>,
     pub progress: Option<Progress>,
@@ -154,7 +158,7 @@ pub struct LogBatch {
 
 /// The answer to a log batch. A server older than this field answers `204 No Content`,
 /// which reads as the default (not truncated).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct LogAppended {
     /// The job's log reached the server's limit (`--max-log-bytes-per-job`): the
     /// server stores no more of its lines, so the client stops sending them. The job
@@ -164,7 +168,7 @@ pub struct LogAppended {
 }
 
 /// A stored log line.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct LogLine {
     pub seq: i64,
     pub time: i64,
@@ -174,7 +178,7 @@ pub struct LogLine {
 }
 
 /// `GET /v1/jobs/{build}/{job}/log?after=SEQ&wait=SECS`: the lines after `after`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct LogChunk {
     pub lines: Vec<LogLine>,
     /// Pass as `after` to get the lines that follow.
@@ -184,14 +188,14 @@ pub struct LogChunk {
 }
 
 /// `POST /v1/jobs/{build}/{job}/finish`: every image is uploaded.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Finish {
     /// The images the client uploaded; the server checks they are all stored.
     pub images: Vec<String>,
 }
 
 /// `POST /v1/jobs/{build}/{job}/fail`: the job failed on the client.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Fail {
     /// `timeout`, `exit`, `signal`, `setup`, `upload` …
     pub reason: String,
@@ -201,7 +205,7 @@ pub struct Fail {
 }
 
 /// A stored image of a job.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ImageInfo {
     pub build: String,
     pub job_id: String,
@@ -214,7 +218,7 @@ pub struct ImageInfo {
 }
 
 /// One transition in a build's event log.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Event {
     pub seq: i64,
     pub time: i64,
@@ -229,7 +233,7 @@ pub struct Event {
 
 /// A client as `GET /v1/clients` lists it: what it said of itself at its latest
 /// claim, the jobs it holds now, and what became of the jobs it took from this server.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct ClientInfo {
     pub id: String,
     /// Config types it takes; `*` takes any.
@@ -263,7 +267,7 @@ pub struct ClientInfo {
 }
 
 /// A job a client runs now, as [`ClientInfo`] lists it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct HeldJob {
     pub build: String,
     pub job: String,
@@ -273,7 +277,7 @@ pub struct HeldJob {
 }
 
 /// Answer to `POST /v1/builds`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Submitted {
     pub number: String,
     pub n_jobs: u32,
@@ -338,7 +342,7 @@ mod tests {
 
 /// A client's own secret, as enrolling or an operator's `kiln server client add` hands
 /// it out: once, in this answer.
-#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 pub struct ClientSecret {
     pub client_id: String,
     pub secret: String,
@@ -354,7 +358,7 @@ impl std::fmt::Debug for ClientSecret {
 }
 
 /// A client credential as `GET /v1/credentials` lists it: never the secret or its hash.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 pub struct CredentialInfo {
     pub client_id: String,
     /// `enrolled` (with the join token) or `issued` (by an operator).

@@ -6,6 +6,7 @@
 //! including a malformed report, is just a log line, so parsing never fails loudly.
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 /// The longest major or minor state kept, in characters; longer values are truncated.
 pub const MAX_PROGRESS_VALUE_CHARS: usize = 128;
@@ -18,7 +19,7 @@ const COMMAND: &str = "progress";
 
 /// One progress report from a job step. Each field is `None` when the line did not
 /// give it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Progress {
     /// The seed's MAJORSTATE, e.g. `install`.
     pub major: Option<String>,

@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
+use utoipa::ToSchema;
 
 /// A chunk's name: the BLAKE3 hash of its bytes.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -48,6 +49,23 @@ impl serde::Serialize for ChunkHash {
     }
 }
 
+impl utoipa::PartialSchema for ChunkHash {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::schema::Type::String)
+            .pattern(Some("^[0-9a-f]{64}$"))
+            .description(Some(
+                "A chunk's name: the BLAKE3 hash of its bytes, 64 lowercase hex digits.",
+            ))
+            .examples([serde_json::json!(
+                "c805427c511d12196cc7cd6141f66be66066672ac39216ffa1784159a99cca8a"
+            )])
+            .into()
+    }
+}
+
+impl ToSchema for ChunkHash {}
+
 impl<'de> serde::Deserialize<'de> for ChunkHash {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
@@ -60,9 +78,11 @@ impl<'de> serde::Deserialize<'de> for ChunkHash {
 }
 
 /// One entry of an image's chunk list.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, ToSchema)]
 pub struct ChunkEntry {
     pub hash: ChunkHash,
+    /// The chunk's length in bytes, 1 to 1 MiB.
+    #[schema(minimum = 1, maximum = 1048576)]
     pub len: u32,
 }
 
@@ -79,7 +99,7 @@ pub const MAX_FETCH: usize = 1024;
 pub const FRAMES_CONTENT_TYPE: &str = "application/x-kiln-chunks";
 
 /// `POST /v1/jobs/B/J/chunks/missing`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct MissingRequest {
     /// The next chunks of the image, in order, repeats included.
     pub chunks: Vec<ChunkEntry>,
@@ -93,13 +113,13 @@ pub struct MissingRequest {
 }
 
 /// The answer: the chunks the server lacks, in the order asked, each once.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct MissingResponse {
     pub missing: Vec<ChunkHash>,
 }
 
 /// The answer to a body of chunks.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct PutChunksResponse {
     /// Chunks in the body.
     pub chunks: u64,
@@ -110,16 +130,21 @@ pub struct PutChunksResponse {
 }
 
 /// `POST /v1/jobs/B/J/images/NAME/commit`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct CommitRequest {
+    /// The image's size in bytes: the sum of its chunks' lengths.
     pub size: u64,
+    /// The whole image's BLAKE3, 64 lowercase hex digits.
+    #[schema(pattern = "^[0-9a-f]{64}$")]
     pub blake3: String,
+    /// The whole image's SHA-256, 64 lowercase hex digits.
+    #[schema(pattern = "^[0-9a-f]{64}$")]
     pub sha256: String,
     pub chunks: Vec<ChunkEntry>,
 }
 
 /// `GET /v1/jobs/B/J/images/NAME/index`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ImageIndex {
     pub name: String,
     pub size: u64,
@@ -129,13 +154,13 @@ pub struct ImageIndex {
 }
 
 /// `POST /v1/chunks/fetch`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct FetchRequest {
     pub chunks: Vec<ChunkHash>,
 }
 
 /// `GET /v1/storage`: what the server has received and keeps.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct StorageStats {
     /// Chunk bytes received on the wire, as sent (compressed).
     pub bytes_received: u64,
@@ -152,7 +177,7 @@ pub struct StorageStats {
 }
 
 /// `DELETE /v1/builds/B`: what went.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 pub struct DeleteReport {
     pub build: String,
     pub jobs: u64,

@@ -1,14 +1,17 @@
 //! The kiln server: a build farm's state and its HTTP API.
 //!
 //! Three layers, each knowing only the one below:
-//! - [`farm`]: the domain. [`farm::Farm`] does everything the server does (submit,
+//! - [`domain`]: the farm itself. [`domain::Farm`] does everything the server does (submit,
 //!   claim, heartbeat, log, finish, fail, restart, cancel, delete a build, collect
 //!   garbage, issue and revoke credentials) over the stores it is given
-//!   ([`farm::Backends`]), and returns [`farm::FarmError`]; it knows nothing of HTTP.
+//!   ([`domain::Backends`]), and returns [`domain::FarmError`]; it knows nothing of HTTP.
 //! - [`http`]: the route table, the router built from it, and thin handlers grouped
 //!   by resource that call the farm.
 //! - [`workers`]: background work in one shape (dispatcher, timekeeper, notifier,
 //!   registrar), run and stopped by one runner.
+//!
+//! [`offline`] changes client credentials and the join token on a data directory
+//! without going through a server's HTTP API, with the farm's own rules.
 //!
 //! Start a server with [`Server::open`] (the embedded defaults: SQLite and local
 //! stores under `--data`) or [`Server::with_backends`], then [`Server::run`] on a
@@ -16,13 +19,14 @@
 
 mod contacts;
 mod dispatch;
-pub mod farm;
+pub mod domain;
 pub mod http;
+pub mod offline;
 mod sessions;
 pub mod workers;
 
-pub use farm::credentials::{hash_secret, verify_secret};
-pub use farm::{Backends, Caller, Farm};
+pub use domain::credentials::{hash_secret, verify_secret};
+pub use domain::{Backends, Caller, Farm};
 
 use anyhow::Context;
 use kiln_blob::{LocalBlobStore, LocalChunkStore};

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 /// kiln: a distributed build farm for installed software images.
 #[derive(Debug, Parser)]
-#[command(name = "kiln", version, about, max_term_width = 100)]
+#[command(name = "kiln", version = env!("KILN_VERSION"), about, max_term_width = 100)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -46,6 +46,12 @@ pub enum Command {
     Demo(DemoArgs),
     /// Measure dispatch latency and makespan.
     Bench(BenchArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions(crate::commands::completions::CompletionsArgs),
+    /// Write manual pages for kiln and every subcommand into a directory.
+    Man(crate::commands::manpages::ManArgs),
+    /// Print the server API's OpenAPI description (docs/openapi.json).
+    Openapi(crate::commands::openapi::OpenapiArgs),
 }
 
 /// Where the server is and the credential to use, for operator commands.
@@ -468,7 +474,8 @@ pub struct DemoArgs {
     /// How many clients to start.
     #[arg(long, default_value_t = 3)]
     pub clients: u32,
-    /// Where to release the images (default: ./kiln-demo-release).
+    /// Where to release the images (default: ./kiln-demo-release, or
+    /// ./kiln-debian-release for the Debian example).
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Keep the farm's data directory here instead of a temporary one.

@@ -2,12 +2,12 @@
 //! decides, from the route's [`Access`], whether a call reaches its handler, and
 //! leaves the [`Caller`] in the request. The credential comes in the `Authorization`
 //! header: `Bearer TOKEN` (the admin or join token), or `Basic` with a client id and
-//! secret; the farm says who that makes ([`crate::farm::Farm::identify`]).
+//! secret; the farm says who that makes ([`crate::domain::Farm::identify`]).
 
 use super::error::HttpError;
 use super::{Access, ServerState};
-use crate::farm::credentials::Presented;
-use crate::farm::{Caller, FarmError};
+use crate::domain::credentials::Presented;
+use crate::domain::{Caller, FarmError};
 use axum::extract::{FromRequestParts, RawPathParams, Request};
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};

@@ -2,8 +2,8 @@
 
 use super::error::HttpError;
 use super::images::ranged;
-use super::{lease_header, xml_response, Shared};
-use crate::farm::{Caller, FarmError};
+use super::{lease_header, xml_response, Doc, Shared};
+use crate::domain::{Caller, FarmError};
 use axum::extract::{Multipart, Path, Query};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
@@ -11,11 +11,17 @@ use axum::Json;
 use kiln_proto::api::{BuildSummary, Event, ImageInfo, JobStatus, Submitted};
 use kiln_proto::transfer::DeleteReport;
 use serde::Deserialize;
+use utoipa::IntoParams;
 
 type Answer<T> = Result<T, HttpError>;
 
 pub async fn list(state: Shared, _caller: Caller) -> Answer<Json<Vec<BuildSummary>>> {
     Ok(Json(state.farm.builds().await?))
+}
+
+pub fn list_doc() -> Doc {
+    Doc::new("builds", "list_builds", "All builds")
+        .answers_list::<BuildSummary>(200, "Every build, newest first.")
 }
 
 /// `POST /v1/builds`: a multipart body with the manifest, then the files archive.
@@ -60,12 +66,47 @@ pub async fn submit(
     Ok((StatusCode::CREATED, Json(submitted)))
 }
 
+pub fn submit_doc() -> Doc {
+    Doc::new("builds", "submit_build", "Submit a build")
+        .describe(
+            "A `multipart/form-data` body with two parts, the manifest first. Nothing of a \
+             refused submission is stored.",
+        )
+        .takes_files(&[
+            (
+                "manifest",
+                "The manifest (UTF-8, at most 4 MiB): the seed's relbuild.xml or kiln.toml. \
+                 Its file name picks the format (.xml or .toml, else by content); errors \
+                 name it.",
+            ),
+            (
+                "files",
+                "A tar archive of the build's files: regular files and directories only, \
+                 paths inside the archive. Every script the manifest names must be in it.",
+            ),
+        ])
+        .answers::<Submitted>(201, "The build is stored and its jobs are queued.")
+        .refuses(
+            400,
+            &["bad_request", "bad_manifest", "bad_files", "bad_upload"],
+        )
+        .refuses(409, &["duplicate_build"])
+        .refuses(413, &["too_large"])
+        .refuses(507, &["no_space"])
+}
+
 pub async fn summary(
     state: Shared,
     _caller: Caller,
     Path(build): Path<String>,
 ) -> Answer<Json<BuildSummary>> {
     Ok(Json(state.farm.build(&build).await?))
+}
+
+pub fn summary_doc() -> Doc {
+    Doc::new("builds", "get_build", "One build's summary")
+        .answers::<BuildSummary>(200, "The build's summary, with its jobs counted by state.")
+        .refuses(404, &["not_found"])
 }
 
 /// `DELETE /v1/builds/{build}`: the build and everything of it, then the chunks no
@@ -78,12 +119,29 @@ pub async fn delete(
     Ok(Json(state.farm.delete_build(&build).await?))
 }
 
+pub fn delete_doc() -> Doc {
+    Doc::new("builds", "delete_build", "Delete a build")
+        .describe(
+            "The build, its jobs, logs, events, files and images, then the chunks no \
+             image uses any more. A build with running jobs is not deleted.",
+        )
+        .answers::<DeleteReport>(200, "What went.")
+        .refuses(404, &["not_found"])
+        .refuses(409, &["conflict"])
+}
+
 pub async fn jobs(
     state: Shared,
     _caller: Caller,
     Path(build): Path<String>,
 ) -> Answer<Json<Vec<JobStatus>>> {
     Ok(Json(state.farm.jobs(&build).await?))
+}
+
+pub fn jobs_doc() -> Doc {
+    Doc::new("builds", "list_jobs", "The build's jobs")
+        .answers_list::<JobStatus>(200, "The build's jobs, in manifest order.")
+        .refuses(404, &["not_found"])
 }
 
 pub async fn relbuild_xml(
@@ -95,11 +153,28 @@ pub async fn relbuild_xml(
     Ok(xml_response(manifest.to_relbuild_xml()))
 }
 
-#[derive(Deserialize)]
+pub fn relbuild_xml_doc() -> Doc {
+    Doc::new(
+        "builds",
+        "get_relbuild_xml",
+        "The build's manifest as the seed's XML",
+    )
+    .answers_text(
+        200,
+        "application/xml",
+        "The stored manifest in the seed's relbuild.xml schema, whichever form was \
+             submitted.",
+    )
+    .refuses(404, &["not_found"])
+}
+
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct EventsQuery {
+    /// The events after this sequence number (the last `seq` seen).
     #[serde(default)]
     after: i64,
-    /// Seconds to wait for a new event when there is none after `after`.
+    /// Seconds to wait for a new event when there is none after `after` (at most 120).
     #[serde(default)]
     wait: u64,
 }
@@ -115,6 +190,19 @@ pub async fn events(
     ))
 }
 
+pub fn events_doc() -> Doc {
+    Doc::new("builds", "list_events", "The build's event log")
+        .describe(
+            "Every state change of every job of the build after `after`, oldest first. \
+             Sequence numbers grow across all builds, so they have gaps within one. With \
+             `wait`, the call is held until there is a new event or the wait ends (then \
+             `[]`).",
+        )
+        .query::<EventsQuery>()
+        .answers_list::<Event>(200, "The events after `after`, oldest first.")
+        .refuses(404, &["not_found"])
+}
+
 pub async fn images(
     state: Shared,
     _caller: Caller,
@@ -123,8 +211,17 @@ pub async fn images(
     Ok(Json(state.farm.images(&build).await?))
 }
 
-#[derive(Deserialize)]
+pub fn images_doc() -> Doc {
+    Doc::new("builds", "list_images", "The build's images")
+        .answers_list::<ImageInfo>(200, "The images of the build's finished jobs.")
+        .refuses(404, &["not_found"])
+}
+
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct FilesQuery {
+    /// The job a client fetches the files for (it presents that job's lease); the
+    /// admin leaves it out.
     job: Option<String>,
 }
 
@@ -153,4 +250,19 @@ pub async fn files(
     };
     let read = farm.read_files(&files, span).await?;
     Ok(plan.answer(|_| read.body))
+}
+
+pub fn files_doc() -> Doc {
+    Doc::new("builds", "get_build_files", "The build's files (tar)")
+        .describe(
+            "The tar archive submitted with the build. The admin may fetch it any time; a \
+             client adds `?job=JOB` and that job's lease in `x-kiln-lease`.",
+        )
+        .query::<FilesQuery>()
+        .lease("A client's lease of the job named by `job`.")
+        .ranged()
+        .answers_ranged("the build's files archive")
+        .refuses(400, &["no_job", "no_lease"])
+        .refuses(404, &["not_found"])
+        .refuses(409, &["stale_lease"])
 }

@@ -1,7 +1,7 @@
 //! Every refusal of the API mapped to an HTTP status and a `{code, error}` body, in
 //! one place.
 
-use crate::farm::FarmError;
+use crate::domain::FarmError;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;

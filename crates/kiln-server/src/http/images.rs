@@ -2,8 +2,8 @@
 //! whole-image upload, and image downloads (whole, by range, by chunk).
 
 use super::error::HttpError;
-use super::{lease_of, Shared};
-use crate::farm::Caller;
+use super::{lease_of, Doc, Shared};
+use crate::domain::Caller;
 use axum::body::Body;
 use axum::extract::Path;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -35,6 +35,26 @@ pub async fn missing(
     ))
 }
 
+pub fn missing_doc() -> Doc {
+    Doc::new(
+        "images",
+        "missing_chunks",
+        "Which chunks of an image the server lacks",
+    )
+    .describe(
+        "The image's next chunks in order (at most 4096), repeats included. With \
+             `image` and `offset`, the server hashes the image in order as its chunks \
+             become present. Chunks asked about are kept for the upload in progress.",
+    )
+    .takes::<MissingRequest>()
+    .answers::<MissingResponse>(
+        200,
+        "The chunks the server lacks, in the order asked, each once.",
+    )
+    .refuses(400, &["bad_name"])
+    .refuses(413, &["too_large"])
+}
+
 /// `POST /v1/jobs/{build}/{job}/chunks`: a body of frames.
 pub async fn put_chunks(
     state: Shared,
@@ -52,6 +72,23 @@ pub async fn put_chunks(
     ))
 }
 
+pub fn put_chunks_doc() -> Doc {
+    Doc::new("images", "put_chunks", "Send chunks")
+        .describe(
+            "A body of frames, back to back. A frame is one chunk: its BLAKE3 (32 bytes, \
+             raw), its raw length (u32 little-endian, 1 to 1 MiB), an encoding byte (0: the \
+             data is the chunk; 1: one zstd frame), the data length (u32 little-endian) and \
+             the data. Each frame is checked against its name before it is stored; the \
+             first bad one ends the request (the frames before it are kept).",
+        )
+        .takes_bytes(FRAMES_CONTENT_TYPE, "Chunk frames, back to back.")
+        .answers::<PutChunksResponse>(200, "The frames are checked and durably stored.")
+        .refuses(400, &["upload_interrupted"])
+        .refuses(422, &["chunk_mismatch"])
+        .refuses(429, &["too_many_uploads"])
+        .refuses(507, &["no_space"])
+}
+
 /// `POST /v1/jobs/{build}/{job}/images/{name}/commit`
 pub async fn commit(
     state: Shared,
@@ -66,6 +103,26 @@ pub async fn commit(
         .commit_image(&build, &job, lease, &name, request)
         .await?;
     Ok((StatusCode::CREATED, Json(info)))
+}
+
+pub fn commit_doc() -> Doc {
+    Doc::new(
+        "images",
+        "commit_image",
+        "Record an image made of stored chunks",
+    )
+    .describe(
+        "Checks the chunk list, the chunks' presence and the whole image's BLAKE3 and \
+             SHA-256, then records the image under the lease (replacing one of the same \
+             name). On `missing_chunks`, send the chunks named and commit again.",
+    )
+    .takes::<CommitRequest>()
+    .answers::<ImageInfo>(201, "The image is stored.")
+    .refuses(400, &["bad_chunk"])
+    .refuses(409, &["missing_chunks"])
+    .refuses(413, &["too_large"])
+    .refuses(422, &["hash_mismatch", "size_mismatch"])
+    .refuses(507, &["no_space"])
 }
 
 /// `PUT /v1/jobs/{build}/{job}/images/{name}`: an image whole, its BLAKE3 in a header.
@@ -94,6 +151,25 @@ pub async fn put_whole(
     Ok((StatusCode::CREATED, Json(info)))
 }
 
+pub fn put_whole_doc() -> Doc {
+    Doc::new("images", "put_image", "Upload an image whole")
+        .describe(
+            "The server checks the lease before reading the body, hashes the bytes as they \
+             arrive and stores them (cut into chunks) only if their BLAKE3 is the one in \
+             `x-kiln-blake3`. The same name again under the same lease replaces it.",
+        )
+        .digest_header(
+            kiln_proto::BLAKE3_HEADER,
+            "The image's BLAKE3, 64 lowercase hex digits.",
+        )
+        .takes_bytes("application/octet-stream", "The image's bytes.")
+        .answers::<ImageInfo>(201, "The image is stored.")
+        .refuses(400, &["no_hash", "hash_mismatch", "upload_interrupted"])
+        .refuses(413, &["too_large"])
+        .refuses(429, &["too_many_uploads"])
+        .refuses(507, &["no_space"])
+}
+
 /// `GET /v1/jobs/{build}/{job}/images/{name}/index`
 pub async fn index(
     state: Shared,
@@ -101,6 +177,12 @@ pub async fn index(
     Path((build, job, name)): Path<(String, String, String)>,
 ) -> Answer<Json<ImageIndex>> {
     Ok(Json(state.farm.image_index(&build, &job, &name).await?))
+}
+
+pub fn index_doc() -> Doc {
+    Doc::new("images", "get_image_index", "The image's chunk list")
+        .answers::<ImageIndex>(200, "The image's digests and its chunks in order.")
+        .refuses(404, &["not_found"])
 }
 
 /// `GET /v1/jobs/{build}/{job}/images/{name}`: the whole image, or one range of it,
@@ -118,6 +200,17 @@ pub async fn download(
         .answer(|span| farm.read_image_span(image, span)))
 }
 
+pub fn download_doc() -> Doc {
+    Doc::new("images", "download_image", "Download an image")
+        .describe(
+            "The image's bytes, streamed from its chunks (each checked against its name as \
+             it is read). Only images of finished jobs are served.",
+        )
+        .ranged()
+        .answers_ranged("the image")
+        .refuses(404, &["not_found"])
+}
+
 /// `POST /v1/chunks/fetch`: the frames of the chunks asked for, in that order.
 pub async fn fetch(
     state: Shared,
@@ -130,6 +223,19 @@ pub async fn fetch(
         Body::from_stream(frames),
     )
         .into_response())
+}
+
+pub fn fetch_doc() -> Doc {
+    Doc::new("images", "fetch_chunks", "Chunks by name, as frames")
+        .describe("At most 1024 chunks; every one must be stored.")
+        .takes::<FetchRequest>()
+        .answers_bytes(
+            200,
+            FRAMES_CONTENT_TYPE,
+            "One frame per chunk asked for, in that order.",
+        )
+        .refuses(404, &["not_found"])
+        .refuses(413, &["too_large"])
 }
 
 /// How to answer a GET of a stored file: the status, the headers, and which bytes

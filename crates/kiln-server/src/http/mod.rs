@@ -5,14 +5,15 @@
 //! enforced by [`auth::authorize`] before the handler), the largest body it takes,
 //! whether it is a long poll, and its handler. The router is built from that table
 //! alone, and so is everything that depends on a route: body limits, the words of a
-//! refusal for a body over its limit, and which calls run to completion when their
-//! client hangs up. [`endpoints`] lists the table for tests and tools.
+//! refusal for a body over its limit, which calls run to completion when their client
+//! hangs up, and the API's OpenAPI description ([`openapi`]: each row carries its
+//! [`Doc`]). [`endpoints`] lists the table for tests and tools.
 //!
 //! - [`builds`]: submit, list, read and delete builds; their events, images, files.
 //! - [`jobs`]: claims and offers, sessions, what a holder reports, restart and cancel.
 //! - [`images`]: the chunked transfer and image downloads.
 //! - [`clients`]: the inventory, enrollment and credentials.
-//! - [`meta`]: health, whoami, storage figures, metrics.
+//! - [`meta`]: health, whoami, storage figures, metrics, the OpenAPI description.
 
 mod auth;
 mod builds;
@@ -21,8 +22,9 @@ mod error;
 mod images;
 mod jobs;
 mod meta;
+pub mod openapi;
 
-use crate::farm::Farm;
+use crate::domain::Farm;
 use crate::workers::Workers;
 use axum::extract::rejection::RawPathParamsRejection;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequestParts, RawPathParams, Request};
@@ -32,6 +34,7 @@ use axum::routing::{delete, get, post, put, MethodRouter};
 use axum::{Json, Router};
 use error::HttpError;
 use kiln_proto::names::check_name;
+pub use openapi::Doc;
 use std::sync::Arc;
 
 /// The largest commit body: a chunk list of a 64 GiB image at the smallest chunks.
@@ -102,16 +105,17 @@ pub struct Endpoint {
 
 type Handler = MethodRouter<Arc<ServerState>>;
 
-/// A row of the table: the endpoint and its handler.
+/// A row of the table: the endpoint, its handler and its description.
 struct Route {
     endpoint: Endpoint,
     handler: Handler,
+    doc: Doc,
 }
 
 /// The largest submission: the files archive the server accepts, the largest
 /// manifest, and room for the multipart framing.
 fn submit_limit(max_files_bytes: u64) -> usize {
-    (max_files_bytes + crate::farm::builds::MAX_MANIFEST_BYTES as u64 + (1 << 20)) as usize
+    (max_files_bytes + crate::domain::builds::MAX_MANIFEST_BYTES as u64 + (1 << 20)) as usize
 }
 
 /// Every endpoint of the API with its handler: the router is built from this list
@@ -129,7 +133,8 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
                access: Access,
                body_limit: BodyLimit,
                long_poll: bool,
-               handler: Handler| Route {
+               handler: Handler,
+               doc: Doc| Route {
         endpoint: Endpoint {
             method,
             path,
@@ -138,6 +143,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             long_poll,
         },
         handler,
+        doc,
     };
     vec![
         row(
@@ -147,6 +153,16 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             JSON,
             false,
             get(meta::health),
+            meta::health_doc(),
+        ),
+        row(
+            Method::GET,
+            "/v1/openapi.json",
+            Open,
+            JSON,
+            false,
+            get(meta::openapi),
+            meta::openapi_doc(),
         ),
         row(
             Method::GET,
@@ -155,6 +171,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             JSON,
             false,
             get(meta::whoami),
+            meta::whoami_doc(),
         ),
         row(
             Method::GET,
@@ -163,6 +180,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             JSON,
             false,
             get(builds::list),
+            builds::list_doc(),
         ),
         row(
             Method::POST,
@@ -171,6 +189,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             submit,
             false,
             post(builds::submit),
+            builds::submit_doc(),
         ),
         row(
             Method::GET,
@@ -179,6 +198,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             JSON,
             false,
             get(builds::summary),
+            builds::summary_doc(),
         ),
         row(
             Method::DELETE,
@@ -187,6 +207,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             JSON,
             false,
             delete(builds::delete),
+            builds::delete_doc(),
         ),
         row(
             Method::GET,
@@ -195,6 +216,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             JSON,
             false,
             get(builds::jobs),
+            builds::jobs_doc(),
         ),
         row(
             Method::GET,
@@ -203,6 +225,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             JSON,
             false,
             get(builds::relbuild_xml),
+            builds::relbuild_xml_doc(),
         ),
         row(
             Method::GET,
@@ -211,6 +234,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             JSON,
             true,
             get(builds::events),
+            builds::events_doc(),
         ),
         row(
             Method::GET,
@@ -219,6 +243,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             JSON,
             false,
             get(builds::images),
+            builds::images_doc(),
         ),
         row(
             Method::GET,
@@ -227,6 +252,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             JSON,
             false,
             get(builds::files),
+            builds::files_doc(),
         ),
         row(
             Method::POST,
@@ -235,6 +261,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             JSON,
             true,
             post(jobs::claim),
+            jobs::claim_doc(),
         ),
         row(
             Method::POST,
@@ -243,6 +270,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             JSON,
             true,
             post(jobs::offer),
+            jobs::offer_doc(),
         ),
         row(
             Method::GET,
@@ -251,6 +279,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             JSON,
             false,
             get(clients::list),
+            clients::list_doc(),
         ),
         row(
             Method::POST,
@@ -259,6 +288,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             JSON,
             false,
             post(clients::enroll),
+            clients::enroll_doc(),
         ),
         row(
             Method::GET,
@@ -267,6 +297,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             JSON,
             false,
             get(clients::credentials),
+            clients::credentials_doc(),
         ),
         row(
             Method::POST,
@@ -275,6 +306,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             JSON,
             false,
             post(clients::issue_credential),
+            clients::issue_credential_doc(),
         ),
         row(
             Method::DELETE,
@@ -283,6 +315,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             JSON,
             false,
             delete(clients::revoke_credential),
+            clients::revoke_credential_doc(),
         ),
         row(
             Method::POST,
@@ -291,6 +324,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             JSON,
             false,
             post(clients::join_token),
+            clients::join_token_doc(),
         ),
         row(
             Method::POST,
@@ -299,6 +333,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             STREAMED,
             true,
             post(jobs::session),
+            jobs::session_doc(),
         ),
         row(
             Method::GET,
@@ -307,6 +342,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             JSON,
             false,
             get(jobs::status),
+            jobs::status_doc(),
         ),
         row(
             Method::GET,
@@ -315,6 +351,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             JSON,
             false,
             get(jobs::status_xml),
+            jobs::status_xml_doc(),
         ),
         row(
             Method::GET,
@@ -323,6 +360,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             JSON,
             true,
             get(jobs::read_log),
+            jobs::read_log_doc(),
         ),
         row(
             Method::POST,
@@ -331,6 +369,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             JSON,
             false,
             post(jobs::append_log),
+            jobs::append_log_doc(),
         ),
         row(
             Method::POST,
@@ -339,6 +378,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             JSON,
             false,
             post(jobs::heartbeat),
+            jobs::heartbeat_doc(),
         ),
         row(
             Method::POST,
@@ -347,6 +387,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             JSON,
             false,
             post(jobs::finish),
+            jobs::finish_doc(),
         ),
         row(
             Method::POST,
@@ -355,6 +396,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             JSON,
             false,
             post(jobs::fail),
+            jobs::fail_doc(),
         ),
         row(
             Method::POST,
@@ -363,6 +405,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             JSON,
             false,
             post(jobs::release),
+            jobs::release_doc(),
         ),
         row(
             Method::POST,
@@ -371,6 +414,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             JSON,
             false,
             post(jobs::give_up),
+            jobs::give_up_doc(),
         ),
         row(
             Method::POST,
@@ -379,6 +423,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             JSON,
             false,
             post(jobs::restart),
+            jobs::restart_doc(),
         ),
         row(
             Method::POST,
@@ -387,6 +432,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             JSON,
             false,
             post(jobs::cancel),
+            jobs::cancel_doc(),
         ),
         row(
             Method::GET,
@@ -395,6 +441,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             JSON,
             false,
             get(images::download),
+            images::download_doc(),
         ),
         row(
             Method::PUT,
@@ -403,6 +450,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             STREAMED,
             false,
             put(images::put_whole),
+            images::put_whole_doc(),
         ),
         row(
             Method::GET,
@@ -411,6 +459,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             JSON,
             false,
             get(images::index),
+            images::index_doc(),
         ),
         row(
             Method::POST,
@@ -419,6 +468,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             COMMIT,
             false,
             post(images::commit),
+            images::commit_doc(),
         ),
         row(
             Method::POST,
@@ -427,6 +477,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             COMMIT,
             false,
             post(images::missing),
+            images::missing_doc(),
         ),
         row(
             Method::POST,
@@ -435,6 +486,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             STREAMED,
             false,
             post(images::put_chunks),
+            images::put_chunks_doc(),
         ),
         row(
             Method::POST,
@@ -443,6 +495,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             JSON,
             false,
             post(images::fetch),
+            images::fetch_doc(),
         ),
         row(
             Method::GET,
@@ -451,6 +504,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             JSON,
             false,
             get(meta::storage),
+            meta::storage_doc(),
         ),
         row(
             Method::GET,
@@ -459,6 +513,7 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             JSON,
             false,
             get(meta::metrics),
+            meta::metrics_doc(),
         ),
     ]
 }
@@ -471,10 +526,33 @@ pub fn endpoints() -> Vec<Endpoint> {
         .collect()
 }
 
+/// The API's OpenAPI description, as a server with the default configuration serves
+/// it (and `docs/openapi.json` has it).
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    openapi_for(crate::ServerConfig::new(Default::default()).max_files_bytes)
+}
+
+/// The OpenAPI description of a server that accepts build files up to
+/// `max_files_bytes`.
+fn openapi_for(max_files_bytes: u64) -> utoipa::openapi::OpenApi {
+    let routes = routes(max_files_bytes);
+    let described: Vec<openapi::Described<'_>> = routes
+        .iter()
+        .map(|route| openapi::Described {
+            endpoint: &route.endpoint,
+            doc: &route.doc,
+        })
+        .collect();
+    openapi::describe(&described)
+}
+
 /// Builds the router over `state` from the route table.
 pub fn router(state: Arc<ServerState>) -> Router {
     let mut by_path: Vec<(&'static str, Handler)> = Vec::new();
-    for Route { endpoint, handler } in routes(state.farm.config().max_files_bytes) {
+    for Route {
+        endpoint, handler, ..
+    } in routes(state.farm.config().max_files_bytes)
+    {
         let access = endpoint.access;
         let auth_state = state.clone();
         let limit = endpoint.body_limit;
@@ -529,7 +607,7 @@ async fn check_path_names(
                 continue;
             };
             if let Err(message) = check_name(what, value) {
-                return HttpError::from(crate::farm::FarmError::invalid("bad_name", message))
+                return HttpError::from(crate::domain::FarmError::invalid("bad_name", message))
                     .into_response();
             }
         }
@@ -590,7 +668,7 @@ async fn run_to_completion(request: Request, next: axum::middleware::Next) -> Re
     match tokio::spawn(next.run(request)).await {
         Ok(response) => response,
         Err(err) => {
-            HttpError::from(crate::farm::FarmError::task("request handler", err)).into_response()
+            HttpError::from(crate::domain::FarmError::task("request handler", err)).into_response()
         }
     }
 }
@@ -625,7 +703,7 @@ fn lease_header(headers: &HeaderMap) -> Option<&str> {
 
 /// The lease token a call about a job must carry, or the refusal saying where it goes.
 fn lease_of(headers: &HeaderMap) -> Result<&str, HttpError> {
-    Ok(crate::farm::builds::require_lease(lease_header(headers))?)
+    Ok(crate::domain::builds::require_lease(lease_header(headers))?)
 }
 
 /// An XML answer.

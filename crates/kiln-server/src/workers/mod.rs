@@ -59,7 +59,7 @@ pub trait Worker: Send + 'static {
 }
 
 /// What a worker is doing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum WorkerState {
     /// Waiting for work.
@@ -97,7 +97,7 @@ impl WorkerState {
 }
 
 /// A worker's status as the runner keeps it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct WorkerStatus {
     pub name: &'static str,
     pub state: WorkerState,

@@ -3,7 +3,7 @@
 //! apart from everything else, so that a dead webhook never holds up the queue.
 
 use super::{Worker, WorkerError};
-use crate::farm::Farm;
+use crate::domain::Farm;
 use async_trait::async_trait;
 use futures::StreamExt;
 use kiln_store::Notification;

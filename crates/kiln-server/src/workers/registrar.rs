@@ -3,8 +3,9 @@
 //! masters list it while it lives.
 
 use super::{Worker, WorkerError};
-use crate::farm::Farm;
+use crate::domain::Farm;
 use async_trait::async_trait;
+use kiln_api::{CallError, Endpoint, MasterConn, Registration, Secret};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,6 +15,7 @@ const WARN_EVERY: Duration = Duration::from_secs(60);
 /// What the server knows about one master.
 struct MasterLink {
     url: String,
+    conn: MasterConn,
     /// Whether the last post succeeded (starts true so the first failure warns).
     reachable: bool,
     last_warning: Option<Instant>,
@@ -23,8 +25,6 @@ struct MasterLink {
 pub struct Registrar {
     farm: Arc<Farm>,
     advertise: String,
-    token: Option<String>,
-    http: reqwest::Client,
     links: Vec<MasterLink>,
     every: Duration,
     first: bool,
@@ -41,7 +41,7 @@ impl Registrar {
         }
         let token = match &config.master_token_file {
             Some(path) => match std::fs::read_to_string(path) {
-                Ok(token) => Some(token.trim().to_owned()),
+                Ok(token) => Some(Secret::trimmed(&token)),
                 Err(err) => {
                     tracing::error!(path = %path.display(), cause = %err, "cannot read the master token file: not registering with masters");
                     return None;
@@ -49,33 +49,28 @@ impl Registrar {
             },
             None => None,
         };
-        let http = match config
-            .master_tls
-            .client_builder()
-            .timeout(Duration::from_secs(config.heartbeat_secs.clamp(1, 10)))
-            .build()
-        {
-            Ok(http) => http,
-            Err(err) => {
-                tracing::error!(cause = %err, "cannot build the HTTP client for masters");
-                return None;
+        let timeout = Duration::from_secs(config.heartbeat_secs.clamp(1, 10));
+        let mut links = Vec::new();
+        for url in &config.masters {
+            let conn = Endpoint::new("master", url, &config.master_tls)
+                .and_then(|endpoint| MasterConn::for_server(endpoint, token.clone(), timeout));
+            match conn {
+                Ok(conn) => links.push(MasterLink {
+                    url: url.trim_end_matches('/').to_owned(),
+                    conn,
+                    reachable: true,
+                    last_warning: None,
+                }),
+                Err(err) => {
+                    tracing::error!(cause = %kiln_proto::error_chain(&err), "cannot build the HTTP client for masters");
+                    return None;
+                }
             }
-        };
-        let links = config
-            .masters
-            .iter()
-            .map(|url| MasterLink {
-                url: url.trim_end_matches('/').to_owned(),
-                reachable: true,
-                last_warning: None,
-            })
-            .collect();
+        }
         let every = Duration::from_secs(config.heartbeat_secs.max(1));
         Some(Registrar {
             farm,
             advertise,
-            token,
-            http,
             links,
             every,
             first: true,
@@ -103,35 +98,15 @@ impl Worker for Registrar {
                 kiln_store::LoadCounts::default()
             }
         };
-        let body = serde_json::json!({
-            "url": self.advertise,
-            "builds": counts.builds,
-            "queued": counts.queued,
-            "running": counts.running,
-        });
+        let registration = Registration {
+            url: self.advertise.clone(),
+            builds: counts.builds,
+            queued: counts.queued,
+            running: counts.running,
+        };
         let posts = self.links.iter().map(|link| {
-            let mut request = self
-                .http
-                .post(format!("{}/v1/servers", link.url))
-                .json(&body);
-            if let Some(token) = &self.token {
-                request = request.bearer_auth(token);
-            }
-            async move {
-                let response = request.send().await.map_err(|err| {
-                    format!(
-                        "{}{}",
-                        kiln_proto::error_chain(&err),
-                        kiln_tls::certificate_hint(&err)
-                    )
-                })?;
-                let status = response.status();
-                if status.is_success() {
-                    return Ok(());
-                }
-                let text = response.text().await.unwrap_or_default();
-                Err(format!("HTTP {status}: {}", text.trim()))
-            }
+            let registration = &registration;
+            async move { link.conn.register(registration).await.map_err(cause) }
         });
         let results = futures::future::join_all(posts).await;
         let mut n_unreachable = 0;
@@ -160,5 +135,21 @@ impl Worker for Registrar {
         // round itself succeeded, so the runner does not back off the next one.
         tracing::trace!(n_unreachable, "registered with masters");
         Ok(())
+    }
+}
+
+/// What a failed registration says in the log: the connection's error chain (and a
+/// certificate's problem), or the master's status and answer.
+fn cause(err: CallError) -> String {
+    match err {
+        CallError::Unreachable { source, .. } => format!(
+            "{}{}",
+            kiln_proto::error_chain(&source),
+            kiln_tls::certificate_hint(&source)
+        ),
+        CallError::Refused { status, message } | CallError::ServerFailed { status, message } => {
+            format!("HTTP {status}: {}", message.trim())
+        }
+        other => kiln_proto::error_chain(&other),
     }
 }

@@ -2,7 +2,7 @@
 //! timeout) and expires jobs nobody accepted in time.
 
 use super::{Worker, WorkerError};
-use crate::farm::Farm;
+use crate::domain::Farm;
 use async_trait::async_trait;
 use std::sync::Arc;
 use std::time::Duration;

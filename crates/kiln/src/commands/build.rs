@@ -2,10 +2,9 @@
 //! of it.
 
 use crate::cli::{BuildAction, BuildArgs, StorageArgs};
-use crate::operator::{Operator, Usage};
-use kiln_proto::api::JobStatus;
+use crate::operator::{operator, Usage};
+use kiln_api::{JobAction, Operator};
 use kiln_proto::state::JobState;
-use kiln_proto::transfer::{DeleteReport, StorageStats};
 use std::process::ExitCode;
 
 pub async fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
@@ -17,14 +16,11 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
             server,
         } => {
             kiln_proto::names::check_name("build number", &build).map_err(Usage)?;
-            let operator = Operator::new(&server)?;
+            let operator = operator(&server)?;
             if force {
                 cancel_running(&operator, &build).await?;
             }
-            let response = operator
-                .send(operator.request(reqwest::Method::DELETE, &format!("/v1/builds/{build}")))
-                .await?;
-            let report: DeleteReport = response.json().await?;
+            let report = operator.delete_build(&build).await?;
             if json {
                 println!("{}", serde_json::to_string(&report)?);
             } else {
@@ -45,13 +41,9 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
 
 /// Cancels the build's running jobs, so that it can be deleted.
 async fn cancel_running(operator: &Operator, build: &str) -> anyhow::Result<()> {
-    let jobs: Vec<JobStatus> = operator
-        .get_json(&format!("/v1/builds/{build}/jobs"))
-        .await?;
+    let jobs = operator.jobs(build).await?;
     for job in jobs.iter().filter(|job| job.state == JobState::Running) {
-        let cancelled: anyhow::Result<kiln_proto::api::Event> = operator
-            .post_json(&format!("/v1/jobs/{build}/{}/cancel", job.id))
-            .await;
+        let cancelled = operator.job_action(build, &job.id, JobAction::Cancel).await;
         match cancelled {
             Ok(_) => eprintln!("cancelled running job {build}/{}", job.id),
             // It ended meanwhile: nothing to cancel.
@@ -62,8 +54,8 @@ async fn cancel_running(operator: &Operator, build: &str) -> anyhow::Result<()> 
 }
 
 pub async fn storage(args: StorageArgs) -> anyhow::Result<ExitCode> {
-    let operator = Operator::new(&args.server)?;
-    let stats: StorageStats = operator.get_json("/v1/storage").await?;
+    let operator = operator(&args.server)?;
+    let stats = operator.storage().await?;
     if args.json {
         println!("{}", serde_json::to_string(&stats)?);
         return Ok(ExitCode::SUCCESS);

@@ -1,11 +1,9 @@
 //! `kiln client`: the imaging agent, configured by flags, buildclient.xml or TOML.
 
 use crate::cli::{ClientAction, ClientArgs};
-use crate::operator::Usage;
+use crate::operator::{client_tls, token_from, Usage};
 use anyhow::Context;
-use kiln_client::conn::ServerConn;
-use kiln_client::fleet::MasterConn;
-use kiln_client::identity::Given;
+use kiln_api::{Given, MasterConn, Secret, ServerConn};
 use kiln_client::{Agent, ClientOptions, Stop};
 use kiln_proto::client_config::ClientConfig;
 use std::process::ExitCode;
@@ -63,12 +61,7 @@ async fn reset(
     let local_state = kiln_client::state::LocalState::open(work)
         .with_context(|| format!("reading the state file in {}", work.display()))?;
     let held = local_state.held();
-    let token = match token_file {
-        Some(path) => Some(read_token(path)?),
-        None => std::env::var("KILN_TOKEN")
-            .ok()
-            .map(|token| token.trim().to_owned()),
-    };
+    let token = token_from(token_file)?;
     let mut servers: Vec<ServerConn> = Vec::new();
     for job in &held {
         if servers
@@ -79,11 +72,11 @@ async fn reset(
         }
         match &token {
             Some(token) => {
-                let conn = ServerConn::with_tls(&job.server, token, &tls).map_err(Usage)?;
+                let conn = ServerConn::with_tls(&job.server, token.expose(), &tls)?;
                 // The jobs are given back as the client that held them.
                 let keep_dir = work.join("credentials");
                 servers.push(
-                    match kiln_client::identity::kept_client_id(&keep_dir, &job.server) {
+                    match kiln_api::kept_client_id(&keep_dir, &job.server) {
                         Some(id) => conn.for_client(&id, Some(&keep_dir)),
                         None => conn,
                     },
@@ -105,23 +98,6 @@ async fn reset(
         held.len()
     );
     Ok(ExitCode::SUCCESS)
-}
-
-/// What the client trusts: the usual public CAs, and those of `ca_file` (`what`
-/// names where it was given, for errors).
-fn client_tls(
-    ca_file: Option<&std::path::Path>,
-    what: &str,
-) -> anyhow::Result<kiln_tls::ClientTls> {
-    kiln_tls::ClientTls::from_ca_file(ca_file)
-        .map_err(|err| Usage(format!("{what}: {}", kiln_proto::error_chain(&err))).into())
-}
-
-fn read_token(path: &std::path::Path) -> anyhow::Result<String> {
-    Ok(std::fs::read_to_string(path)
-        .with_context(|| format!("reading token file {}", path.display()))?
-        .trim()
-        .to_owned())
 }
 
 /// Merges the config file (if any) with the flags; flags win.
@@ -146,12 +122,7 @@ fn options_from(args: ClientArgs) -> anyhow::Result<ClientOptions> {
         (None, Some(path)) => client_tls(Some(path), "ca_file")?,
         (None, None) => kiln_tls::ClientTls::default(),
     };
-    let flag_token = match &args.token_file {
-        Some(path) => Some(read_token(path)?),
-        None => std::env::var("KILN_TOKEN")
-            .ok()
-            .map(|token| token.trim().to_owned()),
-    };
+    let flag_token = token_from(args.token_file.as_deref())?;
     let mut servers = Vec::new();
     for url in &args.servers {
         let token = flag_token.clone().ok_or_else(|| {
@@ -159,7 +130,7 @@ fn options_from(args: ClientArgs) -> anyhow::Result<ClientOptions> {
                 "no client credential for {url}: pass --token-file FILE or set KILN_TOKEN"
             ))
         })?;
-        servers.push(ServerConn::with_tls(url, &token, &tls).map_err(Usage)?);
+        servers.push(ServerConn::with_tls(url, token.expose(), &tls)?);
     }
     if args.servers.is_empty() {
         for entry in config.iter().flat_map(|config| config.servers.iter()) {
@@ -169,9 +140,9 @@ fn options_from(args: ClientArgs) -> anyhow::Result<ClientOptions> {
                 (Some(token), _, _) => Given::Token(token.clone()),
                 (None, Some(user), Some(password)) if !user.is_empty() => Given::Basic {
                     user: user.clone(),
-                    password: password.clone(),
+                    password: Secret::new(password),
                 },
-                (None, _, Some(password)) => Given::Token(password.clone()),
+                (None, _, Some(password)) => Given::Token(Secret::new(password)),
                 (None, _, None) => {
                     return Err(Usage(format!(
                         "no client credential for {}: give PASSWORD, --token-file or KILN_TOKEN",
@@ -193,20 +164,20 @@ fn options_from(args: ClientArgs) -> anyhow::Result<ClientOptions> {
                 "no client credential for master {url}: pass --token-file FILE or set KILN_TOKEN"
             ))
         })?;
-        masters.push(MasterConn::with_tls(url, &token, &tls).map_err(Usage)?);
+        masters.push(MasterConn::with_tls(url, token.expose(), &tls)?);
     }
     if args.masters.is_empty() {
         for entry in config.iter().flat_map(|config| config.masters.iter()) {
             let token = flag_token
                 .clone()
-                .or_else(|| entry.password.clone())
+                .or_else(|| entry.password.as_deref().map(Secret::new))
                 .ok_or_else(|| {
                     Usage(format!(
                         "no client credential for master {}: give its password, --token-file or KILN_TOKEN",
                         entry.url
                     ))
                 })?;
-            masters.push(MasterConn::with_tls(&entry.url, &token, &tls).map_err(Usage)?);
+            masters.push(MasterConn::with_tls(&entry.url, token.expose(), &tls)?);
         }
     }
     if servers.is_empty() && masters.is_empty() {

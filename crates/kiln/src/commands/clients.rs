@@ -4,7 +4,7 @@
 use crate::cli::ClientsArgs;
 use crate::commands::build::human_bytes;
 use crate::commands::status::table;
-use crate::operator::Operator;
+use crate::operator::operator;
 use kiln_proto::api::ClientInfo;
 use std::process::ExitCode;
 
@@ -12,8 +12,8 @@ use std::process::ExitCode;
 const MARK: &str = "!";
 
 pub async fn run(args: ClientsArgs) -> anyhow::Result<ExitCode> {
-    let operator = Operator::new(&args.server)?;
-    let clients: Vec<ClientInfo> = operator.get_json("/v1/clients").await?;
+    let operator = operator(&args.server)?;
+    let clients = operator.clients().await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&clients)?);
         return Ok(ExitCode::SUCCESS);

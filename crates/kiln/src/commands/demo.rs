@@ -1,185 +1,20 @@
-//! `kiln demo`: a whole farm on this machine. It starts a server and N clients as real
-//! processes on loopback, submits the bundled example build (2 products × 3
-//! configurations, each job making a real ext4 image and a qcow2 copy), shows
-//! progress, releases the images and stops everything.
+//! `kiln demo`: a whole farm on this machine building a bundled example, the quick one
+//! or, with `--example debian`, the Debian one (see kiln-harness's `demo`); exit 0 when
+//! every image was built and released.
 
-use super::farm::Farm;
-use crate::cli::DemoArgs;
-use crate::operator::Operator;
-use anyhow::Context;
-use std::path::{Path, PathBuf};
+use super::status::exit_code;
+use crate::cli::{DemoArgs, DemoExample};
 use std::process::ExitCode;
 
-/// The example build, embedded so that the demo runs from anywhere.
-const EXAMPLE_FILES: &[(&str, &str)] = &[
-    (
-        "relbuild.xml",
-        include_str!("../../../../examples/demo/relbuild.xml"),
-    ),
-    (
-        "common/lib.sh",
-        include_str!("../../../../examples/demo/common/lib.sh"),
-    ),
-    (
-        "common/configure.sh",
-        include_str!("../../../../examples/demo/common/configure.sh"),
-    ),
-    (
-        "common/image.sh",
-        include_str!("../../../../examples/demo/common/image.sh"),
-    ),
-    (
-        "common/mke2fs.conf",
-        include_str!("../../../../examples/demo/common/mke2fs.conf"),
-    ),
-    (
-        "pro/install.sh",
-        include_str!("../../../../examples/demo/pro/install.sh"),
-    ),
-    (
-        "home/install.sh",
-        include_str!("../../../../examples/demo/home/install.sh"),
-    ),
-];
-
-/// Finds a program on PATH or in the sbin directories where e2fsprogs lives.
-pub fn find_tool(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
-        .map(|dir| dir.join(name))
-        .find(|candidate| candidate.is_file())
-}
-
-pub fn write_example(dir: &Path) -> anyhow::Result<PathBuf> {
-    for (name, text) in EXAMPLE_FILES {
-        let path = dir.join(name);
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent)?;
-        }
-        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
-    }
-    Ok(dir.join("relbuild.xml"))
-}
-
 pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
-    if args.example == crate::cli::DemoExample::Debian {
-        return super::demo_debian::run(args).await;
-    }
-    let missing: Vec<&str> = ["mkfs.ext4", "debugfs"]
-        .into_iter()
-        .filter(|tool| find_tool(tool).is_none())
-        .collect();
-    if !missing.is_empty() {
-        eprintln!(
-            "kiln demo cannot make disk images here: {} not found (install Debian's e2fsprogs: apt-get install e2fsprogs)",
-            missing.join(" and ")
-        );
-        return Ok(ExitCode::from(1));
-    }
-    let has_qemu_img = find_tool("qemu-img").is_some();
-    if !has_qemu_img {
-        eprintln!("note: qemu-img not found: the demo makes raw ext4 images only (apt-get install qemu-utils for qcow2 copies)");
-    }
-    let n_clients = args.clients.max(1);
-    let temp;
-    let dir = match &args.data {
-        Some(dir) => {
-            std::fs::create_dir_all(dir)?;
-            dir.clone()
-        }
-        None => {
-            temp = tempfile::Builder::new().prefix("kiln-demo-").tempdir()?;
-            temp.path().to_owned()
-        }
+    let options = kiln_harness::demo::Options {
+        example: match args.example {
+            DemoExample::Demo => kiln_harness::demo::Example::Demo,
+            DemoExample::Debian => kiln_harness::demo::Example::Debian,
+        },
+        clients: args.clients,
+        out: args.out,
+        data: args.data,
     };
-    let out = args
-        .out
-        .clone()
-        .unwrap_or_else(|| PathBuf::from("kiln-demo-release"));
-    let manifest = write_example(&dir.join("example"))?;
-
-    let mut farm = Farm::start(&dir, &[]).await?;
-    eprintln!(
-        "server  {} (log: {})",
-        farm.url,
-        dir.join("server.log").display()
-    );
-    for idx in 1..=n_clients {
-        let id = format!("demo-client-{idx}");
-        farm.add_client(&id, "*", 1)?;
-        eprintln!(
-            "client  {id} (log: {})",
-            dir.join(format!("client-{id}.log")).display()
-        );
-    }
-    let result = drive(&farm, &manifest, &out).await;
-    farm.stop().await;
-    let (code, released) = result?;
-    if let Some(released) = released {
-        println!();
-        println!(
-            "Images of build {} are in {}:",
-            1000,
-            released.dir.display()
-        );
-        for (path, image) in &released.images {
-            println!(
-                "  {}  ({} bytes, job {})",
-                path.display(),
-                image.size,
-                image.job_id
-            );
-        }
-        println!();
-        println!("Check them:");
-        println!(
-            "  (cd {} && sha256sum -c SHA256SUMS)",
-            released.dir.display()
-        );
-        if let Some((path, _)) = released
-            .images
-            .iter()
-            .find(|(path, _)| path.extension().is_some_and(|e| e == "raw"))
-        {
-            println!("  e2fsck -fn {}", path.display());
-            println!("  debugfs -R 'cat /etc/os-release' {}", path.display());
-        }
-        if let Some((path, _)) = released
-            .images
-            .iter()
-            .find(|(path, _)| path.extension().is_some_and(|e| e == "qcow2"))
-        {
-            println!("  qemu-img info {}", path.display());
-        }
-    }
-    Ok(code)
-}
-
-async fn drive(
-    farm: &Farm,
-    manifest: &Path,
-    out: &Path,
-) -> anyhow::Result<(ExitCode, Option<super::release::Released>)> {
-    let operator = Operator::with_token(&farm.url, Some(farm.admin_token()?))?;
-    let files_dir = manifest.parent().context("the example has a directory")?;
-    let submitted = super::submit::submit(&operator, manifest, files_dir).await?;
-    eprintln!(
-        "build   {} submitted: {} jobs",
-        submitted.number, submitted.n_jobs
-    );
-    let code = super::status::wait_for_build(
-        &operator,
-        &submitted.number,
-        Some(std::time::Duration::from_secs(900)),
-    )
-    .await?;
-    if code != ExitCode::SUCCESS {
-        eprintln!(
-            "some jobs did not finish: their errors are above; the client logs listed at the start hold their output"
-        );
-        return Ok((code, None));
-    }
-    let released = super::release::release(&operator, &submitted.number, out).await?;
-    Ok((ExitCode::SUCCESS, Some(released)))
+    Ok(exit_code(kiln_harness::demo::run(options).await?))
 }

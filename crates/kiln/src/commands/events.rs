@@ -2,23 +2,19 @@
 //! change of every job with its time, client, attempt and reason.
 
 use crate::cli::EventsArgs;
-use crate::operator::Operator;
+use crate::operator::{operator, Usage};
 use kiln_proto::api::Event;
 use std::io::Write;
 use std::process::ExitCode;
 
 pub async fn run(args: EventsArgs) -> anyhow::Result<ExitCode> {
-    let operator = Operator::new(&args.server)?;
+    let operator = operator(&args.server)?;
     let build = &args.build;
-    kiln_proto::names::check_name("build number", build).map_err(crate::operator::Usage)?;
+    kiln_proto::names::check_name("build number", build).map_err(Usage)?;
     let mut after = 0;
     loop {
         let wait = if args.follow { 60 } else { 0 };
-        let events: Vec<Event> = operator
-            .get_json(&format!(
-                "/v1/builds/{build}/events?after={after}&wait={wait}"
-            ))
-            .await?;
+        let events = operator.events_after(build, after, wait).await?;
         let mut out = std::io::stdout().lock();
         for event in &events {
             if args.json {

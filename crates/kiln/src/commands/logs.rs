@@ -1,22 +1,17 @@
 //! `kiln logs BUILD/ID [-f]`: prints a job's log, following it while the job runs.
 
 use crate::cli::LogsArgs;
-use crate::operator::{split_job, Operator};
-use kiln_proto::api::LogChunk;
+use crate::operator::{operator, split_job};
 use std::io::Write;
 use std::process::ExitCode;
 
 pub async fn run(args: LogsArgs) -> anyhow::Result<ExitCode> {
     let (build, job) = split_job(&args.job)?;
-    let operator = Operator::new(&args.server)?;
+    let operator = operator(&args.server)?;
     let mut after = 0;
     loop {
         let wait = if args.follow { 30 } else { 0 };
-        let chunk: LogChunk = operator
-            .get_json(&format!(
-                "/v1/jobs/{build}/{job}/log?after={after}&wait={wait}"
-            ))
-            .await?;
+        let chunk = operator.log(&build, &job, after, wait).await?;
         let mut out = std::io::stdout().lock();
         for line in &chunk.lines {
             match line.stream.as_str() {

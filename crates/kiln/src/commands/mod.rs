@@ -1,19 +1,18 @@
-//! One module per subcommand; [`run`] dispatches.
+//! One module per subcommand, each parsing its arguments into a library call and
+//! printing what comes back; [`run`] dispatches.
 
 mod bench;
-mod bench_fleet;
-mod bench_transfer;
 mod build;
-mod chaos;
 mod client;
 mod clients;
+pub mod completions;
 mod credentials;
 mod demo;
-mod demo_debian;
 mod events;
-mod farm;
 mod logs;
+pub mod manpages;
 mod master;
+pub mod openapi;
 mod release;
 mod server;
 mod servers;
@@ -21,7 +20,7 @@ mod status;
 mod submit;
 
 use crate::cli::{Cli, Command, JobAction};
-use crate::operator::{split_job, Operator};
+use crate::operator::split_job;
 use anyhow::Context;
 use std::process::ExitCode;
 
@@ -67,14 +66,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Job(args) => {
             init_tracing("warn");
             let (name, opts, action) = match &args.action {
-                JobAction::Restart { job, server } => (job, server, "restart"),
-                JobAction::Cancel { job, server } => (job, server, "cancel"),
+                JobAction::Restart { job, server } => (job, server, kiln_api::JobAction::Restart),
+                JobAction::Cancel { job, server } => (job, server, kiln_api::JobAction::Cancel),
             };
             let (build, job) = split_job(name)?;
-            let operator = Operator::new(opts)?;
-            let event: kiln_proto::api::Event = operator
-                .post_json(&format!("/v1/jobs/{build}/{job}/{action}"))
-                .await?;
+            let operator = crate::operator::operator(opts)?;
+            let event = operator.job_action(&build, &job, action).await?;
             println!(
                 "job {build}/{job}: {} -> {}",
                 event.from.map_or("-".into(), |s| s.to_string()),
@@ -106,6 +103,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             init_tracing("warn");
             bench::run(args).await
         }
+        Command::Completions(args) => completions::run(args),
+        Command::Man(args) => manpages::run(args),
+        Command::Openapi(args) => openapi::run(args),
     }
 }
 

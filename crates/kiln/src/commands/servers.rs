@@ -1,22 +1,16 @@
 //! `kiln servers`: the servers a master lists, as a table or as the master's JSON.
 
 use crate::cli::{ServerOpts, ServersArgs};
-use crate::operator::Operator;
-use kiln_master::ServerEntry;
+use crate::operator::operator;
 use std::process::ExitCode;
 
 pub async fn run(args: ServersArgs) -> anyhow::Result<ExitCode> {
-    let operator = Operator::new(&ServerOpts {
+    let operator = operator(&ServerOpts {
         server: args.master.clone(),
         token_file: args.token_file.clone(),
         ca_file: args.ca_file.clone(),
     })?;
-    let path = if args.all {
-        "/v1/servers?all=true"
-    } else {
-        "/v1/servers"
-    };
-    let servers: Vec<ServerEntry> = operator.get_json(path).await?;
+    let servers = operator.servers(args.all).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&servers)?);
         return Ok(ExitCode::SUCCESS);
