@@ -6,9 +6,11 @@
 //! records, chunk lists, legacy images, storage counters), [`Outbox`] (webhook notices)
 //! and [`Clients`] (histories, contacts, credentials). [`Store`] is all of them, so
 //! that the server holds one `Arc<dyn Store>` and may hand a part on as a narrower
-//! trait object. [`SqliteStore`] implements them on an embedded SQLite database (WAL,
-//! every read-modify-write in `BEGIN IMMEDIATE`), with its migrations in
-//! `migrations/sqlite/`; it is the only backend so far.
+//! trait object. Two backends implement them: [`SqliteStore`] on an embedded SQLite
+//! database (WAL, every read-modify-write in `BEGIN IMMEDIATE`), the default, and
+//! [`PgStore`] on a PostgreSQL server (row locks and conditional updates), for farms
+//! whose server processes share one database. Each has its migrations in
+//! `migrations/<backend>/`.
 //!
 //! The farm's rules live apart from any SQL, in the private module `rules`: what a
 //! claim, a report, a lost lease, a restart or a cancel does to a job, the reason its
@@ -28,9 +30,11 @@
 
 #[cfg(feature = "conformance")]
 pub mod conformance;
+mod postgres;
 mod rules;
 mod sqlite;
 
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 use async_trait::async_trait;
@@ -56,6 +60,11 @@ pub enum StoreError {
     /// The job's state does not allow the change.
     #[error("{0}")]
     Conflict(String),
+    /// The database cannot be reached now (a database server restarting, a broken
+    /// connection, no connection free in time): nothing was changed, and the same call
+    /// may succeed later.
+    #[error("the database is unavailable; try again")]
+    Unavailable(#[source] sqlx::Error),
     /// The database failed.
     #[error("database error")]
     Db(#[source] sqlx::Error),
@@ -66,7 +75,28 @@ pub enum StoreError {
 
 impl From<sqlx::Error> for StoreError {
     fn from(err: sqlx::Error) -> Self {
-        StoreError::Db(err)
+        if is_unavailable(&err) {
+            StoreError::Unavailable(err)
+        } else {
+            StoreError::Db(err)
+        }
+    }
+}
+
+/// Whether `err` says the database could not be reached rather than that it refused
+/// what was asked: connection failures, a pool with no connection to give, and
+/// PostgreSQL's connection exceptions (class 08) and shutdown notices (57P01 to 57P03).
+fn is_unavailable(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            code.starts_with("08") || matches!(&*code, "57P01" | "57P02" | "57P03")
+        }),
+        _ => false,
     }
 }
 

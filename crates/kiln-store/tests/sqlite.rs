@@ -155,3 +155,119 @@ async fn jobs_queued_before_verify_steps_existed_are_claimed_with_none() -> anyh
     );
     Ok(())
 }
+
+/// A tmpfs of `size` mounted on `path` for one test, unmounted when dropped. Mounting
+/// needs root, as CI has; without it the test fails and says so.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(path: &Path, size: &str) -> anyhow::Result<Self> {
+        let output = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .output()?;
+        anyhow::ensure!(
+            output.status.success(),
+            "mounting a tmpfs for the test (it needs root): {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+        Ok(Tmpfs(path.to_owned()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// A commit that fails because the disk is full leaves no transaction open on its
+/// pooled connection: once space is back, every write succeeds again. (A connection
+/// whose COMMIT failed used to go back to the pool still counting an open
+/// transaction, and every later write on it failed with "attempted to call begin_with
+/// at non-zero transaction depth" until the server restarted.)
+#[tokio::test]
+async fn writes_succeed_again_once_a_full_disk_has_space() -> anyhow::Result<()> {
+    use kiln_proto::api::NewLogLine;
+    use kiln_store::conformance::{claim, job, new_build};
+    use kiln_store::Logs;
+    use std::io::Write;
+
+    let dir = tempfile::tempdir()?;
+    let _mount = Tmpfs::mount(dir.path(), "16m")?;
+    let store = SqliteStore::open(&dir.path().join("kiln.db")).await?;
+    store
+        .insert_build(&new_build("1", vec![job("a")], at(0)))
+        .await?;
+    let lease = claim(&store, "1", "a", "c1", at(1)).await?.lease;
+    // 256 KiB of log a batch: small enough to stay in SQLite's page cache until COMMIT,
+    // so that the disk fills while the WAL is written at commit.
+    let batch: Vec<NewLogLine> = (0..256)
+        .map(|i| NewLogLine {
+            stream: "stdout".to_owned(),
+            text: format!("{i:04} {}", "x".repeat(1019)),
+        })
+        .collect();
+
+    // Fill the file system, leaving about 1 MiB free, then log until it is full.
+    let filler_path = dir.path().join("filler");
+    let mut filler = std::fs::File::create(&filler_path)?;
+    let block = vec![0x5a_u8; 64 << 10];
+    while fs_free_bytes(dir.path())? > 1 << 20 {
+        if filler.write_all(&block).is_err() {
+            break;
+        }
+    }
+    filler.sync_all()?;
+    let mut refused = None;
+    for _ in 0..64 {
+        if let Err(err) = store
+            .append_log("1", "a", &lease, &batch, None, at(2))
+            .await
+        {
+            refused = Some(err);
+            break;
+        }
+    }
+    let refused = refused.ok_or_else(|| anyhow::anyhow!("the disk never filled up"))?;
+    let refused = format!("{:#}", anyhow::Error::new(refused));
+    assert!(
+        refused.contains("full"),
+        "the refusal names the full disk: {refused}"
+    );
+
+    // Space is back: every connection of the pool writes again.
+    drop(filler);
+    std::fs::remove_file(&filler_path)?;
+    for n in 0..24 {
+        store
+            .append_log("1", "a", &lease, &batch[..4], None, at(3))
+            .await
+            .map_err(|err| {
+                anyhow::Error::new(err).context(format!("write {n} after space came back"))
+            })?;
+        store
+            .insert_build(&new_build(&format!("after-{n}"), vec![job("a")], at(3)))
+            .await
+            .map_err(|err| {
+                anyhow::Error::new(err).context(format!("build {n} after space came back"))
+            })?;
+    }
+    Ok(())
+}
+
+/// Bytes free on the file system holding `path`.
+fn fs_free_bytes(path: &Path) -> anyhow::Result<u64> {
+    let output = std::process::Command::new("df")
+        .args(["--output=avail", "-B1"])
+        .arg(path)
+        .output()?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    text.lines()
+        .nth(1)
+        .and_then(|line| line.trim().parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("df said {text:?}"))
+}

@@ -80,6 +80,10 @@ pub struct ServerArgs {
     /// Directory for the database, images and token files.
     #[arg(long, required = true)]
     pub data: Option<PathBuf>,
+    /// Keep the farm's state in this PostgreSQL database
+    /// (postgres://USER[:PASSWORD]@HOST[:PORT]/DB) instead of SQLite under --data.
+    #[arg(long, env = "KILN_DATABASE", value_name = "URL")]
+    pub database: Option<String>,
     /// Serve build status, events and images to callers without a credential.
     #[arg(long)]
     pub public_read: bool,

@@ -24,6 +24,7 @@ mod inventory;
 mod limits;
 mod partition;
 mod permissions;
+mod postgres;
 mod release_reuse;
 mod restart_cancel;
 mod scheduling;
