@@ -445,6 +445,7 @@ mod tests {
             install_script: "i.sh".into(),
             configure_script: None,
             image_script: "i.sh".into(),
+            verify_script: None,
             timeout_secs: 60,
             priority: Some(priority),
             accept_within_secs: None,

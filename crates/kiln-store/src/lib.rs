@@ -150,6 +150,7 @@ pub struct ClaimedJob {
     pub install_script: String,
     pub configure_script: Option<String>,
     pub image_script: String,
+    pub verify_script: Option<String>,
     pub timeout_secs: u64,
     pub attempt: u32,
     pub lease: String,

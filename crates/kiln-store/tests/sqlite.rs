@@ -3,7 +3,7 @@
 //! keep their checksums. The behaviour every backend shares is in `conformance.rs`.
 
 use kiln_store::conformance::{at, client_record, image, tally};
-use kiln_store::{Images, Queue, SqliteStore};
+use kiln_store::{ClaimingClient, Images, Queue, SqliteStore};
 use std::path::{Path, PathBuf};
 
 fn migrations_dir() -> PathBuf {
@@ -14,12 +14,13 @@ fn migrations_dir() -> PathBuf {
 /// them at every open): a migration edited after its release, moved into another
 /// directory with other bytes, or checked out with other line endings would make every
 /// existing data directory refuse to open.
-const RECORDED_CHECKSUMS: [(i64, &str); 5] = [
+const RECORDED_CHECKSUMS: [(i64, &str); 6] = [
     (1, "064340ad3f39e9a8d607f43bcbc0ac9b702063f319ea69da49e46b5b4bc81a10dd6469138e2182d30fe5107ce7ac00ea"),
     (2, "240db48f72331136a33ea491cc892fe0a04a6ff11a3a5792696a96e59499803cabb43030a1e2563930bf2beb99bd7183"),
     (3, "0871dccc49ac71bc64ad92653002b486861355560a20a3748cc690544fda6b0d46fb280c30a4cc0bf89c8538858c24f3"),
     (4, "48b6239428f3782459ae6a7bae8503f3a0c4b0a3ac307d7a2d6114da08851224e989d1ea556db34e39e9e2801907bd9d"),
     (5, "66919413b1f05ac73f53c0949148082498076c098ba4e22168285df5f5534ae22335dc53ed6078c344d13b79fe48dd6f"),
+    (6, "f6df2e19a191338127bca94ff5e09f35b999c84fa30ba0e1a33f1229ee7b19676994a596cc04b0645a9f63a4608eee8b"),
 ];
 
 #[tokio::test]
@@ -96,6 +97,62 @@ async fn upgrading_a_database_gives_the_holders_of_running_jobs_a_record_that_co
     let record = client_record(&store, "old-client").await?;
     assert_eq!(tally(&record), (1, 1, 0, 0));
     assert_eq!(record.image_bytes, 1 << 20);
+    Ok(())
+}
+
+#[tokio::test]
+async fn jobs_queued_before_verify_steps_existed_are_claimed_with_none() -> anyhow::Result<()> {
+    use sqlx::sqlite::{SqliteConnectOptions, SqlitePool};
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("kiln.db");
+    // A database as it was before migration 0006, with one job queued.
+    let old_migrations = dir.path().join("old-migrations");
+    std::fs::create_dir(&old_migrations)?;
+    let migrations = migrations_dir();
+    for entry in std::fs::read_dir(&migrations)? {
+        let name = entry?.file_name();
+        if name.to_string_lossy().as_ref() < "0006" {
+            std::fs::copy(migrations.join(&name), old_migrations.join(&name))?;
+        }
+    }
+    let pool = SqlitePool::connect_with(
+        SqliteConnectOptions::new()
+            .filename(&path)
+            .create_if_missing(true),
+    )
+    .await?;
+    let migrator = sqlx::migrate::Migrator::new(old_migrations.as_path()).await?;
+    assert_eq!(migrator.iter().count(), 5);
+    migrator.run(&pool).await?;
+    sqlx::query(
+        "INSERT INTO builds (number, title, manifest, files_key, files_size, submitted_at) \
+         VALUES ('8', 'old', '{}', 'k', 0, 1)",
+    )
+    .execute(&pool)
+    .await?;
+    sqlx::query(
+        "INSERT INTO jobs (build, id, title, config_type, install_script, configure_script, \
+         image_script, timeout_secs, priority, max_attempts, retries, state) \
+         VALUES ('8', 'a', 'a', 'PRO', 'i.sh', 'c.sh', 'm.sh', 60, 0, 3, 0, 'queued')",
+    )
+    .execute(&pool)
+    .await?;
+    pool.close().await;
+
+    let store = SqliteStore::open(&path).await?;
+    let claimed = store
+        .claim("8", "a", &ClaimingClient::with_id("c1"), at(60), at(2))
+        .await?
+        .expect("the old job is claimable");
+    assert_eq!(
+        (
+            claimed.install_script.as_str(),
+            claimed.configure_script.as_deref(),
+            claimed.image_script.as_str(),
+            claimed.verify_script.as_deref()
+        ),
+        ("i.sh", Some("c.sh"), "m.sh", None)
+    );
     Ok(())
 }
 

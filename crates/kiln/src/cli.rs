@@ -311,6 +311,13 @@ pub struct ClientArgs {
     /// Seconds between SIGTERM and SIGKILL when a step is stopped.
     #[arg(long, default_value_t = 10)]
     pub kill_grace_secs: u64,
+    /// The job cache that outlives jobs, KILN_CACHE to their steps (default: WORK/cache).
+    #[arg(long)]
+    pub cache: Option<PathBuf>,
+    /// The most bytes the job cache keeps: past it, least recently used entries are
+    /// removed between jobs (default: 8 GiB).
+    #[arg(long)]
+    pub cache_max_bytes: Option<u64>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -471,12 +478,27 @@ pub struct DemoArgs {
     /// How many clients to start.
     #[arg(long, default_value_t = 3)]
     pub clients: u32,
-    /// Where to release the images (default: ./kiln-demo-release).
+    /// Where to release the images (default: ./kiln-demo-release, or
+    /// ./kiln-debian-release for the Debian example).
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Keep the farm's data directory here instead of a temporary one.
     #[arg(long)]
     pub data: Option<PathBuf>,
+    /// Which example to build: `demo`, the quick one (seconds), or `debian`, four real
+    /// Debian images installed, booted and released (tens of minutes; needs root,
+    /// mmdebstrap, qemu and GRUB).
+    #[arg(long, value_enum, default_value_t = DemoExample::Demo)]
+    pub example: DemoExample,
+}
+
+/// The examples `kiln demo` can build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DemoExample {
+    /// examples/demo: 2 products × 3 configurations of small ext4 images.
+    Demo,
+    /// examples/debian: 2 products × 2 configurations of bootable Debian disks.
+    Debian,
 }
 
 #[derive(Debug, Args)]

@@ -135,6 +135,7 @@ impl Farm {
             install_script: claimed.install_script,
             configure_script: claimed.configure_script,
             image_script: claimed.image_script,
+            verify_script: claimed.verify_script,
             timeout_secs: claimed.timeout_secs,
             attempt: claimed.attempt,
             lease: claimed.lease,

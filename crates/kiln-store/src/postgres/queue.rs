@@ -113,9 +113,9 @@ impl Queue for PgStore {
             let limits = &submitted.limits;
             sqlx::query(
                 "INSERT INTO jobs (build, id, title, config_type, install_script, configure_script, \
-                 image_script, timeout_secs, priority, accept_within_secs, accept_deadline, \
-                 assigned_to, max_attempts, retries, state) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+                 image_script, verify_script, timeout_secs, priority, accept_within_secs, \
+                 accept_deadline, assigned_to, max_attempts, retries, state) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
             )
             .bind(&manifest.number)
             .bind(&spec.id)
@@ -124,6 +124,7 @@ impl Queue for PgStore {
             .bind(&spec.install_script)
             .bind(&spec.configure_script)
             .bind(&spec.image_script)
+            .bind(&spec.verify_script)
             .bind(limits.timeout_secs as i64)
             .bind(submitted.priority)
             .bind(limits.accept_within_secs.map(|secs| secs as i64))
@@ -266,7 +267,7 @@ impl Queue for PgStore {
         let mut tx = self.write_tx().await?;
         let query = format!(
             "SELECT {JOB_ROW_COLUMNS}, title, config_type, install_script, configure_script, \
-             image_script FROM jobs WHERE build = $1 AND id = $2 FOR UPDATE"
+             image_script, verify_script FROM jobs WHERE build = $1 AND id = $2 FOR UPDATE"
         );
         // Waits for a transaction holding the job (another claim, a cancel, or one whose
         // rollback is still on its way), then decides on the row as it is.
@@ -294,6 +295,7 @@ impl Queue for PgStore {
             install_script: spec.try_get("install_script")?,
             configure_script: spec.try_get("configure_script")?,
             image_script: spec.try_get("image_script")?,
+            verify_script: spec.try_get("verify_script")?,
             timeout_secs: row.limits.timeout_secs,
             attempt,
             lease,

@@ -106,9 +106,9 @@ impl Queue for SqliteStore {
             let limits = &submitted.limits;
             sqlx::query(
                 "INSERT INTO jobs (build, id, title, config_type, install_script, configure_script, \
-                 image_script, timeout_secs, priority, accept_within_secs, accept_deadline, \
-                 assigned_to, max_attempts, retries, state) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                 image_script, verify_script, timeout_secs, priority, accept_within_secs, \
+                 accept_deadline, assigned_to, max_attempts, retries, state) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             )
             .bind(&manifest.number)
             .bind(&spec.id)
@@ -117,6 +117,7 @@ impl Queue for SqliteStore {
             .bind(&spec.install_script)
             .bind(&spec.configure_script)
             .bind(&spec.image_script)
+            .bind(&spec.verify_script)
             .bind(limits.timeout_secs as i64)
             .bind(submitted.priority)
             .bind(limits.accept_within_secs.map(|secs| secs as i64))
@@ -259,7 +260,7 @@ impl Queue for SqliteStore {
         let mut tx = self.write_tx().await?;
         let query = format!(
             "SELECT {JOB_ROW_COLUMNS}, title, config_type, install_script, configure_script, \
-             image_script FROM jobs WHERE build = ? AND id = ?"
+             image_script, verify_script FROM jobs WHERE build = ? AND id = ?"
         );
         let Some(spec) = sqlx::query(&query)
             .bind(build)
@@ -285,6 +286,7 @@ impl Queue for SqliteStore {
             install_script: spec.try_get("install_script")?,
             configure_script: spec.try_get("configure_script")?,
             image_script: spec.try_get("image_script")?,
+            verify_script: spec.try_get("verify_script")?,
             timeout_secs: row.limits.timeout_secs,
             attempt,
             lease,
