@@ -2,8 +2,8 @@
 -- accept deadline, earliest first, then submission order). `jobs_queue` cannot serve
 -- the `accept_deadline IS NULL` term, so every read sorted every queued job. This
 -- index of queued jobs alone serves the order as it is, so that reading the first
--- page costs the same with 300 or 10,000 jobs queued. (0006 and 0007 are taken by
--- other changes.)
+-- page costs the same with 300 or 10,000 jobs queued. (0007 is kept for the pack
+-- store, made on another line of work.)
 CREATE INDEX jobs_queued_order
     ON jobs (priority DESC, (accept_deadline IS NULL), accept_deadline, pk)
     WHERE state = 'queued';
