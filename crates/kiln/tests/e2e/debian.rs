@@ -18,8 +18,8 @@ use std::time::Duration;
 /// emulation on a loaded 2-core machine. A bound against hangs, not a claim.
 const BUILD_DEADLINE: Duration = Duration::from_secs(45 * 60);
 
-/// Fails (never skips) when the machine cannot build the example, naming each missing
-/// tool and the line that installs it.
+/// Fails the test when the machine cannot build the example, naming each absent tool
+/// and the line that installs it; the test goes on only with every tool present.
 fn require_tools() {
     let missing = debian::missing_tools();
     let tools: Vec<&str> = missing.iter().map(|(tool, _)| *tool).collect();
