@@ -148,19 +148,7 @@ pub async fn run(args: Options) -> anyhow::Result<bool> {
     if args.clients != 1 {
         eprintln!("note: the Debian example runs one client, so that its four SKUs share one package cache");
     }
-    let temp;
-    let dir = match &args.data {
-        Some(dir) => {
-            std::fs::create_dir_all(dir)?;
-            dir.clone()
-        }
-        None => {
-            temp = tempfile::Builder::new()
-                .prefix("kiln-demo-debian-")
-                .tempdir()?;
-            temp.path().to_owned()
-        }
-    };
+    let (dir, _temp) = super::work_dir(args.data.as_deref(), "kiln-demo-debian-")?;
     let out = args
         .out
         .clone()

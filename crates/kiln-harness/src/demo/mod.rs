@@ -103,17 +103,7 @@ pub async fn run(args: Options) -> anyhow::Result<bool> {
         eprintln!("note: qemu-img not found: the demo makes raw ext4 images only (apt-get install qemu-utils for qcow2 copies)");
     }
     let n_clients = args.clients.max(1);
-    let temp;
-    let dir = match &args.data {
-        Some(dir) => {
-            std::fs::create_dir_all(dir)?;
-            dir.clone()
-        }
-        None => {
-            temp = tempfile::Builder::new().prefix("kiln-demo-").tempdir()?;
-            temp.path().to_owned()
-        }
-    };
+    let (dir, _temp) = work_dir(args.data.as_deref(), "kiln-demo-")?;
     let out = args
         .out
         .clone()
@@ -175,6 +165,24 @@ pub async fn run(args: Options) -> anyhow::Result<bool> {
         }
     }
     Ok(all_finished)
+}
+
+/// The farm's directory: `--data` (created if missing), or a temporary directory named
+/// after `prefix` that lives as long as the returned guard.
+fn work_dir(
+    data: Option<&Path>,
+    prefix: &str,
+) -> anyhow::Result<(PathBuf, Option<tempfile::TempDir>)> {
+    match data {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)?;
+            Ok((dir.to_owned(), None))
+        }
+        None => {
+            let temp = tempfile::Builder::new().prefix(prefix).tempdir()?;
+            Ok((temp.path().to_owned(), Some(temp)))
+        }
+    }
 }
 
 async fn drive(
