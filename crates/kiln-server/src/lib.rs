@@ -36,8 +36,8 @@ pub use kiln_blob::s3::S3Config;
 use anyhow::Context;
 use kiln_blob::packs::convert_chunk_files;
 use kiln_blob::s3::{S3BlobStore, S3PackFiles};
-use kiln_blob::{ChunkStore, LocalBlobStore, LocalPackFiles, PackChunkStore};
-use kiln_store::SqliteStore;
+use kiln_blob::{BlobStore, ChunkStore, LocalBlobStore, LocalPackFiles, PackChunkStore};
+use kiln_store::{PgStore, SqliteStore};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,6 +48,12 @@ use tokio::net::TcpListener;
 pub struct ServerConfig {
     /// Where the database, the blobs and the token files live.
     pub data_dir: PathBuf,
+    /// A PostgreSQL database to keep the state in (`postgres://...`) instead of SQLite
+    /// in `data_dir`.
+    pub database: Option<String>,
+    /// Image packs and build files as objects in this S3-compatible bucket
+    /// (`--images s3://...`) instead of under `data_dir`.
+    pub images: Option<S3Config>,
     /// An existing admin token file instead of `DATA/admin.token`.
     pub admin_token_file: Option<PathBuf>,
     /// An existing client token file instead of `DATA/client.token`.
@@ -99,6 +105,8 @@ impl ServerConfig {
     pub fn new(data_dir: PathBuf) -> Self {
         ServerConfig {
             data_dir,
+            database: None,
+            images: None,
             admin_token_file: None,
             client_token_file: None,
             public_read: false,
@@ -132,50 +140,81 @@ impl Backends {
     /// kept one file each (`chunks/ab/<hash>`, the layout of older servers) are moved
     /// into packs first.
     pub async fn local(data_dir: &Path) -> anyhow::Result<Self> {
-        let store = open_state(data_dir).await?;
-        let files =
-            LocalBlobStore::open(&data_dir.join("blobs")).context("opening the blob store")?;
-        let packs =
-            LocalPackFiles::open(&data_dir.join("packs")).context("opening the pack store")?;
-        let chunks = PackChunkStore::new(
-            Arc::new(packs),
-            Arc::new(pack_index::StorePackIndex::new(store.clone())),
-        );
-        convert_old_chunks(data_dir, &chunks).await?;
-        Ok(Backends {
-            store,
-            chunks: Arc::new(chunks),
-            files: Arc::new(files),
-        })
+        Self::open(&ServerConfig::new(data_dir.to_owned())).await
     }
 
-    /// SQLite in `data_dir/kiln.db`; image packs and build files as objects in the
-    /// bucket `s3` names. Nothing about images is kept on the local disk.
-    pub async fn s3(data_dir: &Path, s3: &S3Config) -> anyhow::Result<Self> {
-        let store = open_state(data_dir).await?;
-        let bucket = s3.connect().context("opening the object store")?;
-        let packs = S3PackFiles::new(bucket.clone(), s3.clone());
-        let chunks = PackChunkStore::new(
-            Arc::new(packs),
-            Arc::new(pack_index::StorePackIndex::new(store.clone())),
-        );
-        convert_old_chunks(data_dir, &chunks).await?;
+    /// SQLite (or the PostgreSQL database `database` names) for the state; image packs
+    /// and build files as objects in the bucket `s3` names. Nothing about images is
+    /// kept on the local disk.
+    pub async fn s3(
+        data_dir: &Path,
+        database: Option<&str>,
+        s3: &S3Config,
+    ) -> anyhow::Result<Self> {
+        let mut config = ServerConfig::new(data_dir.to_owned());
+        config.database = database.map(str::to_owned);
+        config.images = Some(s3.clone());
+        Self::open(&config).await
+    }
+
+    /// What `config` asks for: the state in PostgreSQL when it names a database, in
+    /// SQLite under the data directory otherwise; image packs and build files in the
+    /// object store `config.images` names, under the data directory otherwise. Chunks
+    /// an older server kept one file each (`chunks/ab/<hash>`) are moved into packs
+    /// first.
+    pub async fn open(config: &ServerConfig) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+        let store = open_state(config).await?;
+        let index = Arc::new(pack_index::StorePackIndex::new(store.clone()));
+        let (chunks, files): (PackChunkStore, Arc<dyn BlobStore>) = match &config.images {
+            Some(s3) => {
+                let bucket = s3.connect().context("opening the object store")?;
+                let packs = S3PackFiles::new(bucket.clone(), s3.clone());
+                (
+                    PackChunkStore::new(Arc::new(packs), index),
+                    Arc::new(S3BlobStore::new(bucket, s3.clone())),
+                )
+            }
+            None => {
+                let data_dir = &config.data_dir;
+                let files = LocalBlobStore::open(&data_dir.join("blobs"))
+                    .context("opening the blob store")?;
+                let packs = LocalPackFiles::open(&data_dir.join("packs"))
+                    .context("opening the pack store")?;
+                (PackChunkStore::new(Arc::new(packs), index), Arc::new(files))
+            }
+        };
+        convert_old_chunks(&config.data_dir, &chunks).await?;
         Ok(Backends {
             store,
             chunks: Arc::new(chunks),
-            files: Arc::new(S3BlobStore::new(bucket, s3.clone())),
+            files,
         })
     }
 }
 
-/// Opens (creating) the SQLite store in `data_dir`.
-async fn open_state(data_dir: &Path) -> anyhow::Result<Arc<domain::Store>> {
-    std::fs::create_dir_all(data_dir)
-        .with_context(|| format!("creating data directory {}", data_dir.display()))?;
-    let store = SqliteStore::open(&data_dir.join("kiln.db"))
-        .await
-        .context("opening the job store")?;
-    Ok(Arc::new(store))
+/// The state's store: PostgreSQL when `config` names a database, SQLite in the data
+/// directory otherwise.
+async fn open_state(config: &ServerConfig) -> anyhow::Result<Arc<domain::Store>> {
+    match &config.database {
+        Some(url) => {
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                anyhow::bail!(
+                    "--database {}: only PostgreSQL is supported (postgres://USER@HOST:PORT/DB)",
+                    redact_url(url)
+                );
+            }
+            Ok(Arc::new(PgStore::connect(url).await.with_context(
+                || format!("opening the job store at {}", redact_url(url)),
+            )?))
+        }
+        None => Ok(Arc::new(
+            SqliteStore::open(&config.data_dir.join("kiln.db"))
+                .await
+                .context("opening the job store")?,
+        )),
+    }
 }
 
 /// Moves chunks an older server kept one file each into packs.
@@ -203,6 +242,20 @@ async fn convert_old_chunks(data_dir: &Path, chunks: &dyn ChunkStore) -> anyhow:
     Ok(())
 }
 
+/// A database URL without its password, for messages.
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let credentials = &url[scheme_end + 3..at];
+            match credentials.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme_end + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
 /// A server ready to serve.
 pub struct Server {
     farm: Arc<Farm>,
@@ -211,7 +264,7 @@ pub struct Server {
 impl Server {
     /// Opens the data directory with the embedded defaults (see [`Backends::local`]).
     pub async fn open(config: ServerConfig) -> anyhow::Result<Self> {
-        let backends = Backends::local(&config.data_dir).await?;
+        let backends = Backends::open(&config).await?;
         Self::with_backends(config, backends).await
     }
 

@@ -12,12 +12,11 @@
 
 mod builds;
 mod http;
-mod seaweed;
 
 pub use crate::proxy::TcpProxy;
+pub use crate::seaweed::*;
 pub use builds::*;
 pub use http::*;
-pub use seaweed::*;
 
 use serde_json::Value;
 use std::ffi::OsStr;

@@ -74,7 +74,7 @@ pub const CODES: &[(u16, &str, &str)] = &[
     (500, "io_failed", "the server's storage failed"),
     (500, "internal", "the server failed"),
     (500, "damaged_chunk", "a stored chunk does not hash to its name: it is never served"),
-    (503, "store_unavailable", "the object store that holds images and build files failed or cannot be reached; nothing was recorded: send again after Retry-After"),
+    (503, "store_unavailable", "the server cannot reach its database or its object store (down or unreachable); nothing changed; send again after Retry-After"),
     (507, "no_space", "the server's disk is full; nothing was stored"),
 ];
 
@@ -492,7 +492,12 @@ fn row_refusals(endpoint: &Endpoint, doc: &Doc) -> Vec<(u16, &'static str)> {
     {
         refusals.push((400, "bad_request"));
     }
-    refusals.extend([(500, "store_failed"), (500, "io_failed"), (500, "internal")]);
+    refusals.extend([
+        (500, "store_failed"),
+        (500, "io_failed"),
+        (500, "internal"),
+        (503, "store_unavailable"),
+    ]);
     refusals
 }
 

