@@ -21,6 +21,7 @@ mod contacts;
 mod dispatch;
 pub mod domain;
 pub mod http;
+pub mod metrics;
 pub mod offline;
 mod sessions;
 pub mod workers;

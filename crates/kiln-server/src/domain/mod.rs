@@ -13,6 +13,8 @@
 //! - [`clients`]: the inventory and the credentials (enroll, issue, revoke, join token).
 //! - [`credentials`]: the server's secrets and how a caller is identified.
 //! - [`files`]: the checks of a submitted files archive.
+//! - [`follow`]: waking on the farm's changes, for event streams.
+//! - [`figures`]: what metrics and the dashboard read: the queue, storage, the disk.
 //!
 //! Errors are [`FarmError`], in the farm's words.
 
@@ -20,7 +22,9 @@ pub mod builds;
 pub mod clients;
 pub mod credentials;
 mod error;
+pub mod figures;
 pub mod files;
+pub mod follow;
 pub mod images;
 pub mod jobs;
 mod notices;
@@ -29,6 +33,7 @@ pub use error::{FarmError, FarmResult};
 
 use crate::contacts::Contacts;
 use crate::dispatch::Dispatcher;
+use crate::metrics::Metrics;
 use crate::sessions::Sessions;
 use crate::ServerConfig;
 use kiln_blob::{BlobStore, ChunkStore};
@@ -119,6 +124,8 @@ pub struct Farm {
     dispatcher: Arc<Dispatcher>,
     sessions: Sessions,
     contacts: Contacts,
+    /// What happens, counted as it happens (see [`crate::metrics`]).
+    metrics: Metrics,
     /// Bumped whenever log lines are appended or a job changes state, for followers.
     changes: watch::Sender<u64>,
     /// Wakes the notifier: a transition may have queued webhook notices.
@@ -166,6 +173,7 @@ impl Farm {
             dispatcher,
             sessions: Sessions::default(),
             contacts: Contacts::default(),
+            metrics: Metrics::new(),
             changes: watch::channel(0).0,
             notices: Notify::new(),
             stopping: watch::channel(false).0,
@@ -185,6 +193,11 @@ impl Farm {
     /// How the server runs.
     pub fn config(&self) -> &ServerConfig {
         &self.config
+    }
+
+    /// What the farm counts as it happens.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// The dispatcher, for the worker that runs it.

@@ -14,6 +14,7 @@
 //! - [`images`]: the chunked transfer and image downloads.
 //! - [`clients`]: the inventory, enrollment and credentials.
 //! - [`meta`]: health, whoami, storage figures, metrics, the OpenAPI description.
+//! - [`streams`]: server-sent event streams of the farm, a build and a job.
 
 mod auth;
 mod builds;
@@ -23,6 +24,7 @@ mod images;
 mod jobs;
 mod meta;
 pub mod openapi;
+mod streams;
 
 use crate::domain::Farm;
 use crate::workers::Workers;
@@ -238,6 +240,15 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
         ),
         row(
             Method::GET,
+            "/v1/builds/{build}/stream",
+            PUBLIC,
+            JSON,
+            true,
+            get(streams::build),
+            streams::build_doc(),
+        ),
+        row(
+            Method::GET,
             "/v1/builds/{build}/images",
             PUBLIC,
             JSON,
@@ -361,6 +372,15 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             true,
             get(jobs::read_log),
             jobs::read_log_doc(),
+        ),
+        row(
+            Method::GET,
+            "/v1/jobs/{build}/{job}/stream",
+            PRIVATE,
+            JSON,
+            true,
+            get(streams::job),
+            streams::job_doc(),
         ),
         row(
             Method::POST,
@@ -496,6 +516,15 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             false,
             post(images::fetch),
             images::fetch_doc(),
+        ),
+        row(
+            Method::GET,
+            "/v1/stream",
+            Admin,
+            JSON,
+            true,
+            get(streams::farm),
+            streams::farm_doc(),
         ),
         row(
             Method::GET,

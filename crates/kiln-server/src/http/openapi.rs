@@ -746,6 +746,11 @@ pub(super) fn describe(routes: &[Described<'_>]) -> OpenApi {
             "clients",
             "The client inventory, enrollment and client credentials.",
         ),
+        (
+            "streams",
+            "Server-sent event streams of the farm, a build and a job, for the dashboard \
+             and other followers.",
+        ),
     ]
     .map(|(name, description)| {
         TagBuilder::new()
