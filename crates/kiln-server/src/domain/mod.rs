@@ -13,6 +13,7 @@
 //! - [`clients`]: the inventory and the credentials (enroll, issue, revoke, join token).
 //! - [`credentials`]: the server's secrets and how a caller is identified.
 //! - [`files`]: the checks of a submitted files archive.
+//! - [`web`]: dashboard sessions (login with the admin token, logout, CSRF tokens).
 //! - [`follow`]: waking on the farm's changes, for event streams.
 //! - [`figures`]: what metrics and the dashboard read: the queue, storage, the disk.
 //!
@@ -28,6 +29,7 @@ pub mod follow;
 pub mod images;
 pub mod jobs;
 mod notices;
+pub mod web;
 
 pub use error::{FarmError, FarmResult};
 
@@ -126,6 +128,8 @@ pub struct Farm {
     contacts: Contacts,
     /// What happens, counted as it happens (see [`crate::metrics`]).
     metrics: Metrics,
+    /// Dashboard sessions logged out before they expire: nonce → expiry.
+    web_logouts: std::sync::Mutex<std::collections::HashMap<String, i64>>,
     /// Bumped whenever log lines are appended or a job changes state, for followers.
     changes: watch::Sender<u64>,
     /// Wakes the notifier: a transition may have queued webhook notices.
@@ -174,6 +178,7 @@ impl Farm {
             sessions: Sessions::default(),
             contacts: Contacts::default(),
             metrics: Metrics::new(),
+            web_logouts: Default::default(),
             changes: watch::channel(0).0,
             notices: Notify::new(),
             stopping: watch::channel(false).0,

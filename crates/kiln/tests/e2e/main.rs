@@ -10,6 +10,7 @@ mod chaos;
 mod client_killed;
 mod client_reset;
 mod client_stop;
+mod dashboard;
 mod disk_full;
 mod events_log;
 mod expiry_notify;

@@ -66,6 +66,11 @@ fn matrix() -> BTreeMap<(&'static str, &'static str), [Expect; 7]> {
     // Reads not tied to a build: the admin's.
     let read_unscoped = [U, U, U, F, F, F, T];
     BTreeMap::from([
+        (("GET", "/"), [T, T, T, T, T, T, T]),
+        (("GET", "/ui/{asset}"), [T, T, T, T, T, T, T]),
+        (("GET", "/ui/session"), [T, T, T, T, T, T, T]),
+        (("POST", "/ui/login"), [T, T, T, T, T, T, T]),
+        (("POST", "/ui/logout"), [T, T, T, T, T, T, T]),
         (("GET", "/v1/health"), [T, T, T, T, T, T, T]),
         (("GET", "/v1/openapi.json"), [T, T, T, T, T, T, T]),
         (("GET", "/v1/whoami"), [U, U, U, T, T, T, T]),
@@ -181,7 +186,8 @@ fn call(
         .replace("{build}", &held.build)
         .replace("{job}", "one")
         .replace("{name}", "disk.img")
-        .replace("{client}", "someone-else");
+        .replace("{client}", "someone-else")
+        .replace("{asset}", "app.js");
     if path == "/v1/session" {
         url.push_str("?client_id=holder");
     }
