@@ -353,26 +353,46 @@ function gantt(runs, jobsById, now) {
     box.append(h('p', { class: 'muted', text: 'No run has started yet.' }));
     return box;
   }
+  // A client with several slots runs jobs side by side: each run takes the first
+  // lane of its client's row that is free when it starts.
+  const lanes = new Map();
+  for (const run of [...runs].sort((a, b) => a.start - b.start)) {
+    const ends = lanes.get(run.client) || [];
+    let lane = ends.findIndex((end) => end <= run.start);
+    if (lane < 0) {
+      lane = ends.length;
+      ends.push(0);
+    }
+    ends[lane] = run.end || now;
+    run.lane = lane;
+    lanes.set(run.client, ends);
+  }
+  const top = new Map();
+  let nLanes = 0;
+  for (const client of clients) {
+    top.set(client, nLanes);
+    nLanes += lanes.get(client).length;
+  }
   const t0 = Math.min(...runs.map((run) => run.queued));
   const t1 = Math.max(now, ...runs.map((run) => run.end || now));
   const label = 110;
   const width = Math.max(320, Math.min(1280, (main().clientWidth || 900) - 30));
   const plot = width - label - 10;
   const rowHeight = 26;
-  const height = clients.length * rowHeight + 26;
+  const height = nLanes * rowHeight + 26;
   const x = (t) => label + ((t - t0) / Math.max(1, t1 - t0)) * plot;
   const svg = s('svg', { width, height, viewBox: `0 0 ${width} ${height}`, role: 'img',
     'aria-label': 'Timeline: one row per client, one bar per run' });
-  clients.forEach((client, row) => {
-    const y = row * rowHeight;
+  clients.forEach((client) => {
+    const y = top.get(client) * rowHeight;
     svg.append(
-      s('rect', { class: 'lane', x: label, y: y + 2, width: plot, height: rowHeight - 4 }),
+      s('rect', { class: 'lane', x: label, y: y + 2, width: plot,
+        height: lanes.get(client).length * rowHeight - 4 }),
       s('text', { x: 4, y: y + rowHeight / 2 + 4, class: 'client-name', 'data-client': client }, client),
     );
   });
   for (const run of runs) {
-    const row = clients.indexOf(run.client);
-    const y = row * rowHeight;
+    const y = (top.get(run.client) + run.lane) * rowHeight;
     const job = jobsById.get(run.job);
     const upload = run.upload && run.upload < run.end ? run.upload : null;
     const title = `${run.job} (${job ? job.title : ''}) attempt ${run.attempt} on ${run.client}\n` +
@@ -399,7 +419,7 @@ function gantt(runs, jobsById, now) {
     }
     svg.append(bar);
   }
-  const axisY = clients.length * rowHeight + 16;
+  const axisY = nLanes * rowHeight + 16;
   const ticks = width < 600 ? 2 : 4;
   for (let i = 0; i <= ticks; i += 1) {
     const t = t0 + ((t1 - t0) * i) / ticks;
