@@ -88,6 +88,7 @@ impl Operator {
                 Some(&job.install_script),
                 job.configure_script.as_ref(),
                 Some(&job.image_script),
+                job.verify_script.as_ref(),
             ];
             for script in scripts.into_iter().flatten() {
                 if !files.contains(script.as_str()) {

@@ -1,12 +1,13 @@
 //! Running one claimed job: workspace, steps, log shipping, heartbeats, images, report.
 //!
 //! [`run_job`] follows DESIGN.md "Running a job on the client": a fresh workspace with
-//! the build's files, install → configure → image as process groups under one timeout,
-//! every output line to the server's log, `##kiln[progress ...]` lines to the job's
-//! status, every regular file left in `KILN_OUTPUT` uploaded as an image, then finished
-//! or failed with a reason. A 409 from any call means the lease is gone: the job's
+//! the build's files, install → configure → image → verify as process groups under one
+//! timeout, every output line to the server's log, `##kiln[progress ...]` lines to the
+//! job's status, every regular file left in `KILN_OUTPUT` uploaded as an image, then
+//! finished or failed with a reason. A 409 from any call means the lease is gone: the job's
 //! processes are killed and its output discarded.
 
+use crate::cache::JobCache;
 use crate::runner::{run_step, OutputLine, StepOutcome, StepSpec, Stream};
 use crate::state::LocalState;
 use crate::upload::ImageUploader;
@@ -41,6 +42,8 @@ pub struct JobRun {
     pub local_state: Arc<LocalState>,
     /// Becomes true when the client gives up its jobs (second SIGTERM).
     pub abandon: watch::Receiver<bool>,
+    /// The client's job cache, `KILN_CACHE` to the steps.
+    pub cache: JobCache,
 }
 
 /// How a job run ended, from the client's side.
@@ -90,7 +93,10 @@ pub async fn run_job(run: JobRun) -> JobEnd {
         uploader,
         local_state,
         mut abandon,
+        cache,
     } = run;
+    // No eviction while this job's steps may use the cache.
+    let cache_in_use = cache.in_use().await;
     let shared = Arc::new(Mutex::new(Shared::default()));
     let (cancel_tx, cancel_rx) = watch::channel(false);
     let cancel_tx = Arc::new(cancel_tx);
@@ -139,8 +145,10 @@ pub async fn run_job(run: JobRun) -> JobEnd {
         &log_tx,
         cancel_rx.clone(),
         &local_state,
+        cache.dir(),
     )
     .await;
+    drop(cache_in_use);
     drop(log_tx);
     // Send every line before the report, so that the log is whole when the job ends.
     let _ = tokio::time::timeout(Duration::from_secs(60), shipper).await;
@@ -205,6 +213,7 @@ async fn execute(
     log_tx: &mpsc::Sender<NewLogLine>,
     cancel: watch::Receiver<bool>,
     local_state: &LocalState,
+    cache_dir: &Path,
 ) -> Outcome {
     let deadline = Instant::now() + Duration::from_secs(claim.timeout_secs);
     let workspace = job_dir.join("ws");
@@ -227,6 +236,7 @@ async fn execute(
         ("KILN_CLIENT_ID".to_owned(), client_id.to_owned()),
         ("KILN_WORKSPACE".to_owned(), workspace.display().to_string()),
         ("KILN_OUTPUT".to_owned(), output.display().to_string()),
+        ("KILN_CACHE".to_owned(), cache_dir.display().to_string()),
         ("KILN_ATTEMPT".to_owned(), claim.attempt.to_string()),
         ("KILN_SERVER".to_owned(), conn.url().to_owned()),
     ];
@@ -234,6 +244,7 @@ async fn execute(
         ("install", Some(&claim.install_script)),
         ("configure", claim.configure_script.as_ref()),
         ("image", Some(&claim.image_script)),
+        ("verify", claim.verify_script.as_ref()),
     ];
     for (name, script) in steps {
         let Some(script) = script else { continue };

@@ -9,14 +9,17 @@
 //! never holds more jobs than slots, however many servers offer work at the same
 //! moment. The servers it serves come from [`fleet::ServerList`]: fixed ones and
 //! those its masters list, refreshed as it runs. Each job runs in [`job::run_job`]; its
-//! steps run through [`runner::run_step`].
+//! steps run through [`runner::run_step`], with the client's [`cache::JobCache`] as
+//! `KILN_CACHE`, evicted between jobs.
 
+pub mod cache;
 pub mod fleet;
 pub mod job;
 pub mod runner;
 pub mod state;
 pub mod upload;
 
+use cache::JobCache;
 use fleet::ServerList;
 use futures::StreamExt;
 use job::{JobEnd, JobRun};
@@ -57,6 +60,10 @@ pub struct ClientOptions {
     pub wait_secs: u64,
     /// How long a step has between SIGTERM and SIGKILL.
     pub kill_grace: Duration,
+    /// The job cache (`KILN_CACHE`), kept across jobs.
+    pub cache_dir: PathBuf,
+    /// The most bytes the job cache keeps between jobs.
+    pub cache_max_bytes: u64,
 }
 
 /// Counts of what the agent did, returned when it stops.
@@ -79,6 +86,7 @@ pub struct Agent {
     local_state: Arc<LocalState>,
     uploader: Arc<dyn ImageUploader>,
     report: std::sync::Mutex<AgentReport>,
+    cache: JobCache,
 }
 
 /// What the agent is told to do from outside.
@@ -156,6 +164,8 @@ impl Agent {
             .with_context(|| format!("creating work directory {}", options.work_dir.display()))?;
         let local_state =
             LocalState::open(&options.work_dir).context("reading the client's state file")?;
+        let cache = JobCache::open(options.cache_dir.clone(), options.cache_max_bytes)
+            .with_context(|| format!("creating the job cache {}", options.cache_dir.display()))?;
         Ok(Arc::new(Agent {
             list: ServerList::new(options.servers.clone(), options.masters.clone()),
             slots: Arc::new(Semaphore::new(options.slots as usize)),
@@ -164,6 +174,7 @@ impl Agent {
             local_state: Arc::new(local_state),
             uploader: Arc::new(ChunkedUploader::new()),
             report: std::sync::Mutex::new(AgentReport::default()),
+            cache,
             options,
         }))
     }
@@ -185,6 +196,7 @@ impl Agent {
             conns
         };
         recover_held_jobs(&self.local_state, &held_before, &self.options.work_dir).await;
+        self.evict_cache().await;
         let refresher = {
             let agent = self.clone();
             tokio::spawn(async move { agent.list.keep_fresh(agent.options.refresh).await })
@@ -211,6 +223,32 @@ impl Agent {
         refresher.abort();
         sessions.abort();
         self.report.lock().expect("report poisoned").clone()
+    }
+
+    /// Bounds the job cache, if no job is using it (see [`cache`]).
+    async fn evict_cache(&self) {
+        match self.cache.evict_between_jobs().await {
+            None => {}
+            Some(Ok(eviction)) if eviction.removed.is_empty() => {
+                tracing::debug!(
+                    bytes = eviction.bytes_after,
+                    max_bytes = self.cache.max_bytes(),
+                    "job cache within its bound"
+                );
+            }
+            Some(Ok(eviction)) => tracing::info!(
+                removed = %eviction.removed.join(" "),
+                bytes_before = eviction.bytes_before,
+                bytes_after = eviction.bytes_after,
+                max_bytes = self.cache.max_bytes(),
+                "job cache over its bound: least recently used entries removed"
+            ),
+            Some(Err(err)) => tracing::warn!(
+                cause = %kiln_proto::error_chain(&err),
+                dir = %self.cache.dir().display(),
+                "cannot bound the job cache"
+            ),
+        }
     }
 
     fn claim_request(&self, wait_secs: u64) -> ClaimRequest {
@@ -434,6 +472,7 @@ impl Agent {
             uploader: self.uploader.clone(),
             local_state: self.local_state.clone(),
             abandon: abandon.clone(),
+            cache: self.cache.clone(),
         };
         let agent = self.clone();
         jobs.spawn(async move {
@@ -459,6 +498,8 @@ impl Agent {
                 }
             }
             agent.held_changed.notify_one();
+            // Between jobs: the last job to end bounds the cache.
+            agent.evict_cache().await;
             drop(permit);
         });
     }

@@ -1,4 +1,4 @@
-//! Runs one step of a job (install, configure or image) as a supervised child process.
+//! Runs one step of a job (install, configure, image or verify) as a supervised child process.
 //!
 //! [`run_step`] starts the step's script described by a [`StepSpec`] in its own process
 //! group with stdin closed, forwards its stdout and stderr line by line as
@@ -60,10 +60,10 @@ const SPAWN_BUSY_DELAY: Duration = Duration::from_millis(20);
 /// Size of the buffer each pipe is read into.
 const READ_CHUNK_BYTES: usize = 16 * 1024;
 
-/// One step of a job (install, configure or image).
+/// One step of a job (install, configure, image or verify).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StepSpec {
-    /// The step's name: "install", "configure" or "image".
+    /// The step's name: "install", "configure", "image" or "verify".
     pub name: String,
     /// Absolute path of the script file; it runs directly if any execute bit is set,
     /// otherwise as `/bin/sh SCRIPT`.

@@ -117,6 +117,9 @@ pub struct Claim {
     pub install_script: String,
     pub configure_script: Option<String>,
     pub image_script: String,
+    /// The optional verify step, run after image (absent from older servers' claims).
+    #[serde(default)]
+    pub verify_script: Option<String>,
     pub timeout_secs: u64,
     /// 1 for the first attempt; grows each time a lease is lost.
     pub attempt: u32,

@@ -40,6 +40,14 @@ pub struct ClientConfig {
     /// written (TOML `ca_file`; the XML has no such element).
     #[serde(default)]
     pub ca_file: Option<String>,
+    /// The job cache directory, `KILN_CACHE` to the jobs (TOML `cache`; the XML has no
+    /// such element). None: `cache` in the work directory.
+    #[serde(default)]
+    pub cache_dir: Option<String>,
+    /// The most bytes the job cache keeps between jobs (TOML `cache_max_bytes`; the XML
+    /// has no such element). None: the client's default.
+    #[serde(default)]
+    pub cache_max_bytes: Option<u64>,
 }
 
 /// One server a client serves: the seed's REDIRECT element.
@@ -66,6 +74,12 @@ const WAIT_SPEC: IntegerSpec = IntegerSpec {
     expected: "an integer number of seconds",
     min: 1,
     max: 24 * 60 * 60,
+};
+
+const CACHE_MAX_BYTES_SPEC: IntegerSpec = IntegerSpec {
+    expected: "an integer number of bytes",
+    min: 0,
+    max: i64::MAX as i128,
 };
 
 const SLOTS_SPEC: IntegerSpec = IntegerSpec {
@@ -167,6 +181,8 @@ impl ClientConfig {
             slots,
             work_dir,
             ca_file: None,
+            cache_dir: None,
+            cache_max_bytes: None,
         })
     }
 
@@ -218,6 +234,20 @@ impl ClientConfig {
             }
             None => None,
         };
+        let cache_dir = match &raw.cache {
+            Some(cache) => {
+                let trimmed = cache.get_ref().trim();
+                check_plain_text(trimmed, "`cache`")
+                    .map_err(|m| reader.error_at(cache.span(), m))?;
+                (!trimmed.is_empty()).then(|| trimmed.to_owned())
+            }
+            None => None,
+        };
+        let cache_max_bytes = reader.optional_integer(
+            raw.cache_max_bytes.as_ref(),
+            "cache_max_bytes",
+            &CACHE_MAX_BYTES_SPEC,
+        )?;
         let servers = server_tables(&reader, &raw.server, "server")?;
         let masters = server_tables(&reader, &raw.master, "master")?;
 
@@ -230,6 +260,8 @@ impl ClientConfig {
             slots,
             work_dir,
             ca_file,
+            cache_dir,
+            cache_max_bytes,
         })
     }
 
@@ -325,6 +357,8 @@ struct RawClientConfig {
     slots: Option<Spanned<Value>>,
     work: Option<Spanned<String>>,
     ca_file: Option<Spanned<String>>,
+    cache: Option<Spanned<String>>,
+    cache_max_bytes: Option<Spanned<Value>>,
     #[serde(default)]
     server: Vec<Spanned<RawServer>>,
     #[serde(default)]
@@ -398,6 +432,8 @@ url = '\\ntre101\bvt$'
             slots: None,
             work_dir: None,
             ca_file: None,
+            cache_dir: None,
+            cache_max_bytes: None,
         }
     }
 
@@ -632,6 +668,8 @@ include = ["PRO", " HOME ", "PRO", "*"]
 slots = 2
 work = "/srv/kiln"
 ca_file = " ca.pem "
+cache = "/srv/kiln-cache"
+cache_max_bytes = 4294967296
 
 [[server]]
 url = "http://a.example:8080"
@@ -679,6 +717,8 @@ url = "http://master2.example:7070"
             slots: Some(2),
             work_dir: Some("/srv/kiln".to_owned()),
             ca_file: Some("ca.pem".to_owned()),
+            cache_dir: Some("/srv/kiln-cache".to_owned()),
+            cache_max_bytes: Some(4294967296),
         };
         assert_eq!(ClientConfig::from_toml("client.toml", text), Ok(expected));
     }
@@ -697,6 +737,8 @@ url = "http://master2.example:7070"
                 slots: None,
                 work_dir: None,
                 ca_file: None,
+                cache_dir: None,
+                cache_max_bytes: None,
             })
         );
         assert_eq!(
@@ -711,7 +753,8 @@ url = "http://master2.example:7070"
         assert_eq!(
             toml_error("id = \"c1\"\ninclude = [\"*\"]\nwiat = 5\n"),
             "client.toml:3:1: invalid toml: unknown field `wiat`, expected one of `id`, `wait`, \
-             `include`, `slots`, `work`, `ca_file`, `server`, `master`"
+             `include`, `slots`, `work`, `ca_file`, `cache`, `cache_max_bytes`, `server`, \
+             `master`"
         );
         assert_eq!(
             toml_error("id = \"c1\"\ninclude = [\"*\"]\nwait = \"60s\"\n"),

@@ -54,6 +54,10 @@ pub struct JobSpec {
     pub configure_script: Option<String>,
     /// IMAGESCRIPT: a path relative to the build's files.
     pub image_script: String,
+    /// VERIFYSCRIPT (optional): runs after image and checks its result (boots it, say);
+    /// if it fails, the job fails.
+    #[serde(default)]
+    pub verify_script: Option<String>,
     /// TIMEOUT in seconds, covering all steps of one attempt.
     pub timeout_secs: u64,
     /// PRIORITY: higher runs first. `None` means "by position": earlier in the file first.
@@ -98,6 +102,7 @@ const JOB_CHILDREN: &[&str] = &[
     "INSTALLSCRIPT",
     "CONFIGURESCRIPT",
     "IMAGESCRIPT",
+    "VERIFYSCRIPT",
     "TIMEOUT",
     "PRIORITY",
     "ACCEPTWITHIN",
@@ -322,6 +327,9 @@ impl BuildManifest {
                 push_text_element(&mut out, 3, "CONFIGURESCRIPT", Some(configure_script));
             }
             push_text_element(&mut out, 3, "IMAGESCRIPT", Some(&job.image_script));
+            if let Some(verify_script) = &job.verify_script {
+                push_text_element(&mut out, 3, "VERIFYSCRIPT", Some(verify_script));
+            }
             push_text_element(&mut out, 3, "TIMEOUT", Some(&job.timeout_secs.to_string()));
             let optional_numbers = [
                 (
@@ -407,6 +415,9 @@ impl JobSpec {
             check_script_path(configure_script, &of_job("configure_script"))?;
         }
         check_script_path(&self.image_script, &of_job("image_script"))?;
+        if let Some(verify_script) = &self.verify_script {
+            check_script_path(verify_script, &of_job("verify"))?;
+        }
         let timeout = self.timeout_secs;
         TIMEOUT_SPEC.check::<u64>(
             i128::from(timeout),
@@ -457,14 +468,9 @@ fn job_from_xml(xml: &XmlReader, job: Node) -> Result<JobSpec, FormatError> {
         xml.required_text(job, slot("CONFIGTYPE"), "CONFIGTYPE", "a config type")?;
     check_config_type(&config_type, false, "<CONFIGTYPE>").map_err(|m| xml.error_at(node, m))?;
     let install_script = required_script(xml, job, slot("INSTALLSCRIPT"), "INSTALLSCRIPT")?;
-    let configure_script = match slot("CONFIGURESCRIPT") {
-        Some(node) => match xml.optional_text(Some(node))? {
-            Some(path) => Some(checked_script(xml, node, path)?),
-            None => None,
-        },
-        None => None,
-    };
+    let configure_script = optional_script(xml, slot("CONFIGURESCRIPT"))?;
     let image_script = required_script(xml, job, slot("IMAGESCRIPT"), "IMAGESCRIPT")?;
+    let verify_script = optional_script(xml, slot("VERIFYSCRIPT"))?;
     let (timeout, node) = xml.required_text(
         job,
         slot("TIMEOUT"),
@@ -497,6 +503,7 @@ fn job_from_xml(xml: &XmlReader, job: Node) -> Result<JobSpec, FormatError> {
         install_script,
         configure_script,
         image_script,
+        verify_script,
         timeout_secs,
         priority,
         accept_within_secs,
@@ -530,6 +537,18 @@ fn required_script(
     checked_script(xml, node, path)
 }
 
+/// An optional script element's path, normalised and checked: `None` when the element
+/// is absent or empty.
+fn optional_script(xml: &XmlReader, node: Option<Node>) -> Result<Option<String>, FormatError> {
+    let Some(node) = node else {
+        return Ok(None);
+    };
+    match xml.optional_text(Some(node))? {
+        Some(path) => Ok(Some(checked_script(xml, node, path)?)),
+        None => Ok(None),
+    }
+}
+
 /// `path`, read from the script element `node`, checked as written, then normalised.
 fn checked_script(xml: &XmlReader, node: Node, path: String) -> Result<String, FormatError> {
     let label = format!("<{}>", node.tag_name().name());
@@ -561,6 +580,7 @@ struct RawJob {
     install_script: Spanned<String>,
     configure_script: Option<Spanned<String>>,
     image_script: Spanned<String>,
+    verify: Option<Spanned<String>>,
     timeout: Spanned<Value>,
     priority: Option<Spanned<Value>>,
     accept_within: Option<Spanned<Value>>,
@@ -579,13 +599,10 @@ fn job_from_toml(reader: &TomlReader, raw: &RawJob) -> Result<JobSpec, FormatErr
     check_config_type(&config_type, false, "`config_type`")
         .map_err(|m| reader.error_at(raw.config_type.span(), m))?;
     let install_script = toml_script(reader, &raw.install_script, "install_script")?;
-    let configure_script = match &raw.configure_script {
-        Some(path) if !path.get_ref().trim().is_empty() => {
-            Some(toml_script(reader, path, "configure_script")?)
-        }
-        _ => None,
-    };
+    let configure_script =
+        optional_toml_script(reader, raw.configure_script.as_ref(), "configure_script")?;
     let image_script = toml_script(reader, &raw.image_script, "image_script")?;
+    let verify_script = optional_toml_script(reader, raw.verify.as_ref(), "verify")?;
     let timeout_secs = reader
         .optional_integer(Some(&raw.timeout), "timeout", &TIMEOUT_SPEC)?
         .unwrap_or_default();
@@ -616,6 +633,7 @@ fn job_from_toml(reader: &TomlReader, raw: &RawJob) -> Result<JobSpec, FormatErr
         install_script,
         configure_script,
         image_script,
+        verify_script,
         timeout_secs,
         priority,
         accept_within_secs,
@@ -651,6 +669,20 @@ fn toml_script(
     let path = value.get_ref().trim();
     check_script_path(path, &format!("`{key}`")).map_err(|m| reader.error_at(value.span(), m))?;
     Ok(normalise_script_path(path))
+}
+
+/// An optional script path from TOML: `None` when absent or empty.
+fn optional_toml_script(
+    reader: &TomlReader,
+    value: Option<&Spanned<String>>,
+    key: &str,
+) -> Result<Option<String>, FormatError> {
+    match value {
+        Some(path) if !path.get_ref().trim().is_empty() => {
+            Ok(Some(toml_script(reader, path, key)?))
+        }
+        _ => Ok(None),
+    }
 }
 
 /// `text` trimmed, or `None` when that leaves nothing.
@@ -882,6 +914,7 @@ timeout = 3600
             install_script: "pro/install.cmd".to_owned(),
             configure_script: None,
             image_script: "pro/image.cmd".to_owned(),
+            verify_script: None,
             timeout_secs: 3600,
             priority: None,
             accept_within_secs: None,
@@ -911,6 +944,7 @@ timeout = 3600
         second.install_script = "home/install.sh".to_owned();
         second.configure_script = Some("home/configure.sh".to_owned());
         second.image_script = "home/image.sh".to_owned();
+        second.verify_script = Some("home/verify.sh".to_owned());
         second.timeout_secs = 7200;
         second.priority = Some(-5);
         second.accept_within_secs = Some(600);
@@ -1014,6 +1048,7 @@ timeout = 3600
       <INSTALLSCRIPT>home/install.sh</INSTALLSCRIPT>
       <CONFIGURESCRIPT>home/configure.sh</CONFIGURESCRIPT>
       <IMAGESCRIPT>home/image.sh</IMAGESCRIPT>
+      <VERIFYSCRIPT>home/verify.sh</VERIFYSCRIPT>
       <TIMEOUT>7200</TIMEOUT>
       <PRIORITY>-5</PRIORITY>
       <ACCEPTWITHIN>600</ACCEPTWITHIN>
@@ -1025,6 +1060,119 @@ timeout = 3600
 </SERVER>
 ";
         assert_eq!(xml, expected);
+    }
+
+    #[test]
+    fn seed_without_verifyscript_has_no_verify_step_and_is_written_back_without_one() {
+        let manifest = BuildManifest::from_relbuild_xml("relbuild.xml", SEED_RELBUILD).unwrap();
+        assert_eq!(manifest.jobs[0].verify_script, None);
+        let xml = manifest.to_relbuild_xml();
+        assert!(!xml.contains("VERIFYSCRIPT"), "{xml}");
+        assert_eq!(xml, SEED_RELBUILD);
+    }
+
+    #[test]
+    fn verifyscript_is_parsed_normalised_and_written_after_imagescript() {
+        let text = seed_with(
+            "      <TIMEOUT>3600</TIMEOUT>\n",
+            "      <VERIFYSCRIPT>.\\pro\\verify.sh</VERIFYSCRIPT>\n      <TIMEOUT>3600</TIMEOUT>\n",
+        );
+        let manifest = BuildManifest::from_relbuild_xml("relbuild.xml", &text).unwrap();
+        let mut expected = seed_manifest();
+        expected.jobs[0].verify_script = Some("pro/verify.sh".to_owned());
+        assert_eq!(manifest, expected);
+        let xml = manifest.to_relbuild_xml();
+        assert!(
+            xml.contains(
+                "<IMAGESCRIPT>pro/image.cmd</IMAGESCRIPT>\n      \
+                 <VERIFYSCRIPT>pro/verify.sh</VERIFYSCRIPT>\n      <TIMEOUT>"
+            ),
+            "{xml}"
+        );
+        assert_eq!(
+            BuildManifest::from_relbuild_xml("relbuild.xml", &xml),
+            Ok(expected)
+        );
+    }
+
+    #[test]
+    fn empty_verifyscript_means_no_verify_step() {
+        let text = seed_with(
+            "      <TIMEOUT>3600</TIMEOUT>\n",
+            "      <VERIFYSCRIPT> </VERIFYSCRIPT>\n      <TIMEOUT>3600</TIMEOUT>\n",
+        );
+        assert_eq!(
+            BuildManifest::from_relbuild_xml("relbuild.xml", &text),
+            Ok(seed_manifest())
+        );
+    }
+
+    #[test]
+    fn verifyscript_that_escapes_or_repeats_is_refused_at_its_element() {
+        let text = seed_with(
+            "      <TIMEOUT>3600</TIMEOUT>\n",
+            "      <VERIFYSCRIPT>../boot.sh</VERIFYSCRIPT>\n      <TIMEOUT>3600</TIMEOUT>\n",
+        );
+        assert_eq!(
+            xml_error(&text),
+            "relbuild.xml:12:7: expected a relative path inside the build's files in \
+             <VERIFYSCRIPT>, found \"../boot.sh\" (it has a '..' component)"
+        );
+        let text = seed_with(
+            "      <TIMEOUT>3600</TIMEOUT>\n",
+            "      <VERIFYSCRIPT>a.sh</VERIFYSCRIPT>\n      <VERIFYSCRIPT>b.sh</VERIFYSCRIPT>\n      \
+             <TIMEOUT>3600</TIMEOUT>\n",
+        );
+        assert!(
+            xml_error(&text).starts_with("relbuild.xml:13:7: "),
+            "{}",
+            xml_error(&text)
+        );
+    }
+
+    #[test]
+    fn toml_verify_is_parsed_and_checked() {
+        let text = SEED_TOML.replace(
+            "timeout = 3600",
+            "verify = \"pro/verify.sh\"\ntimeout = 3600",
+        );
+        let mut expected = seed_manifest();
+        expected.jobs[0].verify_script = Some("pro/verify.sh".to_owned());
+        assert_eq!(BuildManifest::from_toml("kiln.toml", &text), Ok(expected));
+        let text = SEED_TOML.replace("timeout = 3600", "verify = \"\"\ntimeout = 3600");
+        assert_eq!(
+            BuildManifest::from_toml("kiln.toml", &text),
+            Ok(seed_manifest())
+        );
+        let text = SEED_TOML.replace("timeout = 3600", "verify = \"/boot.sh\"\ntimeout = 3600");
+        assert_eq!(
+            toml_error(&text),
+            "kiln.toml:13:10: expected a relative path inside the build's files in `verify`, \
+             found \"/boot.sh\" (it is absolute)"
+        );
+        let mut manifest = seed_manifest();
+        manifest.jobs[0].verify_script = Some("a/../b".to_owned());
+        assert_eq!(
+            manifest.validate(),
+            Err(
+                "expected a relative path inside the build's files in `verify` of job \"1\", \
+                 found \"a/../b\" (it has a '..' component)"
+                    .to_owned()
+            )
+        );
+    }
+
+    #[test]
+    fn stored_manifests_without_verify_script_still_read() {
+        let mut json = serde_json::to_value(seed_manifest()).unwrap();
+        json["jobs"][0]
+            .as_object_mut()
+            .unwrap()
+            .remove("verify_script");
+        assert_eq!(
+            serde_json::from_value::<BuildManifest>(json).unwrap(),
+            seed_manifest()
+        );
     }
 
     #[test]
@@ -1231,8 +1379,8 @@ timeout = 3600
                 "<TIMOUT>3600</TIMOUT>"
             )),
             "relbuild.xml:12:7: unknown element <TIMOUT> in <JOB>; expected one of <TITLE>, \
-             <CONFIGTYPE>, <INSTALLSCRIPT>, <CONFIGURESCRIPT>, <IMAGESCRIPT>, <TIMEOUT>, \
-             <PRIORITY>, <ACCEPTWITHIN>, <ASSIGNEDTO>, <MAXATTEMPTS>, <RETRIES>"
+             <CONFIGTYPE>, <INSTALLSCRIPT>, <CONFIGURESCRIPT>, <IMAGESCRIPT>, <VERIFYSCRIPT>, \
+             <TIMEOUT>, <PRIORITY>, <ACCEPTWITHIN>, <ASSIGNEDTO>, <MAXATTEMPTS>, <RETRIES>"
         );
         assert_eq!(
             xml_error(&seed_with("<LOGFILE>", "<LOGFILES/><LOGFILE>")),
@@ -1476,6 +1624,7 @@ config_type = "HOME"
 install_script = 'home\install.sh'
 configure_script = "home/configure.sh"
 image_script = "./home/image.sh"
+verify = "home/verify.sh"
 timeout = 7200
 priority = -5
 accept_within = 600
@@ -1495,8 +1644,8 @@ retries = 0
         assert_eq!(
             toml_error(&text),
             "kiln.toml:14:1: invalid toml: unknown field `timout`, expected one of `id`, `title`, \
-             `config_type`, `install_script`, `configure_script`, `image_script`, `timeout`, \
-             `priority`, `accept_within`, `assigned_to`, `max_attempts`, `retries`"
+             `config_type`, `install_script`, `configure_script`, `image_script`, `verify`, \
+             `timeout`, `priority`, `accept_within`, `assigned_to`, `max_attempts`, `retries`"
         );
         let text = SEED_TOML.replace("number = 3700", "numbr = 3700");
         assert_eq!(

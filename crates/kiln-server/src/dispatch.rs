@@ -22,8 +22,14 @@ use std::time::Duration;
 use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 
-/// How many queued jobs one dispatch round looks at.
+/// The most queued jobs one dispatch round looks at.
 const CANDIDATE_LIMIT: u32 = 2048;
+
+/// The queued jobs a round reads first: the best few, so that a round costs the same
+/// with 300 or 10,000 jobs queued. A round reads further (eight times as many each
+/// time, up to [`CANDIDATE_LIMIT`]) only while a waiter finds nothing it may take in
+/// what was read and more jobs are queued.
+const FIRST_PAGE: u32 = 64;
 
 /// How long a job offered to one offer waiter is kept from the others: time for that
 /// client to compare offers and claim.
@@ -154,10 +160,55 @@ impl Dispatcher {
             .lock()
             .expect("waiter list poisoned")
             .retain(|waiter| waiter.client.id != client_id);
-        let candidates = self.store.queued_candidates(CANDIDATE_LIMIT).await?;
-        Ok(candidates
-            .into_iter()
-            .find(|candidate| can_take(client_id, include, candidate)))
+        let mut limit = FIRST_PAGE;
+        loop {
+            let candidates = self.store.queued_candidates(limit).await?;
+            let read_all = candidates.len() < limit as usize || limit >= CANDIDATE_LIMIT;
+            let best = candidates
+                .into_iter()
+                .find(|candidate| can_take(client_id, include, candidate));
+            if best.is_some() || read_all {
+                return Ok(best);
+            }
+            limit = limit.saturating_mul(8).min(CANDIDATE_LIMIT);
+        }
+    }
+
+    /// The best queued jobs, enough that every waiter finds one it may take (as a
+    /// round matches them, oldest waiter first) or every queued job up to
+    /// [`CANDIDATE_LIMIT`].
+    async fn candidates(&self) -> Result<Vec<Candidate>, kiln_store::StoreError> {
+        let n_waiting = u32::try_from(self.n_waiting()).unwrap_or(u32::MAX);
+        let mut limit = FIRST_PAGE
+            .max(n_waiting.saturating_mul(2))
+            .min(CANDIDATE_LIMIT);
+        loop {
+            let candidates = self.store.queued_candidates(limit).await?;
+            if candidates.len() < limit as usize
+                || limit >= CANDIDATE_LIMIT
+                || self.every_waiter_finds_one(&candidates)
+            {
+                return Ok(candidates);
+            }
+            limit = limit.saturating_mul(8).min(CANDIDATE_LIMIT);
+        }
+    }
+
+    /// Whether matching the waiters, oldest first, each with the first job it may take
+    /// and nobody has taken, leaves no waiter without one.
+    fn every_waiter_finds_one(&self, candidates: &[Candidate]) -> bool {
+        let waiters = self.waiters.lock().expect("waiter list poisoned");
+        let mut taken = vec![false; candidates.len()];
+        waiters.iter().all(|waiter| {
+            let found = candidates
+                .iter()
+                .enumerate()
+                .position(|(idx, candidate)| !taken[idx] && waiter.can_take(candidate));
+            if let Some(idx) = found {
+                taken[idx] = true;
+            }
+            found.is_some()
+        })
     }
 
     async fn wait<T>(
@@ -209,7 +260,7 @@ impl Dispatcher {
         if self.n_waiting() == 0 {
             return Ok(None);
         }
-        let mut candidates = self.store.queued_candidates(CANDIDATE_LIMIT).await?;
+        let mut candidates = self.candidates().await?;
         if candidates.is_empty() {
             self.offered.lock().expect("offer holds poisoned").clear();
             return Ok(None);
@@ -394,6 +445,7 @@ mod tests {
             install_script: "i.sh".into(),
             configure_script: None,
             image_script: "i.sh".into(),
+            verify_script: None,
             timeout_secs: 60,
             priority: Some(priority),
             accept_within_secs: None,
@@ -444,6 +496,39 @@ mod tests {
             include: types(),
             ..ClaimingClient::default()
         }
+    }
+
+    /// A round reads the first page of the queue only; a waiter whose only job lies
+    /// deeper (here behind 600 jobs of a type it does not take) still gets it, by
+    /// claim and by offer.
+    #[tokio::test]
+    async fn a_waiter_gets_the_one_job_it_may_take_from_deep_in_the_queue() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let mut jobs: Vec<JobSpec> = (0..600)
+            .map(|idx| {
+                let mut other = job(&format!("home-{idx:03}"), 5);
+                other.config_type = "HOME".into();
+                other
+            })
+            .collect();
+        jobs.push(job("pro-last", 1));
+        jobs.push(job("pro-very-last", 0));
+        let (dispatcher, _workers) = dispatcher_with(dir.path(), jobs).await;
+        let offer = dispatcher
+            .offer_now("c0", &types())
+            .await
+            .expect("offer")
+            .expect("a job");
+        assert_eq!(offer.job, "pro-last");
+        let first = dispatcher.wait_for_job(claiming("c1"), Duration::from_secs(5));
+        let second = dispatcher.wait_for_job(claiming("c2"), Duration::from_secs(5));
+        let (first, second) = tokio::join!(first, second);
+        let mut claimed = vec![
+            first.expect("a claim for c1").job,
+            second.expect("a claim for c2").job,
+        ];
+        claimed.sort();
+        assert_eq!(claimed, ["pro-last", "pro-very-last"]);
     }
 
     #[tokio::test]

@@ -31,7 +31,7 @@ pub use domain::{Backends, Caller, Farm};
 
 use anyhow::Context;
 use kiln_blob::{LocalBlobStore, LocalChunkStore};
-use kiln_store::SqliteStore;
+use kiln_store::{PgStore, SqliteStore};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,6 +42,9 @@ use tokio::net::TcpListener;
 pub struct ServerConfig {
     /// Where the database, the blobs and the token files live.
     pub data_dir: PathBuf,
+    /// A PostgreSQL database to keep the state in (`postgres://...`) instead of SQLite
+    /// in `data_dir`.
+    pub database: Option<String>,
     /// An existing admin token file instead of `DATA/admin.token`.
     pub admin_token_file: Option<PathBuf>,
     /// An existing client token file instead of `DATA/client.token`.
@@ -93,6 +96,7 @@ impl ServerConfig {
     pub fn new(data_dir: PathBuf) -> Self {
         ServerConfig {
             data_dir,
+            database: None,
             admin_token_file: None,
             client_token_file: None,
             public_read: false,
@@ -124,20 +128,73 @@ impl Backends {
     /// The embedded defaults, under `data_dir`: SQLite in `kiln.db`, chunks in
     /// `chunks/`, build files in `blobs/`.
     pub async fn local(data_dir: &Path) -> anyhow::Result<Self> {
+        Self::open(&ServerConfig::new(data_dir.to_owned())).await
+    }
+
+    /// The local image and build-file stores under `data_dir`, with a store to be
+    /// replaced.
+    fn local_files(data_dir: &Path) -> anyhow::Result<LocalFiles> {
         std::fs::create_dir_all(data_dir)
             .with_context(|| format!("creating data directory {}", data_dir.display()))?;
-        let store = SqliteStore::open(&data_dir.join("kiln.db"))
-            .await
-            .context("opening the job store")?;
         let files =
             LocalBlobStore::open(&data_dir.join("blobs")).context("opening the blob store")?;
         let chunks =
             LocalChunkStore::open(&data_dir.join("chunks")).context("opening the chunk store")?;
-        Ok(Backends {
-            store: Arc::new(store),
+        Ok(LocalFiles {
             chunks: Arc::new(chunks),
             files: Arc::new(files),
         })
+    }
+
+    /// What `config` asks for: the state in PostgreSQL when it names a database, in
+    /// SQLite under the data directory otherwise; images and build files under the data
+    /// directory.
+    pub async fn open(config: &ServerConfig) -> anyhow::Result<Self> {
+        let LocalFiles { chunks, files } = Backends::local_files(&config.data_dir)?;
+        let store: Arc<dyn kiln_store::Store> = match &config.database {
+            Some(url) => {
+                if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                    anyhow::bail!(
+                        "--database {}: only PostgreSQL is supported (postgres://USER@HOST:PORT/DB)",
+                        redact_url(url)
+                    );
+                }
+                Arc::new(
+                    PgStore::connect(url)
+                        .await
+                        .with_context(|| format!("opening the job store at {}", redact_url(url)))?,
+                )
+            }
+            None => Arc::new(
+                SqliteStore::open(&config.data_dir.join("kiln.db"))
+                    .await
+                    .context("opening the job store")?,
+            ),
+        };
+        Ok(Backends {
+            store,
+            chunks,
+            files,
+        })
+    }
+}
+
+struct LocalFiles {
+    chunks: Arc<LocalChunkStore>,
+    files: Arc<LocalBlobStore>,
+}
+
+/// A database URL without its password, for messages.
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let credentials = &url[scheme_end + 3..at];
+            match credentials.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme_end + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
     }
 }
 
@@ -149,7 +206,7 @@ pub struct Server {
 impl Server {
     /// Opens the data directory with the embedded defaults (see [`Backends::local`]).
     pub async fn open(config: ServerConfig) -> anyhow::Result<Self> {
-        let backends = Backends::local(&config.data_dir).await?;
+        let backends = Backends::open(&config).await?;
         Self::with_backends(config, backends).await
     }
 

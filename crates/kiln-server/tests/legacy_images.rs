@@ -37,6 +37,7 @@ async fn whole_file_images_are_converted_to_chunks_at_open() -> anyhow::Result<(
                         install_script: "i.sh".into(),
                         configure_script: None,
                         image_script: "i.sh".into(),
+                        verify_script: None,
                         timeout_secs: 60,
                         priority: None,
                         accept_within_secs: None,

@@ -6,9 +6,11 @@
 //! records, chunk lists, legacy images, storage counters), [`Outbox`] (webhook notices)
 //! and [`Clients`] (histories, contacts, credentials). [`Store`] is all of them, so
 //! that the server holds one `Arc<dyn Store>` and may hand a part on as a narrower
-//! trait object. [`SqliteStore`] implements them on an embedded SQLite database (WAL,
-//! every read-modify-write in `BEGIN IMMEDIATE`), with its migrations in
-//! `migrations/sqlite/`; it is the only backend so far.
+//! trait object. Two backends implement them: [`SqliteStore`] on an embedded SQLite
+//! database (WAL, every read-modify-write in `BEGIN IMMEDIATE`), the default, and
+//! [`PgStore`] on a PostgreSQL server (row locks and conditional updates), for farms
+//! whose server processes share one database. Each has its migrations in
+//! `migrations/<backend>/`.
 //!
 //! The farm's rules live apart from any SQL, in the private module `rules`: what a
 //! claim, a report, a lost lease, a restart or a cancel does to a job, the reason its
@@ -28,9 +30,11 @@
 
 #[cfg(feature = "conformance")]
 pub mod conformance;
+mod postgres;
 mod rules;
 mod sqlite;
 
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 use async_trait::async_trait;
@@ -56,6 +60,11 @@ pub enum StoreError {
     /// The job's state does not allow the change.
     #[error("{0}")]
     Conflict(String),
+    /// The database cannot be reached now (a database server restarting, a broken
+    /// connection, no connection free in time): nothing was changed, and the same call
+    /// may succeed later.
+    #[error("the database is unavailable; try again")]
+    Unavailable(#[source] sqlx::Error),
     /// The database failed.
     #[error("database error")]
     Db(#[source] sqlx::Error),
@@ -66,7 +75,28 @@ pub enum StoreError {
 
 impl From<sqlx::Error> for StoreError {
     fn from(err: sqlx::Error) -> Self {
-        StoreError::Db(err)
+        if is_unavailable(&err) {
+            StoreError::Unavailable(err)
+        } else {
+            StoreError::Db(err)
+        }
+    }
+}
+
+/// Whether `err` says the database could not be reached rather than that it refused
+/// what was asked: connection failures, a pool with no connection to give, and
+/// PostgreSQL's connection exceptions (class 08) and shutdown notices (57P01 to 57P03).
+fn is_unavailable(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            code.starts_with("08") || matches!(&*code, "57P01" | "57P02" | "57P03")
+        }),
+        _ => false,
     }
 }
 
@@ -120,6 +150,7 @@ pub struct ClaimedJob {
     pub install_script: String,
     pub configure_script: Option<String>,
     pub image_script: String,
+    pub verify_script: Option<String>,
     pub timeout_secs: u64,
     pub attempt: u32,
     pub lease: String,
@@ -293,6 +324,10 @@ pub trait Queue: Send + Sync + 'static {
     async fn list_jobs(&self, build: &str) -> StoreResult<Vec<JobStatus>>;
     /// One job.
     async fn get_job(&self, build: &str, job: &str) -> StoreResult<JobStatus>;
+    /// The key and size of a build's files archive, without reading its manifest.
+    async fn build_files(&self, number: &str) -> StoreResult<(String, u64)>;
+    /// Whether `client_id` runs a job of `build` now (false for an unknown build).
+    async fn runs_job_of(&self, client_id: &str, build: &str) -> StoreResult<bool>;
     /// Queued jobs in scheduling order (priority, deadline, submission), at most `limit`.
     async fn queued_candidates(&self, limit: u32) -> StoreResult<Vec<Candidate>>;
     /// Atomically hands a queued job to a client under a new lease, and records the

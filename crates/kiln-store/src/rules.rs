@@ -864,6 +864,7 @@ mod tests {
             install_script: "i.sh".into(),
             configure_script: None,
             image_script: "m.sh".into(),
+            verify_script: None,
             timeout_secs: 60,
             priority: None,
             accept_within_secs: None,

@@ -1,9 +1,12 @@
-//! The store's conformance cases (`kiln_store::conformance`) on [`SqliteStore`], each a
-//! test of its own, on a new database in a temporary directory.
+//! The store's conformance cases (`kiln_store::conformance`) on every backend, each a
+//! test of its own: on [`SqliteStore`], a new database in a temporary directory; on
+//! [`PgStore`], a new database on a throwaway PostgreSQL server the tests start
+//! ([`PgCluster`]).
 
 use async_trait::async_trait;
+use kiln_store::conformance::pg_cluster::PgCluster;
 use kiln_store::conformance::StoreFactory;
-use kiln_store::{SqliteStore, Store};
+use kiln_store::{PgStore, SqliteStore, Store};
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use tempfile::TempDir;
@@ -28,6 +31,24 @@ impl StoreFactory for SqliteFactory {
 
 kiln_store::conformance_tests!(sqlite, SqliteFactory);
 
+/// PostgreSQL stores: a new database on the test process's PostgreSQL server.
+struct PgFactory;
+
+#[async_trait]
+impl StoreFactory for PgFactory {
+    type Place = String;
+
+    async fn new_place(&self) -> anyhow::Result<String> {
+        PgCluster::shared()?.new_database().await
+    }
+
+    async fn open(&self, url: &String) -> anyhow::Result<Arc<dyn Store>> {
+        Ok(Arc::new(PgStore::connect(url).await?))
+    }
+}
+
+kiln_store::conformance_tests!(postgres, PgFactory);
+
 /// A case written in `cases.rs` but missing from the list in `conformance_tests!` would
 /// run on no backend.
 #[test]
@@ -41,4 +62,5 @@ fn every_case_written_is_run() {
     let run: BTreeSet<&str> = sqlite::CASES.iter().copied().collect();
     assert_eq!(written, run);
     assert_eq!(run.len(), sqlite::CASES.len(), "a case listed twice");
+    assert_eq!(sqlite::CASES, postgres::CASES);
 }

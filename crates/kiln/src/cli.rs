@@ -80,6 +80,10 @@ pub struct ServerArgs {
     /// Directory for the database, images and token files.
     #[arg(long, required = true)]
     pub data: Option<PathBuf>,
+    /// Keep the farm's state in this PostgreSQL database
+    /// (postgres://USER[:PASSWORD]@HOST[:PORT]/DB) instead of SQLite under --data.
+    #[arg(long, env = "KILN_DATABASE", value_name = "URL")]
+    pub database: Option<String>,
     /// Serve build status, events and images to callers without a credential.
     #[arg(long)]
     pub public_read: bool,
@@ -307,6 +311,13 @@ pub struct ClientArgs {
     /// Seconds between SIGTERM and SIGKILL when a step is stopped.
     #[arg(long, default_value_t = 10)]
     pub kill_grace_secs: u64,
+    /// The job cache that outlives jobs, KILN_CACHE to their steps (default: WORK/cache).
+    #[arg(long)]
+    pub cache: Option<PathBuf>,
+    /// The most bytes the job cache keeps: past it, least recently used entries are
+    /// removed between jobs (default: 8 GiB).
+    #[arg(long)]
+    pub cache_max_bytes: Option<u64>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -467,12 +478,27 @@ pub struct DemoArgs {
     /// How many clients to start.
     #[arg(long, default_value_t = 3)]
     pub clients: u32,
-    /// Where to release the images (default: ./kiln-demo-release).
+    /// Where to release the images (default: ./kiln-demo-release, or
+    /// ./kiln-debian-release for the Debian example).
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Keep the farm's data directory here instead of a temporary one.
     #[arg(long)]
     pub data: Option<PathBuf>,
+    /// Which example to build: `demo`, the quick one (seconds), or `debian`, four real
+    /// Debian images installed, booted and released (tens of minutes; needs root,
+    /// mmdebstrap, qemu and GRUB).
+    #[arg(long, value_enum, default_value_t = DemoExample::Demo)]
+    pub example: DemoExample,
+}
+
+/// The examples `kiln demo` can build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DemoExample {
+    /// examples/demo: 2 products × 3 configurations of small ext4 images.
+    Demo,
+    /// examples/debian: 2 products × 2 configurations of bootable Debian disks.
+    Debian,
 }
 
 #[derive(Debug, Args)]
@@ -550,6 +576,23 @@ pub enum BenchWhich {
         /// Seconds each job sleeps.
         #[arg(long, default_value_t = 2.0)]
         job_secs: f64,
+    },
+    /// Jobs per second and the server's CPU per job, for a build of trivial jobs on
+    /// real client processes.
+    Throughput {
+        /// Jobs in the build.
+        #[arg(long, default_value_t = 2000)]
+        jobs: u32,
+        /// `kiln client` processes.
+        #[arg(long, default_value_t = 8)]
+        clients: u32,
+        /// Slots of each client.
+        #[arg(long, default_value_t = 4)]
+        slots: u32,
+        /// Keep the server's state in this PostgreSQL database instead of SQLite (its
+        /// build numbers are unique to the run, so a database may be used again).
+        #[arg(long, value_name = "URL")]
+        database: Option<String>,
     },
     /// Image transfer: a fresh image against curl -T to nginx, a changed image against
     /// casync and rsync, the demo build's storage, the server's memory during an upload.

@@ -20,6 +20,8 @@ pub struct Job {
     pub max_attempts: Option<u32>,
     /// RETRIES: script failures queued again.
     pub retries: Option<u32>,
+    /// The verify script's text (VERIFYSCRIPT), if the job has one.
+    pub verify: Option<String>,
 }
 
 /// An image script that leaves `$KILN_OUTPUT/$KILN_JOB_ID.img` naming where it was made.
@@ -41,6 +43,7 @@ impl Job {
             accept_within_secs: None,
             max_attempts: None,
             retries: None,
+            verify: None,
         }
     }
 
@@ -83,10 +86,16 @@ impl Job {
         self.retries = Some(retries);
         self
     }
+
+    pub fn verify(mut self, script: &str) -> Self {
+        self.verify = Some(script.to_owned());
+        self
+    }
 }
 
 /// Writes a build into `dir`: `relbuild.xml` and `scripts/ID-install.sh`,
-/// `scripts/ID-image.sh` per job; returns the manifest's path.
+/// `scripts/ID-image.sh` (and `scripts/ID-verify.sh` for a job with a verify step) per
+/// job; returns the manifest's path.
 pub fn write_build(dir: &Path, number: &str, jobs: &[Job]) -> PathBuf {
     write_build_notifying(dir, number, &[], jobs)
 }
@@ -128,6 +137,11 @@ pub fn write_build_notifying(dir: &Path, number: &str, notify: &[&str], jobs: &[
         }
         if let Some(retries) = job.retries {
             let _ = writeln!(xml, "      <RETRIES>{retries}</RETRIES>");
+        }
+        if let Some(verify_text) = &job.verify {
+            let verify = format!("scripts/{}-verify.sh", job.id);
+            std::fs::write(dir.join(&verify), verify_text).expect("writing a script");
+            let _ = writeln!(xml, "      <VERIFYSCRIPT>{verify}</VERIFYSCRIPT>");
         }
         xml.push_str("    </JOB>\n");
     }

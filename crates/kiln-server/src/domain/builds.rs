@@ -199,12 +199,11 @@ impl Farm {
                 .check_lease(build, job, require_lease(lease)?)
                 .await?;
         }
-        let record = self.store.get_build(build).await?;
-        let size = self.files.size(&record.files_key).await?;
-        Ok(StoredFiles {
-            key: record.files_key,
-            size,
-        })
+        // Not `get_build`: its manifest is as long as the build, and every job reads
+        // its build's files.
+        let (key, _) = self.store.build_files(build).await?;
+        let size = self.files.size(&key).await?;
+        Ok(StoredFiles { key, size })
     }
 
     /// The bytes of `range` of stored build files.

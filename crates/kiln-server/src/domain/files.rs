@@ -53,6 +53,7 @@ pub fn check_archive(path: &Path, manifest: &BuildManifest) -> Result<u64, Strin
             Some(&job.install_script),
             job.configure_script.as_ref(),
             Some(&job.image_script),
+            job.verify_script.as_ref(),
         ];
         for script in scripts.into_iter().flatten() {
             if !regular_files.contains(script.as_str()) {
@@ -92,5 +93,32 @@ mod tests {
         assert_eq!(safe_relative(Path::new("../etc/passwd")), None);
         assert_eq!(safe_relative(Path::new("/etc/passwd")), None);
         assert_eq!(safe_relative(Path::new("a/../../b")), None);
+    }
+
+    #[test]
+    fn a_verify_script_missing_from_the_files_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let archive_path = dir.path().join("files.tar");
+        let mut builder = tar::Builder::new(std::fs::File::create(&archive_path).unwrap());
+        for name in ["install.sh", "image.sh"] {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(5);
+            header.set_mode(0o644);
+            header.set_cksum();
+            builder
+                .append_data(&mut header, name, &b"true\n"[..])
+                .unwrap();
+        }
+        builder.into_inner().unwrap();
+        let text = "number = 1\n[[job]]\nid = \"a\"\nconfig_type = \"T\"\n\
+                    install_script = \"install.sh\"\nimage_script = \"image.sh\"\n\
+                    verify = \"boot.sh\"\ntimeout = 60\n";
+        let mut manifest = BuildManifest::from_toml("kiln.toml", text).unwrap();
+        assert_eq!(
+            check_archive(&archive_path, &manifest),
+            Err("job a names script \"boot.sh\", which is not among the build's files".to_owned())
+        );
+        manifest.jobs[0].verify_script = None;
+        assert_eq!(check_archive(&archive_path, &manifest), Ok(2));
     }
 }

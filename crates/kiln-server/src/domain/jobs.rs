@@ -140,6 +140,7 @@ impl Farm {
             install_script: claimed.install_script,
             configure_script: claimed.configure_script,
             image_script: claimed.image_script,
+            verify_script: claimed.verify_script,
             timeout_secs: claimed.timeout_secs,
             attempt: claimed.attempt,
             lease: claimed.lease,
@@ -461,13 +462,7 @@ impl Farm {
 
     /// Whether client `id` runs a job of `build` now: what lets a client read a build.
     pub async fn runs_job_of(&self, id: &str, build: &str) -> FarmResult<bool> {
-        match self.store.list_jobs(build).await {
-            Ok(jobs) => Ok(jobs
-                .iter()
-                .any(|job| job.state == JobState::Running && job.client_id.as_deref() == Some(id))),
-            Err(kiln_store::StoreError::NotFound(_)) => Ok(false),
-            Err(err) => Err(err.into()),
-        }
+        Ok(self.store.runs_job_of(id, build).await?)
     }
 
     /// A client's session opened (see [`crate::sessions`]); returns its generation.

@@ -9,9 +9,9 @@ use kiln_blob::BlobError;
 use kiln_proto::api::ApiError;
 use kiln_store::StoreError;
 
-/// The pause, in seconds, a client refused `too_many_uploads` waits before it sends
-/// the upload again.
-const RETRY_UPLOAD_AFTER_SECS: &str = "1";
+/// The pause, in seconds, a client refused `too_many_uploads` or `store_unavailable`
+/// waits before it sends the call again.
+const RETRY_AFTER_SECS: &str = "1";
 
 /// A farm error on its way out as an HTTP answer.
 #[derive(Debug)]
@@ -38,6 +38,9 @@ pub fn status_and_code(err: &FarmError) -> (StatusCode, &'static str) {
         }
         FarmError::Store(StoreError::StaleLease { .. }) => (StatusCode::CONFLICT, "stale_lease"),
         FarmError::Store(StoreError::Conflict(_)) => (StatusCode::CONFLICT, "conflict"),
+        FarmError::Store(StoreError::Unavailable(_)) => {
+            (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable")
+        }
         FarmError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "store_failed"),
         FarmError::Blob(BlobError::NotFound(_)) => (StatusCode::NOT_FOUND, "not_found"),
         FarmError::Blob(BlobError::InvalidKey(_)) => (StatusCode::BAD_REQUEST, "invalid_key"),
@@ -78,10 +81,10 @@ impl IntoResponse for HttpError {
             }),
         )
             .into_response();
-        if status == StatusCode::TOO_MANY_REQUESTS {
+        if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
             response.headers_mut().insert(
                 header::RETRY_AFTER,
-                HeaderValue::from_static(RETRY_UPLOAD_AFTER_SECS),
+                HeaderValue::from_static(RETRY_AFTER_SECS),
             );
         }
         response

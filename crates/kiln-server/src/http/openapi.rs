@@ -73,6 +73,7 @@ pub const CODES: &[(u16, &str, &str)] = &[
     (500, "store_failed", "the server's database failed"),
     (500, "io_failed", "the server's storage failed"),
     (500, "internal", "the server failed"),
+    (503, "store_unavailable", "the server cannot reach its database (PostgreSQL down or unreachable); nothing changed; send again after Retry-After"),
     (507, "no_space", "the server's disk is full; nothing was stored"),
 ];
 
@@ -490,7 +491,12 @@ fn row_refusals(endpoint: &Endpoint, doc: &Doc) -> Vec<(u16, &'static str)> {
     {
         refusals.push((400, "bad_request"));
     }
-    refusals.extend([(500, "store_failed"), (500, "io_failed"), (500, "internal")]);
+    refusals.extend([
+        (500, "store_failed"),
+        (500, "io_failed"),
+        (500, "internal"),
+        (503, "store_unavailable"),
+    ]);
     refusals
 }
 
@@ -537,7 +543,7 @@ fn refusal_response(status: u16, codes: &[&'static str]) -> Response {
         .extensions(Some(
             ExtensionsBuilder::new().add("x-kiln-codes", codes).build(),
         ));
-    if status == 429 {
+    if status == 429 || status == 503 {
         response = response.header(
             "Retry-After",
             HeaderBuilder::new()

@@ -76,6 +76,11 @@ pub async fn insert_build_is_listed_with_counts_and_a_duplicate_number_changes_n
     assert_eq!(stored.manifest, original.manifest);
     assert_eq!(stored.submitted_at, at(0));
     assert_eq!(stored.files_key, original.files_key);
+    assert_eq!(
+        store.build_files(BUILD).await?,
+        (original.files_key.clone(), original.files_size)
+    );
+    assert_not_found("build_files of no build", store.build_files("none").await);
     assert_not_found("get_job z", store.get_job(BUILD, "z").await);
     Ok(())
 }
@@ -184,12 +189,17 @@ pub async fn claim_hands_out_attempt_one_under_a_fresh_lease_and_only_once<F: St
         Some("scripts/configure.cmd")
     );
     assert_eq!(claimed.image_script, "scripts/image.cmd");
+    assert_eq!(claimed.verify_script, None);
     assert_eq!(claimed.timeout_secs, 900);
     assert!(
         claimed.lease.len() >= 32,
         "lease token too short to be unguessable: {:?}",
         claimed.lease
     );
+
+    assert!(store.runs_job_of("client-1", BUILD).await?);
+    assert!(!store.runs_job_of("client-2", BUILD).await?);
+    assert!(!store.runs_job_of("client-1", "no-such-build").await?);
 
     let status = store.get_job(BUILD, "a").await?;
     assert_eq!(status.state, Running);
@@ -231,6 +241,38 @@ pub async fn claim_hands_out_attempt_one_under_a_fresh_lease_and_only_once<F: St
             step(at(10), Some(Queued), Running, Some("client-1"), 1),
         ]
     );
+    Ok(())
+}
+
+pub async fn a_jobs_verify_step_is_kept_and_handed_out_with_each_of_its_claims<F: StoreFactory>(
+    factory: &F,
+) -> CaseResult {
+    let (_place, store) = open_store(factory).await?;
+    let verified = JobSpec {
+        verify_script: Some("scripts/verify.sh".to_owned()),
+        ..job("a")
+    };
+    store
+        .insert_build(&new_build(BUILD, vec![verified, job("b")], at(0)))
+        .await?;
+    let record = store.get_build(BUILD).await?;
+    assert_eq!(
+        record.manifest.jobs[0].verify_script.as_deref(),
+        Some("scripts/verify.sh"),
+        "the stored manifest keeps the verify step"
+    );
+    assert_eq!(record.manifest.jobs[1].verify_script, None);
+
+    let first = claim(&*store, BUILD, "a", "client-1", at(10)).await?;
+    assert_eq!(first.verify_script.as_deref(), Some("scripts/verify.sh"));
+    let without = claim(&*store, BUILD, "b", "client-2", at(11)).await?;
+    assert_eq!(without.verify_script, None, "a job without a verify step");
+
+    // A later run of the job (here after a restart) has the same steps.
+    store.restart(BUILD, "a", at(20)).await?;
+    let again = claim(&*store, BUILD, "a", "client-2", at(30)).await?;
+    assert_ne!(again.lease, first.lease);
+    assert_eq!(again.verify_script.as_deref(), Some("scripts/verify.sh"));
     Ok(())
 }
 

@@ -22,6 +22,7 @@
 //! make a store fails every case.
 
 pub mod cases;
+pub mod pg_cluster;
 
 use crate::{
     ClaimedJob, ClaimingClient, Failure, NewBuild, NewImage, Store, StoreError, StoreResult,
@@ -68,6 +69,7 @@ macro_rules! conformance_tests {
                 insert_build_is_listed_with_counts_and_a_duplicate_number_changes_nothing,
                 queued_candidates_order_by_priority_then_accept_deadline_then_submission,
                 claim_hands_out_attempt_one_under_a_fresh_lease_and_only_once,
+                a_jobs_verify_step_is_kept_and_handed_out_with_each_of_its_claims,
                 lease_calls_with_a_wrong_token_are_refused_and_with_the_current_one_accepted,
                 old_lease_is_refused_after_restart_and_after_cancel,
                 heartbeat_extends_the_lease_and_records_progress,
@@ -184,6 +186,7 @@ pub fn job(id: &str) -> JobSpec {
         install_script: "scripts/install.cmd".to_owned(),
         configure_script: None,
         image_script: "scripts/image.cmd".to_owned(),
+        verify_script: None,
         timeout_secs: 3600,
         priority: None,
         accept_within_secs: None,

@@ -50,6 +50,7 @@ impl SqliteStore {
             .busy_timeout(Duration::from_secs(10));
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
+            .after_release(|conn, _| Box::pin(keep_connection(conn)))
             .connect_with(options)
             .await?;
         MIGRATOR.run(&pool).await.map_err(StoreError::Migrate)?;
@@ -59,6 +60,21 @@ impl SqliteStore {
     async fn write_tx(&self) -> StoreResult<Transaction<'static, Sqlite>> {
         Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
     }
+}
+
+/// Whether a connection given back to the pool may be used again. A COMMIT that
+/// fails (the disk is full) leaves sqlx counting a transaction that SQLite has already
+/// rolled back, and the rollback sqlx then sends fails, so the count never returns to
+/// zero and every later `BEGIN` on the connection would be refused. Such a connection
+/// is closed instead.
+async fn keep_connection(conn: &mut sqlx::SqliteConnection) -> Result<bool, sqlx::Error> {
+    use sqlx::Connection;
+    if !conn.is_in_transaction() {
+        return Ok(true);
+    }
+    // A transaction dropped without commit queued its rollback; the ping runs after it.
+    conn.ping().await?;
+    Ok(!conn.is_in_transaction())
 }
 
 type Tx = Transaction<'static, Sqlite>;

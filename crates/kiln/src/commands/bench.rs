@@ -3,7 +3,7 @@
 
 use super::status::exit_code;
 use crate::cli::{BenchArgs, BenchWhich, FailoverMode};
-use kiln_harness::bench::{self, fleet, transfer};
+use kiln_harness::bench::{self, fleet, throughput, transfer};
 use kiln_harness::chaos;
 use std::process::ExitCode;
 
@@ -28,6 +28,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             };
             bench::failover(mode, trials, lease_secs, heartbeat_secs).await?
         }
+        BenchWhich::Throughput {
+            jobs,
+            clients,
+            slots,
+            database,
+        } => throughput::throughput(jobs, clients, slots, database.as_deref()).await?,
         BenchWhich::Reattach { clients, trials } => bench::reattach(clients, trials).await?,
         BenchWhich::Chaos {
             products,

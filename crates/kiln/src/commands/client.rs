@@ -24,6 +24,8 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<ExitCode> {
         id = %options.client_id,
         include = %options.include.join(","),
         slots = options.slots,
+        cache = %options.cache_dir.display(),
+        cache_max_bytes = options.cache_max_bytes,
         servers = %options.servers.iter().map(|s| s.url().to_owned()).collect::<Vec<_>>().join(" "),
         masters = %options.masters.iter().map(|m| m.url().to_owned()).collect::<Vec<_>>().join(" "),
         "client started"
@@ -244,6 +246,19 @@ fn options_from(args: ClientArgs) -> anyhow::Result<ClientOptions> {
         );
     }
     let wait_secs = wait_secs.clamp(1, 120);
+    let cache_dir = args
+        .cache
+        .or_else(|| {
+            config
+                .as_ref()
+                .and_then(|config| config.cache_dir.clone())
+                .map(Into::into)
+        })
+        .unwrap_or_else(|| work_dir.join("cache"));
+    let cache_max_bytes = args
+        .cache_max_bytes
+        .or_else(|| config.as_ref().and_then(|config| config.cache_max_bytes))
+        .unwrap_or(kiln_client::cache::DEFAULT_CACHE_MAX_BYTES);
     Ok(ClientOptions {
         client_id,
         include,
@@ -254,5 +269,7 @@ fn options_from(args: ClientArgs) -> anyhow::Result<ClientOptions> {
         slots,
         wait_secs,
         kill_grace: Duration::from_secs(args.kill_grace_secs),
+        cache_dir,
+        cache_max_bytes,
     })
 }

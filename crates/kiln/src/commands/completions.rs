@@ -49,14 +49,11 @@ mod tests {
 
     #[test]
     fn the_bash_script_parses() {
-        let Ok(mut bash) = std::process::Command::new("bash")
+        let mut bash = std::process::Command::new("bash")
             .args(["-n", "/dev/stdin"])
             .stdin(std::process::Stdio::piped())
             .spawn()
-        else {
-            // No bash here: the words above are all that can be checked.
-            return;
-        };
+            .expect("running bash -n on the script (install bash)");
         let mut stdin = bash.stdin.take().expect("piped stdin");
         std::io::Write::write_all(&mut stdin, script(Shell::Bash).as_bytes()).expect("writing");
         drop(stdin);

@@ -16,6 +16,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
         .ok_or_else(|| crate::operator::Usage("kiln server needs --data DIR".into()))?;
     let mut config = ServerConfig::new(data.clone());
     config.public_read = args.public_read;
+    config.database = args.database;
     config.admin_token_file = args.admin_token_file;
     config.client_token_file = args.client_token_file;
     config.lease_secs = args.lease_secs.max(1);

@@ -84,6 +84,61 @@ fn step_exiting_1_fails_the_job_with_its_status_and_the_log_keeps_its_output() {
 }
 
 #[test]
+fn verify_step_runs_after_image_and_its_failure_fails_the_job_with_its_log() {
+    let harness = Harness::new("verify");
+    let server = harness.start_server("main", &[]);
+    // The verify step sees the image the image step left, and the job's variables.
+    let checks =
+        "[ -s \"$KILN_OUTPUT/$KILN_JOB_ID.img\" ] || { echo 'no image to verify'; exit 3; }\n\
+                  echo \"verified $KILN_JOB_ID on $KILN_CLIENT_ID\"\n";
+    let build = server.submit(&write_build(
+        &harness.mkdir("build"),
+        "515",
+        &[
+            Job::new("good", "PRO").verify(checks),
+            Job::new("bad", "PRO").verify(&format!(
+                "{checks}echo 'boot check: no login prompt within 5 s'\nexit 1\n"
+            )),
+        ],
+    ));
+    let _client = harness.start_client("runner", &[&server], &["--include", "*"]);
+
+    let good = server.wait_for_job(&build, "good", "to end", |job| {
+        text(job, "state") != "queued" && text(job, "state") != "running"
+    });
+    assert_eq!(text(&good, "state"), "finished", "{good:#}");
+    let logs = server.kiln(&["logs", &format!("{build}/good")]);
+    harness.check(logs.code == 0, || format!("kiln logs failed: {logs:?}"));
+    let lines: Vec<&str> = logs.stdout.lines().collect();
+    let image_step = lines.iter().position(|line| line.contains("step image: "));
+    let verify_step = lines.iter().position(|line| line.contains("step verify: "));
+    assert!(
+        matches!((image_step, verify_step), (Some(image), Some(verify)) if image < verify),
+        "the verify step runs after the image step: {lines:?}"
+    );
+    assert!(
+        lines.contains(&"verified good on runner"),
+        "the verify step's output is in the log: {lines:?}"
+    );
+    let images = server.get(&format!("/v1/builds/{build}/images"));
+    assert!(
+        images.status == 200 && images.body.contains("good.img"),
+        "the verified job's image was uploaded: {images:?}"
+    );
+
+    let bad = server.wait_for_job(&build, "bad", "to end", |job| {
+        text(job, "state") != "queued" && text(job, "state") != "running"
+    });
+    assert_eq!(text(&bad, "state"), "failed", "{bad:#}");
+    let error = text(&bad, "error");
+    assert!(
+        error.starts_with("exit: step verify (scripts/bad-verify.sh) exited with status 1")
+            && error.contains("boot check: no login prompt within 5 s"),
+        "the error names the verify step, its status and its last lines: {error:?}"
+    );
+}
+
+#[test]
 fn progress_line_shows_in_status_table_and_json_while_the_job_runs() {
     let harness = Harness::new("progress");
     // Heartbeats every second, so that progress is not held back by a slow beat.

@@ -2,7 +2,8 @@
 //! jobs per build and uploads sent at once per client; and names in the paths of the
 //! read routes, refused before anything is looked up. Each limit is met with a clear
 //! refusal (or, for the log, a last line saying it was cut) and nothing over it is
-//! stored; the work that stays within it goes on.
+//! stored; the work that stays within it goes on. And the client's own bound: its job
+//! cache outlives jobs and is cut back between them, least recently used entries first.
 
 use crate::common;
 
@@ -383,4 +384,56 @@ fn bad_names_in_every_path_are_refused_naming_the_parameter() {
     // Valid names still reach the store, which says what it lacks.
     let response = server.get("/v1/jobs/900/one");
     assert_eq!(response.status, 404, "{response:?}");
+}
+
+#[test]
+fn job_cache_outlives_jobs_and_least_recently_used_entries_go_between_jobs_past_its_bound() {
+    let harness = Harness::new("job-cache");
+    let server = harness.start_server("main", &[]);
+    // One slot and descending priorities: the jobs run one after the other, in order.
+    let write_entry = |entry: &str| {
+        format!(
+            "mkdir -p \"$KILN_CACHE/{entry}\"\n\
+             head -c 262144 /dev/urandom > \"$KILN_CACHE/{entry}/data\"\n"
+        )
+    };
+    let first = write_entry("first");
+    let second = format!(
+        "[ -f \"$KILN_CACHE/first/data\" ] || {{ echo 'the entry of the first job is gone'; exit 3; }}\n{}",
+        write_entry("second")
+    );
+    let third = "[ ! -e \"$KILN_CACHE/first\" ] || { echo 'the oldest entry was kept'; exit 4; }\n\
+                 [ -f \"$KILN_CACHE/second/data\" ] || { echo 'the newest entry is gone'; exit 5; }\n";
+    let build = server.submit(&write_build(
+        &harness.mkdir("build"),
+        "cache1",
+        &[
+            Job::new("first", "PRO").install(&first).priority(3),
+            Job::new("second", "PRO").install(&second).priority(2),
+            Job::new("third", "PRO").install(third).priority(1),
+        ],
+    ));
+    let cache = harness.path().join("cache");
+    // Room for one entry: after the second job, the cache holds two and the first goes.
+    let client = harness.start_client(
+        "runner",
+        &[&server],
+        &[
+            "--include",
+            "*",
+            "--cache",
+            &cache.display().to_string(),
+            "--cache-max-bytes",
+            "400000",
+        ],
+    );
+    let jobs = server.wait_for_build_end(&build);
+    for job in &jobs {
+        assert_eq!(text(job, "state"), "finished", "{job:#}");
+    }
+    assert!(
+        cache.join("second/data").is_file() && !cache.join("first").exists(),
+        "the cache keeps the newest entry only"
+    );
+    drop(client);
 }

@@ -1,7 +1,10 @@
 //! `kiln demo`: a whole farm on this machine. It starts a server and N clients as real
 //! processes on loopback, submits the bundled example build (2 products × 3
 //! configurations, each job making a real ext4 image and a qcow2 copy), shows
-//! progress, releases the images and stops everything.
+//! progress, releases the images and stops everything. [`debian`] is
+//! `kiln demo --example debian`: real Debian systems, installed, imaged and booted.
+
+pub mod debian;
 
 use crate::farm::Farm;
 use crate::find_tool;
@@ -10,12 +13,26 @@ use kiln_api::Operator;
 use kiln_release::Released;
 use std::path::{Path, PathBuf};
 
+/// The examples `kiln demo` builds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Example {
+    /// `examples/demo`: 2 products × 3 configurations of small ext4 images, in seconds.
+    #[default]
+    Demo,
+    /// `examples/debian`: 2 products × 2 configurations of bootable Debian disks
+    /// ([`debian`]).
+    Debian,
+}
+
 /// What `kiln demo` runs.
 #[derive(Debug, Clone)]
 pub struct Options {
+    /// Which example to build.
+    pub example: Example,
     /// How many clients to start.
     pub clients: u32,
-    /// Where to release the images (default: ./kiln-demo-release).
+    /// Where to release the images (default: ./kiln-demo-release, or
+    /// ./kiln-debian-release for the Debian example).
     pub out: Option<PathBuf>,
     /// Keep the farm's data directory here instead of a temporary one.
     pub data: Option<PathBuf>,
@@ -25,31 +42,31 @@ pub struct Options {
 const EXAMPLE_FILES: &[(&str, &str)] = &[
     (
         "relbuild.xml",
-        include_str!("../../../examples/demo/relbuild.xml"),
+        include_str!("../../../../examples/demo/relbuild.xml"),
     ),
     (
         "common/lib.sh",
-        include_str!("../../../examples/demo/common/lib.sh"),
+        include_str!("../../../../examples/demo/common/lib.sh"),
     ),
     (
         "common/configure.sh",
-        include_str!("../../../examples/demo/common/configure.sh"),
+        include_str!("../../../../examples/demo/common/configure.sh"),
     ),
     (
         "common/image.sh",
-        include_str!("../../../examples/demo/common/image.sh"),
+        include_str!("../../../../examples/demo/common/image.sh"),
     ),
     (
         "common/mke2fs.conf",
-        include_str!("../../../examples/demo/common/mke2fs.conf"),
+        include_str!("../../../../examples/demo/common/mke2fs.conf"),
     ),
     (
         "pro/install.sh",
-        include_str!("../../../examples/demo/pro/install.sh"),
+        include_str!("../../../../examples/demo/pro/install.sh"),
     ),
     (
         "home/install.sh",
-        include_str!("../../../examples/demo/home/install.sh"),
+        include_str!("../../../../examples/demo/home/install.sh"),
     ),
 ];
 
@@ -67,6 +84,9 @@ pub fn write_example(dir: &Path) -> anyhow::Result<PathBuf> {
 
 /// Runs the demo; returns whether every job finished and its images were released.
 pub async fn run(args: Options) -> anyhow::Result<bool> {
+    if args.example == Example::Debian {
+        return debian::run(args).await;
+    }
     let missing: Vec<&str> = ["mkfs.ext4", "debugfs"]
         .into_iter()
         .filter(|tool| find_tool(tool).is_none())
@@ -83,17 +103,7 @@ pub async fn run(args: Options) -> anyhow::Result<bool> {
         eprintln!("note: qemu-img not found: the demo makes raw ext4 images only (apt-get install qemu-utils for qcow2 copies)");
     }
     let n_clients = args.clients.max(1);
-    let temp;
-    let dir = match &args.data {
-        Some(dir) => {
-            std::fs::create_dir_all(dir)?;
-            dir.clone()
-        }
-        None => {
-            temp = tempfile::Builder::new().prefix("kiln-demo-").tempdir()?;
-            temp.path().to_owned()
-        }
-    };
+    let (dir, _temp) = work_dir(args.data.as_deref(), "kiln-demo-")?;
     let out = args
         .out
         .clone()
@@ -155,6 +165,24 @@ pub async fn run(args: Options) -> anyhow::Result<bool> {
         }
     }
     Ok(all_finished)
+}
+
+/// The farm's directory: `--data` (created if missing), or a temporary directory named
+/// after `prefix` that lives as long as the returned guard.
+fn work_dir(
+    data: Option<&Path>,
+    prefix: &str,
+) -> anyhow::Result<(PathBuf, Option<tempfile::TempDir>)> {
+    match data {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)?;
+            Ok((dir.to_owned(), None))
+        }
+        None => {
+            let temp = tempfile::Builder::new().prefix(prefix).tempdir()?;
+            Ok((temp.path().to_owned(), Some(temp)))
+        }
+    }
 }
 
 async fn drive(

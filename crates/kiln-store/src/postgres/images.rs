@@ -1,0 +1,196 @@
+//! [`Images`] on PostgreSQL: image records, chunk lists and the storage counters.
+
+use super::{leased_job_row, unsigned, PgStore};
+use crate::{ImageRecord, ImageTotals, Images, LegacyImage, NewImage, StoreError, StoreResult};
+use async_trait::async_trait;
+use kiln_proto::api::ImageInfo;
+use sqlx::postgres::PgRow;
+use sqlx::Row;
+use std::collections::BTreeMap;
+
+fn image_info_from_row(row: &PgRow) -> StoreResult<ImageInfo> {
+    Ok(ImageInfo {
+        build: row.try_get("build")?,
+        job_id: row.try_get("job")?,
+        config_type: row.try_get("config_type")?,
+        name: row.try_get("name")?,
+        size: row.try_get::<i64, _>("size")? as u64,
+        blake3: row.try_get("blake3")?,
+        sha256: row.try_get("sha256")?,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+#[async_trait]
+impl Images for PgStore {
+    async fn add_image(
+        &self,
+        build: &str,
+        job: &str,
+        lease: &str,
+        image: &NewImage,
+    ) -> StoreResult<()> {
+        let mut tx = self.write_tx().await?;
+        leased_job_row(&mut tx, build, job, lease).await?;
+        sqlx::query(
+            "INSERT INTO images (build, job, name, lease_token, size, blake3, sha256, \
+             blob_key, created_at, chunk_list) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+             ON CONFLICT (build, job, name) DO UPDATE SET lease_token = excluded.lease_token, \
+             size = excluded.size, blake3 = excluded.blake3, sha256 = excluded.sha256, \
+             blob_key = excluded.blob_key, created_at = excluded.created_at, \
+             chunk_list = excluded.chunk_list",
+        )
+        .bind(build)
+        .bind(job)
+        .bind(&image.name)
+        .bind(lease)
+        .bind(image.size as i64)
+        .bind(&image.blake3)
+        .bind(&image.sha256)
+        .bind(&image.blob_key)
+        .bind(image.created_at)
+        .bind(&image.chunk_list)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn list_images(&self, build: &str) -> StoreResult<Vec<ImageInfo>> {
+        let rows = sqlx::query(
+            "SELECT i.build, i.job, j.config_type, i.name, i.size, i.blake3, i.sha256, i.created_at \
+             FROM images i JOIN jobs j ON j.build = i.build AND j.id = i.job \
+             WHERE i.build = $1 AND j.state = 'finished' ORDER BY j.pk, i.name",
+        )
+        .bind(build)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(image_info_from_row).collect()
+    }
+
+    async fn get_image(&self, build: &str, job: &str, name: &str) -> StoreResult<ImageRecord> {
+        let row = sqlx::query(
+            "SELECT i.build, i.job, j.config_type, i.name, i.size, i.blake3, i.sha256, i.created_at, \
+             i.blob_key, i.chunk_list FROM images i JOIN jobs j ON j.build = i.build AND j.id = i.job \
+             WHERE i.build = $1 AND i.job = $2 AND i.name = $3 AND j.state = 'finished'",
+        )
+        .bind(build)
+        .bind(job)
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or_else(|| StoreError::NotFound(format!("image {name} of job {build}/{job}")))?;
+        Ok(ImageRecord {
+            info: image_info_from_row(&row)?,
+            blob_key: row.try_get("blob_key")?,
+            chunk_list: row.try_get("chunk_list")?,
+        })
+    }
+
+    async fn legacy_images(&self) -> StoreResult<Vec<LegacyImage>> {
+        let rows = sqlx::query(
+            "SELECT build, job, name, blob_key FROM images WHERE chunk_list IS NULL \
+             ORDER BY build, job, name",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(LegacyImage {
+                    build: row.try_get("build")?,
+                    job: row.try_get("job")?,
+                    name: row.try_get("name")?,
+                    blob_key: row.try_get("blob_key")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn set_chunk_list(
+        &self,
+        build: &str,
+        job: &str,
+        name: &str,
+        chunk_list: &[u8],
+    ) -> StoreResult<()> {
+        let mut tx = self.write_tx().await?;
+        sqlx::query(
+            "UPDATE images SET chunk_list = $1 WHERE build = $2 AND job = $3 AND name = $4",
+        )
+        .bind(chunk_list)
+        .bind(build)
+        .bind(job)
+        .bind(name)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn chunk_lists(&self) -> StoreResult<Vec<Vec<u8>>> {
+        let rows = sqlx::query("SELECT chunk_list FROM images WHERE chunk_list IS NOT NULL")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| Ok(row.try_get::<Vec<u8>, _>("chunk_list")?))
+            .collect()
+    }
+
+    async fn image_totals(&self) -> StoreResult<ImageTotals> {
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS n, COALESCE(SUM(size), 0)::BIGINT AS bytes FROM images",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(ImageTotals {
+            images: unsigned(&row, "n")?,
+            bytes: unsigned(&row, "bytes")?,
+        })
+    }
+
+    async fn add_counters(&self, deltas: &[(&str, i64)]) -> StoreResult<()> {
+        let mut tx = self.write_tx().await?;
+        // In name order, so that two writers lock the rows in the same order.
+        let mut deltas = deltas.to_vec();
+        deltas.sort_unstable_by_key(|(name, _)| *name);
+        for (name, delta) in &deltas {
+            sqlx::query(
+                "INSERT INTO counters (name, value) VALUES ($1, $2) \
+                 ON CONFLICT (name) DO UPDATE SET value = counters.value + excluded.value",
+            )
+            .bind(name)
+            .bind(delta)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn set_counters(&self, values: &[(&str, i64)]) -> StoreResult<()> {
+        let mut tx = self.write_tx().await?;
+        let mut values = values.to_vec();
+        values.sort_unstable_by_key(|(name, _)| *name);
+        for (name, value) in &values {
+            sqlx::query(
+                "INSERT INTO counters (name, value) VALUES ($1, $2) \
+                 ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+            )
+            .bind(name)
+            .bind(value)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn counters(&self) -> StoreResult<BTreeMap<String, i64>> {
+        let rows = sqlx::query("SELECT name, value FROM counters")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| Ok((row.try_get("name")?, row.try_get("value")?)))
+            .collect()
+    }
+}
