@@ -2,8 +2,9 @@
 //! driven by playwright-core (npm) through `browser/dashboard.mjs`, against a real
 //! server and real clients. The script checks login, live job states with no reload,
 //! the timeline's bars and client rows, a reclaimed run, the growing log tail,
-//! restart from the page, the CSRF refusal, both screen sizes, logout and a clean
-//! console; it takes the screenshots that `docs/dashboard.md` shows.
+//! restart from the page, the CSRF refusal, a server restart under an open page,
+//! both screen sizes, logout and a clean console; it takes the screenshots that
+//! `docs/dashboard.md` shows.
 //!
 //! Needs `/usr/bin/chromium` and playwright-core installed with npm under
 //! `target/node` (`.ci/run` installs both), or in `KILN_PLAYWRIGHT_DIR`.
@@ -39,7 +40,8 @@ fn playwright_dir() -> PathBuf {
 fn the_dashboard_works_in_a_real_browser() {
     let playwright = playwright_dir();
     let harness = Harness::new("dashboard");
-    let server = harness.start_server("main", &["--lease-secs", "3", "--heartbeat-secs", "1"]);
+    let server_args = ["--lease-secs", "3", "--heartbeat-secs", "1"];
+    let mut server = harness.start_server("main", &server_args);
     let gate = harness.path().join("gate");
     let build = server.submit(&write_build(
         &harness.mkdir("build"),
@@ -99,6 +101,20 @@ fn the_dashboard_works_in_a_real_browser() {
                 doomed.process.kill();
                 clients.push(harness.start_client("rescuer", &[&server], &["--include", "SRV"]));
             }
+            "@restart-server" => {
+                // SIGKILL, then the same address and data, as a crash and a restart.
+                let listen = server.url.trim_start_matches("http://").to_owned();
+                let data = server.data.clone();
+                let token_file = server.client_token_file.clone();
+                drop(server);
+                server = harness.start_server_at(
+                    "restarted",
+                    &listen,
+                    &data,
+                    Some(&token_file),
+                    &server_args,
+                );
+            }
             _ => continue,
         }
         std::fs::write(done.join(line.trim_start_matches('@')), b"").expect("saying done");
@@ -116,6 +132,7 @@ fn the_dashboard_works_in_a_real_browser() {
         "login is required",
         "a wrong token is refused",
         "restart from the page",
+        "server restart under an open page",
         "reclaimed",
         "log tail grows",
         "one bar per run",

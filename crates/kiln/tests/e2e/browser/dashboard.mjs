@@ -3,7 +3,8 @@
 //
 // The Rust test starts the server and submits the build; this script drives the
 // pages and asks the test for what only it can do by printing a line `@WORD` and
-// waiting for the file `$KILN_DONE_DIR/WORD` (start the clients, kill a client).
+// waiting for the file `$KILN_DONE_DIR/WORD` (start the clients, kill a client,
+// restart the server).
 // It prints `ok: ...` per check, and exits non-zero on the first that fails.
 
 import { createRequire } from 'node:module';
@@ -47,12 +48,14 @@ const browser = await chromium.launch({
 });
 const errors = [];
 let expectedRefusals = 0;
+let restarting = false;
 try {
   const context = await browser.newContext({ viewport: { width: 1280, height: 800 } });
   const page = await context.newPage();
   page.setDefaultTimeout(TIMEOUT);
   page.on('console', (message) => {
     if (message.type() !== 'error') return;
+    if (restarting) return;
     const where = message.location().url || '';
     // The wrong token's refusal is one the test asks for.
     if (where.endsWith('/ui/login') && expectedRefusals > 0) {
@@ -154,6 +157,33 @@ try {
   const forged = (await context.request.post(`${url}/v1/jobs/${build}/gated/restart`)).status();
   if (forged !== 403) fail(`a restart without the CSRF token answered ${forged}`);
   ok('a change without the CSRF token is refused');
+
+  // ---- a server restart under an open page ----
+  await page.goto(`${url}/#/builds/${build}`);
+  await page.waitForSelector('#jobs tr[data-job="gated"][data-state="finished"]');
+  await page.waitForFunction(() => document.querySelector('#live')?.textContent === 'live');
+  await page.evaluate(() => { window.kilnBeforeServerRestart = true; });
+  // While the server is down the browser's reconnection attempts are refused, and
+  // say so in the console: those are the ones this part asks for.
+  restarting = true;
+  await ask('restart-server');
+  await page.waitForFunction(() => document.querySelector('#live')?.textContent === 'live');
+  restarting = false;
+  // A change made after the restart shows on the page that was open through it.
+  const csrf = (await (await context.request.get(`${url}/ui/session`)).json()).csrf;
+  const again = await context.request.post(`${url}/v1/jobs/${build}/log/restart`, {
+    headers: { 'x-kiln-csrf': csrf },
+  });
+  if (!again.ok()) fail(`restarting job log after the server restart answered ${again.status()}`);
+  await page.waitForFunction(() => {
+    const row = document.querySelector('#jobs tr[data-job="log"]');
+    return row && row.dataset.state !== 'finished';
+  });
+  await page.waitForSelector('#jobs tr[data-job="log"][data-state="finished"]');
+  if (!(await page.evaluate(() => window.kilnBeforeServerRestart === true))) {
+    fail('the page was reloaded across the server restart');
+  }
+  ok('a server restart under an open page: it reconnects by itself and stays live');
 
   // ---- the other pages ----
   await page.goto(`${url}/#/`);
