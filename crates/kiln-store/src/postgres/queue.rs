@@ -1,9 +1,9 @@
 //! [`Queue`] on PostgreSQL: builds, jobs, claims, transitions, events and deadlines.
 
 use super::{
-    apply, parse_state, event_from_row, insert_event, is_unique_violation, job_row, job_row_from,
-    job_status_from_row, leased_job_row, unsigned, write_run, PgStore, Tx, JOB_COLUMNS,
-    JOB_ROW_COLUMNS,
+    apply, event_from_row, insert_event, is_unique_violation, job_row, job_row_from,
+    job_status_from_row, leased_job_row, parse_state, unsigned, write_run, PgStore, Tx,
+    JOB_COLUMNS, JOB_ROW_COLUMNS,
 };
 use crate::rules::{self, TakeBack};
 use crate::{
