@@ -283,7 +283,7 @@ pub fn farm_doc() -> Doc {
              server stops.",
     )
     .query::<StreamQuery>()
-    .answers_text(200, "text/event-stream", "Server-sent events.")
+    .answers_events(200, &["builds", "queue", "clients", "transition", "error"], "Server-sent events.")
 }
 
 /// A build's stream: its jobs and transitions.
@@ -345,7 +345,7 @@ pub fn build_doc() -> Doc {
              build is deleted.",
     )
     .query::<StreamQuery>()
-    .answers_text(200, "text/event-stream", "Server-sent events.")
+    .answers_events(200, &["jobs", "transition", "error"], "Server-sent events.")
     .refuses(404, &["not_found"])
 }
 
@@ -431,6 +431,6 @@ pub fn job_doc() -> Doc {
              or when the server stops.",
     )
     .query::<StreamQuery>()
-    .answers_text(200, "text/event-stream", "Server-sent events.")
+    .answers_events(200, &["job", "transition", "log", "error"], "Server-sent events.")
     .refuses(404, &["not_found"])
 }
