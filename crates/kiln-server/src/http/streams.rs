@@ -283,7 +283,11 @@ pub fn farm_doc() -> Doc {
              server stops.",
     )
     .query::<StreamQuery>()
-    .answers_events(200, &["builds", "queue", "clients", "transition", "error"], "Server-sent events.")
+    .answers_events(
+        200,
+        &["builds", "queue", "clients", "transition", "error"],
+        "Server-sent events.",
+    )
 }
 
 /// A build's stream: its jobs and transitions.
@@ -431,6 +435,10 @@ pub fn job_doc() -> Doc {
              or when the server stops.",
     )
     .query::<StreamQuery>()
-    .answers_events(200, &["job", "transition", "log", "error"], "Server-sent events.")
+    .answers_events(
+        200,
+        &["job", "transition", "log", "error"],
+        "Server-sent events.",
+    )
     .refuses(404, &["not_found"])
 }
