@@ -2,7 +2,9 @@
 
 - The chunk routes' frames (application/x-kiln-chunks) are sent as the bytes generated.
 - Long polls wait at most a second: a claim, offer, event or log read may otherwise be
-  held for up to 120 s when nothing comes, by design, and the check has minutes.
+  held for up to 120 s when nothing comes, by design, and the check has minutes. Event
+  streams (paths ending in /stream) follow for at most a second too, where they would
+  follow for 300 s when no wait is given.
 - One more check: a refusal's code is one the description lists (in x-kiln-codes) for
   its status on that operation.
 """
@@ -37,6 +39,10 @@ def before_call(ctx, case, **kwargs):
         case.body["wait_secs"] = _shorter(case.body["wait_secs"])
     if isinstance(case.query, dict) and "wait" in case.query:
         case.query["wait"] = _shorter(case.query["wait"])
+    if case.operation.path.endswith("/stream"):
+        query = case.query if isinstance(case.query, dict) else {}
+        query.setdefault("wait", LONG_POLL_WAIT_SECS)
+        case.query = query
 
 
 @schemathesis.check

@@ -22,6 +22,7 @@ mod contacts;
 mod dispatch;
 pub mod domain;
 pub mod http;
+pub mod metrics;
 pub mod offline;
 pub mod pack_index;
 mod sessions;

@@ -156,6 +156,9 @@ pub struct ClaimedJob {
     pub timeout_secs: u64,
     pub attempt: u32,
     pub lease: String,
+    /// When the job last became queued (its previous event, unix microseconds): the
+    /// claim ends a wait that began then.
+    pub queued_since: i64,
 }
 
 /// A client as it introduces itself in a claim: recorded with the claim.
@@ -260,6 +263,18 @@ pub struct LoadCounts {
     pub builds: u64,
     pub queued: u64,
     pub running: u64,
+}
+
+/// How many jobs of one config type are in one state; for queued jobs, since when the
+/// one queued longest has waited.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobCount {
+    pub state: kiln_proto::state::JobState,
+    pub config_type: String,
+    pub jobs: u64,
+    /// For queued jobs: the earliest time (unix microseconds) one of them became
+    /// queued. `None` for other states.
+    pub oldest_since: Option<i64>,
 }
 
 /// A job that changed state because of time (lease lapsed, deadline passed).
@@ -406,6 +421,10 @@ pub trait Queue: Send + Sync + 'static {
     async fn cancel(&self, build: &str, job: &str, now: i64) -> StoreResult<Event>;
     /// The build's events after `after`.
     async fn events(&self, build: &str, after: i64) -> StoreResult<Vec<Event>>;
+    /// Every build's events after `after`, oldest first, at most `limit` of them.
+    async fn farm_events(&self, after: i64, limit: u32) -> StoreResult<Vec<Event>>;
+    /// The newest event's sequence number (0 with none).
+    async fn last_event_seq(&self) -> StoreResult<i64>;
     /// Mean run time in seconds of finished jobs of a config type.
     async fn mean_run_secs(&self, config_type: &str) -> StoreResult<Option<f64>>;
     /// Deletes a build with its jobs, events, logs, images and pending notifications.
@@ -416,6 +435,9 @@ pub trait Queue: Send + Sync + 'static {
     /// How many builds there are and how many jobs are queued and running: what a
     /// server reports to its masters.
     async fn load_counts(&self) -> StoreResult<LoadCounts>;
+    /// Jobs counted by state and config type (only the pairs that have jobs), with
+    /// the oldest queued job's queued-since time: the queue as metrics show it.
+    async fn job_counts(&self) -> StoreResult<Vec<JobCount>>;
 }
 
 /// Jobs' logs: lines appended under the lease, read back by sequence number.

@@ -597,6 +597,25 @@ pub enum BenchWhich {
         #[arg(long, default_value_t = 2.0)]
         job_secs: f64,
     },
+    /// The server's CPU and the makespan with open dashboard tabs following the build,
+    /// against none, alternating.
+    Tabs {
+        /// Tabs open on the build's page.
+        #[arg(long, default_value_t = 20)]
+        tabs: u32,
+        /// Runs with no tab and with the tabs, each.
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+        /// Clients (one slot each).
+        #[arg(long, default_value_t = 6)]
+        clients: u32,
+        /// Jobs in the build.
+        #[arg(long, default_value_t = 42)]
+        jobs: u32,
+        /// Seconds each job sleeps.
+        #[arg(long, default_value_t = 2.0)]
+        job_secs: f64,
+    },
     /// Jobs per second and the server's CPU per job, for a build of trivial jobs on
     /// real client processes.
     Throughput {

@@ -9,7 +9,7 @@
 //!   server's, and the time until the work goes on.
 //! - `fleet`: see [`fleet`]; `transfer`: see [`transfer`]; `chaos`: see
 //!   [`crate::chaos`].
-//! - `throughput`: see [`throughput`].
+//! - `throughput`: see [`throughput`]; `tabs`: see [`tabs`].
 //! - `makespan`: a real server and N real `kiln client` processes run a build of
 //!   sleep jobs; the makespan (first job available → last job finished, from the event
 //!   log) is compared with the ideal, total work / clients.
@@ -22,6 +22,7 @@ use std::path::Path;
 use std::time::Duration;
 
 pub mod fleet;
+pub mod tabs;
 pub mod throughput;
 pub mod transfer;
 

@@ -18,14 +18,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 const IMAGE_SCRIPT: &str = "echo \"$KILN_JOB_ID\" > \"$KILN_OUTPUT/image.bin\"\n";
 
 /// What the server process has used so far.
-struct ProcessUse {
+pub(crate) struct ProcessUse {
     /// User and system CPU time, in seconds.
-    cpu_secs: f64,
+    pub(crate) cpu_secs: f64,
     /// Peak resident memory (`VmHWM`), in MiB.
     peak_rss_mib: f64,
 }
 
-fn process_use(pid: u32) -> anyhow::Result<ProcessUse> {
+pub(crate) fn process_use(pid: u32) -> anyhow::Result<ProcessUse> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("reading /proc/{pid}/stat"))?;
     // The fields after the command name (which may hold spaces) start with the state

@@ -125,6 +125,12 @@ impl Credentials {
         }
     }
 
+    /// The key that signs dashboard sessions: derived from the admin token, so that
+    /// sessions outlive a restart and end when the admin token changes.
+    pub fn session_key(&self) -> [u8; 32] {
+        blake3::derive_key("kiln dashboard session v1", self.admin.as_bytes())
+    }
+
     /// A new join token, written to the join token file (atomically, mode 0600); the
     /// old one stops working at once. `None` disables enrollment.
     pub fn set_join_token(

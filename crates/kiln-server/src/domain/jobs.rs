@@ -7,6 +7,7 @@
 
 use super::{Caller, Farm, FarmError, FarmResult, MAX_WAIT_SECS};
 use crate::contacts::Announced;
+use crate::metrics::LostLease;
 use kiln_proto::api::{
     Claim, ClaimRequest, Event, Fail, Heartbeat, JobStatus, LogAppended, LogBatch, LogChunk, Offer,
 };
@@ -18,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// The most log lines one read returns.
-const LOG_PAGE: u32 = 2000;
+pub(crate) const LOG_PAGE: u32 = 2000;
 /// The most lines one log batch may carry.
 const MAX_LOG_BATCH: usize = 10_000;
 /// The longest version a claim may give; the rest is cut off.
@@ -122,6 +123,10 @@ impl Farm {
                 request.client_id
             )));
         }
+        self.metrics.claimed(
+            &claimed.config_type,
+            kiln_common::now_micros() - claimed.queued_since,
+        );
         // The claim recorded the client and this contact.
         self.contacts
             .stored(&request.client_id, kiln_common::now_micros());
@@ -242,6 +247,7 @@ impl Farm {
         self.note_contact(&holder.client_id, address.as_deref());
         if beat.steps_done {
             self.store.mark_steps_done(build, job, lease).await?;
+            self.metrics.steps_done(lease);
         }
         if beat.progress.is_some() {
             self.changed();
@@ -318,10 +324,12 @@ impl Farm {
         lease: &str,
         images: &[String],
     ) -> FarmResult<Event> {
+        let run = self.run_of(build, job).await;
         let event = self
             .store
             .finish(build, job, lease, images, kiln_common::now_micros())
             .await?;
+        self.run_ended(run, lease, &event);
         tracing::info!(build = %build, job = %job, n_images = images.len(), "job finished");
         self.changed();
         Ok(event)
@@ -339,10 +347,12 @@ impl Farm {
             reason: report.reason,
             message: report.message,
         };
+        let run = self.run_of(build, job).await;
         let event = self
             .store
             .fail(build, job, lease, &failure, kiln_common::now_micros())
             .await?;
+        self.run_ended(run, lease, &event);
         tracing::info!(build = %build, job = %job, reason = %failure.reason, to = %event.to, "job failed");
         self.changed();
         self.job_available();
@@ -372,6 +382,8 @@ impl Farm {
             .store
             .give_up(build, job, lease, &reason, kiln_common::now_micros())
             .await?;
+        self.metrics.run_over(lease, false);
+        self.metrics.lease_lost(LostLease::GivenUp);
         tracing::info!(build = %build, job = %job, reason = %reason, to = %event.to, "job given up by its client");
         self.changed();
         self.job_available();
@@ -506,6 +518,7 @@ impl Farm {
             return Ok(());
         }
         for transition in &taken {
+            self.metrics.lease_lost(LostLease::ConnectionLost);
             tracing::info!(build = %transition.build, job = %transition.job, client = %client_id, to = %transition.event.to, "client gone; job taken back");
         }
         self.changed();
@@ -527,6 +540,18 @@ impl Farm {
             .reap_leases(now, self.config.hung_grace_secs)
             .await?;
         let expired = self.store.expire_unclaimed(now).await?;
+        for transition in &reaped {
+            let timed_out = transition
+                .event
+                .reason
+                .as_deref()
+                .is_some_and(|reason| reason.starts_with("timeout"));
+            if timed_out {
+                self.metrics.timed_out();
+            } else {
+                self.metrics.lease_lost(LostLease::Lapsed);
+            }
+        }
         for transition in reaped.iter().chain(expired.iter()) {
             let event = &transition.event;
             tracing::info!(
@@ -543,6 +568,35 @@ impl Farm {
             self.job_available();
         }
         Ok(TimeEffects { reaped, expired })
+    }
+}
+
+/// A run as metrics time it: its config type and when it was claimed.
+struct Run {
+    config_type: String,
+    started: i64,
+}
+
+impl Farm {
+    /// The job's current run, read before the call that ends it (which checks the
+    /// lease: a stale one ends nothing, and nothing is timed).
+    async fn run_of(&self, build: &str, job: &str) -> Option<Run> {
+        let status = self.store.get_job(build, job).await.ok()?;
+        Some(Run {
+            config_type: status.config_type,
+            started: status.time_start?,
+        })
+    }
+
+    /// Times a run that its client ended (finished, or failed by its report).
+    fn run_ended(&self, run: Option<Run>, lease: &str, event: &Event) {
+        let finished = event.to == JobState::Finished;
+        self.metrics.run_over(lease, finished);
+        if let Some(run) = run {
+            let outcome = if finished { "finished" } else { "failed" };
+            self.metrics
+                .run_ended(&run.config_type, outcome, event.time - run.started);
+        }
     }
 }
 

@@ -13,6 +13,9 @@
 //! - [`clients`]: the inventory and the credentials (enroll, issue, revoke, join token).
 //! - [`credentials`]: the server's secrets and how a caller is identified.
 //! - [`files`]: the checks of a submitted files archive.
+//! - [`web`]: dashboard sessions (login with the admin token, logout, CSRF tokens).
+//! - [`follow`]: waking on the farm's changes, for event streams.
+//! - [`figures`]: what metrics and the dashboard read: the queue, storage, the disk.
 //!
 //! Errors are [`FarmError`], in the farm's words.
 
@@ -20,15 +23,19 @@ pub mod builds;
 pub mod clients;
 pub mod credentials;
 mod error;
+pub mod figures;
 pub mod files;
+pub mod follow;
 pub mod images;
 pub mod jobs;
 mod notices;
+pub mod web;
 
 pub use error::{FarmError, FarmResult};
 
 use crate::contacts::Contacts;
 use crate::dispatch::Dispatcher;
+use crate::metrics::Metrics;
 use crate::sessions::Sessions;
 use crate::ServerConfig;
 use kiln_blob::{BlobStore, ChunkStore};
@@ -119,6 +126,10 @@ pub struct Farm {
     dispatcher: Arc<Dispatcher>,
     sessions: Sessions,
     contacts: Contacts,
+    /// What happens, counted as it happens (see [`crate::metrics`]).
+    metrics: Metrics,
+    /// Dashboard sessions logged out before they expire: nonce → expiry.
+    web_logouts: std::sync::Mutex<std::collections::HashMap<String, i64>>,
     /// Bumped whenever log lines are appended or a job changes state, for followers.
     changes: watch::Sender<u64>,
     /// Wakes the notifier: a transition may have queued webhook notices.
@@ -166,6 +177,8 @@ impl Farm {
             dispatcher,
             sessions: Sessions::default(),
             contacts: Contacts::default(),
+            metrics: Metrics::new(),
+            web_logouts: Default::default(),
             changes: watch::channel(0).0,
             notices: Notify::new(),
             stopping: watch::channel(false).0,
@@ -185,6 +198,11 @@ impl Farm {
     /// How the server runs.
     pub fn config(&self) -> &ServerConfig {
         &self.config
+    }
+
+    /// What the farm counts as it happens.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// The dispatcher, for the worker that runs it.

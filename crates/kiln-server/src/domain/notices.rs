@@ -25,6 +25,7 @@ impl Farm {
         retry_at: Option<i64>,
         now: i64,
     ) -> FarmResult<()> {
+        self.metrics.webhook_failed(retry_at.is_none());
         Ok(self
             .store
             .notification_failed(id, error, retry_at, now)

@@ -80,7 +80,10 @@ async fn decide(
         return Ok(Caller::Anonymous);
     }
     let farm = &state.farm;
-    let caller = farm.identify(presented(parts)?).await?;
+    let caller = match presented(parts)? {
+        Some(presented) => farm.identify(Some(presented)).await?,
+        None => dashboard_session(state, parts)?,
+    };
     let Some(caller) = caller else {
         return match access {
             Access::Read { public: true } if farm.config().public_read => Ok(Caller::Anonymous),
@@ -140,6 +143,40 @@ async fn decide(
         },
     }
     Ok(caller)
+}
+
+/// The admin, for a request with a live dashboard session cookie (and no
+/// `Authorization` header). A call that changes something must also carry the
+/// session's CSRF token in `x-kiln-csrf`: a page of another site cannot read it.
+fn dashboard_session(state: &ServerState, parts: &Parts) -> Result<Option<Caller>, FarmError> {
+    let Some(cookie) = super::dashboard::session_cookie(&parts.headers) else {
+        return Ok(None);
+    };
+    let Some(session) = state.farm.web_session(cookie) else {
+        // An expired or logged-out session is no credential.
+        return Ok(None);
+    };
+    let safe = matches!(
+        parts.method,
+        axum::http::Method::GET | axum::http::Method::HEAD
+    );
+    if !safe {
+        let presented = parts
+            .headers
+            .get("x-kiln-csrf")
+            .map(|value| value.as_bytes())
+            .unwrap_or_default();
+        let matches: bool =
+            subtle::ConstantTimeEq::ct_eq(presented, session.csrf.as_bytes()).into();
+        if !matches {
+            return Err(FarmError::NotAllowed(
+                "a dashboard session changes something only with its CSRF token in \
+                 x-kiln-csrf"
+                    .into(),
+            ));
+        }
+    }
+    Ok(Some(Caller::Admin))
 }
 
 async fn path_params(parts: &mut Parts) -> Result<HashMap<String, String>, FarmError> {

@@ -4,14 +4,15 @@
 
 use super::error::HttpError;
 use super::{Doc, Shared};
+use crate::domain::figures::QueueFigures;
 use crate::domain::Caller;
+use crate::metrics::{to_prometheus_text, Labels, Scrape};
 use crate::workers::{WorkerState, WorkerStatus};
-use axum::http::header;
+use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use kiln_proto::transfer::StorageStats;
 use serde::Serialize;
-use std::fmt::Write;
 use utoipa::ToSchema;
 
 type Answer<T> = Result<T, HttpError>;
@@ -115,98 +116,167 @@ pub fn storage_doc() -> Doc {
         .answers::<StorageStats>(200, "What the server has received and keeps.")
 }
 
-/// `GET /metrics`: the storage counters, the fleet's state and the background
-/// workers' in Prometheus's text format.
-pub async fn metrics(state: Shared, _caller: Caller) -> Answer<Response> {
-    let stats = state.farm.storage_stats().await?;
-    let (connected, waiting) = state.farm.client_counts();
-    let mut text = String::new();
-    let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
-        let _ = write!(
-            text,
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
-        );
+/// The content type of the OpenMetrics text format, for scrapers that ask for it.
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// The content type of Prometheus's text format, for everyone else.
+const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// `GET /metrics`: jobs by state, the queue per config type, storage, the disk, the
+/// clients, the background workers, and the histograms and counters the farm keeps.
+/// OpenMetrics text when the `Accept` header asks for it, else Prometheus's text
+/// format.
+pub async fn metrics(state: Shared, _caller: Caller, headers: HeaderMap) -> Answer<Response> {
+    let figures = state.farm.figures().await?;
+    let mut scrape = Scrape::default();
+    scrape.gauges(
+        "kiln_jobs",
+        "Jobs by state.",
+        figures
+            .jobs
+            .iter()
+            .map(|(job_state, n)| (vec![("state", job_state.as_str().to_owned())], *n as f64))
+            .collect(),
+    );
+    let per_type = |pick: fn(&QueueFigures) -> f64| -> Vec<(Labels, f64)> {
+        figures
+            .queues
+            .iter()
+            .map(|(config_type, queue)| (vec![("config_type", config_type.clone())], pick(queue)))
+            .collect()
     };
-    metric(
-        "kiln_bytes_received_total",
-        "counter",
+    scrape.gauges(
+        "kiln_queue_depth",
+        "Jobs queued, by config type (types with jobs queued or running).",
+        per_type(|queue| queue.queued as f64),
+    );
+    scrape.gauges(
+        "kiln_queue_running",
+        "Jobs running, by config type (types with jobs queued or running).",
+        per_type(|queue| queue.running as f64),
+    );
+    scrape.gauges(
+        "kiln_queue_oldest_age_seconds",
+        "How long the job queued longest has waited, by config type (0 with none queued).",
+        per_type(|queue| queue.oldest_age_secs),
+    );
+    scrape.gauges(
+        "kiln_queue_clients",
+        "Clients heard from in the last five minutes that take the config type.",
+        per_type(|queue| queue.live_clients as f64),
+    );
+    let stats = &figures.storage;
+    scrape.counter(
+        "kiln_bytes_received",
         "Chunk bytes received on the wire, as sent.",
         stats.bytes_received,
     );
-    metric(
-        "kiln_bytes_deduplicated_total",
-        "counter",
-        "Bytes of chunks offered that the server already had.",
+    scrape.counter(
+        "kiln_bytes_deduplicated",
+        "Bytes of chunks offered that the server already had: saved by deduplication.",
         stats.bytes_deduplicated,
     );
-    metric(
+    scrape.gauge(
         "kiln_bytes_stored",
-        "gauge",
         "Bytes of chunk files on disk.",
-        stats.bytes_stored,
+        stats.bytes_stored as f64,
     );
-    metric(
+    scrape.gauge(
         "kiln_chunks_stored",
-        "gauge",
         "Chunk files on disk.",
-        stats.chunks_stored,
+        stats.chunks_stored as f64,
     );
-    metric(
+    scrape.gauge(
         "kiln_image_bytes",
-        "gauge",
         "Sum of the sizes of the images stored.",
-        stats.image_bytes,
+        stats.image_bytes as f64,
     );
-    metric("kiln_images", "gauge", "Images stored.", stats.images);
-    metric(
-        "kiln_clients_connected",
-        "gauge",
-        "Clients holding a session.",
-        connected as u64,
-    );
-    metric(
-        "kiln_clients_waiting",
-        "gauge",
-        "Clients waiting for a job.",
-        waiting as u64,
-    );
-    let workers = state.workers.statuses();
-    let _ = write!(
-        text,
-        "# HELP kiln_worker_state Whether each background worker is in each state (1) or not (0).\n\
-         # TYPE kiln_worker_state gauge\n"
-    );
-    for worker in &workers {
-        for each in WorkerState::ALL {
-            let _ = writeln!(
-                text,
-                "kiln_worker_state{{worker=\"{}\",state=\"{}\"}} {}",
-                worker.name,
-                each.as_str(),
-                u8::from(worker.state == each)
-            );
-        }
-    }
-    let _ = write!(
-        text,
-        "# HELP kiln_worker_errors_total Rounds of background work that failed.\n\
-         # TYPE kiln_worker_errors_total counter\n"
-    );
-    for worker in &workers {
-        let _ = writeln!(
-            text,
-            "kiln_worker_errors_total{{worker=\"{}\"}} {}",
-            worker.name, worker.n_errors
+    scrape.gauge("kiln_images", "Images stored.", stats.images as f64);
+    if let (Some(free), Some(size)) = (figures.disk_free_bytes, figures.disk_size_bytes) {
+        scrape.gauge(
+            "kiln_data_free_bytes",
+            "Bytes free on the data directory's file system.",
+            free as f64,
+        );
+        scrape.gauge(
+            "kiln_data_size_bytes",
+            "Size of the data directory's file system.",
+            size as f64,
         );
     }
-    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
+    scrape.gauge(
+        "kiln_clients_connected",
+        "Clients holding a session.",
+        figures.clients_connected as f64,
+    );
+    scrape.gauge(
+        "kiln_clients_waiting",
+        "Clients waiting for a job.",
+        figures.clients_waiting as f64,
+    );
+    let workers = state.workers.statuses();
+    scrape.gauges(
+        "kiln_worker_state",
+        "Whether each background worker is in each state (1) or not (0).",
+        workers
+            .iter()
+            .flat_map(|worker| {
+                WorkerState::ALL.into_iter().map(move |each| {
+                    (
+                        vec![
+                            ("worker", worker.name.to_owned()),
+                            ("state", each.as_str().to_owned()),
+                        ],
+                        f64::from(u8::from(worker.state == each)),
+                    )
+                })
+            })
+            .collect(),
+    );
+    scrape.counters(
+        "kiln_worker_errors",
+        "Rounds of background work that failed.",
+        workers
+            .iter()
+            .map(|worker| (vec![("worker", worker.name.to_owned())], worker.n_errors))
+            .collect(),
+    );
+    scrape.counters(
+        "kiln_worker_rounds",
+        "Rounds of background work done, failed ones included.",
+        workers
+            .iter()
+            .map(|worker| (vec![("worker", worker.name.to_owned())], worker.n_rounds))
+            .collect(),
+    );
+    let text = state.farm.metrics().render(&scrape);
+    let wants_openmetrics = headers
+        .get(header::ACCEPT)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|accept| accept.contains("application/openmetrics-text"));
+    Ok(if wants_openmetrics {
+        ([(header::CONTENT_TYPE, OPENMETRICS)], text).into_response()
+    } else {
+        (
+            [(header::CONTENT_TYPE, PROMETHEUS_TEXT)],
+            to_prometheus_text(&text),
+        )
+            .into_response()
+    })
 }
 
 pub fn metrics_doc() -> Doc {
-    Doc::new("meta", "metrics", "Metrics").answers_text(
-        200,
-        "text/plain",
-        "The storage counters, the client counts and the background workers' states, in \
-         Prometheus's text format (version 0.0.4).",
-    )
+    Doc::new("meta", "metrics", "Metrics")
+        .describe(
+            "Jobs by state; the queue per config type (depth, running, oldest wait, live \
+             clients); storage and the data directory's disk; clients; the background \
+             workers' states, rounds and errors; histograms of dispatch latency, job \
+             duration and upload duration; lost leases, timeouts and webhook failures. \
+             OpenMetrics 1.0 when `Accept` asks for `application/openmetrics-text`, else \
+             Prometheus's text format 0.0.4. See docs/operations.md for each metric.",
+        )
+        .answers_text(
+            200,
+            "text/plain",
+            "The metrics in Prometheus's text format (version 0.0.4), or OpenMetrics text.",
+        )
 }

@@ -14,16 +14,21 @@
 //! - [`images`]: the chunked transfer and image downloads.
 //! - [`clients`]: the inventory, enrollment and credentials.
 //! - [`meta`]: health, whoami, storage figures, metrics, the OpenAPI description.
+//! - [`streams`]: server-sent event streams of the farm, a build and a job.
+//! - [`dashboard`]: the dashboard's page and assets at `/`, its login and logout:
+//!   rows marked `described: false`, left out of the API's description.
 
 mod auth;
 mod builds;
 mod clients;
+mod dashboard;
 mod error;
 pub use error::status_and_code;
 mod images;
 mod jobs;
 mod meta;
 pub mod openapi;
+mod streams;
 
 use crate::domain::Farm;
 use crate::workers::Workers;
@@ -102,6 +107,9 @@ pub struct Endpoint {
     /// The call may wait (claims, offers, sessions, log and event follows): it is
     /// cancelled when its client hangs up, where every other call runs to completion.
     pub long_poll: bool,
+    /// Part of the API, in its OpenAPI description. The dashboard's page, assets and
+    /// session calls are not (`false`): they serve a browser, not API callers.
+    pub described: bool,
 }
 
 type Handler = MethodRouter<Arc<ServerState>>;
@@ -142,11 +150,31 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             access,
             body_limit,
             long_poll,
+            described: true,
         },
         handler,
         doc,
     };
+    // The dashboard's rows: open (the page shows nothing until its calls are let
+    // through), short, and left out of the API's description.
+    let page = |method: Method, path: &'static str, handler: Handler| Route {
+        endpoint: Endpoint {
+            method,
+            path,
+            access: Open,
+            body_limit: JSON,
+            long_poll: false,
+            described: false,
+        },
+        handler,
+        doc: Doc::new("dashboard", "dashboard", "The dashboard"),
+    };
     vec![
+        page(Method::GET, "/", get(dashboard::index)),
+        page(Method::GET, "/ui/{asset}", get(dashboard::asset)),
+        page(Method::GET, "/ui/session", get(dashboard::session)),
+        page(Method::POST, "/ui/login", post(dashboard::login)),
+        page(Method::POST, "/ui/logout", post(dashboard::logout)),
         row(
             Method::GET,
             "/v1/health",
@@ -236,6 +264,15 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             true,
             get(builds::events),
             builds::events_doc(),
+        ),
+        row(
+            Method::GET,
+            "/v1/builds/{build}/stream",
+            PUBLIC,
+            JSON,
+            true,
+            get(streams::build),
+            streams::build_doc(),
         ),
         row(
             Method::GET,
@@ -362,6 +399,15 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
             true,
             get(jobs::read_log),
             jobs::read_log_doc(),
+        ),
+        row(
+            Method::GET,
+            "/v1/jobs/{build}/{job}/stream",
+            PRIVATE,
+            JSON,
+            true,
+            get(streams::job),
+            streams::job_doc(),
         ),
         row(
             Method::POST,
@@ -500,6 +546,15 @@ fn routes(max_files_bytes: u64) -> Vec<Route> {
         ),
         row(
             Method::GET,
+            "/v1/stream",
+            Admin,
+            JSON,
+            true,
+            get(streams::farm),
+            streams::farm_doc(),
+        ),
+        row(
+            Method::GET,
             "/v1/storage",
             Admin,
             JSON,
@@ -539,6 +594,7 @@ fn openapi_for(max_files_bytes: u64) -> utoipa::openapi::OpenApi {
     let routes = routes(max_files_bytes);
     let described: Vec<openapi::Described<'_>> = routes
         .iter()
+        .filter(|route| route.endpoint.described)
         .map(|route| openapi::Described {
             endpoint: &route.endpoint,
             doc: &route.doc,

@@ -264,6 +264,51 @@ impl Doc {
         self
     }
 
+    /// A `text/event-stream` answer whose events are named `events`, each with its
+    /// data as JSON text; the schema describes one event, as schemathesis and OpenAPI
+    /// 3.2's `itemSchema` read it.
+    pub fn answers_events(mut self, status: u16, events: &[&str], description: &str) -> Self {
+        let string = || ObjectBuilder::new().schema_type(Type::String);
+        let names: Vec<serde_json::Value> = events.iter().map(|name| json!(name)).collect();
+        let event = ObjectBuilder::new()
+            .schema_type(Type::Object)
+            .property(
+                "event",
+                string()
+                    .enum_values(Some(names))
+                    .description(Some("The message's kind.")),
+            )
+            .property(
+                "data",
+                string()
+                    .content_media_type("application/json")
+                    .description(Some("The message, as JSON.")),
+            )
+            .property(
+                "id",
+                string().description(Some(
+                    "Where the stream is: send it back as `Last-Event-ID` (or `after`).",
+                )),
+            )
+            .property(
+                "retry",
+                ObjectBuilder::new()
+                    .schema_type(Type::Integer)
+                    .description(Some("Milliseconds to wait before reconnecting.")),
+            )
+            .required("event")
+            .required("data")
+            .build();
+        self.answers.push((
+            status,
+            ResponseBuilder::new()
+                .description(description)
+                .content("text/event-stream", Content::new(Some(event)))
+                .build(),
+        ));
+        self
+    }
+
     /// An answer whose body is text of `media_type`.
     pub fn answers_text(mut self, status: u16, media_type: &str, description: &str) -> Self {
         let text = ObjectBuilder::new().schema_type(Type::String).build();
@@ -752,6 +797,11 @@ pub(super) fn describe(routes: &[Described<'_>]) -> OpenApi {
         (
             "clients",
             "The client inventory, enrollment and client credentials.",
+        ),
+        (
+            "streams",
+            "Server-sent event streams of the farm, a build and a job, for the dashboard \
+             and other followers.",
         ),
     ]
     .map(|(name, description)| {

@@ -1580,6 +1580,107 @@ pub async fn load_counts_give_builds_and_queued_and_running_jobs<F: StoreFactory
     Ok(())
 }
 
+pub async fn job_counts_give_each_state_and_config_type_with_the_oldest_queued_wait<
+    F: StoreFactory,
+>(
+    factory: &F,
+) -> CaseResult {
+    let (_place, store) = open_store(factory).await?;
+    assert_eq!(store.job_counts().await?, vec![]);
+    let server = |id: &str| JobSpec {
+        config_type: "w2k-server".to_owned(),
+        ..job(id)
+    };
+    store
+        .insert_build(&new_build(
+            BUILD,
+            vec![job("a"), job("b"), server("s")],
+            at(0),
+        ))
+        .await?;
+    store
+        .insert_build(&new_build(
+            "20021017.1",
+            vec![job("x"), server("t")],
+            at(10),
+        ))
+        .await?;
+    // a runs, then b is claimed and given back at 40: queued since 40, not since 0.
+    let a = claim(&*store, BUILD, "a", "client-1", at(20)).await?;
+    assert_eq!(a.queued_since, at(0), "a waited from its submission");
+    let b = claim(&*store, BUILD, "b", "client-1", at(30)).await?;
+    store.release(BUILD, "b", &b.lease, at(40)).await?;
+    let s = claim(&*store, BUILD, "s", "client-2", at(50)).await?;
+    finish_with_image(&*store, &s, at(60)).await?;
+    let b = claim(&*store, BUILD, "b", "client-1", at(70)).await?;
+    assert_eq!(b.queued_since, at(40), "b waited from its release");
+    store.release(BUILD, "b", &b.lease, at(80)).await?;
+
+    let counts = store.job_counts().await?;
+    let find = |state, config_type: &str| {
+        counts
+            .iter()
+            .find(|count| count.state == state && count.config_type == config_type)
+            .map(|count| (count.jobs, count.oldest_since))
+    };
+    assert_eq!(find(Running, "winxp-pro"), Some((1, None)), "{counts:?}");
+    assert_eq!(
+        find(Queued, "winxp-pro"),
+        Some((2, Some(at(10)))),
+        "x queued since 10, b since 80: {counts:?}"
+    );
+    assert_eq!(find(Finished, "w2k-server"), Some((1, None)), "{counts:?}");
+    assert_eq!(
+        find(Queued, "w2k-server"),
+        Some((1, Some(at(10)))),
+        "{counts:?}"
+    );
+    assert_eq!(counts.len(), 4, "no other pairs: {counts:?}");
+    Ok(())
+}
+
+pub async fn farm_events_page_every_build_s_events_in_order<F: StoreFactory>(
+    factory: &F,
+) -> CaseResult {
+    let (_place, store) = open_store(factory).await?;
+    assert!(store.farm_events(0, 10).await?.is_empty());
+    assert_eq!(store.last_event_seq().await?, 0);
+    store
+        .insert_build(&new_build(BUILD, vec![job("a"), job("b")], at(0)))
+        .await?;
+    store
+        .insert_build(&new_build("20021017.1", vec![job("x")], at(10)))
+        .await?;
+    claim(&*store, "20021017.1", "x", "client-1", at(20)).await?;
+    let all = store.farm_events(0, 100).await?;
+    let seen: Vec<(&str, &str)> = all
+        .iter()
+        .map(|event| (event.build.as_str(), event.job.as_str()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (BUILD, "a"),
+            (BUILD, "b"),
+            ("20021017.1", "x"),
+            ("20021017.1", "x")
+        ]
+    );
+    assert!(all.windows(2).all(|pair| pair[0].seq < pair[1].seq));
+    let seqs = |events: &[kiln_proto::api::Event]| -> Vec<i64> {
+        events.iter().map(|event| event.seq).collect()
+    };
+    let page = store.farm_events(all[0].seq, 2).await?;
+    assert_eq!(
+        seqs(&page),
+        seqs(&all[1..3]),
+        "after the first, two of them"
+    );
+    assert!(store.farm_events(all[3].seq, 10).await?.is_empty());
+    assert_eq!(store.last_event_seq().await?, all[3].seq);
+    Ok(())
+}
+
 pub async fn claim_records_the_client_as_its_latest_claim_describes_it_with_the_jobs_it_holds<
     F: StoreFactory,
 >(

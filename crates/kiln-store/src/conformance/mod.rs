@@ -96,6 +96,8 @@ macro_rules! conformance_tests {
                 a_files_key_is_in_use_while_a_build_holds_it,
                 counters_add_up_and_survive_reopening,
                 load_counts_give_builds_and_queued_and_running_jobs,
+                job_counts_give_each_state_and_config_type_with_the_oldest_queued_wait,
+                farm_events_page_every_build_s_events_in_order,
                 claim_records_the_client_as_its_latest_claim_describes_it_with_the_jobs_it_holds,
                 finish_counts_a_finished_job_and_the_size_of_the_images_it_keeps_for_its_client,
                 fail_counts_a_failed_job_for_its_client_whether_it_is_retried_or_not,

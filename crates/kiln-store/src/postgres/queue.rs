@@ -2,13 +2,13 @@
 
 use super::{
     apply, event_from_row, insert_event, is_unique_violation, job_row, job_row_from,
-    job_status_from_row, leased_job_row, unsigned, write_run, PgStore, Tx, JOB_COLUMNS,
-    JOB_ROW_COLUMNS,
+    job_status_from_row, leased_job_row, parse_state, unsigned, write_run, PgStore, Tx,
+    JOB_COLUMNS, JOB_ROW_COLUMNS,
 };
 use crate::rules::{self, TakeBack};
 use crate::{
-    BuildRecord, Candidate, ClaimedJob, ClaimingClient, DeletedBuild, Failure, LeaseHolder,
-    LoadCounts, NewBuild, Queue, StoreError, StoreResult, TimedTransition,
+    BuildRecord, Candidate, ClaimedJob, ClaimingClient, DeletedBuild, Failure, JobCount,
+    LeaseHolder, LoadCounts, NewBuild, Queue, StoreError, StoreResult, TimedTransition,
 };
 use async_trait::async_trait;
 use kiln_proto::api::{BuildSummary, Event, JobStatus};
@@ -286,6 +286,13 @@ impl Queue for PgStore {
             return Ok(None);
         };
         let attempt = transition.run.attempt;
+        // The job's latest event is the one that queued it.
+        let queued_since: Option<i64> =
+            sqlx::query_scalar("SELECT MAX(time) FROM events WHERE build = $1 AND job = $2")
+                .bind(build)
+                .bind(job)
+                .fetch_one(&mut *tx)
+                .await?;
         apply(&mut tx, &row, transition, now).await?;
         let claimed = ClaimedJob {
             build: build.to_owned(),
@@ -299,6 +306,7 @@ impl Queue for PgStore {
             timeout_secs: row.limits.timeout_secs,
             attempt,
             lease,
+            queued_since: queued_since.unwrap_or(now),
         };
         // What a client says of itself may change from one claim to the next (an older
         // client says nothing of its slots or version): the latest claim is the truth.
@@ -576,6 +584,30 @@ impl Queue for PgStore {
         rows.iter().map(event_from_row).collect()
     }
 
+    async fn farm_events(&self, after: i64, limit: u32) -> StoreResult<Vec<Event>> {
+        // Each build's events commit in the order of their numbers (see
+        // `lock_build_events`); across builds a reader may see a number before a smaller
+        // one of another build commits. The farm's stream sends the state of every build
+        // with its transitions, so a follower's picture is right either way.
+        let rows = sqlx::query(
+            "SELECT seq, time, build, job, from_state, to_state, client_id, attempt, reason \
+             FROM events WHERE seq > $1 ORDER BY seq LIMIT $2",
+        )
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(event_from_row).collect()
+    }
+
+    async fn last_event_seq(&self) -> StoreResult<i64> {
+        Ok(
+            sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0)::BIGINT FROM events")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
     async fn mean_run_secs(&self, config_type: &str) -> StoreResult<Option<f64>> {
         let mean: Option<f64> = sqlx::query_scalar(
             "SELECT AVG((time_complete - time_start) / 1000000.0)::DOUBLE PRECISION FROM jobs \
@@ -664,5 +696,28 @@ impl Queue for PgStore {
             queued: unsigned(&row, "queued")?,
             running: unsigned(&row, "running")?,
         })
+    }
+
+    async fn job_counts(&self) -> StoreResult<Vec<JobCount>> {
+        // A queued job became queued at its latest event.
+        let rows = sqlx::query(
+            "SELECT state, config_type, COUNT(*) AS jobs, \
+             MIN(CASE WHEN state = 'queued' THEN \
+                 (SELECT MAX(e.time) FROM events e WHERE e.build = j.build AND e.job = j.id) \
+             END) AS oldest_since \
+             FROM jobs j GROUP BY state, config_type ORDER BY config_type, state",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(JobCount {
+                    state: parse_state(row.try_get("state")?)?,
+                    config_type: row.try_get("config_type")?,
+                    jobs: unsigned(row, "jobs")?,
+                    oldest_since: row.try_get("oldest_since")?,
+                })
+            })
+            .collect()
     }
 }

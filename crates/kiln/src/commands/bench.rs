@@ -15,6 +15,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             jobs,
             job_secs,
         } => bench::makespan(clients, jobs, job_secs).await?,
+        BenchWhich::Tabs {
+            tabs,
+            rounds,
+            clients,
+            jobs,
+            job_secs,
+        } => bench::tabs::run(clients, jobs, job_secs, tabs, rounds).await?,
         BenchWhich::Failover {
             mode,
             trials,

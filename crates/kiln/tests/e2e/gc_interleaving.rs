@@ -154,6 +154,7 @@ async fn claimed_job(shared: &Path) -> anyhow::Result<String> {
         install_script: "i.sh".into(),
         configure_script: None,
         image_script: "i.sh".into(),
+        verify_script: None,
         timeout_secs: 3600,
         priority: None,
         accept_within_secs: None,

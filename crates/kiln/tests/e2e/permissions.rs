@@ -66,6 +66,11 @@ fn matrix() -> BTreeMap<(&'static str, &'static str), [Expect; 7]> {
     // Reads not tied to a build: the admin's.
     let read_unscoped = [U, U, U, F, F, F, T];
     BTreeMap::from([
+        (("GET", "/"), [T, T, T, T, T, T, T]),
+        (("GET", "/ui/{asset}"), [T, T, T, T, T, T, T]),
+        (("GET", "/ui/session"), [T, T, T, T, T, T, T]),
+        (("POST", "/ui/login"), [T, T, T, T, T, T, T]),
+        (("POST", "/ui/logout"), [T, T, T, T, T, T, T]),
         (("GET", "/v1/health"), [T, T, T, T, T, T, T]),
         (("GET", "/v1/openapi.json"), [T, T, T, T, T, T, T]),
         (("GET", "/v1/whoami"), [U, U, U, T, T, T, T]),
@@ -77,6 +82,7 @@ fn matrix() -> BTreeMap<(&'static str, &'static str), [Expect; 7]> {
         (("GET", "/v1/builds/{build}/relbuild.xml"), read_build),
         (("GET", "/v1/builds/{build}/events"), read_build),
         (("GET", "/v1/builds/{build}/images"), read_build),
+        (("GET", "/v1/builds/{build}/stream"), read_build),
         (("GET", "/v1/builds/{build}/files"), read_build),
         (("POST", "/v1/claim"), client),
         (("POST", "/v1/offer"), client),
@@ -90,6 +96,7 @@ fn matrix() -> BTreeMap<(&'static str, &'static str), [Expect; 7]> {
         (("GET", "/v1/jobs/{build}/{job}"), read_build),
         (("GET", "/v1/jobs/{build}/{job}/status.xml"), read_build),
         (("GET", "/v1/jobs/{build}/{job}/log"), read_build),
+        (("GET", "/v1/jobs/{build}/{job}/stream"), read_build),
         (("POST", "/v1/jobs/{build}/{job}/log"), holder),
         (("POST", "/v1/jobs/{build}/{job}/heartbeat"), holder),
         (("POST", "/v1/jobs/{build}/{job}/finish"), holder),
@@ -111,6 +118,7 @@ fn matrix() -> BTreeMap<(&'static str, &'static str), [Expect; 7]> {
         (("POST", "/v1/jobs/{build}/{job}/chunks/missing"), holder),
         (("POST", "/v1/jobs/{build}/{job}/chunks"), holder),
         (("POST", "/v1/chunks/fetch"), read_unscoped),
+        (("GET", "/v1/stream"), admin),
         (("GET", "/v1/storage"), admin),
         (("GET", "/metrics"), admin),
     ])
@@ -178,12 +186,17 @@ fn call(
         .replace("{build}", &held.build)
         .replace("{job}", "one")
         .replace("{name}", "disk.img")
-        .replace("{client}", "someone-else");
+        .replace("{client}", "someone-else")
+        .replace("{asset}", "app.js");
     if path == "/v1/session" {
         url.push_str("?client_id=holder");
     }
     if path.ends_with("/files") {
         url.push_str("?job=one");
+    }
+    // Event streams send what is there and end, rather than follow.
+    if path.ends_with("/stream") {
+        url.push_str("?wait=0");
     }
     let mut headers: Vec<(&str, &str)> = vec![("x-kiln-lease", &held.lease)];
     if let Some(auth) = callers.header(who) {
@@ -321,6 +334,7 @@ fn public_reads_are_served_without_a_credential_only_when_the_server_is_told_to(
         "/v1/builds/{build}",
         "/v1/builds/{build}/jobs",
         "/v1/builds/{build}/events",
+        "/v1/builds/{build}/stream",
         "/v1/builds/{build}/images",
         "/v1/jobs/{build}/{job}",
         "/v1/jobs/{build}/{job}/status.xml",
@@ -336,6 +350,8 @@ fn public_reads_are_served_without_a_credential_only_when_the_server_is_told_to(
         ("GET", "/v1/builds/{build}/relbuild.xml"),
         ("GET", "/v1/builds/{build}/files"),
         ("GET", "/v1/jobs/{build}/{job}/log"),
+        ("GET", "/v1/jobs/{build}/{job}/stream"),
+        ("GET", "/v1/stream"),
         ("GET", "/v1/builds"),
         ("GET", "/v1/clients"),
         ("POST", "/v1/jobs/{build}/{job}/heartbeat"),
