@@ -303,6 +303,15 @@ impl Server {
         if let Some(registrar) = workers::Registrar::new(farm.clone()) {
             workers.spawn(registrar);
         }
+        // Other servers on the same database: their changes wake this one's dispatcher
+        // and streams.
+        if let Some(feed) = farm
+            .follow_changes()
+            .await
+            .context("listening for other servers' changes")?
+        {
+            workers.spawn(workers::Follower::new(farm.clone(), feed));
+        }
         // Whatever was queued before a restart is available now.
         farm.dispatcher().wake();
         let app = http::router(Arc::new(http::ServerState {

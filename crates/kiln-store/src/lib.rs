@@ -435,6 +435,12 @@ pub trait Queue: Send + Sync + 'static {
     /// How many builds there are and how many jobs are queued and running: what a
     /// server reports to its masters.
     async fn load_counts(&self) -> StoreResult<LoadCounts>;
+    /// Follows what other servers sharing this store change: a message on the channel
+    /// says that jobs may have been queued, claimed or ended elsewhere (or that some
+    /// such word may have been lost: the feed's connection dropped, or a while passed
+    /// without any). `None` when no other server shares the store (SQLite). The feed
+    /// ends when the receiver is dropped.
+    async fn follow_changes(&self) -> StoreResult<Option<tokio::sync::mpsc::Receiver<()>>>;
     /// Jobs counted by state and config type (only the pairs that have jobs), with
     /// the oldest queued job's queued-since time: the queue as metrics show it.
     async fn job_counts(&self) -> StoreResult<Vec<JobCount>>;

@@ -217,6 +217,21 @@ impl Farm {
         self.notices.notify_one();
     }
 
+    /// Says that another server sharing the store changed something: as for a change
+    /// here, and a job may have become available.
+    pub(crate) fn changed_elsewhere(&self) {
+        self.changed();
+        self.job_available();
+    }
+
+    /// Follows what other servers sharing the store change (see
+    /// [`kiln_store::Queue::follow_changes`]); `None` when the store is not shared.
+    pub(crate) async fn follow_changes(
+        &self,
+    ) -> FarmResult<Option<tokio::sync::mpsc::Receiver<()>>> {
+        Ok(self.store.follow_changes().await?)
+    }
+
     /// Says that a job may have become available: the dispatcher looks again.
     fn job_available(&self) {
         self.dispatcher.wake();

@@ -9,12 +9,15 @@
 //!
 //! The workers: `dispatcher` (hands queued jobs to waiting clients), `timekeeper`
 //! (lapsed leases, hung jobs, accept deadlines), `notifier` (webhooks from the outbox)
-//! and `registrar` (registration with masters, when the server has any).
+//! `registrar` (registration with masters, when the server has any) and `follower`
+//! (other servers' changes, when the store is shared).
 
+mod follower;
 mod notifier;
 mod registrar;
 mod timekeeper;
 
+pub use follower::Follower;
 pub use notifier::{backoff, Notifier};
 pub use registrar::Registrar;
 pub use timekeeper::Timekeeper;

@@ -18,6 +18,7 @@
 //! One module per area, as for SQLite: `queue.rs`, `logs.rs`, `images.rs`,
 //! `outbox.rs`, `clients.rs`. Migrations are in `migrations/postgres/`.
 
+mod changes;
 mod clients;
 mod images;
 mod logs;
@@ -306,6 +307,9 @@ async fn insert_event(
     .bind(&draft.reason)
     .fetch_one(&mut **tx)
     .await?;
+    // Delivered when the transaction commits (once, however many events it wrote):
+    // other servers on this database look at the queue again.
+    changes::announce(tx).await?;
     let event = draft.into_event(seq, build, job);
     queue_notices(tx, &event).await?;
     Ok(event)

@@ -683,6 +683,10 @@ impl Queue for PgStore {
         )
     }
 
+    async fn follow_changes(&self) -> StoreResult<Option<tokio::sync::mpsc::Receiver<()>>> {
+        Ok(Some(super::changes::follow(&self.pool).await?))
+    }
+
     async fn load_counts(&self) -> StoreResult<LoadCounts> {
         let row = sqlx::query(
             "SELECT (SELECT COUNT(*) FROM builds) AS builds, \

@@ -660,6 +660,11 @@ impl Queue for SqliteStore {
         )
     }
 
+    async fn follow_changes(&self) -> StoreResult<Option<tokio::sync::mpsc::Receiver<()>>> {
+        // One server per SQLite file: every change is its own.
+        Ok(None)
+    }
+
     async fn load_counts(&self) -> StoreResult<LoadCounts> {
         let row = sqlx::query(
             "SELECT (SELECT COUNT(*) FROM builds) AS builds, \

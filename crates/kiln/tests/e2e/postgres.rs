@@ -1,9 +1,12 @@
 //! A farm whose state is in PostgreSQL (`kiln server --database postgres://...`), on a
 //! throwaway PostgreSQL server the tests start: a build runs end to end and nothing of
 //! it is kept in SQLite; the database server killed and started again mid-build loses
-//! nothing, and the running job finishes on its first attempt.
+//! nothing, and the running job finishes on its first attempt; two servers on one
+//! database share one queue: a job submitted to one goes at once to a client that
+//! waits on the other.
 
-use crate::common::{text, wait_for_gate, write_build, Harness, Job};
+use crate::common::{text, wait_for_gate, wait_until_within, write_build, Harness, Job, Server};
+use std::time::Duration;
 use kiln_store::conformance::pg_cluster::PgCluster;
 
 /// A new database on `cluster`, made from a blocking test.
@@ -117,4 +120,58 @@ fn postgresql_killed_and_restarted_mid_build_loses_nothing_and_the_job_finishes_
     let events: Vec<serde_json::Value> = serde_json::from_str(&events.body).expect("events");
     let states: Vec<&str> = events.iter().map(|event| text(event, "to")).collect();
     assert_eq!(states, ["queued", "running", "finished"], "{events:#?}");
+}
+
+#[test]
+fn a_job_submitted_to_one_server_goes_at_once_to_a_client_waiting_on_the_other() {
+    let harness = Harness::new("postgres-two-servers");
+    let cluster = PgCluster::shared().expect("a PostgreSQL server for the test");
+    let database = new_database(cluster);
+    // One client credential for both servers, as replicas behind one name would have.
+    let shared_token = harness.path().join("client.secret");
+    std::fs::write(&shared_token, "shared-client-secret-for-the-test\n").expect("a token");
+    let args = ["--database", database.as_str()];
+    let submit_to = harness.start_server_with_client_token("one", Some(&shared_token), &args);
+    let wait_on = harness.start_server_with_client_token("two", Some(&shared_token), &args);
+    // The client asks only the second server, in long polls of two minutes: a job it
+    // gets sooner came because the first server's submit woke the second.
+    let client = harness.start_client(
+        "waiting",
+        &[&wait_on],
+        &["--include", "*", "--wait-secs", "120"],
+    );
+    wait_until_within(
+        harness.path(),
+        "the client to wait in a long poll on server two",
+        Duration::from_secs(30),
+        || {
+            let health = health(&wait_on);
+            (health["clients_waiting"].as_u64().unwrap_or(0) >= 1).then_some(())
+        },
+        || format!("{:#}", health(&wait_on)),
+    );
+    let build = submit_to.submit(&write_build(
+        &harness.mkdir("build"),
+        "1410",
+        &[Job::new("shared", "PRO")],
+    ));
+    let job = wait_until_within(
+        harness.path(),
+        "the job submitted to server one to finish on the client of server two",
+        Duration::from_secs(30),
+        || Some(submit_to.job(&build, "shared")).filter(|job| text(job, "state") == "finished"),
+        || format!("{:#}", submit_to.job(&build, "shared")),
+    );
+    assert_eq!(text(&job, "client_id"), client.id, "{job:#}");
+    assert_eq!(job["attempt"], 1, "{job:#}");
+    let health = health(&wait_on);
+    assert!(
+        health.to_string().contains("\"follower\""),
+        "server two runs the worker that follows the other servers' changes: {health:#}"
+    );
+}
+
+/// A server's `GET /v1/health` answer.
+fn health(server: &Server) -> serde_json::Value {
+    serde_json::from_str(&server.get("/v1/health").body).expect("the health answer is JSON")
 }
