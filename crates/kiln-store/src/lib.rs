@@ -355,7 +355,13 @@ pub trait Queue: Send + Sync + 'static {
     ) -> StoreResult<LeaseHolder>;
     /// Records that the job's steps are over (its images are uploading): from now on
     /// only the lease, not the job's timeout, decides whether its client is alive.
-    async fn mark_steps_done(&self, build: &str, job: &str, lease: &str) -> StoreResult<()>;
+    async fn mark_steps_done(
+        &self,
+        build: &str,
+        job: &str,
+        lease: &str,
+        now: i64,
+    ) -> StoreResult<()>;
     /// Checks that `lease` is the job's current lease.
     async fn check_lease(&self, build: &str, job: &str, lease: &str) -> StoreResult<LeaseHolder>;
     /// Marks the job finished: at least one image, each stored under this lease (with

@@ -2087,12 +2087,26 @@ pub async fn a_job_whose_steps_are_done_is_taken_back_only_when_its_lease_lapses
     let uploading = claim(&*store, BUILD, "a", "client-1", at(0)).await?;
     assert_stale(
         "mark_steps_done with another lease",
-        store.mark_steps_done(BUILD, "a", "not-the-lease").await,
+        store
+            .mark_steps_done(BUILD, "a", "not-the-lease", at(2))
+            .await,
     );
+    assert_eq!(store.get_job(BUILD, "a").await?.uploading_since, None);
     store
         .heartbeat(BUILD, "a", &uploading.lease, at(100), None)
         .await?;
-    store.mark_steps_done(BUILD, "a", &uploading.lease).await?;
+    store
+        .mark_steps_done(BUILD, "a", &uploading.lease, at(3))
+        .await?;
+    // Every later heartbeat says so again: the upload began at the first.
+    store
+        .mark_steps_done(BUILD, "a", &uploading.lease, at(4))
+        .await?;
+    assert_eq!(
+        store.get_job(BUILD, "a").await?.uploading_since,
+        Some(at(3)),
+        "the upload began when the steps were first said to be over"
+    );
     // Timeout and grace end at 15 s, but the steps are over: the images upload.
     assert!(store.reap_leases(at(50), HUNG_GRACE_SECS).await?.is_empty());
     assert_eq!(store.get_job(BUILD, "a").await?.state, Running);
@@ -2103,6 +2117,12 @@ pub async fn a_job_whose_steps_are_done_is_taken_back_only_when_its_lease_lapses
         [step(at(101), Some(Running), Queued, Some("client-1"), 1)]
     );
     assert_eq!(reason(&reaped[0].event), "lease lapsed");
+
+    assert_eq!(
+        store.get_job(BUILD, "a").await?.uploading_since,
+        None,
+        "a run back in the queue is not uploading"
+    );
 
     // The next claim starts its steps again: held past timeout and grace, it is hung.
     let again = claim(&*store, BUILD, "a", "client-2", at(110)).await?;

@@ -136,6 +136,7 @@ fn the_dashboard_works_in_a_real_browser() {
         "reclaimed",
         "log tail grows",
         "one bar per run",
+        "uploading",
         "no reload",
         "no errors in the browser console",
         "phone",

@@ -134,6 +134,16 @@ try {
     if (!names.includes(name)) fail(`the timeline has no row for ${name}: ${names}`);
   }
   ok(`the timeline has one bar per run (${runs}) and a row per client (${names.join(', ')})`);
+  // Each finished run shows its upload, from what the server kept (this page was
+  // opened after some of them ended).
+  await page.reload();
+  await page.waitForSelector('#gantt g.bar[data-outcome="finished"]');
+  const finishedBars = await page.locator('#gantt g.bar[data-outcome="finished"]').count();
+  const uploads = await page.locator('#gantt g.bar[data-outcome="finished"] rect.upload').count();
+  if (finishedBars === 0 || uploads !== finishedBars) {
+    fail(`${uploads} upload segments for ${finishedBars} finished runs`);
+  }
+  ok(`each finished run shows waiting, running and uploading (${finishedBars} runs)`);
   await page.hover('#gantt g.bar[data-job="victim"][data-outcome="reclaimed"] rect');
   await page.screenshot({ path: `${shots}/dashboard-build.png`, fullPage: true });
 
