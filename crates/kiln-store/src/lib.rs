@@ -572,6 +572,13 @@ pub trait Clients: Send + Sync + 'static {
     ) -> StoreResult<CredentialPut>;
     /// Revokes client `id`'s credential; false when it has none (or it was revoked).
     async fn revoke_client_credential(&self, id: &str, now: i64) -> StoreResult<bool>;
+    /// Records that the dashboard session `nonce` was logged out; the record is kept
+    /// until `until` (when the session would have expired anyway). Forgets records
+    /// whose time passed by `now`.
+    async fn end_web_session(&self, nonce: &str, until: i64, now: i64) -> StoreResult<()>;
+    /// Whether the dashboard session `nonce` was logged out (on any server sharing
+    /// this store).
+    async fn web_session_ended(&self, nonce: &str) -> StoreResult<bool>;
 }
 
 /// The whole store: every area in one object, so that the server holds one

@@ -2440,6 +2440,33 @@ pub async fn enrolling_takes_a_free_id_only_and_issuing_replaces_any_credential<
     Ok(())
 }
 
+pub async fn a_logged_out_web_session_stays_ended_after_reopening_until_it_would_expire<
+    F: StoreFactory,
+>(
+    factory: &F,
+) -> CaseResult {
+    let place = factory.new_place().await?;
+    let store = factory.open(&place).await?;
+    assert!(!store.web_session_ended("n1").await?);
+    store.end_web_session("n1", at(100), at(1)).await?;
+    store.end_web_session("n2", at(10), at(1)).await?;
+    assert!(store.web_session_ended("n1").await?);
+    assert!(!store.web_session_ended("n3").await?);
+    drop(store);
+    let store = factory.open(&place).await?;
+    assert!(
+        store.web_session_ended("n1").await?,
+        "a logout survives reopening"
+    );
+    assert!(store.web_session_ended("n2").await?);
+    // A later logout forgets the records whose session has expired.
+    store.end_web_session("n3", at(200), at(50)).await?;
+    assert!(!store.web_session_ended("n2").await?, "n2 expired at 10 s");
+    assert!(store.web_session_ended("n1").await?);
+    assert!(store.web_session_ended("n3").await?);
+    Ok(())
+}
+
 pub async fn every_area_works_through_its_own_narrow_trait_object<F: StoreFactory>(
     factory: &F,
 ) -> CaseResult {
