@@ -20,6 +20,7 @@
 
 use crate::chunking::{chunk_reader_with, ChunkParams, ChunkedFile};
 use crate::frames::{ChunkEntry, ChunkHash, Frame};
+use crate::packs::CompactStats;
 use crate::{BlobError, Digests, ImageHasher};
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -62,7 +63,16 @@ pub trait ChunkStore: Send + Sync + 'static {
     async fn put(&self, frames: Vec<Frame>) -> Result<PutStats, BlobError>;
     /// Makes everything stored so far durable and findable.
     async fn persist(&self) -> Result<(), BlobError>;
-    /// A chunk in its stored form, ready to send.
+    /// Which of `hashes` are not durable and findable, in the order given, each once:
+    /// called after [`ChunkStore::persist`] by a caller that must know its own chunks
+    /// made it. A store that shares pending writes between callers (packs) may lose
+    /// another caller's chunks when a write of theirs fails, and says so here. By
+    /// default, [`ChunkStore::missing`].
+    async fn not_persisted(&self, hashes: &[ChunkHash]) -> Result<Vec<ChunkHash>, BlobError> {
+        self.missing(hashes).await
+    }
+    /// A chunk in its stored form, ready to send, checked against its name: a damaged
+    /// chunk is [`BlobError::Damaged`], never served.
     async fn read_frame(&self, hash: &ChunkHash) -> Result<Frame, BlobError>;
     /// Up to `limit` stored chunks whose names follow `after` (from the first when
     /// `None`), in name order: a listing a page at a time.
@@ -71,8 +81,28 @@ pub trait ChunkStore: Send + Sync + 'static {
         after: Option<ChunkHash>,
         limit: usize,
     ) -> Result<Vec<StoredChunk>, BlobError>;
-    /// Deletes chunks; returns the bytes freed (nothing for those not there).
+    /// Deletes chunks; returns the bytes freed (nothing for those not there). A store
+    /// may keep chunks its index has pinned (see [`crate::packs`]).
     async fn remove(&self, hashes: &[ChunkHash]) -> Result<u64, BlobError>;
+
+    /// Deletes chunks as [`ChunkStore::remove`] does, for a collection that started at
+    /// `since` (unix microseconds): a store that keeps pins skips chunks pinned past
+    /// it, so that an upload that commits while the collection runs keeps its chunks.
+    async fn remove_unpinned_since(
+        &self,
+        hashes: &[ChunkHash],
+        since: i64,
+    ) -> Result<u64, BlobError> {
+        let _ = since;
+        self.remove(hashes).await
+    }
+
+    /// Gives back the room of removed chunks where it is not given back at once:
+    /// rewrites what holds less than `live_share` live bytes.
+    async fn compact(&self, live_share: f64) -> Result<CompactStats, BlobError> {
+        let _ = live_share;
+        Ok(CompactStats::default())
+    }
 
     /// The chunks `hashes` names, in that order, a few read ahead. A store that can
     /// read neighbours together does better than this one-at-a-time default.
@@ -128,6 +158,11 @@ impl BlockingChunks {
     /// See [`ChunkStore::persist`].
     pub fn persist(&self) -> Result<(), BlobError> {
         self.runtime.block_on(self.store.persist())
+    }
+
+    /// See [`ChunkStore::not_persisted`].
+    pub fn not_persisted(&self, hashes: &[ChunkHash]) -> Result<Vec<ChunkHash>, BlobError> {
+        self.runtime.block_on(self.store.not_persisted(hashes))
     }
 
     /// See [`ChunkStore::read_unchecked`].
@@ -339,9 +374,12 @@ impl ChunkFiles {
             }
             Err(err) => return Err(BlobError::io(format!("reading {}", path.display()), err)),
         };
-        Frame::from_body(*hash, Bytes::from(body)).map_err(|err| {
-            BlobError::io(format!("reading {}", path.display()), io::Error::other(err))
-        })
+        let frame = Frame::from_body(*hash, Bytes::from(body))
+            .map_err(|err| BlobError::Damaged(format!("{}: {err}", path.display())))?;
+        frame
+            .decode()
+            .map_err(|err| BlobError::Damaged(format!("{}: {err}", path.display())))?;
+        Ok(frame)
     }
 
     /// A page of the listing: shard directories in order, names sorted within each.
@@ -501,7 +539,26 @@ pub fn ingest<R: Read + Send>(
     let chunked = chunked.map_err(|err| BlobError::io("cutting an image into chunks", err))?;
     flush(&mut batch, &mut stats)?;
     store.persist()?;
+    let hashes: Vec<ChunkHash> = chunked
+        .chunks
+        .iter()
+        .map(|chunk| chunk.entry().hash)
+        .collect();
+    let lost = store.not_persisted(&hashes)?;
+    if !lost.is_empty() {
+        return Err(lost_with_a_pack(lost.len()));
+    }
     Ok((chunked, stats))
+}
+
+/// The error of a caller whose chunks, stored and persisted without error, are not all
+/// findable: they went down with a pack another caller failed to write (the store
+/// failed), so the same upload may work later.
+pub fn lost_with_a_pack(n_lost: usize) -> BlobError {
+    BlobError::Unavailable {
+        what: format!("{n_lost} chunks were lost with a pack that could not be written"),
+        source: Box::new(io::Error::other("a pack could not be written")),
+    }
 }
 
 /// How many decoded chunks may wait between the two threads of [`read_image`].

@@ -15,10 +15,13 @@ pub mod chunks;
 pub mod frames;
 mod local;
 pub mod noise;
+pub mod packs;
+pub mod s3;
 
 pub use chunks::{BlockingChunks, ChunkStore, LocalChunkStore, PutStats, StoredChunk};
 pub use frames::{ChunkEntry, ChunkHash, Frame};
 pub use local::LocalBlobStore;
+pub use packs::{LocalPackFiles, PackChunkStore, PackIndex};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -41,6 +44,17 @@ pub enum BlobError {
         what: String,
         #[source]
         source: std::io::Error,
+    },
+    /// Stored bytes that do not match their name or their index: never served.
+    #[error("damaged: {0}")]
+    Damaged(String),
+    /// The store (an object store across the network) cannot be reached or refused
+    /// the call; the same call may work later.
+    #[error("{what}: the object store is unavailable")]
+    Unavailable {
+        what: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// Any other I/O failure, with what was being done.
     #[error("{what}")]

@@ -11,6 +11,8 @@
 //!   SIGKILLed, checked from the images and the event log;
 //! - [`demo`]: `kiln demo`, a whole farm building the bundled example;
 //! - [`proxy::TcpProxy`]: a proxy that cuts the network between a client and a server;
+//! - [`seaweed::Seaweed`]: a SeaweedFS of its own (`weed mini`) for the object storage
+//!   tests and benches;
 //! - `testing` (feature `testing`): the end-to-end tests' support (blocking: a test's
 //!   harness, servers, clients, masters, builds, a tiny HTTP client).
 //!
@@ -22,6 +24,7 @@ pub mod chaos;
 pub mod demo;
 pub mod farm;
 pub mod proxy;
+pub mod seaweed;
 #[cfg(feature = "testing")]
 pub mod testing;
 

@@ -14,8 +14,9 @@
 //! without going through a server's HTTP API, with the farm's own rules.
 //!
 //! Start a server with [`Server::open`] (the embedded defaults: SQLite and local
-//! stores under `--data`) or [`Server::with_backends`], then [`Server::run`] on a
-//! bound listener, so that tests can bind `127.0.0.1:0`.
+//! packs under `--data`) or [`Server::with_backends`] (for images in object storage,
+//! [`Backends::s3`]), then [`Server::run`] on a bound listener, so that tests can
+//! bind `127.0.0.1:0`.
 
 mod contacts;
 mod dispatch;
@@ -23,14 +24,20 @@ pub mod domain;
 pub mod http;
 pub mod metrics;
 pub mod offline;
+pub mod pack_index;
 mod sessions;
 pub mod workers;
 
 pub use domain::credentials::{hash_secret, verify_secret};
 pub use domain::{Backends, Caller, Farm};
+/// Where images rest in object storage: `--images s3://BUCKET[/PREFIX]` and the
+/// `--s3-*` flags.
+pub use kiln_blob::s3::S3Config;
 
 use anyhow::Context;
-use kiln_blob::{LocalBlobStore, LocalChunkStore};
+use kiln_blob::packs::convert_chunk_files;
+use kiln_blob::s3::{S3BlobStore, S3PackFiles};
+use kiln_blob::{BlobStore, ChunkStore, LocalBlobStore, LocalPackFiles, PackChunkStore};
 use kiln_store::{PgStore, SqliteStore};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -45,6 +52,9 @@ pub struct ServerConfig {
     /// A PostgreSQL database to keep the state in (`postgres://...`) instead of SQLite
     /// in `data_dir`.
     pub database: Option<String>,
+    /// Image packs and build files as objects in this S3-compatible bucket
+    /// (`--images s3://...`) instead of under `data_dir`.
+    pub images: Option<S3Config>,
     /// An existing admin token file instead of `DATA/admin.token`.
     pub admin_token_file: Option<PathBuf>,
     /// An existing client token file instead of `DATA/client.token`.
@@ -97,6 +107,7 @@ impl ServerConfig {
         ServerConfig {
             data_dir,
             database: None,
+            images: None,
             admin_token_file: None,
             client_token_file: None,
             public_read: false,
@@ -125,63 +136,111 @@ impl ServerConfig {
 const WORKERS_STOP_DEADLINE: Duration = Duration::from_secs(5);
 
 impl Backends {
-    /// The embedded defaults, under `data_dir`: SQLite in `kiln.db`, chunks in
-    /// `chunks/`, build files in `blobs/`.
+    /// The embedded defaults, under `data_dir`: SQLite in `kiln.db`, image chunks in
+    /// packs in `packs/` (indexed in the database), build files in `blobs/`. Chunks
+    /// kept one file each (`chunks/ab/<hash>`, the layout of older servers) are moved
+    /// into packs first.
     pub async fn local(data_dir: &Path) -> anyhow::Result<Self> {
         Self::open(&ServerConfig::new(data_dir.to_owned())).await
     }
 
-    /// The local image and build-file stores under `data_dir`, with a store to be
-    /// replaced.
-    fn local_files(data_dir: &Path) -> anyhow::Result<LocalFiles> {
-        std::fs::create_dir_all(data_dir)
-            .with_context(|| format!("creating data directory {}", data_dir.display()))?;
-        let files =
-            LocalBlobStore::open(&data_dir.join("blobs")).context("opening the blob store")?;
-        let chunks =
-            LocalChunkStore::open(&data_dir.join("chunks")).context("opening the chunk store")?;
-        Ok(LocalFiles {
-            chunks: Arc::new(chunks),
-            files: Arc::new(files),
-        })
+    /// SQLite (or the PostgreSQL database `database` names) for the state; image packs
+    /// and build files as objects in the bucket `s3` names. Nothing about images is
+    /// kept on the local disk.
+    pub async fn s3(
+        data_dir: &Path,
+        database: Option<&str>,
+        s3: &S3Config,
+    ) -> anyhow::Result<Self> {
+        let mut config = ServerConfig::new(data_dir.to_owned());
+        config.database = database.map(str::to_owned);
+        config.images = Some(s3.clone());
+        Self::open(&config).await
     }
 
     /// What `config` asks for: the state in PostgreSQL when it names a database, in
-    /// SQLite under the data directory otherwise; images and build files under the data
-    /// directory.
+    /// SQLite under the data directory otherwise; image packs and build files in the
+    /// object store `config.images` names, under the data directory otherwise. Chunks
+    /// an older server kept one file each (`chunks/ab/<hash>`) are moved into packs
+    /// first.
     pub async fn open(config: &ServerConfig) -> anyhow::Result<Self> {
-        let LocalFiles { chunks, files } = Backends::local_files(&config.data_dir)?;
-        let store: Arc<dyn kiln_store::Store> = match &config.database {
-            Some(url) => {
-                if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-                    anyhow::bail!(
-                        "--database {}: only PostgreSQL is supported (postgres://USER@HOST:PORT/DB)",
-                        redact_url(url)
-                    );
-                }
-                Arc::new(
-                    PgStore::connect(url)
-                        .await
-                        .with_context(|| format!("opening the job store at {}", redact_url(url)))?,
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+        let store = open_state(config).await?;
+        let index = Arc::new(pack_index::StorePackIndex::new(store.clone()));
+        let (chunks, files): (PackChunkStore, Arc<dyn BlobStore>) = match &config.images {
+            Some(s3) => {
+                let bucket = s3.connect().context("opening the object store")?;
+                let packs = S3PackFiles::new(bucket.clone(), s3.clone());
+                (
+                    PackChunkStore::new(Arc::new(packs), index),
+                    Arc::new(S3BlobStore::new(bucket, s3.clone())),
                 )
             }
-            None => Arc::new(
-                SqliteStore::open(&config.data_dir.join("kiln.db"))
-                    .await
-                    .context("opening the job store")?,
-            ),
+            None => {
+                let data_dir = &config.data_dir;
+                let files = LocalBlobStore::open(&data_dir.join("blobs"))
+                    .context("opening the blob store")?;
+                let packs = LocalPackFiles::open(&data_dir.join("packs"))
+                    .context("opening the pack store")?;
+                (PackChunkStore::new(Arc::new(packs), index), Arc::new(files))
+            }
         };
+        convert_old_chunks(&config.data_dir, &chunks).await?;
         Ok(Backends {
             store,
-            chunks,
+            chunks: Arc::new(chunks),
             files,
         })
     }
 }
 
-struct LocalFiles {
-    chunks: Arc<LocalChunkStore>,
-    files: Arc<LocalBlobStore>,
+/// The state's store: PostgreSQL when `config` names a database, SQLite in the data
+/// directory otherwise.
+async fn open_state(config: &ServerConfig) -> anyhow::Result<Arc<domain::Store>> {
+    match &config.database {
+        Some(url) => {
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                anyhow::bail!(
+                    "--database {}: only PostgreSQL is supported (postgres://USER@HOST:PORT/DB)",
+                    redact_url(url)
+                );
+            }
+            Ok(Arc::new(PgStore::connect(url).await.with_context(
+                || format!("opening the job store at {}", redact_url(url)),
+            )?))
+        }
+        None => Ok(Arc::new(
+            SqliteStore::open(&config.data_dir.join("kiln.db"))
+                .await
+                .context("opening the job store")?,
+        )),
+    }
+}
+
+/// Moves chunks an older server kept one file each into packs.
+async fn convert_old_chunks(data_dir: &Path, chunks: &dyn ChunkStore) -> anyhow::Result<()> {
+    let old = data_dir.join("chunks");
+    if !old.exists() {
+        return Ok(());
+    }
+    tracing::info!(dir = %old.display(), "moving chunk files into packs");
+    let (moved, damaged) = convert_chunk_files(&old, chunks)
+        .await
+        .context("moving chunk files into packs")?;
+    tracing::info!(
+        n_chunks = moved,
+        n_damaged = damaged,
+        "chunk files moved into packs"
+    );
+    if damaged > 0 {
+        tracing::error!(
+            n_damaged = damaged,
+            dir = %old.display(),
+            "damaged chunk files were left where they are; images that list them fail to read"
+        );
+    }
+    Ok(())
 }
 
 /// A database URL without its password, for messages.

@@ -3,8 +3,9 @@
 //!
 //! The server sees the store through one trait per area: [`Queue`] (builds, jobs,
 //! claims, transitions, events, deadlines, load counts), [`Logs`], [`Images`] (image
-//! records, chunk lists, legacy images, storage counters), [`Outbox`] (webhook notices)
-//! and [`Clients`] (histories, contacts, credentials). [`Store`] is all of them, so
+//! records, chunk lists, legacy images, storage counters), [`Packs`] (the index of the
+//! packs image chunks rest in, and the pins that keep chunks from collection),
+//! [`Outbox`] (webhook notices) and [`Clients`] (histories, contacts, credentials). [`Store`] is all of them, so
 //! that the server holds one `Arc<dyn Store>` and may hand a part on as a narrower
 //! trait object. Two backends implement them: [`SqliteStore`] on an embedded SQLite
 //! database (WAL, every read-modify-write in `BEGIN IMMEDIATE`), the default, and
@@ -41,6 +42,7 @@ use async_trait::async_trait;
 use kiln_proto::api::{BuildSummary, ClientInfo, Event, ImageInfo, JobStatus, LogLine, NewLogLine};
 use kiln_proto::manifest::BuildManifest;
 use kiln_proto::progress::Progress;
+use kiln_proto::transfer::ChunkHash;
 use std::collections::BTreeMap;
 
 /// What went wrong in the store.
@@ -583,10 +585,86 @@ pub trait Clients: Send + Sync + 'static {
 
 /// The whole store: every area in one object, so that the server holds one
 /// `Arc<dyn Store>` and hands a part of it on as `&dyn Queue`, `Arc<dyn Images>`, ...
-/// Every type that implements the five areas is a `Store`.
-pub trait Store: Queue + Logs + Images + Outbox + Clients {}
+/// Every type that implements the six areas is a `Store`.
+pub trait Store: Queue + Logs + Images + Packs + Outbox + Clients {}
 
-impl<T: Queue + Logs + Images + Outbox + Clients> Store for T {}
+impl<T: Queue + Logs + Images + Packs + Outbox + Clients> Store for T {}
+
+/// A chunk's entry in the pack index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PackEntry {
+    pub hash: ChunkHash,
+    /// Where the chunk's frame starts in its pack.
+    pub offset: u64,
+    /// The frame's length.
+    pub len: u32,
+}
+
+/// Where an indexed chunk rests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PackedAt {
+    pub pack: String,
+    pub offset: u64,
+    pub len: u32,
+}
+
+/// A pack with the bytes its index entries still cover.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PackFill {
+    pub pack: String,
+    pub bytes: u64,
+    pub live_bytes: u64,
+}
+
+/// The index of the packs image chunks rest in, and the pins that keep chunks from
+/// collection. Both are here, in the one store every server replica shares, so that
+/// a collection run by one server never removes a chunk an upload to another is
+/// about to commit: the upload pins its chunks before it checks them, and removal
+/// skips pinned chunks in the same transaction that removes.
+#[async_trait]
+pub trait Packs: Send + Sync + 'static {
+    /// Records a sealed pack and its entries; a chunk indexed already keeps its entry.
+    /// Returns how many entries were new.
+    async fn add_pack(
+        &self,
+        pack: &str,
+        bytes: u64,
+        entries: &[PackEntry],
+        now: i64,
+    ) -> StoreResult<u64>;
+    /// Where each of `hashes` rests, in that order.
+    async fn locate_chunks(&self, hashes: &[ChunkHash]) -> StoreResult<Vec<Option<PackedAt>>>;
+    /// Up to `limit` indexed chunks after `after`, in name order, with their lengths.
+    async fn list_chunks(
+        &self,
+        after: Option<ChunkHash>,
+        limit: u32,
+    ) -> StoreResult<Vec<(ChunkHash, u32)>>;
+    /// Drops the entries of `hashes` that no pin holds past `since` (when the
+    /// collection removing them started); returns the bytes dropped.
+    async fn remove_unpinned_chunks(&self, hashes: &[ChunkHash], since: i64) -> StoreResult<u64>;
+    /// Packs whose entries cover less than `live_share` of their bytes.
+    async fn sparse_packs(&self, live_share: f64) -> StoreResult<Vec<PackFill>>;
+    /// The entries of `pack`, in offset order.
+    async fn pack_entries(&self, pack: &str) -> StoreResult<Vec<PackEntry>>;
+    /// Records `new` (its name, length and copies of chunks of `old`), moves to it the
+    /// entries that still point into `old`, and forgets `old` when nothing points into
+    /// it any more; one transaction. Returns whether `old` was forgotten.
+    async fn replace_pack(
+        &self,
+        old: &str,
+        new: Option<(&str, u64, &[PackEntry])>,
+        now: i64,
+    ) -> StoreResult<bool>;
+    /// Keeps `hashes` from collection until `until` for `owner` (or later, if it
+    /// pinned them longer).
+    async fn pin_chunks(&self, owner: &str, hashes: &[ChunkHash], until: i64) -> StoreResult<()>;
+    /// Ends `owner`'s pins of `hashes` at `now` (an image that lists them is recorded):
+    /// collections that started before `now` still skip them, later ones do not.
+    async fn release_pins(&self, owner: &str, hashes: &[ChunkHash], now: i64) -> StoreResult<()>;
+    /// Forgets pins that ended before `now`; returns how many.
+    async fn forget_pins(&self, now: i64) -> StoreResult<u64>;
+}
 
 /// A client's own credential as stored: the hash of its secret, never the secret.
 #[derive(Debug, Clone, PartialEq, Eq)]

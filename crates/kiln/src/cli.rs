@@ -14,7 +14,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a build server: the HTTP API, the job store and the image store.
-    Server(ServerArgs),
+    Server(Box<ServerArgs>),
     /// Run an imaging client that claims and runs jobs.
     Client(ClientArgs),
     /// Run a master: the list of live servers that servers register with.
@@ -87,6 +87,26 @@ pub struct ServerArgs {
     /// Serve build status, events and images to callers without a credential.
     #[arg(long)]
     pub public_read: bool,
+    /// Keep images and build files in S3-compatible object storage,
+    /// s3://BUCKET[/PREFIX], instead of under --data (needs --s3-endpoint).
+    #[arg(long, value_name = "s3://BUCKET[/PREFIX]", requires = "s3_endpoint")]
+    pub images: Option<String>,
+    /// The object store's URL, e.g. http://127.0.0.1:8333.
+    #[arg(long, value_name = "URL", requires = "images")]
+    pub s3_endpoint: Option<String>,
+    /// The object store's region.
+    #[arg(
+        long,
+        value_name = "NAME",
+        default_value = "us-east-1",
+        requires = "images"
+    )]
+    pub s3_region: String,
+    /// A file with the object store's key (aws_access_key_id and
+    /// aws_secret_access_key lines, as in an AWS credentials file); without it, the
+    /// AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY variables, else unsigned requests.
+    #[arg(long, value_name = "FILE", requires = "images")]
+    pub s3_credentials_file: Option<PathBuf>,
     /// Use this existing admin token file instead of DATA/admin.token.
     #[arg(long)]
     pub admin_token_file: Option<PathBuf>,
@@ -614,7 +634,8 @@ pub enum BenchWhich {
         database: Option<String>,
     },
     /// Image transfer: a fresh image against curl -T to nginx, a changed image against
-    /// casync and rsync, the demo build's storage, the server's memory during an upload.
+    /// casync and rsync, the demo build's storage, the server's memory during an upload,
+    /// and a fresh image into SeaweedFS against boto3.
     Transfer {
         /// Size of the image sent fresh and changed, in MiB.
         #[arg(long, default_value_t = 1024)]
@@ -625,6 +646,9 @@ pub enum BenchWhich {
         /// Leave out the server-memory part.
         #[arg(long)]
         skip_rss: bool,
+        /// Leave out the object storage part (it needs `weed` and Python's boto3).
+        #[arg(long)]
+        skip_s3: bool,
         /// Timed trials of each system.
         #[arg(long, default_value_t = 3)]
         trials: u32,

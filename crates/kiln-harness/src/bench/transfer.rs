@@ -9,7 +9,11 @@
 //!   rsync daemon;
 //! - (c) the bundled demo build: bytes its images take in the store against the sum of
 //!   their sizes;
-//! - (d) the server's peak memory while it receives a large image.
+//! - (d) the server's peak memory while it receives a large image;
+//! - (e) the fresh image into a SeaweedFS of the bench's own (`weed mini` on loopback):
+//!   kiln's upload to a server with `--images s3://...` against boto3's
+//!   `upload_file` (a multipart upload, its default settings) of the same file to the
+//!   same SeaweedFS, in alternating trials, with the objects each left per GiB.
 //!
 //! Every process the bench starts listens on 127.0.0.1 only and is killed when the
 //! bench ends, on error too; every file lives in one work directory, removed at the end.
@@ -43,6 +47,8 @@ pub struct Options {
     pub rss_size_mib: u64,
     /// Leave part (d) out.
     pub skip_rss: bool,
+    /// Leave part (e), object storage, out.
+    pub skip_s3: bool,
     /// Timed trials of each system in parts (a) and (b).
     pub trials: u32,
     /// Where to make the work directory (default: the system's temporary directory).
@@ -65,6 +71,7 @@ pub async fn run(
         ("curl", "curl"),
         ("casync", "casync"),
         ("rsync", "rsync"),
+        ("python3", "python3"),
     ] {
         anyhow::ensure!(
             crate::find_tool(tool).is_some(),
@@ -107,6 +114,11 @@ async fn bench(options: &Options, work: &Path) -> anyhow::Result<()> {
     let files = make_files(work, options.size_mib).await?;
     part_a(work, &files, options.trials).await?;
     part_b(work, &files, options.trials).await?;
+    if options.skip_s3 {
+        eprintln!("transfer: (e) left out (--skip-s3)");
+    } else {
+        part_e(work, &files, options.trials).await?;
+    }
     std::fs::remove_file(&files.base)?;
     std::fs::remove_file(&files.variant)?;
     part_c(work).await?;
@@ -250,6 +262,7 @@ async fn part_a(work: &Path, files: &Files, trials: u32) -> anyhow::Result<()> {
     let mut kiln_reported = Vec::new();
     let mut curl = Vec::new();
     let mut curl_synced = Vec::new();
+    let mut pack_files = 0;
     for trial in 0..=trials {
         let label = if trial == 0 {
             "warm-up".to_owned()
@@ -268,12 +281,15 @@ async fn part_a(work: &Path, files: &Files, trials: u32) -> anyhow::Result<()> {
             report.size,
             files.size
         );
+        let packs = tree_size(&dir.join("server").join("packs"))?;
         remove_dir(&dir)?;
         eprintln!(
-            "transfer: (a) {label}: kiln {:.2} s (uploader {:.2} s)",
+            "transfer: (a) {label}: kiln {:.2} s (uploader {:.2} s), {} pack files",
             wall.as_secs_f64(),
-            report.elapsed.as_secs_f64()
+            report.elapsed.as_secs_f64(),
+            packs.files
         );
+        pack_files = packs.files;
 
         sync_fs(work)?;
         let (secs, sync_secs) = nginx.put(&files.base, files.size).await?;
@@ -309,6 +325,162 @@ async fn part_a(work: &Path, files: &Files, trials: u32) -> anyhow::Result<()> {
         let median = median(times);
         println!(
             "| {what} | {median:.2} s | {:.2} s | {:.0} |",
+            times[0],
+            mib / median
+        );
+    }
+    println!();
+    println!(
+        "kiln stored the image in {pack_files} pack files ({:.1} per GiB); nginx in 1 file",
+        pack_files as f64 * 1024.0 / mib
+    );
+    println!();
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------
+// Part (e): the fresh image into object storage, kiln against boto3.
+
+/// Uploads a file to S3 with boto3's `upload_file` (multipart above 8 MiB, 10 threads:
+/// its defaults), or counts the objects under a prefix; prints seconds, or objects
+/// and bytes.
+const BOTO3_SCRIPT: &str = r#"import sys, time, boto3
+endpoint, key, secret, bucket, what = sys.argv[1:6]
+s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=key,
+                  aws_secret_access_key=secret, region_name="us-east-1")
+if what == "put":
+    path, name = sys.argv[6:8]
+    started = time.monotonic()
+    s3.upload_file(path, bucket, name)
+    print(f"{time.monotonic() - started:.6f}")
+else:
+    prefix = sys.argv[6]
+    objects = size = 0
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for item in page.get("Contents", []):
+            objects += 1
+            size += item["Size"]
+    print(objects, size)
+"#;
+
+async fn boto3(work: &Path, endpoint: &str, args: &[&str]) -> anyhow::Result<String> {
+    use crate::seaweed::{S3_BUCKET, S3_KEY, S3_SECRET};
+    let script = work.join("boto3-bench.py");
+    if !script.exists() {
+        std::fs::write(&script, BOTO3_SCRIPT)?;
+    }
+    let output = Command::new("python3")
+        .arg(&script)
+        .args([endpoint, S3_KEY, S3_SECRET, S3_BUCKET])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .context("running python3 (boto3)")?;
+    anyhow::ensure!(
+        output.status.success(),
+        "boto3 failed ({}): {} (pip install boto3)",
+        output.status,
+        String::from_utf8_lossy(&output.stderr).trim()
+    );
+    Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+}
+
+async fn part_e(work: &Path, files: &Files, trials: u32) -> anyhow::Result<()> {
+    use crate::seaweed::{Seaweed, S3_KEY, S3_SECRET};
+    eprintln!(
+        "transfer: (e) fresh image into SeaweedFS: kiln --images s3:// and boto3 upload_file, \
+         alternating; the first of each is a warm-up"
+    );
+    let weed_dir = work.join("weed");
+    let weed = tokio::task::spawn_blocking(move || Seaweed::start(&weed_dir)).await?;
+    let endpoint = weed.endpoint();
+    let credentials = work.join("s3-credentials");
+    std::fs::write(
+        &credentials,
+        format!("aws_access_key_id = {S3_KEY}\naws_secret_access_key = {S3_SECRET}\n"),
+    )?;
+    let mut kiln_wall = Vec::new();
+    let mut boto = Vec::new();
+    let mut kiln_objects = (0u64, 0u64);
+    for trial in 0..=trials {
+        let label = if trial == 0 {
+            "warm-up".to_owned()
+        } else {
+            format!("trial {trial}/{trials}")
+        };
+        let prefix = format!("e-kiln-{trial}");
+        let mut server_args = weed.server_args(&prefix);
+        server_args.push("--s3-credentials-file".into());
+        server_args.push(credentials.display().to_string());
+        let server_args: Vec<&str> = server_args.iter().map(String::as_str).collect();
+        let dir = work.join(&prefix);
+        let kiln = Kiln::start_with(&dir, 1, &server_args).await?;
+        let claim = kiln.claim().await?;
+        let (report, wall) = kiln.upload(&claim, &files.base).await?;
+        kiln.stop().await;
+        anyhow::ensure!(
+            report.size == files.size,
+            "kiln reported uploading {} bytes of a {}-byte image",
+            report.size,
+            files.size
+        );
+        remove_dir(&dir)?;
+        let counted = boto3(work, &endpoint, &["count", &format!("{prefix}/packs/")]).await?;
+        let mut counted = counted.split_whitespace().map(str::parse::<u64>);
+        if let (Some(Ok(objects)), Some(Ok(bytes))) = (counted.next(), counted.next()) {
+            kiln_objects = (objects, bytes);
+        }
+        eprintln!(
+            "transfer: (e) {label}: kiln {:.2} s, {} pack objects of {} bytes",
+            wall.as_secs_f64(),
+            kiln_objects.0,
+            kiln_objects.1
+        );
+        let secs: f64 = boto3(
+            work,
+            &endpoint,
+            &[
+                "put",
+                &files.base.display().to_string(),
+                &format!("e-boto3-{trial}/image.bin"),
+            ],
+        )
+        .await?
+        .parse()
+        .context("boto3's time")?;
+        eprintln!("transfer: (e) {label}: boto3 upload_file {secs:.2} s");
+        if trial > 0 {
+            kiln_wall.push(wall.as_secs_f64());
+            boto.push(secs);
+        }
+    }
+    drop(weed);
+    let mib = files.size as f64 / MIB as f64;
+    println!(
+        "(e) upload of the fresh {} MiB image into SeaweedFS (`weed mini` on loopback), \
+         {trials} trials each, alternating (after one warm-up each)",
+        files.size / MIB
+    );
+    println!();
+    println!("| system | median | min | MiB/s at the median | objects per GiB |");
+    println!("|---|---|---|---|---|");
+    for (what, times, objects) in [
+        (
+            "kiln, `--images s3://` (wall time around the upload call)",
+            &mut kiln_wall,
+            kiln_objects.0 as f64 * 1024.0 / mib,
+        ),
+        (
+            "boto3 `upload_file` (multipart, 8 MiB parts, 10 threads)",
+            &mut boto,
+            1024.0 / mib,
+        ),
+    ] {
+        times.sort_by(f64::total_cmp);
+        let median = median(times);
+        println!(
+            "| {what} | {median:.2} s | {:.2} s | {:.0} | {objects:.1} |",
             times[0],
             mib / median
         );
@@ -437,7 +609,7 @@ async fn kiln_delta(
         None => kiln.conn.clone(),
     };
     let second = claim(&conn).await?;
-    let chunk_dir = dir.join("server").join("chunks");
+    let chunk_dir = dir.join("server").join("packs");
     let before = kiln.storage().await?;
     let on_disk_before = tree_size(&chunk_dir)?;
     if let Some(relay) = &relay {
@@ -597,7 +769,7 @@ async fn part_c(work: &Path) -> anyhow::Result<()> {
         .context("reading the server's storage counters")?;
     farm.stop().await;
     // The counters, checked against the chunk files themselves.
-    let on_disk = tree_size(&dir.join("server").join("chunks"))?;
+    let on_disk = tree_size(&dir.join("server").join("packs"))?;
     remove_dir(&dir)?;
     println!(
         "(c) the demo build ({} jobs): its images in the store",
@@ -707,7 +879,14 @@ impl Kiln {
     /// Starts a server with data in `dir` and submits a build of `n_jobs` jobs. The
     /// bench holds its jobs without heartbeats, so the server's lease is an hour.
     async fn start(dir: &Path, n_jobs: u32) -> anyhow::Result<Self> {
-        let farm = Farm::start(dir, &["--lease-secs", "3600"]).await?;
+        Self::start_with(dir, n_jobs, &[]).await
+    }
+
+    /// As [`Kiln::start`], the server with `server_args` too.
+    async fn start_with(dir: &Path, n_jobs: u32, server_args: &[&str]) -> anyhow::Result<Self> {
+        let mut args = vec!["--lease-secs", "3600"];
+        args.extend_from_slice(server_args);
+        let farm = Farm::start(dir, &args).await?;
         let operator = Operator::with_token(&farm.url, Some(&farm.admin_token()?))?;
         let conn = ServerConn::new(&farm.url, &farm.client_token()?)?;
         let build_dir = dir.join("build");

@@ -14,6 +14,7 @@ mod builds;
 mod http;
 
 pub use crate::proxy::TcpProxy;
+pub use crate::seaweed::*;
 pub use builds::*;
 pub use http::*;
 

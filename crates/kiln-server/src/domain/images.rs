@@ -3,14 +3,16 @@
 //! range, by chunk), collecting chunks no image uses, and the storage figures. See
 //! docs/transfer.md.
 //!
-//! Two rules keep collection from racing uploads. Every chunk an upload asks about
-//! or sends is *pinned* until an image that lists it is committed (at most
-//! [`PIN_TTL`]: an upload abandoned for good stops protecting its chunks), and
-//! collection skips pinned chunks. And a commit checks that all its chunks are present
-//! and records the image while holding [`Images::gc_lock`] for reading, which
-//! collection holds for writing while it deletes: a chunk is never deleted between a
-//! commit's check and its record, and a commit that finds a chunk gone answers
-//! `missing_chunks`, so the client sends it again. (Both are of one server process.)
+//! Collection never races uploads, whichever server of a farm runs it: every chunk an
+//! upload asks about, sends or commits is *pinned* in the state store for [`PIN_TTL`]
+//! (an upload abandoned for good stops protecting its chunks then), and the chunk
+//! store's removal skips chunks pinned past the collection's start, in the same
+//! transaction that removes. A commit ends its pins at the time it recorded its image:
+//! a collection that started before then may not have seen the image, and still skips
+//! them; one that starts later sees the image. A commit pins its chunks *before* it checks they are present: either the
+//! pin is there when collection removes (the chunk stays), or the removal came first
+//! and the check finds the chunk gone and answers `missing_chunks`, so the client
+//! sends it again. Either way no image is recorded that lists a chunk not stored.
 
 use super::{Farm, FarmError, FarmResult};
 use bytes::Bytes;
@@ -39,6 +41,8 @@ const PUT_BATCH_BYTES: usize = 8 << 20;
 const STREAM_AHEAD: usize = 16;
 /// Chunks listed at a time while collecting garbage.
 const LIST_PAGE: usize = 4096;
+/// Packs whose live chunks take less than this share of them are rewritten.
+pub const COMPACT_BELOW: f64 = 0.5;
 
 /// Counter names in the store.
 const RECEIVED: &str = "bytes_received";
@@ -50,11 +54,7 @@ const CHUNKS: &str = "chunks_stored";
 /// are under way.
 pub(super) struct Images {
     chunks: Arc<dyn ChunkStore>,
-    /// Chunks uploads mentioned, and when.
-    pins: Mutex<HashMap<ChunkHash, Instant>>,
-    /// Commits hold it for reading, collection for writing while it deletes.
-    gc_lock: tokio::sync::RwLock<()>,
-    /// One collection at a time.
+    /// One collection at a time in this server.
     gc_serial: tokio::sync::Mutex<()>,
     /// Images being hashed in order while their chunks arrive, by (build, job, name).
     hashing: Mutex<HashMap<ImageKey, Arc<Mutex<InOrderHash>>>>,
@@ -125,8 +125,6 @@ impl Images {
     pub(super) fn new(chunks: Arc<dyn ChunkStore>) -> Self {
         Images {
             chunks,
-            pins: Mutex::default(),
-            gc_lock: tokio::sync::RwLock::new(()),
             gc_serial: tokio::sync::Mutex::new(()),
             hashing: Mutex::default(),
             uploads: UploadSlots::default(),
@@ -171,36 +169,6 @@ impl Images {
 
     fn take_in_order_hash(&self, key: &ImageKey) -> Option<Arc<Mutex<InOrderHash>>> {
         self.hashing.lock().expect("hashing lock").remove(key)
-    }
-
-    fn pin<'a>(&self, hashes: impl IntoIterator<Item = &'a ChunkHash>) {
-        let now = Instant::now();
-        let mut pins = self.pins.lock().expect("pins lock");
-        for hash in hashes {
-            pins.insert(*hash, now);
-        }
-    }
-
-    /// Drops the pins of chunks an image now lists: the image keeps them.
-    fn unpin<'a>(&self, hashes: impl IntoIterator<Item = &'a ChunkHash>) {
-        let mut pins = self.pins.lock().expect("pins lock");
-        for hash in hashes {
-            pins.remove(hash);
-        }
-    }
-
-    fn is_pinned(&self, hash: &ChunkHash, now: Instant) -> bool {
-        let pins = self.pins.lock().expect("pins lock");
-        pins.get(hash)
-            .is_some_and(|pinned_at| now.duration_since(*pinned_at) < PIN_TTL)
-    }
-
-    fn forget_old_pins(&self) {
-        let now = Instant::now();
-        self.pins
-            .lock()
-            .expect("pins lock")
-            .retain(|_, pinned_at| now.duration_since(*pinned_at) < PIN_TTL);
     }
 
     fn blocking(&self) -> BlockingChunks {
@@ -295,7 +263,7 @@ impl Farm {
             )));
         }
         let hashes: Vec<ChunkHash> = request.chunks.iter().map(|entry| entry.hash).collect();
-        self.images.pin(&hashes);
+        self.pin_chunks(build, job, &hashes).await?;
         let in_order = match &request.image {
             Some(image) => {
                 check_name("image name", image)
@@ -365,6 +333,7 @@ impl Farm {
             bytes_stored: 0,
         };
         let mut new_chunks = 0u64;
+        let mut body_hashes: Vec<ChunkHash> = Vec::new();
         let mut cut_short: Option<FarmError> = None;
         let outcome: FarmResult<()> = async {
             loop {
@@ -406,7 +375,9 @@ impl Farm {
                     let frames = std::mem::take(&mut batch);
                     batch_bytes = 0;
                     report.chunks += frames.len() as u64;
-                    self.images.pin(frames.iter().map(|frame| &frame.hash));
+                    let hashes: Vec<ChunkHash> = frames.iter().map(|frame| frame.hash).collect();
+                    self.pin_chunks(build, job, &hashes).await?;
+                    body_hashes.extend_from_slice(&hashes);
                     let chunks = self.images.blocking();
                     let store_started = Instant::now();
                     let images = self.images.in_order_hashes_of(build, job);
@@ -436,6 +407,10 @@ impl Farm {
             }
         }
         .await;
+        // The chunks of a body are durable before it is answered (those before a bad
+        // frame or a broken connection too): a server killed after the answer has
+        // them when it starts again, and the client need not send them again.
+        let persisted = self.images.chunks.persist().await;
         self.store
             .add_counters(&[
                 (RECEIVED, report.bytes_received as i64),
@@ -444,6 +419,13 @@ impl Farm {
             ])
             .await?;
         outcome?;
+        persisted?;
+        // Durable means findable in the index: chunks of this body that shared an open
+        // pack with another body whose write failed went down with it.
+        let lost = self.images.chunks.not_persisted(&body_hashes).await?;
+        if !lost.is_empty() {
+            return Err(kiln_blob::chunks::lost_with_a_pack(lost.len()).into());
+        }
         Ok(report)
     }
 
@@ -504,8 +486,8 @@ impl Farm {
             });
         }
         let hashes: Vec<ChunkHash> = request.chunks.iter().map(|entry| entry.hash).collect();
-        self.images.pin(&hashes);
-        let _no_collection = self.images.gc_lock.read().await;
+        // Pinned before the check: see the module docs.
+        self.pin_chunks(build, job, &hashes).await?;
         let missing = self.images.chunks.missing(&hashes).await?;
         if !missing.is_empty() {
             return Err(FarmError::MissingChunks {
@@ -549,6 +531,18 @@ impl Farm {
         }
         // The chunks' names become durable before an image lists them.
         self.images.chunks.persist().await?;
+        // And they are findable in the index: a pack shared with another upload whose
+        // write failed takes its chunks down with it; the client sends them again.
+        let lost = self.images.chunks.not_persisted(&hashes).await?;
+        if !lost.is_empty() {
+            return Err(FarmError::MissingChunks {
+                message: format!(
+                    "image {name}: {} of its chunks were lost with a pack that could not be written; send them and commit again",
+                    lost.len()
+                ),
+                missing: lost.iter().map(ChunkHash::to_hex).collect(),
+            });
+        }
         let info = self
             .record_image(build, job, lease, name, &digests, &entries)
             .await?;
@@ -583,8 +577,15 @@ impl Farm {
                 },
             )
             .await?;
-        // The image keeps its chunks now.
-        self.images.unpin(entries.iter().map(|entry| &entry.hash));
+        // The image keeps its chunks now; collections that start from here on see it.
+        let hashes: Vec<ChunkHash> = entries.iter().map(|entry| entry.hash).collect();
+        self.store
+            .release_pins(
+                &format!("{build}/{job}"),
+                &hashes,
+                kiln_common::now_micros(),
+            )
+            .await?;
         let config_type = self.store.get_job(build, job).await?.config_type;
         Ok(ImageInfo {
             build: build.to_owned(),
@@ -675,20 +676,42 @@ impl Farm {
                 format!("image {name}: the bytes received hash to {} but the client said {expected}; nothing was stored", digests.blake3),
             ));
         }
-        let _no_collection = self.images.gc_lock.read().await;
-        let chunks = self.images.blocking();
-        let (chunked, stats) = blocking(move || {
-            let reader = std::fs::File::open(file.path())
-                .map_err(|err| BlobError::io("reading a staged image", err))?;
-            Ok(kiln_blob::chunks::ingest(
-                &chunks,
-                reader,
-                &ChunkParams::default(),
-            )?)
-        })
-        .await?;
-        let entries: Vec<ChunkEntry> = chunked.chunks.iter().map(|chunk| chunk.entry()).collect();
-        self.images.pin(entries.iter().map(|entry| &entry.hash));
+        // The chunks are known only once cut: they are pinned then, and looked for
+        // again; any a collection took meanwhile are stored again.
+        let file = Arc::new(file);
+        let mut attempts = 0;
+        let (chunked, stats, entries) = loop {
+            let chunks = self.images.blocking();
+            let staged = file.clone();
+            let (chunked, stats) = blocking(move || {
+                let reader = std::fs::File::open(staged.path())
+                    .map_err(|err| BlobError::io("reading a staged image", err))?;
+                Ok(kiln_blob::chunks::ingest(
+                    &chunks,
+                    reader,
+                    &ChunkParams::default(),
+                )?)
+            })
+            .await?;
+            let entries: Vec<ChunkEntry> =
+                chunked.chunks.iter().map(|chunk| chunk.entry()).collect();
+            let hashes: Vec<ChunkHash> = entries.iter().map(|entry| entry.hash).collect();
+            self.pin_chunks(build, job, &hashes).await?;
+            attempts += 1;
+            let missing = self.images.chunks.missing(&hashes).await?;
+            if missing.is_empty() {
+                break (chunked, stats, entries);
+            }
+            if attempts == 3 {
+                return Err(FarmError::MissingChunks {
+                    message: format!(
+                        "image {name}: {} of its chunks were collected as they were stored;                          send it again",
+                        missing.len()
+                    ),
+                    missing: missing.iter().map(ChunkHash::to_hex).collect(),
+                });
+            }
+        };
         self.store
             .add_counters(&[
                 (RECEIVED, chunked.digests.size as i64),
@@ -826,11 +849,27 @@ impl Farm {
         Ok(live)
     }
 
-    /// Deletes every chunk no image lists and no upload has pinned; returns how many and
-    /// their bytes. Also sets the stored-bytes counters to what the store holds.
+    /// Keeps `hashes` from collection for [`PIN_TTL`], in the state store.
+    /// The pins of one job's uploads are theirs: another upload's commit of the same
+    /// chunks does not end them.
+    async fn pin_chunks(&self, build: &str, job: &str, hashes: &[ChunkHash]) -> FarmResult<()> {
+        let until = kiln_common::now_micros() + PIN_TTL.as_micros() as i64;
+        self.store
+            .pin_chunks(&format!("{build}/{job}"), hashes, until)
+            .await?;
+        Ok(())
+    }
+
+    /// Deletes every chunk no image lists and no upload has pinned, then rewrites the
+    /// packs less than [`COMPACT_BELOW`] live; returns how many chunks and their bytes.
+    /// Also sets the stored-bytes counters to what the store holds. Safe while uploads
+    /// run, on this server or another on the same state store (see the module docs).
     pub async fn collect_garbage(&self) -> FarmResult<(u64, u64)> {
         let _one_at_a_time = self.images.gc_serial.lock().await;
-        self.images.forget_old_pins();
+        // Taken before the mark: a pin released after it (an image recorded while
+        // this collection runs, which the mark may not have seen) still holds.
+        let started = kiln_common::now_micros();
+        self.store.forget_pins(started).await?;
         let live = self.live_chunks().await?;
         let mut candidates: Vec<ChunkHash> = Vec::new();
         let mut stored_bytes = 0u64;
@@ -842,29 +881,36 @@ impl Farm {
                 break;
             };
             after = Some(last.hash);
-            let now = Instant::now();
             for chunk in &page {
                 stored_bytes += chunk.bytes;
                 stored_chunks += 1;
-                if !live.contains(&chunk.hash) && !self.images.is_pinned(&chunk.hash, now) {
+                if !live.contains(&chunk.hash) {
                     candidates.push(chunk.hash);
                 }
             }
         }
-        let (freed, freed_bytes) = if candidates.is_empty() {
-            (0, 0)
-        } else {
-            // Commits made since the first look are seen here; none can start until done.
-            let _exclusive = self.images.gc_lock.write().await;
-            let live = self.live_chunks().await?;
-            let now = Instant::now();
-            let doomed: Vec<ChunkHash> = candidates
-                .into_iter()
-                .filter(|hash| !live.contains(hash) && !self.images.is_pinned(hash, now))
-                .collect();
-            let freed_bytes = self.images.chunks.remove(&doomed).await?;
-            (doomed.len() as u64, freed_bytes)
-        };
+        // Pinned candidates are skipped by the store, at the moment it removes.
+        let mut freed = 0u64;
+        let mut freed_bytes = 0u64;
+        for batch in candidates.chunks(LIST_PAGE) {
+            let before = self.images.chunks.missing(batch).await?.len();
+            freed_bytes += self
+                .images
+                .chunks
+                .remove_unpinned_since(batch, started)
+                .await?;
+            let after = self.images.chunks.missing(batch).await?.len();
+            freed += (after - before) as u64;
+        }
+        let compacted = self.images.chunks.compact(COMPACT_BELOW).await?;
+        if compacted.packs_rewritten > 0 {
+            tracing::info!(
+                packs = compacted.packs_rewritten,
+                bytes_freed = compacted.bytes_freed,
+                bytes_written = compacted.bytes_written,
+                "sparse packs rewritten"
+            );
+        }
         self.store
             .set_counters(&[
                 (STORED, stored_bytes.saturating_sub(freed_bytes) as i64),

@@ -92,6 +92,7 @@ pub fn submit_doc() -> Doc {
         )
         .refuses(409, &["duplicate_build"])
         .refuses(413, &["too_large"])
+        .refuses(503, &["store_unavailable"])
         .refuses(507, &["no_space"])
 }
 
@@ -265,4 +266,5 @@ pub fn files_doc() -> Doc {
         .refuses(400, &["no_job", "no_lease"])
         .refuses(404, &["not_found"])
         .refuses(409, &["stale_lease"])
+        .refuses(503, &["store_unavailable"])
 }

@@ -48,6 +48,12 @@ pub fn status_and_code(err: &FarmError) -> (StatusCode, &'static str) {
             (StatusCode::INSUFFICIENT_STORAGE, "no_space")
         }
         FarmError::Blob(BlobError::Io { .. }) => (StatusCode::INTERNAL_SERVER_ERROR, "io_failed"),
+        FarmError::Blob(BlobError::Damaged(_)) => {
+            (StatusCode::INTERNAL_SERVER_ERROR, "damaged_chunk")
+        }
+        FarmError::Blob(BlobError::Unavailable { .. }) => {
+            (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable")
+        }
         FarmError::Invalid { code, .. } => (StatusCode::BAD_REQUEST, code),
         FarmError::NotAuthenticated(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
         FarmError::NotAllowed(_) => (StatusCode::FORBIDDEN, "forbidden"),

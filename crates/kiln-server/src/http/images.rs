@@ -53,6 +53,7 @@ pub fn missing_doc() -> Doc {
     )
     .refuses(400, &["bad_name"])
     .refuses(413, &["too_large"])
+    .refuses(503, &["store_unavailable"])
 }
 
 /// `POST /v1/jobs/{build}/{job}/chunks`: a body of frames.
@@ -86,6 +87,8 @@ pub fn put_chunks_doc() -> Doc {
         .refuses(400, &["upload_interrupted"])
         .refuses(422, &["chunk_mismatch"])
         .refuses(429, &["too_many_uploads"])
+        .refuses(503, &["store_unavailable"])
+        .refuses(503, &["store_unavailable"])
         .refuses(507, &["no_space"])
 }
 
@@ -122,6 +125,7 @@ pub fn commit_doc() -> Doc {
     .refuses(409, &["missing_chunks"])
     .refuses(413, &["too_large"])
     .refuses(422, &["hash_mismatch", "size_mismatch"])
+    .refuses(503, &["store_unavailable"])
     .refuses(507, &["no_space"])
 }
 
@@ -167,6 +171,8 @@ pub fn put_whole_doc() -> Doc {
         .refuses(400, &["no_hash", "hash_mismatch", "upload_interrupted"])
         .refuses(413, &["too_large"])
         .refuses(429, &["too_many_uploads"])
+        .refuses(503, &["store_unavailable"])
+        .refuses(503, &["store_unavailable"])
         .refuses(507, &["no_space"])
 }
 
@@ -209,6 +215,8 @@ pub fn download_doc() -> Doc {
         .ranged()
         .answers_ranged("the image")
         .refuses(404, &["not_found"])
+        .refuses(500, &["damaged_chunk"])
+        .refuses(503, &["store_unavailable"])
 }
 
 /// `POST /v1/chunks/fetch`: the frames of the chunks asked for, in that order.
@@ -236,6 +244,8 @@ pub fn fetch_doc() -> Doc {
         )
         .refuses(404, &["not_found"])
         .refuses(413, &["too_large"])
+        .refuses(500, &["damaged_chunk"])
+        .refuses(503, &["store_unavailable"])
 }
 
 /// How to answer a GET of a stored file: the status, the headers, and which bytes

@@ -23,6 +23,7 @@ mod builds;
 mod clients;
 mod dashboard;
 mod error;
+pub use error::status_and_code;
 mod images;
 mod jobs;
 mod meta;

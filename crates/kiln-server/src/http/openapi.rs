@@ -73,7 +73,8 @@ pub const CODES: &[(u16, &str, &str)] = &[
     (500, "store_failed", "the server's database failed"),
     (500, "io_failed", "the server's storage failed"),
     (500, "internal", "the server failed"),
-    (503, "store_unavailable", "the server cannot reach its database (PostgreSQL down or unreachable); nothing changed; send again after Retry-After"),
+    (500, "damaged_chunk", "a stored chunk does not hash to its name: it is never served"),
+    (503, "store_unavailable", "the server cannot reach its database or its object store (down or unreachable); nothing changed; send again after Retry-After"),
     (507, "no_space", "the server's disk is full; nothing was stored"),
 ];
 

@@ -4,10 +4,11 @@
 //! its own, named after it.
 
 use super::*;
-use crate::{Clients, Images, Logs, Outbox, Queue};
+use crate::{Clients, Images, Logs, Outbox, PackEntry, PackFill, PackedAt, Queue};
 use anyhow::Context as _;
 use kiln_proto::api::Notice;
 use kiln_proto::state::JobState::{Cancelled, Expired, Failed, Finished, Queued, Running};
+use kiln_proto::transfer::ChunkHash;
 use std::collections::HashSet;
 
 pub async fn insert_build_is_listed_with_counts_and_a_duplicate_number_changes_nothing<
@@ -2525,5 +2526,228 @@ pub async fn every_area_works_through_its_own_narrow_trait_object<F: StoreFactor
         .next()
         .context("one client")?;
     assert_eq!(tally(&record), (1, 1, 0, 0));
+    Ok(())
+}
+
+fn chunk(seed: u8) -> ChunkHash {
+    ChunkHash([seed; 32])
+}
+
+fn entry(seed: u8, offset: u64, len: u32) -> PackEntry {
+    PackEntry {
+        hash: chunk(seed),
+        offset,
+        len,
+    }
+}
+
+/// The pack index: a chunk keeps the first entry recorded for it, is found where that
+/// says, is listed in name order, and the index survives reopening.
+pub async fn the_pack_index_keeps_the_first_entry_of_a_chunk_and_survives_reopening<
+    F: StoreFactory,
+>(
+    factory: &F,
+) -> CaseResult {
+    let place = factory.new_place().await?;
+    {
+        let store = factory.open(&place).await?;
+        let added = store
+            .add_pack(
+                "pack-a",
+                308,
+                &[entry(1, 8, 100), entry(2, 108, 200)],
+                at(1),
+            )
+            .await?;
+        assert_eq!(added, 2);
+        // A second server stored chunk 2 too: the first entry stays.
+        let added = store
+            .add_pack("pack-b", 158, &[entry(2, 8, 50), entry(3, 58, 100)], at(2))
+            .await?;
+        assert_eq!(added, 1, "chunk 2 is indexed already");
+    }
+    let store = factory.open(&place).await?;
+    let located = store
+        .locate_chunks(&[chunk(3), chunk(9), chunk(2), chunk(1)])
+        .await?;
+    assert_eq!(
+        located,
+        vec![
+            Some(PackedAt {
+                pack: "pack-b".into(),
+                offset: 58,
+                len: 100
+            }),
+            None,
+            Some(PackedAt {
+                pack: "pack-a".into(),
+                offset: 108,
+                len: 200
+            }),
+            Some(PackedAt {
+                pack: "pack-a".into(),
+                offset: 8,
+                len: 100
+            }),
+        ]
+    );
+    assert_eq!(
+        store.list_chunks(None, 10).await?,
+        vec![(chunk(1), 100), (chunk(2), 200), (chunk(3), 100)]
+    );
+    assert_eq!(
+        store.list_chunks(Some(chunk(1)), 1).await?,
+        vec![(chunk(2), 200)]
+    );
+    assert_eq!(
+        store.pack_entries("pack-a").await?,
+        vec![entry(1, 8, 100), entry(2, 108, 200)]
+    );
+    // Many at once, past any limit of bound parameters.
+    let many: Vec<ChunkHash> = (0..3000u32)
+        .map(|i| {
+            let mut bytes = [0u8; 32];
+            bytes[..4].copy_from_slice(&i.to_le_bytes());
+            bytes[31] = 0xee;
+            ChunkHash(bytes)
+        })
+        .collect();
+    let entries: Vec<PackEntry> = many
+        .iter()
+        .enumerate()
+        .map(|(i, hash)| PackEntry {
+            hash: *hash,
+            offset: i as u64 * 10,
+            len: 10,
+        })
+        .collect();
+    assert_eq!(
+        store.add_pack("pack-c", 30_000, &entries, at(3)).await?,
+        3000
+    );
+    let located = store.locate_chunks(&many).await?;
+    assert!(located
+        .iter()
+        .enumerate()
+        .all(|(i, at)| at.as_ref().is_some_and(|at| at.offset == i as u64 * 10)));
+    Ok(())
+}
+
+/// Removal skips chunks pinned past the start of the collection, pins end when they
+/// say, and a released pin still holds for collections that started before it.
+pub async fn removing_chunks_skips_pinned_ones_until_their_pins_end<F: StoreFactory>(
+    factory: &F,
+) -> CaseResult {
+    let (_place, store) = open_store(factory).await?;
+    store
+        .add_pack(
+            "pack-a",
+            1000,
+            &[entry(1, 8, 100), entry(2, 108, 200), entry(3, 308, 300)],
+            at(0),
+        )
+        .await?;
+    store
+        .pin_chunks("1/a", &[chunk(1), chunk(2)], at(60))
+        .await?;
+    // A shorter pin does not shorten a longer one.
+    store.pin_chunks("1/a", &[chunk(2)], at(10)).await?;
+    let freed = store
+        .remove_unpinned_chunks(&[chunk(1), chunk(2), chunk(3), chunk(9)], at(30))
+        .await?;
+    assert_eq!(freed, 300, "only chunk 3 was not pinned");
+    assert_eq!(
+        store.list_chunks(None, 10).await?,
+        vec![(chunk(1), 100), (chunk(2), 200)]
+    );
+    assert_eq!(store.forget_pins(at(30)).await?, 0, "no pin has ended");
+    // Two uploads pin chunk 1; one commits and releases its pin at 40.
+    store.pin_chunks("1/b", &[chunk(1)], at(45)).await?;
+    store
+        .release_pins("1/a", &[chunk(1), chunk(2)], at(40))
+        .await?;
+    assert_eq!(
+        store.remove_unpinned_chunks(&[chunk(2)], at(39)).await?,
+        0,
+        "a collection that started before the release still skips chunk 2"
+    );
+    assert_eq!(
+        store
+            .remove_unpinned_chunks(&[chunk(1), chunk(2)], at(41))
+            .await?,
+        200,
+        "one started after it removes chunk 2; the other upload's pin keeps chunk 1"
+    );
+    assert_eq!(store.forget_pins(at(45)).await?, 3);
+    let freed = store.remove_unpinned_chunks(&[chunk(1)], at(46)).await?;
+    assert_eq!(freed, 100);
+    assert!(store.list_chunks(None, 10).await?.is_empty());
+    Ok(())
+}
+
+/// Compaction's bookkeeping: sparse packs are found, entries move to the new pack only
+/// where they still point into the old one, and the old one is forgotten once empty.
+pub async fn replacing_a_sparse_pack_moves_its_live_entries_and_forgets_it<F: StoreFactory>(
+    factory: &F,
+) -> CaseResult {
+    let (_place, store) = open_store(factory).await?;
+    store
+        .add_pack(
+            "old",
+            1000,
+            &[entry(1, 8, 100), entry(2, 108, 100), entry(3, 208, 700)],
+            at(0),
+        )
+        .await?;
+    store
+        .add_pack("dense", 108, &[entry(4, 8, 100)], at(0))
+        .await?;
+    assert!(store.sparse_packs(0.5).await?.is_empty());
+    store.remove_unpinned_chunks(&[chunk(3)], at(1)).await?;
+    assert_eq!(
+        store.sparse_packs(0.5).await?,
+        vec![PackFill {
+            pack: "old".into(),
+            bytes: 1000,
+            live_bytes: 200
+        }]
+    );
+    // Chunk 2 is removed while the copy is made: its entry is not brought back.
+    store.remove_unpinned_chunks(&[chunk(2)], at(2)).await?;
+    let forgotten = store
+        .replace_pack(
+            "old",
+            Some(("new", 208, &[entry(1, 8, 100), entry(2, 108, 100)])),
+            at(3),
+        )
+        .await?;
+    assert!(forgotten);
+    assert_eq!(
+        store.locate_chunks(&[chunk(1), chunk(2)]).await?,
+        vec![
+            Some(PackedAt {
+                pack: "new".into(),
+                offset: 8,
+                len: 100
+            }),
+            None
+        ]
+    );
+    assert_eq!(
+        store.sparse_packs(0.5).await?,
+        vec![PackFill {
+            pack: "new".into(),
+            bytes: 208,
+            live_bytes: 100
+        }],
+        "the old pack is forgotten; the new one is half dead already"
+    );
+    // A pack something still points into is not forgotten.
+    assert!(!store.replace_pack("dense", None, at(4)).await?);
+    assert!(
+        store
+            .replace_pack("new", Some(("newer", 108, &[entry(1, 8, 100)])), at(5))
+            .await?
+    );
     Ok(())
 }

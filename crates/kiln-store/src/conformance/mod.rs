@@ -16,8 +16,8 @@
 //! The cases cover builds and their counts, the queue order, atomic claims, lease
 //! fencing (invariant 2), timed transitions (lapsed leases, hung jobs, accept
 //! deadlines), restart and cancel, durability across a reopen (invariant 3), the event
-//! every transition writes (invariant 5), logs and their limit, images, the webhook
-//! outbox, and the clients' histories and credentials. Times come from a fake clock
+//! every transition writes (invariant 5), logs and their limit, images, the pack index and
+//! chunk pins, the webhook outbox, and the clients' histories and credentials. Times come from a fake clock
 //! ([`at`]), so every case is deterministic. No case skips itself: a factory that cannot
 //! make a store fails every case.
 
@@ -112,6 +112,9 @@ macro_rules! conformance_tests {
                 enrolling_takes_a_free_id_only_and_issuing_replaces_any_credential,
                 a_logged_out_web_session_stays_ended_after_reopening_until_it_would_expire,
                 every_area_works_through_its_own_narrow_trait_object,
+                the_pack_index_keeps_the_first_entry_of_a_chunk_and_survives_reopening,
+                removing_chunks_skips_pinned_ones_until_their_pins_end,
+                replacing_a_sparse_pack_moves_its_live_entries_and_forgets_it,
             ]
             multi_thread [
                 racing_claims_from_eight_tasks_hand_each_job_to_exactly_one_client,

@@ -22,6 +22,7 @@ mod clients;
 mod images;
 mod logs;
 mod outbox;
+mod packs;
 mod queue;
 
 use crate::rules::{self, ClientCount, EventDraft, JobLimits, JobRow, JobRun, Transition};

@@ -7,7 +7,7 @@
 //! a claim is that `UPDATE ... WHERE state = 'queued'`, and whoever loses gets nothing.
 //!
 //! One module per area of the store: `queue.rs` ([`crate::Queue`]), `logs.rs`,
-//! `images.rs`, `outbox.rs`, `clients.rs`. This one opens the database and holds what
+//! `images.rs`, `packs.rs`, `outbox.rs`, `clients.rs`. This one opens the database and holds what
 //! they share: reading and writing job rows, events and the notices they call for, and
 //! the clients' counters. Migrations are in `migrations/sqlite/`.
 
@@ -15,6 +15,7 @@ mod clients;
 mod images;
 mod logs;
 mod outbox;
+mod packs;
 mod queue;
 
 use crate::rules::{self, ClientCount, EventDraft, JobLimits, JobRow, JobRun, Transition};

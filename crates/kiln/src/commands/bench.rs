@@ -64,6 +64,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             size_mib,
             rss_size_mib,
             skip_rss,
+            skip_s3,
             trials,
             work,
         } => {
@@ -71,6 +72,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
                 size_mib,
                 rss_size_mib,
                 skip_rss,
+                skip_s3,
                 trials,
                 work,
             };

@@ -29,7 +29,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Server(args) => {
             init_tracing("info");
-            server::run(args).await
+            server::run(*args).await
         }
         Command::Client(args) => {
             init_tracing("info");

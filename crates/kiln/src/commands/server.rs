@@ -95,6 +95,16 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
     config.advertise = advertise;
     config.master_token_file = args.master_token_file;
     let server_tls = config.tls.clone();
+    if let Some(url) = &args.images {
+        let s3 = s3_config(
+            url,
+            args.s3_endpoint.as_deref().unwrap_or_default(),
+            &args.s3_region,
+            args.s3_credentials_file.as_deref(),
+        )?;
+        tracing::info!(bucket = %s3.bucket, prefix = %s3.prefix, endpoint = %s3.endpoint, "images in object storage");
+        config.images = Some(s3);
+    }
     let server = Server::open(config).await?;
     super::warn_if_clear_text(addr, server_tls.as_ref());
     // The URL is the one line on stdout, so that scripts and tests can read it.
@@ -109,4 +119,68 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
     server.run(listener, super::terminated()).await?;
     tracing::info!("server stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Where `--images` and the `--s3-*` flags say images rest, with the key from the
+/// credentials file, else from `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY`.
+fn s3_config(
+    url: &str,
+    endpoint: &str,
+    region: &str,
+    credentials_file: Option<&std::path::Path>,
+) -> anyhow::Result<kiln_server::S3Config> {
+    let mut s3 = kiln_server::S3Config::from_url(url, endpoint, region)
+        .map_err(|msg| crate::operator::Usage(format!("--images: {msg}")))?;
+    s3.credentials = match credentials_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            Some(parse_credentials(&text).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{}: no aws_access_key_id and aws_secret_access_key lines",
+                    path.display()
+                )
+            })?)
+        }
+        None => match (
+            std::env::var("AWS_ACCESS_KEY_ID"),
+            std::env::var("AWS_SECRET_ACCESS_KEY"),
+        ) {
+            (Ok(key), Ok(secret)) if !key.is_empty() => Some((key, secret)),
+            _ => None,
+        },
+    };
+    Ok(s3)
+}
+
+/// The first `aws_access_key_id` and `aws_secret_access_key` of an AWS credentials
+/// file (`key = value` lines; sections and comments are skipped).
+fn parse_credentials(text: &str) -> Option<(String, String)> {
+    let mut key = None;
+    let mut secret = None;
+    for line in text.lines() {
+        let Some((name, value)) = line.split_once('=') else {
+            continue;
+        };
+        let value = value.trim().to_owned();
+        match name.trim() {
+            "aws_access_key_id" if key.is_none() => key = Some(value),
+            "aws_secret_access_key" if secret.is_none() => secret = Some(value),
+            _ => {}
+        }
+    }
+    key.zip(secret)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_credentials_file_gives_its_first_key_and_secret() {
+        let text = "# kiln\n[default]\naws_access_key_id = AKID\naws_secret_access_key=s3cr3t\n\n[other]\naws_access_key_id = X\n";
+        assert_eq!(
+            super::parse_credentials(text),
+            Some(("AKID".to_owned(), "s3cr3t".to_owned()))
+        );
+        assert_eq!(super::parse_credentials("[default]\n"), None);
+    }
 }

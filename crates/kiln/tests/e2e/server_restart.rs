@@ -77,20 +77,16 @@ fn server_killed_and_restarted_keeps_the_running_job_on_its_client_and_runs_it_o
     assert_eq!(runs.lines().count(), 1, "the job ran once: {runs:?}");
 }
 
-/// Chunk files in a server's chunk store.
-fn stored_chunks(data: &std::path::Path) -> usize {
-    let Ok(shards) = std::fs::read_dir(data.join("chunks")) else {
+/// Bytes of the sealed packs in a server's data directory: what it has stored for good.
+fn stored_pack_bytes(data: &std::path::Path) -> u64 {
+    let Ok(packs) = std::fs::read_dir(data.join("packs")) else {
         return 0;
     };
-    shards
+    packs
         .flatten()
-        .filter_map(|shard| std::fs::read_dir(shard.path()).ok())
-        .map(|chunks| {
-            chunks
-                .flatten()
-                .filter(|chunk| !chunk.file_name().to_string_lossy().starts_with('.'))
-                .count()
-        })
+        .filter(|pack| pack.file_name().to_string_lossy().ends_with(".pack"))
+        .filter_map(|pack| pack.metadata().ok())
+        .map(|meta| meta.len())
         .sum()
 }
 
@@ -119,16 +115,17 @@ fn upload_cut_off_by_a_server_kill_resumes_without_resending_stored_chunks() {
         harness.path(),
         "the server to have stored some chunks of the image",
         || {
-            let n = stored_chunks(&data);
-            (n >= 300).then_some(n)
+            // About 300 chunks.
+            let n = stored_pack_bytes(&data);
+            (n >= 20 << 20).then_some(n)
         },
-        || format!("{} chunks stored", stored_chunks(&data)),
+        || format!("{} bytes stored in packs", stored_pack_bytes(&data)),
     );
 
     let listen = server.url.trim_start_matches("http://").to_owned();
     let client_token_file = server.client_token_file.clone();
     drop(server); // SIGKILL in the middle of the upload.
-    let stored_at_kill = stored_chunks(&data);
+    let stored_at_kill = stored_pack_bytes(&data);
     let server = harness.start_server_at(
         "restarted",
         &listen,
@@ -150,10 +147,10 @@ fn upload_cut_off_by_a_server_kill_resumes_without_resending_stored_chunks() {
     let images: serde_json::Value = serde_json::from_str(&images.body).expect("image list");
     assert_eq!(images[0]["sha256"], expected.trim(), "{images:#}");
     assert_eq!(images[0]["size"], SIZE, "{images:#}");
-    let total_chunks = stored_chunks(&data);
+    let total_chunks = stored_pack_bytes(&data);
     assert!(
         stored_at_kill < total_chunks,
-        "the kill came before the upload ended ({stored_at_kill} of {total_chunks} chunks)"
+        "the kill came before the upload ended ({stored_at_kill} of {total_chunks} bytes)"
     );
     // Chunks stored before the kill were not sent again: all bytes received, over
     // both lives of the server, come to the image once, plus at most the one body
