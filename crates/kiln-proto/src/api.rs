@@ -66,6 +66,10 @@ pub struct JobStatus {
     pub error: Option<String>,
     pub priority: i64,
     pub assigned_to: Option<String>,
+    /// When the latest run's steps ended and its images began to upload (unix
+    /// microseconds); none before that, or for a run that went back to the queue.
+    #[serde(default)]
+    pub uploading_since: Option<i64>,
 }
 
 /// `POST /v1/claim`: a client asks for one job, waiting up to `wait_secs` for one.

@@ -357,7 +357,13 @@ pub trait Queue: Send + Sync + 'static {
     ) -> StoreResult<LeaseHolder>;
     /// Records that the job's steps are over (its images are uploading): from now on
     /// only the lease, not the job's timeout, decides whether its client is alive.
-    async fn mark_steps_done(&self, build: &str, job: &str, lease: &str) -> StoreResult<()>;
+    async fn mark_steps_done(
+        &self,
+        build: &str,
+        job: &str,
+        lease: &str,
+        now: i64,
+    ) -> StoreResult<()>;
     /// Checks that `lease` is the job's current lease.
     async fn check_lease(&self, build: &str, job: &str, lease: &str) -> StoreResult<LeaseHolder>;
     /// Marks the job finished: at least one image, each stored under this lease (with
@@ -574,6 +580,13 @@ pub trait Clients: Send + Sync + 'static {
     ) -> StoreResult<CredentialPut>;
     /// Revokes client `id`'s credential; false when it has none (or it was revoked).
     async fn revoke_client_credential(&self, id: &str, now: i64) -> StoreResult<bool>;
+    /// Records that the dashboard session `nonce` was logged out; the record is kept
+    /// until `until` (when the session would have expired anyway). Forgets records
+    /// whose time passed by `now`.
+    async fn end_web_session(&self, nonce: &str, until: i64, now: i64) -> StoreResult<()>;
+    /// Whether the dashboard session `nonce` was logged out (on any server sharing
+    /// this store).
+    async fn web_session_ended(&self, nonce: &str) -> StoreResult<bool>;
 }
 
 /// The whole store: every area in one object, so that the server holds one

@@ -57,6 +57,8 @@ pub struct JobRun {
     /// The steps are over and the images upload: only the lease says whether the client
     /// is alive, no longer the timeout.
     pub steps_done: bool,
+    /// When the steps were first said to be over (unix microseconds).
+    pub steps_done_at: Option<i64>,
     pub major_state: Option<String>,
     pub minor_state: Option<String>,
     pub percent: Option<i64>,
@@ -240,6 +242,7 @@ fn back_in_queue(run: &JobRun) -> JobRun {
         lease_expires_at: None,
         time_start: None,
         steps_done: false,
+        steps_done_at: None,
         major_state: None,
         minor_state: None,
         percent: None,
@@ -281,6 +284,7 @@ pub fn claim(
         time_start: Some(now),
         time_complete: None,
         steps_done: false,
+        steps_done_at: None,
         major_state: None,
         minor_state: None,
         percent: None,
@@ -358,10 +362,12 @@ pub fn with_progress(run: JobRun, progress: &Progress) -> JobRun {
 }
 
 /// The job's steps are over and its images upload: from now on only the lease decides
-/// whether its client is alive, not the job's timeout.
-pub fn steps_done(row: &JobRow) -> JobRun {
+/// whether its client is alive, not the job's timeout. The first word of it (`now`)
+/// is when the upload began.
+pub fn steps_done(row: &JobRow, now: i64) -> JobRun {
     JobRun {
         steps_done: true,
+        steps_done_at: row.run.steps_done_at.or(Some(now)),
         ..row.run.clone()
     }
 }
@@ -828,6 +834,7 @@ mod tests {
                 time_start: None,
                 time_complete: None,
                 steps_done: false,
+                steps_done_at: None,
                 major_state: None,
                 minor_state: None,
                 percent: None,
@@ -1060,7 +1067,20 @@ mod tests {
             (Some("image"), None, Some(50)),
             "a new major state starts its minor state afresh"
         );
-        assert!(steps_done(&row).steps_done);
+        let done = steps_done(&row, 7);
+        assert!(done.steps_done);
+        assert_eq!(done.steps_done_at, Some(7));
+        assert_eq!(
+            steps_done(
+                &JobRow {
+                    run: done,
+                    ..row.clone()
+                },
+                9
+            )
+            .steps_done_at,
+            Some(7)
+        );
     }
 
     #[test]

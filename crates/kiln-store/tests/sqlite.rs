@@ -14,13 +14,17 @@ fn migrations_dir() -> PathBuf {
 /// them at every open): a migration edited after its release, moved into another
 /// directory with other bytes, or checked out with other line endings would make every
 /// existing data directory refuse to open.
-const RECORDED_CHECKSUMS: [(i64, &str); 7] = [
+const RECORDED_CHECKSUMS: [(i64, &str); 10] = [
     (1, "064340ad3f39e9a8d607f43bcbc0ac9b702063f319ea69da49e46b5b4bc81a10dd6469138e2182d30fe5107ce7ac00ea"),
     (2, "240db48f72331136a33ea491cc892fe0a04a6ff11a3a5792696a96e59499803cabb43030a1e2563930bf2beb99bd7183"),
     (3, "0871dccc49ac71bc64ad92653002b486861355560a20a3748cc690544fda6b0d46fb280c30a4cc0bf89c8538858c24f3"),
     (4, "48b6239428f3782459ae6a7bae8503f3a0c4b0a3ac307d7a2d6114da08851224e989d1ea556db34e39e9e2801907bd9d"),
     (5, "66919413b1f05ac73f53c0949148082498076c098ba4e22168285df5f5534ae22335dc53ed6078c344d13b79fe48dd6f"),
-    (6, "f6df2e19a191338127bca94ff5e09f35b999c84fa30ba0e1a33f1229ee7b19676994a596cc04b0645a9f63a4608eee8b"),    (8, "8ea0cdcfcb62dcb8643155c330967e5af381cb5cb55fec63f5e43775402c21d81a4bc67b6cfe32fc6916eca58dfc6311"),
+    (6, "f6df2e19a191338127bca94ff5e09f35b999c84fa30ba0e1a33f1229ee7b19676994a596cc04b0645a9f63a4608eee8b"),
+    (7, "bebbf2149206768269716ad650f875d07fdd591643c2a5e69737a2b36cdfa2fa985e2c0a925185fda3c60a0c37a611c1"),
+    (8, "8ea0cdcfcb62dcb8643155c330967e5af381cb5cb55fec63f5e43775402c21d81a4bc67b6cfe32fc6916eca58dfc6311"),
+    (9, "bce670031878cb1a8e56770b392f5ee414fb250bec6131519f392f897d84fae70cf9a175c4864a74dab5e8f4f0b1e954"),
+    (10, "c3b159e496ba074a7703375871a972ca52d7dc1bc734db916f6af1b56c1361dfd631aef4307cc6f775199f26c5db2b2d"),
 ];
 
 #[tokio::test]

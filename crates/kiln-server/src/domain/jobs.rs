@@ -246,7 +246,9 @@ impl Farm {
             .await?;
         self.note_contact(&holder.client_id, address.as_deref());
         if beat.steps_done {
-            self.store.mark_steps_done(build, job, lease).await?;
+            self.store
+                .mark_steps_done(build, job, lease, kiln_common::now_micros())
+                .await?;
             self.metrics.steps_done(lease);
         }
         if beat.progress.is_some() {

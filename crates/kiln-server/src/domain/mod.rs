@@ -128,8 +128,6 @@ pub struct Farm {
     contacts: Contacts,
     /// What happens, counted as it happens (see [`crate::metrics`]).
     metrics: Metrics,
-    /// Dashboard sessions logged out before they expire: nonce → expiry.
-    web_logouts: std::sync::Mutex<std::collections::HashMap<String, i64>>,
     /// Bumped whenever log lines are appended or a job changes state, for followers.
     changes: watch::Sender<u64>,
     /// Wakes the notifier: a transition may have queued webhook notices.
@@ -178,7 +176,6 @@ impl Farm {
             sessions: Sessions::default(),
             contacts: Contacts::default(),
             metrics: Metrics::new(),
-            web_logouts: Default::default(),
             changes: watch::channel(0).0,
             notices: Notify::new(),
             stopping: watch::channel(false).0,

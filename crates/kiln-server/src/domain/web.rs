@@ -5,8 +5,9 @@
 //! key derived from the admin token, so a session survives a server restart (an open
 //! dashboard reconnects by itself) and ends when the admin token changes. Each session
 //! has a CSRF token derived from it, which every call that changes something must
-//! carry in a header (see `http/auth.rs`). Logging out revokes the nonce until the
-//! session would have expired anyway.
+//! carry in a header (see `http/auth.rs`). Logging out records the nonce in the store
+//! until the session would have expired anyway, so a logout holds across restarts and
+//! on every server sharing the store.
 
 use super::{Farm, FarmError, FarmResult};
 use subtle::ConstantTimeEq;
@@ -63,43 +64,49 @@ impl Farm {
         })
     }
 
-    /// The session a cookie value names, if it is valid now.
-    pub fn web_session(&self, cookie: &str) -> Option<WebSession> {
-        let (signed, presented_mac) = cookie.rsplit_once('.')?;
-        let (expires, nonce) = signed.split_once('.')?;
-        let expires_at: i64 = expires.parse().ok()?;
+    /// The session a cookie value names, if it is valid now: well signed, not
+    /// expired, and not logged out (on any server sharing the store).
+    pub async fn web_session(&self, cookie: &str) -> FarmResult<Option<WebSession>> {
+        let Some((signed, presented_mac)) = cookie.rsplit_once('.') else {
+            return Ok(None);
+        };
+        let Some((expires, nonce)) = signed.split_once('.') else {
+            return Ok(None);
+        };
+        let Ok(expires_at) = expires.parse::<i64>() else {
+            return Ok(None);
+        };
         let key = self.credentials.session_key();
         let expected = mac(&key, signed);
         if !bool::from(expected.as_bytes().ct_eq(presented_mac.as_bytes())) {
-            return None;
+            return Ok(None);
         }
-        let now = kiln_common::now_micros();
-        if expires_at <= now {
-            return None;
+        if expires_at <= kiln_common::now_micros() {
+            return Ok(None);
         }
-        let mut revoked = self.web_logouts.lock().expect("logouts lock");
-        revoked.retain(|_, until| *until > now);
-        if revoked.contains_key(nonce) {
-            return None;
+        if self.store.web_session_ended(nonce).await? {
+            return Ok(None);
         }
-        Some(WebSession {
+        Ok(Some(WebSession {
             csrf: mac(&key, &format!("csrf.{signed}")),
             expires_at,
-        })
+        }))
     }
 
-    /// Ends the session a cookie value names.
-    pub fn web_logout(&self, cookie: &str) {
-        let Some(session) = self.web_session(cookie) else {
-            return;
+    /// Ends the session a cookie value names, on every server sharing the store and
+    /// across restarts.
+    pub async fn web_logout(&self, cookie: &str) -> FarmResult<()> {
+        let Some(session) = self.web_session(cookie).await? else {
+            return Ok(());
         };
-        if let Some((signed, _)) = cookie.rsplit_once('.') {
-            if let Some((_, nonce)) = signed.split_once('.') {
-                self.web_logouts
-                    .lock()
-                    .expect("logouts lock")
-                    .insert(nonce.to_owned(), session.expires_at);
-            }
+        if let Some((_, nonce)) = cookie
+            .rsplit_once('.')
+            .and_then(|(signed, _)| signed.split_once('.'))
+        {
+            self.store
+                .end_web_session(nonce, session.expires_at, kiln_common::now_micros())
+                .await?;
         }
+        Ok(())
     }
 }

@@ -82,7 +82,7 @@ async fn decide(
     let farm = &state.farm;
     let caller = match presented(parts)? {
         Some(presented) => farm.identify(Some(presented)).await?,
-        None => dashboard_session(state, parts)?,
+        None => dashboard_session(state, parts).await?,
     };
     let Some(caller) = caller else {
         return match access {
@@ -148,11 +148,14 @@ async fn decide(
 /// The admin, for a request with a live dashboard session cookie (and no
 /// `Authorization` header). A call that changes something must also carry the
 /// session's CSRF token in `x-kiln-csrf`: a page of another site cannot read it.
-fn dashboard_session(state: &ServerState, parts: &Parts) -> Result<Option<Caller>, FarmError> {
+async fn dashboard_session(
+    state: &ServerState,
+    parts: &Parts,
+) -> Result<Option<Caller>, FarmError> {
     let Some(cookie) = super::dashboard::session_cookie(&parts.headers) else {
         return Ok(None);
     };
-    let Some(session) = state.farm.web_session(cookie) else {
+    let Some(session) = state.farm.web_session(cookie).await? else {
         // An expired or logged-out session is no credential.
         return Ok(None);
     };

@@ -138,31 +138,34 @@ pub async fn login(state: Shared, Json(login): Json<Login>) -> Answer<Response> 
 }
 
 /// `POST /ui/logout`: ends the session, and asks the browser to forget the cookie.
-pub async fn logout(state: Shared, headers: HeaderMap) -> Response {
+pub async fn logout(state: Shared, headers: HeaderMap) -> Answer<Response> {
     if let Some(cookie) = session_cookie(&headers) {
-        state.farm.web_logout(cookie);
+        state.farm.web_logout(cookie).await?;
     }
     let secure = state.farm.config().tls.is_some();
-    (
+    Ok((
         StatusCode::NO_CONTENT,
         [(header::SET_COOKIE, set_cookie(None, secure))],
     )
-        .into_response()
+        .into_response())
 }
 
 /// `GET /ui/session`: whether the cookie is a live session, with its CSRF token.
-pub async fn session(state: Shared, headers: HeaderMap) -> Response {
+pub async fn session(state: Shared, headers: HeaderMap) -> Answer<Response> {
     let farm = &state.farm;
-    let live = session_cookie(&headers).and_then(|cookie| farm.web_session(cookie));
+    let live = match session_cookie(&headers) {
+        Some(cookie) => farm.web_session(cookie).await?,
+        None => None,
+    };
     let info = SessionInfo {
         logged_in: live.is_some(),
         expires_at: live.as_ref().map(|session| session.expires_at),
         csrf: live.map(|session| session.csrf),
         public_read: farm.config().public_read,
     };
-    (
+    Ok((
         [(header::CACHE_CONTROL, HeaderValue::from_static("no-store"))],
         Json(info),
     )
-        .into_response()
+        .into_response())
 }

@@ -2088,12 +2088,26 @@ pub async fn a_job_whose_steps_are_done_is_taken_back_only_when_its_lease_lapses
     let uploading = claim(&*store, BUILD, "a", "client-1", at(0)).await?;
     assert_stale(
         "mark_steps_done with another lease",
-        store.mark_steps_done(BUILD, "a", "not-the-lease").await,
+        store
+            .mark_steps_done(BUILD, "a", "not-the-lease", at(2))
+            .await,
     );
+    assert_eq!(store.get_job(BUILD, "a").await?.uploading_since, None);
     store
         .heartbeat(BUILD, "a", &uploading.lease, at(100), None)
         .await?;
-    store.mark_steps_done(BUILD, "a", &uploading.lease).await?;
+    store
+        .mark_steps_done(BUILD, "a", &uploading.lease, at(3))
+        .await?;
+    // Every later heartbeat says so again: the upload began at the first.
+    store
+        .mark_steps_done(BUILD, "a", &uploading.lease, at(4))
+        .await?;
+    assert_eq!(
+        store.get_job(BUILD, "a").await?.uploading_since,
+        Some(at(3)),
+        "the upload began when the steps were first said to be over"
+    );
     // Timeout and grace end at 15 s, but the steps are over: the images upload.
     assert!(store.reap_leases(at(50), HUNG_GRACE_SECS).await?.is_empty());
     assert_eq!(store.get_job(BUILD, "a").await?.state, Running);
@@ -2104,6 +2118,12 @@ pub async fn a_job_whose_steps_are_done_is_taken_back_only_when_its_lease_lapses
         [step(at(101), Some(Running), Queued, Some("client-1"), 1)]
     );
     assert_eq!(reason(&reaped[0].event), "lease lapsed");
+
+    assert_eq!(
+        store.get_job(BUILD, "a").await?.uploading_since,
+        None,
+        "a run back in the queue is not uploading"
+    );
 
     // The next claim starts its steps again: held past timeout and grace, it is hung.
     let again = claim(&*store, BUILD, "a", "client-2", at(110)).await?;
@@ -2418,6 +2438,33 @@ pub async fn enrolling_takes_a_free_id_only_and_issuing_replaces_any_credential<
         (all[1].origin.as_str(), all[1].created_at),
         ("issued", at(3))
     );
+    Ok(())
+}
+
+pub async fn a_logged_out_web_session_stays_ended_after_reopening_until_it_would_expire<
+    F: StoreFactory,
+>(
+    factory: &F,
+) -> CaseResult {
+    let place = factory.new_place().await?;
+    let store = factory.open(&place).await?;
+    assert!(!store.web_session_ended("n1").await?);
+    store.end_web_session("n1", at(100), at(1)).await?;
+    store.end_web_session("n2", at(10), at(1)).await?;
+    assert!(store.web_session_ended("n1").await?);
+    assert!(!store.web_session_ended("n3").await?);
+    drop(store);
+    let store = factory.open(&place).await?;
+    assert!(
+        store.web_session_ended("n1").await?,
+        "a logout survives reopening"
+    );
+    assert!(store.web_session_ended("n2").await?);
+    // A later logout forgets the records whose session has expired.
+    store.end_web_session("n3", at(200), at(50)).await?;
+    assert!(!store.web_session_ended("n2").await?, "n2 expired at 10 s");
+    assert!(store.web_session_ended("n1").await?);
+    assert!(store.web_session_ended("n3").await?);
     Ok(())
 }
 

@@ -171,4 +171,31 @@ impl Clients for PgStore {
         .await?;
         Ok(done.rows_affected() > 0)
     }
+
+    async fn end_web_session(&self, nonce: &str, until: i64, now: i64) -> StoreResult<()> {
+        let mut tx = self.write_tx().await?;
+        sqlx::query("DELETE FROM web_logouts WHERE until <= $1")
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO web_logouts (nonce, until) VALUES ($1, $2) \
+             ON CONFLICT (nonce) DO UPDATE SET until = excluded.until",
+        )
+        .bind(nonce)
+        .bind(until)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn web_session_ended(&self, nonce: &str) -> StoreResult<bool> {
+        Ok(
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM web_logouts WHERE nonce = $1)")
+                .bind(nonce)
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
 }

@@ -86,7 +86,8 @@ fn unsigned(row: &PgRow, name: &str) -> StoreResult<u64> {
 
 /// The columns of `jobs` that make a [`JobStatus`].
 const JOB_COLUMNS: &str = "build, id, title, config_type, state, client_id, time_start, \
-     time_complete, major_state, minor_state, percent, attempt, error, priority, assigned_to";
+     time_complete, major_state, minor_state, percent, attempt, error, priority, assigned_to, \
+     steps_done_at";
 
 fn job_status_from_row(row: &PgRow) -> StoreResult<JobStatus> {
     Ok(JobStatus {
@@ -108,14 +109,15 @@ fn job_status_from_row(row: &PgRow) -> StoreResult<JobStatus> {
         error: row.try_get("error")?,
         priority: row.try_get("priority")?,
         assigned_to: row.try_get("assigned_to")?,
+        uploading_since: row.try_get("steps_done_at")?,
     })
 }
 
 /// The columns of `jobs` that make a [`JobRow`]: what the rules read.
 const JOB_ROW_COLUMNS: &str = "build, id, timeout_secs, max_attempts, retries, \
      accept_within_secs, state, client_id, lease_token, lease_expires_at, attempt, \
-     time_start, time_complete, steps_done, major_state, minor_state, percent, error, \
-     retries_used, leases_lost, accept_deadline";
+     time_start, time_complete, steps_done, steps_done_at, major_state, minor_state, percent, \
+     error, retries_used, leases_lost, accept_deadline";
 
 fn job_row_from(row: &PgRow) -> StoreResult<JobRow> {
     Ok(JobRow {
@@ -138,6 +140,7 @@ fn job_row_from(row: &PgRow) -> StoreResult<JobRow> {
             time_start: row.try_get("time_start")?,
             time_complete: row.try_get("time_complete")?,
             steps_done: row.try_get("steps_done")?,
+            steps_done_at: row.try_get("steps_done_at")?,
             major_state: row.try_get("major_state")?,
             minor_state: row.try_get("minor_state")?,
             percent: row.try_get("percent")?,
@@ -182,7 +185,7 @@ async fn write_run(tx: &mut Tx, read: &JobRow, run: &JobRun) -> StoreResult<()> 
         "UPDATE jobs SET state = $1, client_id = $2, lease_token = $3, lease_expires_at = $4, \
          attempt = $5, time_start = $6, time_complete = $7, steps_done = $8, major_state = $9, \
          minor_state = $10, percent = $11, error = $12, retries_used = $13, leases_lost = $14, \
-         accept_deadline = $15 WHERE build = $16 AND id = $17 AND state = $18",
+         accept_deadline = $15, steps_done_at = $16 WHERE build = $17 AND id = $18 AND state = $19",
     )
     .bind(run.state.as_str())
     .bind(&run.client_id)
@@ -199,6 +202,7 @@ async fn write_run(tx: &mut Tx, read: &JobRow, run: &JobRun) -> StoreResult<()> 
     .bind(i64::from(run.retries_used))
     .bind(i64::from(run.leases_lost))
     .bind(run.accept_deadline)
+    .bind(run.steps_done_at)
     .bind(&read.build)
     .bind(&read.job)
     .bind(read.run.state.as_str())

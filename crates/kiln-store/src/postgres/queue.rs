@@ -360,10 +360,16 @@ impl Queue for PgStore {
         Ok(rules::holder(&row))
     }
 
-    async fn mark_steps_done(&self, build: &str, job: &str, lease: &str) -> StoreResult<()> {
+    async fn mark_steps_done(
+        &self,
+        build: &str,
+        job: &str,
+        lease: &str,
+        now: i64,
+    ) -> StoreResult<()> {
         let mut tx = self.write_tx().await?;
         let row = leased_job_row(&mut tx, build, job, lease).await?;
-        write_run(&mut tx, &row, &rules::steps_done(&row)).await?;
+        write_run(&mut tx, &row, &rules::steps_done(&row, now)).await?;
         tx.commit().await?;
         Ok(())
     }

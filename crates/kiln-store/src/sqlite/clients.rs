@@ -160,4 +160,31 @@ impl Clients for SqliteStore {
         .await?;
         Ok(done.rows_affected() > 0)
     }
+
+    async fn end_web_session(&self, nonce: &str, until: i64, now: i64) -> StoreResult<()> {
+        let mut tx = self.write_tx().await?;
+        sqlx::query("DELETE FROM web_logouts WHERE until <= ?")
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO web_logouts (nonce, until) VALUES (?, ?) \
+             ON CONFLICT (nonce) DO UPDATE SET until = excluded.until",
+        )
+        .bind(nonce)
+        .bind(until)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn web_session_ended(&self, nonce: &str) -> StoreResult<bool> {
+        Ok(
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM web_logouts WHERE nonce = ?)")
+                .bind(nonce)
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
 }

@@ -91,7 +91,8 @@ fn unsigned(row: &SqliteRow, name: &str) -> StoreResult<u64> {
 
 /// The columns of `jobs` that make a [`JobStatus`].
 const JOB_COLUMNS: &str = "build, id, title, config_type, state, client_id, time_start, \
-     time_complete, major_state, minor_state, percent, attempt, error, priority, assigned_to";
+     time_complete, major_state, minor_state, percent, attempt, error, priority, assigned_to, \
+     steps_done_at";
 
 fn job_status_from_row(row: &SqliteRow) -> StoreResult<JobStatus> {
     Ok(JobStatus {
@@ -113,14 +114,15 @@ fn job_status_from_row(row: &SqliteRow) -> StoreResult<JobStatus> {
         error: row.try_get("error")?,
         priority: row.try_get("priority")?,
         assigned_to: row.try_get("assigned_to")?,
+        uploading_since: row.try_get("steps_done_at")?,
     })
 }
 
 /// The columns of `jobs` that make a [`JobRow`]: what the rules read.
 const JOB_ROW_COLUMNS: &str = "build, id, timeout_secs, max_attempts, retries, \
      accept_within_secs, state, client_id, lease_token, lease_expires_at, attempt, \
-     time_start, time_complete, steps_done, major_state, minor_state, percent, error, \
-     retries_used, leases_lost, accept_deadline";
+     time_start, time_complete, steps_done, steps_done_at, major_state, minor_state, percent, \
+     error, retries_used, leases_lost, accept_deadline";
 
 fn job_row_from(row: &SqliteRow) -> StoreResult<JobRow> {
     Ok(JobRow {
@@ -143,6 +145,7 @@ fn job_row_from(row: &SqliteRow) -> StoreResult<JobRow> {
             time_start: row.try_get("time_start")?,
             time_complete: row.try_get("time_complete")?,
             steps_done: row.try_get::<i64, _>("steps_done")? != 0,
+            steps_done_at: row.try_get("steps_done_at")?,
             major_state: row.try_get("major_state")?,
             minor_state: row.try_get("minor_state")?,
             percent: row.try_get("percent")?,
@@ -187,7 +190,7 @@ async fn write_run(tx: &mut Tx, read: &JobRow, run: &JobRun) -> StoreResult<()> 
         "UPDATE jobs SET state = ?, client_id = ?, lease_token = ?, lease_expires_at = ?, \
          attempt = ?, time_start = ?, time_complete = ?, steps_done = ?, major_state = ?, \
          minor_state = ?, percent = ?, error = ?, retries_used = ?, leases_lost = ?, \
-         accept_deadline = ? WHERE build = ? AND id = ? AND state = ?",
+         accept_deadline = ?, steps_done_at = ? WHERE build = ? AND id = ? AND state = ?",
     )
     .bind(run.state.as_str())
     .bind(&run.client_id)
@@ -204,6 +207,7 @@ async fn write_run(tx: &mut Tx, read: &JobRow, run: &JobRun) -> StoreResult<()> 
     .bind(i64::from(run.retries_used))
     .bind(i64::from(run.leases_lost))
     .bind(run.accept_deadline)
+    .bind(run.steps_done_at)
     .bind(&read.build)
     .bind(&read.job)
     .bind(read.run.state.as_str())

@@ -101,7 +101,7 @@ fn the_dashboard_works_in_a_real_browser() {
                 doomed.process.kill();
                 clients.push(harness.start_client("rescuer", &[&server], &["--include", "SRV"]));
             }
-            "@restart-server" => {
+            "@restart-server" | "@restart-server-again" => {
                 // SIGKILL, then the same address and data, as a crash and a restart.
                 let listen = server.url.trim_start_matches("http://").to_owned();
                 let data = server.data.clone();
@@ -133,9 +133,11 @@ fn the_dashboard_works_in_a_real_browser() {
         "a wrong token is refused",
         "restart from the page",
         "server restart under an open page",
+        "stays ended across a server restart",
         "reclaimed",
         "log tail grows",
         "one bar per run",
+        "uploading",
         "no reload",
         "no errors in the browser console",
         "phone",

@@ -312,24 +312,14 @@ function runsOf(events, jobs, now) {
     lastTime.set(key, event.time);
   }
   const byId = new Map(jobs.map((job) => [job.id, job]));
-  for (const run of open.values()) {
-    run.end = now;
-    const job = byId.get(run.job);
-    if (job && job.major_state === 'upload') run.upload = uploadSeen(run, now);
-  }
+  for (const run of open.values()) run.end = now;
+  // The server keeps when the job's latest run began to upload: it belongs to the run
+  // it falls in.
   for (const run of runs) {
-    const job = byId.get(run.job);
-    if (run.outcome === 'finished' && job && job.uploading_since) run.upload = job.uploading_since;
+    const since = byId.get(run.job)?.uploading_since;
+    if (since && since >= run.start && since <= run.end) run.upload = since;
   }
   return runs;
-}
-
-// When this page first saw the run uploading (a run's upload start is not an event).
-const uploadStarts = new Map();
-function uploadSeen(run, now) {
-  const key = `${run.job}#${run.attempt}#${run.start}`;
-  if (!uploadStarts.has(key)) uploadStarts.set(key, now);
-  return uploadStarts.get(key);
 }
 
 function outcomeOf(event) {

@@ -12,7 +12,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 
 const require = createRequire(process.env.KILN_PLAYWRIGHT_DIR + '/');
-const { chromium } = require('playwright-core');
+const { chromium, request: apiRequest } = require('playwright-core');
 
 const url = process.env.KILN_URL;
 const token = process.env.KILN_ADMIN_TOKEN;
@@ -134,6 +134,16 @@ try {
     if (!names.includes(name)) fail(`the timeline has no row for ${name}: ${names}`);
   }
   ok(`the timeline has one bar per run (${runs}) and a row per client (${names.join(', ')})`);
+  // Each finished run shows its upload, from what the server kept (this page was
+  // opened after some of them ended).
+  await page.reload();
+  await page.waitForSelector('#gantt g.bar[data-outcome="finished"]');
+  const finishedBars = await page.locator('#gantt g.bar[data-outcome="finished"]').count();
+  const uploads = await page.locator('#gantt g.bar[data-outcome="finished"] rect.upload').count();
+  if (finishedBars === 0 || uploads !== finishedBars) {
+    fail(`${uploads} upload segments for ${finishedBars} finished runs`);
+  }
+  ok(`each finished run shows waiting, running and uploading (${finishedBars} runs)`);
   await page.hover('#gantt g.bar[data-job="victim"][data-outcome="reclaimed"] rect');
   await page.screenshot({ path: `${shots}/dashboard-build.png`, fullPage: true });
 
@@ -222,11 +232,25 @@ try {
   await page.setViewportSize({ width: 1280, height: 800 });
   await page.goto(`${url}/#/`);
   await page.waitForSelector('#logout:not([hidden])');
+  const ended = (await context.cookies()).find((c) => c.name === 'kiln_session');
   await page.click('#logout');
   await page.waitForSelector('#login');
   const after = (await context.request.get(`${url}/v1/builds`)).status();
   if (after !== 401) fail(`after logout GET /v1/builds answered ${after}`);
-  ok('logging out ends the session');
+  // The ended session's cookie, presented again, opens nothing, not even after the
+  // server restarts.
+  const outsider = await apiRequest.newContext();
+  const replay = async () => (await outsider.get(`${url}/v1/builds`, {
+    headers: { cookie: `kiln_session=${ended.value}` },
+  })).status();
+  if ((await replay()) !== 401) fail('the logged-out cookie still opens the API');
+  restarting = true;
+  await ask('restart-server-again');
+  restarting = false;
+  const replayed = await replay();
+  if (replayed !== 401) fail(`after a server restart the logged-out cookie answered ${replayed}`);
+  await outsider.dispose();
+  ok('logging out ends the session, and it stays ended across a server restart');
   if (errors.length) fail(`errors in the browser console: ${errors.join(' | ')}`);
   ok('no errors in the browser console');
 } finally {
