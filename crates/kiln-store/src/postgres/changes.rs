@@ -49,7 +49,9 @@ pub(super) async fn follow(pool: &PgPool) -> StoreResult<mpsc::Receiver<()>> {
                 // The connection dropped; the next call reconnects and listens again.
                 // Whatever was sent meanwhile is lost: look again.
                 Ok(Ok(None)) => {
-                    tracing::warn!("lost the connection that listens for other servers' changes; reconnecting");
+                    tracing::warn!(
+                        "lost the connection that listens for other servers' changes; reconnecting"
+                    );
                 }
                 Ok(Err(err)) => {
                     tracing::warn!(error = %err, "listening for other servers' changes failed; retrying");

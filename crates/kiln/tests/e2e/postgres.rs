@@ -2,12 +2,15 @@
 //! throwaway PostgreSQL server the tests start: a build runs end to end and nothing of
 //! it is kept in SQLite; the database server killed and started again mid-build loses
 //! nothing, and the running job finishes on its first attempt; two servers on one
-//! database share one queue: a job submitted to one goes at once to a client that
-//! waits on the other.
+//! database and one object store share one queue: a job submitted to one goes at once
+//! to a client that waits on the other, and its image is the first one's to release.
 
-use crate::common::{text, wait_for_gate, wait_until_within, write_build, Harness, Job, Server};
-use std::time::Duration;
+use crate::common::{
+    text, wait_for_gate, wait_until_within, write_build, Harness, Job, Seaweed, Server, S3_KEY,
+    S3_SECRET,
+};
 use kiln_store::conformance::pg_cluster::PgCluster;
+use std::time::Duration;
 
 /// A new database on `cluster`, made from a blocking test.
 fn new_database(cluster: &PgCluster) -> String {
@@ -124,13 +127,21 @@ fn postgresql_killed_and_restarted_mid_build_loses_nothing_and_the_job_finishes_
 
 #[test]
 fn a_job_submitted_to_one_server_goes_at_once_to_a_client_waiting_on_the_other() {
-    let harness = Harness::new("postgres-two-servers");
+    // Replicas share the state (PostgreSQL) and the images and build files (one
+    // bucket of a real SeaweedFS): the client fetches from server two the files of a
+    // build submitted to server one.
+    let harness = Harness::new("postgres-two-servers")
+        .with_env("AWS_ACCESS_KEY_ID", S3_KEY)
+        .with_env("AWS_SECRET_ACCESS_KEY", S3_SECRET);
     let cluster = PgCluster::shared().expect("a PostgreSQL server for the test");
     let database = new_database(cluster);
+    let weed = Seaweed::start(&harness.path().join("weed"));
     // One client credential for both servers, as replicas behind one name would have.
     let shared_token = harness.path().join("client.secret");
     std::fs::write(&shared_token, "shared-client-secret-for-the-test\n").expect("a token");
-    let args = ["--database", database.as_str()];
+    let mut args = vec!["--database".to_owned(), database.clone()];
+    args.extend(weed.server_args("farm"));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let submit_to = harness.start_server_with_client_token("one", Some(&shared_token), &args);
     let wait_on = harness.start_server_with_client_token("two", Some(&shared_token), &args);
     // The client asks only the second server, in long polls of two minutes: a job it
@@ -164,6 +175,15 @@ fn a_job_submitted_to_one_server_goes_at_once_to_a_client_waiting_on_the_other()
     );
     assert_eq!(text(&job, "client_id"), client.id, "{job:#}");
     assert_eq!(job["attempt"], 1, "{job:#}");
+    // The image the client uploaded to server two is server one's to release.
+    let release_dir = harness.path().join("release");
+    let release = submit_to.kiln(&[
+        "release",
+        &build,
+        "--to",
+        &release_dir.display().to_string(),
+    ]);
+    harness.check(release.code == 0, || format!("{release:?}"));
     let health = health(&wait_on);
     assert!(
         health.to_string().contains("\"follower\""),
