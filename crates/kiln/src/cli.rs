@@ -537,6 +537,18 @@ pub enum BenchWhich {
         /// Jobs to time.
         #[arg(long, default_value_t = 200)]
         jobs: u32,
+        /// Keep the state in this PostgreSQL database (a new, empty one) instead of
+        /// SQLite.
+        #[arg(long)]
+        database: Option<String>,
+        /// Server processes on the database (needs --database when more than one):
+        /// jobs are submitted to the first, the clients wait on each in turn.
+        #[arg(long, default_value_t = 1)]
+        servers: u32,
+        /// With several servers: the clients wait only on the others, never on the
+        /// one jobs are submitted to, so every claim crosses between servers.
+        #[arg(long)]
+        wait_elsewhere: bool,
     },
     /// Time from a client's failure to its job running on another client.
     Failover {

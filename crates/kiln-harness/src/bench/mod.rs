@@ -96,14 +96,49 @@ pub async fn claim_latency_ms(operator: &Operator, number: &str) -> anyhow::Resu
 }
 
 /// Dispatch latency with `n_clients` idle long-polling clients, over `n_jobs` jobs.
-pub async fn dispatch(n_clients: u32, n_jobs: u32) -> anyhow::Result<bool> {
+pub async fn dispatch(
+    n_clients: u32,
+    n_jobs: u32,
+    database: Option<&str>,
+    n_servers: u32,
+    wait_elsewhere: bool,
+) -> anyhow::Result<bool> {
+    anyhow::ensure!(
+        n_servers >= 1 && (n_servers == 1 || database.is_some()),
+        "--servers {n_servers}: servers share a farm only through --database"
+    );
+    anyhow::ensure!(
+        !wait_elsewhere || n_servers > 1,
+        "--wait-elsewhere needs --servers 2 or more"
+    );
     let temp = tempfile::Builder::new().prefix("kiln-bench-").tempdir()?;
-    let farm = Farm::start(temp.path(), &[]).await?;
+    // Every server takes one client credential, as replicas behind one name would.
+    let client_token = "dispatch-bench-shared-client-secret".to_owned();
+    let token_file = temp.path().join("client.secret");
+    std::fs::write(&token_file, &client_token)?;
+    let mut server_args = vec![
+        "--client-token-file".to_owned(),
+        token_file.display().to_string(),
+    ];
+    if let Some(url) = database {
+        server_args.extend(["--database".to_owned(), url.to_owned()]);
+    }
+    let server_args: Vec<&str> = server_args.iter().map(String::as_str).collect();
+    let mut farms = Vec::new();
+    for idx in 0..n_servers {
+        farms.push(Farm::start(&temp.path().join(format!("server-{idx}")), &server_args).await?);
+    }
+    let farm = &farms[0];
     let operator = Operator::with_token(&farm.url, Some(&farm.admin_token()?))?;
-    let client_token = farm.client_token()?;
     let mut pollers = Vec::new();
     for idx in 0..n_clients {
-        let conn = ServerConn::new(&farm.url, &client_token)?;
+        // Jobs are submitted to the first server.
+        let waits_on = match wait_elsewhere {
+            true => 1 + idx as usize % (farms.len() - 1),
+            false => idx as usize % farms.len(),
+        };
+        let url = &farms[waits_on].url;
+        let conn = ServerConn::new(url, &client_token)?;
         pollers.push(tokio::spawn(async move {
             let request = ClaimRequest {
                 client_id: format!("idle-{idx}"),
@@ -148,9 +183,18 @@ pub async fn dispatch(n_clients: u32, n_jobs: u32) -> anyhow::Result<bool> {
     for poller in pollers {
         poller.abort();
     }
-    farm.stop().await;
+    for farm in farms {
+        farm.stop().await;
+    }
     latencies_ms.sort_by(|a, b| a.total_cmp(b));
-    println!("dispatch latency, job available -> claimed, {n_clients} idle long-polling clients, {n_jobs} jobs");
+    let store = match database {
+        Some(_) if wait_elsewhere => format!(
+            "PostgreSQL, {n_servers} servers on it, jobs submitted to the first, clients waiting on the others"
+        ),
+        Some(_) => format!("PostgreSQL, {n_servers} server(s) on it, jobs submitted to the first"),
+        None => "SQLite".to_owned(),
+    };
+    println!("dispatch latency, job available -> claimed, {n_clients} idle long-polling clients spread over the servers, {n_jobs} jobs; {store}");
     println!("| p50 | p90 | p99 | max |");
     println!("|---|---|---|---|");
     println!(

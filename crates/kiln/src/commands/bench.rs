@@ -9,7 +9,13 @@ use std::process::ExitCode;
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let ran_to_its_end = match args.which {
-        BenchWhich::Dispatch { clients, jobs } => bench::dispatch(clients, jobs).await?,
+        BenchWhich::Dispatch {
+            clients,
+            jobs,
+            database,
+            servers,
+            wait_elsewhere,
+        } => bench::dispatch(clients, jobs, database.as_deref(), servers, wait_elsewhere).await?,
         BenchWhich::Makespan {
             clients,
             jobs,
