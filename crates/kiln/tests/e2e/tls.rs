@@ -253,6 +253,16 @@ fn a_build_runs_over_tls_and_untrusting_callers_are_refused() {
     );
     untrusting.process.kill();
 
+    // The dashboard's session cookie is Secure over TLS, besides HttpOnly and
+    // SameSite=Strict.
+    let cookie = dashboard_login_cookie(&server.url, &pki.ca, &read(&server.admin_token_file));
+    for attribute in ["; Secure", "; HttpOnly", "; SameSite=Strict"] {
+        assert!(
+            cookie.contains(attribute),
+            "the session cookie over TLS lacks {attribute:?}: {cookie}"
+        );
+    }
+
     // Plain HTTP to the TLS port is turned away at once.
     let plain_url = server.url.replacen("https://", "http://", 1);
     let plain = common::http(&plain_url, "GET", "/v1/health", &[], None);
@@ -393,4 +403,34 @@ fn tls_cert_and_key_come_in_pairs() {
             "{role}: {run:?}"
         );
     }
+}
+
+/// The `Set-Cookie` of a dashboard login with the admin token, over HTTPS trusting
+/// `ca_file`.
+fn dashboard_login_cookie(url: &str, ca_file: &Path, admin_token: &str) -> String {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    runtime.block_on(async {
+        let ca = reqwest::Certificate::from_pem(&std::fs::read(ca_file).expect("the CA file"))
+            .expect("the CA certificate");
+        let http = reqwest::Client::builder()
+            .add_root_certificate(ca)
+            .build()
+            .expect("an HTTPS client");
+        let answer = http
+            .post(format!("{url}/ui/login"))
+            .json(&serde_json::json!({ "token": admin_token.trim() }))
+            .send()
+            .await
+            .expect("POST /ui/login");
+        assert_eq!(answer.status(), 200, "the admin token logs in over TLS");
+        answer
+            .headers()
+            .get("set-cookie")
+            .and_then(|value| value.to_str().ok())
+            .expect("a Set-Cookie header")
+            .to_owned()
+    })
 }
