@@ -207,17 +207,15 @@ pub async fn dispatch(
     Ok(true)
 }
 
-/// The makespan of `n_jobs` jobs of `job_secs` on `n_clients` clients; returns whether
-/// every job finished.
-pub async fn makespan(n_clients: u32, n_jobs: u32, job_secs: f64) -> anyhow::Result<bool> {
-    let temp = tempfile::Builder::new().prefix("kiln-bench-").tempdir()?;
-    let mut farm = Farm::start(temp.path(), &[]).await?;
+/// A farm of `n_clients` real clients (one slot each) in `dir`, warmed up with one job
+/// per client so that every client is started and polling; and its admin.
+async fn warm_farm(dir: &Path, n_clients: u32) -> anyhow::Result<(Farm, Operator)> {
+    let mut farm = Farm::start(dir, &[]).await?;
     for idx in 0..n_clients {
         farm.add_client(&format!("bench-{idx}"), "*", 1)?;
     }
     let operator = Operator::with_token(&farm.url, Some(&farm.admin_token()?))?;
-    // Warm-up: one job per client, so that every client is started and polling.
-    let warm_dir = temp.path().join("warm");
+    let warm_dir = dir.join("warm");
     write_build(
         &warm_dir,
         "warmup",
@@ -231,6 +229,32 @@ pub async fn makespan(n_clients: u32, n_jobs: u32, job_secs: f64) -> anyhow::Res
     operator
         .wait_for_build("warmup", Some(Duration::from_secs(120)))
         .await?;
+    Ok((farm, operator))
+}
+
+/// A build's makespan from its events: the first job queued to the last finished, in
+/// seconds.
+fn makespan_secs(events: &[Event]) -> f64 {
+    let first = events
+        .iter()
+        .filter(|e| e.to == JobState::Queued)
+        .map(|e| e.time)
+        .min()
+        .unwrap_or_default();
+    let last = events
+        .iter()
+        .filter(|e| e.to == JobState::Finished)
+        .map(|e| e.time)
+        .max()
+        .unwrap_or_default();
+    (last - first) as f64 / 1e6
+}
+
+/// The makespan of `n_jobs` jobs of `job_secs` on `n_clients` clients; returns whether
+/// every job finished.
+pub async fn makespan(n_clients: u32, n_jobs: u32, job_secs: f64) -> anyhow::Result<bool> {
+    let temp = tempfile::Builder::new().prefix("kiln-bench-").tempdir()?;
+    let (farm, operator) = warm_farm(temp.path(), n_clients).await?;
     let build_dir = temp.path().join("build");
     write_build(
         &build_dir,
@@ -247,19 +271,7 @@ pub async fn makespan(n_clients: u32, n_jobs: u32, job_secs: f64) -> anyhow::Res
         .await?;
     let events: Vec<Event> = operator.events("makespan").await?;
     farm.stop().await;
-    let first = events
-        .iter()
-        .filter(|e| e.to == JobState::Queued)
-        .map(|e| e.time)
-        .min()
-        .unwrap_or_default();
-    let last = events
-        .iter()
-        .filter(|e| e.to == JobState::Finished)
-        .map(|e| e.time)
-        .max()
-        .unwrap_or_default();
-    let makespan_secs = (last - first) as f64 / 1e6;
+    let makespan_secs = makespan_secs(&events);
     let rounds = n_jobs.div_ceil(n_clients);
     let ideal_secs = f64::from(rounds) * job_secs;
     let per_job_overhead_ms = (makespan_secs - ideal_secs) / f64::from(rounds) * 1000.0;

@@ -14,11 +14,8 @@
 
 use super::throughput::process_use;
 use super::write_build;
-use crate::farm::Farm;
 use anyhow::Context;
-use kiln_api::Operator;
 use kiln_proto::api::Event;
-use kiln_proto::state::JobState;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -102,27 +99,8 @@ async fn one_run(
     round: u32,
 ) -> anyhow::Result<Run> {
     let temp = tempfile::Builder::new().prefix("kiln-bench-").tempdir()?;
-    let mut farm = Farm::start(temp.path(), &[]).await?;
-    for idx in 0..n_clients {
-        farm.add_client(&format!("bench-{idx}"), "*", 1)?;
-    }
+    let (farm, operator) = super::warm_farm(temp.path(), n_clients).await?;
     let admin_token = farm.admin_token()?;
-    let operator = Operator::with_token(&farm.url, Some(&admin_token))?;
-    // Warm-up: one job per client, so that every client is started and polling.
-    let warm_dir = temp.path().join("warm");
-    write_build(
-        &warm_dir,
-        "warmup",
-        n_clients,
-        "true\n",
-        "echo x > \"$KILN_OUTPUT/image.bin\"\n",
-    )?;
-    operator
-        .submit(&warm_dir.join("relbuild.xml"), &warm_dir)
-        .await?;
-    operator
-        .wait_for_build("warmup", Some(Duration::from_secs(120)))
-        .await?;
     let number = format!("tabs-{round}-{tabs}");
     let build_dir = temp.path().join("build");
     write_build(
@@ -157,21 +135,9 @@ async fn one_run(
     open.abort_all();
     let events: Vec<Event> = operator.events(&number).await?;
     farm.stop().await;
-    let first = events
-        .iter()
-        .filter(|e| e.to == JobState::Queued)
-        .map(|e| e.time)
-        .min()
-        .unwrap_or_default();
-    let last = events
-        .iter()
-        .filter(|e| e.to == JobState::Finished)
-        .map(|e| e.time)
-        .max()
-        .unwrap_or_default();
     Ok(Run {
         tabs,
-        makespan_secs: (last - first) as f64 / 1e6,
+        makespan_secs: super::makespan_secs(&events),
         ideal_secs: f64::from(n_jobs.div_ceil(n_clients)) * job_secs,
         server_cpu_secs: after.cpu_secs - before.cpu_secs,
         messages: messages.load(Ordering::Relaxed),

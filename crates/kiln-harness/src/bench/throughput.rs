@@ -128,19 +128,7 @@ pub async fn throughput(
     }
     farm.stop().await;
 
-    let first = events
-        .iter()
-        .filter(|e| e.to == JobState::Queued)
-        .map(|e| e.time)
-        .min()
-        .unwrap_or_default();
-    let last = events
-        .iter()
-        .filter(|e| e.to == JobState::Finished)
-        .map(|e| e.time)
-        .max()
-        .unwrap_or_default();
-    let secs = (last - first) as f64 / 1e6;
+    let secs = super::makespan_secs(&events);
     let cpu_ms_per_job = (after.cpu_secs - before.cpu_secs) * 1000.0 / f64::from(n_jobs);
     let store = if database.is_some() {
         "PostgreSQL"
