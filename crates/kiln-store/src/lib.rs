@@ -535,6 +535,18 @@ pub trait Images: Send + Sync + 'static {
     async fn counters(&self) -> StoreResult<BTreeMap<String, i64>>;
 }
 
+/// Notices grouped by URL, each group and the groups in the order given.
+pub(crate) fn notices_by_url(notices: Vec<Notification>) -> Vec<Vec<Notification>> {
+    let mut groups: Vec<Vec<Notification>> = Vec::new();
+    for notice in notices {
+        match groups.iter_mut().find(|group| group[0].url == notice.url) {
+            Some(group) => group.push(notice),
+            None => groups.push(vec![notice]),
+        }
+    }
+    groups
+}
+
 /// The webhook outbox: notices written with the events that call for them, handed to
 /// the notifier when due, until delivered or given up.
 #[async_trait]
@@ -542,6 +554,18 @@ pub trait Outbox: Send + Sync + 'static {
     /// The pending notifications of every URL whose oldest pending one is due at `now`,
     /// oldest first, at most `limit`.
     async fn due_notifications(&self, now: i64, limit: u32) -> StoreResult<Vec<Notification>>;
+    /// As [`Outbox::due_notifications`], and takes them: each URL's notices are held
+    /// from every other caller (another server's notifier) until `hold_until`, or until
+    /// delivered, failed or released. A URL another caller holds is left out. Oldest
+    /// first.
+    async fn claim_notifications(
+        &self,
+        now: i64,
+        limit: u32,
+        hold_until: i64,
+    ) -> StoreResult<Vec<Notification>>;
+    /// Ends the hold on notices taken but not tried: they are due at `now`.
+    async fn release_notifications(&self, ids: &[i64], now: i64) -> StoreResult<()>;
     /// Records a delivery.
     async fn notification_delivered(&self, id: i64, now: i64) -> StoreResult<()>;
     /// Records a failed delivery: tried again at `retry_at`, or given up when `None`.

@@ -7,9 +7,24 @@ use kiln_store::{LoadCounts, Notification};
 const DUE_PAGE: u32 = 256;
 
 impl Farm {
-    /// The pending notices of every URL whose oldest pending one is due at `now`.
-    pub async fn due_notices(&self, now: i64) -> FarmResult<Vec<Notification>> {
-        Ok(self.store.due_notifications(now, DUE_PAGE).await?)
+    /// Takes the pending notices of every URL whose oldest pending one is due at `now`
+    /// and that no other notifier holds: they are this one's to deliver until
+    /// `hold_until` (other servers sharing the store leave them alone meanwhile).
+    pub async fn take_due_notices(
+        &self,
+        now: i64,
+        hold_until: i64,
+    ) -> FarmResult<Vec<Notification>> {
+        Ok(self
+            .store
+            .claim_notifications(now, DUE_PAGE, hold_until)
+            .await?)
+    }
+
+    /// Gives back notices taken but not tried (their URL's delivery stopped at a
+    /// failure): due again at `now`, behind the failed one.
+    pub async fn release_notices(&self, ids: &[i64], now: i64) -> FarmResult<()> {
+        Ok(self.store.release_notifications(ids, now).await?)
     }
 
     /// Records a delivery.

@@ -19,6 +19,9 @@ const CONCURRENCY: usize = 8;
 /// How often the outbox is read when nothing says a notice was queued (retries come
 /// due with time).
 const POLL_EVERY: Duration = Duration::from_secs(1);
+/// How long notices taken for a round are kept from other servers' notifiers: longer
+/// than a round takes. A server that dies mid-round leaves them to the others then.
+const HOLD: Duration = Duration::from_secs(300);
 
 /// The wait before try number `attempts + 1`: 1 s, 2 s, 4 s ... up to an hour.
 pub fn backoff(attempts: u32) -> Duration {
@@ -90,9 +93,10 @@ impl Worker for Notifier {
     }
 
     async fn work(&mut self) -> Result<(), WorkerError> {
+        let now = kiln_common::now_micros();
         let due = self
             .farm
-            .due_notices(kiln_common::now_micros())
+            .take_due_notices(now, now + HOLD.as_micros() as i64)
             .await
             .map_err(|err| WorkerError::of(&err))?;
         // Each URL gets its notices one at a time, in order, stopping at a failure (the
@@ -106,10 +110,19 @@ impl Worker for Notifier {
         }
         let outcomes: Vec<Result<(), WorkerError>> = futures::stream::iter(by_url)
             .map(|(_, queue)| async {
-                for notification in queue {
+                let mut queue = queue.into_iter();
+                while let Some(notification) = queue.next() {
                     if !self.deliver(notification).await? {
                         break;
                     }
+                }
+                // What a failure left untried waits behind it, due again.
+                let untried: Vec<i64> = queue.map(|notification| notification.id).collect();
+                if !untried.is_empty() {
+                    self.farm
+                        .release_notices(&untried, kiln_common::now_micros())
+                        .await
+                        .map_err(|err| WorkerError::of(&err))?;
                 }
                 Ok(())
             })

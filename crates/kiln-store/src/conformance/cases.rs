@@ -2363,6 +2363,66 @@ pub async fn the_outbox_hands_out_a_url_s_notices_in_order_until_delivered_or_gi
     Ok(())
 }
 
+pub async fn a_url_s_notices_are_taken_by_one_notifier_at_a_time<F: StoreFactory>(
+    factory: &F,
+) -> CaseResult {
+    let (_place, store) = open_store(factory).await?;
+    store
+        .insert_build(&new_build(BUILD, vec![job("a"), job("b")], at(0)))
+        .await?;
+    let a = claim(&*store, BUILD, "a", "client-1", at(1)).await?;
+    finish_with_image(&*store, &a, at(10)).await?;
+    let b = claim(&*store, BUILD, "b", "client-1", at(1)).await?;
+    finish_with_image(&*store, &b, at(20)).await?;
+    let ids = |due: &[crate::Notification]| due.iter().map(|n| n.id).collect::<Vec<_>>();
+
+    // Two notifiers (two servers on this store) look at once: one takes the URL.
+    let taken = store.claim_notifications(at(30), 100, at(90)).await?;
+    assert_eq!(
+        taken.len(),
+        3,
+        "a's end, b's end, the build's end: {taken:?}"
+    );
+    let (n1, n2, n3) = (taken[0].id, taken[1].id, taken[2].id);
+    assert!(store
+        .claim_notifications(at(30), 100, at(90))
+        .await?
+        .is_empty());
+    assert!(
+        store.due_notifications(at(30), 100).await?.is_empty(),
+        "a taken URL is not due for anyone else"
+    );
+    // Delivering the first does not free the rest to others while held.
+    store.notification_delivered(n1, at(31)).await?;
+    assert!(store
+        .claim_notifications(at(32), 100, at(90))
+        .await?
+        .is_empty());
+    // A failure stops the URL: the untried one is given back, and waits behind it.
+    store
+        .notification_failed(n2, "503 Service Unavailable", Some(at(60)), at(33))
+        .await?;
+    store.release_notifications(&[n3], at(33)).await?;
+    assert!(store
+        .claim_notifications(at(40), 100, at(90))
+        .await?
+        .is_empty());
+    assert_eq!(
+        ids(&store.claim_notifications(at(60), 100, at(120)).await?),
+        [n2, n3]
+    );
+    // A notifier that died mid-round: its hold runs out and another takes the URL.
+    assert!(store
+        .claim_notifications(at(119), 100, at(200))
+        .await?
+        .is_empty());
+    assert_eq!(
+        ids(&store.claim_notifications(at(120), 100, at(200)).await?),
+        [n2, n3]
+    );
+    Ok(())
+}
+
 pub async fn enrolling_takes_a_free_id_only_and_issuing_replaces_any_credential<F: StoreFactory>(
     factory: &F,
 ) -> CaseResult {

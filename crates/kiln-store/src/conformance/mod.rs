@@ -109,6 +109,7 @@ macro_rules! conformance_tests {
                 log_volume_stops_at_its_limit_with_a_notice_and_the_count_survives_reopening,
                 job_ends_queue_a_notice_per_url_and_the_build_end_once_per_time_it_ends,
                 the_outbox_hands_out_a_url_s_notices_in_order_until_delivered_or_given_up,
+                a_url_s_notices_are_taken_by_one_notifier_at_a_time,
                 enrolling_takes_a_free_id_only_and_issuing_replaces_any_credential,
                 a_logged_out_web_session_stays_ended_after_reopening_until_it_would_expire,
                 every_area_works_through_its_own_narrow_trait_object,
