@@ -111,7 +111,7 @@ impl Worker for Notifier {
         let outcomes: Vec<Result<(), WorkerError>> = futures::stream::iter(by_url)
             .map(|(_, queue)| async {
                 let mut queue = queue.into_iter();
-                while let Some(notification) = queue.next() {
+                for notification in queue.by_ref() {
                     if !self.deliver(notification).await? {
                         break;
                     }
