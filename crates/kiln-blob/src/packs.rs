@@ -281,27 +281,21 @@ fn verified(frame: Frame) -> Result<Frame, BlobError> {
     Ok(frame)
 }
 
-#[async_trait]
-impl ChunkStore for PackChunkStore {
-    async fn missing(&self, hashes: &[ChunkHash]) -> Result<Vec<ChunkHash>, BlobError> {
-        let mut seen = HashSet::with_capacity(hashes.len());
-        let unique: Vec<ChunkHash> = hashes
-            .iter()
-            .filter(|hash| seen.insert(**hash))
-            .copied()
-            .collect();
-        // The open pack is looked at under its lock, and the index before the lock is
-        // let go: a chunk sealed meanwhile is in one or the other.
-        let open = self.open.lock().await;
-        let not_open: Vec<ChunkHash> = unique
-            .into_iter()
-            .filter(|hash| {
-                open.as_ref()
-                    .is_none_or(|current| !current.chunks.contains_key(hash))
-            })
-            .collect();
+/// `hashes` without repeats, in their first order.
+fn distinct(hashes: &[ChunkHash]) -> Vec<ChunkHash> {
+    let mut seen = HashSet::with_capacity(hashes.len());
+    hashes
+        .iter()
+        .filter(|hash| seen.insert(**hash))
+        .copied()
+        .collect()
+}
+
+impl PackChunkStore {
+    /// Those of `hashes` the index does not hold, asked in batches.
+    async fn unindexed(&self, hashes: &[ChunkHash]) -> Result<Vec<ChunkHash>, BlobError> {
         let mut missing = Vec::new();
-        for batch in not_open.chunks(4096) {
+        for batch in hashes.chunks(4096) {
             let found = self.index.locate(batch).await?;
             missing.extend(
                 batch
@@ -311,6 +305,24 @@ impl ChunkStore for PackChunkStore {
                     .map(|(hash, _)| *hash),
             );
         }
+        Ok(missing)
+    }
+}
+
+#[async_trait]
+impl ChunkStore for PackChunkStore {
+    async fn missing(&self, hashes: &[ChunkHash]) -> Result<Vec<ChunkHash>, BlobError> {
+        // The open pack is looked at under its lock, and the index before the lock is
+        // let go: a chunk sealed meanwhile is in one or the other.
+        let open = self.open.lock().await;
+        let not_open: Vec<ChunkHash> = distinct(hashes)
+            .into_iter()
+            .filter(|hash| {
+                open.as_ref()
+                    .is_none_or(|current| !current.chunks.contains_key(hash))
+            })
+            .collect();
+        let missing = self.unindexed(&not_open).await?;
         drop(open);
         Ok(missing)
     }
@@ -318,24 +330,7 @@ impl ChunkStore for PackChunkStore {
     /// Only the index counts: a chunk in the open pack is not durable yet, and one
     /// whose pack failed to seal (another caller's persist, say) is in neither.
     async fn not_persisted(&self, hashes: &[ChunkHash]) -> Result<Vec<ChunkHash>, BlobError> {
-        let mut seen = HashSet::with_capacity(hashes.len());
-        let unique: Vec<ChunkHash> = hashes
-            .iter()
-            .filter(|hash| seen.insert(**hash))
-            .copied()
-            .collect();
-        let mut missing = Vec::new();
-        for batch in unique.chunks(4096) {
-            let found = self.index.locate(batch).await?;
-            missing.extend(
-                batch
-                    .iter()
-                    .zip(found)
-                    .filter(|(_, location)| location.is_none())
-                    .map(|(hash, _)| *hash),
-            );
-        }
-        Ok(missing)
+        self.unindexed(&distinct(hashes)).await
     }
 
     async fn put(&self, frames: Vec<Frame>) -> Result<PutStats, BlobError> {
