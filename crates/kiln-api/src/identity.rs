@@ -8,6 +8,7 @@
 //! USERNAME and PASSWORD, issued by `kiln server client add`) calls with it directly.
 //! Which of the two a credential is, the server says (`GET /v1/whoami`).
 
+use crate::endpoint::{Endpoint, SendThrough};
 use crate::error::{check, CallError};
 use crate::secret::Secret;
 use base64::Engine;
@@ -105,7 +106,7 @@ impl Credential {
     pub async fn header(
         &self,
         http: &reqwest::Client,
-        base: &str,
+        endpoint: &Endpoint,
         client_id: Option<&str>,
     ) -> Result<HeaderValue, CallError> {
         let mut identity = self.identity.lock().await;
@@ -118,7 +119,7 @@ impl Credential {
         let Some(id) = wanted else {
             return Ok(self.given.header(None));
         };
-        let found = self.identify(http, base, id).await?;
+        let found = self.identify(http, endpoint, id).await?;
         let header = found.header.clone();
         *identity = Some(found);
         Ok(header)
@@ -144,13 +145,14 @@ impl Credential {
     async fn identify(
         &self,
         http: &reqwest::Client,
-        base: &str,
+        endpoint: &Endpoint,
         id: &str,
     ) -> Result<Identity, CallError> {
+        let farm = endpoint.url();
         if let Some(kept) = self
             .keep_in
             .as_deref()
-            .and_then(|path| read_kept(path, base))
+            .and_then(|path| read_kept(path, farm))
         {
             if kept.client_id == id {
                 return Ok(Identity {
@@ -162,12 +164,11 @@ impl Credential {
         }
         let given = self.given.header(Some(id));
         let response = http
-            .get(format!("{base}/v1/whoami"))
+            .get(endpoint.at("/v1/whoami"))
             .header(reqwest::header::AUTHORIZATION, given.clone())
             .timeout(Duration::from_secs(30))
-            .send()
-            .await
-            .map_err(CallError::unreachable(base))?;
+            .send_through(endpoint)
+            .await?;
         if response.status() == StatusCode::NOT_FOUND {
             // A server from before client identities: the given credential is the
             // client credential.
@@ -181,7 +182,7 @@ impl Credential {
             .await?
             .json()
             .await
-            .map_err(CallError::unreachable(base))?;
+            .map_err(endpoint.unreachable())?;
         match who.role.as_str() {
             "client" => {
                 let known = who.client_id.unwrap_or_default();
@@ -189,7 +190,7 @@ impl Credential {
                     return Err(refused(
                         StatusCode::FORBIDDEN,
                         format!(
-                            "the credential given for {base} is client {known:?}'s, but this \
+                            "the credential given for {farm} is client {known:?}'s, but this \
                              client is {id:?}: give it the id {known:?} or its own credential"
                         ),
                     ));
@@ -200,11 +201,11 @@ impl Credential {
                     enrolled: false,
                 })
             }
-            "join" => self.enroll(http, base, id, given).await,
+            "join" => self.enroll(http, endpoint, id, given).await,
             other => Err(refused(
                 StatusCode::FORBIDDEN,
                 format!(
-                    "the credential given for {base} is the {other} credential: a client \
+                    "the credential given for {farm} is the {other} credential: a client \
                      needs the join token (client.token) or its own id and secret"
                 ),
             )),
@@ -214,26 +215,25 @@ impl Credential {
     async fn enroll(
         &self,
         http: &reqwest::Client,
-        base: &str,
+        endpoint: &Endpoint,
         id: &str,
         join: HeaderValue,
     ) -> Result<Identity, CallError> {
         let response = http
-            .post(format!("{base}/v1/enroll"))
+            .post(endpoint.at("/v1/enroll"))
             .header(reqwest::header::AUTHORIZATION, join)
             .timeout(Duration::from_secs(30))
             .json(&serde_json::json!({ "client_id": id }))
-            .send()
-            .await
-            .map_err(CallError::unreachable(base))?;
+            .send_through(endpoint)
+            .await?;
         let secret: ClientSecret = check(response)
             .await?
             .json()
             .await
-            .map_err(CallError::unreachable(base))?;
+            .map_err(endpoint.unreachable())?;
         if let Some(path) = &self.keep_in {
             let kept = Kept {
-                server: base.to_owned(),
+                server: endpoint.url().to_owned(),
                 client_id: secret.client_id.clone(),
                 secret: secret.secret.clone(),
             };
@@ -242,7 +242,7 @@ impl Credential {
                 source,
             })?;
         }
-        tracing::info!(server = %base, client = %id, "enrolled with the join token; calling with our own secret from now on");
+        tracing::info!(server = %endpoint.url(), client = %id, "enrolled with the join token; calling with our own secret from now on");
         Ok(Identity {
             client_id: secret.client_id.clone(),
             header: basic(&secret.client_id, &secret.secret),

@@ -2,7 +2,7 @@
 //! servers from it (`GET /v1/servers`, long-polled on the list's version); a server
 //! registers and heartbeats with it (`POST /v1/servers`, [`Registration`]).
 
-use crate::endpoint::{Endpoint, EndpointError};
+use crate::endpoint::{Endpoint, EndpointError, SendThrough};
 use crate::error::CallError;
 use crate::secret::Secret;
 use crate::server::ServerConn;
@@ -123,10 +123,7 @@ impl MasterConn {
             .get(LIST_VERSION_HEADER)
             .and_then(|value| value.to_str().ok())
             .and_then(|value| value.parse().ok());
-        let entries = response
-            .json()
-            .await
-            .map_err(CallError::unreachable(self.url()))?;
+        let entries = response.json().await.map_err(self.endpoint.unreachable())?;
         Ok((entries, version))
     }
 
@@ -143,10 +140,7 @@ impl MasterConn {
         &self,
         request: reqwest::RequestBuilder,
     ) -> Result<reqwest::Response, CallError> {
-        let response = request
-            .send()
-            .await
-            .map_err(CallError::unreachable(self.url()))?;
+        let response = request.send_through(&self.endpoint).await?;
         let status = response.status();
         if status.is_success() {
             return Ok(response);

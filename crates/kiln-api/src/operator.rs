@@ -5,7 +5,7 @@
 //! Every refusal comes back as [`CallError::Refused`] with the server's words, every
 //! failure to connect or to read an answer as [`CallError::Unreachable`].
 
-use crate::endpoint::{Endpoint, EndpointError};
+use crate::endpoint::{Endpoint, EndpointError, SendThrough};
 use crate::error::CallError;
 use crate::secret::Secret;
 use bytes::Bytes;
@@ -84,10 +84,7 @@ impl Operator {
 
     /// Sends a request and checks its status: any refusal is [`CallError::Refused`].
     async fn send(&self, builder: reqwest::RequestBuilder) -> Result<reqwest::Response, CallError> {
-        let response = builder
-            .send()
-            .await
-            .map_err(CallError::unreachable(self.url()))?;
+        let response = builder.send_through(&self.endpoint).await?;
         let status = response.status();
         if status.is_success() {
             return Ok(response);
@@ -107,10 +104,7 @@ impl Operator {
         builder: reqwest::RequestBuilder,
     ) -> Result<T, CallError> {
         let response = self.send(builder).await?;
-        response
-            .json()
-            .await
-            .map_err(CallError::unreachable(self.url()))
+        response.json().await.map_err(self.endpoint.unreachable())
     }
 
     /// GET `path` as JSON: for calls without a method of their own here.
@@ -306,7 +300,7 @@ impl Operator {
         let files = reqwest::multipart::Part::stream_with_length(body, size)
             .file_name("files.tar")
             .mime_str("application/x-tar")
-            .map_err(CallError::unreachable(self.url()))?;
+            .map_err(self.endpoint.unreachable())?;
         let form = reqwest::multipart::Form::new()
             .part(
                 "manifest",

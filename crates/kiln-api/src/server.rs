@@ -2,7 +2,7 @@
 //! heartbeats, logs, the end of a job, sessions, the build's files and image uploads,
 //! each call made with the client's own identity ([`crate::identity`]).
 
-use crate::endpoint::{Endpoint, EndpointError};
+use crate::endpoint::{Endpoint, EndpointError, SendThrough};
 use crate::error::{check, CallError};
 use crate::identity::{kept_secret_path, Credential, Given};
 use crate::secret::Secret;
@@ -22,7 +22,6 @@ use tokio::io::AsyncWriteExt;
 #[derive(Clone)]
 pub struct ServerConn {
     endpoint: Endpoint,
-    base: String,
     credential: std::sync::Arc<Credential>,
     http: reqwest::Client,
 }
@@ -31,7 +30,7 @@ impl std::fmt::Debug for ServerConn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // The token is a secret: never printed.
         f.debug_struct("ServerConn")
-            .field("base", &self.base)
+            .field("base", &self.endpoint.url())
             .finish_non_exhaustive()
     }
 }
@@ -97,7 +96,6 @@ impl ServerConn {
     pub fn at(endpoint: Endpoint, given: Given) -> Result<Self, EndpointError> {
         let http = endpoint.http(|builder| builder.tcp_nodelay(true))?;
         Ok(ServerConn {
-            base: endpoint.url().to_owned(),
             endpoint,
             credential: std::sync::Arc::new(Credential::new(given)),
             http,
@@ -111,7 +109,6 @@ impl ServerConn {
         let endpoint = Endpoint::new("server", url, self.endpoint.tls())?;
         let http = endpoint.http(|builder| builder.tcp_nodelay(true))?;
         Ok(ServerConn {
-            base: endpoint.url().to_owned(),
             endpoint,
             credential: self.credential.clone(),
             http,
@@ -124,18 +121,18 @@ impl ServerConn {
     pub fn for_client(mut self, client_id: &str, keep_dir: Option<&Path>) -> Self {
         let mut credential = Credential::new(self.credential.given.clone());
         credential.client_id = Some(client_id.to_owned());
-        credential.keep_in = keep_dir.map(|dir| kept_secret_path(dir, &self.base));
+        credential.keep_in = keep_dir.map(|dir| kept_secret_path(dir, self.endpoint.url()));
         self.credential = std::sync::Arc::new(credential);
         self
     }
 
     /// The server's URL.
     pub fn url(&self) -> &str {
-        &self.base
+        self.endpoint.url()
     }
 
     fn job_url(&self, build: &str, job: &str, rest: &str) -> String {
-        format!("{}/v1/jobs/{build}/{job}/{rest}", self.base)
+        self.endpoint.at(&format!("/v1/jobs/{build}/{job}/{rest}"))
     }
 
     async fn request(
@@ -155,7 +152,7 @@ impl ServerConn {
     ) -> Result<reqwest::RequestBuilder, CallError> {
         let header = self
             .credential
-            .header(&self.http, &self.base, client_id)
+            .header(&self.http, &self.endpoint, client_id)
             .await?;
         Ok(self
             .http
@@ -187,7 +184,7 @@ impl ServerConn {
             Err(CallError::Refused { status, .. })
                 if status == StatusCode::UNAUTHORIZED && self.credential.forget().await =>
             {
-                tracing::warn!(server = %self.base, "the server does not take our enrolled secret; enrolling again");
+                tracing::warn!(server = %self.endpoint.url(), "the server does not take our enrolled secret; enrolling again");
                 self.wait_post_once(what, request).await
             }
             other => other,
@@ -203,14 +200,13 @@ impl ServerConn {
             .request_as(
                 Some(&request.client_id),
                 reqwest::Method::POST,
-                format!("{}/v1/{what}", self.base),
+                self.endpoint.at(&format!("/v1/{what}")),
             )
             .await?
             .timeout(Duration::from_secs(request.wait_secs + 30))
             .json(request)
-            .send()
-            .await
-            .map_err(CallError::unreachable(&self.base))?;
+            .send_through(&self.endpoint)
+            .await?;
         let response = check(response).await?;
         if response.status() == StatusCode::NO_CONTENT {
             return Ok(None);
@@ -219,7 +215,7 @@ impl ServerConn {
             .json()
             .await
             .map(Some)
-            .map_err(CallError::unreachable(&self.base))
+            .map_err(self.endpoint.unreachable())
     }
 
     /// Extends the lease, reporting progress.
@@ -255,9 +251,8 @@ impl ServerConn {
                 progress,
                 steps_done,
             })
-            .send()
-            .await
-            .map_err(CallError::unreachable(&self.base))?;
+            .send_through(&self.endpoint)
+            .await?;
         match check(response).await {
             // Our credential was revoked: nothing of this job can be reported any more,
             // and the server takes it back when the lease lapses. Stop it.
@@ -280,18 +275,14 @@ impl ServerConn {
             .header(LEASE_HEADER, &claim.lease)
             .timeout(Duration::from_secs(30))
             .json(batch)
-            .send()
-            .await
-            .map_err(CallError::unreachable(&self.base))?;
+            .send_through(&self.endpoint)
+            .await?;
         let response = check(response).await?;
         // A server older than the answer's body says `204 No Content`.
         if response.status() == StatusCode::NO_CONTENT {
             return Ok(LogAppended::default());
         }
-        response
-            .json()
-            .await
-            .map_err(CallError::unreachable(&self.base))
+        response.json().await.map_err(self.endpoint.unreachable())
     }
 
     /// Reports the job finished with these images.
@@ -305,9 +296,8 @@ impl ServerConn {
             .header(LEASE_HEADER, &claim.lease)
             .timeout(Duration::from_secs(30))
             .json(&Finish { images })
-            .send()
-            .await
-            .map_err(CallError::unreachable(&self.base))?;
+            .send_through(&self.endpoint)
+            .await?;
         check(response).await.map(drop)
     }
 
@@ -322,9 +312,8 @@ impl ServerConn {
             .header(LEASE_HEADER, &claim.lease)
             .timeout(Duration::from_secs(30))
             .json(report)
-            .send()
-            .await
-            .map_err(CallError::unreachable(&self.base))?;
+            .send_through(&self.endpoint)
+            .await?;
         check(response).await.map(drop)
     }
 
@@ -338,9 +327,8 @@ impl ServerConn {
             .await?
             .header(LEASE_HEADER, &claim.lease)
             .timeout(Duration::from_secs(30))
-            .send()
-            .await
-            .map_err(CallError::unreachable(&self.base))?;
+            .send_through(&self.endpoint)
+            .await?;
         check(response).await.map(drop)
     }
 
@@ -358,9 +346,8 @@ impl ServerConn {
             .header(LEASE_HEADER, lease)
             .timeout(Duration::from_secs(30))
             .json(&serde_json::json!({ "reason": reason }))
-            .send()
-            .await
-            .map_err(CallError::unreachable(&self.base))?;
+            .send_through(&self.endpoint)
+            .await?;
         check(response).await.map(drop)
     }
 
@@ -381,29 +368,28 @@ impl ServerConn {
             .request_as(
                 Some(client_id),
                 reqwest::Method::POST,
-                format!("{}/v1/session?client_id={client_id}", self.base),
+                self.endpoint
+                    .at(&format!("/v1/session?client_id={client_id}")),
             )
             .await?
             .body(reqwest::Body::wrap_stream(keepalive))
-            .send()
-            .await
-            .map_err(CallError::unreachable(&self.base))?;
+            .send_through(&self.endpoint)
+            .await?;
         check(response).await.map(drop)
     }
 
     /// Downloads the build's files archive to `dest`.
     pub async fn fetch_files(&self, claim: &Claim, dest: &Path) -> Result<(), CallError> {
-        let url = format!(
-            "{}/v1/builds/{}/files?job={}",
-            self.base, claim.build, claim.job_id
-        );
+        let url = self.endpoint.at(&format!(
+            "/v1/builds/{}/files?job={}",
+            claim.build, claim.job_id
+        ));
         let response = self
             .request(reqwest::Method::GET, url)
             .await?
             .header(LEASE_HEADER, &claim.lease)
-            .send()
-            .await
-            .map_err(CallError::unreachable(&self.base))?;
+            .send_through(&self.endpoint)
+            .await?;
         let mut response = check(response).await?;
         let local = |source| CallError::Local {
             what: format!("writing {}", dest.display()),
@@ -413,7 +399,7 @@ impl ServerConn {
         while let Some(chunk) = response
             .chunk()
             .await
-            .map_err(CallError::unreachable(&self.base))?
+            .map_err(self.endpoint.unreachable())?
         {
             file.write_all(&chunk).await.map_err(local)?;
         }
@@ -448,9 +434,8 @@ impl ServerConn {
                 .header(kiln_proto::BLAKE3_HEADER, blake3)
                 .header(reqwest::header::CONTENT_LENGTH, size)
                 .body(reqwest::Body::wrap_stream(stream))
-                .send()
-                .await
-                .map_err(CallError::unreachable(&self.base))?;
+                .send_through(&self.endpoint)
+                .await?;
             check(response).await.map(drop)
         })
         .await
@@ -476,14 +461,13 @@ impl ServerConn {
                 image: image.map(|(name, _)| name.to_owned()),
                 offset: image.map_or(0, |(_, offset)| offset),
             })
-            .send()
-            .await
-            .map_err(CallError::unreachable(&self.base))?;
+            .send_through(&self.endpoint)
+            .await?;
         let answer: MissingResponse = check(response)
             .await?
             .json()
             .await
-            .map_err(CallError::unreachable(&self.base))?;
+            .map_err(self.endpoint.unreachable())?;
         Ok(answer.missing)
     }
 
@@ -505,14 +489,13 @@ impl ServerConn {
                 .header(LEASE_HEADER, &claim.lease)
                 .header(reqwest::header::CONTENT_TYPE, FRAMES_CONTENT_TYPE)
                 .body(frames.clone())
-                .send()
-                .await
-                .map_err(CallError::unreachable(&self.base))?;
+                .send_through(&self.endpoint)
+                .await?;
             check(response)
                 .await?
                 .json()
                 .await
-                .map_err(CallError::unreachable(&self.base))
+                .map_err(self.endpoint.unreachable())
         })
         .await
     }
@@ -536,9 +519,8 @@ impl ServerConn {
             .await?
             .header(LEASE_HEADER, &claim.lease)
             .json(commit)
-            .send()
-            .await
-            .map_err(CallError::unreachable(&self.base))?;
+            .send_through(&self.endpoint)
+            .await?;
         check(response).await.map(drop)
     }
 }

@@ -11,6 +11,8 @@
 //!   SIGKILLed, checked from the images and the event log;
 //! - [`demo`]: `kiln demo`, a whole farm building the bundled example;
 //! - [`proxy::TcpProxy`]: a proxy that cuts the network between a client and a server;
+//! - [`nginx::LoadBalancer`]: an nginx in front of a farm's replicas, for the test of
+//!   the setup docs/operations.md describes;
 //! - [`seaweed::Seaweed`]: a SeaweedFS of its own (`weed mini`) for the object storage
 //!   tests and benches;
 //! - `testing` (feature `testing`): the end-to-end tests' support (blocking: a test's
@@ -23,6 +25,7 @@ pub mod bench;
 pub mod chaos;
 pub mod demo;
 pub mod farm;
+pub mod nginx;
 pub mod proxy;
 pub mod seaweed;
 #[cfg(feature = "testing")]

@@ -57,7 +57,8 @@ pub enum Command {
 /// Where the server is and the credential to use, for operator commands.
 #[derive(Debug, Clone, Args)]
 pub struct ServerOpts {
-    /// The server's URL.
+    /// The server's URL; a farm's replicas as one value, their URLs separated by commas
+    /// (http://a:7070,http://b:7070): calls go to the next when one cannot be reached.
     #[arg(long, env = "KILN_SERVER", default_value = "http://127.0.0.1:7070")]
     pub server: String,
     /// A file holding the credential (else the env variable KILN_TOKEN holds it).
@@ -295,7 +296,10 @@ pub struct ClientArgs {
     /// buildclient.xml (the seed's schema) or client TOML; flags given too override it.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// A server to serve (repeat for several).
+    /// A server to serve (repeat for several farms); a farm's replicas as one value,
+    /// their URLs separated by commas (http://a:7070,http://b:7070): the client calls
+    /// the next when one cannot be reached. Without --server, --master or a config
+    /// naming one: KILN_SERVER.
     #[arg(long = "server")]
     pub servers: Vec<String>,
     /// A master to learn servers from (repeat for several: the first that answers is

@@ -13,6 +13,7 @@
 mod builds;
 mod http;
 
+pub use crate::nginx::LoadBalancer;
 pub use crate::proxy::TcpProxy;
 pub use crate::seaweed::*;
 pub use builds::*;

@@ -181,8 +181,18 @@ fn options_from(args: ClientArgs) -> anyhow::Result<ClientOptions> {
         }
     }
     if servers.is_empty() && masters.is_empty() {
+        if let Ok(url) = std::env::var("KILN_SERVER") {
+            let token = flag_token.clone().ok_or_else(|| {
+                Usage(format!(
+                    "no client credential for {url} (KILN_SERVER): pass --token-file FILE or set KILN_TOKEN"
+                ))
+            })?;
+            servers.push(ServerConn::with_tls(&url, token.expose(), &tls)?);
+        }
+    }
+    if servers.is_empty() && masters.is_empty() {
         return Err(Usage(
-            "no server to serve: pass --server URL or --master URL, or a --config naming one"
+            "no server to serve: pass --server URL or --master URL, set KILN_SERVER, or give a --config naming one"
                 .into(),
         )
         .into());
