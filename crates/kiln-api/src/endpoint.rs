@@ -45,7 +45,8 @@ impl SendThrough for reqwest::RequestBuilder {
 /// now, and the TLS settings calls use. Clones share which URL is the current one.
 #[derive(Clone, Debug)]
 pub struct Endpoint {
-    /// The URLs joined by commas: how the endpoint is named and keyed.
+    /// The URLs in sorted order, joined by commas: how the endpoint is named and
+    /// keyed.
     name: String,
     bases: Arc<[String]>,
     current: Arc<AtomicUsize>,
@@ -80,17 +81,22 @@ impl Endpoint {
                 bases.push(base);
             }
         }
+        // In one order whatever order they were given in: a client given the same
+        // URLs in another order is the same client of the same farm.
+        let mut sorted = bases.clone();
+        sorted.sort();
         Ok(Endpoint {
-            name: bases.join(","),
+            name: sorted.join(","),
             bases: bases.into(),
             current: Arc::new(AtomicUsize::new(0)),
             tls: tls.clone(),
         })
     }
 
-    /// The endpoint's name: its URLs, without trailing `/`, joined by commas. One
-    /// farm's replicas are one endpoint, so this is what keys it (its sessions, its
-    /// jobs' directories, a kept secret).
+    /// The endpoint's name: its URLs, without trailing `/`, sorted and joined by
+    /// commas. One farm's replicas are one endpoint, so this is what keys it (its
+    /// sessions, its jobs' directories, a kept secret), whatever order the URLs were
+    /// given in.
     pub fn url(&self) -> &str {
         &self.name
     }

@@ -126,9 +126,14 @@ impl ServerConn {
         self
     }
 
-    /// The server's URL.
+    /// The server's URL (a farm's URLs, sorted, separated by commas).
     pub fn url(&self) -> &str {
         self.endpoint.url()
+    }
+
+    /// The URL calls go to now: of a farm's URLs, the one that answered last.
+    pub fn current_url(&self) -> &str {
+        self.endpoint.base()
     }
 
     fn job_url(&self, build: &str, job: &str, rest: &str) -> String {

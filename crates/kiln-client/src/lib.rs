@@ -556,14 +556,23 @@ async fn hold_session(conn: ServerConn, client_id: String) {
     let mut n_failures: u32 = 0;
     loop {
         let opened = tokio::time::Instant::now();
+        let called = conn.current_url().to_owned();
         let result = conn.session(&client_id).await;
         if opened.elapsed() > Duration::from_secs(30) {
             n_failures = 0;
         }
-        n_failures += 1;
         if let Err(err) = result {
             tracing::debug!(cause = %kiln_proto::error_chain(&err), server = %conn.url(), "session ended");
         }
+        // A session that had been open broke, and the farm's next URL is another
+        // server: open the session there at once. (One that could not even open
+        // waits as usual, so that a farm whose every server is down is not called in
+        // a loop: at most 4 times a second this way.)
+        if conn.current_url() != called && opened.elapsed() > Duration::from_millis(250) {
+            n_failures = 0;
+            continue;
+        }
+        n_failures += 1;
         let base = Duration::from_millis(100 * 2u64.pow(n_failures.min(6)));
         let delay = base
             .min(Duration::from_secs(5))

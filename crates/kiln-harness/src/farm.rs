@@ -1,10 +1,13 @@
-//! [`Farm`]: a server and clients started as real `kiln` processes on loopback, for
-//! `kiln demo` and `kiln bench`. Each process logs to a file in the farm's directory
-//! and is signalled by its own pid.
+//! [`Farm`]: a server (or several replicas of one farm) and clients started as real
+//! `kiln` processes on loopback, for `kiln demo` and `kiln bench`. Each process logs to
+//! a file in the farm's directory and is signalled by its own pid.
 
+use crate::postgres::PgCluster;
+use crate::seaweed::{Seaweed, S3_KEY, S3_SECRET};
 use anyhow::Context;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncBufReadExt;
 use tokio::process::{Child, Command};
@@ -12,12 +15,27 @@ use tokio::process::{Child, Command};
 /// A farm of `kiln` processes sharing one directory.
 pub struct Farm {
     pub dir: PathBuf,
+    /// The farm's URL: the server's, or the replicas' separated by commas.
     pub url: String,
     pub admin_token_file: PathBuf,
     pub client_token_file: PathBuf,
     server_args: Vec<String>,
-    server: Child,
+    servers: Vec<ServerProcess>,
     clients: Vec<(String, Child)>,
+}
+
+/// What replicas share, started for them and kept alive as long as this is: a
+/// PostgreSQL and a SeaweedFS of their own, on loopback.
+pub struct SharedStores {
+    pub postgres: Arc<PgCluster>,
+    pub weed: Seaweed,
+}
+
+/// One `kiln server` of the farm: its data in `DIR/NAME`, its log `DIR/NAME.log`.
+struct ServerProcess {
+    name: String,
+    url: String,
+    child: Child,
 }
 
 fn log_file(path: &Path) -> anyhow::Result<Stdio> {
@@ -29,13 +47,15 @@ fn log_file(path: &Path) -> anyhow::Result<Stdio> {
     Ok(Stdio::from(file))
 }
 
-/// Starts `kiln server` listening on `listen`; returns it and the URL it printed.
+/// Starts `kiln server` named `name` listening on `listen`; returns it and the URL it
+/// printed.
 async fn spawn_server(
     dir: &Path,
+    name: &str,
     listen: &str,
     args: &[String],
 ) -> anyhow::Result<(Child, String)> {
-    let data = dir.join("server");
+    let data = dir.join(name);
     std::fs::create_dir_all(&data)?;
     let mut all: Vec<std::ffi::OsString> = vec![
         "server".into(),
@@ -45,7 +65,8 @@ async fn spawn_server(
         data.into(),
     ];
     all.extend(args.iter().map(Into::into));
-    spawn_listening(&all, &dir.join("server.log"), "kiln server listening on ").await
+    let log = dir.join(format!("{name}.log"));
+    spawn_listening(&all, &log, "kiln server listening on ").await
 }
 
 /// Starts `kiln ARGS` (a server or a master), logging to `log`; returns it and the URL
@@ -83,50 +104,162 @@ impl Farm {
     /// Starts a server on a free loopback port with data in `dir/server`.
     pub async fn start(dir: &Path, server_args: &[&str]) -> anyhow::Result<Self> {
         let server_args: Vec<String> = server_args.iter().map(|arg| arg.to_string()).collect();
-        let (server, url) = spawn_server(dir, "127.0.0.1:0", &server_args).await?;
+        let (child, url) = spawn_server(dir, "server", "127.0.0.1:0", &server_args).await?;
         let data = dir.join("server");
         Ok(Farm {
             dir: dir.to_owned(),
-            url,
+            url: url.clone(),
             admin_token_file: data.join("admin.token"),
             client_token_file: data.join("client.token"),
             server_args,
-            server,
+            servers: vec![ServerProcess {
+                name: "server".into(),
+                url,
+                child,
+            }],
             clients: Vec::new(),
         })
     }
 
+    /// Starts `n` replicas of one farm (`server-0`, `server-1`, ...), each on a free
+    /// loopback port with the same token files (`dir/admin.token`, `dir/client.token`)
+    /// and `server_args`, which must give them one state store and one image store.
+    pub async fn start_replicas(dir: &Path, n: u32, server_args: &[&str]) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let admin_token_file = dir.join("admin.token");
+        let client_token_file = dir.join("client.token");
+        for file in [&admin_token_file, &client_token_file] {
+            let secret: [u8; 24] = rand::random();
+            std::fs::write(file, format!("{}\n", hex::encode(secret)))?;
+        }
+        let mut all_args: Vec<String> = server_args.iter().map(|arg| arg.to_string()).collect();
+        all_args.extend([
+            "--admin-token-file".to_owned(),
+            admin_token_file.display().to_string(),
+            "--client-token-file".to_owned(),
+            client_token_file.display().to_string(),
+        ]);
+        let mut servers = Vec::new();
+        for idx in 0..n {
+            let name = format!("server-{idx}");
+            let (child, url) = spawn_server(dir, &name, "127.0.0.1:0", &all_args).await?;
+            servers.push(ServerProcess { name, url, child });
+        }
+        Ok(Farm {
+            dir: dir.to_owned(),
+            url: servers
+                .iter()
+                .map(|server| server.url.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
+            admin_token_file,
+            client_token_file,
+            server_args: all_args,
+            servers,
+            clients: Vec::new(),
+        })
+    }
+
+    /// As [`Farm::start_replicas`], on a PostgreSQL and a SeaweedFS started here (in
+    /// `dir/weed`): the state in a new database, the images under `s3://kiln/farm`.
+    pub async fn start_replicas_on_own_stores(
+        dir: &Path,
+        n: u32,
+        server_args: &[&str],
+    ) -> anyhow::Result<(Self, SharedStores)> {
+        std::fs::create_dir_all(dir)?;
+        let postgres = Arc::new(tokio::task::spawn_blocking(PgCluster::start).await??);
+        let database = postgres.new_database().await?;
+        let weed_dir = dir.join("weed");
+        let weed = tokio::task::spawn_blocking(move || Seaweed::start(&weed_dir)).await?;
+        let credentials = dir.join("s3-credentials");
+        std::fs::write(
+            &credentials,
+            format!(
+                "[default]\naws_access_key_id = {S3_KEY}\naws_secret_access_key = {S3_SECRET}\n"
+            ),
+        )?;
+        let mut all: Vec<String> = server_args.iter().map(|arg| arg.to_string()).collect();
+        all.extend(["--database".to_owned(), database]);
+        all.extend(weed.server_args("farm"));
+        all.extend([
+            "--s3-credentials-file".to_owned(),
+            credentials.display().to_string(),
+        ]);
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        let farm = Farm::start_replicas(&dir.join("farm"), n, &all).await?;
+        Ok((farm, SharedStores { postgres, weed }))
+    }
+
+    /// The URL of server `idx`.
+    pub fn server_url(&self, idx: usize) -> &str {
+        &self.servers[idx].url
+    }
+
+    /// SIGKILLs server `idx` and reaps it; [`Farm::restart_replica`] starts it again.
+    pub async fn kill_replica(&mut self, idx: usize) {
+        let server = &mut self.servers[idx];
+        signal(&server.child, libc::SIGKILL);
+        let _ = server.child.wait().await;
+    }
+
+    /// Starts server `idx` again on the same address and data after
+    /// [`Farm::kill_replica`].
+    pub async fn restart_replica(&mut self, idx: usize) -> anyhow::Result<()> {
+        self.respawn_server(idx).await
+    }
+
+    /// How many server processes the farm has.
+    pub fn n_servers(&self) -> usize {
+        self.servers.len()
+    }
+
     /// SIGKILLs the server and starts it again on the same address and data.
     pub async fn crash_and_restart_server(&mut self) -> anyhow::Result<()> {
-        signal(&self.server, libc::SIGKILL);
-        let _ = self.server.wait().await;
-        self.respawn_server().await
+        self.crash_and_restart_replica(0).await
+    }
+
+    /// SIGKILLs server `idx` and starts it again on the same address and data.
+    pub async fn crash_and_restart_replica(&mut self, idx: usize) -> anyhow::Result<()> {
+        self.kill_replica(idx).await;
+        self.respawn_server(idx).await
     }
 
     /// Stops the server (SIGTERM) and starts it again on the same address and data,
     /// with `server_args` from now on.
     pub async fn restart_server_with(&mut self, server_args: &[&str]) -> anyhow::Result<()> {
-        signal(&self.server, libc::SIGTERM);
-        stop_child(&mut self.server).await;
+        signal(&self.servers[0].child, libc::SIGTERM);
+        stop_child(&mut self.servers[0].child).await;
         self.server_args = server_args.iter().map(|arg| arg.to_string()).collect();
-        self.respawn_server().await
+        self.respawn_server(0).await
     }
 
-    async fn respawn_server(&mut self) -> anyhow::Result<()> {
-        let listen = self.url.trim_start_matches("http://").to_owned();
-        let (server, url) = spawn_server(&self.dir, &listen, &self.server_args).await?;
+    async fn respawn_server(&mut self, idx: usize) -> anyhow::Result<()> {
+        let server = &mut self.servers[idx];
+        let listen = server.url.trim_start_matches("http://").to_owned();
+        let (child, url) =
+            spawn_server(&self.dir, &server.name, &listen, &self.server_args).await?;
         anyhow::ensure!(
-            url == self.url,
+            url == server.url,
             "the server came back at {url}, not {}",
-            self.url
+            server.url
         );
-        self.server = server;
+        server.child = child;
         Ok(())
     }
 
     /// Starts a client process taking `include`, with `slots` slots; returns its index.
+    /// With replicas, the client is given every replica's URL, starting with one that
+    /// depends on its id (the same each time it is restarted), so that the clients'
+    /// sessions spread over the replicas.
     pub fn add_client(&mut self, id: &str, include: &str, slots: u32) -> anyhow::Result<usize> {
-        let url = self.url.clone();
+        let first = id.bytes().map(usize::from).sum::<usize>() % self.servers.len();
+        let url = self.servers[first..]
+            .iter()
+            .chain(&self.servers[..first])
+            .map(|server| server.url.as_str())
+            .collect::<Vec<_>>()
+            .join(",");
         self.add_client_via(id, include, slots, &url)
     }
 
@@ -176,9 +309,9 @@ impl Farm {
         let _ = self.clients[idx].1.wait().await;
     }
 
-    /// The server's process id, while it runs.
+    /// The (first) server's process id, while it runs.
     pub fn server_pid(&self) -> Option<u32> {
-        self.server.id()
+        self.servers[0].child.id()
     }
 
     /// The admin secret.
@@ -196,7 +329,7 @@ impl Farm {
     }
 
     /// Stops every process: SIGTERM to the clients (idle ones exit at once), then to
-    /// the server; SIGKILL whatever is still there after a few seconds.
+    /// the servers; SIGKILL whatever is still there after a few seconds.
     pub async fn stop(mut self) {
         for (_, client) in &self.clients {
             signal(client, libc::SIGCONT);
@@ -205,8 +338,10 @@ impl Farm {
         for (_, client) in &mut self.clients {
             stop_child(client).await;
         }
-        signal(&self.server, libc::SIGTERM);
-        stop_child(&mut self.server).await;
+        for server in &mut self.servers {
+            signal(&server.child, libc::SIGTERM);
+            stop_child(&mut server.child).await;
+        }
     }
 }
 

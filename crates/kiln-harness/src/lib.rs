@@ -13,6 +13,8 @@
 //! - [`proxy::TcpProxy`]: a proxy that cuts the network between a client and a server;
 //! - [`nginx::LoadBalancer`]: an nginx in front of a farm's replicas, for the test of
 //!   the setup docs/operations.md describes;
+//! - [`postgres::PgCluster`]: a throwaway PostgreSQL server, for the tests and the
+//!   chaos bench's replica mode;
 //! - [`seaweed::Seaweed`]: a SeaweedFS of its own (`weed mini`) for the object storage
 //!   tests and benches;
 //! - `testing` (feature `testing`): the end-to-end tests' support (blocking: a test's
@@ -26,6 +28,7 @@ pub mod chaos;
 pub mod demo;
 pub mod farm;
 pub mod nginx;
+pub mod postgres;
 pub mod proxy;
 pub mod seaweed;
 #[cfg(feature = "testing")]

@@ -4,7 +4,7 @@
 //! ([`PgCluster`]).
 
 use async_trait::async_trait;
-use kiln_store::conformance::pg_cluster::PgCluster;
+use kiln_harness::postgres::PgCluster;
 use kiln_store::conformance::StoreFactory;
 use kiln_store::{PgStore, SqliteStore, Store};
 use std::collections::BTreeSet;

@@ -570,8 +570,9 @@ pub enum BenchWhich {
         #[arg(long, default_value_t = 5)]
         heartbeat_secs: u64,
     },
-    /// The chaos test: a 42-job build while clients and the server are SIGKILLed and
-    /// restarted; checks the job invariants from the images and the event log.
+    /// The chaos test: a 42-job build while clients and the server (or replicas and
+    /// PostgreSQL) are SIGKILLed and restarted; checks the job invariants from the
+    /// images, the event log and the webhook notices.
     Chaos {
         /// Products (jobs = products x configurations).
         #[arg(long, default_value_t = 7)]
@@ -585,14 +586,22 @@ pub enum BenchWhich {
         /// Client SIGKILLs (each client is restarted after).
         #[arg(long, default_value_t = 10)]
         client_kills: u32,
-        /// Server SIGKILLs (the server is restarted after).
+        /// Server SIGKILLs (the server, or a random replica, is restarted after).
         #[arg(long, default_value_t = 3)]
         server_kills: u32,
+        /// Servers: 1 keeps the state in SQLite; 2 or more are replicas of one farm on a
+        /// PostgreSQL and a SeaweedFS the run starts (postgresql and `weed` installed).
+        #[arg(long, default_value_t = 1)]
+        replicas: u32,
+        /// PostgreSQL kills, each restarted after a moment (with --replicas 2 or more).
+        #[arg(long, default_value_t = 0)]
+        database_restarts: u32,
         /// Seed of the random choices, for a repeatable run.
         #[arg(long)]
         seed: Option<u64>,
     },
-    /// Time for every client to re-attach after the server is killed and restarted.
+    /// Time for every client to re-attach after the server holding its session is
+    /// killed (and restarted, or, with replicas, left for the next).
     Reattach {
         /// Clients, each running a job when the server dies.
         #[arg(long, default_value_t = 6)]
@@ -600,6 +609,10 @@ pub enum BenchWhich {
         /// Trials to time.
         #[arg(long, default_value_t = 3)]
         trials: u32,
+        /// Servers: 1 is restarted after its kill; 2 or more are replicas on a
+        /// PostgreSQL and a SeaweedFS the run starts, and the clients move to the next.
+        #[arg(long, default_value_t = 1)]
+        replicas: u32,
     },
     /// Makespan of a build of sleep jobs over its ideal.
     Makespan {

@@ -413,15 +413,30 @@ pub async fn failover(
     Ok(true)
 }
 
-/// The time for `n_clients` clients running jobs to re-attach after the server is
-/// killed and restarted, over `n_trials` trials.
-pub async fn reattach(n_clients: u32, n_trials: u32) -> anyhow::Result<bool> {
+/// Time for every client to hold a session again after the server holding them is
+/// SIGKILLed: with one server, from its restart on the same address and data; with
+/// `replicas` (2 or more, on a PostgreSQL and a SeaweedFS of their own), from the kill
+/// of the replica every session is on, until every client holds its session with the
+/// next one (the killed one is started again before the next trial).
+pub async fn reattach(n_clients: u32, n_trials: u32, replicas: u32) -> anyhow::Result<bool> {
     let temp = tempfile::Builder::new().prefix("kiln-bench-").tempdir()?;
-    let mut farm = Farm::start(temp.path(), &[]).await?;
+    let (mut farm, stores) = if replicas >= 2 {
+        let (farm, stores) = Farm::start_replicas_on_own_stores(temp.path(), replicas, &[]).await?;
+        (farm, Some(stores))
+    } else {
+        (Farm::start(temp.path(), &[]).await?, None)
+    };
+    // Every client is given the URLs in the same order, so every session starts on the
+    // first server.
+    let url = farm.url.clone();
     for idx in 0..n_clients {
-        farm.add_client(&format!("c{idx}"), "*", 1)?;
+        farm.add_client_via(&format!("c{idx}"), "*", 1, &url)?;
     }
-    let operator = Operator::with_token(&farm.url, Some(&farm.admin_token()?))?;
+    let admin = farm.admin_token()?;
+    let operator = Operator::with_token(&farm.url, Some(&admin))?;
+    let each: Vec<Operator> = (0..farm.n_servers())
+        .map(|idx| Operator::with_token(farm.server_url(idx), Some(&admin)))
+        .collect::<Result<_, _>>()?;
     let build_dir = temp.path().join("build");
     write_build(
         &build_dir,
@@ -434,8 +449,9 @@ pub async fn reattach(n_clients: u32, n_trials: u32) -> anyhow::Result<bool> {
         .submit(&build_dir.join("relbuild.xml"), &build_dir)
         .await?;
     let mut times = Vec::new();
+    let mut holder = 0;
     for _ in 0..n_trials {
-        // Every client is running its job and connected.
+        // Every client is running its job and holds its session with `holder`.
         loop {
             let jobs = operator.jobs("reattach").await?;
             let running = jobs
@@ -443,24 +459,40 @@ pub async fn reattach(n_clients: u32, n_trials: u32) -> anyhow::Result<bool> {
                 .filter(|job| job.state == JobState::Running)
                 .count();
             if running == n_clients as usize
-                && sessions_open(&operator).await? == u64::from(n_clients)
+                && sessions_open(&each[holder]).await? == u64::from(n_clients)
             {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        farm.crash_and_restart_server().await?;
-        let restarted = tokio::time::Instant::now();
-        while sessions_open(&operator).await? < u64::from(n_clients) {
+        // Sessions settled, as a farm's are, not just opened.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if stores.is_none() {
+            farm.crash_and_restart_server().await?;
+        } else {
+            farm.kill_replica(holder).await;
+        }
+        let lost = tokio::time::Instant::now();
+        let next = (holder + 1) % farm.n_servers();
+        while sessions_open(&each[next]).await.unwrap_or(0) < u64::from(n_clients) {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        times.push(restarted.elapsed().as_secs_f64());
+        times.push(lost.elapsed().as_secs_f64());
+        if stores.is_some() {
+            farm.restart_replica(holder).await?;
+        }
+        holder = next;
     }
     let events: Vec<Event> = job_events(&operator, "reattach").await?;
     let n_claims = events.iter().filter(|e| e.to == JobState::Running).count();
     farm.stop().await;
+    drop(stores);
     times.sort_by(|a, b| a.total_cmp(b));
-    println!("re-attach: server SIGKILLed and restarted with {n_clients} clients running jobs; {n_trials} trials");
+    if replicas >= 2 {
+        println!("re-attach: the replica holding every session SIGKILLed ({replicas} replicas on PostgreSQL) with {n_clients} clients running jobs; {n_trials} trials, from the kill");
+    } else {
+        println!("re-attach: server SIGKILLed and restarted with {n_clients} clients running jobs; {n_trials} trials");
+    }
     println!("| p50 | max | jobs started twice |");
     println!("|---|---|---|");
     println!(

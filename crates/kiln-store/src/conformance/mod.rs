@@ -22,7 +22,6 @@
 //! make a store fails every case.
 
 pub mod cases;
-pub mod pg_cluster;
 
 use crate::{
     ClaimedJob, ClaimingClient, Failure, NewBuild, NewImage, Store, StoreError, StoreResult,

@@ -47,13 +47,19 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             slots,
             database,
         } => throughput::throughput(jobs, clients, slots, database.as_deref()).await?,
-        BenchWhich::Reattach { clients, trials } => bench::reattach(clients, trials).await?,
+        BenchWhich::Reattach {
+            clients,
+            trials,
+            replicas,
+        } => bench::reattach(clients, trials, replicas).await?,
         BenchWhich::Chaos {
             products,
             configs,
             clients,
             client_kills,
             server_kills,
+            replicas,
+            database_restarts,
             seed,
         } => {
             let plan = chaos::Plan {
@@ -62,6 +68,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
                 clients,
                 client_kills,
                 server_kills,
+                replicas,
+                database_restarts,
                 seed,
             };
             chaos::run(plan).await?

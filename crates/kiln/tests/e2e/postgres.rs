@@ -12,7 +12,7 @@ use crate::common::{
     events_of, run_kiln, text, wait_for_gate, wait_until_within, write_build, Client, Harness, Job,
     LoadBalancer, Run, Seaweed, Server, S3_KEY, S3_SECRET,
 };
-use kiln_store::conformance::pg_cluster::PgCluster;
+use kiln_harness::postgres::PgCluster;
 use std::path::Path;
 use std::time::Duration;
 

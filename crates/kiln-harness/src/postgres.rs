@@ -1,6 +1,7 @@
-//! A throwaway PostgreSQL cluster for tests: `initdb` into a temporary directory and a
-//! `postgres` server on a free loopback port, from Debian's `postgresql` package (or
-//! any installation whose `initdb` and `postgres` are found).
+//! A throwaway PostgreSQL cluster for tests and benches: `initdb` into a temporary
+//! directory and a `postgres` server on a free loopback port, from Debian's
+//! `postgresql` package (or any installation whose `initdb` and `postgres` are found).
+//! The chaos bench's replica mode kills and restarts one of its own.
 //!
 //! [`PgCluster::shared`] starts one cluster per test process, the first time a test
 //! asks, and every test makes its own database there with [`PgCluster::new_database`].
