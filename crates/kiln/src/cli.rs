@@ -662,6 +662,23 @@ pub enum BenchWhich {
         #[arg(long, value_name = "URL")]
         database: Option<String>,
     },
+    /// Claim-and-finish cycles per second of the job store alone (no HTTP, no
+    /// clients), on SQLite and, given a database, on PostgreSQL, alternating.
+    Store {
+        /// Jobs in each round's build.
+        #[arg(long, default_value_t = 10000)]
+        jobs: u32,
+        /// Tasks doing cycles at once, as dispatchers of several replicas would.
+        #[arg(long, default_value_t = 4)]
+        workers: u32,
+        /// Rounds on each backend, each a new build in the same store.
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+        /// Also run on this PostgreSQL database (its build numbers are unique to the
+        /// run, so a database may be used again).
+        #[arg(long, value_name = "URL")]
+        database: Option<String>,
+    },
     /// Image transfer: a fresh image against curl -T to nginx, a changed image against
     /// casync and rsync, the demo build's storage, the server's memory during an upload,
     /// and a fresh image into SeaweedFS against boto3.

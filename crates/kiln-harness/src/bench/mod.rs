@@ -22,6 +22,7 @@ use std::path::Path;
 use std::time::Duration;
 
 pub mod fleet;
+pub mod store;
 pub mod tabs;
 pub mod throughput;
 pub mod transfer;

@@ -47,6 +47,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             slots,
             database,
         } => throughput::throughput(jobs, clients, slots, database.as_deref()).await?,
+        BenchWhich::Store {
+            jobs,
+            workers,
+            rounds,
+            database,
+        } => kiln_harness::bench::store::store(jobs, workers, rounds, database.as_deref()).await?,
         BenchWhich::Reattach {
             clients,
             trials,

@@ -1,0 +1,218 @@
+//! `kiln bench store`: the job store alone, without HTTP or clients: how many
+//! claim-and-finish cycles a second it does, on SQLite and (given a database) on
+//! PostgreSQL, alternating the two, each round a new build in the same store so that
+//! later rounds run on a fuller one.
+//!
+//! A cycle is what a server does for a trivial job: read the first queued jobs in the
+//! dispatcher's order (`queued_candidates`, 64 at a time, as a dispatch round does),
+//! claim one (its event, the client's history and the lease in one transaction),
+//! record its image under the lease, and finish it (its event, the webhook outbox row
+//! and the client's history in one transaction). `workers` tasks do cycles at once,
+//! each taking every `workers`-th job of what it read, as several dispatchers (one per
+//! replica) would; a claim another worker won counts as a lost race, not a cycle.
+
+use kiln_proto::manifest::BuildManifest;
+use kiln_store::{ClaimingClient, NewBuild, NewImage, PgStore, SqliteStore, Store};
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// One round's figures.
+struct Round {
+    backend: &'static str,
+    round: u32,
+    insert_secs: f64,
+    cycles: u64,
+    lost_races: u64,
+    secs: f64,
+    cycle_ms: Vec<f64>,
+}
+
+/// A build of `n_jobs` trivial jobs, numbered `number`, parsed from its XML as a
+/// submitted one is.
+fn build_of(number: &str, n_jobs: u32) -> anyhow::Result<NewBuild> {
+    let mut xml = format!(
+        "<SERVER>\n<BUILDNUMBER>{number}</BUILDNUMBER>\n<TITLE>store bench</TITLE>\n<JOBS>\n"
+    );
+    for idx in 0..n_jobs {
+        let _ = writeln!(
+            xml,
+            "<JOB ID=\"j{idx}\"><CONFIGTYPE>PRO</CONFIGTYPE><INSTALLSCRIPT>install.sh</INSTALLSCRIPT><IMAGESCRIPT>image.sh</IMAGESCRIPT><TIMEOUT>600</TIMEOUT></JOB>"
+        );
+    }
+    xml.push_str("</JOBS>\n</SERVER>\n");
+    Ok(NewBuild {
+        manifest: BuildManifest::parse("relbuild.xml", &xml)?,
+        files_key: format!("files/{number}.tar"),
+        files_size: 10_240,
+        submitted_at: kiln_common::now_micros(),
+        default_accept_within_secs: None,
+        default_max_attempts: 3,
+    })
+}
+
+/// One worker's cycles until the queue is empty: (cycle times in ms, lost races).
+async fn work(
+    store: Arc<dyn Store>,
+    worker: usize,
+    n_workers: usize,
+) -> anyhow::Result<(Vec<f64>, u64)> {
+    let client = ClaimingClient {
+        id: format!("bench-{worker}"),
+        include: vec!["*".into()],
+        slots: Some(1),
+        version: None,
+        address: Some("127.0.0.1".into()),
+    };
+    let mut cycle_ms = Vec::new();
+    let mut lost = 0;
+    loop {
+        let started = Instant::now();
+        let candidates = store.queued_candidates(64).await?;
+        if candidates.is_empty() {
+            return Ok((cycle_ms, lost));
+        }
+        let mut mine = candidates.iter().skip(worker % candidates.len().max(1));
+        let mut first = true;
+        while let Some(candidate) = mine.next() {
+            let began = if first { started } else { Instant::now() };
+            first = false;
+            let now = kiln_common::now_micros();
+            let Some(claimed) = store
+                .claim(
+                    &candidate.build,
+                    &candidate.job,
+                    &client,
+                    now + 60_000_000,
+                    now,
+                )
+                .await?
+            else {
+                lost += 1;
+                continue;
+            };
+            let name = format!("{}.img", claimed.job);
+            let image = NewImage {
+                name: name.clone(),
+                size: 6,
+                blake3: "0".repeat(64),
+                sha256: String::new(),
+                blob_key: format!("images/{}/{}", claimed.build, name),
+                created_at: now,
+                chunk_list: Vec::new(),
+            };
+            store
+                .add_image(&claimed.build, &claimed.job, &claimed.lease, &image)
+                .await?;
+            store
+                .finish(
+                    &claimed.build,
+                    &claimed.job,
+                    &claimed.lease,
+                    &[name],
+                    kiln_common::now_micros(),
+                )
+                .await?;
+            cycle_ms.push(began.elapsed().as_secs_f64() * 1000.0);
+            // The next of every `n_workers` candidates.
+            for _ in 1..n_workers {
+                mine.next();
+            }
+        }
+    }
+}
+
+async fn round(
+    store: &Arc<dyn Store>,
+    backend: &'static str,
+    round_no: u32,
+    n_jobs: u32,
+    n_workers: u32,
+) -> anyhow::Result<Round> {
+    let number = format!("store-{}-{round_no}", std::process::id());
+    let build = build_of(&number, n_jobs)?;
+    let inserted = Instant::now();
+    store.insert_build(&build).await?;
+    let insert_secs = inserted.elapsed().as_secs_f64();
+    let started = Instant::now();
+    let workers: Vec<_> = (0..n_workers as usize)
+        .map(|worker| tokio::spawn(work(store.clone(), worker, n_workers as usize)))
+        .collect();
+    let mut cycle_ms = Vec::new();
+    let mut lost_races = 0;
+    for worker in workers {
+        let (times, lost) = worker.await??;
+        cycle_ms.extend(times);
+        lost_races += lost;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let summary = store.build_summary(&number).await?;
+    anyhow::ensure!(
+        summary.n_finished == n_jobs,
+        "round {round_no} on {backend}: {} of {n_jobs} jobs finished",
+        summary.n_finished
+    );
+    cycle_ms.sort_by(|a, b| a.total_cmp(b));
+    Ok(Round {
+        backend,
+        round: round_no,
+        insert_secs,
+        cycles: cycle_ms.len() as u64,
+        lost_races,
+        secs,
+        cycle_ms,
+    })
+}
+
+/// Runs `rounds` rounds of `n_jobs` jobs with `n_workers` workers on SQLite (a new
+/// file) and, with `database`, on PostgreSQL, alternating; prints the table.
+pub async fn store(
+    n_jobs: u32,
+    n_workers: u32,
+    rounds: u32,
+    database: Option<&str>,
+) -> anyhow::Result<bool> {
+    anyhow::ensure!(n_workers >= 1, "--workers must be at least 1");
+    let temp = tempfile::Builder::new().prefix("kiln-bench-").tempdir()?;
+    let mut stores: Vec<(&'static str, Arc<dyn Store>)> = vec![(
+        "SQLite",
+        Arc::new(SqliteStore::open(&temp.path().join("kiln.db")).await?),
+    )];
+    if let Some(url) = database {
+        stores.push(("PostgreSQL", Arc::new(PgStore::connect(url).await?)));
+    }
+    // A warm-up round on each, not counted.
+    for (backend, store) in &stores {
+        round(store, backend, 0, n_jobs.min(500), n_workers).await?;
+    }
+    let mut results = Vec::new();
+    for round_no in 1..=rounds {
+        for (backend, store) in &stores {
+            let result = round(store, backend, round_no, n_jobs, n_workers).await?;
+            eprintln!(
+                "store: {backend} round {round_no}: {} cycles in {:.2} s",
+                result.cycles, result.secs
+            );
+            results.push(result);
+        }
+    }
+    println!(
+        "store: claim-and-finish cycles of {n_jobs} jobs a round, {n_workers} workers, {rounds} rounds alternating"
+    );
+    println!("| backend | round | jobs in the store before | insert | cycles/s | cycle p50 | cycle p99 | lost races |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for result in &results {
+        let before = n_jobs.min(500) + (result.round - 1) * n_jobs;
+        println!(
+            "| {} | {} | {before} | {:.2} s | {:.0} | {:.2} ms | {:.2} ms | {} |",
+            result.backend,
+            result.round,
+            result.insert_secs,
+            result.cycles as f64 / result.secs,
+            super::percentile(&result.cycle_ms, 50.0),
+            super::percentile(&result.cycle_ms, 99.0),
+            result.lost_races
+        );
+    }
+    Ok(true)
+}
