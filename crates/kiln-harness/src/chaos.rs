@@ -232,7 +232,8 @@ async fn start_farm(
     if plan.replicas < 2 {
         return Ok((Farm::start(dir, args).await?, None));
     }
-    let (farm, shared) = Farm::start_replicas_on_own_stores(dir, plan.replicas, args).await?;
+    let (farm, shared) =
+        Farm::start_replicas_on_shared_stores(dir, plan.replicas, None, args).await?;
     Ok((farm, Some(shared)))
 }
 
@@ -315,8 +316,8 @@ pub async fn run(plan: Plan) -> anyhow::Result<bool> {
             Blow::Database => {
                 let postgres = shared
                     .as_ref()
-                    .map(|shared| shared.postgres.clone())
-                    .expect("replicas have a database");
+                    .and_then(|shared| shared.postgres.clone())
+                    .expect("replicas have a PostgreSQL of their own");
                 let down_for = Duration::from_millis(rng.gen_range(500..2000));
                 tokio::task::spawn_blocking(move || {
                     postgres.kill()?;

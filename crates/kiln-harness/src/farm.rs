@@ -25,9 +25,10 @@ pub struct Farm {
 }
 
 /// What replicas share, started for them and kept alive as long as this is: a
-/// PostgreSQL and a SeaweedFS of their own, on loopback.
+/// SeaweedFS of their own, on loopback, and a PostgreSQL of their own unless they were
+/// given a database.
 pub struct SharedStores {
-    pub postgres: Arc<PgCluster>,
+    pub postgres: Option<Arc<PgCluster>>,
     pub weed: Seaweed,
 }
 
@@ -160,16 +161,24 @@ impl Farm {
         })
     }
 
-    /// As [`Farm::start_replicas`], on a PostgreSQL and a SeaweedFS started here (in
-    /// `dir/weed`): the state in a new database, the images under `s3://kiln/farm`.
-    pub async fn start_replicas_on_own_stores(
+    /// As [`Farm::start_replicas`], sharing a SeaweedFS started here (in `dir/weed`;
+    /// the images under `s3://kiln/farm`) and the PostgreSQL `database`, or, without
+    /// one, a new database on a PostgreSQL started here too.
+    pub async fn start_replicas_on_shared_stores(
         dir: &Path,
         n: u32,
+        database: Option<&str>,
         server_args: &[&str],
     ) -> anyhow::Result<(Self, SharedStores)> {
         std::fs::create_dir_all(dir)?;
-        let postgres = Arc::new(tokio::task::spawn_blocking(PgCluster::start).await??);
-        let database = postgres.new_database().await?;
+        let (postgres, database) = match database {
+            Some(url) => (None, url.to_owned()),
+            None => {
+                let postgres = Arc::new(tokio::task::spawn_blocking(PgCluster::start).await??);
+                let database = postgres.new_database().await?;
+                (Some(postgres), database)
+            }
+        };
         let weed_dir = dir.join("weed");
         let weed = tokio::task::spawn_blocking(move || Seaweed::start(&weed_dir)).await?;
         let credentials = dir.join("s3-credentials");
@@ -189,6 +198,14 @@ impl Farm {
         let all: Vec<&str> = all.iter().map(String::as_str).collect();
         let farm = Farm::start_replicas(&dir.join("farm"), n, &all).await?;
         Ok((farm, SharedStores { postgres, weed }))
+    }
+
+    /// Every server's process id, of those that run.
+    pub fn server_pids(&self) -> Vec<u32> {
+        self.servers
+            .iter()
+            .filter_map(|server| server.child.id())
+            .collect()
     }
 
     /// The URL of server `idx`.

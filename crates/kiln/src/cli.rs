@@ -661,6 +661,10 @@ pub enum BenchWhich {
         /// build numbers are unique to the run, so a database may be used again).
         #[arg(long, value_name = "URL")]
         database: Option<String>,
+        /// Servers: 2 or more are replicas on --database (else a PostgreSQL the run
+        /// starts) sharing a SeaweedFS the run starts.
+        #[arg(long, default_value_t = 1)]
+        replicas: u32,
     },
     /// Claim-and-finish cycles per second of the job store alone (no HTTP, no
     /// clients), on SQLite and, given a database, on PostgreSQL, alternating.

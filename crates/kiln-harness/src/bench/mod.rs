@@ -422,7 +422,8 @@ pub async fn failover(
 pub async fn reattach(n_clients: u32, n_trials: u32, replicas: u32) -> anyhow::Result<bool> {
     let temp = tempfile::Builder::new().prefix("kiln-bench-").tempdir()?;
     let (mut farm, stores) = if replicas >= 2 {
-        let (farm, stores) = Farm::start_replicas_on_own_stores(temp.path(), replicas, &[]).await?;
+        let (farm, stores) =
+            Farm::start_replicas_on_shared_stores(temp.path(), replicas, None, &[]).await?;
         (farm, Some(stores))
     } else {
         (Farm::start(temp.path(), &[]).await?, None)

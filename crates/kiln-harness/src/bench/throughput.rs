@@ -57,19 +57,30 @@ pub(crate) fn process_use(pid: u32) -> anyhow::Result<ProcessUse> {
 }
 
 /// Runs `n_jobs` trivial jobs on `n_clients` clients of `slots` slots each, the state in
-/// SQLite under the server's data directory or in the PostgreSQL `database`.
+/// SQLite under the server's data directory or in the PostgreSQL `database`. With
+/// `replicas` (2 or more) the farm is that many servers on `database` (or a PostgreSQL
+/// started here) sharing a SeaweedFS started here; each client is given every
+/// replica's URL, starting with one of its own, and the CPU is every replica's.
 pub async fn throughput(
     n_jobs: u32,
     n_clients: u32,
     slots: u32,
     database: Option<&str>,
+    replicas: u32,
 ) -> anyhow::Result<bool> {
     let temp = tempfile::Builder::new().prefix("kiln-bench-").tempdir()?;
     let mut server_args = vec!["--max-jobs-per-build", "100000"];
-    if let Some(database) = database {
-        server_args.extend(["--database", database]);
-    }
-    let mut farm = Farm::start(temp.path(), &server_args).await?;
+    let (mut farm, stores) = if replicas >= 2 {
+        let (farm, stores) =
+            Farm::start_replicas_on_shared_stores(temp.path(), replicas, database, &server_args)
+                .await?;
+        (farm, Some(stores))
+    } else {
+        if let Some(database) = database {
+            server_args.extend(["--database", database]);
+        }
+        (Farm::start(temp.path(), &server_args).await?, None)
+    };
     for idx in 0..n_clients {
         farm.add_client(&format!("tp-{idx}"), "*", slots)?;
     }
@@ -88,8 +99,19 @@ pub async fn throughput(
         .wait_for_build(&warm, Some(Duration::from_secs(300)))
         .await?;
 
-    let pid = farm.server_pid().context("the server is not running")?;
-    let before = process_use(pid)?;
+    let pids = farm.server_pids();
+    anyhow::ensure!(pids.len() == farm.n_servers(), "a server is not running");
+    let use_of = |pids: &[u32]| -> anyhow::Result<(f64, f64)> {
+        let mut cpu_secs = 0.0;
+        let mut peak_rss_mib: f64 = 0.0;
+        for pid in pids {
+            let used = process_use(*pid)?;
+            cpu_secs += used.cpu_secs;
+            peak_rss_mib = peak_rss_mib.max(used.peak_rss_mib);
+        }
+        Ok((cpu_secs, peak_rss_mib))
+    };
+    let (cpu_before, _) = use_of(&pids)?;
     let number = format!("tp-{run}");
     let build_dir = temp.path().join("build");
     write_build(&build_dir, &number, n_jobs, "true\n", IMAGE_SCRIPT)?;
@@ -106,7 +128,7 @@ pub async fn throughput(
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
-    let after = process_use(pid)?;
+    let (cpu_after, peak_rss_mib) = use_of(&pids)?;
     let events: Vec<Event> = operator.events(&number).await?;
     if !all_finished {
         let jobs = operator.jobs(&number).await?;
@@ -127,21 +149,29 @@ pub async fn throughput(
         }
     }
     farm.stop().await;
+    drop(stores);
 
     let secs = super::makespan_secs(&events);
-    let cpu_ms_per_job = (after.cpu_secs - before.cpu_secs) * 1000.0 / f64::from(n_jobs);
-    let store = if database.is_some() {
+    let cpu_ms_per_job = (cpu_after - cpu_before) * 1000.0 / f64::from(n_jobs);
+    let store = if database.is_some() || replicas >= 2 {
         "PostgreSQL"
     } else {
         "SQLite"
     };
-    println!("{n_jobs} trivial jobs on {n_clients} clients x {slots} slots, state in {store}");
-    println!("| jobs | jobs/s | server CPU per job | server peak RSS | all finished |");
+    let servers = if replicas >= 2 {
+        format!("{replicas} replicas")
+    } else {
+        "one server".to_owned()
+    };
+    println!(
+        "{n_jobs} trivial jobs on {n_clients} clients x {slots} slots, {servers}, state in {store}"
+    );
+    println!("| jobs | jobs/s | server CPU per job (all servers) | server peak RSS (largest) | all finished |");
     println!("|---|---|---|---|---|");
     println!(
         "| {n_jobs} | {:.1} | {cpu_ms_per_job:.2} ms | {:.0} MiB | {all_finished} |",
         f64::from(n_jobs) / secs,
-        after.peak_rss_mib
+        peak_rss_mib
     );
     Ok(all_finished)
 }

@@ -46,7 +46,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             clients,
             slots,
             database,
-        } => throughput::throughput(jobs, clients, slots, database.as_deref()).await?,
+            replicas,
+        } => throughput::throughput(jobs, clients, slots, database.as_deref(), replicas).await?,
         BenchWhich::Store {
             jobs,
             workers,
