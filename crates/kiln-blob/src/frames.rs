@@ -91,28 +91,26 @@ impl Frame {
 
     /// [`Frame::encode`] for a chunk whose name is already known.
     pub fn encode_named(hash: ChunkHash, chunk: &[u8]) -> Frame {
+        Frame::encode_shared(hash, &Bytes::copy_from_slice(chunk))
+    }
+
+    /// [`Frame::encode`] for a chunk whose name is known and whose bytes are shared:
+    /// a chunk that does not compress travels as the same bytes, not a copy.
+    pub fn encode_shared(hash: ChunkHash, chunk: &Bytes) -> Frame {
         let raw_len = u32::try_from(chunk.len()).expect("chunks are shorter than 4 GiB");
-        let sample = &chunk[..chunk.len().min(SAMPLE_BYTES)];
-        let worth_trying = zstd::bulk::compress(sample, ZSTD_LEVEL)
-            .map(|compressed| compressed.len() * 100 < sample.len() * 95)
-            .unwrap_or(false);
-        if worth_trying {
-            if let Ok(compressed) = zstd::bulk::compress(chunk, ZSTD_LEVEL) {
-                if compressed.len() < chunk.len() {
-                    return Frame {
-                        hash,
-                        raw_len,
-                        encoding: Encoding::Zstd,
-                        data: Bytes::from(compressed),
-                    };
-                }
-            }
+        if let Some(compressed) = compress_if_it_pays(chunk) {
+            return Frame {
+                hash,
+                raw_len,
+                encoding: Encoding::Zstd,
+                data: Bytes::from(compressed),
+            };
         }
         Frame {
             hash,
             raw_len,
             encoding: Encoding::Raw,
-            data: Bytes::copy_from_slice(chunk),
+            data: chunk.clone(),
         }
     }
 
@@ -194,6 +192,33 @@ impl Frame {
         reader.finish()?;
         Ok(frame)
     }
+}
+
+thread_local! {
+    /// One zstd context a thread, made once: making one costs more than compressing
+    /// a sample with it.
+    static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// `chunk` compressed, when a sample of it compresses and the whole comes out
+/// shorter; `None` when it is better sent as it is (random or already compressed
+/// bytes, the bulk of a fresh image, are caught by the sample).
+fn compress_if_it_pays(chunk: &[u8]) -> Option<Vec<u8>> {
+    COMPRESSOR.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        if cell.is_none() {
+            *cell = zstd::bulk::Compressor::new(ZSTD_LEVEL).ok();
+        }
+        let compressor = cell.as_mut()?;
+        let sample = &chunk[..chunk.len().min(SAMPLE_BYTES)];
+        let sampled = compressor.compress(sample).ok()?;
+        if sampled.len() * 100 >= sample.len() * 95 {
+            return None;
+        }
+        let compressed = compressor.compress(chunk).ok()?;
+        (compressed.len() < chunk.len()).then_some(compressed)
+    })
 }
 
 /// Takes frames apart from a byte stream that arrives in arbitrary pieces.

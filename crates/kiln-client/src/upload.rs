@@ -271,7 +271,7 @@ async fn send_chunks(
     let body = tokio::task::spawn_blocking(move || {
         let mut body = Vec::with_capacity(raw_bytes as usize + chunks.len() * 48);
         for (entry, data) in &chunks {
-            Frame::encode_named(entry.hash, data).write_to(&mut body);
+            Frame::encode_shared(entry.hash, data).write_to(&mut body);
         }
         body
     })
