@@ -17,7 +17,7 @@ const MAX_EXPANSION: u32 = 1024;
 /// The fixed part of a frame before its data.
 pub const FRAME_HEADER_BYTES: usize = 32 + 4 + 1 + 4;
 /// Bytes of one entry of a packed chunk list.
-pub const CHUNK_ENTRY_BYTES: usize = 36;
+pub const CHUNK_ENTRY_BYTES: usize = kiln_proto::transfer::PACKED_ENTRY_BYTES;
 /// The zstd level chunks are compressed with: fast, and most of the gain on disk
 /// images (runs of zeros, text, executables).
 const ZSTD_LEVEL: i32 = 1;
@@ -293,28 +293,14 @@ impl FrameReader {
     }
 }
 
-/// Packs a chunk list, 36 bytes an entry.
+/// Packs a chunk list, 36 bytes an entry (see [`kiln_proto::transfer::pack_chunk_list`]).
 pub fn pack_chunk_list(entries: &[ChunkEntry]) -> Vec<u8> {
-    let mut packed = Vec::with_capacity(entries.len() * CHUNK_ENTRY_BYTES);
-    for entry in entries {
-        packed.extend_from_slice(&entry.hash.0);
-        packed.extend_from_slice(&entry.len.to_le_bytes());
-    }
-    packed
+    kiln_proto::transfer::pack_chunk_list(entries)
 }
 
 /// Unpacks what [`pack_chunk_list`] packed.
 pub fn unpack_chunk_list(packed: &[u8]) -> Result<Vec<ChunkEntry>, FrameError> {
-    if !packed.len().is_multiple_of(CHUNK_ENTRY_BYTES) {
-        return Err(FrameError::BadChunkList(packed.len()));
-    }
-    Ok(packed
-        .chunks_exact(CHUNK_ENTRY_BYTES)
-        .map(|entry| ChunkEntry {
-            hash: ChunkHash(entry[..32].try_into().expect("32 bytes")),
-            len: u32::from_le_bytes(entry[32..].try_into().expect("4 bytes")),
-        })
-        .collect())
+    kiln_proto::transfer::unpack_chunk_list(packed).ok_or(FrameError::BadChunkList(packed.len()))
 }
 
 #[cfg(test)]

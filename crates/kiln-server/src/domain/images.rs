@@ -211,6 +211,14 @@ impl Images {
             .collect()
     }
 
+    /// The chunk list the image's questions announced, when this server holds all
+    /// of it, in order, and it has `n_chunks` entries.
+    fn announced_list(&self, key: &ImageKey, n_chunks: u64) -> Option<Vec<ChunkEntry>> {
+        let image = self.hashing.lock().expect("hashing lock").get(key)?.clone();
+        let image = image.lock().expect("in-order hash lock");
+        (!image.broken && image.entries.len() as u64 == n_chunks).then(|| image.entries.clone())
+    }
+
     fn take_in_order_hash(&self, key: &ImageKey) -> Option<Arc<Mutex<InOrderHash>>> {
         self.hashing.lock().expect("hashing lock").remove(key)
     }
@@ -580,6 +588,27 @@ impl Farm {
         request: CommitRequest,
     ) -> FarmResult<ImageInfo> {
         self.store.check_lease(build, job, lease).await?;
+        let key = (build.to_owned(), job.to_owned(), name.to_owned());
+        let request = match request.announced_chunks {
+            Some(n_chunks) => {
+                let chunks = self.images.announced_list(&key, n_chunks).ok_or_else(|| {
+                    FarmError::Exists {
+                        code: "chunk_list_needed",
+                        message: format!(
+                            "image {name}: this server does not hold the {n_chunks} chunks \
+                             announced for it (it restarted, or they were asked out of \
+                             order); commit again with the chunk list"
+                        ),
+                    }
+                })?;
+                CommitRequest {
+                    chunks,
+                    announced_chunks: None,
+                    ..request
+                }
+            }
+            None => request,
+        };
         if request.size > self.config.max_image_bytes {
             return Err(FarmError::TooLarge(format!(
                 "image {name} is larger than the {} bytes this server accepts",
@@ -629,7 +658,6 @@ impl Farm {
         let chunks = self.images.blocking();
         let entries = request.chunks;
         let verify_started = Instant::now();
-        let key = (build.to_owned(), job.to_owned(), name.to_owned());
         let in_order = self.images.take_in_order_hash(&key);
         let (digests, entries, read_back) = blocking(move || {
             if let Some(in_order) = in_order {
