@@ -37,11 +37,13 @@ pub const PIN_TTL: Duration = Duration::from_secs(3600);
 /// Bytes of frames received before they are checked and stored, then hashed into
 /// their image while the next batch is checked and stored; with the batch being
 /// received, three of these a body bound its memory on the server.
-const PUT_BATCH_BYTES: usize = 4 << 20;
+const PUT_BATCH_BYTES: usize = 2 << 20;
 /// Bytes of chunks an image keeps that arrived ahead of where its in-order hash is
 /// (another body of the same upload, sent at the same time, is still on its way);
 /// beyond this they are read back from the store when the hash reaches them.
-const HASH_AHEAD_BYTES: usize = 16 << 20;
+const HASH_AHEAD_BYTES: usize = 8 << 20;
+/// Chunks whose pins [`RecentPins`] remembers for one job: a few questions' worth.
+const RECENT_PINS_PER_JOB: usize = 8192;
 /// Decoded chunks a download may hold ahead of the network.
 const STREAM_AHEAD: usize = 16;
 /// Chunks listed at a time while collecting garbage.
@@ -158,7 +160,9 @@ impl InOrderHash {
             }
             if to_come.contains(hash) && !self.ahead.contains_key(hash) {
                 self.ahead_bytes += bytes.len();
-                self.ahead.insert(*hash, bytes.clone());
+                // A copy: the received bytes share buffers with their neighbours,
+                // which this would keep alive too.
+                self.ahead.insert(*hash, Bytes::copy_from_slice(bytes));
             }
         }
     }
@@ -250,6 +254,12 @@ impl RecentPins {
             .entry((build.to_owned(), job.to_owned()))
             .or_insert_with(|| (at, HashMap::new()));
         *last = (*last).max(at);
+        // Bodies follow the latest questions closely: beyond a bound, the older
+        // pins are let go of (a body of theirs still in flight pins again), so that
+        // memory does not grow with the image.
+        if pins.len() + hashes.len() > RECENT_PINS_PER_JOB {
+            pins.clear();
+        }
         for hash in hashes {
             pins.insert(*hash, at);
         }

@@ -8,7 +8,9 @@ use sqlx::sqlite::SqliteRow;
 use sqlx::Row;
 use std::collections::{HashMap, HashSet};
 
-/// Hashes bound in one statement.
+/// Hashes bound in one statement. Statements whose number of values varies are not
+/// kept prepared: each length would be a cached statement of its own, and the cache
+/// grew the server's memory by tens of MiB during a long upload.
 const BIND_BATCH: usize = 500;
 /// Rows written by one statement (each binds at most four values, well under
 /// SQLite's limit of 32,766).
@@ -35,7 +37,7 @@ async fn insert_entries(tx: &mut super::Tx, pack: &str, entries: &[PackEntry]) -
             "INSERT OR IGNORE INTO pack_chunks (hash, pack, offset, len) VALUES {}",
             rows_of(batch.len(), "(?, ?, ?, ?)")
         );
-        let mut query = sqlx::query(&sql);
+        let mut query = sqlx::query(&sql).persistent(false);
         for entry in batch {
             query = query
                 .bind(&entry.hash.0[..])
@@ -91,7 +93,7 @@ impl Packs for SqliteStore {
                 "SELECT hash, pack, offset, len FROM pack_chunks WHERE hash IN ({})",
                 placeholders(batch.len())
             );
-            let mut query = sqlx::query(&sql);
+            let mut query = sqlx::query(&sql).persistent(false);
             for hash in batch {
                 query = query.bind(&hash.0[..]);
             }
@@ -137,13 +139,13 @@ impl Packs for SqliteStore {
             );
             let sum_sql =
                 format!("SELECT COALESCE(SUM(len), 0) AS bytes FROM pack_chunks WHERE {condition}");
-            let mut sum = sqlx::query(&sum_sql);
+            let mut sum = sqlx::query(&sum_sql).persistent(false);
             for hash in batch {
                 sum = sum.bind(&hash.0[..]);
             }
             freed += unsigned(&sum.bind(since).fetch_one(&mut *tx).await?, "bytes")?;
             let delete_sql = format!("DELETE FROM pack_chunks WHERE {condition}");
-            let mut delete = sqlx::query(&delete_sql);
+            let mut delete = sqlx::query(&delete_sql).persistent(false);
             for hash in batch {
                 delete = delete.bind(&hash.0[..]);
             }
@@ -244,7 +246,7 @@ impl Packs for SqliteStore {
                  ON CONFLICT (hash, owner) DO UPDATE SET until = MAX(until, excluded.until)",
                 rows_of(batch.len(), "(?, ?, ?)")
             );
-            let mut query = sqlx::query(&sql);
+            let mut query = sqlx::query(&sql).persistent(false);
             for hash in batch {
                 query = query.bind(&hash.0[..]).bind(owner).bind(until);
             }
@@ -261,7 +263,7 @@ impl Packs for SqliteStore {
                 "UPDATE chunk_pins SET until = MIN(until, ?) WHERE owner = ? AND hash IN ({})",
                 placeholders(batch.len())
             );
-            let mut query = sqlx::query(&sql).bind(now).bind(owner);
+            let mut query = sqlx::query(&sql).persistent(false).bind(now).bind(owner);
             for hash in batch {
                 query = query.bind(&hash.0[..]);
             }
