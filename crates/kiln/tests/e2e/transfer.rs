@@ -687,20 +687,37 @@ fn a_commit_naming_the_announced_chunks_needs_the_list_again_after_a_server_rest
 #[test]
 fn a_json_question_from_an_older_client_is_still_answered() {
     let harness = Harness::new("transfer-json-question");
-    let (server, conn) = farm(&harness, "340", 1);
+    let (server, _conn) = farm(&harness, "340", 1);
     let image = noise(1 << 20, 6);
     let chunked = kiln_blob::chunking::chunk_reader(&image[..], &Default::default()).unwrap();
     let entries: Vec<ChunkEntry> = chunked.chunks.iter().map(|c| c.entry()).collect();
-    let claim = runtime().block_on(claim(&conn));
+    // An older client: it claims, then asks in JSON.
+    let auth = server.enroll("older");
+    let json = ("Content-Type", "application/json");
+    let claimed = raw_http(
+        &server.url,
+        "POST",
+        "/v1/claim",
+        &[("Authorization", &auth), json],
+        br#"{"client_id":"older","include":["IMG"],"wait_secs":5}"#,
+    );
+    assert_eq!(claimed.status, 200, "{}", claimed.body);
+    let claim: Claim = serde_json::from_str(&claimed.body).expect("a claim");
     let question = kiln_proto::transfer::MissingRequest {
         chunks: entries.clone(),
         image: Some("disk.img".into()),
         offset: 0,
     };
-    let answer = server.client_post(
+    let held = [
+        ("Authorization", auth.as_str()),
+        (kiln_proto::LEASE_HEADER, claim.lease.as_str()),
+    ];
+    let answer = raw_http(
+        &server.url,
+        "POST",
         "/v1/jobs/340/j0/chunks/missing",
-        &[(kiln_proto::LEASE_HEADER, &claim.lease)],
-        &serde_json::to_string(&question).unwrap(),
+        &[held[0], held[1], json],
+        serde_json::to_string(&question).unwrap().as_bytes(),
     );
     assert_eq!(answer.status, 200, "{}", answer.body);
     let answer: kiln_proto::transfer::MissingResponse =
@@ -709,18 +726,15 @@ fn a_json_question_from_an_older_client_is_still_answered() {
     assert_eq!(answer.missing, expected);
 
     // A packed list that is not a whole number of entries is refused, naming why.
+    let packed = (
+        "Content-Type",
+        kiln_proto::transfer::CHUNK_LIST_CONTENT_TYPE,
+    );
     let broken = raw_http(
         &server.url,
         "POST",
         "/v1/jobs/340/j0/chunks/missing?image=disk.img&offset=0",
-        &[
-            ("Authorization", &server.enroll("packer")),
-            (kiln_proto::LEASE_HEADER, &claim.lease),
-            (
-                "Content-Type",
-                kiln_proto::transfer::CHUNK_LIST_CONTENT_TYPE,
-            ),
-        ],
+        &[held[0], held[1], packed],
         &[0u8; 35],
     );
     assert_eq!(broken.status, 400, "{}", broken.body);
