@@ -239,9 +239,11 @@ impl Images {
 /// collection never races it.)
 #[derive(Default)]
 struct RecentPins {
-    /// By job: when its last pin started, and each chunk's.
-    by_job: Mutex<HashMap<(String, String), (Instant, HashMap<ChunkHash, Instant>)>>,
+    by_job: Mutex<HashMap<(String, String), JobPins>>,
 }
+
+/// A job's recent pins: when the latest started, and when each chunk's did.
+type JobPins = (Instant, HashMap<ChunkHash, Instant>);
 
 impl RecentPins {
     /// Notes that `hashes` were pinned for the job, with a pin that started no
