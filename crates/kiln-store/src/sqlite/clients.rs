@@ -31,7 +31,7 @@ impl Clients for SqliteStore {
         .bind(now)
         .bind(address)
         .bind(id)
-        .execute(&self.writer)
+        .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() > 0)
     }
@@ -156,7 +156,7 @@ impl Clients for SqliteStore {
         )
         .bind(now)
         .bind(id)
-        .execute(&self.writer)
+        .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() > 0)
     }

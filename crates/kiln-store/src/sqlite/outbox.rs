@@ -101,7 +101,7 @@ impl Outbox for SqliteStore {
         )
         .bind(now)
         .bind(id)
-        .execute(&self.writer)
+        .execute(&self.pool)
         .await?;
         Ok(())
     }
@@ -123,7 +123,7 @@ impl Outbox for SqliteStore {
         .bind(retry_at)
         .bind(now)
         .bind(id)
-        .execute(&self.writer)
+        .execute(&self.pool)
         .await?;
         Ok(())
     }

@@ -545,7 +545,7 @@ impl Queue for SqliteStore {
         )
         .bind(until)
         .bind(until)
-        .execute(&self.writer)
+        .execute(&self.pool)
         .await?;
         Ok(done.rows_affected())
     }
