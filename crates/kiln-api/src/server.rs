@@ -8,10 +8,11 @@ use crate::identity::{kept_secret_path, Credential, Given};
 use crate::secret::Secret;
 use kiln_proto::api::{Claim, ClaimRequest, Fail, Finish, Heartbeat, LogAppended, LogBatch, Offer};
 use kiln_proto::progress::Progress;
-use kiln_proto::transfer::{ChunkEntry, ChunkHash};
 use kiln_proto::transfer::{
-    CommitRequest, MissingRequest, MissingResponse, PutChunksResponse, FRAMES_CONTENT_TYPE,
+    pack_chunk_list, CommitRequest, MissingRequest, MissingResponse, PutChunksResponse,
+    CHUNK_LIST_CONTENT_TYPE, FRAMES_CONTENT_TYPE,
 };
+use kiln_proto::transfer::{ChunkEntry, ChunkHash};
 use kiln_proto::LEASE_HEADER;
 use reqwest::StatusCode;
 use std::path::Path;
@@ -454,8 +455,28 @@ impl ServerConn {
         image: Option<(&str, u64)>,
         chunks: Vec<ChunkEntry>,
     ) -> Result<Vec<ChunkHash>, CallError> {
+        // Packed, 36 bytes a chunk; a server from before packed lists refuses the
+        // media type (415) and is asked again in JSON.
+        let place: Vec<(&str, String)> = match image {
+            Some((name, offset)) => {
+                vec![("image", name.to_owned()), ("offset", offset.to_string())]
+            }
+            None => Vec::new(),
+        };
         let response = self
             .request(
+                reqwest::Method::POST,
+                self.job_url(&claim.build, &claim.job_id, "chunks/missing"),
+            )
+            .await?
+            .query(&place)
+            .header(LEASE_HEADER, &claim.lease)
+            .header(reqwest::header::CONTENT_TYPE, CHUNK_LIST_CONTENT_TYPE)
+            .body(pack_chunk_list(&chunks))
+            .send_through(&self.endpoint)
+            .await?;
+        let response = if response.status() == StatusCode::UNSUPPORTED_MEDIA_TYPE {
+            self.request(
                 reqwest::Method::POST,
                 self.job_url(&claim.build, &claim.job_id, "chunks/missing"),
             )
@@ -467,7 +488,10 @@ impl ServerConn {
                 offset: image.map_or(0, |(_, offset)| offset),
             })
             .send_through(&self.endpoint)
-            .await?;
+            .await?
+        } else {
+            response
+        };
         let answer: MissingResponse = check(response)
             .await?
             .json()

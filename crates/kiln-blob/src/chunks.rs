@@ -520,7 +520,7 @@ pub fn ingest<R: Read + Send>(
         Ok(())
     };
     let chunked = chunk_reader_with(reader, params, |chunk, data| {
-        let frame = Frame::encode_named(chunk.entry().hash, data);
+        let frame = Frame::encode_shared(chunk.entry().hash, data);
         batch_bytes += frame.data.len();
         batch.push(frame);
         if batch_bytes >= INGEST_BATCH_BYTES {

@@ -17,7 +17,7 @@ const MAX_EXPANSION: u32 = 1024;
 /// The fixed part of a frame before its data.
 pub const FRAME_HEADER_BYTES: usize = 32 + 4 + 1 + 4;
 /// Bytes of one entry of a packed chunk list.
-pub const CHUNK_ENTRY_BYTES: usize = 36;
+pub const CHUNK_ENTRY_BYTES: usize = kiln_proto::transfer::PACKED_ENTRY_BYTES;
 /// The zstd level chunks are compressed with: fast, and most of the gain on disk
 /// images (runs of zeros, text, executables).
 const ZSTD_LEVEL: i32 = 1;
@@ -91,28 +91,26 @@ impl Frame {
 
     /// [`Frame::encode`] for a chunk whose name is already known.
     pub fn encode_named(hash: ChunkHash, chunk: &[u8]) -> Frame {
+        Frame::encode_shared(hash, &Bytes::copy_from_slice(chunk))
+    }
+
+    /// [`Frame::encode`] for a chunk whose name is known and whose bytes are shared:
+    /// a chunk that does not compress travels as the same bytes, not a copy.
+    pub fn encode_shared(hash: ChunkHash, chunk: &Bytes) -> Frame {
         let raw_len = u32::try_from(chunk.len()).expect("chunks are shorter than 4 GiB");
-        let sample = &chunk[..chunk.len().min(SAMPLE_BYTES)];
-        let worth_trying = zstd::bulk::compress(sample, ZSTD_LEVEL)
-            .map(|compressed| compressed.len() * 100 < sample.len() * 95)
-            .unwrap_or(false);
-        if worth_trying {
-            if let Ok(compressed) = zstd::bulk::compress(chunk, ZSTD_LEVEL) {
-                if compressed.len() < chunk.len() {
-                    return Frame {
-                        hash,
-                        raw_len,
-                        encoding: Encoding::Zstd,
-                        data: Bytes::from(compressed),
-                    };
-                }
-            }
+        if let Some(compressed) = compress_if_it_pays(chunk) {
+            return Frame {
+                hash,
+                raw_len,
+                encoding: Encoding::Zstd,
+                data: Bytes::from(compressed),
+            };
         }
         Frame {
             hash,
             raw_len,
             encoding: Encoding::Raw,
-            data: Bytes::copy_from_slice(chunk),
+            data: chunk.clone(),
         }
     }
 
@@ -196,6 +194,33 @@ impl Frame {
     }
 }
 
+thread_local! {
+    /// One zstd context a thread, made once: making one costs more than compressing
+    /// a sample with it.
+    static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// `chunk` compressed, when a sample of it compresses and the whole comes out
+/// shorter; `None` when it is better sent as it is (random or already compressed
+/// bytes, the bulk of a fresh image, are caught by the sample).
+fn compress_if_it_pays(chunk: &[u8]) -> Option<Vec<u8>> {
+    COMPRESSOR.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        if cell.is_none() {
+            *cell = zstd::bulk::Compressor::new(ZSTD_LEVEL).ok();
+        }
+        let compressor = cell.as_mut()?;
+        let sample = &chunk[..chunk.len().min(SAMPLE_BYTES)];
+        let sampled = compressor.compress(sample).ok()?;
+        if sampled.len() * 100 >= sample.len() * 95 {
+            return None;
+        }
+        let compressed = compressor.compress(chunk).ok()?;
+        (compressed.len() < chunk.len()).then_some(compressed)
+    })
+}
+
 /// Takes frames apart from a byte stream that arrives in arbitrary pieces.
 #[derive(Default)]
 pub struct FrameReader {
@@ -268,28 +293,14 @@ impl FrameReader {
     }
 }
 
-/// Packs a chunk list, 36 bytes an entry.
+/// Packs a chunk list, 36 bytes an entry (see [`kiln_proto::transfer::pack_chunk_list`]).
 pub fn pack_chunk_list(entries: &[ChunkEntry]) -> Vec<u8> {
-    let mut packed = Vec::with_capacity(entries.len() * CHUNK_ENTRY_BYTES);
-    for entry in entries {
-        packed.extend_from_slice(&entry.hash.0);
-        packed.extend_from_slice(&entry.len.to_le_bytes());
-    }
-    packed
+    kiln_proto::transfer::pack_chunk_list(entries)
 }
 
 /// Unpacks what [`pack_chunk_list`] packed.
 pub fn unpack_chunk_list(packed: &[u8]) -> Result<Vec<ChunkEntry>, FrameError> {
-    if !packed.len().is_multiple_of(CHUNK_ENTRY_BYTES) {
-        return Err(FrameError::BadChunkList(packed.len()));
-    }
-    Ok(packed
-        .chunks_exact(CHUNK_ENTRY_BYTES)
-        .map(|entry| ChunkEntry {
-            hash: ChunkHash(entry[..32].try_into().expect("32 bytes")),
-            len: u32::from_le_bytes(entry[32..].try_into().expect("4 bytes")),
-        })
-        .collect())
+    kiln_proto::transfer::unpack_chunk_list(packed).ok_or(FrameError::BadChunkList(packed.len()))
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use kiln_api::{CallError, ServerConn};
+use kiln_api::{CallError, ServerConn, StatusCode};
 use kiln_blob::chunking::{chunk_reader_with, ChunkParams};
 use kiln_blob::{ChunkEntry, ChunkHash, Frame};
 use kiln_proto::api::Claim;
@@ -209,16 +209,29 @@ impl ImageUploader for ChunkedUploader {
             .map_err(local(format!("reading image {}", path.display())))?;
 
         tracing::debug!(image = %name, secs = started.elapsed().as_secs_f64(), "image cut and chunks sent; committing");
-        let commit = CommitRequest {
+        // The questions named every chunk in order: the commit refers to that list
+        // rather than sending it again, unless the server no longer holds it (it
+        // restarted) or predates that (it cannot read such a commit).
+        let mut commit = CommitRequest {
             size: chunked.digests.size,
             blake3: chunked.digests.blake3.clone(),
             sha256: chunked.digests.sha256.clone(),
-            chunks: entries,
+            chunks: Vec::new(),
+            announced_chunks: (!entries.is_empty()).then_some(entries.len() as u64),
         };
         let mut rounds = 0;
         loop {
             match conn.commit_image(claim, name, &commit).await {
                 Ok(()) => break,
+                Err(CallError::Refused { status, message })
+                    if commit.announced_chunks.is_some()
+                        && (status == StatusCode::CONFLICT
+                            || status == StatusCode::UNPROCESSABLE_ENTITY) =>
+                {
+                    tracing::debug!(image = %name, %message, "committing again with the chunk list");
+                    commit.announced_chunks = None;
+                    commit.chunks = std::mem::take(&mut entries);
+                }
                 Err(CallError::MissingChunks(missing)) if rounds < COMMIT_ROUNDS => {
                     // Collected since we asked (or never stored): send them again.
                     rounds += 1;
@@ -235,7 +248,7 @@ impl ImageUploader for ChunkedUploader {
         on_progress(size, size);
         let report = UploadReport {
             size: chunked.digests.size,
-            chunks: commit.chunks.len() as u64,
+            chunks: chunked.chunks.len() as u64,
             chunks_sent: sent.chunks,
             raw_bytes_sent: sent.raw_bytes,
             wire_bytes_sent: sent.wire_bytes,
@@ -271,7 +284,7 @@ async fn send_chunks(
     let body = tokio::task::spawn_blocking(move || {
         let mut body = Vec::with_capacity(raw_bytes as usize + chunks.len() * 48);
         for (entry, data) in &chunks {
-            Frame::encode_named(entry.hash, data).write_to(&mut body);
+            Frame::encode_shared(entry.hash, data).write_to(&mut body);
         }
         body
     })

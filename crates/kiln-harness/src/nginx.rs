@@ -23,6 +23,38 @@ pub const KILN_LOCATION: &str = "\
         proxy_send_timeout 24h;
 ";
 
+/// An nginx configuration for one process (no master, no daemon) whose pid file, logs
+/// and temporary files are under `dir`, taking bodies of any size, with `http` (the
+/// servers and what else goes in the `http` block).
+pub fn config(dir: &Path, http: &str) -> String {
+    // nginx started as root drops to `nobody` unless told otherwise, and nobody cannot
+    // write into the directories of a test or a bench.
+    // SAFETY: geteuid(2) has no preconditions.
+    let user = if unsafe { libc::geteuid() } == 0 {
+        "user root;\n"
+    } else {
+        ""
+    };
+    let d = dir.display();
+    format!(
+        "{user}daemon off;
+master_process off;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 256; }}
+http {{
+    client_body_temp_path {d}/temp/body;
+    proxy_temp_path {d}/temp/proxy;
+    fastcgi_temp_path {d}/temp/fastcgi;
+    uwsgi_temp_path {d}/temp/uwsgi;
+    scgi_temp_path {d}/temp/scgi;
+    client_max_body_size 0;
+{http}}}
+"
+    )
+}
+
 /// An nginx balancing requests over a farm's replicas.
 pub struct LoadBalancer {
     dir: PathBuf,
@@ -47,30 +79,11 @@ impl LoadBalancer {
                 format!("        server {address} max_fails=1 fail_timeout=10s;\n")
             })
             .collect();
-        // nginx started as root drops to `nobody` unless told otherwise, and nobody
-        // cannot write into the test's directories.
-        // SAFETY: geteuid(2) has no preconditions.
-        let user = if unsafe { libc::geteuid() } == 0 {
-            "user root;\n"
-        } else {
-            ""
-        };
         let d = dir.display();
-        let conf = format!(
-            "{user}daemon off;
-master_process off;
-worker_processes 1;
-pid {d}/nginx.pid;
-error_log {d}/error.log warn;
-events {{ worker_connections 256; }}
-http {{
-    access_log {d}/access.log;
-    client_body_temp_path {d}/temp/body;
-    proxy_temp_path {d}/temp/proxy;
-    fastcgi_temp_path {d}/temp/fastcgi;
-    uwsgi_temp_path {d}/temp/uwsgi;
-    scgi_temp_path {d}/temp/scgi;
-    client_max_body_size 0;
+        let conf = config(
+            dir,
+            &format!(
+                "    access_log {d}/access.log;
     upstream kiln {{
 {servers}        keepalive 16;
     }}
@@ -79,8 +92,8 @@ http {{
         location / {{
 {KILN_LOCATION}        }}
     }}
-}}
 "
+            ),
         );
         let conf_path = dir.join("nginx.conf");
         std::fs::write(&conf_path, conf).expect("writing nginx.conf");

@@ -97,6 +97,39 @@ pub const MAX_MISSING_QUERY: usize = 4096;
 pub const MAX_FETCH: usize = 1024;
 /// Media type of a body of frames.
 pub const FRAMES_CONTENT_TYPE: &str = "application/x-kiln-chunks";
+/// Media type of a packed chunk list: [`PACKED_ENTRY_BYTES`] a chunk, back to back.
+pub const CHUNK_LIST_CONTENT_TYPE: &str = "application/x-kiln-chunk-list";
+/// Bytes of one entry of a packed chunk list: the chunk's BLAKE3 (32 bytes, raw) and
+/// its length (u32, little-endian).
+pub const PACKED_ENTRY_BYTES: usize = 36;
+
+/// Packs a chunk list, [`PACKED_ENTRY_BYTES`] an entry: 36 bytes a chunk where JSON
+/// with hex names takes about 87.
+pub fn pack_chunk_list(entries: &[ChunkEntry]) -> Vec<u8> {
+    let mut packed = Vec::with_capacity(entries.len() * PACKED_ENTRY_BYTES);
+    for entry in entries {
+        packed.extend_from_slice(&entry.hash.0);
+        packed.extend_from_slice(&entry.len.to_le_bytes());
+    }
+    packed
+}
+
+/// Unpacks what [`pack_chunk_list`] packed; `None` when `packed` is not a whole
+/// number of entries.
+pub fn unpack_chunk_list(packed: &[u8]) -> Option<Vec<ChunkEntry>> {
+    if !packed.len().is_multiple_of(PACKED_ENTRY_BYTES) {
+        return None;
+    }
+    Some(
+        packed
+            .chunks_exact(PACKED_ENTRY_BYTES)
+            .map(|entry| ChunkEntry {
+                hash: ChunkHash(entry[..32].try_into().expect("32 bytes")),
+                len: u32::from_le_bytes(entry[32..].try_into().expect("4 bytes")),
+            })
+            .collect(),
+    )
+}
 
 /// `POST /v1/jobs/B/J/chunks/missing`.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -140,7 +173,15 @@ pub struct CommitRequest {
     /// The whole image's SHA-256, 64 lowercase hex digits.
     #[schema(pattern = "^[0-9a-f]{64}$")]
     pub sha256: String,
+    /// The image's chunks in order. Left out (or empty) with `announced_chunks`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub chunks: Vec<ChunkEntry>,
+    /// Instead of `chunks`: how many chunks the image's `chunks/missing` questions
+    /// named, from offset 0 on, in order; those are its chunk list, which then
+    /// travels once. Refused with 409 `chunk_list_needed` when the server does not
+    /// hold that list (it restarted since, say): commit again with `chunks`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub announced_chunks: Option<u64>,
 }
 
 /// `GET /v1/jobs/B/J/images/NAME/index`.

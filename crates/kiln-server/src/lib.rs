@@ -345,3 +345,21 @@ impl Server {
         Ok(())
     }
 }
+
+/// Tells the C allocator (glibc) to give memory back as the server lets it go. Left
+/// alone, it makes an arena for each thread that allocates (the blocking pool has
+/// dozens) and keeps large freed buffers for reuse once it has seen one freed: while a
+/// 4 GiB image streamed through, the server's memory grew past 100 MiB on buffers it
+/// no longer used. Two arenas, and buffers of 256 KiB and more mapped and unmapped on their own.
+/// `kiln server` calls it first thing; it is a no-op elsewhere than on glibc.
+pub fn keep_memory_flat() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallopt only sets the allocator's parameters, which it allows at
+        // any time.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 2);
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10);
+        }
+    }
+}

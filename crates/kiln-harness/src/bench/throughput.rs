@@ -81,12 +81,13 @@ pub async fn throughput(
         }
         (Farm::start(temp.path(), &server_args).await?, None)
     };
-    for idx in 0..n_clients {
-        farm.add_client(&format!("tp-{idx}"), "*", slots)?;
-    }
     let operator = Operator::with_token(&farm.url, Some(&farm.admin_token()?))?;
-    // Build numbers unique to this run, for a database that outlives it.
+    // Build numbers and client ids unique to this run, for a database that outlives
+    // it (a client id enrolled by an earlier run is another client's).
     let run = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis();
+    for idx in 0..n_clients {
+        farm.add_client(&format!("tp-{run}-{idx}"), "*", slots)?;
+    }
 
     // Warm-up: a job per slot, so that every client is started and polling.
     let warm = format!("tp-warm-{run}");

@@ -986,25 +986,11 @@ impl Nginx {
         std::fs::create_dir_all(&dav)?;
         std::fs::create_dir_all(&temp)?;
         let port = free_port()?;
-        // nginx started as root drops to `nobody` unless told otherwise, and nobody
-        // cannot write into the bench's directories.
-        let user = if is_root() { "user root;\n" } else { "" };
         let d = dir.display();
-        let conf = format!(
-            "{user}daemon off;
-master_process off;
-worker_processes 1;
-pid {d}/nginx.pid;
-error_log {d}/error.log warn;
-events {{ worker_connections 64; }}
-http {{
-    access_log off;
-    client_body_temp_path {d}/temp/body;
-    proxy_temp_path {d}/temp/proxy;
-    fastcgi_temp_path {d}/temp/fastcgi;
-    uwsgi_temp_path {d}/temp/uwsgi;
-    scgi_temp_path {d}/temp/scgi;
-    client_max_body_size 0;
+        let conf = crate::nginx::config(
+            dir,
+            &format!(
+                "    access_log off;
     server {{
         listen 127.0.0.1:{port};
         root {d}/dav;
@@ -1012,8 +998,8 @@ http {{
             dav_methods PUT;
         }}
     }}
-}}
 "
+            ),
         );
         let conf_path = dir.join("nginx.conf");
         std::fs::write(&conf_path, conf)?;

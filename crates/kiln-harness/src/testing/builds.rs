@@ -222,3 +222,12 @@ pub fn text<'a>(job: &'a Value, field: &str) -> &'a str {
 pub fn events_of<'a>(events: &'a [Value], job: &str) -> Vec<&'a Value> {
     events.iter().filter(|event| event["job"] == job).collect()
 }
+
+/// A job's first requeue (`running` to `queued`) in a build's event log; panics with
+/// the log when there is none.
+pub fn first_requeue<'a>(events: &'a [Value], job: &str) -> &'a Value {
+    events_of(events, job)
+        .into_iter()
+        .find(|event| event["from"] == "running" && event["to"] == "queued")
+        .unwrap_or_else(|| panic!("no requeue of {job} in the event log: {events:#?}"))
+}

@@ -34,9 +34,16 @@ use std::time::{Duration, Instant};
 
 /// How long a chunk an upload mentioned is safe from collection.
 pub const PIN_TTL: Duration = Duration::from_secs(3600);
-/// Bytes of frames received before they are checked, stored (one sync) and hashed
-/// into their image; what bounds a body's memory on the server.
-const PUT_BATCH_BYTES: usize = 8 << 20;
+/// Bytes of frames received before they are checked and stored, then hashed into
+/// their image while the next batch is checked and stored; with the batch being
+/// received, three of these a body bound its memory on the server.
+const PUT_BATCH_BYTES: usize = 2 << 20;
+/// Bytes of chunks an image keeps that arrived ahead of where its in-order hash is
+/// (another body of the same upload, sent at the same time, is still on its way);
+/// beyond this they are read back from the store when the hash reaches them.
+const HASH_AHEAD_BYTES: usize = 8 << 20;
+/// Chunks whose pins [`RecentPins`] remembers for one job: a few questions' worth.
+const RECENT_PINS_PER_JOB: usize = 8192;
 /// Decoded chunks a download may hold ahead of the network.
 const STREAM_AHEAD: usize = 16;
 /// Chunks listed at a time while collecting garbage.
@@ -60,6 +67,8 @@ pub(super) struct Images {
     hashing: Mutex<HashMap<ImageKey, Arc<Mutex<InOrderHash>>>>,
     /// How many image uploads each client is sending now.
     uploads: UploadSlots,
+    /// Chunks pinned lately for each job, and when.
+    recent_pins: RecentPins,
 }
 
 /// An image of a job: (build, job, image name).
@@ -75,6 +84,11 @@ struct InOrderHash {
     /// How many of `entries` are hashed.
     hashed: usize,
     hasher: kiln_blob::ImageHasher,
+    /// Chunks received and checked before the hash reached them, kept (at most
+    /// [`HASH_AHEAD_BYTES`] of them) so that they need not be read back.
+    ahead: HashMap<ChunkHash, Bytes>,
+    /// Bytes of `ahead`.
+    ahead_bytes: usize,
     /// Announcements came out of order: the commit reads the image back instead.
     broken: bool,
     touched: Instant,
@@ -87,14 +101,17 @@ impl InOrderHash {
             announced: 0,
             hashed: 0,
             hasher: kiln_blob::ImageHasher::new(),
+            ahead: HashMap::new(),
+            ahead_bytes: 0,
             broken: false,
             touched: Instant::now(),
         }
     }
 
     /// Hashes announced chunks, in order, as far as they are stored, taking the bytes
-    /// from `fresh` (chunks just received and checked) before reading the store. Runs
-    /// on a blocking thread.
+    /// from `fresh` (chunks just received and checked) or from those kept ahead
+    /// before reading the store; then keeps the chunks of `fresh` the hash has yet to
+    /// reach. Runs on a blocking thread.
     fn advance(
         &mut self,
         chunks: &BlockingChunks,
@@ -104,10 +121,16 @@ impl InOrderHash {
             let entry = self.entries[self.hashed];
             let bytes = match fresh.get(&entry.hash) {
                 Some(bytes) => bytes.clone(),
-                None => match chunks.read_unchecked(&entry.hash) {
-                    Ok(bytes) => bytes,
-                    Err(BlobError::NotFound(_)) => break,
-                    Err(err) => return Err(err),
+                None => match self.ahead.remove(&entry.hash) {
+                    Some(bytes) => {
+                        self.ahead_bytes -= bytes.len();
+                        bytes
+                    }
+                    None => match chunks.read_unchecked(&entry.hash) {
+                        Ok(bytes) => bytes,
+                        Err(BlobError::NotFound(_)) => break,
+                        Err(err) => return Err(err),
+                    },
                 },
             };
             if bytes.len() != entry.len as usize {
@@ -117,7 +140,31 @@ impl InOrderHash {
             self.hasher.update(&bytes);
             self.hashed += 1;
         }
+        self.keep_ahead(fresh);
         Ok(())
+    }
+
+    /// Keeps those of `fresh` that the hash has yet to reach, as far as
+    /// [`HASH_AHEAD_BYTES`] allows.
+    fn keep_ahead(&mut self, fresh: &HashMap<ChunkHash, Bytes>) {
+        if self.broken || fresh.is_empty() || self.hashed == self.entries.len() {
+            return;
+        }
+        let to_come: HashSet<&ChunkHash> = self.entries[self.hashed..]
+            .iter()
+            .map(|entry| &entry.hash)
+            .collect();
+        for (hash, bytes) in fresh {
+            if self.ahead_bytes + bytes.len() > HASH_AHEAD_BYTES {
+                break;
+            }
+            if to_come.contains(hash) && !self.ahead.contains_key(hash) {
+                self.ahead_bytes += bytes.len();
+                // A copy: the received bytes share buffers with their neighbours,
+                // which this would keep alive too.
+                self.ahead.insert(*hash, Bytes::copy_from_slice(bytes));
+            }
+        }
     }
 }
 
@@ -128,6 +175,7 @@ impl Images {
             gc_serial: tokio::sync::Mutex::new(()),
             hashing: Mutex::default(),
             uploads: UploadSlots::default(),
+            recent_pins: RecentPins::default(),
         }
     }
 
@@ -167,12 +215,79 @@ impl Images {
             .collect()
     }
 
+    /// The chunk list the image's questions announced, when this server holds all
+    /// of it, in order, and it has `n_chunks` entries.
+    fn announced_list(&self, key: &ImageKey, n_chunks: u64) -> Option<Vec<ChunkEntry>> {
+        let image = self.hashing.lock().expect("hashing lock").get(key)?.clone();
+        let image = image.lock().expect("in-order hash lock");
+        (!image.broken && image.entries.len() as u64 == n_chunks).then(|| image.entries.clone())
+    }
+
     fn take_in_order_hash(&self, key: &ImageKey) -> Option<Arc<Mutex<InOrderHash>>> {
         self.hashing.lock().expect("hashing lock").remove(key)
     }
 
     fn blocking(&self) -> BlockingChunks {
         BlockingChunks::new(self.chunks.clone())
+    }
+}
+
+/// The chunks this server pinned for each job lately, and when. The chunks of a body
+/// were most often pinned a moment before, when the job asked which it should send;
+/// they are pinned again only when that was longer than half [`PIN_TTL`] ago. (A
+/// commit pins all its chunks again before it checks them, whatever this says, so
+/// collection never races it.)
+#[derive(Default)]
+struct RecentPins {
+    by_job: Mutex<HashMap<(String, String), JobPins>>,
+}
+
+/// A job's recent pins: when the latest started, and when each chunk's did.
+type JobPins = (Instant, HashMap<ChunkHash, Instant>);
+
+impl RecentPins {
+    /// Notes that `hashes` were pinned for the job, with a pin that started no
+    /// earlier than `at`.
+    fn note(&self, build: &str, job: &str, hashes: &[ChunkHash], at: Instant) {
+        let mut by_job = self.by_job.lock().expect("recent pins lock");
+        // Jobs that stopped uploading long ago are forgotten here.
+        by_job.retain(|_, (last, _)| last.elapsed() < PIN_TTL);
+        let (last, pins) = by_job
+            .entry((build.to_owned(), job.to_owned()))
+            .or_insert_with(|| (at, HashMap::new()));
+        *last = (*last).max(at);
+        // Bodies follow the latest questions closely: beyond a bound, the older
+        // pins are let go of (a body of theirs still in flight pins again), so that
+        // memory does not grow with the image.
+        if pins.len() + hashes.len() > RECENT_PINS_PER_JOB {
+            pins.clear();
+        }
+        for hash in hashes {
+            pins.insert(*hash, at);
+        }
+    }
+
+    /// Those of `hashes` without a pin of the job that started less than half
+    /// [`PIN_TTL`] ago.
+    fn not_covered(&self, build: &str, job: &str, hashes: &[ChunkHash]) -> Vec<ChunkHash> {
+        let by_job = self.by_job.lock().expect("recent pins lock");
+        let pins = by_job
+            .get(&(build.to_owned(), job.to_owned()))
+            .map(|(_, pins)| pins);
+        hashes
+            .iter()
+            .filter(|hash| {
+                pins.and_then(|pins| pins.get(*hash))
+                    .is_none_or(|at| at.elapsed() >= PIN_TTL / 2)
+            })
+            .copied()
+            .collect()
+    }
+
+    /// Forgets the job's pins: its image is recorded, and its pins ended.
+    fn forget(&self, build: &str, job: &str) {
+        let mut by_job = self.by_job.lock().expect("recent pins lock");
+        by_job.remove(&(build.to_owned(), job.to_owned()));
     }
 }
 
@@ -230,6 +345,18 @@ impl Drop for UploadSlot {
     }
 }
 
+/// The in-order hashing of a batch of chunks, under way.
+struct HashingOn(Option<tokio::task::JoinHandle<()>>);
+
+impl HashingOn {
+    /// Waits for it to end (a failure has marked its images for reading back).
+    async fn wait(self) {
+        if let Some(task) = self.0 {
+            let _ = task.await;
+        }
+    }
+}
+
 /// Runs blocking chunk work (hashing, cutting) off the async threads.
 async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> FarmResult<T> + Send + 'static,
@@ -263,7 +390,9 @@ impl Farm {
             )));
         }
         let hashes: Vec<ChunkHash> = request.chunks.iter().map(|entry| entry.hash).collect();
+        let pinned_at = Instant::now();
         self.pin_chunks(build, job, &hashes).await?;
+        self.images.recent_pins.note(build, job, &hashes, pinned_at);
         let in_order = match &request.image {
             Some(image) => {
                 check_name("image name", image)
@@ -335,6 +464,7 @@ impl Farm {
         let mut new_chunks = 0u64;
         let mut body_hashes: Vec<ChunkHash> = Vec::new();
         let mut cut_short: Option<FarmError> = None;
+        let mut hashing: Option<HashingOn> = None;
         let outcome: FarmResult<()> = async {
             loop {
                 let piece = body.next().await;
@@ -376,25 +506,31 @@ impl Farm {
                     batch_bytes = 0;
                     report.chunks += frames.len() as u64;
                     let hashes: Vec<ChunkHash> = frames.iter().map(|frame| frame.hash).collect();
-                    self.pin_chunks(build, job, &hashes).await?;
+                    let unpinned = self.images.recent_pins.not_covered(build, job, &hashes);
+                    if !unpinned.is_empty() {
+                        let pinned_at = Instant::now();
+                        self.pin_chunks(build, job, &unpinned).await?;
+                        self.images
+                            .recent_pins
+                            .note(build, job, &unpinned, pinned_at);
+                    }
                     body_hashes.extend_from_slice(&hashes);
                     let chunks = self.images.blocking();
                     let store_started = Instant::now();
-                    let images = self.images.in_order_hashes_of(build, job);
-                    let (stats, refused) = blocking(move || {
-                        let (stats, refused, fresh) = store_checked(&chunks, frames)?;
-                        // The images of this job are hashed on from the bytes at hand,
-                        // which are let go before the next batch is read: memory stays
-                        // at about one batch a body.
-                        advance_all(&images, &chunks, &fresh);
-                        Ok((stats, refused))
-                    })
-                    .await?;
+                    let (stats, refused, fresh) =
+                        blocking(move || store_checked(&chunks, frames)).await?;
                     tracing::debug!(
                         secs = store_started.elapsed().as_secs_f64(),
                         new_bytes = stats.new_bytes,
                         "chunks checked and stored"
                     );
+                    // The images of this job are hashed on from the bytes at hand while
+                    // the next batch is received, checked and stored; one batch is
+                    // hashed at a time, so memory stays at a few batches a body.
+                    if let Some(previous) = hashing.take() {
+                        previous.wait().await;
+                    }
+                    hashing = Some(self.hash_on(build, job, fresh));
                     report.bytes_stored += stats.new_bytes;
                     new_chunks += stats.new_chunks;
                     if let Some(err) = refused {
@@ -407,6 +543,9 @@ impl Farm {
             }
         }
         .await;
+        if let Some(previous) = hashing.take() {
+            previous.wait().await;
+        }
         // The chunks of a body are durable before it is answered (those before a bad
         // frame or a broken connection too): a server killed after the answer has
         // them when it starts again, and the client need not send them again.
@@ -432,12 +571,21 @@ impl Farm {
     /// Hashes the images of a job on, as far as their chunks are stored, on a blocking
     /// thread; a commit takes the same lock, so it waits for this to finish.
     fn advance_in_background(&self, build: &str, job: &str) {
+        drop(self.hash_on(build, job, HashMap::new()));
+    }
+
+    /// Hashes the images of a job on from `fresh` (chunks just checked and stored) and
+    /// the store, on a blocking thread; the work goes on whether or not the answer is
+    /// awaited.
+    fn hash_on(&self, build: &str, job: &str, fresh: HashMap<ChunkHash, Bytes>) -> HashingOn {
         let images = self.images.in_order_hashes_of(build, job);
         if images.is_empty() {
-            return;
+            return HashingOn(None);
         }
         let chunks = self.images.blocking();
-        tokio::task::spawn_blocking(move || advance_all(&images, &chunks, &HashMap::new()));
+        HashingOn(Some(tokio::task::spawn_blocking(move || {
+            advance_all(&images, &chunks, &fresh)
+        })))
     }
 
     /// Commits an image made of chunks the server has: checks the list, the chunks'
@@ -452,6 +600,27 @@ impl Farm {
         request: CommitRequest,
     ) -> FarmResult<ImageInfo> {
         self.store.check_lease(build, job, lease).await?;
+        let key = (build.to_owned(), job.to_owned(), name.to_owned());
+        let request = match request.announced_chunks {
+            Some(n_chunks) => {
+                let chunks = self.images.announced_list(&key, n_chunks).ok_or_else(|| {
+                    FarmError::Exists {
+                        code: "chunk_list_needed",
+                        message: format!(
+                            "image {name}: this server does not hold the {n_chunks} chunks \
+                             announced for it (it restarted, or they were asked out of \
+                             order); commit again with the chunk list"
+                        ),
+                    }
+                })?;
+                CommitRequest {
+                    chunks,
+                    announced_chunks: None,
+                    ..request
+                }
+            }
+            None => request,
+        };
         if request.size > self.config.max_image_bytes {
             return Err(FarmError::TooLarge(format!(
                 "image {name} is larger than the {} bytes this server accepts",
@@ -501,7 +670,6 @@ impl Farm {
         let chunks = self.images.blocking();
         let entries = request.chunks;
         let verify_started = Instant::now();
-        let key = (build.to_owned(), job.to_owned(), name.to_owned());
         let in_order = self.images.take_in_order_hash(&key);
         let (digests, entries, read_back) = blocking(move || {
             if let Some(in_order) = in_order {
@@ -579,6 +747,7 @@ impl Farm {
             .await?;
         // The image keeps its chunks now; collections that start from here on see it.
         let hashes: Vec<ChunkHash> = entries.iter().map(|entry| entry.hash).collect();
+        self.images.recent_pins.forget(build, job);
         self.store
             .release_pins(
                 &format!("{build}/{job}"),

@@ -3,36 +3,82 @@
 
 use super::error::HttpError;
 use super::{lease_of, Doc, Shared};
-use crate::domain::Caller;
-use axum::body::Body;
-use axum::extract::Path;
+use crate::domain::{Caller, FarmError};
+use axum::body::{Body, Bytes};
+use axum::extract::{FromRequest, Path, Query, Request};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use kiln_proto::api::ImageInfo;
 use kiln_proto::transfer::{
-    CommitRequest, FetchRequest, ImageIndex, MissingRequest, MissingResponse, PutChunksResponse,
-    FRAMES_CONTENT_TYPE,
+    unpack_chunk_list, CommitRequest, FetchRequest, ImageIndex, MissingRequest, MissingResponse,
+    PutChunksResponse, CHUNK_LIST_CONTENT_TYPE, FRAMES_CONTENT_TYPE, PACKED_ENTRY_BYTES,
 };
+use serde::Deserialize;
 use std::ops::Range;
+use utoipa::IntoParams;
 
 type Answer<T> = Result<T, HttpError>;
 
-/// `POST /v1/jobs/{build}/{job}/chunks/missing`
+/// Where the chunks of a packed `chunks/missing` question belong (a JSON question
+/// carries these in its body).
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct MissingQuery {
+    /// With a packed list: the image the chunks belong to.
+    image: Option<String>,
+    /// With a packed list: where in the image the first chunk starts.
+    #[serde(default)]
+    offset: u64,
+}
+
+/// `POST /v1/jobs/{build}/{job}/chunks/missing`: the chunks as JSON or as a packed list.
 pub async fn missing(
     state: Shared,
     _caller: Caller,
     Path((build, job)): Path<(String, String)>,
-    headers: HeaderMap,
-    Json(request): Json<MissingRequest>,
-) -> Answer<Json<MissingResponse>> {
-    let lease = lease_of(&headers)?;
-    Ok(Json(
-        state
-            .farm
-            .missing_chunks(&build, &job, lease, &request)
-            .await?,
-    ))
+    Query(query): Query<MissingQuery>,
+    request: Request,
+) -> Result<Json<MissingResponse>, Response> {
+    let lease = lease_of(request.headers())
+        .map(str::to_owned)
+        .map_err(IntoResponse::into_response)?;
+    let packed = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|value| value.as_bytes() == CHUNK_LIST_CONTENT_TYPE.as_bytes());
+    let question = if packed {
+        let body = Bytes::from_request(request, &())
+            .await
+            .map_err(IntoResponse::into_response)?;
+        let chunks = unpack_chunk_list(&body).ok_or_else(|| {
+            HttpError(FarmError::invalid(
+                "bad_chunk_list",
+                format!(
+                    "a packed chunk list of {} bytes is not a whole number of \
+                     {PACKED_ENTRY_BYTES}-byte entries",
+                    body.len()
+                ),
+            ))
+            .into_response()
+        })?;
+        MissingRequest {
+            chunks,
+            image: query.image,
+            offset: query.offset,
+        }
+    } else {
+        let Json(question) = Json::<MissingRequest>::from_request(request, &())
+            .await
+            .map_err(IntoResponse::into_response)?;
+        question
+    };
+    let answer = state
+        .farm
+        .missing_chunks(&build, &job, &lease, &question)
+        .await
+        .map_err(|err| HttpError(err).into_response())?;
+    Ok(Json(answer))
 }
 
 pub fn missing_doc() -> Doc {
@@ -42,16 +88,23 @@ pub fn missing_doc() -> Doc {
         "Which chunks of an image the server lacks",
     )
     .describe(
-        "The image's next chunks in order (at most 4096), repeats included. With \
-             `image` and `offset`, the server hashes the image in order as its chunks \
+        "The image's next chunks in order (at most 4096), repeats included: as JSON, or \
+             packed (`application/x-kiln-chunk-list`: 36 bytes a chunk, its BLAKE3 raw and \
+             its length as a u32 little-endian; `image` and `offset` then in the query). \
+             With `image` and `offset`, the server hashes the image in order as its chunks \
              become present. Chunks asked about are kept for the upload in progress.",
     )
+    .query::<MissingQuery>()
     .takes::<MissingRequest>()
+    .or_takes_bytes(
+        CHUNK_LIST_CONTENT_TYPE,
+        "The chunks packed, 36 bytes each, back to back.",
+    )
     .answers::<MissingResponse>(
         200,
         "The chunks the server lacks, in the order asked, each once.",
     )
-    .refuses(400, &["bad_name"])
+    .refuses(400, &["bad_name", "bad_chunk_list"])
     .refuses(413, &["too_large"])
     .refuses(503, &["store_unavailable"])
 }
@@ -117,12 +170,15 @@ pub fn commit_doc() -> Doc {
     .describe(
         "Checks the chunk list, the chunks' presence and the whole image's BLAKE3 and \
              SHA-256, then records the image under the lease (replacing one of the same \
-             name). On `missing_chunks`, send the chunks named and commit again.",
+             name). On `missing_chunks`, send the chunks named and commit again. With \
+             `announced_chunks` instead of `chunks`, the chunk list is the one the \
+             image's `chunks/missing` questions named; on `chunk_list_needed`, commit \
+             again with `chunks`.",
     )
     .takes::<CommitRequest>()
     .answers::<ImageInfo>(201, "The image is stored.")
     .refuses(400, &["bad_chunk"])
-    .refuses(409, &["missing_chunks"])
+    .refuses(409, &["missing_chunks", "chunk_list_needed"])
     .refuses(413, &["too_large"])
     .refuses(422, &["hash_mismatch", "size_mismatch"])
     .refuses(503, &["store_unavailable"])

@@ -54,6 +54,7 @@ pub const CODES: &[(u16, &str, &str)] = &[
     (400, "no_job", "a client fetching a build's files without ?job=ID"),
     (400, "invalid_key", "a blob key that is not 64 lowercase hex digits"),
     (400, "bad_chunk", "a commit lists a chunk of length 0 or over 1 MiB"),
+    (400, "bad_chunk_list", "a packed chunk list is not a whole number of 36-byte entries"),
     (400, "bad_action", "a join-token action other than rotate or disable"),
     (401, "unauthorized", "no credential, one that is neither Bearer nor Basic, an unknown token, a wrong secret, or a revoked client"),
     (403, "forbidden", "a valid credential without the right: the wrong role for the route, a claim naming another client id, a job held by another client, a build the client runs no job of, enrolling a revoked id"),
@@ -63,6 +64,7 @@ pub const CODES: &[(u16, &str, &str)] = &[
     (409, "conflict", "the job's or build's state does not allow this"),
     (409, "client_exists", "enrolling an id that has a credential already"),
     (409, "missing_chunks", "a commit lists chunks the server does not have; missing names them"),
+    (409, "chunk_list_needed", "a commit refers to the chunks its questions announced, which this server does not hold (it restarted since): commit again with the list"),
     (413, "too_large", "a body, manifest, build, image, log batch or chunk list over its limit"),
     (415, "bad_content_type", "a JSON call without Content-Type: application/json"),
     (422, "bad_request", "a JSON body that does not fit the call's type"),
@@ -190,6 +192,16 @@ impl Doc {
                 .build(),
         );
         self.json_body = true;
+        self
+    }
+
+    /// Besides the JSON body [`Doc::takes`] named, a body of bytes of `media_type`.
+    pub fn or_takes_bytes(mut self, media_type: &str, description: &str) -> Self {
+        if let Some(body) = self.body.as_mut() {
+            body.content
+                .insert(media_type.to_owned(), Content::new(Some(binary())));
+            body.description = Some(description.to_owned());
+        }
         self
     }
 

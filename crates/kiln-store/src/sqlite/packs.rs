@@ -6,10 +6,15 @@ use async_trait::async_trait;
 use kiln_proto::transfer::ChunkHash;
 use sqlx::sqlite::SqliteRow;
 use sqlx::Row;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
-/// Hashes bound in one statement.
+/// Hashes bound in one statement. Statements whose number of values varies are not
+/// kept prepared: each length would be a cached statement of its own, and the cache
+/// grew the server's memory by tens of MiB during a long upload.
 const BIND_BATCH: usize = 500;
+/// Rows written by one statement (each binds at most four values, well under
+/// SQLite's limit of 32,766).
+const ROW_BATCH: usize = 500;
 
 fn hash_from(row: &SqliteRow) -> StoreResult<ChunkHash> {
     let bytes: Vec<u8> = row.try_get("hash")?;
@@ -24,20 +29,40 @@ fn placeholders(n: usize) -> String {
 }
 
 async fn insert_entries(tx: &mut super::Tx, pack: &str, entries: &[PackEntry]) -> StoreResult<u64> {
+    // Many rows a statement: each statement is a round trip to SQLite's worker thread,
+    // and a pack holds hundreds of chunks.
     let mut added = 0;
-    for entry in entries {
-        added += sqlx::query(
-            "INSERT OR IGNORE INTO pack_chunks (hash, pack, offset, len) VALUES (?, ?, ?, ?)",
-        )
-        .bind(&entry.hash.0[..])
-        .bind(pack)
-        .bind(entry.offset as i64)
-        .bind(i64::from(entry.len))
-        .execute(&mut **tx)
-        .await?
-        .rows_affected();
+    for batch in entries.chunks(ROW_BATCH) {
+        let sql = format!(
+            "INSERT OR IGNORE INTO pack_chunks (hash, pack, offset, len) VALUES {}",
+            rows_of(batch.len(), "(?, ?, ?, ?)")
+        );
+        let mut query = sqlx::query(&sql).persistent(false);
+        for entry in batch {
+            query = query
+                .bind(&entry.hash.0[..])
+                .bind(pack)
+                .bind(entry.offset as i64)
+                .bind(i64::from(entry.len));
+        }
+        added += query.execute(&mut **tx).await?.rows_affected();
     }
     Ok(added)
+}
+
+/// `n` copies of `row`, comma-separated: the VALUES of a statement of many rows.
+fn rows_of(n: usize, row: &str) -> String {
+    vec![row; n].join(", ")
+}
+
+/// `hashes` without repeats, in their first order.
+fn distinct(hashes: &[ChunkHash]) -> Vec<ChunkHash> {
+    let mut seen = HashSet::with_capacity(hashes.len());
+    hashes
+        .iter()
+        .filter(|hash| seen.insert(**hash))
+        .copied()
+        .collect()
 }
 
 #[async_trait]
@@ -68,7 +93,7 @@ impl Packs for SqliteStore {
                 "SELECT hash, pack, offset, len FROM pack_chunks WHERE hash IN ({})",
                 placeholders(batch.len())
             );
-            let mut query = sqlx::query(&sql);
+            let mut query = sqlx::query(&sql).persistent(false);
             for hash in batch {
                 query = query.bind(&hash.0[..]);
             }
@@ -114,13 +139,13 @@ impl Packs for SqliteStore {
             );
             let sum_sql =
                 format!("SELECT COALESCE(SUM(len), 0) AS bytes FROM pack_chunks WHERE {condition}");
-            let mut sum = sqlx::query(&sum_sql);
+            let mut sum = sqlx::query(&sum_sql).persistent(false);
             for hash in batch {
                 sum = sum.bind(&hash.0[..]);
             }
             freed += unsigned(&sum.bind(since).fetch_one(&mut *tx).await?, "bytes")?;
             let delete_sql = format!("DELETE FROM pack_chunks WHERE {condition}");
-            let mut delete = sqlx::query(&delete_sql);
+            let mut delete = sqlx::query(&delete_sql).persistent(false);
             for hash in batch {
                 delete = delete.bind(&hash.0[..]);
             }
@@ -214,16 +239,18 @@ impl Packs for SqliteStore {
             return Ok(());
         }
         let mut tx = self.write_tx().await?;
-        for hash in hashes {
-            sqlx::query(
-                "INSERT INTO chunk_pins (hash, owner, until) VALUES (?, ?, ?) \
+        // One row per chunk: an upload may name a chunk twice.
+        for batch in distinct(hashes).chunks(ROW_BATCH) {
+            let sql = format!(
+                "INSERT INTO chunk_pins (hash, owner, until) VALUES {} \
                  ON CONFLICT (hash, owner) DO UPDATE SET until = MAX(until, excluded.until)",
-            )
-            .bind(&hash.0[..])
-            .bind(owner)
-            .bind(until)
-            .execute(&mut *tx)
-            .await?;
+                rows_of(batch.len(), "(?, ?, ?)")
+            );
+            let mut query = sqlx::query(&sql).persistent(false);
+            for hash in batch {
+                query = query.bind(&hash.0[..]).bind(owner).bind(until);
+            }
+            query.execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -231,13 +258,16 @@ impl Packs for SqliteStore {
 
     async fn release_pins(&self, owner: &str, hashes: &[ChunkHash], now: i64) -> StoreResult<()> {
         let mut tx = self.write_tx().await?;
-        for hash in hashes {
-            sqlx::query("UPDATE chunk_pins SET until = MIN(until, ?) WHERE hash = ? AND owner = ?")
-                .bind(now)
-                .bind(&hash.0[..])
-                .bind(owner)
-                .execute(&mut *tx)
-                .await?;
+        for batch in distinct(hashes).chunks(BIND_BATCH) {
+            let sql = format!(
+                "UPDATE chunk_pins SET until = MIN(until, ?) WHERE owner = ? AND hash IN ({})",
+                placeholders(batch.len())
+            );
+            let mut query = sqlx::query(&sql).persistent(false).bind(now).bind(owner);
+            for hash in batch {
+                query = query.bind(&hash.0[..]);
+            }
+            query.execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(())

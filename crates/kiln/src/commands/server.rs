@@ -10,6 +10,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
     if let Some(action) = args.action {
         return super::credentials::run(action).await;
     }
+    kiln_server::keep_memory_flat();
     let data = args
         .data
         .clone()

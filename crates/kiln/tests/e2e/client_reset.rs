@@ -3,7 +3,7 @@
 //! (and kills what the dead client left running) at once.
 
 use crate::common::{
-    events_of, kill_process_group, process_exists, run_kiln, text, wait_for_gate, wait_until,
+    first_requeue, kill_process_group, process_exists, run_kiln, text, wait_for_gate, wait_until,
     wait_until_within, write_build, Harness, Job, TcpProxy,
 };
 use std::time::Duration;
@@ -56,10 +56,7 @@ fn killed_clients_job_is_requeued_for_its_lost_connection_not_its_lease() {
     assert_eq!(job["attempt"], 2, "{job:#}");
 
     let events = server.events(&build);
-    let requeue = events_of(&events, "crashed")
-        .into_iter()
-        .find(|event| event["from"] == "running" && event["to"] == "queued")
-        .unwrap_or_else(|| panic!("no requeue in the event log: {events:#?}"));
+    let requeue = first_requeue(&events, "crashed");
     assert_eq!(
         text(requeue, "reason"),
         "client connection lost",
@@ -168,10 +165,7 @@ fn client_reset_on_a_killed_clients_work_dir_kills_its_step_and_requeues_the_job
     );
 
     let events = server.events(&build);
-    let requeue = events_of(&events, "orphaned")
-        .into_iter()
-        .find(|event| event["from"] == "running" && event["to"] == "queued")
-        .unwrap_or_else(|| panic!("no requeue in the event log: {events:#?}"));
+    let requeue = first_requeue(&events, "orphaned");
     let reason = text(requeue, "reason");
     assert!(
         reason.contains("client restarted"),

@@ -210,6 +210,7 @@ fn image(seed: u64) -> (Vec<u8>, CommitRequest, Vec<Frame>) {
         blake3: chunked.digests.blake3.clone(),
         sha256: chunked.digests.sha256.clone(),
         chunks: chunked.chunks.iter().map(|chunk| chunk.entry()).collect(),
+        announced_chunks: None,
     };
     (bytes, commit, frames)
 }

@@ -138,6 +138,7 @@ async fn upload(
             blake3: chunked.digests.blake3,
             sha256: chunked.digests.sha256,
             chunks: entries,
+            announced_chunks: None,
         },
     )
     .await?;

@@ -6,8 +6,8 @@
 use crate::common;
 
 use crate::common::{
-    events_of, read_pid_file, text, wait_for_gate, wait_until, wait_until_gone, write_build,
-    Harness, Job, PidFilesGuard, TcpProxy,
+    events_of, first_requeue, read_pid_file, text, wait_for_gate, wait_until, wait_until_gone,
+    write_build, Harness, Job, PidFilesGuard, TcpProxy,
 };
 
 #[test]
@@ -68,10 +68,7 @@ fn cut_off_clients_job_finishes_elsewhere_and_on_healing_it_kills_its_step_and_s
     assert_eq!(text(&job, "client_id"), "direct", "{job:#}");
     assert_eq!(job["attempt"], 2, "{job:#}");
     let events = server.events(&build);
-    let requeue = events_of(&events, "contested")
-        .into_iter()
-        .find(|event| event["from"] == "running" && event["to"] == "queued")
-        .unwrap_or_else(|| panic!("no requeue: {events:#?}"));
+    let requeue = first_requeue(&events, "contested");
     assert_eq!(
         text(requeue, "reason"),
         "lease lapsed",

@@ -9,8 +9,8 @@
 //! other, and every job finishes on its first attempt.
 
 use crate::common::{
-    events_of, run_kiln, text, wait_for_gate, wait_until_within, write_build, Client, Harness, Job,
-    LoadBalancer, Run, Seaweed, Server, S3_KEY, S3_SECRET,
+    events_of, first_requeue, run_kiln, text, wait_for_gate, wait_until_within, write_build,
+    Client, Harness, Job, LoadBalancer, Run, Seaweed, Server, S3_KEY, S3_SECRET,
 };
 use kiln_harness::postgres::PgCluster;
 use std::path::Path;
@@ -426,10 +426,7 @@ fn two_replicas_behind_nginx_serve_one_url_outlive_a_replica_and_still_notice_a_
     assert_ne!(text(&job, "client_id"), holder, "{job:#}");
     assert_eq!(job["attempt"], 2, "{job:#}");
     let events = second.events(&build);
-    let requeue = events_of(&events, "late")
-        .into_iter()
-        .find(|event| event["from"] == "running" && event["to"] == "queued")
-        .unwrap_or_else(|| panic!("no requeue in the event log: {events:#?}"));
+    let requeue = first_requeue(&events, "late");
     assert_eq!(
         text(requeue, "reason"),
         "client connection lost",

@@ -6,7 +6,7 @@
 //! the client's `ChunkedUploader`), so that it can count what travels and forge what a
 //! broken or hostile client would send.
 
-use crate::common::{text, wait_until, write_build, Harness, Job, Server, TcpProxy};
+use crate::common::{raw_http, text, wait_until, write_build, Harness, Job, Server, TcpProxy};
 use kiln_api::{CallError, ServerConn};
 use kiln_blob::noise::noise;
 use kiln_blob::{ChunkEntry, ChunkHash, Frame};
@@ -285,6 +285,7 @@ fn bad_chunks_wrong_hashes_and_foreign_leases_are_refused_and_nothing_is_kept() 
             blake3: chunked.digests.blake3.clone(),
             sha256: chunked.digests.sha256.clone(),
             chunks: entries.clone(),
+            announced_chunks: None,
         };
         match conn.commit_image(&claim, "disk.img", &commit).await {
             Err(CallError::MissingChunks(missing)) => {
@@ -610,4 +611,132 @@ fn an_image_put_whole_is_stored_as_chunks_and_reads_back() {
         assert!(body == image);
     });
     assert_eq!(storage(&server).bytes_received, image.len() as u64);
+}
+
+#[test]
+fn a_commit_naming_the_announced_chunks_needs_the_list_again_after_a_server_restart() {
+    let harness = Harness::new("transfer-announced");
+    let (server, conn) = farm(&harness, "330", 1);
+    let image = noise(2 << 20, 5);
+    let path = write_file(harness.path(), "disk.img", &image);
+    let chunked = kiln_blob::chunking::chunk_file(&path, &Default::default()).unwrap();
+    let entries: Vec<ChunkEntry> = chunked.chunks.iter().map(|c| c.entry()).collect();
+    let mut body = Vec::new();
+    for chunk in &chunked.chunks {
+        let start = chunk.offset as usize;
+        Frame::encode(&image[start..start + chunk.len as usize]).write_to(&mut body);
+    }
+    let commit = kiln_proto::transfer::CommitRequest {
+        size: chunked.digests.size,
+        blake3: chunked.digests.blake3.clone(),
+        sha256: chunked.digests.sha256.clone(),
+        chunks: Vec::new(),
+        announced_chunks: Some(entries.len() as u64),
+    };
+    let claim = runtime().block_on(async {
+        let claim = claim(&conn).await;
+        let missing = conn
+            .missing_chunks(&claim, Some(("disk.img", 0)), entries.clone())
+            .await
+            .expect("the packed question");
+        assert_eq!(
+            missing.len(),
+            entries.len(),
+            "a fresh server lacks them all"
+        );
+        conn.put_chunks(&claim, body).await.expect("the chunks");
+        claim
+    });
+
+    let listen = server.url.trim_start_matches("http://").to_owned();
+    let (data, client_token_file) = (server.data.clone(), server.client_token_file.clone());
+    drop(server); // SIGKILL: the announced list was only in the server's memory.
+    let server =
+        harness.start_server_at("restarted", &listen, &data, Some(&client_token_file), &[]);
+
+    runtime().block_on(async {
+        match conn.commit_image(&claim, "disk.img", &commit).await {
+            Err(CallError::Refused { status, message }) => {
+                assert_eq!(status.as_u16(), 409, "{message}");
+                assert!(
+                    message.contains("commit again with the chunk list"),
+                    "{message}"
+                );
+            }
+            other => panic!("a commit naming a list the server lost went through: {other:?}"),
+        }
+        let with_list = kiln_proto::transfer::CommitRequest {
+            chunks: entries.clone(),
+            announced_chunks: None,
+            ..commit.clone()
+        };
+        conn.commit_image(&claim, "disk.img", &with_list)
+            .await
+            .expect("the commit with the list");
+        conn.finish(&claim, vec!["disk.img".into()])
+            .await
+            .expect("finish");
+    });
+    let index = server.get("/v1/jobs/330/j0/images/disk.img/index");
+    assert_eq!(index.status, 200, "{}", index.body);
+    let index: ImageIndex = serde_json::from_str(&index.body).expect("the index");
+    assert_eq!(index.chunks, entries);
+    assert_eq!(index.sha256, sha256_hex(&image));
+}
+
+#[test]
+fn a_json_question_from_an_older_client_is_still_answered() {
+    let harness = Harness::new("transfer-json-question");
+    let (server, _conn) = farm(&harness, "340", 1);
+    let image = noise(1 << 20, 6);
+    let chunked = kiln_blob::chunking::chunk_reader(&image[..], &Default::default()).unwrap();
+    let entries: Vec<ChunkEntry> = chunked.chunks.iter().map(|c| c.entry()).collect();
+    // An older client: it claims, then asks in JSON.
+    let auth = server.enroll("older");
+    let json = ("Content-Type", "application/json");
+    let claimed = raw_http(
+        &server.url,
+        "POST",
+        "/v1/claim",
+        &[("Authorization", &auth), json],
+        br#"{"client_id":"older","include":["IMG"],"wait_secs":5}"#,
+    );
+    assert_eq!(claimed.status, 200, "{}", claimed.body);
+    let claim: Claim = serde_json::from_str(&claimed.body).expect("a claim");
+    let question = kiln_proto::transfer::MissingRequest {
+        chunks: entries.clone(),
+        image: Some("disk.img".into()),
+        offset: 0,
+    };
+    let held = [
+        ("Authorization", auth.as_str()),
+        (kiln_proto::LEASE_HEADER, claim.lease.as_str()),
+    ];
+    let answer = raw_http(
+        &server.url,
+        "POST",
+        "/v1/jobs/340/j0/chunks/missing",
+        &[held[0], held[1], json],
+        serde_json::to_string(&question).unwrap().as_bytes(),
+    );
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let answer: kiln_proto::transfer::MissingResponse =
+        serde_json::from_str(&answer.body).expect("the answer");
+    let expected: Vec<ChunkHash> = entries.iter().map(|entry| entry.hash).collect();
+    assert_eq!(answer.missing, expected);
+
+    // A packed list that is not a whole number of entries is refused, naming why.
+    let packed = (
+        "Content-Type",
+        kiln_proto::transfer::CHUNK_LIST_CONTENT_TYPE,
+    );
+    let broken = raw_http(
+        &server.url,
+        "POST",
+        "/v1/jobs/340/j0/chunks/missing?image=disk.img&offset=0",
+        &[held[0], held[1], packed],
+        &[0u8; 35],
+    );
+    assert_eq!(broken.status, 400, "{}", broken.body);
+    assert!(broken.body.contains("bad_chunk_list"), "{}", broken.body);
 }
