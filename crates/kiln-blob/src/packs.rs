@@ -281,16 +281,6 @@ fn verified(frame: Frame) -> Result<Frame, BlobError> {
     Ok(frame)
 }
 
-/// `hashes` without repeats, in their first order.
-fn distinct(hashes: &[ChunkHash]) -> Vec<ChunkHash> {
-    let mut seen = HashSet::with_capacity(hashes.len());
-    hashes
-        .iter()
-        .filter(|hash| seen.insert(**hash))
-        .copied()
-        .collect()
-}
-
 impl PackChunkStore {
     /// Those of `hashes` the index does not hold, asked in batches.
     async fn unindexed(&self, hashes: &[ChunkHash]) -> Result<Vec<ChunkHash>, BlobError> {
@@ -315,7 +305,7 @@ impl ChunkStore for PackChunkStore {
         // The open pack is looked at under its lock, and the index before the lock is
         // let go: a chunk sealed meanwhile is in one or the other.
         let open = self.open.lock().await;
-        let not_open: Vec<ChunkHash> = distinct(hashes)
+        let not_open: Vec<ChunkHash> = ChunkHash::distinct(hashes)
             .into_iter()
             .filter(|hash| {
                 open.as_ref()
@@ -330,7 +320,7 @@ impl ChunkStore for PackChunkStore {
     /// Only the index counts: a chunk in the open pack is not durable yet, and one
     /// whose pack failed to seal (another caller's persist, say) is in neither.
     async fn not_persisted(&self, hashes: &[ChunkHash]) -> Result<Vec<ChunkHash>, BlobError> {
-        self.unindexed(&distinct(hashes)).await
+        self.unindexed(&ChunkHash::distinct(hashes)).await
     }
 
     async fn put(&self, frames: Vec<Frame>) -> Result<PutStats, BlobError> {

@@ -10,6 +10,16 @@ use utoipa::ToSchema;
 pub struct ChunkHash(pub [u8; 32]);
 
 impl ChunkHash {
+    /// `hashes` without repeats, in their first order.
+    pub fn distinct(hashes: &[ChunkHash]) -> Vec<ChunkHash> {
+        let mut seen = std::collections::HashSet::with_capacity(hashes.len());
+        hashes
+            .iter()
+            .filter(|hash| seen.insert(**hash))
+            .copied()
+            .collect()
+    }
+
     /// The name of `bytes`.
     pub fn of(bytes: &[u8]) -> Self {
         ChunkHash(*blake3::hash(bytes).as_bytes())
@@ -226,4 +236,16 @@ pub struct DeleteReport {
     /// Chunks no image uses any more, deleted.
     pub chunks_freed: u64,
     pub bytes_freed: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ChunkHash;
+
+    #[test]
+    fn distinct_keeps_each_hash_once_in_its_first_order() {
+        let [a, b, c] = [b"a", b"b", b"c"].map(|bytes| ChunkHash::of(bytes));
+        assert_eq!(ChunkHash::distinct(&[b, a, b, c, a]), [b, a, c]);
+        assert!(ChunkHash::distinct(&[]).is_empty());
+    }
 }

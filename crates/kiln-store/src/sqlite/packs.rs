@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use kiln_proto::transfer::ChunkHash;
 use sqlx::sqlite::SqliteRow;
 use sqlx::Row;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 /// Hashes bound in one statement. Statements whose number of values varies are not
 /// kept prepared: each length would be a cached statement of its own, and the cache
@@ -53,16 +53,6 @@ async fn insert_entries(tx: &mut super::Tx, pack: &str, entries: &[PackEntry]) -
 /// `n` copies of `row`, comma-separated: the VALUES of a statement of many rows.
 fn rows_of(n: usize, row: &str) -> String {
     vec![row; n].join(", ")
-}
-
-/// `hashes` without repeats, in their first order.
-fn distinct(hashes: &[ChunkHash]) -> Vec<ChunkHash> {
-    let mut seen = HashSet::with_capacity(hashes.len());
-    hashes
-        .iter()
-        .filter(|hash| seen.insert(**hash))
-        .copied()
-        .collect()
 }
 
 #[async_trait]
@@ -240,7 +230,7 @@ impl Packs for SqliteStore {
         }
         let mut tx = self.write_tx().await?;
         // One row per chunk: an upload may name a chunk twice.
-        for batch in distinct(hashes).chunks(ROW_BATCH) {
+        for batch in ChunkHash::distinct(hashes).chunks(ROW_BATCH) {
             let sql = format!(
                 "INSERT INTO chunk_pins (hash, owner, until) VALUES {} \
                  ON CONFLICT (hash, owner) DO UPDATE SET until = MAX(until, excluded.until)",
@@ -258,7 +248,7 @@ impl Packs for SqliteStore {
 
     async fn release_pins(&self, owner: &str, hashes: &[ChunkHash], now: i64) -> StoreResult<()> {
         let mut tx = self.write_tx().await?;
-        for batch in distinct(hashes).chunks(BIND_BATCH) {
+        for batch in ChunkHash::distinct(hashes).chunks(BIND_BATCH) {
             let sql = format!(
                 "UPDATE chunk_pins SET until = MIN(until, ?) WHERE owner = ? AND hash IN ({})",
                 placeholders(batch.len())
