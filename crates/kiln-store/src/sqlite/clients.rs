@@ -31,7 +31,7 @@ impl Clients for SqliteStore {
         .bind(now)
         .bind(address)
         .bind(id)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         Ok(done.rows_affected() > 0)
     }
@@ -156,7 +156,7 @@ impl Clients for SqliteStore {
         )
         .bind(now)
         .bind(id)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         Ok(done.rows_affected() > 0)
     }

@@ -35,7 +35,13 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite")
 /// The store on SQLite.
 #[derive(Clone)]
 pub struct SqliteStore {
+    /// Connections for reads.
     pool: SqlitePool,
+    /// The one connection every write goes through. SQLite takes one writer at a
+    /// time; writers that queue here wait in turn, where writers on connections of
+    /// their own would find the database locked and wait in SQLite's busy handler,
+    /// which sleeps (for up to 100 ms a time).
+    writer: SqlitePool,
 }
 
 impl SqliteStore {
@@ -52,14 +58,19 @@ impl SqliteStore {
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
             .after_release(|conn, _| Box::pin(keep_connection(conn)))
-            .connect_with(options)
+            .connect_with(options.clone())
             .await?;
         MIGRATOR.run(&pool).await.map_err(StoreError::Migrate)?;
-        Ok(SqliteStore { pool })
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .after_release(|conn, _| Box::pin(keep_connection(conn)))
+            .connect_with(options)
+            .await?;
+        Ok(SqliteStore { pool, writer })
     }
 
     async fn write_tx(&self) -> StoreResult<Transaction<'static, Sqlite>> {
-        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+        Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
     }
 }
 

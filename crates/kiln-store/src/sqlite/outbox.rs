@@ -101,7 +101,7 @@ impl Outbox for SqliteStore {
         )
         .bind(now)
         .bind(id)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         Ok(())
     }
@@ -123,7 +123,7 @@ impl Outbox for SqliteStore {
         .bind(retry_at)
         .bind(now)
         .bind(id)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         Ok(())
     }

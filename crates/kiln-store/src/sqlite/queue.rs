@@ -545,7 +545,7 @@ impl Queue for SqliteStore {
         )
         .bind(until)
         .bind(until)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         Ok(done.rows_affected())
     }
