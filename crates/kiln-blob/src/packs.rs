@@ -150,6 +150,36 @@ pub trait PackFiles: Send + Sync + 'static {
     async fn remove(&self, pack: &str) -> Result<(), BlobError>;
     /// The size at which the open pack is sealed.
     fn target_pack_bytes(&self) -> u64;
+    /// The id this image store was given ([`PackFiles::claim_store_id`]), if any. The
+    /// database that indexes the packs records it too, so that a server started on a
+    /// database and an image store that do not belong together refuses to start.
+    async fn store_id(&self) -> Result<Option<String>, BlobError>;
+    /// Gives the store `id` unless it has one already (one of several servers
+    /// starting at once wins); returns the id it has.
+    async fn claim_store_id(&self, id: &str) -> Result<String, BlobError>;
+}
+
+/// The name of the file or object, beside the packs, that holds the store's id.
+pub const STORE_ID_NAME: &str = "store-id";
+
+/// A fresh store id: random, 128 bits, in hex.
+pub fn new_store_id() -> String {
+    use rand::RngCore;
+    let mut random = [0u8; 16];
+    rand::thread_rng().fill_bytes(&mut random);
+    hex::encode(random)
+}
+
+/// A stored id read back: its text, checked to be an id [`new_store_id`] could make.
+pub fn parse_store_id(bytes: &[u8], place: &str) -> Result<String, BlobError> {
+    let id = std::str::from_utf8(bytes).unwrap_or("").trim();
+    if id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(id.to_owned())
+    } else {
+        Err(BlobError::Damaged(format!(
+            "{place} does not hold a store id (32 hex digits)"
+        )))
+    }
 }
 
 /// A fresh, unique pack name: the time first, so that names sort by age.
@@ -675,6 +705,47 @@ impl PackFiles for LocalPackFiles {
     fn target_pack_bytes(&self) -> u64 {
         self.target_pack_bytes
     }
+
+    async fn store_id(&self) -> Result<Option<String>, BlobError> {
+        let path = self.dir.join(STORE_ID_NAME);
+        on_blocking(move || match std::fs::read(&path) {
+            Ok(bytes) => parse_store_id(&bytes, &path.display().to_string()).map(Some),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(err) => Err(BlobError::io(format!("reading {}", path.display()), err)),
+        })
+        .await
+    }
+
+    async fn claim_store_id(&self, id: &str) -> Result<String, BlobError> {
+        let dir = self.dir.clone();
+        let id = id.to_owned();
+        on_blocking(move || {
+            let path = dir.join(STORE_ID_NAME);
+            // Written whole and synced under a name of its own, then linked into place:
+            // the link fails when another server's id got there first.
+            let part = dir.join(format!(".{STORE_ID_NAME}.{}.part", new_store_id()));
+            let written = std::fs::File::create_new(&part).and_then(|file| {
+                file.write_all_at(format!("{id}\n").as_bytes(), 0)?;
+                file.sync_all()
+            });
+            let linked = written.and_then(|()| std::fs::hard_link(&part, &path));
+            let _ = std::fs::remove_file(&part);
+            match linked {
+                Ok(()) => {
+                    kiln_common::fs::sync_dir(&dir)
+                        .map_err(|err| BlobError::io(format!("syncing {}", dir.display()), err))?;
+                    Ok(id)
+                }
+                Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {
+                    let bytes = std::fs::read(&path)
+                        .map_err(|err| BlobError::io(format!("reading {}", path.display()), err))?;
+                    parse_store_id(&bytes, &path.display().to_string())
+                }
+                Err(err) => Err(BlobError::io(format!("writing {}", path.display()), err)),
+            }
+        })
+        .await
+    }
 }
 
 /// A local pack being written.
@@ -1034,6 +1105,34 @@ mod tests {
         fn target_pack_bytes(&self) -> u64 {
             self.inner.target_pack_bytes()
         }
+        async fn store_id(&self) -> Result<Option<String>, BlobError> {
+            self.inner.store_id().await
+        }
+        async fn claim_store_id(&self, id: &str) -> Result<String, BlobError> {
+            self.inner.claim_store_id(id).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_local_store_id_is_claimed_once_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = LocalPackFiles::open(dir.path()).unwrap();
+        assert_eq!(files.store_id().await.unwrap(), None);
+        let (first, second) = (new_store_id(), new_store_id());
+        assert_eq!(files.claim_store_id(&first).await.unwrap(), first);
+        // A second claim, as a second server starting at once makes, gets the first id.
+        assert_eq!(files.claim_store_id(&second).await.unwrap(), first);
+        let reopened = LocalPackFiles::open(dir.path()).unwrap();
+        assert_eq!(reopened.store_id().await.unwrap(), Some(first));
+        // Nothing of the claims is left beside the packs but the id.
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name())
+            .collect();
+        assert_eq!(names, [STORE_ID_NAME]);
+        std::fs::write(dir.path().join(STORE_ID_NAME), "not an id\n").unwrap();
+        let err = reopened.store_id().await.unwrap_err().to_string();
+        assert!(err.contains("does not hold a store id"), "{err}");
     }
 
     #[tokio::test]

@@ -14,7 +14,9 @@
 //! `object_store` (a short budget, so that a store that is down is reported in
 //! seconds rather than minutes).
 
-use crate::packs::{is_pack_name, new_pack_name, OpenPack, PackFiles, PACK_MAGIC};
+use crate::packs::{
+    is_pack_name, new_pack_name, parse_store_id, OpenPack, PackFiles, PACK_MAGIC, STORE_ID_NAME,
+};
 use crate::{is_valid_key, BlobError, BlobRead, BlobStore, ByteReader};
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -207,6 +209,39 @@ impl PackFiles for S3PackFiles {
 
     fn target_pack_bytes(&self) -> u64 {
         self.target_pack_bytes
+    }
+
+    async fn store_id(&self) -> Result<Option<String>, BlobError> {
+        let path = self.config.object(&format!("packs/{STORE_ID_NAME}"));
+        match self.store.get(&path).await {
+            Ok(got) => {
+                let bytes = got
+                    .bytes()
+                    .await
+                    .map_err(|err| unavailable(format!("reading {path}"), err))?;
+                parse_store_id(&bytes, &format!("object {path}")).map(Some)
+            }
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(err) => Err(unavailable(format!("reading {path}"), err)),
+        }
+    }
+
+    async fn claim_store_id(&self, id: &str) -> Result<String, BlobError> {
+        let path = self.config.object(&format!("packs/{STORE_ID_NAME}"));
+        let options = PutOptions {
+            mode: PutMode::Create,
+            ..PutOptions::default()
+        };
+        let payload = PutPayload::from(format!("{id}\n"));
+        match self.store.put_opts(&path, payload, options).await {
+            Ok(_) => Ok(id.to_owned()),
+            Err(object_store::Error::AlreadyExists { .. })
+            | Err(object_store::Error::Precondition { .. }) => self
+                .store_id()
+                .await?
+                .ok_or_else(|| BlobError::NotFound(format!("object {path}"))),
+            Err(err) => Err(unavailable(format!("writing {path}"), err)),
+        }
     }
 }
 

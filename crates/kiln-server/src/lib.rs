@@ -35,7 +35,7 @@ pub use domain::{Backends, Caller, Farm};
 pub use kiln_blob::s3::S3Config;
 
 use anyhow::Context;
-use kiln_blob::packs::convert_chunk_files;
+use kiln_blob::packs::{convert_chunk_files, PackFiles};
 use kiln_blob::s3::{S3BlobStore, S3PackFiles};
 use kiln_blob::{BlobStore, ChunkStore, LocalBlobStore, LocalPackFiles, PackChunkStore};
 use kiln_store::{PgStore, SqliteStore};
@@ -168,24 +168,32 @@ impl Backends {
             .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
         let store = open_state(config).await?;
         let index = Arc::new(pack_index::StorePackIndex::new(store.clone()));
-        let (chunks, files): (PackChunkStore, Arc<dyn BlobStore>) = match &config.images {
-            Some(s3) => {
-                let bucket = s3.connect().context("opening the object store")?;
-                let packs = S3PackFiles::new(bucket.clone(), s3.clone());
-                (
-                    PackChunkStore::new(Arc::new(packs), index),
-                    Arc::new(S3BlobStore::new(bucket, s3.clone())),
-                )
-            }
-            None => {
-                let data_dir = &config.data_dir;
-                let files = LocalBlobStore::open(&data_dir.join("blobs"))
-                    .context("opening the blob store")?;
-                let packs = LocalPackFiles::open(&data_dir.join("packs"))
-                    .context("opening the pack store")?;
-                (PackChunkStore::new(Arc::new(packs), index), Arc::new(files))
-            }
-        };
+        let (packs, files, place): (Arc<dyn PackFiles>, Arc<dyn BlobStore>, String) =
+            match &config.images {
+                Some(s3) => {
+                    let bucket = s3.connect().context("opening the object store")?;
+                    let place = if s3.prefix.is_empty() {
+                        format!("s3://{}", s3.bucket)
+                    } else {
+                        format!("s3://{}/{}", s3.bucket, s3.prefix)
+                    };
+                    (
+                        Arc::new(S3PackFiles::new(bucket.clone(), s3.clone())),
+                        Arc::new(S3BlobStore::new(bucket, s3.clone())),
+                        place,
+                    )
+                }
+                None => {
+                    let data_dir = &config.data_dir;
+                    let files = LocalBlobStore::open(&data_dir.join("blobs"))
+                        .context("opening the blob store")?;
+                    let dir = data_dir.join("packs");
+                    let packs = LocalPackFiles::open(&dir).context("opening the pack store")?;
+                    (Arc::new(packs), Arc::new(files), dir.display().to_string())
+                }
+            };
+        check_image_store(store.as_ref(), packs.as_ref(), &place).await?;
+        let chunks = PackChunkStore::new(packs, index);
         convert_old_chunks(&config.data_dir, &chunks).await?;
         Ok(Backends {
             store,
@@ -216,6 +224,67 @@ async fn open_state(config: &ServerConfig) -> anyhow::Result<Arc<domain::Store>>
                 .context("opening the job store")?,
         )),
     }
+}
+
+/// Checks that the database and the image store belong together: the database indexes
+/// the chunks in one image store's packs, and both record that store's id. A new pair
+/// gets an id; a database used before the id came in adopts its image store's.
+async fn check_image_store(
+    store: &domain::Store,
+    packs: &dyn PackFiles,
+    place: &str,
+) -> anyhow::Result<()> {
+    let read_store =
+        |err| anyhow::Error::new(err).context(format!("reading the id of the image store {place}"));
+    let in_store = packs.store_id().await.map_err(read_store)?;
+    let in_database = store
+        .image_store_id()
+        .await
+        .context("reading the database's image store id")?;
+    let id = match (in_store, in_database) {
+        (Some(in_store), Some(in_database)) => {
+            if in_store != in_database {
+                anyhow::bail!(
+                    "the database indexes the packs of image store {in_database}, but {place} \
+                     is image store {in_store}: they do not belong together. Start the server \
+                     on the image store this database was used with, or on a new database"
+                );
+            }
+            in_store
+        }
+        (None, Some(in_database)) => anyhow::bail!(
+            "the database indexes the packs of image store {in_database}, but {place} has \
+             no store id (it is new, emptied or another store): the chunks the database \
+             lists are not there. Start the server on the image store this database was \
+             used with, or on a new database"
+        ),
+        (in_store, None) => {
+            let id = match in_store {
+                Some(id) => id,
+                None => packs
+                    .claim_store_id(&kiln_blob::packs::new_store_id())
+                    .await
+                    .map_err(|err| {
+                        anyhow::Error::new(err)
+                            .context(format!("giving the image store {place} an id"))
+                    })?,
+            };
+            let recorded = store
+                .claim_image_store_id(&id)
+                .await
+                .context("recording the image store's id in the database")?;
+            if recorded != id {
+                anyhow::bail!(
+                    "the database was just given to image store {recorded} by another server, \
+                     but {place} is image store {id}: they do not belong together"
+                );
+            }
+            tracing::info!(image_store = %id, place, "image store and database paired");
+            id
+        }
+    };
+    tracing::debug!(image_store = %id, place, "image store checked");
+    Ok(())
 }
 
 /// Moves chunks an older server kept one file each into packs.

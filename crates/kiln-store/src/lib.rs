@@ -694,6 +694,11 @@ pub trait Packs: Send + Sync + 'static {
     async fn release_pins(&self, owner: &str, hashes: &[ChunkHash], now: i64) -> StoreResult<()>;
     /// Forgets pins that ended before `now`; returns how many.
     async fn forget_pins(&self, now: i64) -> StoreResult<u64>;
+    /// The id of the image store this index describes, once recorded.
+    async fn image_store_id(&self) -> StoreResult<Option<String>>;
+    /// Records `id` as the image store this index describes unless one is recorded
+    /// already; returns the id recorded.
+    async fn claim_image_store_id(&self, id: &str) -> StoreResult<String>;
 }
 
 /// A client's own credential as stored: the hash of its secret, never the secret.

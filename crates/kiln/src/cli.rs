@@ -657,8 +657,9 @@ pub enum BenchWhich {
         /// Slots of each client.
         #[arg(long, default_value_t = 4)]
         slots: u32,
-        /// Keep the server's state in this PostgreSQL database instead of SQLite (its
-        /// build numbers are unique to the run, so a database may be used again).
+        /// Keep the server's state in this PostgreSQL database instead of SQLite: a new,
+        /// empty one each run (a database is tied to the image store of the run that
+        /// used it, and servers refuse it with another).
         #[arg(long, value_name = "URL")]
         database: Option<String>,
         /// Servers: 2 or more are replicas on --database (else a PostgreSQL the run

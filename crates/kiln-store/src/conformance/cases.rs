@@ -2811,3 +2811,21 @@ pub async fn replacing_a_sparse_pack_moves_its_live_entries_and_forgets_it<F: St
     );
     Ok(())
 }
+
+/// The image store a database indexes is recorded by the first claim; a later claim
+/// (another server starting at once, or on another image store) gets the first id.
+pub async fn the_image_store_id_is_recorded_once_and_survives_reopening<F: StoreFactory>(
+    factory: &F,
+) -> CaseResult {
+    let place = factory.new_place().await?;
+    let store = factory.open(&place).await?;
+    assert_eq!(store.image_store_id().await?, None, "a new store has none");
+    let first = "0123456789abcdef0123456789abcdef";
+    let other = "fedcba9876543210fedcba9876543210";
+    assert_eq!(store.claim_image_store_id(first).await?, first);
+    assert_eq!(store.claim_image_store_id(other).await?, first);
+    drop(store);
+    let reopened = factory.open(&place).await?;
+    assert_eq!(reopened.image_store_id().await?.as_deref(), Some(first));
+    Ok(())
+}

@@ -115,6 +115,7 @@ macro_rules! conformance_tests {
                 the_pack_index_keeps_the_first_entry_of_a_chunk_and_survives_reopening,
                 removing_chunks_skips_pinned_ones_until_their_pins_end,
                 replacing_a_sparse_pack_moves_its_live_entries_and_forgets_it,
+                the_image_store_id_is_recorded_once_and_survives_reopening,
             ]
             multi_thread [
                 racing_claims_from_eight_tasks_hand_each_job_to_exactly_one_client,

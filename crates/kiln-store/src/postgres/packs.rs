@@ -261,4 +261,26 @@ impl Packs for PgStore {
             .await?
             .rows_affected())
     }
+
+    async fn image_store_id(&self) -> StoreResult<Option<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT id FROM image_store WHERE one = 1")
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn claim_image_store_id(&self, id: &str) -> StoreResult<String> {
+        sqlx::query(
+            "INSERT INTO image_store (one, id) VALUES (1, $1) ON CONFLICT (one) DO NOTHING",
+        )
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(
+            sqlx::query_scalar("SELECT id FROM image_store WHERE one = 1")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
 }

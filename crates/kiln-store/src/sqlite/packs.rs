@@ -273,4 +273,25 @@ impl Packs for SqliteStore {
         tx.commit().await?;
         Ok(forgotten)
     }
+
+    async fn image_store_id(&self) -> StoreResult<Option<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT id FROM image_store WHERE one = 1")
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn claim_image_store_id(&self, id: &str) -> StoreResult<String> {
+        let mut tx = self.write_tx().await?;
+        sqlx::query("INSERT INTO image_store (one, id) VALUES (1, ?) ON CONFLICT (one) DO NOTHING")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        let recorded = sqlx::query_scalar("SELECT id FROM image_store WHERE one = 1")
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(recorded)
+    }
 }

@@ -9,7 +9,9 @@
 //! store stopped in the middle of a job's upload (a body of chunks refused with 503,
 //! `store_unavailable` and `Retry-After`, the server up, no image recorded; the job
 //! finishes under the same attempt once the store is back), and the server SIGKILLed
-//! in the middle of an upload (it resumes and sends only the chunks not yet stored).
+//! in the middle of an upload (it resumes and sends only the chunks not yet stored). A
+//! database used with one image store is refused with another, in process and by
+//! `kiln server`.
 
 use crate::common::{Seaweed, S3_BUCKET, S3_KEY, S3_SECRET};
 use bytes::Bytes;
@@ -197,6 +199,65 @@ async fn images_rest_in_seaweedfs_read_back_whole_and_share_their_chunks() -> an
         !data.join("packs").exists() && !data.join("chunks").exists(),
         "nothing about images is on the local disk"
     );
+    Ok(())
+}
+
+/// A database keeps the index of one image store's packs, and both record that store's
+/// id. Started on the database of a farm whose images were in its local packs, with a
+/// bucket prefix instead, a server refuses (naming both stores) where it used to start
+/// and fail every upload of an indexed chunk with `404 blob chunk ... not found`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_used_with_one_image_store_is_refused_with_another() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let weed = Seaweed::start(&dir.path().join("weed"));
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data)?;
+    let leases = claimed_jobs(&data, &["a"]).await?;
+    {
+        let local = Server::open(ServerConfig::new(data.clone())).await?;
+        let image = kiln_blob::noise::noise(2 << 20, 3);
+        upload(local.farm(), "a", &leases[0], "disk.img", &image).await?;
+    }
+    let local_id = std::fs::read_to_string(data.join("packs/store-id"))?;
+    let local_id = local_id.trim();
+
+    // The bucket prefix has no id yet: it is not the store the database indexes.
+    let refused = format!("{:#}", farm_on(&data, &weed).await.err().expect("refused"));
+    assert!(
+        refused.contains(local_id) && refused.contains("has no store id"),
+        "{refused}"
+    );
+    // A farm of its own pairs with the prefix, and opens again.
+    let other = dir.path().join("other");
+    std::fs::create_dir_all(&other)?;
+    drop(farm_on(&other, &weed).await?);
+    drop(farm_on(&other, &weed).await?);
+    let refused = format!("{:#}", farm_on(&data, &weed).await.err().expect("refused"));
+    assert!(
+        refused.contains(local_id) && refused.contains("do not belong together"),
+        "{refused}"
+    );
+
+    // `kiln server` says so and exits.
+    let data_arg = data.display().to_string();
+    let mut args = vec!["server", "--listen", "127.0.0.1:0", "--data", &data_arg];
+    let images = weed.server_args("farm-a");
+    args.extend(images.iter().map(String::as_str));
+    let run = crate::common::run_kiln(
+        dir.path(),
+        &args,
+        &[
+            ("AWS_ACCESS_KEY_ID", S3_KEY),
+            ("AWS_SECRET_ACCESS_KEY", S3_SECRET),
+        ],
+    );
+    assert_ne!(run.code, 0, "the server refuses to start: {run:?}");
+    assert!(
+        run.stderr.contains("do not belong together") && run.stderr.contains(local_id),
+        "{run:?}"
+    );
+    // Its own image store still opens.
+    drop(Server::open(ServerConfig::new(data)).await?);
     Ok(())
 }
 
