@@ -1,6 +1,7 @@
 //! A farm whose state is in PostgreSQL (`kiln server --database postgres://...`), on a
 //! throwaway PostgreSQL server the tests start: a build runs end to end and nothing of
-//! it is kept in SQLite; the database server killed and started again mid-build loses
+//! it is kept in SQLite; a server on that database with other packs is refused, and a
+//! new server process on the same database and packs sees the same farm; the database server killed and started again mid-build loses
 //! nothing, and the running job finishes on its first attempt; two servers on one
 //! database and one object store share one queue: a job submitted to one goes at once
 //! to a client that waits on the other, and its image is the first one's to release;
@@ -31,7 +32,7 @@ fn a_build_runs_end_to_end_with_the_farm_state_in_postgresql() {
     let harness = Harness::new("postgres-build");
     let cluster = PgCluster::shared().expect("a PostgreSQL server for the test");
     let database = new_database(cluster);
-    let server = harness.start_server("pg", &["--database", &database]);
+    let mut server = harness.start_server("pg", &["--database", &database]);
     let build = server.submit(&write_build(
         &harness.mkdir("build"),
         "1400",
@@ -59,11 +60,48 @@ fn a_build_runs_end_to_end_with_the_farm_state_in_postgresql() {
         .expect("the release's SHA256SUMS");
     assert_eq!(sums.lines().count(), 2, "one image per job: {sums}");
 
-    // A second server process on the same database sees the same farm.
-    let other = harness.start_server("pg-other", &["--database", &database]);
-    let jobs = other.jobs(&build);
+    // A server on the same database with another data directory (so other packs) is
+    // refused: the database indexes the first one's packs.
+    let other_data = harness.path().join("pg-other-data");
+    let other_data = other_data.display().to_string();
+    let refused = run_kiln(
+        harness.path(),
+        &[
+            "server",
+            "--listen",
+            "127.0.0.1:0",
+            "--data",
+            &other_data,
+            "--database",
+            &database,
+        ],
+        &[],
+    );
+    assert_ne!(refused.code, 0, "{refused:?}");
+    assert!(
+        refused.stderr.contains("has no store id"),
+        "the refusal says why: {refused:?}"
+    );
+    // A new server process on the same database and packs sees the same farm.
+    server.process.kill();
+    let again = harness.start_server_at(
+        "pg-again",
+        "127.0.0.1:0",
+        &server.data,
+        None,
+        &["--database", &database],
+    );
+    let jobs = again.jobs(&build);
     assert_eq!(jobs.len(), 2);
     assert!(jobs.iter().all(|job| text(job, "state") == "finished"));
+    let release_again = harness.path().join("release-again");
+    let release = again.kiln(&[
+        "release",
+        &build,
+        "--to",
+        &release_again.display().to_string(),
+    ]);
+    harness.check(release.code == 0, || format!("{release:?}"));
 }
 
 #[test]
