@@ -546,7 +546,8 @@ pub enum BenchWhich {
         #[arg(long)]
         database: Option<String>,
         /// Server processes on the database (needs --database when more than one):
-        /// jobs are submitted to the first, the clients wait on each in turn.
+        /// replicas sharing it and a SeaweedFS the run starts; jobs are submitted to
+        /// the first, the clients wait on each in turn.
         #[arg(long, default_value_t = 1)]
         servers: u32,
         /// With several servers: the clients wait only on the others, never on the

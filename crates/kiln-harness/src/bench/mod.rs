@@ -113,32 +113,35 @@ pub async fn dispatch(
         "--wait-elsewhere needs --servers 2 or more"
     );
     let temp = tempfile::Builder::new().prefix("kiln-bench-").tempdir()?;
-    // Every server takes one client credential, as replicas behind one name would.
-    let client_token = "dispatch-bench-shared-client-secret".to_owned();
-    let token_file = temp.path().join("client.secret");
-    std::fs::write(&token_file, &client_token)?;
-    let mut server_args = vec![
-        "--client-token-file".to_owned(),
-        token_file.display().to_string(),
-    ];
-    if let Some(url) = database {
-        server_args.extend(["--database".to_owned(), url.to_owned()]);
-    }
-    let server_args: Vec<&str> = server_args.iter().map(String::as_str).collect();
-    let mut farms = Vec::new();
-    for idx in 0..n_servers {
-        farms.push(Farm::start(&temp.path().join(format!("server-{idx}")), &server_args).await?);
-    }
-    let farm = &farms[0];
-    let operator = Operator::with_token(&farm.url, Some(&farm.admin_token()?))?;
+    // Several servers are replicas: one database, one image store (a SeaweedFS started
+    // here; a database belongs to one image store), one client credential.
+    let (farm, _stores, urls, client_token) = if n_servers > 1 {
+        let (farm, stores) =
+            Farm::start_replicas_on_shared_stores(temp.path(), n_servers, database, &[]).await?;
+        let urls: Vec<String> = (0..n_servers as usize)
+            .map(|idx| farm.server_url(idx).to_owned())
+            .collect();
+        let client_token = farm.client_token()?;
+        (farm, Some(stores), urls, client_token)
+    } else {
+        let mut server_args = vec![];
+        if let Some(url) = database {
+            server_args.extend(["--database", url]);
+        }
+        let farm = Farm::start(&temp.path().join("server-0"), &server_args).await?;
+        let urls = vec![farm.url.clone()];
+        let client_token = farm.client_token()?;
+        (farm, None, urls, client_token)
+    };
+    // Jobs are submitted to the first server.
+    let operator = Operator::with_token(&urls[0], Some(&farm.admin_token()?))?;
     let mut pollers = Vec::new();
     for idx in 0..n_clients {
-        // Jobs are submitted to the first server.
         let waits_on = match wait_elsewhere {
-            true => 1 + idx as usize % (farms.len() - 1),
-            false => idx as usize % farms.len(),
+            true => 1 + idx as usize % (urls.len() - 1),
+            false => idx as usize % urls.len(),
         };
-        let url = &farms[waits_on].url;
+        let url = &urls[waits_on];
         let conn = ServerConn::new(url, &client_token)?;
         pollers.push(tokio::spawn(async move {
             let request = ClaimRequest {
@@ -184,9 +187,7 @@ pub async fn dispatch(
     for poller in pollers {
         poller.abort();
     }
-    for farm in farms {
-        farm.stop().await;
-    }
+    farm.stop().await;
     latencies_ms.sort_by(|a, b| a.total_cmp(b));
     let store = match database {
         Some(_) if wait_elsewhere => format!(
