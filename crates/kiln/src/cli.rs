@@ -698,7 +698,8 @@ pub enum BenchWhich {
         /// Leave out the server-memory part.
         #[arg(long)]
         skip_rss: bool,
-        /// Leave out the object storage part (it needs `weed` and Python's boto3).
+        /// Leave out object storage (it needs `weed` and Python's boto3): part (e), and
+        /// the SeaweedFS row of the server-memory part.
         #[arg(long)]
         skip_s3: bool,
         /// Timed trials of each system.

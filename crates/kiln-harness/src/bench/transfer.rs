@@ -125,7 +125,7 @@ async fn bench(options: &Options, work: &Path) -> anyhow::Result<()> {
     if options.skip_rss {
         eprintln!("transfer: (d) skipped (--skip-rss)");
     } else {
-        part_d(work, options.rss_size_mib).await?;
+        part_d(work, options.rss_size_mib, !options.skip_s3).await?;
     }
     println!("load average at the end {}", load_average());
     Ok(())
@@ -795,14 +795,56 @@ async fn part_c(work: &Path) -> anyhow::Result<()> {
 // ---------------------------------------------------------------------------------
 // Part (d): the server's memory during a large upload.
 
-async fn part_d(work: &Path, size_mib: u64) -> anyhow::Result<()> {
+async fn part_d(work: &Path, size_mib: u64, with_s3: bool) -> anyhow::Result<()> {
+    use crate::seaweed::{Seaweed, S3_KEY, S3_SECRET};
     let path = work.join("large.img");
     eprintln!("transfer: (d) writing a {size_mib} MiB image of random bytes");
     let file = path.clone();
     tokio::task::spawn_blocking(move || write_noise(&file, size_mib, 3)).await??;
     sync_fs(work)?;
+    let mut rows = vec![memory_during_upload(work, &path, "local packs", &[]).await?];
+    if with_s3 {
+        let weed_dir = work.join("d-weed");
+        let weed = tokio::task::spawn_blocking(move || Seaweed::start(&weed_dir)).await?;
+        let credentials = work.join("d-s3-credentials");
+        std::fs::write(
+            &credentials,
+            format!("aws_access_key_id = {S3_KEY}\naws_secret_access_key = {S3_SECRET}\n"),
+        )?;
+        let mut args = weed.server_args("d-kiln");
+        args.push("--s3-credentials-file".into());
+        args.push(credentials.display().to_string());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        rows.push(memory_during_upload(work, &path, "SeaweedFS (`--images s3://`)", &args).await?);
+        drop(weed);
+        remove_dir(&work.join("d-weed"))?;
+    }
+    std::fs::remove_file(&path)?;
+    println!(
+        "(d) the server's memory while it receives a fresh {size_mib} MiB incompressible image"
+    );
+    println!();
+    println!("| images in | upload | RSS before | max RSS, first half of the upload | max RSS, second half | peak RSS (VmHWM) | target |");
+    println!("|---|---|---|---|---|---|---|");
+    for row in &rows {
+        println!("{row}");
+    }
+    println!();
+    println!("VmRSS sampled every 100 ms; VmHWM is the kernel's peak, between samples too.");
+    println!();
+    Ok(())
+}
+
+/// One upload of `path` to a fresh server with `server_args`, its memory sampled: the
+/// row of part (d)'s table.
+async fn memory_during_upload(
+    work: &Path,
+    path: &Path,
+    label: &str,
+    server_args: &[&str],
+) -> anyhow::Result<String> {
     let dir = work.join("d-kiln");
-    let kiln = Kiln::start(&dir, 1).await?;
+    let kiln = Kiln::start_with(&dir, 1, server_args).await?;
     let pid = kiln.farm.server_pid().context("the server has exited")?;
     let claim = kiln.claim().await?;
     let rss_before = proc_status_kib(pid, "VmRSS")?;
@@ -820,8 +862,8 @@ async fn part_d(work: &Path, size_mib: u64) -> anyhow::Result<()> {
             samples
         })
     };
-    eprintln!("transfer: (d) uploading it to a fresh server (pid {pid})");
-    let upload = kiln.upload(&claim, &path).await;
+    eprintln!("transfer: (d) uploading it to a fresh server on {label} (pid {pid})");
+    let upload = kiln.upload(&claim, path).await;
     sampling.store(false, Ordering::Relaxed);
     let samples = sampler.await?;
     let max_mib = |samples: &[u64]| samples.iter().max().copied().unwrap_or(0) as f64 / 1024.0;
@@ -830,29 +872,15 @@ async fn part_d(work: &Path, size_mib: u64) -> anyhow::Result<()> {
     let hwm = proc_status_kib(pid, "VmHWM")?;
     kiln.stop().await;
     remove_dir(&dir)?;
-    std::fs::remove_file(&path)?;
-    println!(
-        "(d) the server's memory while it receives a fresh {size_mib} MiB incompressible image"
-    );
-    println!();
-    println!("| upload | RSS before | max RSS, first half of the upload | max RSS, second half | peak RSS (VmHWM) | target |");
-    println!("|---|---|---|---|---|---|");
-    println!(
-        "| {:.1} s ({:.0} MiB/s) | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.1} MiB | flat, under 64 MiB |",
+    Ok(format!(
+        "| {label} | {:.1} s ({:.0} MiB/s) | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.1} MiB | flat, under 64 MiB |",
         wall.as_secs_f64(),
         report.size as f64 / MIB as f64 / wall.as_secs_f64(),
         rss_before as f64 / 1024.0,
         max_mib(first_half),
         max_mib(second_half),
         hwm as f64 / 1024.0
-    );
-    println!();
-    println!(
-        "VmRSS sampled every 100 ms ({} samples); VmHWM is the kernel's peak, between samples too.",
-        samples.len()
-    );
-    println!();
-    Ok(())
+    ))
 }
 
 /// A `kB` line of `/proc/PID/status` (`VmRSS`, `VmHWM`), in KiB.
