@@ -7,7 +7,24 @@ use kiln_harness::bench::{self, fleet, throughput, transfer};
 use kiln_harness::chaos;
 use std::process::ExitCode;
 
+/// Runs the bench. SIGTERM or SIGINT ends it at once: the bench's future is dropped, and
+/// with it the processes it started (spawned with `kill_on_drop`), the PostgreSQL and
+/// SeaweedFS it started, and its temporary directories. (`transfer` stops on the
+/// signal itself, between trials.)
 pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    if matches!(args.which, BenchWhich::Transfer { .. }) {
+        return run_to_its_end(args).await;
+    }
+    tokio::select! {
+        result = run_to_its_end(args) => result,
+        () = super::terminated() => {
+            eprintln!("bench: stopped by a signal; the processes it started are ended");
+            Ok(ExitCode::from(130))
+        }
+    }
+}
+
+async fn run_to_its_end(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let ran_to_its_end = match args.which {
         BenchWhich::Dispatch {
             clients,
