@@ -31,7 +31,7 @@ impl Images for SqliteStore {
         image: &NewImage,
     ) -> StoreResult<()> {
         let mut tx = self.write_tx().await?;
-        leased_job_row(&mut tx, build, job, lease).await?;
+        leased_job_row(&mut *tx, build, job, lease).await?;
         sqlx::query(
             "INSERT OR REPLACE INTO images (build, job, name, lease_token, size, blake3, sha256, \
              blob_key, created_at, chunk_list) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",

@@ -60,7 +60,7 @@ impl Logs for SqliteStore {
         cut_notice: &str,
     ) -> StoreResult<LogAppend> {
         let mut tx = self.write_tx().await?;
-        let row = leased_job_row(&mut tx, build, job, lease).await?;
+        let row = leased_job_row(&mut *tx, build, job, lease).await?;
         let volume = sqlx::query("SELECT log_bytes, log_cut FROM jobs WHERE build = ? AND id = ?")
             .bind(build)
             .bind(job)

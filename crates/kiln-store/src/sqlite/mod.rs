@@ -168,27 +168,41 @@ fn job_row_from(row: &SqliteRow) -> StoreResult<JobRow> {
     })
 }
 
-/// Reads a job's row in the transaction; `None` when there is no such job.
-async fn read_job_row(tx: &mut Tx, build: &str, job: &str) -> StoreResult<Option<JobRow>> {
+/// Reads a job's row (in a transaction, or on the pool for a read alone); `None` when
+/// there is no such job.
+async fn read_job_row<'c>(
+    executor: impl sqlx::SqliteExecutor<'c>,
+    build: &str,
+    job: &str,
+) -> StoreResult<Option<JobRow>> {
     let query = format!("SELECT {JOB_ROW_COLUMNS} FROM jobs WHERE build = ? AND id = ?");
     let row = sqlx::query(&query)
         .bind(build)
         .bind(job)
-        .fetch_optional(&mut **tx)
+        .fetch_optional(executor)
         .await?;
     row.as_ref().map(job_row_from).transpose()
 }
 
-/// Reads a job's row in the transaction; not found when there is no such job.
-async fn job_row(tx: &mut Tx, build: &str, job: &str) -> StoreResult<JobRow> {
-    read_job_row(tx, build, job)
+/// Reads a job's row; not found when there is no such job.
+async fn job_row<'c>(
+    executor: impl sqlx::SqliteExecutor<'c>,
+    build: &str,
+    job: &str,
+) -> StoreResult<JobRow> {
+    read_job_row(executor, build, job)
         .await?
         .ok_or_else(|| StoreError::NotFound(format!("job {build}/{job}")))
 }
 
 /// Reads a job's row and checks that `lease` is its current lease.
-async fn leased_job_row(tx: &mut Tx, build: &str, job: &str, lease: &str) -> StoreResult<JobRow> {
-    let row = job_row(tx, build, job).await?;
+async fn leased_job_row<'c>(
+    executor: impl sqlx::SqliteExecutor<'c>,
+    build: &str,
+    job: &str,
+    lease: &str,
+) -> StoreResult<JobRow> {
+    let row = job_row(executor, build, job).await?;
     rules::check_lease(&row, lease)?;
     Ok(row)
 }

@@ -326,7 +326,7 @@ impl Queue for SqliteStore {
 
     async fn release(&self, build: &str, job: &str, lease: &str, now: i64) -> StoreResult<()> {
         let mut tx = self.write_tx().await?;
-        let row = leased_job_row(&mut tx, build, job, lease).await?;
+        let row = leased_job_row(&mut *tx, build, job, lease).await?;
         apply(&mut tx, &row, rules::release(&row, now), now).await?;
         tx.commit().await?;
         Ok(())
@@ -341,7 +341,7 @@ impl Queue for SqliteStore {
         progress: Option<&Progress>,
     ) -> StoreResult<LeaseHolder> {
         let mut tx = self.write_tx().await?;
-        let row = leased_job_row(&mut tx, build, job, lease).await?;
+        let row = leased_job_row(&mut *tx, build, job, lease).await?;
         write_run(
             &mut tx,
             &row,
@@ -360,25 +360,17 @@ impl Queue for SqliteStore {
         now: i64,
     ) -> StoreResult<()> {
         let mut tx = self.write_tx().await?;
-        let row = leased_job_row(&mut tx, build, job, lease).await?;
+        let row = leased_job_row(&mut *tx, build, job, lease).await?;
         write_run(&mut tx, &row, &rules::steps_done(&row, now)).await?;
         tx.commit().await?;
         Ok(())
     }
 
     async fn check_lease(&self, build: &str, job: &str, lease: &str) -> StoreResult<LeaseHolder> {
-        // One read, outside a transaction, and no lock: the caller acts on the answer
+        // One read on the pool, outside a transaction: the caller acts on the answer
         // under a later write that checks the lease again. (A transaction around it
         // cost two more round trips to the database for nothing.)
-        let query = format!("SELECT {JOB_ROW_COLUMNS} FROM jobs WHERE build = ? AND id = ?");
-        let row = sqlx::query(&query)
-            .bind(build)
-            .bind(job)
-            .fetch_optional(&self.pool)
-            .await?
-            .ok_or_else(|| StoreError::NotFound(format!("job {build}/{job}")))?;
-        let row = job_row_from(&row)?;
-        rules::check_lease(&row, lease)?;
+        let row = leased_job_row(&self.pool, build, job, lease).await?;
         Ok(rules::holder(&row))
     }
 
@@ -392,7 +384,7 @@ impl Queue for SqliteStore {
     ) -> StoreResult<Event> {
         // The lease first: a caller that does not hold the job learns nothing else.
         let mut tx = self.write_tx().await?;
-        let row = leased_job_row(&mut tx, build, job, lease).await?;
+        let row = leased_job_row(&mut *tx, build, job, lease).await?;
         let stored: Vec<String> = sqlx::query_scalar(
             "SELECT name FROM images WHERE build = ? AND job = ? AND lease_token = ?",
         )
@@ -440,7 +432,7 @@ impl Queue for SqliteStore {
         now: i64,
     ) -> StoreResult<Event> {
         let mut tx = self.write_tx().await?;
-        let row = leased_job_row(&mut tx, build, job, lease).await?;
+        let row = leased_job_row(&mut *tx, build, job, lease).await?;
         let event = apply(&mut tx, &row, rules::fail(&row, failure, now), now).await?;
         tx.commit().await?;
         Ok(event)
@@ -483,7 +475,7 @@ impl Queue for SqliteStore {
         now: i64,
     ) -> StoreResult<Event> {
         let mut tx = self.write_tx().await?;
-        let row = leased_job_row(&mut tx, build, job, lease).await?;
+        let row = leased_job_row(&mut *tx, build, job, lease).await?;
         let transition = rules::take_back(&row, TakeBack::LeaseLost(reason), now)?;
         let event = apply(&mut tx, &row, transition, now).await?;
         tx.commit().await?;
@@ -560,7 +552,7 @@ impl Queue for SqliteStore {
 
     async fn restart(&self, build: &str, job: &str, now: i64) -> StoreResult<Event> {
         let mut tx = self.write_tx().await?;
-        let row = job_row(&mut tx, build, job).await?;
+        let row = job_row(&mut *tx, build, job).await?;
         let event = apply(&mut tx, &row, rules::restart(&row, now)?, now).await?;
         tx.commit().await?;
         Ok(event)
@@ -568,7 +560,7 @@ impl Queue for SqliteStore {
 
     async fn cancel(&self, build: &str, job: &str, now: i64) -> StoreResult<Event> {
         let mut tx = self.write_tx().await?;
-        let row = job_row(&mut tx, build, job).await?;
+        let row = job_row(&mut *tx, build, job).await?;
         let event = apply(&mut tx, &row, rules::cancel(&row, now)?, now).await?;
         tx.commit().await?;
         Ok(event)
