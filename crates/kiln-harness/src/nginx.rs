@@ -23,6 +23,19 @@ pub const KILN_LOCATION: &str = "\
         proxy_send_timeout 24h;
 ";
 
+/// The arguments that run nginx on the configuration `conf` with `dir` as its prefix
+/// and its error log there (see [`config`]).
+pub fn args(dir: &Path, conf: &Path) -> [std::ffi::OsString; 6] {
+    [
+        "-p".into(),
+        dir.into(),
+        "-e".into(),
+        dir.join("error.log").into(),
+        "-c".into(),
+        conf.into(),
+    ]
+}
+
 /// An nginx configuration for one process (no master, no daemon) whose pid file, logs
 /// and temporary files are under `dir`, taking bodies of any size, with `http` (the
 /// servers and what else goes in the `http` block).
@@ -99,12 +112,7 @@ impl LoadBalancer {
         std::fs::write(&conf_path, conf).expect("writing nginx.conf");
         let log = std::fs::File::create(dir.join("stderr.log")).expect("nginx's stderr log");
         let child = Command::new(crate::find_tool("nginx").unwrap_or_else(|| "nginx".into()))
-            .arg("-p")
-            .arg(dir)
-            .arg("-e")
-            .arg(dir.join("error.log"))
-            .arg("-c")
-            .arg(&conf_path)
+            .args(args(dir, &conf_path))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

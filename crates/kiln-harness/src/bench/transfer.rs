@@ -1032,12 +1032,7 @@ impl Nginx {
         let conf_path = dir.join("nginx.conf");
         std::fs::write(&conf_path, conf)?;
         let child = Command::new("nginx")
-            .arg("-p")
-            .arg(dir)
-            .arg("-e")
-            .arg(dir.join("error.log"))
-            .arg("-c")
-            .arg(&conf_path)
+            .args(crate::nginx::args(dir, &conf_path))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file(&dir.join("stderr.log"))?)
