@@ -11,7 +11,7 @@
 //! finishes under the same attempt once the store is back), and the server SIGKILLed
 //! in the middle of an upload (it resumes and sends only the chunks not yet stored). A
 //! database used with one image store is refused with another, in process and by
-//! `kiln server`.
+//! `kiln server`, which also refuses to start while the object store is down.
 
 use crate::common::{Seaweed, S3_BUCKET, S3_KEY, S3_SECRET};
 use bytes::Bytes;
@@ -209,7 +209,7 @@ async fn images_rest_in_seaweedfs_read_back_whole_and_share_their_chunks() -> an
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_used_with_one_image_store_is_refused_with_another() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let weed = Seaweed::start(&dir.path().join("weed"));
+    let mut weed = Seaweed::start(&dir.path().join("weed"));
     let data = dir.path().join("data");
     std::fs::create_dir_all(&data)?;
     let leases = claimed_jobs(&data, &["a"]).await?;
@@ -258,6 +258,27 @@ async fn a_database_used_with_one_image_store_is_refused_with_another() -> anyho
     );
     // Its own image store still opens.
     drop(Server::open(ServerConfig::new(data)).await?);
+
+    // With the object store down, the id cannot be read: the server says so and exits
+    // rather than start on a store it has not checked.
+    weed.kill();
+    let fresh = dir.path().join("fresh").display().to_string();
+    let mut args = vec!["server", "--listen", "127.0.0.1:0", "--data", &fresh];
+    args.extend(images.iter().map(String::as_str));
+    let run = crate::common::run_kiln(
+        dir.path(),
+        &args,
+        &[
+            ("AWS_ACCESS_KEY_ID", S3_KEY),
+            ("AWS_SECRET_ACCESS_KEY", S3_SECRET),
+        ],
+    );
+    assert_ne!(run.code, 0, "the server refuses to start: {run:?}");
+    assert!(
+        run.stderr
+            .contains("reading the id of the image store s3://"),
+        "{run:?}"
+    );
     Ok(())
 }
 
