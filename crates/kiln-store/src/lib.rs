@@ -70,6 +70,9 @@ pub enum StoreError {
     /// The database failed.
     #[error("database error")]
     Db(#[source] sqlx::Error),
+    /// The SQLite database failed.
+    #[error("database error")]
+    Sqlite(#[source] rusqlite::Error),
     /// Applying migrations failed.
     #[error("database migration failed")]
     Migrate(#[source] sqlx::migrate::MigrateError),
@@ -82,6 +85,12 @@ impl From<sqlx::Error> for StoreError {
         } else {
             StoreError::Db(err)
         }
+    }
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(err: rusqlite::Error) -> Self {
+        StoreError::Sqlite(err)
     }
 }
 

@@ -1,6 +1,7 @@
 //! [`Clients`] on SQLite: the clients' histories and contacts, and their credentials.
 
-use super::{unsigned, SqliteStore};
+use super::legacy::unsigned;
+use super::SqliteStore;
 use crate::rules::{self, CredentialDecision};
 use crate::{ClientCredential, Clients, CredentialPut, CredentialWrite, StoreResult};
 use async_trait::async_trait;

@@ -1,6 +1,7 @@
 //! [`Images`] on SQLite: image records, chunk lists and the storage counters.
 
-use super::{leased_job_row, unsigned, SqliteStore};
+use super::legacy::{leased_job_row, unsigned};
+use super::SqliteStore;
 use crate::{ImageRecord, ImageTotals, Images, LegacyImage, NewImage, StoreError, StoreResult};
 use async_trait::async_trait;
 use kiln_proto::api::ImageInfo;

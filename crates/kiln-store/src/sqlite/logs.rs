@@ -1,6 +1,7 @@
 //! [`Logs`] on SQLite: log lines under the lease, and the volume kept in the job's row.
 
-use super::{leased_job_row, unsigned, write_run, SqliteStore, Tx};
+use super::legacy::{leased_job_row, unsigned, write_run, Tx};
+use super::SqliteStore;
 use crate::rules::{self, LogVolume};
 use crate::{LeaseHolder, LogAppend, Logs, StoreResult};
 use async_trait::async_trait;

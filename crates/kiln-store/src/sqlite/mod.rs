@@ -12,7 +12,9 @@
 //! the clients' counters. Migrations are in `migrations/sqlite/`.
 
 mod clients;
+mod db;
 mod images;
+mod legacy;
 mod logs;
 mod outbox;
 mod packs;
@@ -22,12 +24,15 @@ use crate::rules::{self, ClientCount, EventDraft, JobLimits, JobRow, JobRun, Tra
 use crate::{StoreError, StoreResult};
 use kiln_proto::api::{Event, JobStatus};
 use kiln_proto::state::JobState;
+use db::Db;
+use rusqlite::{Connection, OptionalExtension, Row};
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{Row, Sqlite, SqlitePool, Transaction};
+use sqlx::{Sqlite, SqlitePool, Transaction};
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -42,6 +47,8 @@ pub struct SqliteStore {
     /// their own would find the database locked and wait in SQLite's busy handler,
     /// which sleeps (for up to 100 ms a time).
     writer: SqlitePool,
+    /// The connections called directly ([`db`]).
+    db: Arc<Db>,
 }
 
 impl SqliteStore {
@@ -66,7 +73,8 @@ impl SqliteStore {
             .after_release(|conn, _| Box::pin(keep_connection(conn)))
             .connect_with(options)
             .await?;
-        Ok(SqliteStore { pool, writer })
+        let db = Db::open(path)?;
+        Ok(SqliteStore { pool, writer, db })
     }
 
     async fn write_tx(&self) -> StoreResult<Transaction<'static, Sqlite>> {
@@ -89,15 +97,13 @@ async fn keep_connection(conn: &mut sqlx::SqliteConnection) -> Result<bool, sqlx
     Ok(!conn.is_in_transaction())
 }
 
-type Tx = Transaction<'static, Sqlite>;
-
 fn parse_state(text: &str) -> StoreResult<JobState> {
     JobState::from_str(text).map_err(|err| StoreError::Conflict(err.to_string()))
 }
 
 /// Reads a count or size column, stored as a signed integer.
-fn unsigned(row: &SqliteRow, name: &str) -> StoreResult<u64> {
-    Ok(row.try_get::<i64, _>(name)?.max(0) as u64)
+fn unsigned(row: &Row, name: &str) -> StoreResult<u64> {
+    Ok(row.get::<_, i64>(name)?.max(0) as u64)
 }
 
 /// The columns of `jobs` that make a [`JobStatus`].
@@ -105,27 +111,27 @@ const JOB_COLUMNS: &str = "build, id, title, config_type, state, client_id, time
      time_complete, major_state, minor_state, percent, attempt, error, priority, assigned_to, \
      steps_done_at";
 
-fn job_status_from_row(row: &SqliteRow) -> StoreResult<JobStatus> {
+fn job_status_from_row(row: &Row) -> StoreResult<JobStatus> {
     Ok(JobStatus {
-        build: row.try_get("build")?,
-        id: row.try_get("id")?,
-        title: row.try_get("title")?,
-        config_type: row.try_get("config_type")?,
-        state: parse_state(row.try_get("state")?)?,
-        client_id: row.try_get("client_id")?,
-        time_start: row.try_get("time_start")?,
-        time_complete: row.try_get("time_complete")?,
-        major_state: row.try_get("major_state")?,
-        minor_state: row.try_get("minor_state")?,
+        build: row.get("build")?,
+        id: row.get("id")?,
+        title: row.get("title")?,
+        config_type: row.get("config_type")?,
+        state: parse_state(&row.get::<_, String>("state")?)?,
+        client_id: row.get("client_id")?,
+        time_start: row.get("time_start")?,
+        time_complete: row.get("time_complete")?,
+        major_state: row.get("major_state")?,
+        minor_state: row.get("minor_state")?,
         percent: row
-            .try_get::<Option<i64>, _>("percent")?
+            .get::<_, Option<i64>>("percent")?
             .map(|p| p.clamp(0, 100) as u8),
         eta_seconds: None,
-        attempt: row.try_get::<i64, _>("attempt")? as u32,
-        error: row.try_get("error")?,
-        priority: row.try_get("priority")?,
-        assigned_to: row.try_get("assigned_to")?,
-        uploading_since: row.try_get("steps_done_at")?,
+        attempt: row.get::<_, i64>("attempt")? as u32,
+        error: row.get("error")?,
+        priority: row.get("priority")?,
+        assigned_to: row.get("assigned_to")?,
+        uploading_since: row.get("steps_done_at")?,
     })
 }
 
@@ -135,110 +141,143 @@ const JOB_ROW_COLUMNS: &str = "build, id, timeout_secs, max_attempts, retries, \
      time_start, time_complete, steps_done, steps_done_at, major_state, minor_state, percent, \
      error, retries_used, leases_lost, accept_deadline";
 
-fn job_row_from(row: &SqliteRow) -> StoreResult<JobRow> {
+fn job_row_from(row: &Row) -> StoreResult<JobRow> {
     Ok(JobRow {
-        build: row.try_get("build")?,
-        job: row.try_get("id")?,
+        build: row.get("build")?,
+        job: row.get("id")?,
         limits: JobLimits {
             timeout_secs: unsigned(row, "timeout_secs")?,
             max_attempts: unsigned(row, "max_attempts")? as u32,
             retries: unsigned(row, "retries")? as u32,
             accept_within_secs: row
-                .try_get::<Option<i64>, _>("accept_within_secs")?
+                .get::<_, Option<i64>>("accept_within_secs")?
                 .map(|secs| secs.max(0) as u64),
         },
         run: JobRun {
-            state: parse_state(row.try_get("state")?)?,
-            client_id: row.try_get("client_id")?,
-            lease_token: row.try_get("lease_token")?,
-            lease_expires_at: row.try_get("lease_expires_at")?,
+            state: parse_state(&row.get::<_, String>("state")?)?,
+            client_id: row.get("client_id")?,
+            lease_token: row.get("lease_token")?,
+            lease_expires_at: row.get("lease_expires_at")?,
             attempt: unsigned(row, "attempt")? as u32,
-            time_start: row.try_get("time_start")?,
-            time_complete: row.try_get("time_complete")?,
-            steps_done: row.try_get::<i64, _>("steps_done")? != 0,
-            steps_done_at: row.try_get("steps_done_at")?,
-            major_state: row.try_get("major_state")?,
-            minor_state: row.try_get("minor_state")?,
-            percent: row.try_get("percent")?,
-            error: row.try_get("error")?,
+            time_start: row.get("time_start")?,
+            time_complete: row.get("time_complete")?,
+            steps_done: row.get::<_, i64>("steps_done")? != 0,
+            steps_done_at: row.get("steps_done_at")?,
+            major_state: row.get("major_state")?,
+            minor_state: row.get("minor_state")?,
+            percent: row.get("percent")?,
+            error: row.get("error")?,
             retries_used: unsigned(row, "retries_used")? as u32,
             leases_lost: unsigned(row, "leases_lost")? as u32,
-            accept_deadline: row.try_get("accept_deadline")?,
+            accept_deadline: row.get("accept_deadline")?,
         },
     })
 }
 
-/// Reads a job's row (in a transaction, or on the pool for a read alone); `None` when
-/// there is no such job.
-async fn read_job_row<'c>(
-    executor: impl sqlx::SqliteExecutor<'c>,
-    build: &str,
-    job: &str,
-) -> StoreResult<Option<JobRow>> {
-    let query = format!("SELECT {JOB_ROW_COLUMNS} FROM jobs WHERE build = ? AND id = ?");
-    let row = sqlx::query(&query)
-        .bind(build)
-        .bind(job)
-        .fetch_optional(executor)
-        .await?;
-    row.as_ref().map(job_row_from).transpose()
+/// Runs `query` with `params` and maps each row with `map`.
+fn collect<T>(
+    conn: &Connection,
+    query: &str,
+    params: impl rusqlite::Params,
+    map: impl Fn(&Row) -> StoreResult<T>,
+) -> StoreResult<Vec<T>> {
+    let mut statement = conn.prepare_cached(query)?;
+    let mut rows = statement.query(params)?;
+    let mut all = Vec::new();
+    while let Some(row) = rows.next()? {
+        all.push(map(row)?);
+    }
+    Ok(all)
+}
+
+/// Runs `query` with `params` and maps its first row with `map`, if it has one.
+fn first<T>(
+    conn: &Connection,
+    query: &str,
+    params: impl rusqlite::Params,
+    map: impl FnOnce(&Row) -> StoreResult<T>,
+) -> StoreResult<Option<T>> {
+    let mut statement = conn.prepare_cached(query)?;
+    let mut rows = statement.query(params)?;
+    match rows.next()? {
+        Some(row) => Ok(Some(map(row)?)),
+        None => Ok(None),
+    }
+}
+
+/// Runs a statement with `params`; the number of rows it changed.
+fn run(conn: &Connection, query: &str, params: impl rusqlite::Params) -> StoreResult<usize> {
+    Ok(conn.prepare_cached(query)?.execute(params)?)
+}
+
+/// Reads one value: the first column of the first row (`None` without a row).
+fn scalar<T: rusqlite::types::FromSql>(
+    conn: &Connection,
+    query: &str,
+    params: impl rusqlite::Params,
+) -> StoreResult<Option<T>> {
+    Ok(conn
+        .prepare_cached(query)?
+        .query_row(params, |row| row.get::<_, T>(0))
+        .optional()?)
+}
+
+/// Reads a job's row; `None` when there is no such job.
+fn read_job_row(conn: &Connection, build: &str, job: &str) -> StoreResult<Option<JobRow>> {
+    first(
+        conn,
+        &format!("SELECT {JOB_ROW_COLUMNS} FROM jobs WHERE build = ? AND id = ?"),
+        (build, job),
+        job_row_from,
+    )
 }
 
 /// Reads a job's row; not found when there is no such job.
-async fn job_row<'c>(
-    executor: impl sqlx::SqliteExecutor<'c>,
-    build: &str,
-    job: &str,
-) -> StoreResult<JobRow> {
-    read_job_row(executor, build, job)
-        .await?
+fn job_row(conn: &Connection, build: &str, job: &str) -> StoreResult<JobRow> {
+    read_job_row(conn, build, job)?
         .ok_or_else(|| StoreError::NotFound(format!("job {build}/{job}")))
 }
 
 /// Reads a job's row and checks that `lease` is its current lease.
-async fn leased_job_row<'c>(
-    executor: impl sqlx::SqliteExecutor<'c>,
-    build: &str,
-    job: &str,
-    lease: &str,
-) -> StoreResult<JobRow> {
-    let row = job_row(executor, build, job).await?;
+fn leased_job_row(conn: &Connection, build: &str, job: &str, lease: &str) -> StoreResult<JobRow> {
+    let row = job_row(conn, build, job)?;
     rules::check_lease(&row, lease)?;
     Ok(row)
 }
 
 /// Writes a job's run columns as the rules decided them, if the job is still in the
-/// state `read` has (in a write transaction it always is: the condition makes each write
-/// safe on its own).
-async fn write_run(tx: &mut Tx, read: &JobRow, run: &JobRun) -> StoreResult<()> {
-    let done = sqlx::query(
+/// state `read` has (in a write it always is: the condition makes each write safe on
+/// its own).
+fn write_run(conn: &Connection, read: &JobRow, run_: &JobRun) -> StoreResult<()> {
+    let changed = run(
+        conn,
         "UPDATE jobs SET state = ?, client_id = ?, lease_token = ?, lease_expires_at = ?, \
          attempt = ?, time_start = ?, time_complete = ?, steps_done = ?, major_state = ?, \
          minor_state = ?, percent = ?, error = ?, retries_used = ?, leases_lost = ?, \
          accept_deadline = ?, steps_done_at = ? WHERE build = ? AND id = ? AND state = ?",
-    )
-    .bind(run.state.as_str())
-    .bind(&run.client_id)
-    .bind(&run.lease_token)
-    .bind(run.lease_expires_at)
-    .bind(i64::from(run.attempt))
-    .bind(run.time_start)
-    .bind(run.time_complete)
-    .bind(run.steps_done)
-    .bind(&run.major_state)
-    .bind(&run.minor_state)
-    .bind(run.percent)
-    .bind(&run.error)
-    .bind(i64::from(run.retries_used))
-    .bind(i64::from(run.leases_lost))
-    .bind(run.accept_deadline)
-    .bind(run.steps_done_at)
-    .bind(&read.build)
-    .bind(&read.job)
-    .bind(read.run.state.as_str())
-    .execute(&mut **tx)
-    .await?;
-    if done.rows_affected() != 1 {
+        rusqlite::params![
+            run_.state.as_str(),
+            run_.client_id,
+            run_.lease_token,
+            run_.lease_expires_at,
+            i64::from(run_.attempt),
+            run_.time_start,
+            run_.time_complete,
+            run_.steps_done,
+            run_.major_state,
+            run_.minor_state,
+            run_.percent,
+            run_.error,
+            i64::from(run_.retries_used),
+            i64::from(run_.leases_lost),
+            run_.accept_deadline,
+            run_.steps_done_at,
+            read.build,
+            read.job,
+            read.run.state.as_str(),
+        ],
+    )?;
+    if changed != 1 {
         return Err(StoreError::Conflict(format!(
             "job {}/{} is no longer {}",
             read.build, read.job, read.run.state
@@ -249,109 +288,104 @@ async fn write_run(tx: &mut Tx, read: &JobRow, run: &JobRun) -> StoreResult<()> 
 
 /// Writes a transition the rules decided for the job `read`: its run, its images if
 /// they go, its client's count, and its event (with the notices it calls for).
-async fn apply(tx: &mut Tx, read: &JobRow, transition: Transition, now: i64) -> StoreResult<Event> {
-    write_run(tx, read, &transition.run).await?;
+fn apply(conn: &Connection, read: &JobRow, transition: Transition, now: i64) -> StoreResult<Event> {
+    write_run(conn, read, &transition.run)?;
     if transition.drop_images {
-        sqlx::query("DELETE FROM images WHERE build = ? AND job = ?")
-            .bind(&read.build)
-            .bind(&read.job)
-            .execute(&mut **tx)
-            .await?;
+        run(
+            conn,
+            "DELETE FROM images WHERE build = ? AND job = ?",
+            (&read.build, &read.job),
+        )?;
     }
     if let Some((client_id, count)) = &transition.count {
-        count_client(tx, client_id, *count, now).await?;
+        count_client(conn, client_id, *count, now)?;
     }
-    insert_event(tx, &read.build, &read.job, transition.event).await
+    insert_event(conn, &read.build, &read.job, transition.event)
 }
 
 /// Counts a change in its client's history, in the transaction of the job's
 /// transition. Every client holding a job has a row: claims write it, and the migration
 /// that made the table wrote one for the holders of jobs claimed before.
-async fn count_client(
-    tx: &mut Tx,
+fn count_client(
+    conn: &Connection,
     client_id: &str,
     count: ClientCount,
     now: i64,
 ) -> StoreResult<()> {
+    let contact = count.is_contact().then_some(now);
+    // `MAX(last_contact, NULL)` is NULL in SQLite, hence the COALESCE for the counts
+    // that are no contact.
     let (counter, image_bytes) = match count {
         ClientCount::Finished { image_bytes } => (
-            "n_finished = n_finished + 1, image_bytes = image_bytes + ?",
-            Some(image_bytes as i64),
+            "n_finished = n_finished + 1, image_bytes = image_bytes + ?1",
+            image_bytes as i64,
         ),
-        ClientCount::Failed => ("n_failed = n_failed + 1", None),
-        ClientCount::Lost => ("n_lost = n_lost + 1", None),
-        ClientCount::ClaimGivenBack => ("n_claimed = MAX(n_claimed - 1, 0)", None),
+        ClientCount::Failed => ("n_failed = n_failed + 1", 0),
+        ClientCount::Lost => ("n_lost = n_lost + 1", 0),
+        ClientCount::ClaimGivenBack => ("n_claimed = MAX(n_claimed - 1, 0)", 0),
     };
-    let contact = if count.is_contact() {
-        ", last_contact = MAX(last_contact, ?)"
-    } else {
-        ""
-    };
-    let query = format!("UPDATE clients SET {counter}{contact} WHERE id = ?");
-    let mut query = sqlx::query(&query);
-    if let Some(image_bytes) = image_bytes {
-        query = query.bind(image_bytes);
-    }
-    if count.is_contact() {
-        query = query.bind(now);
-    }
-    query.bind(client_id).execute(&mut **tx).await?;
+    let query = format!(
+        "UPDATE clients SET {counter}, \
+         last_contact = COALESCE(MAX(last_contact, ?2), last_contact) WHERE id = ?3"
+    );
+    run(conn, &query, rusqlite::params![image_bytes, contact, client_id])?;
     Ok(())
 }
 
-fn event_from_row(row: &SqliteRow) -> StoreResult<Event> {
-    let from: Option<String> = row.try_get("from_state")?;
+fn event_from_row(row: &Row) -> StoreResult<Event> {
+    let from: Option<String> = row.get("from_state")?;
     Ok(Event {
-        seq: row.try_get("seq")?,
-        time: row.try_get("time")?,
-        build: row.try_get("build")?,
-        job: row.try_get("job")?,
+        seq: row.get("seq")?,
+        time: row.get("time")?,
+        build: row.get("build")?,
+        job: row.get("job")?,
         from: from.as_deref().map(parse_state).transpose()?,
-        to: parse_state(row.try_get("to_state")?)?,
-        client_id: row.try_get("client_id")?,
-        attempt: row.try_get::<i64, _>("attempt")? as u32,
-        reason: row.try_get("reason")?,
+        to: parse_state(&row.get::<_, String>("to_state")?)?,
+        client_id: row.get("client_id")?,
+        attempt: row.get::<_, i64>("attempt")? as u32,
+        reason: row.get("reason")?,
     })
 }
 
 /// Writes an event, held to the state machine's arrows, and the notices it calls for.
-async fn insert_event(
-    tx: &mut Tx,
-    build: &str,
-    job: &str,
-    draft: EventDraft,
-) -> StoreResult<Event> {
+fn insert_event(conn: &Connection, build: &str, job: &str, draft: EventDraft) -> StoreResult<Event> {
     rules::check_transition(build, job, draft.from, draft.to)?;
-    let seq: i64 = sqlx::query_scalar(
-        "INSERT INTO events (build, job, time, from_state, to_state, client_id, attempt, reason) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING seq",
-    )
-    .bind(build)
-    .bind(job)
-    .bind(draft.time)
-    .bind(draft.from.map(JobState::as_str))
-    .bind(draft.to.as_str())
-    .bind(&draft.client_id)
-    .bind(i64::from(draft.attempt))
-    .bind(&draft.reason)
-    .fetch_one(&mut **tx)
-    .await?;
+    let seq: i64 = conn
+        .prepare_cached(
+            "INSERT INTO events (build, job, time, from_state, to_state, client_id, attempt, \
+             reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING seq",
+        )?
+        .query_row(
+            rusqlite::params![
+                build,
+                job,
+                draft.time,
+                draft.from.map(JobState::as_str),
+                draft.to.as_str(),
+                draft.client_id,
+                i64::from(draft.attempt),
+                draft.reason,
+            ],
+            |row| row.get(0),
+        )?;
     let event = draft.into_event(seq, build, job);
-    queue_notices(tx, &event).await?;
+    queue_notices(conn, &event)?;
     Ok(event)
 }
 
 /// Writes the webhook notices an event calls for into the outbox, in the event's
 /// transaction: the job's end and, when it was the build's last job still queued or
 /// running, the build's.
-async fn queue_notices(tx: &mut Tx, event: &Event) -> StoreResult<()> {
+fn queue_notices(conn: &Connection, event: &Event) -> StoreResult<()> {
     if !rules::may_notify(event) {
         return Ok(());
     }
-    let notify: Option<String> = sqlx::query_scalar("SELECT notify FROM builds WHERE number = ?")
-        .bind(&event.build)
-        .fetch_optional(&mut **tx)
-        .await?;
+    let notify: Option<String> = scalar::<Option<String>>(
+        conn,
+        "SELECT notify FROM builds WHERE number = ?",
+        [&event.build],
+    )?
+    .flatten();
     let urls: Vec<String> = notify
         .and_then(|text| serde_json::from_str(&text).ok())
         .unwrap_or_default();
@@ -359,62 +393,58 @@ async fn queue_notices(tx: &mut Tx, event: &Event) -> StoreResult<()> {
         return Ok(());
     }
     let mut notices: Vec<_> = rules::job_notice(event).into_iter().collect();
-    let n_open: i64 = sqlx::query_scalar(
+    let n_open: i64 = scalar(
+        conn,
         "SELECT COUNT(*) FROM jobs WHERE build = ? AND state IN ('queued', 'running')",
-    )
-    .bind(&event.build)
-    .fetch_one(&mut **tx)
-    .await?;
+        [&event.build],
+    )?
+    .unwrap_or(0);
     // Announce the build's end once per time it ends: not again for each job of a
     // batch that ends together, but again after a restart reopened it.
     let announced = n_open == 0 && {
-        let last_reopen: Option<i64> = sqlx::query_scalar(
+        let last_reopen: Option<i64> = scalar::<Option<i64>>(
+            conn,
             "SELECT MAX(seq) FROM events WHERE build = ? AND to_state = 'queued'",
-        )
-        .bind(&event.build)
-        .fetch_one(&mut **tx)
-        .await?;
-        let done: Option<i64> = sqlx::query_scalar(
+            [&event.build],
+        )?
+        .flatten();
+        let done: Option<i64> = scalar(
+            conn,
             "SELECT 1 FROM notifications WHERE build = ? AND kind = 'build_finished' \
              AND seq > ? LIMIT 1",
-        )
-        .bind(&event.build)
-        .bind(last_reopen.unwrap_or(0))
-        .fetch_optional(&mut **tx)
-        .await?;
+            rusqlite::params![event.build, last_reopen.unwrap_or(0)],
+        )?;
         done.is_some()
     };
     if n_open == 0 && !announced {
-        let counts = sqlx::query(
+        let (n_jobs, n_finished) = first(
+            conn,
             "SELECT COUNT(*) AS n_jobs, COALESCE(SUM(state = 'finished'), 0) AS n_finished \
              FROM jobs WHERE build = ?",
-        )
-        .bind(&event.build)
-        .fetch_one(&mut **tx)
-        .await?;
-        notices.push(rules::build_end_notice(
-            event,
-            unsigned(&counts, "n_jobs")?,
-            unsigned(&counts, "n_finished")?,
-        ));
+            [&event.build],
+            |row| Ok((unsigned(row, "n_jobs")?, unsigned(row, "n_finished")?)),
+        )?
+        .unwrap_or((0, 0));
+        notices.push(rules::build_end_notice(event, n_jobs, n_finished));
     }
     for notice in &notices {
         let body = serde_json::to_string(notice)
             .map_err(|err| StoreError::Conflict(format!("notice does not serialise: {err}")))?;
         for url in &urls {
-            sqlx::query(
+            run(
+                conn,
                 "INSERT INTO notifications (build, kind, seq, url, body, created_at, \
                  next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            )
-            .bind(&event.build)
-            .bind(&notice.event)
-            .bind(notice.seq)
-            .bind(url)
-            .bind(&body)
-            .bind(event.time)
-            .bind(event.time)
-            .execute(&mut **tx)
-            .await?;
+                rusqlite::params![
+                    event.build,
+                    notice.event,
+                    notice.seq,
+                    url,
+                    body,
+                    event.time,
+                    event.time
+                ],
+            )?;
         }
     }
     Ok(())

@@ -1,6 +1,7 @@
 //! [`Packs`] on SQLite: the pack index and the chunk pins.
 
-use super::{unsigned, SqliteStore};
+use super::legacy::unsigned;
+use super::SqliteStore;
 use crate::{PackEntry, PackFill, PackedAt, Packs, StoreResult};
 use async_trait::async_trait;
 use kiln_proto::transfer::ChunkHash;
@@ -28,7 +29,7 @@ fn placeholders(n: usize) -> String {
     vec!["?"; n].join(", ")
 }
 
-async fn insert_entries(tx: &mut super::Tx, pack: &str, entries: &[PackEntry]) -> StoreResult<u64> {
+async fn insert_entries(tx: &mut super::legacy::Tx, pack: &str, entries: &[PackEntry]) -> StoreResult<u64> {
     // Many rows a statement: each statement is a round trip to SQLite's worker thread,
     // and a pack holds hundreds of chunks.
     let mut added = 0;

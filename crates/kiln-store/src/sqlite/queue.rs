@@ -1,8 +1,9 @@
 //! [`Queue`] on SQLite: builds, jobs, claims, transitions, events and deadlines.
 
-use super::{
+use super::SqliteStore;
+use super::legacy::{
     apply, event_from_row, insert_event, job_row, job_row_from, job_status_from_row,
-    leased_job_row, parse_state, unsigned, write_run, SqliteStore, Tx, JOB_COLUMNS,
+    leased_job_row, parse_state, unsigned, write_run, Tx, JOB_COLUMNS,
     JOB_ROW_COLUMNS,
 };
 use crate::rules::{self, TakeBack};
