@@ -1,25 +1,47 @@
 //! [`Images`] on SQLite: image records, chunk lists and the storage counters.
 
-use super::legacy::{leased_job_row, unsigned};
-use super::SqliteStore;
+use super::{collect, first, leased_job_row, run, unsigned, SqliteStore};
 use crate::{ImageRecord, ImageTotals, Images, LegacyImage, NewImage, StoreError, StoreResult};
 use async_trait::async_trait;
 use kiln_proto::api::ImageInfo;
-use sqlx::sqlite::SqliteRow;
-use sqlx::Row;
+use rusqlite::Row;
 use std::collections::BTreeMap;
 
-fn image_info_from_row(row: &SqliteRow) -> StoreResult<ImageInfo> {
+fn image_info_from_row(row: &Row) -> StoreResult<ImageInfo> {
     Ok(ImageInfo {
-        build: row.try_get("build")?,
-        job_id: row.try_get("job")?,
-        config_type: row.try_get("config_type")?,
-        name: row.try_get("name")?,
-        size: row.try_get::<i64, _>("size")? as u64,
-        blake3: row.try_get("blake3")?,
-        sha256: row.try_get("sha256")?,
-        created_at: row.try_get("created_at")?,
+        build: row.get("build")?,
+        job_id: row.get("job")?,
+        config_type: row.get("config_type")?,
+        name: row.get("name")?,
+        size: row.get::<_, i64>("size")? as u64,
+        blake3: row.get("blake3")?,
+        sha256: row.get("sha256")?,
+        created_at: row.get("created_at")?,
     })
+}
+
+/// Adds `deltas` to the named counters (`set`: sets them to the values instead).
+async fn write_counters(store: &SqliteStore, values: &[(&str, i64)], set: bool) -> StoreResult<()> {
+    let values: Vec<(String, i64)> = values
+        .iter()
+        .map(|(name, value)| ((*name).to_owned(), *value))
+        .collect();
+    let query = if set {
+        "INSERT INTO counters (name, value) VALUES (?, ?) \
+         ON CONFLICT (name) DO UPDATE SET value = excluded.value"
+    } else {
+        "INSERT INTO counters (name, value) VALUES (?, ?) \
+         ON CONFLICT (name) DO UPDATE SET value = value + excluded.value"
+    };
+    store
+        .db
+        .write(move |conn| {
+            for (name, value) in &values {
+                run(conn, query, rusqlite::params![name, value])?;
+            }
+            Ok(())
+        })
+        .await
 }
 
 #[async_trait]
@@ -31,76 +53,91 @@ impl Images for SqliteStore {
         lease: &str,
         image: &NewImage,
     ) -> StoreResult<()> {
-        let mut tx = self.write_tx().await?;
-        leased_job_row(&mut *tx, build, job, lease).await?;
-        sqlx::query(
-            "INSERT OR REPLACE INTO images (build, job, name, lease_token, size, blake3, sha256, \
-             blob_key, created_at, chunk_list) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(build)
-        .bind(job)
-        .bind(&image.name)
-        .bind(lease)
-        .bind(image.size as i64)
-        .bind(&image.blake3)
-        .bind(&image.sha256)
-        .bind(&image.blob_key)
-        .bind(image.created_at)
-        .bind(&image.chunk_list)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(())
+        let (build, job, lease) = (build.to_owned(), job.to_owned(), lease.to_owned());
+        let image = image.clone();
+        self.db
+            .write(move |conn| {
+                leased_job_row(conn, &build, &job, &lease)?;
+                run(
+                    conn,
+                    "INSERT OR REPLACE INTO images (build, job, name, lease_token, size, blake3, \
+                     sha256, blob_key, created_at, chunk_list) \
+                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    rusqlite::params![
+                        build,
+                        job,
+                        image.name,
+                        lease,
+                        image.size as i64,
+                        image.blake3,
+                        image.sha256,
+                        image.blob_key,
+                        image.created_at,
+                        image.chunk_list,
+                    ],
+                )?;
+                Ok(())
+            })
+            .await
     }
 
     async fn list_images(&self, build: &str) -> StoreResult<Vec<ImageInfo>> {
-        let rows = sqlx::query(
-            "SELECT i.build, i.job, j.config_type, i.name, i.size, i.blake3, i.sha256, i.created_at \
-             FROM images i JOIN jobs j ON j.build = i.build AND j.id = i.job \
-             WHERE i.build = ? AND j.state = 'finished' ORDER BY j.pk, i.name",
-        )
-        .bind(build)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(image_info_from_row).collect()
+        let build = build.to_owned();
+        self.db
+            .read_blocking(move |conn| {
+                collect(
+                    conn,
+                    "SELECT i.build, i.job, j.config_type, i.name, i.size, i.blake3, i.sha256, \
+                     i.created_at FROM images i JOIN jobs j ON j.build = i.build AND j.id = i.job \
+                     WHERE i.build = ? AND j.state = 'finished' ORDER BY j.pk, i.name",
+                    [&build],
+                    image_info_from_row,
+                )
+            })
+            .await
     }
 
     async fn get_image(&self, build: &str, job: &str, name: &str) -> StoreResult<ImageRecord> {
-        let row = sqlx::query(
-            "SELECT i.build, i.job, j.config_type, i.name, i.size, i.blake3, i.sha256, i.created_at, \
-             i.blob_key, i.chunk_list FROM images i JOIN jobs j ON j.build = i.build AND j.id = i.job \
-             WHERE i.build = ? AND i.job = ? AND i.name = ? AND j.state = 'finished'",
-        )
-        .bind(build)
-        .bind(job)
-        .bind(name)
-        .fetch_optional(&self.pool)
-        .await?
-        .ok_or_else(|| StoreError::NotFound(format!("image {name} of job {build}/{job}")))?;
-        Ok(ImageRecord {
-            info: image_info_from_row(&row)?,
-            blob_key: row.try_get("blob_key")?,
-            chunk_list: row.try_get("chunk_list")?,
-        })
+        self.db
+            .read(|conn| {
+                first(
+                    conn,
+                    "SELECT i.build, i.job, j.config_type, i.name, i.size, i.blake3, i.sha256, \
+                     i.created_at, i.blob_key, i.chunk_list FROM images i \
+                     JOIN jobs j ON j.build = i.build AND j.id = i.job \
+                     WHERE i.build = ? AND i.job = ? AND i.name = ? AND j.state = 'finished'",
+                    [build, job, name],
+                    |row| {
+                        Ok(ImageRecord {
+                            info: image_info_from_row(row)?,
+                            blob_key: row.get("blob_key")?,
+                            chunk_list: row.get("chunk_list")?,
+                        })
+                    },
+                )
+            })?
+            .ok_or_else(|| StoreError::NotFound(format!("image {name} of job {build}/{job}")))
     }
 
     async fn legacy_images(&self) -> StoreResult<Vec<LegacyImage>> {
-        let rows = sqlx::query(
-            "SELECT build, job, name, blob_key FROM images WHERE chunk_list IS NULL \
-             ORDER BY build, job, name",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(LegacyImage {
-                    build: row.try_get("build")?,
-                    job: row.try_get("job")?,
-                    name: row.try_get("name")?,
-                    blob_key: row.try_get("blob_key")?,
-                })
+        self.db
+            .read_blocking(|conn| {
+                collect(
+                    conn,
+                    "SELECT build, job, name, blob_key FROM images WHERE chunk_list IS NULL \
+                     ORDER BY build, job, name",
+                    [],
+                    |row| {
+                        Ok(LegacyImage {
+                            build: row.get("build")?,
+                            job: row.get("job")?,
+                            name: row.get("name")?,
+                            blob_key: row.get("blob_key")?,
+                        })
+                    },
+                )
             })
-            .collect()
+            .await
     }
 
     async fn set_chunk_list(
@@ -110,75 +147,66 @@ impl Images for SqliteStore {
         name: &str,
         chunk_list: &[u8],
     ) -> StoreResult<()> {
-        let mut tx = self.write_tx().await?;
-        sqlx::query("UPDATE images SET chunk_list = ? WHERE build = ? AND job = ? AND name = ?")
-            .bind(chunk_list)
-            .bind(build)
-            .bind(job)
-            .bind(name)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(())
+        let (build, job, name) = (build.to_owned(), job.to_owned(), name.to_owned());
+        let chunk_list = chunk_list.to_vec();
+        self.db
+            .write(move |conn| {
+                run(
+                    conn,
+                    "UPDATE images SET chunk_list = ? WHERE build = ? AND job = ? AND name = ?",
+                    rusqlite::params![chunk_list, build, job, name],
+                )?;
+                Ok(())
+            })
+            .await
     }
 
     async fn chunk_lists(&self) -> StoreResult<Vec<Vec<u8>>> {
-        let rows = sqlx::query("SELECT chunk_list FROM images WHERE chunk_list IS NOT NULL")
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter()
-            .map(|row| Ok(row.try_get::<Vec<u8>, _>("chunk_list")?))
-            .collect()
+        self.db
+            .read_blocking(|conn| {
+                collect(
+                    conn,
+                    "SELECT chunk_list FROM images WHERE chunk_list IS NOT NULL",
+                    [],
+                    |row| Ok(row.get::<_, Vec<u8>>(0)?),
+                )
+            })
+            .await
     }
 
     async fn image_totals(&self) -> StoreResult<ImageTotals> {
-        let row = sqlx::query("SELECT COUNT(*) AS n, COALESCE(SUM(size), 0) AS bytes FROM images")
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(ImageTotals {
-            images: unsigned(&row, "n")?,
-            bytes: unsigned(&row, "bytes")?,
-        })
+        self.db
+            .read_blocking(|conn| {
+                first(
+                    conn,
+                    "SELECT COUNT(*) AS n, COALESCE(SUM(size), 0) AS bytes FROM images",
+                    [],
+                    |row| {
+                        Ok(ImageTotals {
+                            images: unsigned(row, "n")?,
+                            bytes: unsigned(row, "bytes")?,
+                        })
+                    },
+                )?
+                .ok_or_else(|| StoreError::Conflict("no row of image totals".into()))
+            })
+            .await
     }
 
     async fn add_counters(&self, deltas: &[(&str, i64)]) -> StoreResult<()> {
-        let mut tx = self.write_tx().await?;
-        for (name, delta) in deltas {
-            sqlx::query(
-                "INSERT INTO counters (name, value) VALUES (?, ?) \
-                 ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
-            )
-            .bind(name)
-            .bind(delta)
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(())
+        write_counters(self, deltas, false).await
     }
 
     async fn set_counters(&self, values: &[(&str, i64)]) -> StoreResult<()> {
-        let mut tx = self.write_tx().await?;
-        for (name, value) in values {
-            sqlx::query(
-                "INSERT INTO counters (name, value) VALUES (?, ?) \
-                 ON CONFLICT (name) DO UPDATE SET value = excluded.value",
-            )
-            .bind(name)
-            .bind(value)
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(())
+        write_counters(self, values, true).await
     }
 
     async fn counters(&self) -> StoreResult<BTreeMap<String, i64>> {
-        let rows = sqlx::query("SELECT name, value FROM counters")
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter()
-            .map(|row| Ok((row.try_get("name")?, row.try_get("value")?)))
-            .collect()
+        let all = self.db.read(|conn| {
+            collect(conn, "SELECT name, value FROM counters", [], |row| {
+                Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?))
+            })
+        })?;
+        Ok(all.into_iter().collect())
     }
 }

@@ -1,16 +1,15 @@
 //! [`Logs`] on SQLite: log lines under the lease, and the volume kept in the job's row.
 
-use super::legacy::{leased_job_row, unsigned, write_run, Tx};
-use super::SqliteStore;
+use super::{collect, first, leased_job_row, run, unsigned, write_run, SqliteStore};
 use crate::rules::{self, LogVolume};
-use crate::{LeaseHolder, LogAppend, Logs, StoreResult};
+use crate::{LeaseHolder, LogAppend, Logs, StoreError, StoreResult};
 use async_trait::async_trait;
 use kiln_proto::api::{LogLine, NewLogLine};
 use kiln_proto::progress::Progress;
-use sqlx::Row;
+use rusqlite::Connection;
 
-async fn insert_log_line(
-    tx: &mut Tx,
+fn insert_log_line(
+    conn: &Connection,
     build: &str,
     job: &str,
     attempt: u32,
@@ -18,17 +17,11 @@ async fn insert_log_line(
     stream: &str,
     text: &str,
 ) -> StoreResult<()> {
-    sqlx::query(
+    run(
+        conn,
         "INSERT INTO log_lines (build, job, attempt, time, stream, text) VALUES (?, ?, ?, ?, ?, ?)",
-    )
-    .bind(build)
-    .bind(job)
-    .bind(i64::from(attempt))
-    .bind(now)
-    .bind(stream)
-    .bind(text)
-    .execute(&mut **tx)
-    .await?;
+        rusqlite::params![build, job, i64::from(attempt), now, stream, text],
+    )?;
     Ok(())
 }
 
@@ -60,45 +53,51 @@ impl Logs for SqliteStore {
         max_bytes: u64,
         cut_notice: &str,
     ) -> StoreResult<LogAppend> {
-        let mut tx = self.write_tx().await?;
-        let row = leased_job_row(&mut *tx, build, job, lease).await?;
-        let volume = sqlx::query("SELECT log_bytes, log_cut FROM jobs WHERE build = ? AND id = ?")
-            .bind(build)
-            .bind(job)
-            .fetch_one(&mut *tx)
-            .await?;
-        let volume = LogVolume {
-            bytes: unsigned(&volume, "log_bytes")?,
-            cut: volume.try_get("log_cut")?,
-        };
-        let fit = rules::fit_log(volume, lines, max_bytes);
-        let attempt = row.run.attempt;
-        for line in &lines[..fit.n_stored] {
-            insert_log_line(&mut tx, build, job, attempt, now, &line.stream, &line.text).await?;
-        }
-        if fit.cut_now {
-            insert_log_line(&mut tx, build, job, attempt, now, "kiln", cut_notice).await?;
-        }
-        if fit.changed() {
-            sqlx::query("UPDATE jobs SET log_bytes = ?, log_cut = ? WHERE build = ? AND id = ?")
-                .bind(fit.volume.bytes as i64)
-                .bind(fit.volume.cut)
-                .bind(build)
-                .bind(job)
-                .execute(&mut *tx)
-                .await?;
-        }
-        if let Some(progress) = progress {
-            let run = rules::with_progress(row.run.clone(), progress);
-            write_run(&mut tx, &row, &run).await?;
-        }
-        tx.commit().await?;
-        Ok(LogAppend {
-            holder: rules::holder(&row),
-            n_stored: fit.n_stored,
-            cut: fit.volume.cut,
-            cut_now: fit.cut_now,
-        })
+        let (build, job, lease) = (build.to_owned(), job.to_owned(), lease.to_owned());
+        let (lines, progress) = (lines.to_vec(), progress.cloned());
+        let cut_notice = cut_notice.to_owned();
+        self.db
+            .write(move |conn| {
+                let row = leased_job_row(conn, &build, &job, &lease)?;
+                let volume = first(
+                    conn,
+                    "SELECT log_bytes, log_cut FROM jobs WHERE build = ? AND id = ?",
+                    [&build, &job],
+                    |row| {
+                        Ok(LogVolume {
+                            bytes: unsigned(row, "log_bytes")?,
+                            cut: row.get("log_cut")?,
+                        })
+                    },
+                )?
+                .ok_or_else(|| StoreError::NotFound(format!("job {build}/{job}")))?;
+                let fit = rules::fit_log(volume, &lines, max_bytes);
+                let attempt = row.run.attempt;
+                for line in &lines[..fit.n_stored] {
+                    insert_log_line(conn, &build, &job, attempt, now, &line.stream, &line.text)?;
+                }
+                if fit.cut_now {
+                    insert_log_line(conn, &build, &job, attempt, now, "kiln", &cut_notice)?;
+                }
+                if fit.changed() {
+                    run(
+                        conn,
+                        "UPDATE jobs SET log_bytes = ?, log_cut = ? WHERE build = ? AND id = ?",
+                        rusqlite::params![fit.volume.bytes as i64, fit.volume.cut, build, job],
+                    )?;
+                }
+                if let Some(progress) = &progress {
+                    let run_ = rules::with_progress(row.run.clone(), progress);
+                    write_run(conn, &row, &run_)?;
+                }
+                Ok(LogAppend {
+                    holder: rules::holder(&row),
+                    n_stored: fit.n_stored,
+                    cut: fit.volume.cut,
+                    cut_now: fit.cut_now,
+                })
+            })
+            .await
     }
 
     async fn read_log(
@@ -108,26 +107,22 @@ impl Logs for SqliteStore {
         after: i64,
         limit: u32,
     ) -> StoreResult<Vec<LogLine>> {
-        let rows = sqlx::query(
-            "SELECT seq, time, attempt, stream, text FROM log_lines \
-             WHERE build = ? AND job = ? AND seq > ? ORDER BY seq LIMIT ?",
-        )
-        .bind(build)
-        .bind(job)
-        .bind(after)
-        .bind(limit as i64)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(LogLine {
-                    seq: row.try_get("seq")?,
-                    time: row.try_get("time")?,
-                    attempt: row.try_get::<i64, _>("attempt")? as u32,
-                    stream: row.try_get("stream")?,
-                    text: row.try_get("text")?,
-                })
-            })
-            .collect()
+        self.db.read(|conn| {
+            collect(
+                conn,
+                "SELECT seq, time, attempt, stream, text FROM log_lines \
+                 WHERE build = ? AND job = ? AND seq > ? ORDER BY seq LIMIT ?",
+                rusqlite::params![build, job, after, i64::from(limit)],
+                |row| {
+                    Ok(LogLine {
+                        seq: row.get("seq")?,
+                        time: row.get("time")?,
+                        attempt: row.get::<_, i64>("attempt")? as u32,
+                        stream: row.get("stream")?,
+                        text: row.get("text")?,
+                    })
+                },
+            )
+        })
     }
 }

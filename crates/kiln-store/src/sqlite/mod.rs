@@ -1,20 +1,21 @@
 //! [`SqliteStore`]: the store on an embedded SQLite database.
 //!
-//! WAL mode, a busy timeout, and every read-modify-write in a `BEGIN IMMEDIATE`
-//! transaction so that two writers never race on a snapshot. A change to a job reads
-//! its row ([`read_job_row`]), asks [`crate::rules`], and writes what they decided
+//! WAL mode, and SQLite called directly ([`db`]): reads on the caller's thread, and
+//! every write a closure run on one writer thread inside a `BEGIN IMMEDIATE`
+//! transaction, so that no two writes race on a snapshot. A change to a job reads its
+//! row ([`read_job_row`]), asks [`crate::rules`], and writes what they decided
 //! ([`apply`]) with one `UPDATE ... WHERE state = ?` conditional on the state it read:
 //! a claim is that `UPDATE ... WHERE state = 'queued'`, and whoever loses gets nothing.
 //!
 //! One module per area of the store: `queue.rs` ([`crate::Queue`]), `logs.rs`,
-//! `images.rs`, `packs.rs`, `outbox.rs`, `clients.rs`. This one opens the database and holds what
-//! they share: reading and writing job rows, events and the notices they call for, and
-//! the clients' counters. Migrations are in `migrations/sqlite/`.
+//! `images.rs`, `packs.rs`, `outbox.rs`, `clients.rs`. This one opens the database and
+//! holds what they share: reading and writing job rows, events and the notices they
+//! call for, and the clients' counters. Migrations are in `migrations/sqlite/`, applied
+//! by sqlx's migrator.
 
 mod clients;
 mod db;
 mod images;
-mod legacy;
 mod logs;
 mod outbox;
 mod packs;
@@ -22,14 +23,11 @@ mod queue;
 
 use crate::rules::{self, ClientCount, EventDraft, JobLimits, JobRow, JobRun, Transition};
 use crate::{StoreError, StoreResult};
+use db::Db;
 use kiln_proto::api::{Event, JobStatus};
 use kiln_proto::state::JobState;
-use db::Db;
 use rusqlite::{Connection, OptionalExtension, Row};
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
-};
-use sqlx::{Sqlite, SqlitePool, Transaction};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -40,61 +38,35 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite")
 /// The store on SQLite.
 #[derive(Clone)]
 pub struct SqliteStore {
-    /// Connections for reads.
-    pool: SqlitePool,
-    /// The one connection every write goes through. SQLite takes one writer at a
-    /// time; writers that queue here wait in turn, where writers on connections of
-    /// their own would find the database locked and wait in SQLite's busy handler,
-    /// which sleeps (for up to 100 ms a time).
-    writer: SqlitePool,
-    /// The connections called directly ([`db`]).
+    /// The connections ([`db`]): reads on the caller's thread, writes on the writer
+    /// thread.
     db: Arc<Db>,
 }
 
 impl SqliteStore {
     /// Opens (creating if needed) the database at `path` and applies migrations.
     pub async fn open(path: &Path) -> StoreResult<Self> {
+        // Migrations go through sqlx's migrator, which keeps their record in
+        // `_sqlx_migrations` as every earlier release did; its one connection is closed
+        // before the store's own are opened.
         let options = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
-            // FULL: a state change is on disk before it is acknowledged (invariant 3).
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(10));
-        let pool = SqlitePoolOptions::new()
-            .max_connections(8)
-            .after_release(|conn, _| Box::pin(keep_connection(conn)))
-            .connect_with(options.clone())
-            .await?;
-        MIGRATOR.run(&pool).await.map_err(StoreError::Migrate)?;
-        let writer = SqlitePoolOptions::new()
+        let migrations = SqlitePoolOptions::new()
             .max_connections(1)
-            .after_release(|conn, _| Box::pin(keep_connection(conn)))
             .connect_with(options)
             .await?;
-        let db = Db::open(path)?;
-        Ok(SqliteStore { pool, writer, db })
+        let migrated = MIGRATOR.run(&migrations).await.map_err(StoreError::Migrate);
+        migrations.close().await;
+        migrated?;
+        Ok(SqliteStore {
+            db: Db::open(path)?,
+        })
     }
-
-    async fn write_tx(&self) -> StoreResult<Transaction<'static, Sqlite>> {
-        Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
-    }
-}
-
-/// Whether a connection given back to the pool may be used again. A COMMIT that
-/// fails (the disk is full) leaves sqlx counting a transaction that SQLite has already
-/// rolled back, and the rollback sqlx then sends fails, so the count never returns to
-/// zero and every later `BEGIN` on the connection would be refused. Such a connection
-/// is closed instead.
-async fn keep_connection(conn: &mut sqlx::SqliteConnection) -> Result<bool, sqlx::Error> {
-    use sqlx::Connection;
-    if !conn.is_in_transaction() {
-        return Ok(true);
-    }
-    // A transaction dropped without commit queued its rollback; the ping runs after it.
-    conn.ping().await?;
-    Ok(!conn.is_in_transaction())
 }
 
 fn parse_state(text: &str) -> StoreResult<JobState> {
@@ -179,7 +151,7 @@ fn collect<T>(
     conn: &Connection,
     query: &str,
     params: impl rusqlite::Params,
-    map: impl Fn(&Row) -> StoreResult<T>,
+    mut map: impl FnMut(&Row) -> StoreResult<T>,
 ) -> StoreResult<Vec<T>> {
     let mut statement = conn.prepare_cached(query)?;
     let mut rows = statement.query(params)?;
@@ -328,7 +300,11 @@ fn count_client(
         "UPDATE clients SET {counter}, \
          last_contact = COALESCE(MAX(last_contact, ?2), last_contact) WHERE id = ?3"
     );
-    run(conn, &query, rusqlite::params![image_bytes, contact, client_id])?;
+    run(
+        conn,
+        &query,
+        rusqlite::params![image_bytes, contact, client_id],
+    )?;
     Ok(())
 }
 
@@ -348,7 +324,12 @@ fn event_from_row(row: &Row) -> StoreResult<Event> {
 }
 
 /// Writes an event, held to the state machine's arrows, and the notices it calls for.
-fn insert_event(conn: &Connection, build: &str, job: &str, draft: EventDraft) -> StoreResult<Event> {
+fn insert_event(
+    conn: &Connection,
+    build: &str,
+    job: &str,
+    draft: EventDraft,
+) -> StoreResult<Event> {
     rules::check_transition(build, job, draft.from, draft.to)?;
     let seq: i64 = conn
         .prepare_cached(
