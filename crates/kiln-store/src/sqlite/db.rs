@@ -84,7 +84,7 @@ struct Ran {
 pub(super) struct Db {
     path: PathBuf,
     readers: Mutex<Vec<Connection>>,
-    writes: Mutex<mpsc::Sender<Write>>,
+    writes: mpsc::Sender<Write>,
 }
 
 impl Db {
@@ -102,7 +102,7 @@ impl Db {
         Ok(Arc::new(Db {
             path: path.to_owned(),
             readers: Mutex::new(Vec::new()),
-            writes: Mutex::new(sender),
+            writes: sender,
         }))
     }
 
@@ -139,8 +139,6 @@ impl Db {
         let (reply, answer) = oneshot::channel::<StoreResult<T>>();
         let job: Write = Box::new(Pending { write, reply });
         self.writes
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
             .send(job)
             .map_err(|_| StoreError::Conflict("the SQLite writer has stopped".into()))?;
         answer.await.map_err(|_| {
