@@ -32,6 +32,6 @@ pub use operator::{Download, JobAction, Operator};
 /// HTTP status codes, as [`CallError::Refused`] carries them.
 pub use reqwest::StatusCode;
 pub use secret::Secret;
-pub use server::ServerConn;
+pub use server::{FilesFetch, ServerConn};
 pub use submit::SubmitError;
 pub use watch::{format_eta, WaitError};

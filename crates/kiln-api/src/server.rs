@@ -19,6 +19,16 @@ use std::path::Path;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 
+/// What [`ServerConn::fetch_files`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FilesFetch {
+    /// The build's files are the kept archive with this ETag: nothing was written.
+    Kept { etag: String },
+    /// The build's files were written to the destination; their ETag, if the server
+    /// gave one.
+    Fetched { etag: Option<String> },
+}
+
 /// One server as the client talks to it.
 #[derive(Clone)]
 pub struct ServerConn {
@@ -384,18 +394,42 @@ impl ServerConn {
         check(response).await.map(drop)
     }
 
-    /// Downloads the build's files archive to `dest`.
-    pub async fn fetch_files(&self, claim: &Claim, dest: &Path) -> Result<(), CallError> {
+    /// Fetches the build's files for `claim` into `dest`, unless they are one of the
+    /// archives whose ETags `kept` lists (the server answers 304 naming it).
+    pub async fn fetch_files(
+        &self,
+        claim: &Claim,
+        dest: &Path,
+        kept: &[String],
+    ) -> Result<FilesFetch, CallError> {
         let url = self.endpoint.at(&format!(
             "/v1/builds/{}/files?job={}",
             claim.build, claim.job_id
         ));
-        let response = self
+        let mut request = self
             .request(reqwest::Method::GET, url)
             .await?
-            .header(LEASE_HEADER, &claim.lease)
-            .send_through(&self.endpoint)
-            .await?;
+            .header(LEASE_HEADER, &claim.lease);
+        if !kept.is_empty() {
+            request = request.header(reqwest::header::IF_NONE_MATCH, kept.join(", "));
+        }
+        let response = request.send_through(&self.endpoint).await?;
+        let etag = response
+            .headers()
+            .get(reqwest::header::ETAG)
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_owned);
+        if response.status() == StatusCode::NOT_MODIFIED {
+            if let Some(etag) = etag.filter(|etag| kept.contains(etag)) {
+                return Ok(FilesFetch::Kept { etag });
+            }
+            return Err(CallError::Local {
+                what: "fetching the build's files".into(),
+                source: std::io::Error::other(
+                    "the server answered 304 Not Modified naming no archive this client keeps",
+                ),
+            });
+        }
         let mut response = check(response).await?;
         let local = |source| CallError::Local {
             what: format!("writing {}", dest.display()),
@@ -410,7 +444,7 @@ impl ServerConn {
             file.write_all(&chunk).await.map_err(local)?;
         }
         file.flush().await.map_err(local)?;
-        Ok(())
+        Ok(FilesFetch::Fetched { etag })
     }
 
     /// Uploads one image as a whole-file stream, with its BLAKE3 hash.

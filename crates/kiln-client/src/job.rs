@@ -8,6 +8,7 @@
 //! processes are killed and its output discarded.
 
 use crate::cache::JobCache;
+use crate::files::KeptFiles;
 use crate::runner::{run_step, OutputLine, StepOutcome, StepSpec, Stream};
 use crate::state::LocalState;
 use crate::upload::ImageUploader;
@@ -44,6 +45,8 @@ pub struct JobRun {
     pub abandon: watch::Receiver<bool>,
     /// The client's job cache, `KILN_CACHE` to the steps.
     pub cache: JobCache,
+    /// The build files archives the client keeps.
+    pub kept_files: KeptFiles,
 }
 
 /// How a job run ended, from the client's side.
@@ -94,6 +97,7 @@ pub async fn run_job(run: JobRun) -> JobEnd {
         local_state,
         mut abandon,
         cache,
+        kept_files,
     } = run;
     // No eviction while this job's steps may use the cache.
     let cache_in_use = cache.in_use().await;
@@ -146,6 +150,7 @@ pub async fn run_job(run: JobRun) -> JobEnd {
         cancel_rx.clone(),
         &local_state,
         cache.dir(),
+        &kept_files,
     )
     .await;
     drop(cache_in_use);
@@ -214,11 +219,12 @@ async fn execute(
     cancel: watch::Receiver<bool>,
     local_state: &LocalState,
     cache_dir: &Path,
+    kept_files: &KeptFiles,
 ) -> Outcome {
     let deadline = Instant::now() + Duration::from_secs(claim.timeout_secs);
     let workspace = job_dir.join("ws");
     let output = job_dir.join("out");
-    if let Err(message) = prepare(conn, claim, job_dir, &workspace, &output).await {
+    if let Err(message) = prepare(conn, claim, job_dir, &workspace, &output, kept_files).await {
         return Outcome::Failed {
             reason: "setup".into(),
             message,
@@ -324,13 +330,15 @@ async fn execute(
     Outcome::Succeeded
 }
 
-/// Makes the job's directory afresh and unpacks the build's files into the workspace.
+/// Makes the job's directory afresh and unpacks the build's files into the workspace
+/// (a kept copy when the server says it is theirs: see [`KeptFiles`]).
 async fn prepare(
     conn: &ServerConn,
     claim: &Claim,
     job_dir: &Path,
     workspace: &Path,
     output: &Path,
+    kept_files: &KeptFiles,
 ) -> Result<(), String> {
     if tokio::fs::try_exists(job_dir).await.unwrap_or(false) {
         tokio::fs::remove_dir_all(job_dir)
@@ -345,7 +353,9 @@ async fn prepare(
     let archive = job_dir.join("files.tar");
     let mut delay = Duration::from_millis(500);
     loop {
-        match conn.fetch_files(claim, &archive).await {
+        // A try that failed half-way may have left a part of the archive.
+        let _ = tokio::fs::remove_file(&archive).await;
+        match kept_files.fetch(conn, claim, &archive).await {
             Ok(()) => break,
             Err(err) if err.is_retryable() && delay < Duration::from_secs(30) => {
                 tracing::warn!(cause = %kiln_proto::error_chain(&err), build = %claim.build, "fetching build files; will retry");

@@ -13,6 +13,7 @@
 //! `KILN_CACHE`, evicted between jobs.
 
 pub mod cache;
+pub mod files;
 pub mod fleet;
 pub mod job;
 pub mod runner;
@@ -20,6 +21,7 @@ pub mod state;
 pub mod upload;
 
 use cache::JobCache;
+use files::KeptFiles;
 use fleet::ServerList;
 use futures::StreamExt;
 use job::{JobEnd, JobRun};
@@ -87,6 +89,8 @@ pub struct Agent {
     uploader: Arc<dyn ImageUploader>,
     report: std::sync::Mutex<AgentReport>,
     cache: JobCache,
+    /// The build files archives fetched, for later jobs of the same builds.
+    kept_files: KeptFiles,
 }
 
 /// What the agent is told to do from outside.
@@ -166,6 +170,12 @@ impl Agent {
             LocalState::open(&options.work_dir).context("reading the client's state file")?;
         let cache = JobCache::open(options.cache_dir.clone(), options.cache_max_bytes)
             .with_context(|| format!("creating the job cache {}", options.cache_dir.display()))?;
+        let kept_files = KeptFiles::open(&options.work_dir).with_context(|| {
+            format!(
+                "creating the kept build files directory under {}",
+                options.work_dir.display()
+            )
+        })?;
         Ok(Arc::new(Agent {
             list: ServerList::new(options.servers.clone(), options.masters.clone()),
             slots: Arc::new(Semaphore::new(options.slots as usize)),
@@ -175,6 +185,7 @@ impl Agent {
             uploader: Arc::new(ChunkedUploader::new()),
             report: std::sync::Mutex::new(AgentReport::default()),
             cache,
+            kept_files,
             options,
         }))
     }
@@ -473,6 +484,7 @@ impl Agent {
             local_state: self.local_state.clone(),
             abandon: abandon.clone(),
             cache: self.cache.clone(),
+            kept_files: self.kept_files.clone(),
         };
         let agent = self.clone();
         jobs.spawn(async move {

@@ -6,6 +6,7 @@ mod common;
 
 mod attempts;
 mod bad_input;
+mod build_files;
 mod chaos;
 mod client_killed;
 mod client_reset;
