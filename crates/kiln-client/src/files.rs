@@ -162,7 +162,7 @@ impl KeptFiles {
             })
             .filter_map(|entry| Some((entry.path(), entry.metadata().ok()?.modified().ok()?)))
             .collect();
-        kept.sort_by(|a, b| b.1.cmp(&a.1));
+        kept.sort_by_key(|(_, used)| std::cmp::Reverse(*used));
         kept
     }
 

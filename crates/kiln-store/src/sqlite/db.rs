@@ -75,9 +75,12 @@ where
 
 type Write = Box<dyn PendingWrite>;
 
+/// Answers a write's caller, given the error of the group's commit if it failed.
+type Answer = Box<dyn FnOnce(Option<&rusqlite::Error>) + Send>;
+
 struct Ran {
     ok: bool,
-    answer: Box<dyn FnOnce(Option<&rusqlite::Error>) + Send>,
+    answer: Answer,
 }
 
 /// The connections of one database file.
