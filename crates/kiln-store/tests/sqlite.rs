@@ -192,11 +192,12 @@ impl Drop for Tmpfs {
     }
 }
 
-/// A commit that fails because the disk is full leaves no transaction open on its
-/// pooled connection: once space is back, every write succeeds again. (A connection
-/// whose COMMIT failed used to go back to the pool still counting an open
+/// A commit that fails because the disk is full leaves no transaction open on the
+/// writer's connection: once space is back, every write succeeds again. (A connection
+/// whose COMMIT failed once went back to sqlx's pool still counting an open
 /// transaction, and every later write on it failed with "attempted to call begin_with
-/// at non-zero transaction depth" until the server restarted.)
+/// at non-zero transaction depth" until the server restarted; the writer thread rolls
+/// back whatever a failed COMMIT left open.)
 #[tokio::test]
 async fn writes_succeed_again_once_a_full_disk_has_space() -> anyhow::Result<()> {
     use kiln_proto::api::NewLogLine;
@@ -247,7 +248,7 @@ async fn writes_succeed_again_once_a_full_disk_has_space() -> anyhow::Result<()>
         "the refusal names the full disk: {refused}"
     );
 
-    // Space is back: every connection of the pool writes again.
+    // Space is back: every write succeeds again.
     drop(filler);
     std::fs::remove_file(&filler_path)?;
     for n in 0..24 {
