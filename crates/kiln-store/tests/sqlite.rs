@@ -280,3 +280,60 @@ fn fs_free_bytes(path: &Path) -> anyhow::Result<u64> {
         .and_then(|line| line.trim().parse().ok())
         .ok_or_else(|| anyhow::anyhow!("df said {text:?}"))
 }
+
+/// A build submitted before manifests had a table of their own (migration 0013) keeps
+/// its manifest, and its other columns, across the upgrade; it can still be deleted.
+#[tokio::test]
+async fn a_build_from_before_manifests_moved_keeps_its_manifest() -> anyhow::Result<()> {
+    use kiln_store::conformance::{job, new_build};
+    use sqlx::sqlite::{SqliteConnectOptions, SqlitePool};
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("kiln.db");
+    let old_migrations = dir.path().join("old-migrations");
+    std::fs::create_dir(&old_migrations)?;
+    let migrations = migrations_dir();
+    for entry in std::fs::read_dir(&migrations)? {
+        let name = entry?.file_name();
+        if name.to_string_lossy().as_ref() < "0013" {
+            std::fs::copy(migrations.join(&name), old_migrations.join(&name))?;
+        }
+    }
+    let pool = SqlitePool::connect_with(
+        SqliteConnectOptions::new()
+            .filename(&path)
+            .create_if_missing(true),
+    )
+    .await?;
+    let migrator = sqlx::migrate::Migrator::new(old_migrations.as_path()).await?;
+    assert_eq!(migrator.iter().count(), 12);
+    migrator.run(&pool).await?;
+    let build = new_build("9", vec![job("a")], at(1));
+    sqlx::query(
+        "INSERT INTO builds (number, title, manifest, files_key, files_size, submitted_at) \
+         VALUES ('9', 'old', ?, 'files/9.tar', 4096, ?)",
+    )
+    .bind(serde_json::to_string(&build.manifest)?)
+    .bind(at(1))
+    .execute(&pool)
+    .await?;
+    pool.close().await;
+
+    let store = SqliteStore::open(&path).await?;
+    let record = store.get_build("9").await?;
+    assert_eq!(record.manifest, build.manifest);
+    assert_eq!(
+        (
+            record.files_key.as_str(),
+            record.files_size,
+            record.submitted_at
+        ),
+        ("files/9.tar", 4096, at(1))
+    );
+    assert_eq!(
+        store.build_files("9").await?,
+        ("files/9.tar".to_owned(), 4096)
+    );
+    store.delete_build("9").await?;
+    assert!(store.get_build("9").await.is_err());
+    Ok(())
+}

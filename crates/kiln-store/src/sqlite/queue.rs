@@ -147,19 +147,25 @@ impl Queue for SqliteStore {
                 }
                 run(
                     conn,
-                    "INSERT INTO builds (number, title, build_time, log_file, notify, manifest, \
-                     files_key, files_size, submitted_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO builds (number, title, build_time, log_file, notify, \
+                     files_key, files_size, submitted_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     rusqlite::params![
                         manifest.number,
                         manifest.title,
                         manifest.build_time,
                         manifest.log_file,
                         notify_json,
-                        manifest_json,
                         build.files_key,
                         build.files_size as i64,
                         build.submitted_at,
                     ],
+                )?;
+                // Apart from `builds` (migration 0013), so that reading a build's other
+                // columns never passes over it.
+                run(
+                    conn,
+                    "INSERT INTO build_manifests (number, manifest) VALUES (?, ?)",
+                    rusqlite::params![manifest.number, manifest_json],
                 )?;
                 for spec in &manifest.jobs {
                     let submitted = rules::submit(spec, &build);
@@ -223,8 +229,9 @@ impl Queue for SqliteStore {
             .read(|conn| {
                 first(
                     conn,
-                    "SELECT manifest, files_key, files_size, submitted_at FROM builds \
-                     WHERE number = ?",
+                    "SELECT m.manifest, b.files_key, b.files_size, b.submitted_at \
+                     FROM builds b JOIN build_manifests m ON m.number = b.number \
+                     WHERE b.number = ?",
                     [number],
                     |row| {
                         Ok((
@@ -752,6 +759,11 @@ impl Queue for SqliteStore {
                     )?;
                 }
                 let jobs = run(conn, "DELETE FROM jobs WHERE build = ?", [&build])?;
+                run(
+                    conn,
+                    "DELETE FROM build_manifests WHERE number = ?",
+                    [&build],
+                )?;
                 run(conn, "DELETE FROM builds WHERE number = ?", [&build])?;
                 let files_key_shared: Option<bool> = scalar(
                     conn,
