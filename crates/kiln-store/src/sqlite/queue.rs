@@ -62,20 +62,20 @@ fn job_rows(
     collect(conn, query, params, job_row_from)
 }
 
-/// Takes each job of `rows` from its client for the reason `why` gives (`None`: not
-/// this one).
-fn take_back_rows<'r>(
+/// Moves each job of `rows` as `decide` says (`None`: not this one), one at a time,
+/// each with its event, so that a build's end is seen (and announced) at the last of
+/// them.
+fn transition_rows(
     conn: &Connection,
     rows: Vec<rules::JobRow>,
-    why: impl Fn(&rules::JobRow) -> Option<TakeBack<'r>>,
     now: i64,
+    decide: impl Fn(&rules::JobRow) -> StoreResult<Option<rules::Transition>>,
 ) -> StoreResult<Vec<TimedTransition>> {
     let mut transitions = Vec::with_capacity(rows.len());
     for row in rows {
-        let Some(why) = why(&row) else {
+        let Some(transition) = decide(&row)? else {
             continue;
         };
-        let transition = rules::take_back(&row, why, now)?;
         let event = apply(conn, &row, transition, now)?;
         transitions.push(TimedTransition {
             build: row.build,
@@ -564,12 +564,11 @@ impl Queue for SqliteStore {
                     ),
                     rusqlite::params![now, hung_grace_secs as i64, now],
                 )?;
-                take_back_rows(
-                    conn,
-                    rows,
-                    |row| rules::overdue(row, now, hung_grace_secs),
-                    now,
-                )
+                transition_rows(conn, rows, now, |row| {
+                    rules::overdue(row, now, hung_grace_secs)
+                        .map(|why| rules::take_back(row, why, now))
+                        .transpose()
+                })
             })
             .await
     }
@@ -606,7 +605,9 @@ impl Queue for SqliteStore {
                     ),
                     [&client_id],
                 )?;
-                take_back_rows(conn, rows, |_| Some(TakeBack::LeaseLost(&reason)), now)
+                transition_rows(conn, rows, now, |row| {
+                    rules::take_back(row, TakeBack::LeaseLost(&reason), now).map(Some)
+                })
             })
             .await
     }
@@ -625,21 +626,7 @@ impl Queue for SqliteStore {
                     ),
                     [now],
                 )?;
-                let mut transitions = Vec::with_capacity(rows.len());
-                for row in rows {
-                    let Some(transition) = rules::expire(&row, now) else {
-                        continue;
-                    };
-                    // One job at a time, each with its event, so that the build's end is
-                    // seen (and announced) at the last of them.
-                    let event = apply(conn, &row, transition, now)?;
-                    transitions.push(TimedTransition {
-                        build: row.build,
-                        job: row.job,
-                        event,
-                    });
-                }
-                Ok(transitions)
+                transition_rows(conn, rows, now, |row| Ok(rules::expire(row, now)))
             })
             .await
     }
