@@ -51,26 +51,10 @@ async fn released_migrations_keep_the_checksums_existing_databases_recorded() ->
 #[tokio::test]
 async fn upgrading_a_database_gives_the_holders_of_running_jobs_a_record_that_counts_their_end(
 ) -> anyhow::Result<()> {
-    use sqlx::sqlite::{SqliteConnectOptions, SqlitePool};
     let dir = tempfile::tempdir()?;
-    let path = dir.path().join("kiln.db");
     // A database as it was before clients were recorded, with one job running.
-    let old_migrations = dir.path().join("old-migrations");
-    std::fs::create_dir(&old_migrations)?;
-    let migrations = migrations_dir();
-    for name in ["0001_init.sql", "0002_chunks.sql"] {
-        std::fs::copy(migrations.join(name), old_migrations.join(name))?;
-    }
-    let pool = SqlitePool::connect_with(
-        SqliteConnectOptions::new()
-            .filename(&path)
-            .create_if_missing(true),
-    )
-    .await?;
-    sqlx::migrate::Migrator::new(old_migrations.as_path())
-        .await?
-        .run(&pool)
-        .await?;
+    let (path, pool, applied) = database_from_before(dir.path(), "0003").await?;
+    assert_eq!(applied, 2);
     sqlx::query(
         "INSERT INTO builds (number, title, manifest, files_key, files_size, submitted_at) \
          VALUES ('7', 'old', '{}', 'k', 0, 1)",
@@ -108,18 +92,21 @@ async fn upgrading_a_database_gives_the_holders_of_running_jobs_a_record_that_co
     Ok(())
 }
 
-#[tokio::test]
-async fn jobs_queued_before_verify_steps_existed_are_claimed_with_none() -> anyhow::Result<()> {
+/// A database at `DIR/kiln.db` as a server made it before the migration named
+/// `first_left_out` (every migration sorting before it applied), open on a pool for the
+/// test to put rows in; and the number of migrations applied.
+async fn database_from_before(
+    dir: &Path,
+    first_left_out: &str,
+) -> anyhow::Result<(PathBuf, sqlx::SqlitePool, usize)> {
     use sqlx::sqlite::{SqliteConnectOptions, SqlitePool};
-    let dir = tempfile::tempdir()?;
-    let path = dir.path().join("kiln.db");
-    // A database as it was before migration 0006, with one job queued.
-    let old_migrations = dir.path().join("old-migrations");
+    let path = dir.join("kiln.db");
+    let old_migrations = dir.join("old-migrations");
     std::fs::create_dir(&old_migrations)?;
     let migrations = migrations_dir();
     for entry in std::fs::read_dir(&migrations)? {
         let name = entry?.file_name();
-        if name.to_string_lossy().as_ref() < "0006" {
+        if name.to_string_lossy().as_ref() < first_left_out {
             std::fs::copy(migrations.join(&name), old_migrations.join(&name))?;
         }
     }
@@ -130,8 +117,16 @@ async fn jobs_queued_before_verify_steps_existed_are_claimed_with_none() -> anyh
     )
     .await?;
     let migrator = sqlx::migrate::Migrator::new(old_migrations.as_path()).await?;
-    assert_eq!(migrator.iter().count(), 5);
     migrator.run(&pool).await?;
+    Ok((path, pool, migrator.iter().count()))
+}
+
+#[tokio::test]
+async fn jobs_queued_before_verify_steps_existed_are_claimed_with_none() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    // A database as it was before migration 0006, with one job queued.
+    let (path, pool, applied) = database_from_before(dir.path(), "0006").await?;
+    assert_eq!(applied, 5);
     sqlx::query(
         "INSERT INTO builds (number, title, manifest, files_key, files_size, submitted_at) \
          VALUES ('8', 'old', '{}', 'k', 0, 1)",
@@ -286,27 +281,9 @@ fn fs_free_bytes(path: &Path) -> anyhow::Result<u64> {
 #[tokio::test]
 async fn a_build_from_before_manifests_moved_keeps_its_manifest() -> anyhow::Result<()> {
     use kiln_store::conformance::{job, new_build};
-    use sqlx::sqlite::{SqliteConnectOptions, SqlitePool};
     let dir = tempfile::tempdir()?;
-    let path = dir.path().join("kiln.db");
-    let old_migrations = dir.path().join("old-migrations");
-    std::fs::create_dir(&old_migrations)?;
-    let migrations = migrations_dir();
-    for entry in std::fs::read_dir(&migrations)? {
-        let name = entry?.file_name();
-        if name.to_string_lossy().as_ref() < "0013" {
-            std::fs::copy(migrations.join(&name), old_migrations.join(&name))?;
-        }
-    }
-    let pool = SqlitePool::connect_with(
-        SqliteConnectOptions::new()
-            .filename(&path)
-            .create_if_missing(true),
-    )
-    .await?;
-    let migrator = sqlx::migrate::Migrator::new(old_migrations.as_path()).await?;
-    assert_eq!(migrator.iter().count(), 12);
-    migrator.run(&pool).await?;
+    let (path, pool, applied) = database_from_before(dir.path(), "0013").await?;
+    assert_eq!(applied, 12);
     let build = new_build("9", vec![job("a")], at(1));
     sqlx::query(
         "INSERT INTO builds (number, title, manifest, files_key, files_size, submitted_at) \
