@@ -278,3 +278,82 @@ fn copy_error(err: &rusqlite::Error) -> rusqlite::Error {
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn insert(conn: &Connection, name: &str) -> StoreResult<()> {
+        conn.execute("INSERT INTO t (name) VALUES (?)", [name])?;
+        Ok(())
+    }
+
+    fn names(db: &Db) -> Vec<String> {
+        db.read(|conn| {
+            // By name: the spawned writes reach the writer in any order.
+            let mut statement = conn.prepare("SELECT name FROM t ORDER BY name")?;
+            let names = statement.query_map([], |row| row.get(0))?;
+            Ok(names.collect::<Result<Vec<String>, _>>()?)
+        })
+        .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_group_commits_the_writes_that_succeeded_and_rolls_back_each_one_that_failed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("group.db");
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch("PRAGMA journal_mode = WAL; CREATE TABLE t (name TEXT NOT NULL);")
+            .unwrap();
+        let db = Db::open(&path).unwrap();
+
+        // The first write holds the writer thread until the others wait behind it, so
+        // that they run as one group, each in a savepoint.
+        let (open_gate, gate) = std::sync::mpsc::channel::<()>();
+        let first = tokio::spawn({
+            let db = Arc::clone(&db);
+            async move {
+                db.write(move |conn| {
+                    gate.recv().unwrap();
+                    insert(conn, "first")
+                })
+                .await
+            }
+        });
+        let spawn_write = |name: &'static str, ending: fn() -> StoreResult<()>| {
+            let db = Arc::clone(&db);
+            tokio::spawn(async move {
+                db.write(move |conn| {
+                    insert(conn, name)?;
+                    ending()
+                })
+                .await
+            })
+        };
+        let kept = spawn_write("kept", || Ok(()));
+        let refused = spawn_write("refused", || Err(StoreError::Conflict("no".into())));
+        let panicked = spawn_write("panicked", || panic!("a write that panics"));
+        let kept_too = spawn_write("kept too", || Ok(()));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        open_gate.send(()).unwrap();
+
+        assert!(first.await.unwrap().is_ok());
+        assert!(kept.await.unwrap().is_ok());
+        assert!(matches!(
+            refused.await.unwrap(),
+            Err(StoreError::Conflict(message)) if message == "no"
+        ));
+        assert!(matches!(
+            panicked.await.unwrap(),
+            Err(StoreError::Conflict(message)) if message.contains("panicked")
+        ));
+        assert!(kept_too.await.unwrap().is_ok());
+        assert_eq!(names(&db), ["first", "kept", "kept too"]);
+        // (The rows of "refused" and "panicked" were written, then rolled back alone.)
+
+        // The writer thread outlived the panic.
+        db.write(|conn| insert(conn, "after")).await.unwrap();
+        assert_eq!(names(&db), ["after", "first", "kept", "kept too"]);
+    }
+}
