@@ -593,7 +593,7 @@ async fn hold_session(conn: ServerConn, client_id: String) {
     }
 }
 
-/// Gives back the jobs that `WORK/state.json` says a previous run held: their
+/// Gives back the jobs that the state file says a previous run held: their
 /// process groups are killed (if they still run that job), their servers are told the
 /// job died (so it is queued again at once, not after its lease), and the state and
 /// leftover workspaces are cleared. Used at start-up and by `kiln client reset`.

@@ -147,12 +147,15 @@ pub fn kill_process_group(pgid: i32) {
     }
 }
 
-/// The process groups a client's `WORK/state.json` says its jobs' steps run in.
+/// The state a client's state file (`WORK/state.jsonl`) holds, if it has one.
+pub fn client_state(work_dir: &Path) -> Option<Value> {
+    let text = std::fs::read_to_string(work_dir.join(kiln_client::state::STATE_FILE)).ok()?;
+    kiln_client::state::parse_state_lines(&text)
+}
+
+/// The process groups a client's state file says its jobs' steps run in.
 pub fn state_file_pgids(work_dir: &Path) -> Vec<i32> {
-    let Ok(text) = std::fs::read_to_string(work_dir.join("state.json")) else {
-        return Vec::new();
-    };
-    let Ok(state) = serde_json::from_str::<Value>(&text) else {
+    let Some(state) = client_state(work_dir) else {
         return Vec::new();
     };
     state["jobs"]
@@ -762,10 +765,9 @@ impl Client {
         text(&held, "lease").to_owned()
     }
 
-    /// The client's `WORK/state.json`, if it exists and parses.
+    /// The client's state (`WORK/state.jsonl`), if it has one.
     pub fn state(&self) -> Option<Value> {
-        let text = std::fs::read_to_string(self.work_dir.join("state.json")).ok()?;
-        serde_json::from_str(&text).ok()
+        client_state(&self.work_dir)
     }
 
     /// The state file's entry for `build/job`, if the client holds it.

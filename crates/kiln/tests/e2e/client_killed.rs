@@ -41,7 +41,7 @@ fn killed_clients_job_finishes_on_another_client_as_attempt_2_and_its_old_lease_
     // The state file names the lease, and the step's process group once it started.
     let held_by_a = wait_until(
         harness.path(),
-        "A's state.json to hold the job with its step's pgid",
+        "A's state file to hold the job with its step's pgid",
         || {
             client_a
                 .held_job(&build, "long")
@@ -69,7 +69,7 @@ fn killed_clients_job_finishes_on_another_client_as_attempt_2_and_its_old_lease_
     assert_eq!(running_on_b["attempt"], 2, "{running_on_b:#}");
     let held_by_b = wait_until(
         harness.path(),
-        "B's state.json to hold the job",
+        "B's state file to hold the job",
         || client_b.held_job(&build, "long"),
         || format!("{:?}", client_b.state()),
     );
@@ -126,7 +126,7 @@ fn client_restarted_after_a_crash_kills_the_step_its_dead_run_left_and_runs_the_
     let mut client = harness.start_client("A", &[&server], &["--include", "*"]);
     let held = wait_until(
         harness.path(),
-        "A's state.json to hold the job with its step's pgid",
+        "A's state file to hold the job with its step's pgid",
         || {
             client
                 .held_job(&build, "crashy")
@@ -188,7 +188,7 @@ fn frozen_client_loses_its_job_by_lease_and_on_waking_kills_its_step_and_changes
     let mut client_a = harness.start_client("A", &[&server], &["--include", "*"]);
     let held_by_a = wait_until(
         harness.path(),
-        "A's state.json to hold the job with its step's pgid",
+        "A's state file to hold the job with its step's pgid",
         || {
             client_a
                 .held_job(&build, "frozen")

@@ -157,11 +157,11 @@ fn client_reset_on_a_killed_clients_work_dir_kills_its_step_and_requeues_the_job
     );
     let state = dead
         .state()
-        .expect("the reset leaves a readable state.json");
+        .expect("the reset leaves a readable state file");
     assert_eq!(
         state["jobs"].as_array().map(Vec::len),
         Some(0),
-        "state.json lists no job: {state:#}"
+        "the state file lists no job: {state:#}"
     );
 
     let events = server.events(&build);

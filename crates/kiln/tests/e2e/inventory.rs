@@ -178,7 +178,7 @@ fn clients_shows_each_client_with_its_running_jobs_and_a_history_that_survives_a
     assert_eq!(text(&broken, "client_id"), "alpha", "{broken:#}");
     let held = wait_until(
         harness.path(),
-        "beta's state.json to hold the job with its step's pgid",
+        "beta's state file to hold the job with its step's pgid",
         || {
             beta.held_job(&second, "orphaned")
                 .filter(|held| held["pgid"].is_i64())

@@ -344,10 +344,9 @@ fn storage_of(server: &crate::common::Server) -> serde_json::Value {
     serde_json::from_str(&server.get("/v1/storage").body).expect("storage counters")
 }
 
-/// The lease under which `client` holds `job` (from its `WORK/state.json`).
+/// The lease under which `client` holds `job` (from its state file).
 fn held_lease(client: &crate::common::Client, job: &str) -> Option<String> {
-    let text = std::fs::read_to_string(client.work_dir.join("state.json")).ok()?;
-    let state: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let state = client.state()?;
     state["jobs"]
         .as_array()?
         .iter()
