@@ -674,9 +674,10 @@ pub enum BenchWhich {
         /// Jobs in each round's build.
         #[arg(long, default_value_t = 10000)]
         jobs: u32,
-        /// Tasks doing cycles at once, as dispatchers of several replicas would.
-        #[arg(long, default_value_t = 4)]
-        workers: u32,
+        /// Tasks doing cycles at once, as dispatchers of several replicas would; a
+        /// comma-separated list runs each count in turn (`1,4,16,64`).
+        #[arg(long, value_delimiter = ',', default_value = "4")]
+        workers: Vec<u32>,
         /// Rounds on each backend, each a new build in the same store.
         #[arg(long, default_value_t = 3)]
         rounds: u32,

@@ -20,6 +20,7 @@ use std::time::Instant;
 /// One round's figures.
 struct Round {
     backend: &'static str,
+    workers: u32,
     round: u32,
     insert_secs: f64,
     cycles: u64,
@@ -155,6 +156,7 @@ async fn round(
     cycle_ms.sort_by(|a, b| a.total_cmp(b));
     Ok(Round {
         backend,
+        workers: n_workers,
         round: round_no,
         insert_secs,
         cycles: cycle_ms.len() as u64,
@@ -164,15 +166,19 @@ async fn round(
     })
 }
 
-/// Runs `rounds` rounds of `n_jobs` jobs with `n_workers` workers on SQLite (a new
-/// file) and, with `database`, on PostgreSQL, alternating; prints the table.
+/// Runs, for each count of `workers` in turn, `rounds` rounds of `n_jobs` jobs on
+/// SQLite (a new file) and, with `database`, on PostgreSQL, alternating; prints the
+/// table.
 pub async fn store(
     n_jobs: u32,
-    n_workers: u32,
+    workers: &[u32],
     rounds: u32,
     database: Option<&str>,
 ) -> anyhow::Result<bool> {
-    anyhow::ensure!(n_workers >= 1, "--workers must be at least 1");
+    anyhow::ensure!(
+        !workers.is_empty() && workers.iter().all(|&n| n >= 1),
+        "--workers must be counts of at least 1"
+    );
     let temp = tempfile::Builder::new().prefix("kiln-bench-").tempdir()?;
     let mut stores: Vec<(&'static str, Arc<dyn Store>)> = vec![(
         "SQLite",
@@ -183,29 +189,39 @@ pub async fn store(
     }
     // A warm-up round on each, not counted.
     for (backend, store) in &stores {
-        round(store, backend, 0, n_jobs.min(500), n_workers).await?;
+        round(store, backend, 0, n_jobs.min(500), workers[0]).await?;
     }
     let mut results = Vec::new();
-    for round_no in 1..=rounds {
-        for (backend, store) in &stores {
-            let result = round(store, backend, round_no, n_jobs, n_workers).await?;
-            eprintln!(
-                "store: {backend} round {round_no}: {} cycles in {:.2} s",
-                result.cycles, result.secs
-            );
-            results.push(result);
+    let mut jobs_before = n_jobs.min(500);
+    let mut befores = Vec::new();
+    let mut round_no = 0;
+    for &n_workers in workers {
+        for _ in 0..rounds {
+            round_no += 1;
+            for (backend, store) in &stores {
+                let result = round(store, backend, round_no, n_jobs, n_workers).await?;
+                eprintln!(
+                    "store: {backend} round {round_no}, {n_workers} workers: {} cycles in {:.2} s",
+                    result.cycles, result.secs
+                );
+                results.push(result);
+                befores.push(jobs_before);
+            }
+            jobs_before += n_jobs;
         }
     }
+    let counts: Vec<String> = workers.iter().map(u32::to_string).collect();
     println!(
-        "store: claim-and-finish cycles of {n_jobs} jobs a round, {n_workers} workers, {rounds} rounds alternating"
+        "store: claim-and-finish cycles of {n_jobs} jobs a round, {rounds} rounds of each backend alternating for each count of workers ({})",
+        counts.join(", ")
     );
-    println!("| backend | round | jobs in the store before | insert | cycles/s | cycle p50 | cycle p99 | lost races |");
-    println!("|---|---|---|---|---|---|---|---|");
-    for result in &results {
-        let before = n_jobs.min(500) + (result.round - 1) * n_jobs;
+    println!("| backend | workers | round | jobs in the store before | insert | cycles/s | cycle p50 | cycle p99 | lost races |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for (result, before) in results.iter().zip(befores) {
         println!(
-            "| {} | {} | {before} | {:.2} s | {:.0} | {:.2} ms | {:.2} ms | {} |",
+            "| {} | {} | {} | {before} | {:.2} s | {:.0} | {:.2} ms | {:.2} ms | {} |",
             result.backend,
+            result.workers,
             result.round,
             result.insert_secs,
             result.cycles as f64 / result.secs,

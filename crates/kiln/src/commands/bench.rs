@@ -70,7 +70,7 @@ async fn run_to_its_end(args: BenchArgs) -> anyhow::Result<ExitCode> {
             workers,
             rounds,
             database,
-        } => kiln_harness::bench::store::store(jobs, workers, rounds, database.as_deref()).await?,
+        } => kiln_harness::bench::store::store(jobs, &workers, rounds, database.as_deref()).await?,
         BenchWhich::Reattach {
             clients,
             trials,
