@@ -5,10 +5,11 @@
 //! job downloaded the whole archive again: a build's installers once per job, and a
 //! build of 10,000 jobs whose directory holds its 1.7 MB manifest sent 17 GB of it.
 //! Now a fetch names the kept archives in `If-None-Match`; the server answers 304 with
-//! the ETag of the one that is the build's files, and the job unpacks that copy (a
-//! hard link to it, so the kept copy outlives the job's). A build's files travel once
-//! per client, and a build that shares another's files (same content key) does not
-//! travel at all.
+//! the ETag of the one that is the build's files, and the job unpacks that copy
+//! straight from where it is kept, open before it is read, so that a copy removed
+//! meanwhile stays readable to the job that opened it. A build's files travel once per
+//! client, and a build that shares another's files (same content key) does not travel
+//! at all.
 //!
 //! At most [`KEPT`] archives are kept, the least recently used removed first. Jobs of
 //! one build that fetch at the same time may each download it; each keeps it by a
@@ -17,12 +18,18 @@
 
 use kiln_api::{CallError, FilesFetch, ServerConn};
 use kiln_proto::api::Claim;
+use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 /// The most archives kept.
 pub const KEPT: usize = 8;
+
+/// A kept archive used again within this long of its last recorded use is not marked
+/// again: marking is a write to the file system, and the order of uses this coarse is
+/// enough to pick what to remove.
+const MARK_EVERY: Duration = Duration::from_secs(60);
 
 /// How a kept archive's file name ends.
 const SUFFIX: &str = ".tar";
@@ -51,20 +58,27 @@ impl KeptFiles {
         Ok(KeptFiles { dir })
     }
 
-    /// Puts the files of `claim`'s build at `dest` (a file that does not exist yet):
-    /// the kept copy if the server says it is theirs, else a download, kept for later.
+    /// The files archive of `claim`'s build, open for reading: the kept copy if the
+    /// server says it is theirs, else a download to `dest` (a file that does not exist
+    /// yet; the caller removes it), kept for later.
     pub async fn fetch(
         &self,
         conn: &ServerConn,
         claim: &Claim,
         dest: &Path,
-    ) -> Result<(), CallError> {
+    ) -> Result<File, CallError> {
+        let opened = |path: &Path| {
+            File::open(path).map_err(|source| CallError::Local {
+                what: format!("opening the build's files {}", path.display()),
+                source,
+            })
+        };
         let kept = self.kept_etags();
         match conn.fetch_files(claim, dest, &kept).await? {
-            FilesFetch::Kept { etag } => match self.link_out(&etag, dest) {
-                Ok(()) => {
+            FilesFetch::Kept { etag } => match self.open_kept(&etag) {
+                Ok(file) => {
                     tracing::info!(build = %claim.build, job = %claim.job_id, %etag, "the build's files are unchanged since an earlier job: unpacking the kept copy");
-                    return Ok(());
+                    return Ok(file);
                 }
                 // Removed since it was listed: fetched in full below.
                 Err(err) if err.kind() == io::ErrorKind::NotFound => {}
@@ -77,13 +91,13 @@ impl KeptFiles {
             },
             FilesFetch::Fetched { etag } => {
                 self.keep_fetched(etag, dest);
-                return Ok(());
+                return opened(dest);
             }
         }
         if let FilesFetch::Fetched { etag } = conn.fetch_files(claim, dest, &[]).await? {
             self.keep_fetched(etag, dest);
         }
-        Ok(())
+        opened(dest)
     }
 
     /// Keeps a fetched archive if the server named it; a failure to keep costs only a
@@ -125,16 +139,21 @@ impl KeptFiles {
             .collect()
     }
 
-    /// Links the archive kept as `etag` to `dest`, and marks it used.
-    fn link_out(&self, etag: &str, dest: &Path) -> io::Result<()> {
+    /// Opens the archive kept as `etag`, and marks it used.
+    fn open_kept(&self, etag: &str) -> io::Result<File> {
         let path = self.path_of(etag).ok_or_else(|| {
             io::Error::new(
                 io::ErrorKind::NotFound,
                 format!("no archive is kept as {etag}"),
             )
         })?;
-        link_or_copy(&path, dest)?;
-        std::fs::File::open(&path)?.set_modified(SystemTime::now())
+        let file = File::open(&path)?;
+        let now = SystemTime::now();
+        let used = file.metadata()?.modified()?;
+        if now.duration_since(used).unwrap_or_default() >= MARK_EVERY {
+            file.set_modified(now)?;
+        }
+        Ok(file)
     }
 
     /// Removes the least recently used archives beyond [`KEPT`].
@@ -200,7 +219,7 @@ mod tests {
     }
 
     #[test]
-    fn a_kept_archive_is_listed_by_its_etag_and_linked_out_with_its_bytes() {
+    fn a_kept_archive_is_listed_by_its_etag_and_opened_with_its_bytes() {
         let work = tempfile::tempdir().unwrap();
         let kept = KeptFiles::open(work.path()).unwrap();
         assert!(kept.kept_etags().is_empty());
@@ -209,9 +228,10 @@ mod tests {
         // The job unpacks and removes its copy; the kept one stays.
         std::fs::remove_file(&fetched).unwrap();
         assert_eq!(kept.kept_etags(), ["\"abc123\""]);
-        let dest = work.path().join("next.tar");
-        kept.link_out("\"abc123\"", &dest).unwrap();
-        assert_eq!(std::fs::read(&dest).unwrap(), b"the build's files");
+        let mut bytes = Vec::new();
+        let mut file = kept.open_kept("\"abc123\"").unwrap();
+        io::Read::read_to_end(&mut file, &mut bytes).unwrap();
+        assert_eq!(bytes, b"the build's files");
     }
 
     #[test]
@@ -223,7 +243,7 @@ mod tests {
             kept.keep(etag, &fetched).unwrap();
         }
         assert!(kept.kept_etags().is_empty());
-        let missing = kept.link_out("\"../escape\"", &work.path().join("d.tar"));
+        let missing = kept.open_kept("\"../escape\"");
         assert_eq!(missing.unwrap_err().kind(), io::ErrorKind::NotFound);
     }
 
@@ -245,8 +265,7 @@ mod tests {
                 .unwrap();
         }
         // Using the oldest survivor makes it the most recent.
-        kept.link_out("\"k2\"", &work.path().join("use.tar"))
-            .unwrap();
+        kept.open_kept("\"k2\"").unwrap();
         kept.keep("\"k99\"", &archive(work.path(), "files-99.tar", b"y"))
             .unwrap();
         let etags = kept.kept_etags();

@@ -350,33 +350,41 @@ async fn prepare(
             .await
             .map_err(|err| format!("cannot create {}: {err}", dir.display()))?;
     }
+    // Where a download goes; a kept copy is read where it is kept.
     let archive = job_dir.join("files.tar");
     let mut delay = Duration::from_millis(500);
-    loop {
-        // A try that failed half-way may have left a part of the archive.
-        let _ = tokio::fs::remove_file(&archive).await;
+    let file = loop {
         match kept_files.fetch(conn, claim, &archive).await {
-            Ok(()) => break,
+            Ok(file) => break file,
             Err(err) if err.is_retryable() && delay < Duration::from_secs(30) => {
                 tracing::warn!(cause = %kiln_proto::error_chain(&err), build = %claim.build, "fetching build files; will retry");
                 tokio::time::sleep(delay).await;
                 delay *= 2;
+                // A try that failed half-way may have left a part of the archive.
+                let _ = tokio::fs::remove_file(&archive).await;
             }
             Err(err) => return Err(format!("cannot fetch the build's files: {err}")),
         }
-    }
+    };
     let workspace = workspace.to_owned();
-    let unpack = tokio::task::spawn_blocking(move || unpack_files(&archive, &workspace));
+    let unpack = tokio::task::spawn_blocking(move || {
+        unpack_files(file, &workspace)?;
+        // A download is kept under its ETag (or could not be): this name of it goes.
+        match std::fs::remove_file(&archive) {
+            Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+                Err(format!("cannot remove {}: {err}", archive.display()))
+            }
+            _ => Ok(()),
+        }
+    });
     unpack
         .await
         .map_err(|err| format!("unpacking the build's files: {err}"))?
 }
 
 /// Unpacks only regular files and directories, never outside `dest`.
-fn unpack_files(archive: &Path, dest: &Path) -> Result<(), String> {
-    let file = std::fs::File::open(archive)
-        .map_err(|err| format!("cannot open {}: {err}", archive.display()))?;
-    let mut tar = tar::Archive::new(file);
+fn unpack_files(archive: std::fs::File, dest: &Path) -> Result<(), String> {
+    let mut tar = tar::Archive::new(archive);
     tar.set_preserve_permissions(true);
     let entries = tar
         .entries()
@@ -402,8 +410,7 @@ fn unpack_files(archive: &Path, dest: &Path) -> Result<(), String> {
             return Err("the build's files hold a path that escapes the workspace".into());
         }
     }
-    std::fs::remove_file(archive)
-        .map_err(|err| format!("cannot remove {}: {err}", archive.display()))
+    Ok(())
 }
 
 /// Passes a step's lines to the log shipper, noting progress lines and the tail.
