@@ -383,34 +383,174 @@ async fn prepare(
 }
 
 /// Unpacks only regular files and directories, never outside `dest`.
+///
+/// A regular file's bytes are copied from the archive by the kernel
+/// (`copy_file_range`), not read into this process and written back: every job copies
+/// its build's whole files, and a build's manifest alone can be megabytes.
 fn unpack_files(archive: std::fs::File, dest: &Path) -> Result<(), String> {
+    // The headers are read through a handle of their own; file bytes are copied from
+    // `data` at their offsets, which moves no handle's position.
+    let data = archive
+        .try_clone()
+        .map_err(|err| format!("cannot open the build's files again: {err}"))?;
     let mut tar = tar::Archive::new(archive);
     tar.set_preserve_permissions(true);
     let entries = tar
-        .entries()
+        .entries_with_seek()
         .map_err(|err| format!("the build's files are not a tar archive: {err}"))?;
     for entry in entries {
         let mut entry =
             entry.map_err(|err| format!("the build's files archive is damaged: {err}"))?;
         let kind = entry.header().entry_type();
-        if !(kind.is_file() || kind.is_dir()) {
-            let name = entry
-                .path()
-                .map(|p| p.display().to_string())
-                .unwrap_or_default();
+        let name = entry
+            .path()
+            .map(|p| p.into_owned())
+            .map_err(|err| format!("the build's files hold a bad name: {err}"))?;
+        if kind.is_dir() {
+            // unpack_in refuses paths that would land outside `dest`.
+            let inside = entry
+                .unpack_in(dest)
+                .map_err(|err| format!("unpacking the build's files: {err}"))?;
+            if !inside {
+                return Err("the build's files hold a path that escapes the workspace".into());
+            }
+            continue;
+        }
+        if !kind.is_file() {
             return Err(format!(
-                "the build's files hold {name:?}, which is not a regular file or directory"
+                "the build's files hold {:?}, which is not a regular file or directory",
+                name.display().to_string()
             ));
         }
-        // unpack_in refuses paths that would land outside `dest`.
-        let inside = entry
-            .unpack_in(dest)
-            .map_err(|err| format!("unpacking the build's files: {err}"))?;
-        if !inside {
+        let Some(relative) = path_inside(&name) else {
             return Err("the build's files hold a path that escapes the workspace".into());
+        };
+        let header = entry.header();
+        let mode = header.mode().unwrap_or(0o644) & 0o7777;
+        let mtime = header.mtime().ok();
+        let at = (entry.raw_file_position(), entry.size());
+        copy_out(&data, at, &dest.join(relative), mode, mtime)
+            .map_err(|err| format!("unpacking {} from the build's files: {err}", name.display()))?;
+    }
+    Ok(())
+}
+
+/// `name` as a path under the workspace: leading `/` and `.` parts dropped; `None` if
+/// it climbs out (`..`) or names the workspace itself, as `tar`'s `unpack_in` decides.
+fn path_inside(name: &Path) -> Option<PathBuf> {
+    use std::path::Component;
+    let mut inside = PathBuf::new();
+    for part in name.components() {
+        match part {
+            Component::Prefix(_) | Component::RootDir | Component::CurDir => {}
+            Component::ParentDir => return None,
+            Component::Normal(part) => inside.push(part),
+        }
+    }
+    (!inside.as_os_str().is_empty()).then_some(inside)
+}
+
+/// Writes the `(offset, len)` bytes of `archive` to a new file `target` (its parents
+/// made as needed) with `mode` and, if given, the modification time `mtime` (seconds).
+fn copy_out(
+    archive: &std::fs::File,
+    (offset, len): (u64, u64),
+    target: &Path,
+    mode: u32,
+    mtime: Option<u64>,
+) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(parent) = target.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let mut out = std::fs::File::create(target)?;
+    copy_range(archive, offset, len, &mut out)?;
+    out.set_permissions(std::fs::Permissions::from_mode(mode))?;
+    if let Some(secs) = mtime {
+        out.set_modified(std::time::UNIX_EPOCH + Duration::from_secs(secs))?;
+    }
+    Ok(())
+}
+
+/// Appends `len` bytes of `from`, starting at `offset`, to `to`: in the kernel with
+/// `copy_file_range` where the two files allow it, else through a buffer
+/// ([`copy_buffered`]). `from`'s position does not move.
+fn copy_range(
+    from: &std::fs::File,
+    mut offset: u64,
+    len: u64,
+    to: &mut std::fs::File,
+) -> std::io::Result<()> {
+    use std::os::unix::io::AsRawFd;
+    let mut left = len;
+    while left > 0 {
+        let want = left.min(1 << 30) as usize;
+        let mut from_offset = offset as libc::loff_t;
+        // SAFETY: both descriptors are open for the whole call, `from_offset` is a
+        // valid place for the kernel to write, and a null out-offset means `to`'s own
+        // position.
+        let copied = unsafe {
+            libc::copy_file_range(
+                from.as_raw_fd(),
+                &mut from_offset,
+                to.as_raw_fd(),
+                std::ptr::null_mut(),
+                want,
+                0,
+            )
+        };
+        match copied {
+            0 => return Err(short_archive(len)),
+            n if n > 0 => {
+                offset += n as u64;
+                left -= n as u64;
+            }
+            _ => {
+                let err = std::io::Error::last_os_error();
+                match err.raw_os_error() {
+                    Some(libc::EINTR) => {}
+                    // Not between these files (another file system, an old kernel,
+                    // a file system that does not do it): the buffer instead.
+                    Some(libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP) => {
+                        return copy_buffered(from, offset, left, to);
+                    }
+                    _ => return Err(err),
+                }
+            }
         }
     }
     Ok(())
+}
+
+/// [`copy_range`] through a buffer in this process.
+fn copy_buffered(
+    from: &std::fs::File,
+    mut offset: u64,
+    len: u64,
+    to: &mut std::fs::File,
+) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::FileExt;
+    let mut buffer = vec![0u8; 256 * 1024];
+    let mut left = len;
+    while left > 0 {
+        let chunk = left.min(buffer.len() as u64) as usize;
+        let read = from.read_at(&mut buffer[..chunk], offset)?;
+        if read == 0 {
+            return Err(short_archive(len));
+        }
+        to.write_all(&buffer[..read])?;
+        offset += read as u64;
+        left -= read as u64;
+    }
+    Ok(())
+}
+
+fn short_archive(len: u64) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::UnexpectedEof,
+        format!("the archive ends before the {len} bytes of a file in it"),
+    )
 }
 
 /// Passes a step's lines to the log shipper, noting progress lines and the tail.
@@ -728,6 +868,138 @@ async fn upload_and_finish(
         Err(err) => {
             tracing::error!(cause = %kiln_proto::error_chain(&err), job = %claim.job_id, "cannot report the job finished");
             JobEnd::Failed("report".into())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    type Entry<'a> = (&'a [u8], &'a [u8], u32, tar::EntryType);
+
+    fn archive(dir: &Path, entries: &[Entry]) -> std::fs::File {
+        let path = dir.join("files.tar");
+        let mut builder = tar::Builder::new(std::fs::File::create(&path).unwrap());
+        for (name, bytes, mode, kind) in entries {
+            let mut header = tar::Header::new_gnu();
+            // Written by hand: `set_path` refuses `..`, which the hostile case needs.
+            header.as_old_mut().name[..name.len()].copy_from_slice(name);
+            header.set_size(bytes.len() as u64);
+            header.set_mode(*mode);
+            header.set_mtime(1_700_000_000);
+            header.set_entry_type(*kind);
+            header.set_cksum();
+            builder.append(&header, *bytes).unwrap();
+        }
+        builder.finish().unwrap();
+        std::fs::File::open(&path).unwrap()
+    }
+
+    fn mode_of(path: &Path) -> u32 {
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
+    }
+
+    #[test]
+    fn files_are_unpacked_with_their_bytes_mode_and_time() {
+        let temp = tempfile::tempdir().unwrap();
+        let big: Vec<u8> = (0..3_000_000u32).map(|n| (n % 251) as u8).collect();
+        let file = archive(
+            temp.path(),
+            &[
+                (b"scripts/", b"", 0o755, tar::EntryType::Directory),
+                (
+                    b"scripts/install.sh",
+                    b"true\n",
+                    0o755,
+                    tar::EntryType::Regular,
+                ),
+                (b"./relbuild.xml", &big, 0o644, tar::EntryType::Regular),
+                (
+                    b"deep/er/file.txt",
+                    b"no directory entry before me",
+                    0o600,
+                    tar::EntryType::Regular,
+                ),
+                (b"empty", b"", 0o644, tar::EntryType::Regular),
+            ],
+        );
+        let dest = temp.path().join("workspace");
+        std::fs::create_dir(&dest).unwrap();
+        unpack_files(file, &dest).unwrap();
+
+        assert_eq!(
+            std::fs::read(dest.join("scripts/install.sh")).unwrap(),
+            b"true\n"
+        );
+        assert_eq!(std::fs::read(dest.join("relbuild.xml")).unwrap(), big);
+        assert_eq!(
+            std::fs::read(dest.join("deep/er/file.txt")).unwrap(),
+            b"no directory entry before me"
+        );
+        assert_eq!(std::fs::read(dest.join("empty")).unwrap(), b"");
+        assert_eq!(mode_of(&dest.join("scripts/install.sh")), 0o755);
+        assert_eq!(mode_of(&dest.join("deep/er/file.txt")), 0o600);
+        let modified = std::fs::metadata(dest.join("relbuild.xml"))
+            .unwrap()
+            .modified()
+            .unwrap();
+        let secs = modified
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        assert_eq!(secs, 1_700_000_000);
+    }
+
+    #[test]
+    fn an_archive_climbing_out_or_holding_a_link_is_refused_and_writes_nothing_outside() {
+        let temp = tempfile::tempdir().unwrap();
+        let dest = temp.path().join("workspace");
+        std::fs::create_dir(&dest).unwrap();
+
+        let climbing = archive(
+            temp.path(),
+            &[(
+                b"../outside.txt",
+                b"escaped",
+                0o644,
+                tar::EntryType::Regular,
+            )],
+        );
+        let err = unpack_files(climbing, &dest).unwrap_err();
+        assert!(err.contains("escapes the workspace"), "{err}");
+        assert!(!temp.path().join("outside.txt").exists());
+
+        let linking = archive(
+            temp.path(),
+            &[(b"link", b"", 0o777, tar::EntryType::Symlink)],
+        );
+        let err = unpack_files(linking, &dest).unwrap_err();
+        assert!(
+            err.contains("\"link\"") && err.contains("not a regular file"),
+            "{err}"
+        );
+        assert!(!dest.join("link").exists());
+    }
+
+    #[test]
+    fn a_range_is_copied_in_the_kernel_or_through_a_buffer_alike_and_a_short_source_is_an_error() {
+        let temp = tempfile::tempdir().unwrap();
+        let bytes: Vec<u8> = (0..600_000u32).map(|n| (n % 253) as u8).collect();
+        std::fs::write(temp.path().join("from"), &bytes).unwrap();
+        let from = std::fs::File::open(temp.path().join("from")).unwrap();
+        for (name, buffered) in [("kernel", false), ("buffer", true)] {
+            let path = temp.path().join(name);
+            let mut to = std::fs::File::create(&path).unwrap();
+            let copy = if buffered { copy_buffered } else { copy_range };
+            copy(&from, 1_000, 400_000, &mut to).unwrap();
+            copy(&from, 0, 10, &mut to).unwrap();
+            let mut want = bytes[1_000..401_000].to_vec();
+            want.extend_from_slice(&bytes[..10]);
+            assert_eq!(std::fs::read(&path).unwrap(), want, "{name}");
+            let err = copy(&from, 500_000, 200_000, &mut to).unwrap_err();
+            assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof, "{name}");
         }
     }
 }
