@@ -346,6 +346,64 @@ pub async fn racing_claims_from_eight_tasks_hand_each_job_to_exactly_one_client<
     Ok(())
 }
 
+/// One client's slots claiming and finishing jobs of one build at the same moment, as a
+/// busy client does: every call succeeds. On PostgreSQL a claim took the build's event
+/// lock before the client's row and a finish the client's row before the event lock,
+/// so the two deadlocked and one of them failed (after a second's wait).
+pub async fn one_client_claiming_and_finishing_from_eight_tasks_at_once_never_deadlocks<
+    F: StoreFactory,
+>(
+    factory: &F,
+) -> CaseResult {
+    const N_TASKS: usize = 8;
+    const JOBS_EACH: usize = 12;
+    let (_place, store) = open_store(factory).await?;
+    let job_ids: Vec<String> = (0..N_TASKS * JOBS_EACH)
+        .map(|job_idx| format!("job-{job_idx:03}"))
+        .collect();
+    store
+        .insert_build(&new_build(
+            BUILD,
+            job_ids.iter().map(|id| job(id)).collect(),
+            at(0),
+        ))
+        .await?;
+    let mut tasks = tokio::task::JoinSet::new();
+    for task_idx in 0..N_TASKS {
+        let store = store.clone();
+        let mine: Vec<String> = job_ids
+            .iter()
+            .skip(task_idx)
+            .step_by(N_TASKS)
+            .cloned()
+            .collect();
+        tasks.spawn(async move {
+            for job_id in &mine {
+                let run = claim(&*store, BUILD, job_id, "busy-client", at(1)).await?;
+                let name = format!("{job_id}.img");
+                store
+                    .add_image(BUILD, job_id, &run.lease, &image(&name, at(2)))
+                    .await?;
+                store
+                    .finish(BUILD, job_id, &run.lease, &[name], at(3))
+                    .await?;
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(joined) = tasks.join_next().await {
+        joined??;
+    }
+    let summary = store.build_summary(BUILD).await?;
+    assert_eq!(summary.n_finished as usize, job_ids.len());
+    let client = client_record(&*store, "busy-client").await?;
+    assert_eq!(
+        tally(&client),
+        (job_ids.len() as u64, job_ids.len() as u64, 0, 0)
+    );
+    Ok(())
+}
+
 pub async fn lease_calls_with_a_wrong_token_are_refused_and_with_the_current_one_accepted<
     F: StoreFactory,
 >(

@@ -12,8 +12,14 @@
 //! reader must never see a later number before an earlier one commits. A job's log
 //! lines are written under its row lock, and a build's events under a transaction
 //! advisory lock on the build's name ([`lock_build_events`]): within a build (and a
-//! job), numbers commit in order. Transactions that take back several jobs lock them in
-//! (build, pk) order, so two of them never wait on each other in a cycle.
+//! job), numbers commit in order.
+//!
+//! Locks are taken in one order, so that no two transactions wait on each other in a
+//! cycle: job rows (several in (build, pk) order), then builds' event locks (several in
+//! build order, all before anything else: [`lock_events_of`]), then clients' rows (a
+//! client's counters and contact). A claim that took the event lock before its client's
+//! row and a finish that updated its client's row before the event lock deadlocked,
+//! each time costing PostgreSQL's `deadlock_timeout` (1 s) and the call.
 //!
 //! One module per area, as for SQLite: `queue.rs`, `logs.rs`, `images.rs`,
 //! `outbox.rs`, `clients.rs`. Migrations are in `migrations/postgres/`.
@@ -228,10 +234,13 @@ async fn apply(tx: &mut Tx, read: &JobRow, transition: Transition, now: i64) -> 
             .execute(&mut **tx)
             .await?;
     }
+    // The build's event lock before the client's row: the order every transaction
+    // takes them in (see the module's documentation).
+    let event = insert_event(tx, &read.build, &read.job, transition.event).await?;
     if let Some((client_id, count)) = &transition.count {
         count_client(tx, client_id, *count, now).await?;
     }
-    insert_event(tx, &read.build, &read.job, transition.event).await
+    Ok(event)
 }
 
 /// Counts a change in its client's history, in the transaction of the job's transition.
@@ -285,6 +294,18 @@ async fn lock_build_events(tx: &mut Tx, build: &str) -> StoreResult<()> {
         .bind(build)
         .execute(&mut **tx)
         .await?;
+    Ok(())
+}
+
+/// Takes the event locks of the builds of `rows` (in build order, as the rows of a
+/// transaction that changes several jobs are), before any of their jobs' transitions
+/// takes a client's row.
+async fn lock_events_of(tx: &mut Tx, rows: &[JobRow]) -> StoreResult<()> {
+    for (idx, row) in rows.iter().enumerate() {
+        if idx == 0 || rows[idx - 1].build != row.build {
+            lock_build_events(tx, &row.build).await?;
+        }
+    }
     Ok(())
 }
 

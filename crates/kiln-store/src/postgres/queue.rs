@@ -2,8 +2,8 @@
 
 use super::{
     apply, event_from_row, insert_event, is_unique_violation, job_row, job_row_from,
-    job_status_from_row, leased_job_row, parse_state, unsigned, write_run, PgStore, Tx,
-    JOB_COLUMNS, JOB_ROW_COLUMNS,
+    job_status_from_row, leased_job_row, lock_events_of, parse_state, unsigned, write_run, PgStore,
+    Tx, JOB_COLUMNS, JOB_ROW_COLUMNS,
 };
 use crate::rules::{self, TakeBack};
 use crate::{
@@ -52,9 +52,13 @@ async fn take_back_rows<'r>(
     why: impl Fn(&rules::JobRow) -> Option<TakeBack<'r>>,
     now: i64,
 ) -> StoreResult<Vec<TimedTransition>> {
+    let rows = rows
+        .iter()
+        .map(job_row_from)
+        .collect::<StoreResult<Vec<_>>>()?;
+    lock_events_of(&mut tx, &rows).await?;
     let mut transitions = Vec::with_capacity(rows.len());
-    for row in &rows {
-        let row = job_row_from(row)?;
+    for row in rows {
         let Some(why) = why(&row) else {
             continue;
         };
@@ -526,9 +530,13 @@ impl Queue for PgStore {
              ORDER BY build, pk FOR UPDATE"
         );
         let rows = sqlx::query(&query).bind(now).fetch_all(&mut *tx).await?;
+        let rows = rows
+            .iter()
+            .map(job_row_from)
+            .collect::<StoreResult<Vec<_>>>()?;
+        lock_events_of(&mut tx, &rows).await?;
         let mut transitions = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let row = job_row_from(row)?;
+        for row in rows {
             let Some(transition) = rules::expire(&row, now) else {
                 continue;
             };
