@@ -86,6 +86,56 @@ pub async fn insert_build_is_listed_with_counts_and_a_duplicate_number_changes_n
     Ok(())
 }
 
+/// A build of more jobs than a backend may insert in one statement: every job is stored
+/// with its fields and one `queued` event, numbered in the manifest's order.
+pub async fn a_build_of_thousands_of_jobs_is_stored_whole_with_a_queued_event_each<
+    F: StoreFactory,
+>(
+    factory: &F,
+) -> CaseResult {
+    const N_JOBS: usize = 2_500;
+    let (_place, store) = open_store(factory).await?;
+    let jobs: Vec<JobSpec> = (0..N_JOBS)
+        .map(|idx| JobSpec {
+            priority: Some(if idx == 1_234 { 5 } else { 0 }),
+            assigned_to: (idx == 2_001).then(|| "client-7".to_owned()),
+            ..job(&format!("job-{idx:04}"))
+        })
+        .collect();
+    store.insert_build(&new_build(BUILD, jobs, at(0))).await?;
+
+    let summary = store.build_summary(BUILD).await?;
+    assert_eq!(
+        (summary.n_jobs as usize, summary.n_queued as usize),
+        (N_JOBS, N_JOBS)
+    );
+    let events = store.events(BUILD, 0).await?;
+    assert_eq!(events.len(), N_JOBS, "one event a job");
+    for (idx, event) in events.iter().enumerate() {
+        assert_eq!(
+            event.job,
+            format!("job-{idx:04}"),
+            "events in the manifest's order"
+        );
+        assert_eq!((event.from, event.to), (None, Queued));
+    }
+    assert!(events.windows(2).all(|pair| pair[0].seq < pair[1].seq));
+    let candidates = store.queued_candidates(2).await?;
+    assert_eq!(
+        candidates[0].job, "job-1234",
+        "the job of higher priority first"
+    );
+    assert_eq!(candidates[1].job, "job-0000");
+    let assigned = store.get_job(BUILD, "job-2001").await?;
+    assert_eq!(assigned.assigned_to.as_deref(), Some("client-7"));
+    let last = store.get_job(BUILD, "job-2499").await?;
+    assert_eq!(
+        (last.state, last.title.as_str()),
+        (Queued, "Image job-2499")
+    );
+    Ok(())
+}
+
 pub async fn queued_candidates_order_by_priority_then_accept_deadline_then_submission<
     F: StoreFactory,
 >(

@@ -66,6 +66,7 @@ macro_rules! conformance_tests {
             $module, $factory,
             current_thread [
                 insert_build_is_listed_with_counts_and_a_duplicate_number_changes_nothing,
+                a_build_of_thousands_of_jobs_is_stored_whole_with_a_queued_event_each,
                 queued_candidates_order_by_priority_then_accept_deadline_then_submission,
                 claim_hands_out_attempt_one_under_a_fresh_lease_and_only_once,
                 a_jobs_verify_step_is_kept_and_handed_out_with_each_of_its_claims,
