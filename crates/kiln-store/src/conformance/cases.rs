@@ -332,17 +332,7 @@ pub async fn racing_claims_from_eight_tasks_hand_each_job_to_exactly_one_client<
 ) -> CaseResult {
     const N_JOBS: usize = 50;
     const N_TASKS: usize = 8;
-    let (_place, store) = open_store(factory).await?;
-    let job_ids: Vec<String> = (0..N_JOBS)
-        .map(|job_idx| format!("job-{job_idx:02}"))
-        .collect();
-    store
-        .insert_build(&new_build(
-            BUILD,
-            job_ids.iter().map(|id| job(id)).collect(),
-            at(0),
-        ))
-        .await?;
+    let (_place, store, job_ids) = open_store_with_jobs(factory, N_JOBS).await?;
 
     let mut tasks = tokio::task::JoinSet::new();
     for task_idx in 0..N_TASKS {
@@ -407,17 +397,7 @@ pub async fn one_client_claiming_and_finishing_from_eight_tasks_at_once_never_de
 ) -> CaseResult {
     const N_TASKS: usize = 8;
     const JOBS_EACH: usize = 12;
-    let (_place, store) = open_store(factory).await?;
-    let job_ids: Vec<String> = (0..N_TASKS * JOBS_EACH)
-        .map(|job_idx| format!("job-{job_idx:03}"))
-        .collect();
-    store
-        .insert_build(&new_build(
-            BUILD,
-            job_ids.iter().map(|id| job(id)).collect(),
-            at(0),
-        ))
-        .await?;
+    let (_place, store, job_ids) = open_store_with_jobs(factory, N_TASKS * JOBS_EACH).await?;
     let mut tasks = tokio::task::JoinSet::new();
     for task_idx in 0..N_TASKS {
         let store = store.clone();

@@ -184,6 +184,24 @@ pub async fn open_store<F: StoreFactory>(
     Ok((place, store))
 }
 
+/// A new store holding build [`BUILD`] of `n_jobs` jobs `job-000`, `job-001`, ...;
+/// their ids in order.
+pub async fn open_store_with_jobs<F: StoreFactory>(
+    factory: &F,
+    n_jobs: usize,
+) -> anyhow::Result<(F::Place, Arc<dyn Store>, Vec<String>)> {
+    let (place, store) = open_store(factory).await?;
+    let job_ids: Vec<String> = (0..n_jobs).map(|idx| format!("job-{idx:03}")).collect();
+    store
+        .insert_build(&new_build(
+            BUILD,
+            job_ids.iter().map(|id| job(id)).collect(),
+            at(0),
+        ))
+        .await?;
+    Ok((place, store, job_ids))
+}
+
 /// A job with the seed's usual fields and no scheduling options.
 pub fn job(id: &str) -> JobSpec {
     JobSpec {
