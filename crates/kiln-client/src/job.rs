@@ -384,16 +384,13 @@ async fn prepare(
 
 /// Unpacks only regular files and directories, never outside `dest`.
 ///
-/// A regular file's bytes are copied from the archive by the kernel
-/// (`copy_file_range`), not read into this process and written back: every job copies
-/// its build's whole files, and a build's manifest alone can be megabytes.
+/// The headers are read first, and the directories made; then each regular file's
+/// bytes are copied from the archive with `std::io::copy` between the two files, which
+/// the standard library hands to the kernel (`copy_file_range`) where it can: every job
+/// copies its build's whole files, and a build's manifest alone can be megabytes.
 fn unpack_files(archive: std::fs::File, dest: &Path) -> Result<(), String> {
-    // The headers are read through a handle of their own; file bytes are copied from
-    // `data` at their offsets, which moves no handle's position.
-    let data = archive
-        .try_clone()
-        .map_err(|err| format!("cannot open the build's files again: {err}"))?;
-    let mut tar = tar::Archive::new(archive);
+    let mut files = Vec::new();
+    let mut tar = tar::Archive::new(&archive);
     tar.set_preserve_permissions(true);
     let entries = tar
         .entries_with_seek()
@@ -426,11 +423,22 @@ fn unpack_files(archive: std::fs::File, dest: &Path) -> Result<(), String> {
             return Err("the build's files hold a path that escapes the workspace".into());
         };
         let header = entry.header();
-        let mode = header.mode().unwrap_or(0o644) & 0o7777;
-        let mtime = header.mtime().ok();
-        let at = (entry.raw_file_position(), entry.size());
-        copy_out(&data, at, &dest.join(relative), mode, mtime)
-            .map_err(|err| format!("unpacking {} from the build's files: {err}", name.display()))?;
+        files.push(FileInArchive {
+            target: dest.join(relative),
+            offset: entry.raw_file_position(),
+            len: entry.size(),
+            mode: header.mode().unwrap_or(0o644) & 0o7777,
+            mtime: header.mtime().ok(),
+            name,
+        });
+    }
+    for file in &files {
+        file.copy_out(&archive).map_err(|err| {
+            format!(
+                "unpacking {} from the build's files: {err}",
+                file.name.display()
+            )
+        })?;
     }
     Ok(())
 }
@@ -450,107 +458,45 @@ fn path_inside(name: &Path) -> Option<PathBuf> {
     (!inside.as_os_str().is_empty()).then_some(inside)
 }
 
-/// Writes the `(offset, len)` bytes of `archive` to a new file `target` (its parents
-/// made as needed) with `mode` and, if given, the modification time `mtime` (seconds).
-fn copy_out(
-    archive: &std::fs::File,
-    (offset, len): (u64, u64),
-    target: &Path,
+/// A regular file of a build's files archive, to be written into the workspace.
+struct FileInArchive {
+    /// Its name in the archive.
+    name: PathBuf,
+    target: PathBuf,
+    /// Where its bytes are in the archive.
+    offset: u64,
+    len: u64,
     mode: u32,
+    /// Its modification time, in seconds.
     mtime: Option<u64>,
-) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    if let Some(parent) = target.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    let mut out = std::fs::File::create(target)?;
-    copy_range(archive, offset, len, &mut out)?;
-    out.set_permissions(std::fs::Permissions::from_mode(mode))?;
-    if let Some(secs) = mtime {
-        out.set_modified(std::time::UNIX_EPOCH + Duration::from_secs(secs))?;
-    }
-    Ok(())
 }
 
-/// Appends `len` bytes of `from`, starting at `offset`, to `to`: in the kernel with
-/// `copy_file_range` where the two files allow it, else through a buffer
-/// ([`copy_buffered`]). `from`'s position does not move.
-fn copy_range(
-    from: &std::fs::File,
-    mut offset: u64,
-    len: u64,
-    to: &mut std::fs::File,
-) -> std::io::Result<()> {
-    use std::os::unix::io::AsRawFd;
-    let mut left = len;
-    while left > 0 {
-        let want = left.min(1 << 30) as usize;
-        let mut from_offset = offset as libc::loff_t;
-        // SAFETY: both descriptors are open for the whole call, `from_offset` is a
-        // valid place for the kernel to write, and a null out-offset means `to`'s own
-        // position.
-        let copied = unsafe {
-            libc::copy_file_range(
-                from.as_raw_fd(),
-                &mut from_offset,
-                to.as_raw_fd(),
-                std::ptr::null_mut(),
-                want,
-                0,
-            )
-        };
-        match copied {
-            0 => return Err(short_archive(len)),
-            n if n > 0 => {
-                offset += n as u64;
-                left -= n as u64;
-            }
-            _ => {
-                let err = std::io::Error::last_os_error();
-                match err.raw_os_error() {
-                    Some(libc::EINTR) => {}
-                    // Not between these files (another file system, an old kernel,
-                    // a file system that does not do it): the buffer instead.
-                    Some(libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP) => {
-                        return copy_buffered(from, offset, left, to);
-                    }
-                    _ => return Err(err),
-                }
-            }
+impl FileInArchive {
+    /// Writes the file at its target (its parents made as needed), from `archive`.
+    fn copy_out(&self, mut archive: &std::fs::File) -> std::io::Result<()> {
+        use std::io::{Read as _, Seek as _, SeekFrom};
+        use std::os::unix::fs::PermissionsExt;
+        if let Some(parent) = self.target.parent() {
+            std::fs::create_dir_all(parent)?;
         }
-    }
-    Ok(())
-}
-
-/// [`copy_range`] through a buffer in this process.
-fn copy_buffered(
-    from: &std::fs::File,
-    mut offset: u64,
-    len: u64,
-    to: &mut std::fs::File,
-) -> std::io::Result<()> {
-    use std::io::Write as _;
-    use std::os::unix::fs::FileExt;
-    let mut buffer = vec![0u8; 256 * 1024];
-    let mut left = len;
-    while left > 0 {
-        let chunk = left.min(buffer.len() as u64) as usize;
-        let read = from.read_at(&mut buffer[..chunk], offset)?;
-        if read == 0 {
-            return Err(short_archive(len));
+        let mut out = std::fs::File::create(&self.target)?;
+        archive.seek(SeekFrom::Start(self.offset))?;
+        let copied = std::io::copy(&mut archive.take(self.len), &mut out)?;
+        if copied != self.len {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!(
+                    "the archive ends {copied} bytes into a file of {} bytes",
+                    self.len
+                ),
+            ));
         }
-        to.write_all(&buffer[..read])?;
-        offset += read as u64;
-        left -= read as u64;
+        out.set_permissions(std::fs::Permissions::from_mode(self.mode))?;
+        if let Some(secs) = self.mtime {
+            out.set_modified(std::time::UNIX_EPOCH + Duration::from_secs(secs))?;
+        }
+        Ok(())
     }
-    Ok(())
-}
-
-fn short_archive(len: u64) -> std::io::Error {
-    std::io::Error::new(
-        std::io::ErrorKind::UnexpectedEof,
-        format!("the archive ends before the {len} bytes of a file in it"),
-    )
 }
 
 /// Passes a step's lines to the log shipper, noting progress lines and the tail.
@@ -984,22 +930,23 @@ mod tests {
     }
 
     #[test]
-    fn a_range_is_copied_in_the_kernel_or_through_a_buffer_alike_and_a_short_source_is_an_error() {
+    fn an_archive_cut_short_inside_a_file_is_refused_naming_the_file() {
         let temp = tempfile::tempdir().unwrap();
-        let bytes: Vec<u8> = (0..600_000u32).map(|n| (n % 253) as u8).collect();
-        std::fs::write(temp.path().join("from"), &bytes).unwrap();
-        let from = std::fs::File::open(temp.path().join("from")).unwrap();
-        for (name, buffered) in [("kernel", false), ("buffer", true)] {
-            let path = temp.path().join(name);
-            let mut to = std::fs::File::create(&path).unwrap();
-            let copy = if buffered { copy_buffered } else { copy_range };
-            copy(&from, 1_000, 400_000, &mut to).unwrap();
-            copy(&from, 0, 10, &mut to).unwrap();
-            let mut want = bytes[1_000..401_000].to_vec();
-            want.extend_from_slice(&bytes[..10]);
-            assert_eq!(std::fs::read(&path).unwrap(), want, "{name}");
-            let err = copy(&from, 500_000, 200_000, &mut to).unwrap_err();
-            assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof, "{name}");
-        }
+        let bytes = vec![7u8; 100_000];
+        archive(
+            temp.path(),
+            &[(b"relbuild.xml", &bytes, 0o644, tar::EntryType::Regular)],
+        );
+        let path = temp.path().join("files.tar");
+        // The header (512 bytes) and 40,000 of the file's 100,000 bytes.
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        file.set_len(512 + 40_000).unwrap();
+        let dest = temp.path().join("workspace");
+        std::fs::create_dir(&dest).unwrap();
+        let err = unpack_files(std::fs::File::open(&path).unwrap(), &dest).unwrap_err();
+        assert!(
+            err.contains("relbuild.xml") && err.contains("ends"),
+            "{err}"
+        );
     }
 }
