@@ -168,8 +168,16 @@ impl Inner {
             return Ok(());
         }
         let line = line_of(&self.state)?;
-        self.log.write_all(&line)?;
-        self.log.sync_data()?;
+        let appended = self
+            .log
+            .write_all(&line)
+            .and_then(|()| self.log.sync_data());
+        if appended.is_err() {
+            // A part of the line may be in the file, and the next line would follow it
+            // on the same line: the next change rewrites the file instead.
+            self.len = COMPACT_AT;
+        }
+        appended?;
         self.len += line.len() as u64;
         Ok(())
     }
@@ -190,9 +198,11 @@ fn line_of(state: &StateFile) -> std::io::Result<Vec<u8>> {
     Ok(line)
 }
 
-/// The state of the last line of `text` that parses.
+/// The state of the last line of `text` that parses as one.
 fn last_state(text: &str) -> Option<StateFile> {
-    serde_json::from_value(parse_state_lines(text)?).ok()
+    text.lines()
+        .rev()
+        .find_map(|line| serde_json::from_str(line).ok())
 }
 
 /// Replaces the state file crash-safely with `state` as its one line; returns it open
@@ -352,6 +362,35 @@ mod tests {
         );
         drop(state);
         assert_eq!(jobs(&LocalState::open(dir.path()).unwrap()), ["last"]);
+    }
+
+    #[test]
+    fn a_change_that_could_not_be_appended_is_written_whole_with_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = LocalState::open(dir.path()).unwrap();
+        state.hold("http://a", &claim("j1"));
+        // A handle that cannot write: the append fails, as on a full disk.
+        let path = dir.path().join(STATE_FILE);
+        state.inner.lock().unwrap().log = File::open(&path).unwrap();
+        state.hold("http://a", &claim("j2"));
+        // Read without opening: opening would replace the file, and that alone makes
+        // the next change rewrite it.
+        let on_disk = |path: &Path| -> Vec<String> {
+            let text = std::fs::read_to_string(path).unwrap();
+            last_state(&text)
+                .unwrap()
+                .jobs
+                .into_iter()
+                .map(|held| held.job)
+                .collect()
+        };
+        assert_eq!(on_disk(&path), ["j1"]);
+        state.hold("http://a", &claim("j3"));
+        assert_eq!(on_disk(&path), ["j1", "j2", "j3"]);
+        assert_eq!(
+            jobs(&LocalState::open(dir.path()).unwrap()),
+            ["j1", "j2", "j3"]
+        );
     }
 
     #[test]
