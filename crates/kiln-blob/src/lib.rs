@@ -77,6 +77,31 @@ impl BlobError {
             BlobError::Io { what, source }
         }
     }
+
+    /// The same error once more, for another caller waiting on the same work: the
+    /// variant, its text and the kind of an I/O source are kept (a source's own
+    /// source is kept as text).
+    pub fn again(&self) -> Self {
+        let io_again =
+            |source: &std::io::Error| std::io::Error::new(source.kind(), source.to_string());
+        match self {
+            BlobError::NotFound(what) => BlobError::NotFound(what.clone()),
+            BlobError::InvalidKey(key) => BlobError::InvalidKey(key.clone()),
+            BlobError::NoSpace { what, source } => BlobError::NoSpace {
+                what: what.clone(),
+                source: io_again(source),
+            },
+            BlobError::Damaged(why) => BlobError::Damaged(why.clone()),
+            BlobError::Unavailable { what, source } => BlobError::Unavailable {
+                what: what.clone(),
+                source: source.to_string().into(),
+            },
+            BlobError::Io { what, source } => BlobError::Io {
+                what: what.clone(),
+                source: io_again(source),
+            },
+        }
+    }
 }
 
 /// Whole-file digests of an image.

@@ -133,10 +133,11 @@ pub trait OpenPack: Send + Sync {
     async fn append(&mut self, pieces: Vec<Bytes>) -> Result<(), BlobError>;
     /// Bytes written so far, by range.
     async fn read(&self, range: Range<u64>) -> Result<Bytes, BlobError>;
-    /// Makes the pack durable and readable under its name.
-    async fn seal(self: Box<Self>) -> Result<(), BlobError>;
+    /// Makes the pack durable and readable under its name; it stays readable here
+    /// too. Called once, after the last append.
+    async fn seal(&self) -> Result<(), BlobError>;
     /// Gives the pack up; nothing of it is kept.
-    async fn abandon(self: Box<Self>);
+    async fn abandon(&self);
 }
 
 /// Where packs rest.
@@ -204,11 +205,27 @@ pub fn is_pack_name(name: &str) -> bool {
             .all(|(i, b)| i == 16 || b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
-/// The chunk open pack and what it holds.
+/// The open pack and what it holds.
 struct Open {
     pack: Box<dyn OpenPack>,
     chunks: HashMap<ChunkHash, (u64, u32)>,
     entries: Vec<PackedChunk>,
+}
+
+/// How many packs may be sealing in the background at once: a put that fills one
+/// more waits for the oldest to be sealed. With the open pack, this bounds the pack
+/// bytes held (in memory, for packs bound for an object store).
+const MAX_SEALING: usize = 2;
+
+/// How a pack's seal ended; `None` while it goes on.
+type SealOutcome = Option<Result<(), Arc<BlobError>>>;
+
+/// A pack being sealed in the background: its bytes are all written and readable,
+/// its chunks are not in the index yet.
+struct Sealing {
+    pack: Arc<dyn OpenPack>,
+    chunks: HashMap<ChunkHash, (u64, u32)>,
+    done: tokio::sync::watch::Receiver<SealOutcome>,
 }
 
 /// Chunks in packs; see the module docs.
@@ -216,6 +233,10 @@ pub struct PackChunkStore {
     files: Arc<dyn PackFiles>,
     index: Arc<dyn PackIndex>,
     open: tokio::sync::Mutex<Option<Open>>,
+    /// Packs being sealed, oldest first. A seal takes its pack out of this list after
+    /// its index entries are recorded (or it failed), so a chunk that was in the open
+    /// pack is always in the open pack, here, or in the index, unless its seal failed.
+    sealing: Arc<Mutex<Vec<Arc<Sealing>>>>,
 }
 
 impl PackChunkStore {
@@ -225,24 +246,77 @@ impl PackChunkStore {
             files,
             index,
             open: tokio::sync::Mutex::new(None),
+            sealing: Arc::new(Mutex::new(Vec::new())),
         }
     }
 
-    /// Seals the open pack, if it holds anything.
-    async fn seal(&self, open: &mut Option<Open>) -> Result<(), BlobError> {
+    /// The packs being sealed now.
+    fn sealing_now(&self) -> Vec<Arc<Sealing>> {
+        self.sealing.lock().expect("the sealing list").clone()
+    }
+
+    /// Starts sealing the open pack, if it holds anything, in a task of its own: the
+    /// pack is made durable, then its index entries are recorded, then it leaves the
+    /// sealing list and its outcome is told.
+    async fn start_seal(&self, open: &mut Option<Open>) {
         let Some(current) = open.take() else {
-            return Ok(());
+            return;
         };
         if current.entries.is_empty() {
             current.pack.abandon().await;
-            return Ok(());
+            return;
         }
-        let name = current.pack.name().to_owned();
-        let bytes = current.pack.size();
-        current.pack.seal().await?;
-        self.index.add_pack(&name, bytes, &current.entries).await?;
-        tracing::debug!(pack = %name, bytes, chunks = current.entries.len(), "pack sealed");
-        Ok(())
+        let (tell, done) = tokio::sync::watch::channel(None);
+        let pack: Arc<dyn OpenPack> = Arc::from(current.pack);
+        let sealing = Arc::new(Sealing {
+            pack: pack.clone(),
+            chunks: current.chunks,
+            done,
+        });
+        self.sealing.lock().expect("the sealing list").push(sealing);
+        let index = self.index.clone();
+        let list = self.sealing.clone();
+        let entries = current.entries;
+        tokio::spawn(async move {
+            let name = pack.name().to_owned();
+            let bytes = pack.size();
+            let outcome = async {
+                if let Err(err) = pack.seal().await {
+                    pack.abandon().await;
+                    return Err(err);
+                }
+                index.add_pack(&name, bytes, &entries).await?;
+                Ok(())
+            }
+            .await;
+            match &outcome {
+                Ok(()) => {
+                    tracing::debug!(pack = %name, bytes, chunks = entries.len(), "pack sealed");
+                }
+                Err(err) => {
+                    tracing::warn!(pack = %name, error = %err, "a pack could not be sealed; its chunks are asked for again");
+                }
+            }
+            list.lock()
+                .expect("the sealing list")
+                .retain(|sealing| sealing.pack.name() != name);
+            let _ = tell.send(Some(outcome.map_err(Arc::new)));
+        });
+    }
+
+    /// Waits until fewer than [`MAX_SEALING`] packs are being sealed.
+    async fn make_room(&self) {
+        loop {
+            let oldest = {
+                let list = self.sealing.lock().expect("the sealing list");
+                if list.len() < MAX_SEALING {
+                    return;
+                }
+                list[0].done.clone()
+            };
+            // A failed seal is reported to those who persist; here it only frees room.
+            let _ = sealed(oldest).await;
+        }
     }
 
     /// A chunk's frame as stored, checked to carry its name but not its bytes.
@@ -254,6 +328,12 @@ impl PackChunkStore {
                     let bytes = current.pack.read(offset..offset + u64::from(len)).await?;
                     return parse_frame(hash, current.pack.name(), bytes);
                 }
+            }
+        }
+        for sealing in self.sealing_now() {
+            if let Some(&(offset, len)) = sealing.chunks.get(hash) {
+                let bytes = sealing.pack.read(offset..offset + u64::from(len)).await?;
+                return parse_frame(hash, sealing.pack.name(), bytes);
             }
         }
         let location = self.index.locate(&[*hash]).await?.pop().flatten();
@@ -332,15 +412,14 @@ impl PackChunkStore {
 #[async_trait]
 impl ChunkStore for PackChunkStore {
     async fn missing(&self, hashes: &[ChunkHash]) -> Result<Vec<ChunkHash>, BlobError> {
-        // The open pack is looked at under its lock, and the index before the lock is
-        // let go: a chunk sealed meanwhile is in one or the other.
+        // The open pack is looked at under its lock, then the packs being sealed, then
+        // the index before the lock is let go: a seal records its index entries before
+        // it leaves the sealing list, so a chunk is found in one of the three.
         let open = self.open.lock().await;
+        let sealing = self.sealing_now();
         let not_open: Vec<ChunkHash> = ChunkHash::distinct(hashes)
             .into_iter()
-            .filter(|hash| {
-                open.as_ref()
-                    .is_none_or(|current| !current.chunks.contains_key(hash))
-            })
+            .filter(|hash| !held(&open, &sealing, hash))
             .collect();
         let missing = self.unindexed(&not_open).await?;
         drop(open);
@@ -355,16 +434,13 @@ impl ChunkStore for PackChunkStore {
 
     async fn put(&self, frames: Vec<Frame>) -> Result<PutStats, BlobError> {
         let mut open = self.open.lock().await;
+        let sealing = self.sealing_now();
         let mut seen = HashSet::with_capacity(frames.len());
         let fresh: Vec<Frame> = frames
             .into_iter()
-            .filter(|frame| {
-                seen.insert(frame.hash)
-                    && open
-                        .as_ref()
-                        .is_none_or(|current| !current.chunks.contains_key(&frame.hash))
-            })
+            .filter(|frame| seen.insert(frame.hash) && !held(&open, &sealing, &frame.hash))
             .collect();
+        drop(sealing);
         let hashes: Vec<ChunkHash> = fresh.iter().map(|frame| frame.hash).collect();
         let mut indexed = HashSet::new();
         for batch in hashes.chunks(4096) {
@@ -411,7 +487,8 @@ impl ChunkStore for PackChunkStore {
             let full = offset + u64::from(len) >= target;
             if full {
                 flush_pending(current, &mut pieces, &mut pending).await?;
-                self.seal(&mut open).await?;
+                self.make_room().await;
+                self.start_seal(&mut open).await;
             }
         }
         if let Some(current) = open.as_mut() {
@@ -427,9 +504,25 @@ impl ChunkStore for PackChunkStore {
         Ok(stats)
     }
 
+    /// Seals the open pack and waits for every pack being sealed; the first failure
+    /// among them is the answer (their chunks are then in no pack: `not_persisted`
+    /// names them).
     async fn persist(&self) -> Result<(), BlobError> {
-        let mut open = self.open.lock().await;
-        self.seal(&mut open).await
+        let waits: Vec<_> = {
+            let mut open = self.open.lock().await;
+            self.start_seal(&mut open).await;
+            self.sealing_now()
+                .iter()
+                .map(|sealing| sealing.done.clone())
+                .collect()
+        };
+        let mut failed = None;
+        for done in waits {
+            if let Err(err) = sealed(done).await {
+                failed.get_or_insert(err);
+            }
+        }
+        failed.map_or(Ok(()), Err)
     }
 
     async fn read_frame(&self, hash: &ChunkHash) -> Result<Frame, BlobError> {
@@ -558,6 +651,29 @@ impl ChunkStore for PackChunkStore {
             .await?
             .decompress()
             .map_err(|err| BlobError::Damaged(err.to_string()))
+    }
+}
+
+/// Whether `hash` is in the open pack or in a pack being sealed.
+fn held(open: &Option<Open>, sealing: &[Arc<Sealing>], hash: &ChunkHash) -> bool {
+    open.as_ref()
+        .is_some_and(|current| current.chunks.contains_key(hash))
+        || sealing.iter().any(|pack| pack.chunks.contains_key(hash))
+}
+
+/// Waits for a pack's seal to end; its failure, if it failed.
+async fn sealed(mut done: tokio::sync::watch::Receiver<SealOutcome>) -> Result<(), BlobError> {
+    let outcome = match done.wait_for(Option::is_some).await {
+        Ok(outcome) => outcome.clone(),
+        Err(_) => None,
+    };
+    match outcome {
+        Some(Ok(())) => Ok(()),
+        Some(Err(err)) => Err(err.again()),
+        None => Err(BlobError::io(
+            "sealing a pack",
+            io::Error::other("the seal stopped before its end"),
+        )),
     }
 }
 
@@ -798,12 +914,14 @@ impl OpenPack for LocalOpenPack {
         .await
     }
 
-    async fn seal(self: Box<Self>) -> Result<(), BlobError> {
+    async fn seal(&self) -> Result<(), BlobError> {
+        let file = self.file.clone();
+        let (part, target, dir) = (self.part.clone(), self.target.clone(), self.dir.clone());
         on_blocking(move || {
-            let failed = |err| BlobError::io(format!("sealing {}", self.part.display()), err);
-            self.file.sync_data().map_err(failed)?;
-            std::fs::rename(&self.part, &self.target).map_err(failed)?;
-            std::fs::File::open(&self.dir)
+            let failed = |err| BlobError::io(format!("sealing {}", part.display()), err);
+            file.sync_data().map_err(failed)?;
+            std::fs::rename(&part, &target).map_err(failed)?;
+            std::fs::File::open(&dir)
                 .and_then(|dir| dir.sync_all())
                 .map_err(failed)?;
             Ok(())
@@ -811,7 +929,7 @@ impl OpenPack for LocalOpenPack {
         .await
     }
 
-    async fn abandon(self: Box<Self>) {
+    async fn abandon(&self) {
         let _ = tokio::fs::remove_file(&self.part).await;
     }
 }
@@ -1050,20 +1168,35 @@ mod tests {
         names
     }
 
-    /// Local packs whose next seal fails while `fail` is set, as an object store that
-    /// went away would.
-    struct FailingSeals {
+    /// Local packs whose seals fail while `fail` is set, as an object store that went
+    /// away would, and wait for a permit of `gate` first, as a slow one would.
+    struct ControlledSeals {
         inner: LocalPackFiles,
         fail: Arc<std::sync::atomic::AtomicBool>,
+        gate: Arc<tokio::sync::Semaphore>,
     }
 
-    struct FailingOpen {
+    impl ControlledSeals {
+        /// Seals that pass at once and succeed.
+        fn new(inner: LocalPackFiles) -> Self {
+            ControlledSeals {
+                inner,
+                fail: Arc::default(),
+                gate: Arc::new(tokio::sync::Semaphore::new(
+                    tokio::sync::Semaphore::MAX_PERMITS,
+                )),
+            }
+        }
+    }
+
+    struct ControlledOpen {
         inner: Box<dyn OpenPack>,
         fail: Arc<std::sync::atomic::AtomicBool>,
+        gate: Arc<tokio::sync::Semaphore>,
     }
 
     #[async_trait]
-    impl OpenPack for FailingOpen {
+    impl OpenPack for ControlledOpen {
         fn name(&self) -> &str {
             self.inner.name()
         }
@@ -1076,24 +1209,26 @@ mod tests {
         async fn read(&self, range: Range<u64>) -> Result<Bytes, BlobError> {
             self.inner.read(range).await
         }
-        async fn seal(self: Box<Self>) -> Result<(), BlobError> {
+        async fn seal(&self) -> Result<(), BlobError> {
+            self.gate.acquire().await.expect("the gate").forget();
             if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
                 self.inner.abandon().await;
                 return Err(crate::chunks::lost_with_a_pack(0));
             }
             self.inner.seal().await
         }
-        async fn abandon(self: Box<Self>) {
+        async fn abandon(&self) {
             self.inner.abandon().await
         }
     }
 
     #[async_trait]
-    impl PackFiles for FailingSeals {
+    impl PackFiles for ControlledSeals {
         async fn begin(&self) -> Result<Box<dyn OpenPack>, BlobError> {
-            Ok(Box::new(FailingOpen {
+            Ok(Box::new(ControlledOpen {
                 inner: self.inner.begin().await?,
                 fail: self.fail.clone(),
+                gate: self.gate.clone(),
             }))
         }
         async fn read(&self, pack: &str, range: Range<u64>) -> Result<Bytes, BlobError> {
@@ -1138,11 +1273,8 @@ mod tests {
     #[tokio::test]
     async fn chunks_that_went_down_with_another_callers_failed_seal_are_not_persisted() {
         let dir = tempfile::tempdir().unwrap();
-        let fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let files = FailingSeals {
-            inner: LocalPackFiles::open(dir.path()).unwrap(),
-            fail: fail.clone(),
-        };
+        let files = ControlledSeals::new(LocalPackFiles::open(dir.path()).unwrap());
+        let fail = files.fail.clone();
         let store = PackChunkStore::new(Arc::new(files), Arc::new(MemoryPackIndex::default()));
         let mine = Frame::encode(&noise(50_000, 1));
         let theirs = Frame::encode(&noise(50_000, 2));
@@ -1170,6 +1302,120 @@ mod tests {
         );
         store.persist().await.unwrap();
         assert!(store.not_persisted(&[mine.hash]).await.unwrap().is_empty());
+    }
+
+    /// Lets every task on this (one-threaded) test runtime run until it waits.
+    async fn let_others_run() {
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn full_packs_are_sealed_while_puts_go_on_and_persist_waits_for_the_seals() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut files = ControlledSeals::new(
+            LocalPackFiles::open(dir.path())
+                .unwrap()
+                .with_target_pack_bytes(100_000),
+        );
+        files.gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let gate = files.gate.clone();
+        let store = Arc::new(PackChunkStore::new(
+            Arc::new(files),
+            Arc::new(MemoryPackIndex::default()),
+        ));
+        let frames: Vec<Frame> = (0..6)
+            .map(|seed| Frame::encode(&noise(60_000, seed)))
+            .collect();
+        let hashes: Vec<ChunkHash> = frames.iter().map(|f| f.hash).collect();
+        // Two 60 KB frames fill a 100 KB pack: this put fills two packs, and returns
+        // while both wait to be sealed.
+        store.put(frames[..4].to_vec()).await.unwrap();
+        let parts = packs_in(dir.path());
+        assert_eq!(parts.len(), 2, "{parts:?}");
+        assert!(
+            parts.iter().all(|name| name.ends_with(".part")),
+            "{parts:?}"
+        );
+        // Meanwhile their chunks are present and readable, but not durable.
+        assert!(store.missing(&hashes[..4]).await.unwrap().is_empty());
+        for frame in &frames[..4] {
+            assert_eq!(
+                store.read(&frame.hash).await.unwrap(),
+                frame.decode().unwrap()
+            );
+        }
+        assert_eq!(
+            store.not_persisted(&hashes[..4]).await.unwrap(),
+            &hashes[..4]
+        );
+        // A third full pack waits for room, and a persist for the seals.
+        let third = tokio::spawn({
+            let store = store.clone();
+            let frames = frames[4..].to_vec();
+            async move { store.put(frames).await }
+        });
+        let_others_run().await;
+        let persisting = tokio::spawn({
+            let store = store.clone();
+            async move { store.persist().await }
+        });
+        let_others_run().await;
+        assert!(!third.is_finished(), "two packs are sealing already");
+        assert!(!persisting.is_finished(), "no seal has ended");
+        gate.add_permits(3);
+        third.await.unwrap().unwrap();
+        persisting.await.unwrap().unwrap();
+        store.persist().await.unwrap();
+        assert!(store.not_persisted(&hashes).await.unwrap().is_empty());
+        let packs = packs_in(dir.path());
+        assert_eq!(packs.len(), 3, "{packs:?}");
+        assert!(
+            packs.iter().all(|name| name.ends_with(".pack")),
+            "{packs:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_background_seal_that_fails_is_reported_by_persist_and_its_chunks_asked_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut files = ControlledSeals::new(
+            LocalPackFiles::open(dir.path())
+                .unwrap()
+                .with_target_pack_bytes(100_000),
+        );
+        files.gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let (fail, gate) = (files.fail.clone(), files.gate.clone());
+        let store = Arc::new(PackChunkStore::new(
+            Arc::new(files),
+            Arc::new(MemoryPackIndex::default()),
+        ));
+        let frames: Vec<Frame> = (0..2)
+            .map(|seed| Frame::encode(&noise(60_000, seed)))
+            .collect();
+        let hashes: Vec<ChunkHash> = frames.iter().map(|f| f.hash).collect();
+        fail.store(true, std::sync::atomic::Ordering::SeqCst);
+        // The put fills a pack and answers before its seal fails.
+        store.put(frames.clone()).await.unwrap();
+        let persisting = tokio::spawn({
+            let store = store.clone();
+            async move { store.persist().await }
+        });
+        let_others_run().await;
+        gate.add_permits(10);
+        let err = persisting.await.unwrap().unwrap_err();
+        assert!(err.to_string().contains("lost"), "{err}");
+        assert_eq!(store.missing(&hashes).await.unwrap(), hashes);
+        assert_eq!(store.not_persisted(&hashes).await.unwrap(), hashes);
+        assert!(
+            packs_in(dir.path()).is_empty(),
+            "the failed pack is removed"
+        );
+        fail.store(false, std::sync::atomic::Ordering::SeqCst);
+        store.put(frames).await.unwrap();
+        store.persist().await.unwrap();
+        assert!(store.not_persisted(&hashes).await.unwrap().is_empty());
     }
 
     #[tokio::test]

@@ -295,8 +295,8 @@ impl OpenPack for S3OpenPack {
         Ok(Bytes::from(out))
     }
 
-    async fn seal(self: Box<Self>) -> Result<(), BlobError> {
-        let payload: PutPayload = self.pieces.into_iter().collect();
+    async fn seal(&self) -> Result<(), BlobError> {
+        let payload: PutPayload = self.pieces.iter().cloned().collect();
         let options = PutOptions {
             mode: PutMode::Create,
             ..PutOptions::default()
@@ -308,7 +308,7 @@ impl OpenPack for S3OpenPack {
         Ok(())
     }
 
-    async fn abandon(self: Box<Self>) {}
+    async fn abandon(&self) {}
 }
 
 /// Build files archives as objects.
