@@ -18,7 +18,10 @@
 //! (after a look in the open pack and in the index: a chunk stored already is
 //! skipped). The open pack is *sealed* when it reaches its target size and at every
 //! [`ChunkStore::persist`]: its bytes are made durable (fsync; a completed object
-//! upload), then its index entries are recorded in one transaction. So a pack and its
+//! upload), then its index entries are recorded in one transaction. A seal runs in a
+//! task of its own while puts go on into a new open pack (one seal at a time); a chunk
+//! in a pack being sealed is present and readable, but durable only once indexed, and
+//! `persist` waits for every seal in flight. So a pack and its
 //! index are durable before any image that lists its chunks is recorded (the server
 //! persists before it records), and a crash loses only chunks no image lists yet.
 //! Two uploads storing the same chunk at once store it once: appends and the look
@@ -213,9 +216,10 @@ struct Open {
 }
 
 /// How many packs may be sealing in the background at once: a put that fills one
-/// more waits for the oldest to be sealed. With the open pack, this bounds the pack
-/// bytes held (in memory, for packs bound for an object store).
-const MAX_SEALING: usize = 2;
+/// more, or a persist, waits for the oldest to be sealed first. With the open pack,
+/// this bounds the pack bytes held (in memory, for packs bound for an object store):
+/// one pack fills while the one before it is written.
+const MAX_SEALING: usize = 1;
 
 /// How a pack's seal ended; `None` while it goes on.
 type SealOutcome = Option<Result<(), Arc<BlobError>>>;
@@ -504,12 +508,15 @@ impl ChunkStore for PackChunkStore {
         Ok(stats)
     }
 
-    /// Seals the open pack and waits for every pack being sealed; the first failure
-    /// among them is the answer (their chunks are then in no pack: `not_persisted`
+    /// Seals the open pack (once there is room) and waits for every pack being
+    /// sealed; the first failure among them is the answer (their chunks are then in no pack: `not_persisted`
     /// names them).
     async fn persist(&self) -> Result<(), BlobError> {
         let waits: Vec<_> = {
             let mut open = self.open.lock().await;
+            if open.is_some() {
+                self.make_room().await;
+            }
             self.start_seal(&mut open).await;
             self.sealing_now()
                 .iter()
@@ -1312,7 +1319,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn full_packs_are_sealed_while_puts_go_on_and_persist_waits_for_the_seals() {
+    async fn a_full_pack_is_sealed_while_puts_go_on_and_persist_waits_for_the_seal() {
         let dir = tempfile::tempdir().unwrap();
         let mut files = ControlledSeals::new(
             LocalPackFiles::open(dir.path())
@@ -1325,35 +1332,32 @@ mod tests {
             Arc::new(files),
             Arc::new(MemoryPackIndex::default()),
         ));
-        let frames: Vec<Frame> = (0..6)
+        let frames: Vec<Frame> = (0..4)
             .map(|seed| Frame::encode(&noise(60_000, seed)))
             .collect();
         let hashes: Vec<ChunkHash> = frames.iter().map(|f| f.hash).collect();
-        // Two 60 KB frames fill a 100 KB pack: this put fills two packs, and returns
-        // while both wait to be sealed.
-        store.put(frames[..4].to_vec()).await.unwrap();
+        // Two 60 KB frames fill a 100 KB pack: this put fills one, and returns while
+        // it waits to be sealed.
+        store.put(frames[..2].to_vec()).await.unwrap();
         let parts = packs_in(dir.path());
-        assert_eq!(parts.len(), 2, "{parts:?}");
-        assert!(
-            parts.iter().all(|name| name.ends_with(".part")),
-            "{parts:?}"
-        );
-        // Meanwhile their chunks are present and readable, but not durable.
-        assert!(store.missing(&hashes[..4]).await.unwrap().is_empty());
-        for frame in &frames[..4] {
+        assert_eq!(parts.len(), 1, "{parts:?}");
+        assert!(parts[0].ends_with(".part"), "{parts:?}");
+        // Meanwhile its chunks are present and readable, but not durable.
+        assert!(store.missing(&hashes[..2]).await.unwrap().is_empty());
+        for frame in &frames[..2] {
             assert_eq!(
                 store.read(&frame.hash).await.unwrap(),
                 frame.decode().unwrap()
             );
         }
         assert_eq!(
-            store.not_persisted(&hashes[..4]).await.unwrap(),
-            &hashes[..4]
+            store.not_persisted(&hashes[..2]).await.unwrap(),
+            &hashes[..2]
         );
-        // A third full pack waits for room, and a persist for the seals.
-        let third = tokio::spawn({
+        // A second full pack waits for room, and a persist for the seals.
+        let second = tokio::spawn({
             let store = store.clone();
-            let frames = frames[4..].to_vec();
+            let frames = frames[2..].to_vec();
             async move { store.put(frames).await }
         });
         let_others_run().await;
@@ -1362,15 +1366,15 @@ mod tests {
             async move { store.persist().await }
         });
         let_others_run().await;
-        assert!(!third.is_finished(), "two packs are sealing already");
+        assert!(!second.is_finished(), "a pack is being sealed already");
         assert!(!persisting.is_finished(), "no seal has ended");
         gate.add_permits(3);
-        third.await.unwrap().unwrap();
+        second.await.unwrap().unwrap();
         persisting.await.unwrap().unwrap();
         store.persist().await.unwrap();
         assert!(store.not_persisted(&hashes).await.unwrap().is_empty());
         let packs = packs_in(dir.path());
-        assert_eq!(packs.len(), 3, "{packs:?}");
+        assert_eq!(packs.len(), 2, "{packs:?}");
         assert!(
             packs.iter().all(|name| name.ends_with(".pack")),
             "{packs:?}"
