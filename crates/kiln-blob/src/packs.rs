@@ -1318,20 +1318,30 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_full_pack_is_sealed_while_puts_go_on_and_persist_waits_for_the_seal() {
-        let dir = tempfile::tempdir().unwrap();
+    /// A store over local packs of 100 KB in `dir` whose seals wait at a closed gate;
+    /// with the gate and the switch that makes seals fail.
+    fn gated_store(
+        dir: &Path,
+    ) -> (
+        Arc<PackChunkStore>,
+        Arc<tokio::sync::Semaphore>,
+        Arc<std::sync::atomic::AtomicBool>,
+    ) {
         let mut files = ControlledSeals::new(
-            LocalPackFiles::open(dir.path())
+            LocalPackFiles::open(dir)
                 .unwrap()
                 .with_target_pack_bytes(100_000),
         );
         files.gate = Arc::new(tokio::sync::Semaphore::new(0));
-        let gate = files.gate.clone();
-        let store = Arc::new(PackChunkStore::new(
-            Arc::new(files),
-            Arc::new(MemoryPackIndex::default()),
-        ));
+        let (gate, fail) = (files.gate.clone(), files.fail.clone());
+        let store = PackChunkStore::new(Arc::new(files), Arc::new(MemoryPackIndex::default()));
+        (Arc::new(store), gate, fail)
+    }
+
+    #[tokio::test]
+    async fn a_full_pack_is_sealed_while_puts_go_on_and_persist_waits_for_the_seal() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, gate, _) = gated_store(dir.path());
         let frames: Vec<Frame> = (0..4)
             .map(|seed| Frame::encode(&noise(60_000, seed)))
             .collect();
@@ -1384,17 +1394,7 @@ mod tests {
     #[tokio::test]
     async fn a_background_seal_that_fails_is_reported_by_persist_and_its_chunks_asked_again() {
         let dir = tempfile::tempdir().unwrap();
-        let mut files = ControlledSeals::new(
-            LocalPackFiles::open(dir.path())
-                .unwrap()
-                .with_target_pack_bytes(100_000),
-        );
-        files.gate = Arc::new(tokio::sync::Semaphore::new(0));
-        let (fail, gate) = (files.fail.clone(), files.gate.clone());
-        let store = Arc::new(PackChunkStore::new(
-            Arc::new(files),
-            Arc::new(MemoryPackIndex::default()),
-        ));
+        let (store, gate, fail) = gated_store(dir.path());
         let frames: Vec<Frame> = (0..2)
             .map(|seed| Frame::encode(&noise(60_000, seed)))
             .collect();
