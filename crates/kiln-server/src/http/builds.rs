@@ -33,30 +33,43 @@ pub async fn submit(
     let farm = &state.farm;
     let mut manifest = None;
     let mut files = None;
-    while let Some(field) = multipart
-        .next_field()
-        .await
-        .map_err(|err| FarmError::invalid("bad_upload", format!("reading the submission: {err}")))?
-    {
-        match field.name().unwrap_or_default() {
-            "manifest" => {
-                let file_name = field.file_name().unwrap_or("relbuild.xml").to_owned();
-                let bytes = field.bytes().await.map_err(|err| {
-                    FarmError::invalid("bad_upload", format!("reading the manifest: {err}"))
-                })?;
-                manifest = Some(farm.check_manifest(&file_name, &bytes).await?);
-            }
-            "files" => files = Some(farm.stage_files(field).await?),
-            other => {
-                return Err(FarmError::invalid(
-                    "bad_upload",
-                    format!(
-                        "unexpected part {other:?} in the submission (expected manifest and files)"
-                    ),
-                )
-                .into());
+    let mut files_begun = false;
+    let read: Result<(), FarmError> = async {
+        while let Some(field) = multipart.next_field().await.map_err(|err| {
+            FarmError::invalid("bad_upload", format!("reading the submission: {err}"))
+        })? {
+            match field.name().unwrap_or_default() {
+                "manifest" => {
+                    let file_name = field.file_name().unwrap_or("relbuild.xml").to_owned();
+                    let bytes = field.bytes().await.map_err(|err| {
+                        FarmError::invalid("bad_upload", format!("reading the manifest: {err}"))
+                    })?;
+                    manifest = Some(farm.check_manifest(&file_name, &bytes).await?);
+                }
+                "files" => {
+                    files_begun = true;
+                    files = Some(farm.stage_files(field).await?);
+                }
+                other => {
+                    return Err(FarmError::invalid(
+                        "bad_upload",
+                        format!(
+                            "unexpected part {other:?} in the submission (expected manifest and files)"
+                        ),
+                    ));
+                }
             }
         }
+        Ok(())
+    }
+    .await;
+    if let Err(err) = read {
+        // Refused before the files were read (a bad manifest, say): the client is
+        // still sending them. Refused in the middle of them, the rest is not read.
+        if !files_begun {
+            drain_rest(&mut multipart, REFUSED_DRAIN_BYTES).await;
+        }
+        return Err(err.into());
     }
     let manifest = manifest
         .ok_or_else(|| FarmError::invalid("bad_upload", "the submission has no manifest part"))?;
@@ -64,6 +77,26 @@ pub async fn submit(
         .ok_or_else(|| FarmError::invalid("bad_upload", "the submission has no files part"))?;
     let submitted = farm.submit(manifest, files).await?;
     Ok((StatusCode::CREATED, Json(submitted)))
+}
+
+/// How much of a refused submission is still read, at most, before the refusal is
+/// sent.
+const REFUSED_DRAIN_BYTES: u64 = 64 << 20;
+
+/// Reads and drops the rest of a submission refused before its files part, up to
+/// `limit` bytes of it. A client still sending its files when the refusal is sent and
+/// the connection closed would get a broken pipe instead of the refusal; past `limit`,
+/// it does.
+async fn drain_rest(multipart: &mut Multipart, limit: u64) {
+    let mut read = 0u64;
+    while let Ok(Some(mut field)) = multipart.next_field().await {
+        while let Ok(Some(piece)) = field.chunk().await {
+            read += piece.len() as u64;
+            if read > limit {
+                return;
+            }
+        }
+    }
 }
 
 pub fn submit_doc() -> Doc {

@@ -122,7 +122,15 @@ fn a_manifest_with_more_jobs_than_the_limit_is_refused_naming_both_and_nothing_i
     let harness = Harness::new("limits-jobs");
     let server = harness.start_server("main", &["--max-jobs-per-build", "3"]);
     let jobs: Vec<Job> = (0..4).map(|n| Job::new(&format!("j{n}"), "PRO")).collect();
-    let manifest = write_build(&harness.mkdir("build"), "710", &jobs);
+    let dir = harness.mkdir("build");
+    let manifest = write_build(&dir, "710", &jobs);
+    // Files that take a while to send: the refusal comes after the manifest, while the
+    // client is still sending them, and it must still reach the client.
+    std::fs::write(
+        dir.join("payload.bin"),
+        kiln_blob::noise::noise(32 << 20, 7),
+    )
+    .expect("writing the build's files");
     let run = server.kiln(&["submit", &manifest.display().to_string()]);
     harness.check(run.code != 0, || format!("the submit is refused: {run:?}"));
     eprintln!("jobs per build refusal: {}", run.stderr.trim());
