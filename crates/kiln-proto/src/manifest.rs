@@ -191,9 +191,11 @@ impl BuildManifest {
         let mut seen_ids = SeenIds::default();
         for job_node in xml.child_elements(jobs_node, &["JOB"])? {
             let job = job_from_xml(&xml, job_node)?;
-            let pos = doc.text_pos_at(job_node.range().start);
             seen_ids
-                .insert(&job.id, (pos.row, pos.col))
+                .insert(&job.id, job_node.range().start, |offset| {
+                    let pos = doc.text_pos_at(offset);
+                    (pos.row, pos.col)
+                })
                 .map_err(|m| xml.error_at(job_node, m))?;
             jobs.push(job);
         }
@@ -270,9 +272,10 @@ impl BuildManifest {
         let mut seen_ids = SeenIds::default();
         for raw_job in &raw.job {
             let job = job_from_toml(&reader, raw_job.get_ref())?;
-            let (line, column) = crate::error::line_col(text, raw_job.span().start);
             seen_ids
-                .insert(&job.id, (line, column))
+                .insert(&job.id, raw_job.span().start, |offset| {
+                    crate::error::line_col(text, offset)
+                })
                 .map_err(|m| reader.error_at(raw_job.get_ref().id.span(), m))?;
             jobs.push(job);
         }
@@ -694,16 +697,24 @@ fn non_empty(text: &str) -> Option<String> {
 /// The job ids seen so far in one manifest, with where each was.
 #[derive(Default)]
 struct SeenIds {
-    /// Lowercased id → (id as written, line, column).
-    by_lowercase: HashMap<String, (String, u32, u32)>,
+    /// Lowercased id → (id as written, byte offset of its job in the text).
+    by_lowercase: HashMap<String, (String, usize)>,
 }
 
 impl SeenIds {
-    /// Records `id`, refusing one that repeats an earlier id, ignoring letter case (ids
-    /// name files, and some file systems ignore case).
-    fn insert(&mut self, id: &str, (line, column): (u32, u32)) -> Result<(), String> {
+    /// Records `id`, whose job starts at byte `offset`, refusing one that repeats an
+    /// earlier id, ignoring letter case (ids name files, and some file systems ignore
+    /// case). `position` turns an offset into a line and column; it is called only for
+    /// the refusal, as it reads the text from its start.
+    fn insert(
+        &mut self,
+        id: &str,
+        offset: usize,
+        position: impl Fn(usize) -> (u32, u32),
+    ) -> Result<(), String> {
         let key = id.to_ascii_lowercase();
-        if let Some((first, first_line, first_column)) = self.by_lowercase.get(&key) {
+        if let Some((first, first_offset)) = self.by_lowercase.get(&key) {
+            let (first_line, first_column) = position(*first_offset);
             return Err(if first == id {
                 format!(
                     "duplicate job id {}; the first job with it is at line {first_line}, column {first_column}",
@@ -717,7 +728,7 @@ impl SeenIds {
                 )
             });
         }
-        self.by_lowercase.insert(key, (id.to_owned(), line, column));
+        self.by_lowercase.insert(key, (id.to_owned(), offset));
         Ok(())
     }
 }
