@@ -509,8 +509,8 @@ impl ChunkStore for PackChunkStore {
     }
 
     /// Seals the open pack (once there is room) and waits for every pack being
-    /// sealed; the first failure among them is the answer (their chunks are then in no pack: `not_persisted`
-    /// names them).
+    /// sealed; the first failure among them is the answer (their chunks are then in no
+    /// pack: `not_persisted` names them).
     async fn persist(&self) -> Result<(), BlobError> {
         let waits: Vec<_> = {
             let mut open = self.open.lock().await;
@@ -1175,6 +1175,15 @@ mod tests {
         names
     }
 
+    /// `n` frames of `size` random bytes each (seeds 0..n), with their names.
+    fn noise_frames(n: u64, size: usize) -> (Vec<Frame>, Vec<ChunkHash>) {
+        let frames: Vec<Frame> = (0..n)
+            .map(|seed| Frame::encode(&noise(size, seed)))
+            .collect();
+        let hashes = frames.iter().map(|frame| frame.hash).collect();
+        (frames, hashes)
+    }
+
     /// Local packs whose seals fail while `fail` is set, as an object store that went
     /// away would, and wait for a permit of `gate` first, as a slow one would.
     struct ControlledSeals {
@@ -1219,7 +1228,6 @@ mod tests {
         async fn seal(&self) -> Result<(), BlobError> {
             self.gate.acquire().await.expect("the gate").forget();
             if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
-                self.inner.abandon().await;
                 return Err(crate::chunks::lost_with_a_pack(0));
             }
             self.inner.seal().await
@@ -1342,10 +1350,7 @@ mod tests {
     async fn a_full_pack_is_sealed_while_puts_go_on_and_persist_waits_for_the_seal() {
         let dir = tempfile::tempdir().unwrap();
         let (store, gate, _) = gated_store(dir.path());
-        let frames: Vec<Frame> = (0..4)
-            .map(|seed| Frame::encode(&noise(60_000, seed)))
-            .collect();
-        let hashes: Vec<ChunkHash> = frames.iter().map(|f| f.hash).collect();
+        let (frames, hashes) = noise_frames(4, 60_000);
         // Two 60 KB frames fill a 100 KB pack: this put fills one, and returns while
         // it waits to be sealed.
         store.put(frames[..2].to_vec()).await.unwrap();
@@ -1395,10 +1400,7 @@ mod tests {
     async fn a_background_seal_that_fails_is_reported_by_persist_and_its_chunks_asked_again() {
         let dir = tempfile::tempdir().unwrap();
         let (store, gate, fail) = gated_store(dir.path());
-        let frames: Vec<Frame> = (0..2)
-            .map(|seed| Frame::encode(&noise(60_000, seed)))
-            .collect();
-        let hashes: Vec<ChunkHash> = frames.iter().map(|f| f.hash).collect();
+        let (frames, hashes) = noise_frames(2, 60_000);
         fail.store(true, std::sync::atomic::Ordering::SeqCst);
         // The put fills a pack and answers before its seal fails.
         store.put(frames.clone()).await.unwrap();
@@ -1426,10 +1428,7 @@ mod tests {
     async fn chunks_go_into_packs_found_after_persist_and_read_back() {
         let dir = tempfile::tempdir().unwrap();
         let (index, store) = store_in(dir.path(), 200_000);
-        let frames: Vec<Frame> = (0..10)
-            .map(|seed| Frame::encode(&noise(50_000, seed)))
-            .collect();
-        let hashes: Vec<ChunkHash> = frames.iter().map(|f| f.hash).collect();
+        let (frames, hashes) = noise_frames(10, 50_000);
         assert_eq!(store.missing(&hashes).await.unwrap(), hashes);
         let stats = store.put(frames.clone()).await.unwrap();
         assert_eq!(stats.new_chunks, 10);
