@@ -134,10 +134,11 @@ pub trait OpenPack: Send + Sync {
     fn size(&self) -> u64;
     /// Appends `pieces` in order.
     async fn append(&mut self, pieces: Vec<Bytes>) -> Result<(), BlobError>;
-    /// Bytes written so far, by range.
-    async fn read(&self, range: Range<u64>) -> Result<Bytes, BlobError>;
-    /// Makes the pack durable and readable under its name; it stays readable here
-    /// too. Called once, after the last append.
+    /// Bytes written so far, by range; `None` when they are not held here any more
+    /// (sent on to where the pack will rest, and readable there once it is sealed).
+    async fn read(&self, range: Range<u64>) -> Result<Option<Bytes>, BlobError>;
+    /// Makes the pack durable and readable under its name. Called once, after the
+    /// last append.
     async fn seal(&self) -> Result<(), BlobError>;
     /// Gives the pack up; nothing of it is kept.
     async fn abandon(&self);
@@ -323,21 +324,32 @@ impl PackChunkStore {
         }
     }
 
-    /// A chunk's frame as stored, checked to carry its name but not its bytes.
+    /// A chunk's frame as stored, checked to carry its name but not its bytes. A chunk
+    /// whose bytes an open pack sent on already has that pack sealed now, and is read
+    /// from where it rests once the seal is done.
     async fn read_stored(&self, hash: &ChunkHash) -> Result<Frame, BlobError> {
         {
-            let open = self.open.lock().await;
+            let mut open = self.open.lock().await;
             if let Some(current) = open.as_ref() {
                 if let Some(&(offset, len)) = current.chunks.get(hash) {
-                    let bytes = current.pack.read(offset..offset + u64::from(len)).await?;
-                    return parse_frame(hash, current.pack.name(), bytes);
+                    let range = offset..offset + u64::from(len);
+                    if let Some(bytes) = current.pack.read(range).await? {
+                        return parse_frame(hash, current.pack.name(), bytes);
+                    }
+                    self.make_room().await;
+                    self.start_seal(&mut open).await;
                 }
             }
         }
         for sealing in self.sealing_now() {
             if let Some(&(offset, len)) = sealing.chunks.get(hash) {
-                let bytes = sealing.pack.read(offset..offset + u64::from(len)).await?;
-                return parse_frame(hash, sealing.pack.name(), bytes);
+                let range = offset..offset + u64::from(len);
+                if let Some(bytes) = sealing.pack.read(range).await? {
+                    return parse_frame(hash, sealing.pack.name(), bytes);
+                }
+                // Indexed once sealed; not found if the seal failed.
+                let _ = sealed(sealing.done.clone()).await;
+                break;
             }
         }
         let location = self.index.locate(&[*hash]).await?.pop().flatten();
@@ -490,18 +502,17 @@ impl ChunkStore for PackChunkStore {
             stats.new_bytes += u64::from(len);
             let full = offset + u64::from(len) >= target;
             if full {
-                flush_pending(current, &mut pieces, &mut pending).await?;
+                if let Err(err) = flush_pending(current, &mut pieces, &mut pending).await {
+                    give_up(&mut open).await;
+                    return Err(err);
+                }
                 self.make_room().await;
                 self.start_seal(&mut open).await;
             }
         }
         if let Some(current) = open.as_mut() {
             if let Err(err) = flush_pending(current, &mut pieces, &mut pending).await {
-                // The open pack's tail is unknown now: give it up whole; its chunks
-                // are sent again when a commit names them missing.
-                if let Some(current) = open.take() {
-                    current.pack.abandon().await;
-                }
+                give_up(&mut open).await;
                 return Err(err);
             }
         }
@@ -699,6 +710,14 @@ async fn flush_pending(
         current.entries.push(chunk);
     }
     Ok(())
+}
+
+/// Gives the open pack up whole after an append failed (its tail is unknown now):
+/// its chunks are sent again when a commit names them missing.
+async fn give_up(open: &mut Option<Open>) {
+    if let Some(current) = open.take() {
+        current.pack.abandon().await;
+    }
 }
 
 /// What [`ChunkStore::compact`] did.
@@ -909,14 +928,14 @@ impl OpenPack for LocalOpenPack {
         Ok(())
     }
 
-    async fn read(&self, range: Range<u64>) -> Result<Bytes, BlobError> {
+    async fn read(&self, range: Range<u64>) -> Result<Option<Bytes>, BlobError> {
         let file = self.file.clone();
         let part = self.part.clone();
         on_blocking(move || {
             let mut bytes = vec![0u8; (range.end - range.start) as usize];
             file.read_exact_at(&mut bytes, range.start)
                 .map_err(|err| BlobError::io(format!("reading {}", part.display()), err))?;
-            Ok(Bytes::from(bytes))
+            Ok(Some(Bytes::from(bytes)))
         })
         .await
     }
@@ -1222,7 +1241,7 @@ mod tests {
         async fn append(&mut self, pieces: Vec<Bytes>) -> Result<(), BlobError> {
             self.inner.append(pieces).await
         }
-        async fn read(&self, range: Range<u64>) -> Result<Bytes, BlobError> {
+        async fn read(&self, range: Range<u64>) -> Result<Option<Bytes>, BlobError> {
             self.inner.read(range).await
         }
         async fn seal(&self) -> Result<(), BlobError> {

@@ -3,9 +3,10 @@
 //!
 //! [`S3Config`] says where (`s3://BUCKET[/PREFIX]`, an endpoint, a region, a key);
 //! [`S3Config::connect`] opens the bucket. [`S3PackFiles`] keeps packs as objects
-//! `PREFIX/packs/<name>.pack`, each written once with `If-None-Match: *`
-//! (`PutMode::Create`); an open pack is held in memory until it is sealed, so a pack's
-//! target size bounds what it costs. [`S3BlobStore`] keeps build files archives as
+//! `PREFIX/packs/<name>.pack`, each written once: an open pack goes out in parts of a
+//! multipart upload as it fills, so what it holds in memory is a part being sent and
+//! one filling, and its seal completes the upload (a pack smaller than one part is
+//! one `PUT` with `If-None-Match: *`, `PutMode::Create`). [`S3BlobStore`] keeps build files archives as
 //! objects `PREFIX/files/<key>`, streamed in with multipart upload and out by range.
 //!
 //! Every failure to reach the store, or a refusal from it other than "not found", is
@@ -24,16 +25,23 @@ use futures::StreamExt;
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path as ObjectPath;
 use object_store::{
-    ClientOptions, GetOptions, GetRange, ObjectStore, PutMode, PutOptions, PutPayload, RetryConfig,
-    WriteMultipart,
+    ClientOptions, GetOptions, GetRange, MultipartUpload, ObjectStore, PutMode, PutOptions,
+    PutPayload, RetryConfig, WriteMultipart,
 };
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncReadExt;
 
-/// The size an S3 pack is sealed at: held in memory until then.
+/// The size an S3 pack is sealed at.
 pub const S3_PACK_BYTES: u64 = 16 << 20;
+/// The parts a pack is sent in as it fills (S3's smallest but the last's): what an
+/// open pack holds in memory is the part being sent and the one filling.
+pub const S3_PACK_PART_BYTES: u64 = 5 << 20;
+/// Parts of one pack being sent at once. Measured (docs/benchmarks.md): a second
+/// part in flight, or 8 MiB parts, upload 1 GiB about 15 % faster but take the
+/// server's peak memory over 64 MiB.
+const PARTS_IN_FLIGHT: usize = 1;
 /// Parts of a multipart upload of a build files archive.
 const PART_BYTES: usize = 8 << 20;
 
@@ -142,6 +150,7 @@ pub struct S3PackFiles {
     store: Arc<AmazonS3>,
     config: S3Config,
     target_pack_bytes: u64,
+    part_bytes: u64,
 }
 
 impl S3PackFiles {
@@ -151,12 +160,20 @@ impl S3PackFiles {
             store,
             config,
             target_pack_bytes: S3_PACK_BYTES,
+            part_bytes: S3_PACK_PART_BYTES,
         }
     }
 
     /// The same, sealing packs at `bytes`.
     pub fn with_target_pack_bytes(mut self, bytes: u64) -> Self {
         self.target_pack_bytes = bytes.max(1);
+        self
+    }
+
+    /// The same, sending packs in parts of `bytes` (stores other than S3 may allow
+    /// parts smaller than its 5 MiB).
+    pub fn with_part_bytes(mut self, bytes: u64) -> Self {
+        self.part_bytes = bytes.max(1);
         self
     }
 
@@ -173,13 +190,16 @@ impl PackFiles for S3PackFiles {
     async fn begin(&self) -> Result<Box<dyn OpenPack>, BlobError> {
         let name = new_pack_name();
         let path = self.path_of(&name)?;
+        let mut held = Held::default();
+        held.pieces.push_back((0, Bytes::from_static(PACK_MAGIC)));
         Ok(Box::new(S3OpenPack {
             name,
             path,
             store: self.store.clone(),
-            pieces: vec![Bytes::from_static(PACK_MAGIC)],
-            starts: vec![0],
+            part_bytes: self.part_bytes,
             len: PACK_MAGIC.len() as u64,
+            held: std::sync::Mutex::new(held),
+            upload: tokio::sync::Mutex::default(),
         }))
     }
 
@@ -245,15 +265,139 @@ impl PackFiles for S3PackFiles {
     }
 }
 
-/// A pack held in memory until it is sealed as one object.
+/// A pack sent to the store as it fills: once a part's worth of bytes is held, it
+/// goes out as a part of a multipart upload while the next part fills, and the seal
+/// sends the rest and completes the upload. A pack that never fills one part is
+/// stored with one `PUT` (`If-None-Match: *`) at its seal. Bytes are held only until
+/// the store has answered for the part they are in.
 struct S3OpenPack {
     name: String,
     path: ObjectPath,
     store: Arc<AmazonS3>,
-    pieces: Vec<Bytes>,
-    /// Where each piece starts in the pack.
-    starts: Vec<u64>,
+    part_bytes: u64,
     len: u64,
+    /// The bytes not yet answered for: the part being sent, then those filling the
+    /// next. Shared with readers (a pack being sealed is read while its seal runs).
+    held: std::sync::Mutex<Held>,
+    /// The multipart upload; the seal and `abandon` take it over.
+    upload: tokio::sync::Mutex<Upload>,
+}
+
+/// Pieces of a pack from some offset on, each with where it starts.
+#[derive(Default)]
+struct Held {
+    pieces: std::collections::VecDeque<(u64, Bytes)>,
+}
+
+impl Held {
+    /// `range`, if all of it is held.
+    fn read(&self, range: &Range<u64>) -> Option<Bytes> {
+        let first = self.pieces.front()?;
+        if range.start < first.0 {
+            return None;
+        }
+        let mut out = Vec::with_capacity((range.end - range.start) as usize);
+        let at = self
+            .pieces
+            .partition_point(|(start, _)| *start <= range.start)
+            - 1;
+        for (start, piece) in self.pieces.range(at..) {
+            if *start >= range.end {
+                break;
+            }
+            let from = range.start.saturating_sub(*start) as usize;
+            let to = ((range.end - start) as usize).min(piece.len());
+            out.extend_from_slice(&piece[from..to]);
+        }
+        (out.len() as u64 == range.end - range.start).then(|| Bytes::from(out))
+    }
+
+    /// The bytes of `range`, as slices of the pieces held.
+    fn payload(&self, range: &Range<u64>) -> PutPayload {
+        self.pieces
+            .iter()
+            .filter(|(start, piece)| *start < range.end && start + piece.len() as u64 > range.start)
+            .map(|(start, piece)| {
+                let from = range.start.saturating_sub(*start) as usize;
+                let to = ((range.end - start) as usize).min(piece.len());
+                piece.slice(from..to)
+            })
+            .collect()
+    }
+
+    /// Lets go of the pieces wholly before `end`.
+    fn release_before(&mut self, end: u64) {
+        while let Some((start, piece)) = self.pieces.front() {
+            if start + piece.len() as u64 > end {
+                break;
+            }
+            self.pieces.pop_front();
+        }
+    }
+}
+
+/// A pack's multipart upload, begun when its first part is full.
+#[derive(Default)]
+struct Upload {
+    multipart: Option<Box<dyn MultipartUpload>>,
+    /// The parts being sent, oldest first, and where each ends.
+    sending: std::collections::VecDeque<(tokio::task::JoinHandle<object_store::Result<()>>, u64)>,
+    /// Where the next part starts: the bytes before it were handed to the upload.
+    cut: u64,
+}
+
+impl S3OpenPack {
+    fn failed(&self, err: object_store::Error) -> BlobError {
+        unavailable(format!("storing pack {}", self.name), err)
+    }
+
+    /// Waits until at most `in_flight` parts are being sent, letting go of the bytes
+    /// of those sent.
+    async fn parts_sent(&self, upload: &mut Upload, in_flight: usize) -> Result<(), BlobError> {
+        while upload.sending.len() > in_flight {
+            let (sending, end) = upload.sending.pop_front().expect("a part being sent");
+            match sending.await {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => return Err(self.failed(err)),
+                Err(err) => {
+                    return Err(BlobError::io(
+                        format!("storing pack {}", self.name),
+                        std::io::Error::other(err),
+                    ))
+                }
+            }
+            self.held
+                .lock()
+                .expect("a pack's bytes")
+                .release_before(end);
+        }
+        Ok(())
+    }
+
+    /// Sends the bytes from `upload.cut` to `end` as the next part, once the part
+    /// before it is sent.
+    async fn send_part(&self, upload: &mut Upload, end: u64) -> Result<(), BlobError> {
+        self.parts_sent(upload, PARTS_IN_FLIGHT - 1).await?;
+        if upload.multipart.is_none() {
+            let begun = self
+                .store
+                .put_multipart(&self.path)
+                .await
+                .map_err(|err| self.failed(err))?;
+            upload.multipart = Some(begun);
+        }
+        let payload = self
+            .held
+            .lock()
+            .expect("a pack's bytes")
+            .payload(&(upload.cut..end));
+        let multipart = upload.multipart.as_mut().expect("a multipart upload");
+        upload
+            .sending
+            .push_back((tokio::spawn(multipart.put_part(payload)), end));
+        upload.cut = end;
+        Ok(())
+    }
 }
 
 #[async_trait]
@@ -267,48 +411,75 @@ impl OpenPack for S3OpenPack {
     }
 
     async fn append(&mut self, pieces: Vec<Bytes>) -> Result<(), BlobError> {
-        for piece in pieces {
-            self.starts.push(self.len);
-            self.len += piece.len() as u64;
-            self.pieces.push(piece);
+        {
+            let mut held = self.held.lock().expect("a pack's bytes");
+            for piece in pieces {
+                let start = self.len;
+                self.len += piece.len() as u64;
+                held.pieces.push_back((start, piece));
+            }
         }
-        Ok(())
+        let mut upload = std::mem::take(self.upload.get_mut());
+        let mut sent = Ok(());
+        while sent.is_ok() && self.len - upload.cut >= self.part_bytes {
+            let end = upload.cut + self.part_bytes;
+            sent = self.send_part(&mut upload, end).await;
+        }
+        *self.upload.get_mut() = upload;
+        sent
     }
 
-    async fn read(&self, range: Range<u64>) -> Result<Bytes, BlobError> {
+    async fn read(&self, range: Range<u64>) -> Result<Option<Bytes>, BlobError> {
         if range.end > self.len {
             return Err(BlobError::Damaged(format!(
                 "pack {}: range past its end",
                 self.name
             )));
         }
-        let first = self.starts.partition_point(|start| *start <= range.start) - 1;
-        let mut out = Vec::with_capacity((range.end - range.start) as usize);
-        for (piece, start) in self.pieces[first..].iter().zip(&self.starts[first..]) {
-            if *start >= range.end {
-                break;
-            }
-            let from = range.start.saturating_sub(*start) as usize;
-            let to = ((range.end - start) as usize).min(piece.len());
-            out.extend_from_slice(&piece[from..to]);
-        }
-        Ok(Bytes::from(out))
+        Ok(self.held.lock().expect("a pack's bytes").read(&range))
     }
 
     async fn seal(&self) -> Result<(), BlobError> {
-        let payload: PutPayload = self.pieces.iter().cloned().collect();
-        let options = PutOptions {
-            mode: PutMode::Create,
-            ..PutOptions::default()
-        };
-        self.store
-            .put_opts(&self.path, payload, options)
-            .await
-            .map_err(|err| unavailable(format!("storing pack {}", self.name), err))?;
+        let mut upload = self.upload.lock().await;
+        if upload.multipart.is_none() {
+            let payload = self
+                .held
+                .lock()
+                .expect("a pack's bytes")
+                .payload(&(0..self.len));
+            let options = PutOptions {
+                mode: PutMode::Create,
+                ..PutOptions::default()
+            };
+            self.store
+                .put_opts(&self.path, payload, options)
+                .await
+                .map_err(|err| self.failed(err))?;
+        } else {
+            if self.len > upload.cut {
+                self.send_part(&mut upload, self.len).await?;
+            }
+            self.parts_sent(&mut upload, 0).await?;
+            let multipart = upload.multipart.as_mut().expect("a multipart upload");
+            multipart.complete().await.map_err(|err| self.failed(err))?;
+        }
+        // Read from where it rests from now on.
+        self.held.lock().expect("a pack's bytes").pieces.clear();
         Ok(())
     }
 
-    async fn abandon(&self) {}
+    async fn abandon(&self) {
+        let mut upload = self.upload.lock().await;
+        for (sending, _) in upload.sending.drain(..) {
+            sending.abort();
+        }
+        if let Some(mut multipart) = upload.multipart.take() {
+            if let Err(err) = multipart.abort().await {
+                tracing::warn!(pack = %self.name, error = %err, "an abandoned pack's multipart upload could not be aborted; the store's rule for incomplete uploads removes it");
+            }
+        }
+        self.held.lock().expect("a pack's bytes").pieces.clear();
+    }
 }
 
 /// Build files archives as objects.
@@ -415,5 +586,61 @@ impl BlobStore for S3BlobStore {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(err) => Err(unavailable(format!("deleting blob {key}"), err)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Pieces of 3, 4 and 5 bytes from offset 10: bytes 10..22, each its offset's
+    /// value.
+    fn held() -> Held {
+        let mut held = Held::default();
+        let mut start = 10u64;
+        for len in [3u64, 4, 5] {
+            let piece: Vec<u8> = (start..start + len).map(|at| at as u8).collect();
+            held.pieces.push_back((start, Bytes::from(piece)));
+            start += len;
+        }
+        held
+    }
+
+    fn bytes_of(range: Range<u64>) -> Vec<u8> {
+        range.map(|at| at as u8).collect()
+    }
+
+    #[test]
+    fn held_bytes_read_across_pieces_and_not_before_them() {
+        let held = held();
+        assert_eq!(held.read(&(11..20)).as_deref(), Some(&bytes_of(11..20)[..]));
+        assert_eq!(held.read(&(13..17)).as_deref(), Some(&bytes_of(13..17)[..]));
+        assert_eq!(held.read(&(9..12)), None, "byte 9 was let go");
+        assert_eq!(Held::default().read(&(0..1)), None);
+    }
+
+    #[test]
+    fn a_part_is_cut_from_the_pieces_at_any_offsets() {
+        let held = held();
+        for range in [11..20, 10..22, 14..15, 13..17] {
+            let payload: Vec<u8> = held
+                .payload(&range)
+                .iter()
+                .flat_map(|piece| piece.to_vec())
+                .collect();
+            assert_eq!(payload, bytes_of(range.clone()), "part {range:?}");
+        }
+    }
+
+    #[test]
+    fn pieces_are_let_go_only_once_wholly_sent() {
+        let mut held = held();
+        held.release_before(15);
+        assert_eq!(held.read(&(13..14)), Some(Bytes::from(bytes_of(13..14))));
+        held.release_before(17);
+        assert_eq!(held.read(&(16..17)), None);
+        assert_eq!(held.read(&(17..22)).as_deref(), Some(&bytes_of(17..22)[..]));
+        held.release_before(22);
+        assert!(held.pieces.is_empty());
     }
 }

@@ -703,6 +703,10 @@ pub enum BenchWhich {
         /// the SeaweedFS row of the server-memory part.
         #[arg(long)]
         skip_s3: bool,
+        /// Run only these parts, by letter: `--only e` for object storage alone,
+        /// `--only ad` for the fresh image and the server's memory.
+        #[arg(long, value_parser = parse_transfer_parts)]
+        only: Option<String>,
         /// Timed trials of each system.
         #[arg(long, default_value_t = 3)]
         trials: u32,
@@ -740,4 +744,30 @@ pub enum FailoverMode {
     Stop,
     /// The network between client and server stops passing bytes.
     Partition,
+}
+
+/// `--only` of `kiln bench transfer`: letters of parts (a) to (e).
+fn parse_transfer_parts(value: &str) -> Result<String, String> {
+    if value.is_empty() {
+        return Err("name at least one part, a letter from a to e".into());
+    }
+    match value.chars().find(|part| !('a'..='e').contains(part)) {
+        Some(other) => Err(format!(
+            "{other:?} is not a part: the parts are a (fresh image), b (changed image), c (the demo build), d (server memory) and e (object storage)"
+        )),
+        None => Ok(value.to_owned()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transfer_parts_are_letters_a_to_e_and_anything_else_is_named() {
+        assert_eq!(parse_transfer_parts("ade").as_deref(), Ok("ade"));
+        let wrong = parse_transfer_parts("af").unwrap_err();
+        assert!(wrong.contains("'f' is not a part"), "{wrong}");
+        assert!(parse_transfer_parts("").is_err());
+    }
 }

@@ -49,6 +49,8 @@ pub struct Options {
     pub skip_rss: bool,
     /// Leave part (e), object storage, out.
     pub skip_s3: bool,
+    /// Only the parts whose letters this holds, if given.
+    pub only: Option<String>,
     /// Timed trials of each system in parts (a) and (b).
     pub trials: u32,
     /// Where to make the work directory (default: the system's temporary directory).
@@ -111,21 +113,34 @@ async fn bench(options: &Options, work: &Path) -> anyhow::Result<()> {
         load_average()
     );
     println!();
-    let files = make_files(work, options.size_mib).await?;
-    part_a(work, &files, options.trials).await?;
-    part_b(work, &files, options.trials).await?;
-    if options.skip_s3 {
-        eprintln!("transfer: (e) left out (--skip-s3)");
-    } else {
-        part_e(work, &files, options.trials).await?;
+    let wanted = |part: char| options.only.as_ref().is_none_or(|only| only.contains(part));
+    if wanted('a') || wanted('b') || wanted('e') {
+        let files = make_files(work, options.size_mib).await?;
+        if wanted('a') {
+            part_a(work, &files, options.trials).await?;
+        }
+        if wanted('b') {
+            part_b(work, &files, options.trials).await?;
+        }
+        if wanted('e') {
+            if options.skip_s3 {
+                eprintln!("transfer: (e) left out (--skip-s3)");
+            } else {
+                part_e(work, &files, options.trials).await?;
+            }
+        }
+        std::fs::remove_file(&files.base)?;
+        std::fs::remove_file(&files.variant)?;
     }
-    std::fs::remove_file(&files.base)?;
-    std::fs::remove_file(&files.variant)?;
-    part_c(work).await?;
-    if options.skip_rss {
-        eprintln!("transfer: (d) skipped (--skip-rss)");
-    } else {
-        part_d(work, options.rss_size_mib, !options.skip_s3).await?;
+    if wanted('c') {
+        part_c(work).await?;
+    }
+    if wanted('d') {
+        if options.skip_rss {
+            eprintln!("transfer: (d) skipped (--skip-rss)");
+        } else {
+            part_d(work, options.rss_size_mib, !options.skip_s3).await?;
+        }
     }
     println!("load average at the end {}", load_average());
     Ok(())

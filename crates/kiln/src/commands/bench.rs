@@ -103,6 +103,7 @@ async fn run_to_its_end(args: BenchArgs) -> anyhow::Result<ExitCode> {
             rss_size_mib,
             skip_rss,
             skip_s3,
+            only,
             trials,
             work,
         } => {
@@ -111,6 +112,7 @@ async fn run_to_its_end(args: BenchArgs) -> anyhow::Result<ExitCode> {
                 rss_size_mib,
                 skip_rss,
                 skip_s3,
+                only,
                 trials,
                 work,
             };

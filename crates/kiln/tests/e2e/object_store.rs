@@ -5,7 +5,10 @@
 //! In process, on a farm over the S3 backends: images are stored and read back byte
 //! for byte, a similar image sends only what differs, and a store that is down refuses
 //! an upload with 503 (nothing recorded) until it is back, when the same upload
-//! finishes. With real `kiln server --images s3://…` and `kiln client` processes: the
+//! finishes. The pack store over SeaweedFS alone: a pack goes out in parts as it fills
+//! (a chunk of a part sent is read from the pack's object, after a seal), and a store
+//! killed between parts has the pack given up and its chunks asked for again. With
+//! real `kiln server --images s3://…` and `kiln client` processes: the
 //! store stopped in the middle of a job's upload (a body of chunks refused with 503,
 //! `store_unavailable` and `Retry-After`, the server up, no image recorded; the job
 //! finishes under the same attempt once the store is back), and the server SIGKILLed
@@ -318,6 +321,141 @@ async fn an_object_store_stopped_mid_upload_refuses_it_with_503_until_it_is_back
     upload(&farm, "a", &leases[0], "disk.img", &image).await?;
     let back = finish_and_read(&farm, &data, "a", &leases[0], &["first.img", "disk.img"]).await?;
     assert!(back[0] == first && back[1] == image, "both read back whole");
+    Ok(())
+}
+
+/// Frames of `n` random chunks of `size` bytes each (seeded by `seed`).
+fn noise_frames(n: u64, size: usize, seed: u64) -> Vec<Frame> {
+    (0..n)
+        .map(|i| Frame::encode(&kiln_blob::noise::noise(size, seed * 1_000 + i)))
+        .collect()
+}
+
+/// Names of the objects under `farm-a/packs/`.
+async fn pack_objects(bucket: &dyn object_store::ObjectStore) -> anyhow::Result<Vec<String>> {
+    let prefix = object_store::path::Path::from("farm-a/packs");
+    let listed: Vec<_> = bucket.list(Some(&prefix)).collect().await;
+    let mut names = Vec::new();
+    for meta in listed {
+        let name = meta?.location.to_string();
+        if name.ends_with(".pack") {
+            names.push(name);
+        }
+    }
+    Ok(names)
+}
+
+/// A pack goes out to the store in parts as it fills: after 12 MiB of chunks in parts
+/// of 5 MiB (the smallest S3 and SeaweedFS take), no pack object is there yet, and
+/// the bytes of the parts sent are no longer held by the server. Reading a chunk from
+/// a part already sent seals that pack and reads the chunk from its object; the
+/// chunks after it go into a new pack (smaller than a part: one `PUT`), and
+/// everything reads back whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_s3_pack_goes_out_in_parts_as_it_fills_and_a_chunk_of_a_sent_part_is_read_from_its_object(
+) -> anyhow::Result<()> {
+    use kiln_blob::packs::MemoryPackIndex;
+    use kiln_blob::s3::S3PackFiles;
+    use kiln_blob::{ChunkStore, PackChunkStore};
+    let dir = tempfile::tempdir()?;
+    let weed = Seaweed::start(&dir.path().join("weed"));
+    let config = s3_config(&weed);
+    let bucket = config.connect()?;
+    let files = S3PackFiles::new(bucket.clone(), config).with_target_pack_bytes(64 << 20);
+    let store = PackChunkStore::new(Arc::new(files), Arc::new(MemoryPackIndex::default()));
+
+    let first = noise_frames(12, 1 << 20, 1);
+    store.put(first.clone()).await?;
+    assert_eq!(
+        pack_objects(bucket.as_ref()).await?,
+        Vec::<String>::new(),
+        "the pack is not an object until it is sealed"
+    );
+    let read = store.read_frame(&first[0].hash).await?;
+    assert!(read.data == first[0].data, "the first chunk reads back");
+    assert_eq!(
+        pack_objects(bucket.as_ref()).await?.len(),
+        1,
+        "reading a chunk of a sent part sealed its pack"
+    );
+    assert!(
+        store.not_persisted(&[first[11].hash]).await?.is_empty(),
+        "the whole pack was sealed and indexed, its last chunk too"
+    );
+
+    let second = noise_frames(3, 1 << 20, 2);
+    store.put(second.clone()).await?;
+    store.persist().await?;
+    assert_eq!(
+        pack_objects(bucket.as_ref()).await?.len(),
+        2,
+        "the chunks after the seal went into a new pack, stored at the persist"
+    );
+    for frame in first.iter().chain(&second) {
+        let back = store.read_frame(&frame.hash).await?;
+        assert!(back.data == frame.data, "chunk {} reads back", frame.hash);
+    }
+    Ok(())
+}
+
+/// The store killed while parts of an open pack are out: the put that sends the next
+/// part, or the persist, is refused as unavailable; the pack is given up and its chunks
+/// are missing, so they are sent again once the store is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_s3_pack_whose_store_stops_between_parts_is_given_up_and_its_chunks_asked_again(
+) -> anyhow::Result<()> {
+    use kiln_blob::packs::MemoryPackIndex;
+    use kiln_blob::s3::S3PackFiles;
+    use kiln_blob::{BlobError, ChunkStore, PackChunkStore};
+    let dir = tempfile::tempdir()?;
+    let mut weed = Seaweed::start(&dir.path().join("weed"));
+    let config = s3_config(&weed);
+    let bucket = config.connect()?;
+    let files = S3PackFiles::new(bucket.clone(), config).with_target_pack_bytes(64 << 20);
+    let store = PackChunkStore::new(Arc::new(files), Arc::new(MemoryPackIndex::default()));
+
+    let before = noise_frames(8, 1 << 20, 3);
+    store.put(before.clone()).await?;
+    weed.kill();
+    let during = noise_frames(8, 1 << 20, 4);
+    let refused = match store.put(during.clone()).await {
+        Err(err) => err,
+        Ok(_) => store
+            .persist()
+            .await
+            .expect_err("the pack cannot be stored while the store is down"),
+    };
+    assert!(
+        matches!(refused, BlobError::Unavailable { .. }),
+        "refused as unavailable: {refused}"
+    );
+    let hashes: Vec<_> = before
+        .iter()
+        .chain(&during)
+        .map(|frame| frame.hash)
+        .collect();
+    let missing = store.missing(&hashes).await?;
+    assert_eq!(
+        missing.len(),
+        hashes.len(),
+        "every chunk of the pack given up is asked for again"
+    );
+
+    weed.run();
+    store
+        .put(before.iter().chain(&during).cloned().collect())
+        .await?;
+    store.persist().await?;
+    assert!(store.not_persisted(&hashes).await?.is_empty());
+    for frame in before.iter().chain(&during) {
+        let back = store.read_frame(&frame.hash).await?;
+        assert!(back.data == frame.data, "chunk {} reads back", frame.hash);
+    }
+    assert_eq!(
+        pack_objects(bucket.as_ref()).await?.len(),
+        1,
+        "only the pack stored after the store came back is there"
+    );
     Ok(())
 }
 
