@@ -336,6 +336,7 @@ impl PackChunkStore {
                     if let Some(bytes) = current.pack.read(range).await? {
                         return parse_frame(hash, current.pack.name(), bytes);
                     }
+                    tracing::debug!(pack = %current.pack.name(), chunk = %hash, "a chunk whose bytes were sent on is read: its pack is sealed now");
                     self.make_room().await;
                     self.start_seal(&mut open).await;
                 }

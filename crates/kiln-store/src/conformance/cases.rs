@@ -434,6 +434,90 @@ pub async fn one_client_claiming_and_finishing_from_eight_tasks_at_once_never_de
     Ok(())
 }
 
+/// A build's events read page after page (as a stream or the dashboard follows them)
+/// while eight tasks claim and finish its jobs: every event is seen, in order, and none
+/// is skipped. Numbers that committed out of order (a later one visible before an
+/// earlier one) would be passed over by a reader that had moved past them.
+pub async fn a_reader_paging_a_build_s_events_while_its_jobs_change_misses_none<F: StoreFactory>(
+    factory: &F,
+) -> CaseResult {
+    const N_TASKS: usize = 8;
+    const JOBS_EACH: usize = 12;
+    let (_place, store, job_ids) = open_store_with_jobs(factory, N_TASKS * JOBS_EACH).await?;
+    let writing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let reader = {
+        let store = store.clone();
+        let writing = writing.clone();
+        tokio::spawn(async move {
+            let mut seen: Vec<i64> = Vec::new();
+            loop {
+                let last_round = !writing.load(std::sync::atomic::Ordering::SeqCst);
+                let after = seen.last().copied().unwrap_or(0);
+                for event in store.events(BUILD, after).await? {
+                    anyhow::ensure!(
+                        event.seq > seen.last().copied().unwrap_or(0),
+                        "event {} came after {:?}",
+                        event.seq,
+                        seen.last()
+                    );
+                    seen.push(event.seq);
+                }
+                if last_round {
+                    return anyhow::Ok(seen);
+                }
+                tokio::task::yield_now().await;
+            }
+        })
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    for task_idx in 0..N_TASKS {
+        let store = store.clone();
+        let mine: Vec<String> = job_ids
+            .iter()
+            .skip(task_idx)
+            .step_by(N_TASKS)
+            .cloned()
+            .collect();
+        tasks.spawn(async move {
+            for job_id in &mine {
+                let client = format!("client-{task_idx}");
+                let run = claim(&*store, BUILD, job_id, &client, at(1)).await?;
+                let name = format!("{job_id}.img");
+                store
+                    .add_image(BUILD, job_id, &run.lease, &image(&name, at(2)))
+                    .await?;
+                store
+                    .finish(BUILD, job_id, &run.lease, &[name], at(3))
+                    .await?;
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(joined) = tasks.join_next().await {
+        joined??;
+    }
+    writing.store(false, std::sync::atomic::Ordering::SeqCst);
+    let seen = reader.await??;
+    let all: Vec<i64> = store
+        .events(BUILD, 0)
+        .await?
+        .iter()
+        .map(|event| event.seq)
+        .collect();
+    assert_eq!(
+        all.len(),
+        3 * job_ids.len(),
+        "queued, running and finished for every job"
+    );
+    let missed: Vec<&i64> = all.iter().filter(|seq| !seen.contains(seq)).collect();
+    assert!(
+        missed.is_empty(),
+        "the reader passed over events {missed:?} of {}",
+        all.len()
+    );
+    Ok(())
+}
+
 pub async fn lease_calls_with_a_wrong_token_are_refused_and_with_the_current_one_accepted<
     F: StoreFactory,
 >(

@@ -1,6 +1,7 @@
 //! Word between servers sharing one PostgreSQL database: every transaction that writes
 //! an event (a job queued, claimed, ended, taken back) sends `NOTIFY kiln_changes` as
-//! it commits, and each server LISTENs on a connection of its own, so that a job
+//! it commits (a trigger on `events` does, migration 0008, with no round trip of its
+//! own), and each server LISTENs on a connection of its own, so that a job
 //! submitted to one server goes to a client waiting on another at once, and their
 //! dashboards follow each other's changes.
 //!
@@ -8,7 +9,6 @@
 //! back the follower says "changed" anyway, and says so every [`FALLBACK_EVERY`] when
 //! nothing came, so a lost word costs at most that long.
 
-use super::Tx;
 use crate::StoreResult;
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;
@@ -20,15 +20,6 @@ const CHANNEL: &str = "kiln_changes";
 
 /// How often a follower says "changed" when no notification came.
 pub const FALLBACK_EVERY: Duration = Duration::from_secs(5);
-
-/// Sends the notification when `tx` commits.
-pub(super) async fn announce(tx: &mut Tx) -> StoreResult<()> {
-    sqlx::query("SELECT pg_notify($1, '')")
-        .bind(CHANNEL)
-        .execute(&mut **tx)
-        .await?;
-    Ok(())
-}
 
 /// Starts listening (failing if the database cannot be reached now) and returns the
 /// feed; a task forwards notifications until the receiver is dropped.

@@ -287,10 +287,17 @@ fn event_from_row(row: &PgRow) -> StoreResult<Event> {
     })
 }
 
+/// The build `$1`'s event lock, as an SQL expression: a transaction advisory lock.
+macro_rules! event_lock {
+    () => {
+        "pg_advisory_xact_lock(hashtextextended('kiln.events:' || $1, 0))"
+    };
+}
+
 /// Makes the transaction the only one writing events of `build` until it ends, so that
 /// the build's event numbers commit in the order they were given out.
 async fn lock_build_events(tx: &mut Tx, build: &str) -> StoreResult<()> {
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('kiln.events:' || $1, 0))")
+    sqlx::query(concat!("SELECT ", event_lock!()))
         .bind(build)
         .execute(&mut **tx)
         .await?;
@@ -317,11 +324,16 @@ async fn insert_event(
     draft: EventDraft,
 ) -> StoreResult<Event> {
     rules::check_transition(build, job, draft.from, draft.to)?;
-    lock_build_events(tx, build).await?;
-    let seq: i64 = sqlx::query_scalar(
-        "INSERT INTO events (build, job, time, from_state, to_state, client_id, attempt, reason) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING seq",
-    )
+    // One round trip: the build's event lock (as `lock_build_events` takes it), then the
+    // number, drawn in the select list, so after the lock is held. The trigger on
+    // `events` tells other servers on this database when the transaction commits.
+    let seq: i64 = sqlx::query_scalar(concat!(
+        "WITH locked AS (SELECT ",
+        event_lock!(),
+        ") INSERT INTO events (seq, build, job, time, from_state, to_state, client_id, attempt, \
+         reason) SELECT nextval('events_seq_seq'), $1, $2, $3, $4, $5, $6, $7, $8 FROM locked \
+         RETURNING seq"
+    ))
     .bind(build)
     .bind(job)
     .bind(draft.time)
@@ -332,9 +344,6 @@ async fn insert_event(
     .bind(&draft.reason)
     .fetch_one(&mut **tx)
     .await?;
-    // Delivered when the transaction commits (once, however many events it wrote):
-    // other servers on this database look at the queue again.
-    changes::announce(tx).await?;
     let event = draft.into_event(seq, build, job);
     queue_notices(tx, &event).await?;
     Ok(event)

@@ -1,6 +1,5 @@
 //! [`Queue`] on PostgreSQL: builds, jobs, claims, transitions, events and deadlines.
 
-use super::changes::announce;
 use super::{
     apply, event_from_row, is_unique_violation, job_row, job_row_from, job_status_from_row,
     leased_job_row, lock_build_events, lock_events_of, parse_state, queue_notices, unsigned,
@@ -187,8 +186,8 @@ impl Queue for PgStore {
                 queue_notices(&mut tx, &event).await?;
             }
         }
-        // Other servers on this database look at the queue again once this commits.
-        announce(&mut tx).await?;
+        // Other servers on this database look at the queue again once this commits
+        // (the trigger on `events` said so).
         tx.commit().await?;
         Ok(())
     }
