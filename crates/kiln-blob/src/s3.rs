@@ -150,7 +150,6 @@ pub struct S3PackFiles {
     store: Arc<AmazonS3>,
     config: S3Config,
     target_pack_bytes: u64,
-    part_bytes: u64,
 }
 
 impl S3PackFiles {
@@ -160,20 +159,12 @@ impl S3PackFiles {
             store,
             config,
             target_pack_bytes: S3_PACK_BYTES,
-            part_bytes: S3_PACK_PART_BYTES,
         }
     }
 
     /// The same, sealing packs at `bytes`.
     pub fn with_target_pack_bytes(mut self, bytes: u64) -> Self {
         self.target_pack_bytes = bytes.max(1);
-        self
-    }
-
-    /// The same, sending packs in parts of `bytes` (stores other than S3 may allow
-    /// parts smaller than its 5 MiB).
-    pub fn with_part_bytes(mut self, bytes: u64) -> Self {
-        self.part_bytes = bytes.max(1);
         self
     }
 
@@ -196,7 +187,6 @@ impl PackFiles for S3PackFiles {
             name,
             path,
             store: self.store.clone(),
-            part_bytes: self.part_bytes,
             len: PACK_MAGIC.len() as u64,
             held: std::sync::Mutex::new(held),
             upload: tokio::sync::Mutex::default(),
@@ -274,7 +264,6 @@ struct S3OpenPack {
     name: String,
     path: ObjectPath,
     store: Arc<AmazonS3>,
-    part_bytes: u64,
     len: u64,
     /// The bytes not yet answered for: the part being sent, then those filling the
     /// next. Shared with readers (a pack being sealed is read while its seal runs).
@@ -421,8 +410,8 @@ impl OpenPack for S3OpenPack {
         }
         let mut upload = std::mem::take(self.upload.get_mut());
         let mut sent = Ok(());
-        while sent.is_ok() && self.len - upload.cut >= self.part_bytes {
-            let end = upload.cut + self.part_bytes;
+        while sent.is_ok() && self.len - upload.cut >= S3_PACK_PART_BYTES {
+            let end = upload.cut + S3_PACK_PART_BYTES;
             sent = self.send_part(&mut upload, end).await;
         }
         *self.upload.get_mut() = upload;

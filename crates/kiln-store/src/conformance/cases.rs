@@ -386,30 +386,27 @@ pub async fn racing_claims_from_eight_tasks_hand_each_job_to_exactly_one_client<
     Ok(())
 }
 
-/// One client's slots claiming and finishing jobs of one build at the same moment, as a
-/// busy client does: every call succeeds. On PostgreSQL a claim took the build's event
-/// lock before the client's row and a finish the client's row before the event lock,
-/// so the two deadlocked and one of them failed (after a second's wait).
-pub async fn one_client_claiming_and_finishing_from_eight_tasks_at_once_never_deadlocks<
-    F: StoreFactory,
->(
-    factory: &F,
+/// Claims, gives an image to and finishes every job of `job_ids` from `n_tasks` tasks at
+/// once, task `i` taking every `n_tasks`-th job as the client `client_of(i)`.
+async fn claim_and_finish_from_tasks(
+    store: &Arc<dyn Store>,
+    job_ids: &[String],
+    n_tasks: usize,
+    client_of: impl Fn(usize) -> String,
 ) -> CaseResult {
-    const N_TASKS: usize = 8;
-    const JOBS_EACH: usize = 12;
-    let (_place, store, job_ids) = open_store_with_jobs(factory, N_TASKS * JOBS_EACH).await?;
     let mut tasks = tokio::task::JoinSet::new();
-    for task_idx in 0..N_TASKS {
+    for task_idx in 0..n_tasks {
         let store = store.clone();
+        let client = client_of(task_idx);
         let mine: Vec<String> = job_ids
             .iter()
             .skip(task_idx)
-            .step_by(N_TASKS)
+            .step_by(n_tasks)
             .cloned()
             .collect();
         tasks.spawn(async move {
             for job_id in &mine {
-                let run = claim(&*store, BUILD, job_id, "busy-client", at(1)).await?;
+                let run = claim(&*store, BUILD, job_id, &client, at(1)).await?;
                 let name = format!("{job_id}.img");
                 store
                     .add_image(BUILD, job_id, &run.lease, &image(&name, at(2)))
@@ -424,6 +421,22 @@ pub async fn one_client_claiming_and_finishing_from_eight_tasks_at_once_never_de
     while let Some(joined) = tasks.join_next().await {
         joined??;
     }
+    Ok(())
+}
+
+/// One client's slots claiming and finishing jobs of one build at the same moment, as a
+/// busy client does: every call succeeds. On PostgreSQL a claim took the build's event
+/// lock before the client's row and a finish the client's row before the event lock,
+/// so the two deadlocked and one of them failed (after a second's wait).
+pub async fn one_client_claiming_and_finishing_from_eight_tasks_at_once_never_deadlocks<
+    F: StoreFactory,
+>(
+    factory: &F,
+) -> CaseResult {
+    const N_TASKS: usize = 8;
+    const JOBS_EACH: usize = 12;
+    let (_place, store, job_ids) = open_store_with_jobs(factory, N_TASKS * JOBS_EACH).await?;
+    claim_and_finish_from_tasks(&store, &job_ids, N_TASKS, |_| "busy-client".to_owned()).await?;
     let summary = store.build_summary(BUILD).await?;
     assert_eq!(summary.n_finished as usize, job_ids.len());
     let client = client_record(&*store, "busy-client").await?;
@@ -469,33 +482,7 @@ pub async fn a_reader_paging_a_build_s_events_while_its_jobs_change_misses_none<
             }
         })
     };
-    let mut tasks = tokio::task::JoinSet::new();
-    for task_idx in 0..N_TASKS {
-        let store = store.clone();
-        let mine: Vec<String> = job_ids
-            .iter()
-            .skip(task_idx)
-            .step_by(N_TASKS)
-            .cloned()
-            .collect();
-        tasks.spawn(async move {
-            for job_id in &mine {
-                let client = format!("client-{task_idx}");
-                let run = claim(&*store, BUILD, job_id, &client, at(1)).await?;
-                let name = format!("{job_id}.img");
-                store
-                    .add_image(BUILD, job_id, &run.lease, &image(&name, at(2)))
-                    .await?;
-                store
-                    .finish(BUILD, job_id, &run.lease, &[name], at(3))
-                    .await?;
-            }
-            anyhow::Ok(())
-        });
-    }
-    while let Some(joined) = tasks.join_next().await {
-        joined??;
-    }
+    claim_and_finish_from_tasks(&store, &job_ids, N_TASKS, |task| format!("client-{task}")).await?;
     writing.store(false, std::sync::atomic::Ordering::SeqCst);
     let seen = reader.await??;
     let all: Vec<i64> = store

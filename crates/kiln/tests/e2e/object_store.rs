@@ -331,6 +331,22 @@ fn noise_frames(n: u64, size: usize, seed: u64) -> Vec<Frame> {
         .collect()
 }
 
+/// A pack store in `weed`'s bucket with its index in memory, sealing packs at 64 MiB
+/// (so that only a persist or a read seals them here), and the bucket.
+fn s3_pack_store(
+    weed: &Seaweed,
+) -> anyhow::Result<(Arc<object_store::aws::AmazonS3>, kiln_blob::PackChunkStore)> {
+    let config = s3_config(weed);
+    let bucket = config.connect()?;
+    let files =
+        kiln_blob::s3::S3PackFiles::new(bucket.clone(), config).with_target_pack_bytes(64 << 20);
+    let index = kiln_blob::packs::MemoryPackIndex::default();
+    Ok((
+        bucket,
+        kiln_blob::PackChunkStore::new(Arc::new(files), Arc::new(index)),
+    ))
+}
+
 /// Names of the objects under `farm-a/packs/`.
 async fn pack_objects(bucket: &dyn object_store::ObjectStore) -> anyhow::Result<Vec<String>> {
     let prefix = object_store::path::Path::from("farm-a/packs");
@@ -354,15 +370,10 @@ async fn pack_objects(bucket: &dyn object_store::ObjectStore) -> anyhow::Result<
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_s3_pack_goes_out_in_parts_as_it_fills_and_a_chunk_of_a_sent_part_is_read_from_its_object(
 ) -> anyhow::Result<()> {
-    use kiln_blob::packs::MemoryPackIndex;
-    use kiln_blob::s3::S3PackFiles;
-    use kiln_blob::{ChunkStore, PackChunkStore};
+    use kiln_blob::ChunkStore;
     let dir = tempfile::tempdir()?;
     let weed = Seaweed::start(&dir.path().join("weed"));
-    let config = s3_config(&weed);
-    let bucket = config.connect()?;
-    let files = S3PackFiles::new(bucket.clone(), config).with_target_pack_bytes(64 << 20);
-    let store = PackChunkStore::new(Arc::new(files), Arc::new(MemoryPackIndex::default()));
+    let (bucket, store) = s3_pack_store(&weed)?;
 
     let first = noise_frames(12, 1 << 20, 1);
     store.put(first.clone()).await?;
@@ -404,15 +415,10 @@ async fn an_s3_pack_goes_out_in_parts_as_it_fills_and_a_chunk_of_a_sent_part_is_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_s3_pack_whose_store_stops_between_parts_is_given_up_and_its_chunks_asked_again(
 ) -> anyhow::Result<()> {
-    use kiln_blob::packs::MemoryPackIndex;
-    use kiln_blob::s3::S3PackFiles;
-    use kiln_blob::{BlobError, ChunkStore, PackChunkStore};
+    use kiln_blob::{BlobError, ChunkStore};
     let dir = tempfile::tempdir()?;
     let mut weed = Seaweed::start(&dir.path().join("weed"));
-    let config = s3_config(&weed);
-    let bucket = config.connect()?;
-    let files = S3PackFiles::new(bucket.clone(), config).with_target_pack_bytes(64 << 20);
-    let store = PackChunkStore::new(Arc::new(files), Arc::new(MemoryPackIndex::default()));
+    let (bucket, store) = s3_pack_store(&weed)?;
 
     let before = noise_frames(8, 1 << 20, 3);
     store.put(before.clone()).await?;
