@@ -462,12 +462,17 @@ impl OpenPack for S3OpenPack {
         for (sending, _) in upload.sending.drain(..) {
             sending.abort();
         }
-        if let Some(mut multipart) = upload.multipart.take() {
-            if let Err(err) = multipart.abort().await {
-                tracing::warn!(pack = %self.name, error = %err, "an abandoned pack's multipart upload could not be aborted; the store's rule for incomplete uploads removes it");
-            }
-        }
         self.held.lock().expect("a pack's bytes").pieces.clear();
+        // In a task of its own: a store that is down takes its retries to refuse, and
+        // the caller may hold the store's lock.
+        if let Some(mut multipart) = upload.multipart.take() {
+            let name = self.name.clone();
+            tokio::spawn(async move {
+                if let Err(err) = multipart.abort().await {
+                    tracing::warn!(pack = %name, error = %err, "an abandoned pack's multipart upload could not be aborted; the store's rule for incomplete uploads removes it");
+                }
+            });
+        }
     }
 }
 
