@@ -279,6 +279,25 @@ struct Held {
 }
 
 impl Held {
+    /// The slices of the pieces held that make up `range`, in order (only those of
+    /// it that are held).
+    fn slices(&self, range: &Range<u64>) -> impl Iterator<Item = Bytes> + '_ {
+        let first = self
+            .pieces
+            .partition_point(|(start, _)| *start <= range.start)
+            .saturating_sub(1);
+        let range = range.clone();
+        self.pieces
+            .range(first..)
+            .take_while(move |(start, _)| *start < range.end)
+            .filter(move |(start, piece)| start + piece.len() as u64 > range.start)
+            .map(move |(start, piece)| {
+                let from = range.start.saturating_sub(*start) as usize;
+                let to = ((range.end - start) as usize).min(piece.len());
+                piece.slice(from..to)
+            })
+    }
+
     /// `range`, if all of it is held.
     fn read(&self, range: &Range<u64>) -> Option<Bytes> {
         let first = self.pieces.front()?;
@@ -286,32 +305,15 @@ impl Held {
             return None;
         }
         let mut out = Vec::with_capacity((range.end - range.start) as usize);
-        let at = self
-            .pieces
-            .partition_point(|(start, _)| *start <= range.start)
-            - 1;
-        for (start, piece) in self.pieces.range(at..) {
-            if *start >= range.end {
-                break;
-            }
-            let from = range.start.saturating_sub(*start) as usize;
-            let to = ((range.end - start) as usize).min(piece.len());
-            out.extend_from_slice(&piece[from..to]);
+        for slice in self.slices(range) {
+            out.extend_from_slice(&slice);
         }
         (out.len() as u64 == range.end - range.start).then(|| Bytes::from(out))
     }
 
     /// The bytes of `range`, as slices of the pieces held.
     fn payload(&self, range: &Range<u64>) -> PutPayload {
-        self.pieces
-            .iter()
-            .filter(|(start, piece)| *start < range.end && start + piece.len() as u64 > range.start)
-            .map(|(start, piece)| {
-                let from = range.start.saturating_sub(*start) as usize;
-                let to = ((range.end - start) as usize).min(piece.len());
-                piece.slice(from..to)
-            })
-            .collect()
+        self.slices(range).collect()
     }
 
     /// Lets go of the pieces wholly before `end`.
