@@ -64,3 +64,33 @@ fn every_case_written_is_run() {
     assert_eq!(run.len(), sqlite::CASES.len(), "a case listed twice");
     assert_eq!(sqlite::CASES, postgres::CASES);
 }
+
+/// Two stores on one PostgreSQL database, as two servers are: what one writes (a build
+/// submitted, then a job claimed) reaches the other's feed of changes by its
+/// notification, well before the feed's fallback word (every 5 s when none comes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_on_one_postgresql_store_is_told_to_another_following_it() -> anyhow::Result<()> {
+    use kiln_store::conformance::{at, claim, job, new_build, BUILD};
+    use kiln_store::Queue;
+    use std::time::Duration;
+    /// Well under the fallback's 5 s: a word that comes only by the fallback fails.
+    const TOLD_WITHIN: Duration = Duration::from_millis(2500);
+    let url = PgCluster::shared()?.new_database().await?;
+    let writer = PgStore::connect(&url).await?;
+    let follower = PgStore::connect(&url).await?;
+    let mut feed = follower
+        .follow_changes()
+        .await?
+        .expect("a PostgreSQL store has a feed of changes");
+    writer
+        .insert_build(&new_build(BUILD, vec![job("a")], at(0)))
+        .await?;
+    tokio::time::timeout(TOLD_WITHIN, feed.recv())
+        .await
+        .map_err(|_| anyhow::anyhow!("a submitted build was not told within {TOLD_WITHIN:?}"))?;
+    claim(&writer, BUILD, "a", "client-1", at(1)).await?;
+    tokio::time::timeout(TOLD_WITHIN, feed.recv())
+        .await
+        .map_err(|_| anyhow::anyhow!("a claim was not told within {TOLD_WITHIN:?}"))?;
+    Ok(())
+}
