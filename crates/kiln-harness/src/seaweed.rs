@@ -121,6 +121,11 @@ impl Seaweed {
         ]
     }
 
+    /// Its process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Whether it is running (not killed, not exited).
     pub fn is_running(&mut self) -> bool {
         self.child

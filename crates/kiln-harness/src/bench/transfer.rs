@@ -18,6 +18,7 @@
 //! Every process the bench starts listens on 127.0.0.1 only and is killed when the
 //! bench ends, on error too; every file lives in one work directory, removed at the end.
 
+use super::throughput::process_use;
 use crate::farm::Farm;
 use anyhow::Context;
 use kiln_api::Operator;
@@ -278,6 +279,8 @@ async fn part_a(work: &Path, files: &Files, trials: u32) -> anyhow::Result<()> {
     let mut curl = Vec::new();
     let mut curl_synced = Vec::new();
     let mut pack_files = 0;
+    let mut server_cpu = Vec::new();
+    let mut uploader_cpu = Vec::new();
     for trial in 0..=trials {
         let label = if trial == 0 {
             "warm-up".to_owned()
@@ -288,7 +291,16 @@ async fn part_a(work: &Path, files: &Files, trials: u32) -> anyhow::Result<()> {
         let dir = work.join(format!("a-kiln-{trial}"));
         let kiln = Kiln::start(&dir, 1).await?;
         let claim = kiln.claim().await?;
+        let server_pid = kiln.farm.server_pid().context("the kiln server exited")?;
+        let before = (
+            process_use(server_pid)?.cpu_secs,
+            process_use(std::process::id())?.cpu_secs,
+        );
         let (report, wall) = kiln.upload(&claim, &files.base).await?;
+        let cpu = (
+            process_use(server_pid)?.cpu_secs - before.0,
+            process_use(std::process::id())?.cpu_secs - before.1,
+        );
         kiln.stop().await;
         anyhow::ensure!(
             report.size == files.size,
@@ -299,10 +311,12 @@ async fn part_a(work: &Path, files: &Files, trials: u32) -> anyhow::Result<()> {
         let packs = tree_size(&dir.join("server").join("packs"))?;
         remove_dir(&dir)?;
         eprintln!(
-            "transfer: (a) {label}: kiln {:.2} s (uploader {:.2} s), {} pack files",
+            "transfer: (a) {label}: kiln {:.2} s (uploader {:.2} s), {} pack files; CPU: server {:.2} s, uploader {:.2} s",
             wall.as_secs_f64(),
             report.elapsed.as_secs_f64(),
-            packs.files
+            packs.files,
+            cpu.0,
+            cpu.1
         );
         pack_files = packs.files;
 
@@ -314,6 +328,8 @@ async fn part_a(work: &Path, files: &Files, trials: u32) -> anyhow::Result<()> {
         if trial > 0 {
             kiln_wall.push(wall.as_secs_f64());
             kiln_reported.push(report.elapsed.as_secs_f64());
+            server_cpu.push(cpu.0);
+            uploader_cpu.push(cpu.1);
             curl.push(secs);
             curl_synced.push(secs + sync_secs);
         }
@@ -349,6 +365,13 @@ async fn part_a(work: &Path, files: &Files, trials: u32) -> anyhow::Result<()> {
         "kiln stored the image in {pack_files} pack files ({:.1} per GiB); nginx in 1 file",
         pack_files as f64 * 1024.0 / mib
     );
+    server_cpu.sort_by(f64::total_cmp);
+    uploader_cpu.sort_by(f64::total_cmp);
+    println!(
+        "kiln's CPU during the upload (user and system), median: server {:.2} s, uploader {:.2} s",
+        median(&server_cpu),
+        median(&uploader_cpu)
+    );
     println!();
     Ok(())
 }
@@ -357,17 +380,17 @@ async fn part_a(work: &Path, files: &Files, trials: u32) -> anyhow::Result<()> {
 // Part (e): the fresh image into object storage, kiln against boto3.
 
 /// Uploads a file to S3 with boto3's `upload_file` (multipart above 8 MiB, 10 threads:
-/// its defaults), or counts the objects under a prefix; prints seconds, or objects
-/// and bytes.
+/// its defaults), or counts the objects under a prefix; prints the upload's seconds
+/// and the CPU seconds its process used (all threads), or objects and bytes.
 const BOTO3_SCRIPT: &str = r#"import sys, time, boto3
 endpoint, key, secret, bucket, what = sys.argv[1:6]
 s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=key,
                   aws_secret_access_key=secret, region_name="us-east-1")
 if what == "put":
     path, name = sys.argv[6:8]
-    started = time.monotonic()
+    started, cpu = time.monotonic(), time.process_time()
     s3.upload_file(path, bucket, name)
-    print(f"{time.monotonic() - started:.6f}")
+    print(f"{time.monotonic() - started:.6f} {time.process_time() - cpu:.6f}")
 else:
     prefix = sys.argv[6]
     objects = size = 0
@@ -415,8 +438,12 @@ async fn part_e(work: &Path, files: &Files, trials: u32) -> anyhow::Result<()> {
         &credentials,
         format!("aws_access_key_id = {S3_KEY}\naws_secret_access_key = {S3_SECRET}\n"),
     )?;
-    let mut kiln_wall = Vec::new();
-    let mut boto = Vec::new();
+    let weed_cpu = || -> anyhow::Result<f64> {
+        Ok(process_use(weed.pid().context("SeaweedFS exited")?)?.cpu_secs)
+    };
+    let own_cpu = || -> anyhow::Result<f64> { Ok(process_use(std::process::id())?.cpu_secs) };
+    let mut kiln_runs = Vec::new();
+    let mut boto_runs = Vec::new();
     let mut kiln_objects = (0u64, 0u64);
     for trial in 0..=trials {
         let label = if trial == 0 {
@@ -432,7 +459,15 @@ async fn part_e(work: &Path, files: &Files, trials: u32) -> anyhow::Result<()> {
         let dir = work.join(&prefix);
         let kiln = Kiln::start_with(&dir, 1, &server_args).await?;
         let claim = kiln.claim().await?;
+        let server_pid = kiln.farm.server_pid().context("the kiln server exited")?;
+        let before = (weed_cpu()?, process_use(server_pid)?.cpu_secs, own_cpu()?);
         let (report, wall) = kiln.upload(&claim, &files.base).await?;
+        let run = S3Run {
+            wall: wall.as_secs_f64(),
+            store_cpu: weed_cpu()? - before.0,
+            server_cpu: Some(process_use(server_pid)?.cpu_secs - before.1),
+            uploader_cpu: own_cpu()? - before.2,
+        };
         kiln.stop().await;
         anyhow::ensure!(
             report.size == files.size,
@@ -447,12 +482,16 @@ async fn part_e(work: &Path, files: &Files, trials: u32) -> anyhow::Result<()> {
             kiln_objects = (objects, bytes);
         }
         eprintln!(
-            "transfer: (e) {label}: kiln {:.2} s, {} pack objects of {} bytes",
-            wall.as_secs_f64(),
+            "transfer: (e) {label}: kiln {:.2} s, {} pack objects of {} bytes; CPU: SeaweedFS {:.2} s, server {:.2} s, uploader {:.2} s",
+            run.wall,
             kiln_objects.0,
-            kiln_objects.1
+            kiln_objects.1,
+            run.store_cpu,
+            run.server_cpu.unwrap_or_default(),
+            run.uploader_cpu
         );
-        let secs: f64 = boto3(
+        let weed_before = weed_cpu()?;
+        let printed = boto3(
             work,
             &endpoint,
             &[
@@ -461,47 +500,88 @@ async fn part_e(work: &Path, files: &Files, trials: u32) -> anyhow::Result<()> {
                 &format!("e-boto3-{trial}/image.bin"),
             ],
         )
-        .await?
-        .parse()
-        .context("boto3's time")?;
-        eprintln!("transfer: (e) {label}: boto3 upload_file {secs:.2} s");
+        .await?;
+        let mut printed = printed.split_whitespace().map(str::parse::<f64>);
+        let (Some(Ok(secs)), Some(Ok(cpu))) = (printed.next(), printed.next()) else {
+            anyhow::bail!("boto3's script printed no time");
+        };
+        let boto_run = S3Run {
+            wall: secs,
+            store_cpu: weed_cpu()? - weed_before,
+            server_cpu: None,
+            uploader_cpu: cpu,
+        };
+        eprintln!(
+            "transfer: (e) {label}: boto3 upload_file {secs:.2} s; CPU: SeaweedFS {:.2} s, uploader {cpu:.2} s",
+            boto_run.store_cpu
+        );
         if trial > 0 {
-            kiln_wall.push(wall.as_secs_f64());
-            boto.push(secs);
+            kiln_runs.push(run);
+            boto_runs.push(boto_run);
         }
     }
     drop(weed);
     let mib = files.size as f64 / MIB as f64;
     println!(
         "(e) upload of the fresh {} MiB image into SeaweedFS (`weed mini` on loopback), \
-         {trials} trials each, alternating (after one warm-up each)",
+         {trials} trials each, alternating (after one warm-up each); CPU is user and system \
+         time of each process during the upload, the median of the trials",
         files.size / MIB
     );
     println!();
-    println!("| system | median | min | MiB/s at the median | objects per GiB |");
-    println!("|---|---|---|---|---|");
-    for (what, times, objects) in [
+    println!(
+        "| system | median | min | MiB/s at the median | objects per GiB | CPU: SeaweedFS | CPU: kiln server | CPU: uploader | CPU in all / wall |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for (what, runs, objects) in [
         (
             "kiln, `--images s3://` (wall time around the upload call)",
-            &mut kiln_wall,
+            &kiln_runs,
             kiln_objects.0 as f64 * 1024.0 / mib,
         ),
         (
             "boto3 `upload_file` (multipart, 8 MiB parts, 10 threads)",
-            &mut boto,
+            &boto_runs,
             1024.0 / mib,
         ),
     ] {
-        times.sort_by(f64::total_cmp);
-        let median = median(times);
+        let of = |field: fn(&S3Run) -> f64| {
+            let mut values: Vec<f64> = runs.iter().map(field).collect();
+            values.sort_by(f64::total_cmp);
+            values
+        };
+        let walls = of(|run| run.wall);
+        let median_wall = median(&walls);
+        let server = if runs.iter().any(|run| run.server_cpu.is_some()) {
+            format!(
+                "{:.2} s",
+                median(&of(|run| run.server_cpu.unwrap_or_default()))
+            )
+        } else {
+            "—".to_owned()
+        };
         println!(
-            "| {what} | {median:.2} s | {:.2} s | {:.0} | {objects:.1} |",
-            times[0],
-            mib / median
+            "| {what} | {median_wall:.2} s | {:.2} s | {:.0} | {objects:.1} | {:.2} s | {server} | {:.2} s | {:.2} |",
+            walls[0],
+            mib / median_wall,
+            median(&of(|run| run.store_cpu)),
+            median(&of(|run| run.uploader_cpu)),
+            median(&of(|run| {
+                (run.store_cpu + run.server_cpu.unwrap_or_default() + run.uploader_cpu) / run.wall
+            })),
         );
     }
     println!();
     Ok(())
+}
+
+/// One upload of part (e): its wall time and the CPU seconds each process used.
+struct S3Run {
+    wall: f64,
+    store_cpu: f64,
+    /// The kiln server's (none for boto3).
+    server_cpu: Option<f64>,
+    uploader_cpu: f64,
 }
 
 // ---------------------------------------------------------------------------------
