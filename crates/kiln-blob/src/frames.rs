@@ -7,7 +7,7 @@
 //! [`Frame::decode`] checks one against its name. An image's **chunk list** is packed
 //! as 36 bytes a chunk (name, length) by [`pack_chunk_list`].
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 pub use kiln_proto::transfer::{ChunkEntry, ChunkHash};
 
 /// The longest chunk accepted anywhere (the chunker's maximum is 256 KiB).
@@ -222,74 +222,145 @@ fn compress_if_it_pays(chunk: &[u8]) -> Option<Vec<u8>> {
 }
 
 /// Takes frames apart from a byte stream that arrives in arbitrary pieces.
-#[derive(Default)]
+///
+/// Each frame's data is copied once, from the pieces into a buffer of exactly its
+/// length, allocated when its header has been read and checked. Chunks are at most
+/// [`MAX_CHUNK_BYTES`], so these buffers come from the allocator's heap and are used
+/// again as frames are let go, rather than fresh pages for every piece (a buffer
+/// that grew with the stream was mapped anew, page by page, as it grew).
 pub struct FrameReader {
-    buffer: BytesMut,
+    /// The header being read, and how much of it has arrived.
+    header: [u8; FRAME_HEADER_BYTES],
+    header_len: usize,
+    /// The frame whose header was read, while its data arrives.
+    open: Option<OpenFrame>,
+    /// Whole frames not yet taken.
+    ready: std::collections::VecDeque<Frame>,
+    /// What was wrong with the stream, once something was: given after the frames
+    /// before it, and nothing is read after it.
+    error: Option<FrameError>,
+}
+
+/// A frame whose data is arriving.
+struct OpenFrame {
+    hash: ChunkHash,
+    raw_len: u32,
+    encoding: Encoding,
+    data: Vec<u8>,
+    data_len: usize,
 }
 
 impl FrameReader {
     /// A reader that has seen nothing.
     pub fn new() -> Self {
-        Self::default()
+        FrameReader {
+            header: [0; FRAME_HEADER_BYTES],
+            header_len: 0,
+            open: None,
+            ready: std::collections::VecDeque::new(),
+            error: None,
+        }
     }
 
     /// Adds the next piece of the stream.
-    pub fn push(&mut self, bytes: &[u8]) {
-        self.buffer.extend_from_slice(bytes);
+    pub fn push(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() && self.error.is_none() {
+            if let Some(open) = &mut self.open {
+                let n = (open.data_len - open.data.len()).min(bytes.len());
+                open.data.extend_from_slice(&bytes[..n]);
+                bytes = &bytes[n..];
+                if open.data.len() == open.data_len {
+                    let open = self.open.take().expect("a frame being read");
+                    self.ready.push_back(Frame {
+                        hash: open.hash,
+                        raw_len: open.raw_len,
+                        encoding: open.encoding,
+                        data: Bytes::from(open.data),
+                    });
+                }
+                continue;
+            }
+            let n = (FRAME_HEADER_BYTES - self.header_len).min(bytes.len());
+            self.header[self.header_len..self.header_len + n].copy_from_slice(&bytes[..n]);
+            self.header_len += n;
+            bytes = &bytes[n..];
+            if self.header_len == FRAME_HEADER_BYTES {
+                self.header_len = 0;
+                match read_header(&self.header) {
+                    Ok(open) => self.open = Some(open),
+                    Err(err) => self.error = Some(err),
+                }
+            }
+        }
     }
 
     /// The next whole frame, or `None` until more bytes arrive. The header is checked
-    /// here (length bounds, encoding), so a hostile stream cannot make the reader
-    /// buffer more than one frame's worth.
+    /// as soon as it has arrived (length bounds, encoding), so a hostile stream cannot
+    /// make the reader buffer more than one frame's worth.
     pub fn next_frame(&mut self) -> Result<Option<Frame>, FrameError> {
-        if self.buffer.len() < FRAME_HEADER_BYTES {
-            return Ok(None);
+        if let Some(frame) = self.ready.pop_front() {
+            return Ok(Some(frame));
         }
-        let header = &self.buffer[..FRAME_HEADER_BYTES];
-        let hash = ChunkHash(header[..32].try_into().expect("32 bytes"));
-        let raw_len = u32::from_le_bytes(header[32..36].try_into().expect("4 bytes"));
-        let encoding_byte = header[36];
-        let data_len = u32::from_le_bytes(header[37..41].try_into().expect("4 bytes"));
-        if raw_len == 0 || raw_len > MAX_CHUNK_BYTES {
-            return Err(FrameError::BadLength { hash, len: raw_len });
+        match &self.error {
+            Some(err) => Err(err.clone()),
+            None => Ok(None),
         }
-        let encoding = Encoding::from_byte(encoding_byte).ok_or(FrameError::BadEncoding {
-            hash,
-            encoding: encoding_byte,
-        })?;
-        let data_fits = match encoding {
-            Encoding::Raw => data_len == raw_len,
-            Encoding::Zstd => data_len > 0 && data_len <= raw_len + MAX_EXPANSION,
-        };
-        if !data_fits {
-            return Err(FrameError::BadDataLength {
-                hash,
-                raw_len,
-                data_len,
-            });
-        }
-        let total = FRAME_HEADER_BYTES + data_len as usize;
-        if self.buffer.len() < total {
-            self.buffer.reserve(total - self.buffer.len());
-            return Ok(None);
-        }
-        self.buffer.advance(FRAME_HEADER_BYTES);
-        let data = self.buffer.split_to(data_len as usize).freeze();
-        Ok(Some(Frame {
-            hash,
-            raw_len,
-            encoding,
-            data,
-        }))
     }
 
-    /// Checks that the stream ended between frames.
+    /// Checks that the stream ended between frames, and that none was refused.
     pub fn finish(&self) -> Result<(), FrameError> {
-        if self.buffer.is_empty() {
+        if let Some(err) = &self.error {
+            return Err(err.clone());
+        }
+        let left = self.header_len
+            + self
+                .open
+                .as_ref()
+                .map_or(0, |open| FRAME_HEADER_BYTES + open.data.len());
+        if left == 0 {
             Ok(())
         } else {
-            Err(FrameError::Truncated(self.buffer.len()))
+            Err(FrameError::Truncated(left))
         }
+    }
+}
+
+/// Checks a frame's header and makes room for its data.
+fn read_header(header: &[u8; FRAME_HEADER_BYTES]) -> Result<OpenFrame, FrameError> {
+    let hash = ChunkHash(header[..32].try_into().expect("32 bytes"));
+    let raw_len = u32::from_le_bytes(header[32..36].try_into().expect("4 bytes"));
+    let encoding_byte = header[36];
+    let data_len = u32::from_le_bytes(header[37..41].try_into().expect("4 bytes"));
+    if raw_len == 0 || raw_len > MAX_CHUNK_BYTES {
+        return Err(FrameError::BadLength { hash, len: raw_len });
+    }
+    let encoding = Encoding::from_byte(encoding_byte).ok_or(FrameError::BadEncoding {
+        hash,
+        encoding: encoding_byte,
+    })?;
+    let data_fits = match encoding {
+        Encoding::Raw => data_len == raw_len,
+        Encoding::Zstd => data_len > 0 && data_len <= raw_len + MAX_EXPANSION,
+    };
+    if !data_fits {
+        return Err(FrameError::BadDataLength {
+            hash,
+            raw_len,
+            data_len,
+        });
+    }
+    Ok(OpenFrame {
+        hash,
+        raw_len,
+        encoding,
+        data: Vec::with_capacity(data_len as usize),
+        data_len: data_len as usize,
+    })
+}
+
+impl Default for FrameReader {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
@@ -430,6 +501,37 @@ mod tests {
         assert!(matches!(
             reader.next_frame(),
             Err(FrameError::BadEncoding { encoding: 9, .. })
+        ));
+    }
+
+    #[test]
+    fn frames_before_a_refused_one_are_given_then_the_refusal_and_nothing_after() {
+        let mut wire = Vec::new();
+        let good = Frame::encode(&noise(3000, 5));
+        good.write_to(&mut wire);
+        let mut bad = vec![0u8; 32];
+        bad.extend_from_slice(&100u32.to_le_bytes());
+        bad.push(9);
+        bad.extend_from_slice(&100u32.to_le_bytes());
+        wire.extend_from_slice(&bad);
+        Frame::encode(b"after").write_to(&mut wire);
+        let mut reader = FrameReader::new();
+        reader.push(&wire);
+        assert_eq!(reader.next_frame().unwrap().unwrap().hash, good.hash);
+        for _ in 0..2 {
+            assert!(matches!(
+                reader.next_frame(),
+                Err(FrameError::BadEncoding { encoding: 9, .. })
+            ));
+        }
+        reader.push(&wire);
+        assert!(
+            reader.next_frame().is_err(),
+            "nothing is read after a refusal"
+        );
+        assert!(matches!(
+            reader.finish(),
+            Err(FrameError::BadEncoding { .. })
         ));
     }
 

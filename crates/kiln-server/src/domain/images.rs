@@ -41,7 +41,7 @@ const PUT_BATCH_BYTES: usize = 2 << 20;
 /// Bytes of chunks an image keeps that arrived ahead of where its in-order hash is
 /// (another body of the same upload, sent at the same time, is still on its way);
 /// beyond this they are read back from the store when the hash reaches them.
-const HASH_AHEAD_BYTES: usize = 8 << 20;
+const HASH_AHEAD_BYTES: usize = 4 << 20;
 /// Chunks whose pins [`RecentPins`] remembers for one job: a few questions' worth.
 const RECENT_PINS_PER_JOB: usize = 8192;
 /// Decoded chunks a download may hold ahead of the network.
