@@ -452,38 +452,41 @@ impl Queue for PgStore {
         // The lease first: a caller that does not hold the job learns nothing else.
         let mut tx = self.write_tx().await?;
         let row = leased_job_row(&mut tx, build, job, lease).await?;
-        let stored: Vec<String> = sqlx::query_scalar(
-            "SELECT name FROM images WHERE build = $1 AND job = $2 AND lease_token = $3",
+        // Every image row of the job in one read, so that the deletes below are a round
+        // trip only when there is something to delete, and the sum none.
+        let rows: Vec<(String, i64, bool)> = sqlx::query_as(
+            "SELECT name, size, lease_token = $3 FROM images WHERE build = $1 AND job = $2",
         )
         .bind(build)
         .bind(job)
         .bind(lease)
         .fetch_all(&mut *tx)
         .await?;
+        let stored: Vec<String> = rows
+            .iter()
+            .filter(|(_, _, mine)| *mine)
+            .map(|(name, _, _)| name.clone())
+            .collect();
         let unnamed = rules::finish_images(build, job, images, &stored)?;
         // Images of earlier attempts were uploaded under leases that are gone: only
         // what this lease stored and the finish names is the job's output (invariant 4).
-        sqlx::query("DELETE FROM images WHERE build = $1 AND job = $2 AND lease_token != $3")
+        if !unnamed.is_empty() || rows.len() > stored.len() {
+            sqlx::query(
+                "DELETE FROM images WHERE build = $1 AND job = $2 \
+                 AND (lease_token != $3 OR name = ANY($4))",
+            )
             .bind(build)
             .bind(job)
             .bind(lease)
+            .bind(&unnamed)
             .execute(&mut *tx)
             .await?;
-        for name in &unnamed {
-            sqlx::query("DELETE FROM images WHERE build = $1 AND job = $2 AND name = $3")
-                .bind(build)
-                .bind(job)
-                .bind(name)
-                .execute(&mut *tx)
-                .await?;
         }
-        let image_bytes: i64 = sqlx::query_scalar(
-            "SELECT COALESCE(SUM(size), 0)::BIGINT FROM images WHERE build = $1 AND job = $2",
-        )
-        .bind(build)
-        .bind(job)
-        .fetch_one(&mut *tx)
-        .await?;
+        let image_bytes: i64 = rows
+            .iter()
+            .filter(|(name, _, mine)| *mine && !unnamed.contains(name))
+            .map(|(_, size, _)| size)
+            .sum();
         let transition = rules::finish(&row, image_bytes.max(0) as u64, now);
         let event = apply(&mut tx, &row, transition, now).await?;
         tx.commit().await?;
