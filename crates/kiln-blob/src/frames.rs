@@ -224,10 +224,11 @@ fn compress_if_it_pays(chunk: &[u8]) -> Option<Vec<u8>> {
 /// Takes frames apart from a byte stream that arrives in arbitrary pieces.
 ///
 /// Each frame's data is copied once, from the pieces into a buffer of exactly its
-/// length, allocated when its header has been read and checked. Chunks are at most
-/// [`MAX_CHUNK_BYTES`], so these buffers come from the allocator's heap and are used
-/// again as frames are let go, rather than fresh pages for every piece (a buffer
-/// that grew with the stream was mapped anew, page by page, as it grew).
+/// length, allocated when its header has been read and checked. kiln's chunker cuts
+/// chunks of at most 256 KiB, under the size `kiln server` maps on its own, so these
+/// buffers come from the allocator's heap and are used again as frames are let go,
+/// rather than fresh pages for every piece (a buffer that grew with the stream was
+/// mapped anew, page by page, as it grew).
 pub struct FrameReader {
     /// The header being read, and how much of it has arrived.
     header: [u8; FRAME_HEADER_BYTES],
