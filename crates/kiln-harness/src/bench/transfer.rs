@@ -291,16 +291,7 @@ async fn part_a(work: &Path, files: &Files, trials: u32) -> anyhow::Result<()> {
         let dir = work.join(format!("a-kiln-{trial}"));
         let kiln = Kiln::start(&dir, 1).await?;
         let claim = kiln.claim().await?;
-        let server_pid = kiln.farm.server_pid().context("the kiln server exited")?;
-        let before = (
-            process_use(server_pid)?.cpu_secs,
-            process_use(std::process::id())?.cpu_secs,
-        );
-        let (report, wall) = kiln.upload(&claim, &files.base).await?;
-        let cpu = (
-            process_use(server_pid)?.cpu_secs - before.0,
-            process_use(std::process::id())?.cpu_secs - before.1,
-        );
+        let (report, wall, cpu) = kiln.upload_with_cpu(&claim, &files.base).await?;
         kiln.stop().await;
         anyhow::ensure!(
             report.size == files.size,
@@ -315,8 +306,8 @@ async fn part_a(work: &Path, files: &Files, trials: u32) -> anyhow::Result<()> {
             wall.as_secs_f64(),
             report.elapsed.as_secs_f64(),
             packs.files,
-            cpu.0,
-            cpu.1
+            cpu.server,
+            cpu.uploader
         );
         pack_files = packs.files;
 
@@ -328,8 +319,8 @@ async fn part_a(work: &Path, files: &Files, trials: u32) -> anyhow::Result<()> {
         if trial > 0 {
             kiln_wall.push(wall.as_secs_f64());
             kiln_reported.push(report.elapsed.as_secs_f64());
-            server_cpu.push(cpu.0);
-            uploader_cpu.push(cpu.1);
+            server_cpu.push(cpu.server);
+            uploader_cpu.push(cpu.uploader);
             curl.push(secs);
             curl_synced.push(secs + sync_secs);
         }
@@ -438,10 +429,7 @@ async fn part_e(work: &Path, files: &Files, trials: u32) -> anyhow::Result<()> {
         &credentials,
         format!("aws_access_key_id = {S3_KEY}\naws_secret_access_key = {S3_SECRET}\n"),
     )?;
-    let weed_cpu = || -> anyhow::Result<f64> {
-        Ok(process_use(weed.pid().context("SeaweedFS exited")?)?.cpu_secs)
-    };
-    let own_cpu = || -> anyhow::Result<f64> { Ok(process_use(std::process::id())?.cpu_secs) };
+    let weed_cpu = || cpu_secs(weed.pid().context("SeaweedFS exited")?);
     let mut kiln_runs = Vec::new();
     let mut boto_runs = Vec::new();
     let mut kiln_objects = (0u64, 0u64);
@@ -459,14 +447,13 @@ async fn part_e(work: &Path, files: &Files, trials: u32) -> anyhow::Result<()> {
         let dir = work.join(&prefix);
         let kiln = Kiln::start_with(&dir, 1, &server_args).await?;
         let claim = kiln.claim().await?;
-        let server_pid = kiln.farm.server_pid().context("the kiln server exited")?;
-        let before = (weed_cpu()?, process_use(server_pid)?.cpu_secs, own_cpu()?);
-        let (report, wall) = kiln.upload(&claim, &files.base).await?;
+        let weed_before = weed_cpu()?;
+        let (report, wall, cpu) = kiln.upload_with_cpu(&claim, &files.base).await?;
         let run = S3Run {
             wall: wall.as_secs_f64(),
-            store_cpu: weed_cpu()? - before.0,
-            server_cpu: Some(process_use(server_pid)?.cpu_secs - before.1),
-            uploader_cpu: own_cpu()? - before.2,
+            store_cpu: weed_cpu()? - weed_before,
+            server_cpu: Some(cpu.server),
+            uploader_cpu: cpu.uploader,
         };
         kiln.stop().await;
         anyhow::ensure!(
@@ -1051,6 +1038,24 @@ impl Kiln {
         Ok((report, started.elapsed()))
     }
 
+    /// As [`Kiln::upload`], with the CPU the server and this process (the uploader)
+    /// used during the call.
+    async fn upload_with_cpu(
+        &self,
+        claim: &Claim,
+        path: &Path,
+    ) -> anyhow::Result<(UploadReport, Duration, KilnCpu)> {
+        let server = self.farm.server_pid().context("the kiln server exited")?;
+        let uploader = std::process::id();
+        let before = (cpu_secs(server)?, cpu_secs(uploader)?);
+        let (report, wall) = self.upload(claim, path).await?;
+        let cpu = KilnCpu {
+            server: cpu_secs(server)? - before.0,
+            uploader: cpu_secs(uploader)? - before.1,
+        };
+        Ok((report, wall, cpu))
+    }
+
     async fn storage(&self) -> anyhow::Result<StorageStats> {
         self.operator
             .storage()
@@ -1061,6 +1066,17 @@ impl Kiln {
     async fn stop(self) {
         self.farm.stop().await;
     }
+}
+
+/// CPU seconds (user and system) kiln's two ends used during one upload.
+struct KilnCpu {
+    server: f64,
+    uploader: f64,
+}
+
+/// CPU seconds (user and system) process `pid` has used so far.
+fn cpu_secs(pid: u32) -> anyhow::Result<f64> {
+    Ok(process_use(pid)?.cpu_secs)
 }
 
 /// Claims the next job of the benchmark's build.
