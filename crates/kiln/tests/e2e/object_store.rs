@@ -347,6 +347,19 @@ fn s3_pack_store(
     ))
 }
 
+/// Checks that every one of `frames` reads back from `store` as it was put.
+async fn reads_back(
+    store: &kiln_blob::PackChunkStore,
+    frames: impl Iterator<Item = &Frame>,
+) -> anyhow::Result<()> {
+    use kiln_blob::ChunkStore;
+    for frame in frames {
+        let back = store.read_frame(&frame.hash).await?;
+        assert!(back.data == frame.data, "chunk {} reads back", frame.hash);
+    }
+    Ok(())
+}
+
 /// Names of the objects under `farm-a/packs/`.
 async fn pack_objects(bucket: &dyn object_store::ObjectStore) -> anyhow::Result<Vec<String>> {
     let prefix = object_store::path::Path::from("farm-a/packs");
@@ -402,10 +415,7 @@ async fn an_s3_pack_goes_out_in_parts_as_it_fills_and_a_chunk_of_a_sent_part_is_
         2,
         "the chunks after the seal went into a new pack, stored at the persist"
     );
-    for frame in first.iter().chain(&second) {
-        let back = store.read_frame(&frame.hash).await?;
-        assert!(back.data == frame.data, "chunk {} reads back", frame.hash);
-    }
+    reads_back(&store, first.iter().chain(&second)).await?;
     Ok(())
 }
 
@@ -453,10 +463,7 @@ async fn an_s3_pack_whose_store_stops_between_parts_is_given_up_and_its_chunks_a
         .await?;
     store.persist().await?;
     assert!(store.not_persisted(&hashes).await?.is_empty());
-    for frame in before.iter().chain(&during) {
-        let back = store.read_frame(&frame.hash).await?;
-        assert!(back.data == frame.data, "chunk {} reads back", frame.hash);
-    }
+    reads_back(&store, before.iter().chain(&during)).await?;
     assert_eq!(
         pack_objects(bucket.as_ref()).await?.len(),
         1,
