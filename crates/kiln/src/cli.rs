@@ -685,6 +685,10 @@ pub enum BenchWhich {
         /// run, so a database may be used again).
         #[arg(long, value_name = "URL")]
         database: Option<String>,
+        /// Give each build a webhook, so that every job's end also writes its notice
+        /// into the outbox (nothing is delivered: no server runs).
+        #[arg(long)]
+        webhook: bool,
     },
     /// Image transfer: a fresh image against curl -T to nginx, a changed image against
     /// casync and rsync, the demo build's storage, the server's memory during an upload,

@@ -6,8 +6,10 @@
 //! A cycle is what a server does for a trivial job: read the first queued jobs in the
 //! dispatcher's order (`queued_candidates`, 64 at a time, as a dispatch round does),
 //! claim one (its event, the client's history and the lease in one transaction),
-//! record its image under the lease, and finish it (its event, the webhook outbox row
-//! and the client's history in one transaction). `workers` tasks do cycles at once,
+//! record its image under the lease, and finish it (its event and the client's
+//! history in one transaction, and with `--webhook` the notice in the webhook outbox,
+//! which every end of a job of a build with a webhook writes; the build's end notice
+//! with its last job). `workers` tasks do cycles at once,
 //! each taking every `workers`-th job of what it read, as several dispatchers (one per
 //! replica) would; a claim another worker won counts as a lost race, not a cycle.
 
@@ -29,11 +31,20 @@ struct Round {
     cycle_ms: Vec<f64>,
 }
 
+/// Where the builds' webhook points with `--webhook`. Nothing is sent there: the
+/// bench runs no outbox worker.
+const WEBHOOK: &str = "http://127.0.0.1:9/kiln-bench";
+
 /// A build of `n_jobs` trivial jobs, numbered `number`, parsed from its XML as a
-/// submitted one is.
-fn build_of(number: &str, n_jobs: u32) -> anyhow::Result<NewBuild> {
+/// submitted one is; with `webhook`, the build has one.
+fn build_of(number: &str, n_jobs: u32, webhook: bool) -> anyhow::Result<NewBuild> {
+    let notify = if webhook {
+        format!("<NOTIFY>{WEBHOOK}</NOTIFY>\n")
+    } else {
+        String::new()
+    };
     let mut xml = format!(
-        "<SERVER>\n<BUILDNUMBER>{number}</BUILDNUMBER>\n<TITLE>store bench</TITLE>\n<JOBS>\n"
+        "<SERVER>\n<BUILDNUMBER>{number}</BUILDNUMBER>\n<TITLE>store bench</TITLE>\n{notify}<JOBS>\n"
     );
     for idx in 0..n_jobs {
         let _ = writeln!(
@@ -129,9 +140,10 @@ async fn round(
     round_no: u32,
     n_jobs: u32,
     n_workers: u32,
+    webhook: bool,
 ) -> anyhow::Result<Round> {
     let number = format!("store-{}-{round_no}", std::process::id());
-    let build = build_of(&number, n_jobs)?;
+    let build = build_of(&number, n_jobs, webhook)?;
     let inserted = Instant::now();
     store.insert_build(&build).await?;
     let insert_secs = inserted.elapsed().as_secs_f64();
@@ -168,12 +180,13 @@ async fn round(
 
 /// Runs, for each count of `workers` in turn, `rounds` rounds of `n_jobs` jobs on
 /// SQLite (a new file) and, with `database`, on PostgreSQL, alternating; prints the
-/// table.
+/// table. With `webhook`, every build has a webhook.
 pub async fn store(
     n_jobs: u32,
     workers: &[u32],
     rounds: u32,
     database: Option<&str>,
+    webhook: bool,
 ) -> anyhow::Result<bool> {
     anyhow::ensure!(
         !workers.is_empty() && workers.iter().all(|&n| n >= 1),
@@ -189,7 +202,7 @@ pub async fn store(
     }
     // A warm-up round on each, not counted.
     for (backend, store) in &stores {
-        round(store, backend, 0, n_jobs.min(500), workers[0]).await?;
+        round(store, backend, 0, n_jobs.min(500), workers[0], webhook).await?;
     }
     let mut results = Vec::new();
     let mut jobs_before = n_jobs.min(500);
@@ -199,7 +212,7 @@ pub async fn store(
         for _ in 0..rounds {
             round_no += 1;
             for (backend, store) in &stores {
-                let result = round(store, backend, round_no, n_jobs, n_workers).await?;
+                let result = round(store, backend, round_no, n_jobs, n_workers, webhook).await?;
                 eprintln!(
                     "store: {backend} round {round_no}, {n_workers} workers: {} cycles in {:.2} s",
                     result.cycles, result.secs
@@ -212,8 +225,9 @@ pub async fn store(
     }
     let counts: Vec<String> = workers.iter().map(u32::to_string).collect();
     println!(
-        "store: claim-and-finish cycles of {n_jobs} jobs a round, {rounds} rounds of each backend alternating for each count of workers ({})",
-        counts.join(", ")
+        "store: claim-and-finish cycles of {n_jobs} jobs a round, {rounds} rounds of each backend alternating for each count of workers ({}){}",
+        counts.join(", "),
+        if webhook { "; each build has a webhook" } else { "" }
     );
     println!("| backend | workers | round | jobs in the store before | insert | cycles/s | cycle p50 | cycle p99 | lost races |");
     println!("|---|---|---|---|---|---|---|---|---|");

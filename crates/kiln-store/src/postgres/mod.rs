@@ -367,15 +367,16 @@ async fn queue_notices(tx: &mut Tx, event: &Event) -> StoreResult<()> {
         return Ok(());
     }
     let mut notices: Vec<_> = rules::job_notice(event).into_iter().collect();
-    let n_open: i64 = sqlx::query_scalar(
-        "SELECT COUNT(*) FROM jobs WHERE build = $1 AND state IN ('queued', 'running')",
+    // One entry of `jobs_open`, however large the build.
+    let open: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM jobs WHERE build = $1 AND state IN ('queued', 'running'))",
     )
     .bind(&event.build)
     .fetch_one(&mut **tx)
     .await?;
     // Announce the build's end once per time it ends: not again for each job of a
     // batch that ends together, but again after a restart reopened it.
-    let announced = n_open == 0 && {
+    let announced = !open && {
         let last_reopen: Option<i64> = sqlx::query_scalar(
             "SELECT MAX(seq) FROM events WHERE build = $1 AND to_state = 'queued'",
         )
@@ -392,7 +393,7 @@ async fn queue_notices(tx: &mut Tx, event: &Event) -> StoreResult<()> {
         .await?;
         done.is_some()
     };
-    if n_open == 0 && !announced {
+    if !open && !announced {
         let counts = sqlx::query(
             "SELECT COUNT(*) AS n_jobs, COUNT(*) FILTER (WHERE state = 'finished') AS n_finished \
              FROM jobs WHERE build = $1",

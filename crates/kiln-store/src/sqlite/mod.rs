@@ -354,6 +354,11 @@ fn insert_event(
     Ok(event)
 }
 
+/// One job of a build still queued or running, if any: one entry of the `jobs_open`
+/// index, however large the build (a count read every job of it, at every job's end).
+const OPEN_JOB_OF_BUILD: &str =
+    "SELECT 1 FROM jobs WHERE build = ? AND state IN ('queued', 'running') LIMIT 1";
+
 /// Writes the webhook notices an event calls for into the outbox, in the event's
 /// transaction: the job's end and, when it was the build's last job still queued or
 /// running, the build's.
@@ -374,15 +379,10 @@ fn queue_notices(conn: &Connection, event: &Event) -> StoreResult<()> {
         return Ok(());
     }
     let mut notices: Vec<_> = rules::job_notice(event).into_iter().collect();
-    let n_open: i64 = scalar(
-        conn,
-        "SELECT COUNT(*) FROM jobs WHERE build = ? AND state IN ('queued', 'running')",
-        [&event.build],
-    )?
-    .unwrap_or(0);
+    let open = scalar::<i64>(conn, OPEN_JOB_OF_BUILD, [&event.build])?.is_some();
     // Announce the build's end once per time it ends: not again for each job of a
     // batch that ends together, but again after a restart reopened it.
-    let announced = n_open == 0 && {
+    let announced = !open && {
         let last_reopen: Option<i64> = scalar::<Option<i64>>(
             conn,
             "SELECT MAX(seq) FROM events WHERE build = ? AND to_state = 'queued'",
@@ -397,7 +397,7 @@ fn queue_notices(conn: &Connection, event: &Event) -> StoreResult<()> {
         )?;
         done.is_some()
     };
-    if n_open == 0 && !announced {
+    if !open && !announced {
         let (n_jobs, n_finished) = first(
             conn,
             "SELECT COUNT(*) AS n_jobs, COALESCE(SUM(state = 'finished'), 0) AS n_finished \
@@ -429,4 +429,27 @@ fn queue_notices(conn: &Connection, event: &Event) -> StoreResult<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn whether_a_build_has_an_open_job_is_read_from_the_open_jobs_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("kiln.db"))
+            .await
+            .unwrap();
+        let plan = store
+            .db
+            .read(|conn| {
+                let mut statement =
+                    conn.prepare(&format!("EXPLAIN QUERY PLAN {OPEN_JOB_OF_BUILD}"))?;
+                let details = statement.query_map(["b1"], |row| row.get::<_, String>(3))?;
+                Ok(details.collect::<Result<Vec<_>, _>>()?)
+            })
+            .unwrap();
+        assert_eq!(plan, ["SEARCH jobs USING INDEX jobs_open (build=?)"]);
+    }
 }

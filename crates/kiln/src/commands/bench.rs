@@ -70,7 +70,11 @@ async fn run_to_its_end(args: BenchArgs) -> anyhow::Result<ExitCode> {
             workers,
             rounds,
             database,
-        } => kiln_harness::bench::store::store(jobs, &workers, rounds, database.as_deref()).await?,
+            webhook,
+        } => {
+            kiln_harness::bench::store::store(jobs, &workers, rounds, database.as_deref(), webhook)
+                .await?
+        }
         BenchWhich::Reattach {
             clients,
             trials,
