@@ -29,11 +29,18 @@ struct Round {
     lost_races: u64,
     secs: f64,
     cycle_ms: Vec<f64>,
+    /// With `--webhook`: one read of the due notices after the round, with every
+    /// notice the store holds still pending (no server delivers them).
+    due_read: Option<(usize, f64)>,
 }
 
 /// Where the builds' webhook points with `--webhook`. Nothing is sent there: the
 /// bench runs no outbox worker.
 const WEBHOOK: &str = "http://127.0.0.1:9/kiln-bench";
+
+/// Due notices read at once, as the server's notifier reads them (`DUE_PAGE` in
+/// `kiln-server`'s `domain/notices.rs`).
+const DUE_PAGE: u32 = 256;
 
 /// A build of `n_jobs` trivial jobs, numbered `number`, parsed from its XML as a
 /// submitted one is; with `webhook`, the build has one.
@@ -166,6 +173,15 @@ async fn round(
         summary.n_finished
     );
     cycle_ms.sort_by(|a, b| a.total_cmp(b));
+    let due_read = if webhook {
+        let started = Instant::now();
+        let due = store
+            .due_notifications(kiln_common::now_micros(), DUE_PAGE)
+            .await?;
+        Some((due.len(), started.elapsed().as_secs_f64() * 1000.0))
+    } else {
+        None
+    };
     Ok(Round {
         backend,
         workers: n_workers,
@@ -175,6 +191,7 @@ async fn round(
         lost_races,
         secs,
         cycle_ms,
+        due_read,
     })
 }
 
@@ -229,11 +246,20 @@ pub async fn store(
         counts.join(", "),
         if webhook { "; each build has a webhook" } else { "" }
     );
-    println!("| backend | workers | round | jobs in the store before | insert | cycles/s | cycle p50 | cycle p99 | lost races |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    let (due_head, due_rule) = if webhook {
+        (" read of the due notices, all still pending |", "---|")
+    } else {
+        ("", "")
+    };
+    println!("| backend | workers | round | jobs in the store before | insert | cycles/s | cycle p50 | cycle p99 | lost races |{due_head}");
+    println!("|---|---|---|---|---|---|---|---|---|{due_rule}");
     for (result, before) in results.iter().zip(befores) {
+        let due = result
+            .due_read
+            .map(|(n, ms)| format!(" {ms:.2} ms ({n} read) |"))
+            .unwrap_or_default();
         println!(
-            "| {} | {} | {} | {before} | {:.2} s | {:.0} | {:.2} ms | {:.2} ms | {} |",
+            "| {} | {} | {} | {before} | {:.2} s | {:.0} | {:.2} ms | {:.2} ms | {} |{due}",
             result.backend,
             result.workers,
             result.round,

@@ -435,21 +435,38 @@ fn queue_notices(conn: &Connection, event: &Event) -> StoreResult<()> {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn whether_a_build_has_an_open_job_is_read_from_the_open_jobs_index() {
+    /// The steps of SQLite's plan for `query` (with `params`), in a new store.
+    async fn plan(query: &'static str, params: &'static [&'static str]) -> Vec<String> {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("kiln.db"))
             .await
             .unwrap();
-        let plan = store
+        store
             .db
             .read(|conn| {
-                let mut statement =
-                    conn.prepare(&format!("EXPLAIN QUERY PLAN {OPEN_JOB_OF_BUILD}"))?;
-                let details = statement.query_map(["b1"], |row| row.get::<_, String>(3))?;
+                let mut statement = conn.prepare(&format!("EXPLAIN QUERY PLAN {query}"))?;
+                let details = statement.query_map(rusqlite::params_from_iter(params), |row| {
+                    row.get::<_, String>(3)
+                })?;
                 Ok(details.collect::<Result<Vec<_>, _>>()?)
             })
-            .unwrap();
-        assert_eq!(plan, ["SEARCH jobs USING INDEX jobs_open (build=?)"]);
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn whether_a_build_has_an_open_job_is_read_from_the_open_jobs_index() {
+        assert_eq!(
+            plan(OPEN_JOB_OF_BUILD, &["b1"]).await,
+            ["SEARCH jobs USING INDEX jobs_open (build=?)"]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_urls_oldest_pending_notice_is_read_from_the_pending_notices_index() {
+        let steps = plan(outbox::DUE, &["0", "64"]).await;
+        assert!(
+            steps.contains(&"SEARCH o USING INDEX notifications_pending (url=?)".to_owned()),
+            "{steps:?}"
+        );
     }
 }

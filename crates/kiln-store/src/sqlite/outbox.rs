@@ -5,29 +5,26 @@ use crate::{Notification, Outbox, StoreResult};
 use async_trait::async_trait;
 use rusqlite::Connection;
 
+/// Every pending notice of a URL whose oldest pending notice is due: a URL gets its
+/// notices in order, and later ones wait while an earlier one is being retried. Each
+/// URL's oldest pending notice is one entry of `notifications_pending`.
+pub(super) const DUE: &str = "SELECT id, build, url, body, attempts FROM notifications n \
+     WHERE delivered_at IS NULL AND gave_up_at IS NULL \
+     AND (SELECT o.next_attempt_at FROM notifications o WHERE o.url = n.url \
+          AND o.delivered_at IS NULL AND o.gave_up_at IS NULL ORDER BY o.id LIMIT 1) <= ? \
+     ORDER BY id LIMIT ?";
+
 /// The due notices (see [`Outbox::due_notifications`]).
 fn due(conn: &Connection, now: i64, limit: u32) -> StoreResult<Vec<Notification>> {
-    collect(
-        conn,
-        // Every pending notice of a URL whose oldest pending notice is due: a URL
-        // gets its notices in order, and later ones wait while an earlier one is
-        // being retried.
-        "SELECT id, build, url, body, attempts FROM notifications n \
-         WHERE delivered_at IS NULL AND gave_up_at IS NULL \
-         AND (SELECT o.next_attempt_at FROM notifications o WHERE o.url = n.url \
-              AND o.delivered_at IS NULL AND o.gave_up_at IS NULL ORDER BY o.id LIMIT 1) <= ? \
-         ORDER BY id LIMIT ?",
-        [now, i64::from(limit)],
-        |row| {
-            Ok(Notification {
-                id: row.get("id")?,
-                build: row.get("build")?,
-                url: row.get("url")?,
-                body: row.get("body")?,
-                attempts: row.get::<_, i64>("attempts")? as u32,
-            })
-        },
-    )
+    collect(conn, DUE, [now, i64::from(limit)], |row| {
+        Ok(Notification {
+            id: row.get("id")?,
+            build: row.get("build")?,
+            url: row.get("url")?,
+            body: row.get("body")?,
+            attempts: row.get::<_, i64>("attempts")? as u32,
+        })
+    })
 }
 
 #[async_trait]
