@@ -667,6 +667,10 @@ pub enum BenchWhich {
         /// starts) sharing a SeaweedFS the run starts.
         #[arg(long, default_value_t = 1)]
         replicas: u32,
+        /// Give the build a webhook on a loopback port where nothing listens, so that
+        /// its notices stay pending and are retried, as while a receiver is down.
+        #[arg(long)]
+        webhook_down: bool,
     },
     /// Claim-and-finish cycles per second of the job store alone (no HTTP, no
     /// clients), on SQLite and, given a database, on PostgreSQL, alternating.

@@ -62,10 +62,25 @@ pub fn write_build(
     install: &str,
     image: &str,
 ) -> anyhow::Result<()> {
+    write_build_notifying(dir, number, n_jobs, install, image, None)
+}
+
+/// As [`write_build`], the build with a webhook at `notify`.
+pub fn write_build_notifying(
+    dir: &Path,
+    number: &str,
+    n_jobs: u32,
+    install: &str,
+    image: &str,
+    notify: Option<&str>,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
     std::fs::write(dir.join("install.sh"), install)?;
     std::fs::write(dir.join("image.sh"), image)?;
-    let mut xml = format!("<SERVER>\n  <BUILDNUMBER>{number}</BUILDNUMBER>\n  <TITLE>bench {number}</TITLE>\n  <JOBS>\n");
+    let notify = notify
+        .map(|url| format!("  <NOTIFY>{url}</NOTIFY>\n"))
+        .unwrap_or_default();
+    let mut xml = format!("<SERVER>\n  <BUILDNUMBER>{number}</BUILDNUMBER>\n  <TITLE>bench {number}</TITLE>\n{notify}  <JOBS>\n");
     for idx in 0..n_jobs {
         xml.push_str(&format!(
             "    <JOB ID=\"j{idx:03}\">\n      <CONFIGTYPE>BENCH</CONFIGTYPE>\n      <INSTALLSCRIPT>install.sh</INSTALLSCRIPT>\n      <IMAGESCRIPT>image.sh</IMAGESCRIPT>\n      <TIMEOUT>600</TIMEOUT>\n    </JOB>\n"

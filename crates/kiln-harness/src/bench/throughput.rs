@@ -6,7 +6,7 @@
 //! what is measured is the farm's own cost per job: submit, dispatch, claim,
 //! heartbeat-free short runs, the image's upload and commit, finish and events.
 
-use super::write_build;
+use super::{write_build, write_build_notifying};
 use crate::farm::Farm;
 use anyhow::Context;
 use kiln_api::Operator;
@@ -60,13 +60,15 @@ pub(crate) fn process_use(pid: u32) -> anyhow::Result<ProcessUse> {
 /// SQLite under the server's data directory or in the PostgreSQL `database`. With
 /// `replicas` (2 or more) the farm is that many servers on `database` (or a PostgreSQL
 /// started here) sharing a SeaweedFS started here; each client is given every
-/// replica's URL, starting with one of its own, and the CPU is every replica's.
+/// replica's URL, starting with one of its own, and the CPU is every replica's. With
+/// `webhook_down`, the build has a webhook on a loopback port where nothing listens.
 pub async fn throughput(
     n_jobs: u32,
     n_clients: u32,
     slots: u32,
     database: Option<&str>,
     replicas: u32,
+    webhook_down: bool,
 ) -> anyhow::Result<bool> {
     let temp = tempfile::Builder::new().prefix("kiln-bench-").tempdir()?;
     let mut server_args = vec!["--max-jobs-per-build", "100000"];
@@ -115,7 +117,24 @@ pub async fn throughput(
     let (cpu_before, _) = use_of(&pids)?;
     let number = format!("tp-{run}");
     let build_dir = temp.path().join("build");
-    write_build(&build_dir, &number, n_jobs, "true\n", IMAGE_SCRIPT)?;
+    let webhook = if webhook_down {
+        // A port taken from the system and let go again: nothing listens there, so
+        // every delivery is refused and retried later.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        Some(format!("http://127.0.0.1:{port}/build-done"))
+    } else {
+        None
+    };
+    write_build_notifying(
+        &build_dir,
+        &number,
+        n_jobs,
+        "true\n",
+        IMAGE_SCRIPT,
+        webhook.as_deref(),
+    )?;
     operator
         .submit(&build_dir.join("relbuild.xml"), &build_dir)
         .await?;
@@ -165,7 +184,12 @@ pub async fn throughput(
         "one server".to_owned()
     };
     println!(
-        "{n_jobs} trivial jobs on {n_clients} clients x {slots} slots, {servers}, state in {store}"
+        "{n_jobs} trivial jobs on {n_clients} clients x {slots} slots, {servers}, state in {store}{}",
+        if webhook_down {
+            ", a webhook that is down"
+        } else {
+            ""
+        }
     );
     println!("| jobs | jobs/s | server CPU per job (all servers) | server peak RSS (largest) | all finished |");
     println!("|---|---|---|---|---|");

@@ -64,7 +64,18 @@ async fn run_to_its_end(args: BenchArgs) -> anyhow::Result<ExitCode> {
             slots,
             database,
             replicas,
-        } => throughput::throughput(jobs, clients, slots, database.as_deref(), replicas).await?,
+            webhook_down,
+        } => {
+            throughput::throughput(
+                jobs,
+                clients,
+                slots,
+                database.as_deref(),
+                replicas,
+                webhook_down,
+            )
+            .await?
+        }
         BenchWhich::Store {
             jobs,
             workers,
