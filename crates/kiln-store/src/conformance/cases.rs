@@ -447,6 +447,93 @@ pub async fn one_client_claiming_and_finishing_from_eight_tasks_at_once_never_de
     Ok(())
 }
 
+/// Two clients' overdue jobs taken back in one transaction (the reaper) while those
+/// clients claim and finish other jobs of the build, round after round: every call
+/// succeeds. A change of several jobs counts several clients and writes events of their
+/// builds; if it took the event lock and the clients' rows in another order than a
+/// single job's change does, each could hold what the other waits for (on PostgreSQL a
+/// deadlock, which fails one of them after a second's wait).
+pub async fn reaping_clients_overdue_jobs_while_they_claim_and_finish_never_deadlocks<
+    F: StoreFactory,
+>(
+    factory: &F,
+) -> CaseResult {
+    const ROUNDS: usize = 20;
+    const CLIENTS: [&str; 2] = ["client-a", "client-b"];
+    const OVERDUE_EACH: usize = 2;
+    const WORK_EACH: usize = 3;
+    let per_round = CLIENTS.len() * (OVERDUE_EACH + WORK_EACH);
+    let (_place, store, job_ids) = open_store_with_jobs(factory, ROUNDS * per_round).await?;
+    for (round, jobs) in job_ids.chunks(per_round).enumerate() {
+        let start = 100 * round as i64;
+        let (overdue, work) = jobs.split_at(CLIENTS.len() * OVERDUE_EACH);
+        // Each client holds OVERDUE_EACH jobs whose one-second leases run out before
+        // the reaper looks.
+        for (idx, job_id) in overdue.iter().enumerate() {
+            let client = ClaimingClient::with_id(CLIENTS[idx % CLIENTS.len()]);
+            store
+                .claim(BUILD, job_id, &client, at(start + 1), at(start))
+                .await?
+                .with_context(|| format!("{job_id} was not claimed"))?;
+        }
+        let now = at(start + 10);
+        let mut tasks = tokio::task::JoinSet::new();
+        for (idx, client) in CLIENTS.iter().enumerate() {
+            let store = store.clone();
+            let mine: Vec<String> = work
+                .iter()
+                .skip(idx)
+                .step_by(CLIENTS.len())
+                .cloned()
+                .collect();
+            tasks.spawn(async move {
+                for job_id in &mine {
+                    let run = claim(&*store, BUILD, job_id, client, now).await?;
+                    let name = format!("{job_id}.img");
+                    store
+                        .add_image(BUILD, job_id, &run.lease, &image(&name, now))
+                        .await?;
+                    store
+                        .finish(BUILD, job_id, &run.lease, &[name], now)
+                        .await?;
+                }
+                anyhow::Ok(0)
+            });
+        }
+        let reaper = store.clone();
+        tasks.spawn(async move { Ok(reaper.reap_leases(now, 600).await?.len()) });
+        let mut taken_back = 0;
+        while let Some(joined) = tasks.join_next().await {
+            taken_back += joined??;
+        }
+        assert_eq!(
+            taken_back,
+            overdue.len(),
+            "jobs taken back in round {round}"
+        );
+    }
+    let summary = store.build_summary(BUILD).await?;
+    assert_eq!(
+        summary.n_finished as usize,
+        ROUNDS * CLIENTS.len() * WORK_EACH
+    );
+    assert_eq!(
+        summary.n_queued as usize,
+        ROUNDS * CLIENTS.len() * OVERDUE_EACH
+    );
+    for client in CLIENTS {
+        let record = client_record(&*store, client).await?;
+        let work = (ROUNDS * WORK_EACH) as u64;
+        let overdue = (ROUNDS * OVERDUE_EACH) as u64;
+        assert_eq!(
+            tally(&record),
+            (work + overdue, work, 0, overdue),
+            "{client}"
+        );
+    }
+    Ok(())
+}
+
 /// A build's events read page after page (as a stream or the dashboard follows them)
 /// while eight tasks claim and finish its jobs: every event is seen, in order, and none
 /// is skipped. Numbers that committed out of order (a later one visible before an

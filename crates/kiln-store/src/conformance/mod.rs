@@ -121,6 +121,7 @@ macro_rules! conformance_tests {
             multi_thread [
                 racing_claims_from_eight_tasks_hand_each_job_to_exactly_one_client,
                 one_client_claiming_and_finishing_from_eight_tasks_at_once_never_deadlocks,
+                reaping_clients_overdue_jobs_while_they_claim_and_finish_never_deadlocks,
                 a_reader_paging_a_build_s_events_while_its_jobs_change_misses_none,
             ]
         }

@@ -15,11 +15,16 @@
 //! job), numbers commit in order.
 //!
 //! Locks are taken in one order, so that no two transactions wait on each other in a
-//! cycle: job rows (several in (build, pk) order), then builds' event locks (several in
-//! build order, all before anything else: [`lock_events_of`]), then clients' rows (a
-//! client's counters and contact). A claim that took the event lock before its client's
-//! row and a finish that updated its client's row before the event lock deadlocked,
-//! each time costing PostgreSQL's `deadlock_timeout` (1 s) and the call.
+//! cycle: job rows (several in (build, pk) order), then clients' rows (a client's
+//! counters and contact; several in id order: [`lock_clients_of`]), then builds' event
+//! locks (several in build order: [`lock_events_of`]). A claim that took the event lock
+//! before its client's row and a finish that updated its client's row before the event
+//! lock deadlocked, each time costing PostgreSQL's `deadlock_timeout` (1 s) and the call.
+//!
+//! The event lock comes last because every change of a build waits for it, and it is
+//! held until the commit (and its WAL flush) is done: a transaction takes it with the
+//! statement that writes its event ([`insert_event`]), which also reads the build's
+//! webhooks, and then only writes the notices, if any, before committing.
 //!
 //! One module per area, as for SQLite: `queue.rs`, `logs.rs`, `images.rs`,
 //! `outbox.rs`, `clients.rs`. Migrations are in `migrations/postgres/`.
@@ -234,13 +239,13 @@ async fn apply(tx: &mut Tx, read: &JobRow, transition: Transition, now: i64) -> 
             .execute(&mut **tx)
             .await?;
     }
-    // The build's event lock before the client's row: the order every transaction
-    // takes them in (see the module's documentation).
-    let event = insert_event(tx, &read.build, &read.job, transition.event).await?;
+    // The client's row before the build's event lock: the order every transaction
+    // takes them in (see the module's documentation), and the event last, so that the
+    // lock every change of the build waits for is held for as little as can be.
     if let Some((client_id, count)) = &transition.count {
         count_client(tx, client_id, *count, now).await?;
     }
-    Ok(event)
+    insert_event(tx, &read.build, &read.job, transition.event).await
 }
 
 /// Counts a change in its client's history, in the transaction of the job's transition.
@@ -316,6 +321,27 @@ async fn lock_events_of(tx: &mut Tx, rows: &[JobRow]) -> StoreResult<()> {
     Ok(())
 }
 
+/// Locks the rows of the clients of `rows` (in id order, as every transaction that
+/// counts several clients locks them), before any of the builds' event locks: the
+/// transitions of a transaction that changes several jobs count their clients under
+/// event locks already held.
+async fn lock_clients_of(tx: &mut Tx, rows: &[JobRow]) -> StoreResult<()> {
+    let mut ids: Vec<&str> = rows
+        .iter()
+        .filter_map(|row| row.run.client_id.as_deref())
+        .collect();
+    if ids.is_empty() {
+        return Ok(());
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    sqlx::query("SELECT 1 FROM clients WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+        .bind(&ids)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
 /// Writes an event, held to the state machine's arrows, and the notices it calls for.
 async fn insert_event(
     tx: &mut Tx,
@@ -325,14 +351,16 @@ async fn insert_event(
 ) -> StoreResult<Event> {
     rules::check_transition(build, job, draft.from, draft.to)?;
     // One round trip: the build's event lock (as `lock_build_events` takes it), then the
-    // number, drawn in the select list, so after the lock is held. The trigger on
-    // `events` tells other servers on this database when the transaction commits.
-    let seq: i64 = sqlx::query_scalar(concat!(
+    // number, drawn in the select list, so after the lock is held; and the build's
+    // webhooks, for the notices. The trigger on `events` tells other servers on this
+    // database when the transaction commits.
+    let (seq, notify): (i64, Option<String>) = sqlx::query_as(concat!(
         "WITH locked AS (SELECT ",
         event_lock!(),
-        ") INSERT INTO events (seq, build, job, time, from_state, to_state, client_id, attempt, \
-         reason) SELECT nextval('events_seq_seq'), $1, $2, $3, $4, $5, $6, $7, $8 FROM locked \
-         RETURNING seq"
+        "), inserted AS (INSERT INTO events (seq, build, job, time, from_state, to_state, \
+         client_id, attempt, reason) SELECT nextval('events_seq_seq'), $1, $2, $3, $4, $5, $6, \
+         $7, $8 FROM locked RETURNING seq) \
+         SELECT seq, (SELECT notify FROM builds WHERE number = $1) FROM inserted"
     ))
     .bind(build)
     .bind(job)
@@ -345,25 +373,19 @@ async fn insert_event(
     .fetch_one(&mut **tx)
     .await?;
     let event = draft.into_event(seq, build, job);
-    queue_notices(tx, &event).await?;
+    let urls: Vec<String> = notify
+        .and_then(|text| serde_json::from_str(&text).ok())
+        .unwrap_or_default();
+    queue_notices(tx, &event, &urls).await?;
     Ok(event)
 }
 
 /// Writes the webhook notices an event calls for into the outbox, in the event's
-/// transaction (which holds the build's event lock): the job's end and, when it was the
-/// build's last job still queued or running, the build's.
-async fn queue_notices(tx: &mut Tx, event: &Event) -> StoreResult<()> {
-    if !rules::may_notify(event) {
-        return Ok(());
-    }
-    let notify: Option<String> = sqlx::query_scalar("SELECT notify FROM builds WHERE number = $1")
-        .bind(&event.build)
-        .fetch_optional(&mut **tx)
-        .await?;
-    let urls: Vec<String> = notify
-        .and_then(|text| serde_json::from_str(&text).ok())
-        .unwrap_or_default();
-    if urls.is_empty() {
+/// transaction (which holds the build's event lock) for each of the build's webhooks
+/// `urls`: the job's end and, when it was the build's last job still queued or running,
+/// the build's.
+async fn queue_notices(tx: &mut Tx, event: &Event, urls: &[String]) -> StoreResult<()> {
+    if urls.is_empty() || !rules::may_notify(event) {
         return Ok(());
     }
     let mut notices: Vec<_> = rules::job_notice(event).into_iter().collect();
@@ -410,7 +432,7 @@ async fn queue_notices(tx: &mut Tx, event: &Event) -> StoreResult<()> {
     for notice in &notices {
         let body = serde_json::to_string(notice)
             .map_err(|err| StoreError::Conflict(format!("notice does not serialise: {err}")))?;
-        for url in &urls {
+        for url in urls {
             sqlx::query(
                 "INSERT INTO notifications (build, kind, seq, url, body, created_at, \
                  next_attempt_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",

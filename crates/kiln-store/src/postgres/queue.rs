@@ -2,8 +2,8 @@
 
 use super::{
     apply, event_from_row, is_unique_violation, job_row, job_row_from, job_status_from_row,
-    leased_job_row, lock_build_events, lock_events_of, parse_state, queue_notices, unsigned,
-    write_run, PgStore, Tx, JOB_COLUMNS, JOB_ROW_COLUMNS,
+    leased_job_row, lock_build_events, lock_clients_of, lock_events_of, parse_state, queue_notices,
+    unsigned, write_run, PgStore, Tx, JOB_COLUMNS, JOB_ROW_COLUMNS,
 };
 use crate::rules::{self, TakeBack};
 use crate::{
@@ -58,6 +58,7 @@ async fn take_back_rows<'r>(
         .iter()
         .map(job_row_from)
         .collect::<StoreResult<Vec<_>>>()?;
+    lock_clients_of(&mut tx, &rows).await?;
     lock_events_of(&mut tx, &rows).await?;
     let mut transitions = Vec::with_capacity(rows.len());
     for row in rows {
@@ -183,7 +184,7 @@ impl Queue for PgStore {
                     StoreError::Conflict(format!("no event was stored for job {}", spec.id))
                 })?;
                 let event = submitted.event.into_event(seq, &manifest.number, &spec.id);
-                queue_notices(&mut tx, &event).await?;
+                queue_notices(&mut tx, &event, &manifest.notify).await?;
             }
         }
         // Other servers on this database look at the queue again once this commits
@@ -344,23 +345,9 @@ impl Queue for PgStore {
                 .bind(job)
                 .fetch_one(&mut *tx)
                 .await?;
-        apply(&mut tx, &row, transition, now).await?;
-        let claimed = ClaimedJob {
-            build: build.to_owned(),
-            job: job.to_owned(),
-            title: spec.try_get("title")?,
-            config_type: spec.try_get("config_type")?,
-            install_script: spec.try_get("install_script")?,
-            configure_script: spec.try_get("configure_script")?,
-            image_script: spec.try_get("image_script")?,
-            verify_script: spec.try_get("verify_script")?,
-            timeout_secs: row.limits.timeout_secs,
-            attempt,
-            lease,
-            queued_since: queued_since.unwrap_or(now),
-        };
         // What a client says of itself may change from one claim to the next (an older
         // client says nothing of its slots or version): the latest claim is the truth.
+        // The client's row before the build's event lock, as every transaction takes them.
         sqlx::query(
             "INSERT INTO clients (id, include, slots, version, address, first_seen, \
              last_contact, n_claimed) VALUES ($1, $2, $3, $4, $5, $6, $7, 1) \
@@ -379,6 +366,21 @@ impl Queue for PgStore {
         .bind(now)
         .execute(&mut *tx)
         .await?;
+        apply(&mut tx, &row, transition, now).await?;
+        let claimed = ClaimedJob {
+            build: build.to_owned(),
+            job: job.to_owned(),
+            title: spec.try_get("title")?,
+            config_type: spec.try_get("config_type")?,
+            install_script: spec.try_get("install_script")?,
+            configure_script: spec.try_get("configure_script")?,
+            image_script: spec.try_get("image_script")?,
+            verify_script: spec.try_get("verify_script")?,
+            timeout_secs: row.limits.timeout_secs,
+            attempt,
+            lease,
+            queued_since: queued_since.unwrap_or(now),
+        };
         tx.commit().await?;
         Ok(Some(claimed))
     }
@@ -584,6 +586,7 @@ impl Queue for PgStore {
             .iter()
             .map(job_row_from)
             .collect::<StoreResult<Vec<_>>>()?;
+        lock_clients_of(&mut tx, &rows).await?;
         lock_events_of(&mut tx, &rows).await?;
         let mut transitions = Vec::with_capacity(rows.len());
         for row in rows {
