@@ -21,6 +21,7 @@
 mod contacts;
 mod dispatch;
 pub mod domain;
+mod holders;
 pub mod http;
 pub mod metrics;
 pub mod offline;

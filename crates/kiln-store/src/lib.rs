@@ -321,6 +321,15 @@ pub struct Failure {
 /// server's) orders everything. Every transition follows the farm's rules (the crate's
 /// `rules` module) and writes its [`Event`] (and the webhook notices it calls for) in
 /// its own transaction.
+/// A word from [`Queue::follow_changes`]: another server sharing the store changed
+/// jobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Change {
+    /// Whether a job ended (so that a webhook notice may have been queued). Also true
+    /// when the word stands for words that may have been lost.
+    pub ended: bool,
+}
+
 #[async_trait]
 pub trait Queue: Send + Sync + 'static {
     /// Inserts a build and its queued jobs. Refuses a number that exists.
@@ -453,9 +462,9 @@ pub trait Queue: Send + Sync + 'static {
     /// Follows what other servers sharing this store change: a message on the channel
     /// says that jobs may have been queued, claimed or ended elsewhere (or that some
     /// such word may have been lost: the feed's connection dropped, or a while passed
-    /// without any). `None` when no other server shares the store (SQLite). The feed
-    /// ends when the receiver is dropped.
-    async fn follow_changes(&self) -> StoreResult<Option<tokio::sync::mpsc::Receiver<()>>>;
+    /// without any). What this store itself changes is not told. `None` when no other
+    /// server shares the store (SQLite). The feed ends when the receiver is dropped.
+    async fn follow_changes(&self) -> StoreResult<Option<tokio::sync::mpsc::Receiver<Change>>>;
     /// Jobs counted by state and config type (only the pairs that have jobs), with
     /// the oldest queued job's queued-since time: the queue as metrics show it.
     async fn job_counts(&self) -> StoreResult<Vec<JobCount>>;

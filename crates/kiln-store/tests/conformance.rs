@@ -66,12 +66,13 @@ fn every_case_written_is_run() {
 }
 
 /// Two stores on one PostgreSQL database, as two servers are: what one writes (a build
-/// submitted, then a job claimed) reaches the other's feed of changes by its
-/// notification, well before the feed's fallback word (every 5 s when none comes).
+/// submitted, then a job claimed and finished) reaches the other's feed of changes by
+/// its notification, well before the feed's fallback word (every 5 s when none comes),
+/// saying whether a job ended; what a store writes itself does not reach its own feed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_change_on_one_postgresql_store_is_told_to_another_following_it() -> anyhow::Result<()> {
-    use kiln_store::conformance::{at, claim, job, new_build, BUILD};
-    use kiln_store::Queue;
+    use kiln_store::conformance::{at, claim, image, job, new_build, BUILD};
+    use kiln_store::{Change, Images, Queue};
     use std::time::Duration;
     /// Well under the fallback's 5 s: a word that comes only by the fallback fails.
     const TOLD_WITHIN: Duration = Duration::from_millis(2500);
@@ -82,15 +83,28 @@ async fn a_change_on_one_postgresql_store_is_told_to_another_following_it() -> a
         .follow_changes()
         .await?
         .expect("a PostgreSQL store has a feed of changes");
+    let mut told = async |what: &str| {
+        tokio::time::timeout(TOLD_WITHIN, feed.recv())
+            .await
+            .map_err(|_| anyhow::anyhow!("{what} was not told within {TOLD_WITHIN:?}"))?
+            .ok_or_else(|| anyhow::anyhow!("the feed ended"))
+    };
     writer
-        .insert_build(&new_build(BUILD, vec![job("a")], at(0)))
+        .insert_build(&new_build(BUILD, vec![job("a"), job("b")], at(0)))
         .await?;
-    tokio::time::timeout(TOLD_WITHIN, feed.recv())
-        .await
-        .map_err(|_| anyhow::anyhow!("a submitted build was not told within {TOLD_WITHIN:?}"))?;
-    claim(&writer, BUILD, "a", "client-1", at(1)).await?;
-    tokio::time::timeout(TOLD_WITHIN, feed.recv())
-        .await
-        .map_err(|_| anyhow::anyhow!("a claim was not told within {TOLD_WITHIN:?}"))?;
+    assert_eq!(told("a submitted build").await?, Change { ended: false });
+    let run = claim(&writer, BUILD, "a", "client-1", at(1)).await?;
+    assert_eq!(told("a claim").await?, Change { ended: false });
+    writer
+        .add_image(BUILD, "a", &run.lease, &image("a.img", at(2)))
+        .await?;
+    writer
+        .finish(BUILD, "a", &run.lease, &["a.img".to_owned()], at(3))
+        .await?;
+    assert_eq!(told("a job's end").await?, Change { ended: true });
+    // The follower's own claim, then the writer's cancel: the next word is the cancel's.
+    claim(&follower, BUILD, "b", "client-2", at(4)).await?;
+    writer.cancel(BUILD, "b", at(5)).await?;
+    assert_eq!(told("a cancel").await?, Change { ended: true });
     Ok(())
 }

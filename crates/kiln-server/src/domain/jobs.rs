@@ -130,6 +130,12 @@ impl Farm {
         // The claim recorded the client and this contact.
         self.contacts
             .stored(&request.client_id, kiln_common::now_micros());
+        self.holders.handed(
+            &claimed.build,
+            &claimed.job,
+            &claimed.lease,
+            &request.client_id,
+        );
         tracing::info!(build = %claimed.build, job = %claimed.job, client = %request.client_id, attempt = claimed.attempt, "job claimed");
         self.changed();
         Ok(Some(Claim {
@@ -206,6 +212,7 @@ impl Farm {
 
     /// Refuses a current lease of the job in the hands of a client other than
     /// `client_id`; a lease that is not current is left to the call itself to refuse.
+    /// A lease known to have been handed to `client_id` needs no read of the store.
     pub async fn refuse_other_holder(
         &self,
         client_id: &str,
@@ -213,12 +220,18 @@ impl Farm {
         job: &str,
         lease: &str,
     ) -> FarmResult<()> {
+        if self.holders.is_holder(build, job, lease, client_id) {
+            return Ok(());
+        }
         match self.store.check_lease(build, job, lease).await {
             Ok(holder) if holder.client_id != client_id => Err(FarmError::NotAllowed(format!(
                 "job {build}/{job} is not held by client {client_id:?}"
             ))),
-            Ok(_)
-            | Err(kiln_store::StoreError::StaleLease { .. })
+            Ok(holder) => {
+                self.holders.handed(build, job, lease, &holder.client_id);
+                Ok(())
+            }
+            Err(kiln_store::StoreError::StaleLease { .. })
             | Err(kiln_store::StoreError::NotFound(_)) => Ok(()),
             Err(err) => Err(err.into()),
         }
@@ -332,8 +345,9 @@ impl Farm {
             .finish(build, job, lease, images, kiln_common::now_micros())
             .await?;
         self.run_ended(run, lease, &event);
+        self.holders.ended(lease);
         tracing::info!(build = %build, job = %job, n_images = images.len(), "job finished");
-        self.changed();
+        self.jobs_changed([event.to]);
         Ok(event)
     }
 
@@ -355,8 +369,9 @@ impl Farm {
             .fail(build, job, lease, &failure, kiln_common::now_micros())
             .await?;
         self.run_ended(run, lease, &event);
+        self.holders.ended(lease);
         tracing::info!(build = %build, job = %job, reason = %failure.reason, to = %event.to, "job failed");
-        self.changed();
+        self.jobs_changed([event.to]);
         self.job_available();
         Ok(event)
     }
@@ -366,6 +381,7 @@ impl Farm {
         self.store
             .release(build, job, lease, kiln_common::now_micros())
             .await?;
+        self.holders.ended(lease);
         self.changed();
         self.job_available();
         Ok(())
@@ -386,8 +402,9 @@ impl Farm {
             .await?;
         self.metrics.run_over(lease, false);
         self.metrics.lease_lost(LostLease::GivenUp);
+        self.holders.ended(lease);
         tracing::info!(build = %build, job = %job, reason = %reason, to = %event.to, "job given up by its client");
-        self.changed();
+        self.jobs_changed([event.to]);
         self.job_available();
         Ok(event)
     }
@@ -411,7 +428,7 @@ impl Farm {
             .cancel(build, job, kiln_common::now_micros())
             .await?;
         tracing::info!(build = %build, job = %job, "job cancelled");
-        self.changed();
+        self.jobs_changed([event.to]);
         Ok(event)
     }
 
@@ -523,7 +540,7 @@ impl Farm {
             self.metrics.lease_lost(LostLease::ConnectionLost);
             tracing::info!(build = %transition.build, job = %transition.job, client = %client_id, to = %transition.event.to, "client gone; job taken back");
         }
-        self.changed();
+        self.jobs_changed(taken.iter().map(|transition| transition.event.to));
         self.job_available();
         Ok(())
     }
@@ -566,7 +583,12 @@ impl Farm {
             );
         }
         if !reaped.is_empty() || !expired.is_empty() {
-            self.changed();
+            self.jobs_changed(
+                reaped
+                    .iter()
+                    .chain(expired.iter())
+                    .map(|transition| transition.event.to),
+            );
             self.job_available();
         }
         Ok(TimeEffects { reaped, expired })

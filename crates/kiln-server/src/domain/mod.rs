@@ -35,10 +35,12 @@ pub use error::{FarmError, FarmResult};
 
 use crate::contacts::Contacts;
 use crate::dispatch::Dispatcher;
+use crate::holders::Holders;
 use crate::metrics::Metrics;
 use crate::sessions::Sessions;
 use crate::ServerConfig;
 use kiln_blob::{BlobStore, ChunkStore};
+use kiln_proto::state::JobState;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -126,6 +128,8 @@ pub struct Farm {
     dispatcher: Arc<Dispatcher>,
     sessions: Sessions,
     contacts: Contacts,
+    /// Which client each lease was handed to, as far as this server knows.
+    holders: Holders,
     /// What happens, counted as it happens (see [`crate::metrics`]).
     metrics: Metrics,
     /// Bumped whenever log lines are appended or a job changes state, for followers.
@@ -175,6 +179,7 @@ impl Farm {
             dispatcher,
             sessions: Sessions::default(),
             contacts: Contacts::default(),
+            holders: Holders::default(),
             metrics: Metrics::new(),
             changes: watch::channel(0).0,
             notices: Notify::new(),
@@ -207,17 +212,30 @@ impl Farm {
         &self.dispatcher
     }
 
-    /// Says that jobs or logs changed: log and event followers look again, and the
-    /// notifier looks for notices the change queued.
+    /// Says that jobs or logs changed: log and event followers look again.
     fn changed(&self) {
         self.changes.send_modify(|generation| *generation += 1);
-        self.notices.notify_one();
     }
 
-    /// Says that another server sharing the store changed something: as for a change
-    /// here, and a job may have become available.
-    pub(crate) fn changed_elsewhere(&self) {
+    /// Says that jobs changed state to the states `to`: as [`Farm::changed`], and if
+    /// one of them is an end, the notifier looks for the notices it queued. Only an end
+    /// queues notices (`kiln_store::rules::may_notify`); waking the notifier for every
+    /// claim, log line and progress report read the outbox (a write transaction) about
+    /// three times a job for nothing.
+    fn jobs_changed(&self, to: impl IntoIterator<Item = JobState>) {
         self.changed();
+        if to.into_iter().any(|state| state.is_final()) {
+            self.notices.notify_one();
+        }
+    }
+
+    /// Says that another server sharing the store changed jobs: as for a change here
+    /// (the notifier looks if a job `ended`), and a job may have become available.
+    pub(crate) fn changed_elsewhere(&self, ended: bool) {
+        self.changed();
+        if ended {
+            self.notices.notify_one();
+        }
         self.job_available();
     }
 
@@ -225,7 +243,7 @@ impl Farm {
     /// [`kiln_store::Queue::follow_changes`]); `None` when the store is not shared.
     pub(crate) async fn follow_changes(
         &self,
-    ) -> FarmResult<Option<tokio::sync::mpsc::Receiver<()>>> {
+    ) -> FarmResult<Option<tokio::sync::mpsc::Receiver<kiln_store::Change>>> {
         Ok(self.store.follow_changes().await?)
     }
 

@@ -52,6 +52,10 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres
 #[derive(Clone)]
 pub struct PgStore {
     pool: PgPool,
+    /// The `application_name` of this store's connections, unique to it: the words its
+    /// changes send to other servers name it, so that its own feed passes over them
+    /// (see `changes.rs`).
+    origin: String,
 }
 
 impl PgStore {
@@ -65,13 +69,14 @@ impl PgStore {
 
     /// Connects with `options`, as [`PgStore::connect`].
     pub async fn connect_with(options: PgConnectOptions) -> StoreResult<Self> {
+        let origin = changes::new_origin();
         let pool = PgPoolOptions::new()
             .max_connections(16)
             .acquire_timeout(Duration::from_secs(3))
-            .connect_with(options)
+            .connect_with(options.application_name(&origin))
             .await?;
         MIGRATOR.run(&pool).await.map_err(StoreError::Migrate)?;
-        Ok(PgStore { pool })
+        Ok(PgStore { pool, origin })
     }
 
     async fn write_tx(&self) -> StoreResult<Tx> {

@@ -757,8 +757,12 @@ impl Queue for PgStore {
         )
     }
 
-    async fn follow_changes(&self) -> StoreResult<Option<tokio::sync::mpsc::Receiver<()>>> {
-        Ok(Some(super::changes::follow(&self.pool).await?))
+    async fn follow_changes(
+        &self,
+    ) -> StoreResult<Option<tokio::sync::mpsc::Receiver<crate::Change>>> {
+        Ok(Some(
+            super::changes::follow(&self.pool, &self.origin).await?,
+        ))
     }
 
     async fn load_counts(&self) -> StoreResult<LoadCounts> {

@@ -778,7 +778,9 @@ impl Queue for SqliteStore {
         Ok(used.unwrap_or(false))
     }
 
-    async fn follow_changes(&self) -> StoreResult<Option<tokio::sync::mpsc::Receiver<()>>> {
+    async fn follow_changes(
+        &self,
+    ) -> StoreResult<Option<tokio::sync::mpsc::Receiver<crate::Change>>> {
         // One server per SQLite file: every change is its own.
         Ok(None)
     }
