@@ -1793,8 +1793,11 @@ pub async fn counters_add_up_and_survive_reopening<F: StoreFactory>(factory: &F)
         store
             .add_counters(&[("bytes_received", 10), ("chunks", 1)])
             .await?;
-        store.add_counters(&[("bytes_received", 5)]).await?;
+        store
+            .add_counters(&[("bytes_received", 4), ("bytes_received", 1)])
+            .await?;
         store.set_counters(&[("chunks", 7)]).await?;
+        store.add_counters(&[]).await?;
     }
     let store = factory.open(&place).await?;
     let counters = store.counters().await?;

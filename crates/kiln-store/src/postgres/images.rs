@@ -149,40 +149,28 @@ impl Images for PgStore {
     }
 
     async fn add_counters(&self, deltas: &[(&str, i64)]) -> StoreResult<()> {
-        let mut tx = self.write_tx().await?;
-        // In name order, so that two writers lock the rows in the same order.
-        let mut deltas = deltas.to_vec();
-        deltas.sort_unstable_by_key(|(name, _)| *name);
-        for (name, delta) in &deltas {
-            sqlx::query(
-                "INSERT INTO counters (name, value) VALUES ($1, $2) \
-                 ON CONFLICT (name) DO UPDATE SET value = counters.value + excluded.value",
-            )
-            .bind(name)
-            .bind(delta)
-            .execute(&mut *tx)
-            .await?;
+        // One statement (a transaction of its own): a name given twice adds both.
+        let mut sums: BTreeMap<&str, i64> = BTreeMap::new();
+        for (name, delta) in deltas {
+            *sums.entry(name).or_default() += delta;
         }
-        tx.commit().await?;
-        Ok(())
+        write_counters(
+            &self.pool,
+            sums,
+            "ON CONFLICT (name) DO UPDATE SET value = counters.value + excluded.value",
+        )
+        .await
     }
 
     async fn set_counters(&self, values: &[(&str, i64)]) -> StoreResult<()> {
-        let mut tx = self.write_tx().await?;
-        let mut values = values.to_vec();
-        values.sort_unstable_by_key(|(name, _)| *name);
-        for (name, value) in &values {
-            sqlx::query(
-                "INSERT INTO counters (name, value) VALUES ($1, $2) \
-                 ON CONFLICT (name) DO UPDATE SET value = excluded.value",
-            )
-            .bind(name)
-            .bind(value)
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(())
+        // A name given twice is set to its last value.
+        let values: BTreeMap<&str, i64> = values.iter().copied().collect();
+        write_counters(
+            &self.pool,
+            values,
+            "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+        )
+        .await
     }
 
     async fn counters(&self) -> StoreResult<BTreeMap<String, i64>> {
@@ -193,4 +181,27 @@ impl Images for PgStore {
             .map(|row| Ok((row.try_get("name")?, row.try_get("value")?)))
             .collect()
     }
+}
+
+/// Writes counters in one statement, `on_conflict` saying what an existing one
+/// becomes. In name order (a `BTreeMap`'s), so that two writers lock the rows in the
+/// same order; each name once, as one statement may change a row only once.
+async fn write_counters(
+    pool: &sqlx::PgPool,
+    values: BTreeMap<&str, i64>,
+    on_conflict: &str,
+) -> StoreResult<()> {
+    if values.is_empty() {
+        return Ok(());
+    }
+    let (names, values): (Vec<&str>, Vec<i64>) = values.into_iter().unzip();
+    sqlx::query(&format!(
+        "INSERT INTO counters (name, value) \
+         SELECT * FROM UNNEST($1::TEXT[], $2::BIGINT[]) {on_conflict}"
+    ))
+    .bind(&names)
+    .bind(&values)
+    .execute(pool)
+    .await?;
+    Ok(())
 }
