@@ -6,8 +6,9 @@
 //!
 //! Every call a client makes about a job it holds (heartbeat, log, upload, commit,
 //! finish) first refuses a caller that is not the lease's holder; reading the store for
-//! that was a fifth of the store's reads of a job's rows, once per call. Now it is read
-//! once per lease, and not at all for the leases this server handed out.
+//! that, once per call, was more than a third of the farm's reads of a job's row on
+//! PostgreSQL (docs/benchmarks.md, "Statements a job"). Now it is read once per lease,
+//! and not at all for the leases this server handed out.
 
 use std::collections::HashMap;
 use std::sync::Mutex;

@@ -1,7 +1,7 @@
 //! The follower: hears of what other servers sharing the store change (jobs queued,
 //! claimed, ended on them) and has this server look again: its dispatcher reads the
-//! queue, its event streams wake, and, when a job ended, its notifier. Runs only when the store can be
-//! shared (PostgreSQL); see `kiln_store::Queue::follow_changes`.
+//! queue, its event streams wake, and, when a job ended, its notifier. Runs only when
+//! the store can be shared (PostgreSQL); see `kiln_store::Queue::follow_changes`.
 
 use super::{Worker, WorkerError};
 use crate::domain::Farm;
