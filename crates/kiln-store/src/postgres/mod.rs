@@ -16,10 +16,11 @@
 //!
 //! Locks are taken in one order, so that no two transactions wait on each other in a
 //! cycle: job rows (several in (build, pk) order), then clients' rows (a client's
-//! counters and contact; several in id order: [`lock_clients_of`]), then builds' event
-//! locks (several in build order: [`lock_events_of`]). A claim that took the event lock
-//! before its client's row and a finish that updated its client's row before the event
-//! lock deadlocked, each time costing PostgreSQL's `deadlock_timeout` (1 s) and the call.
+//! counters and contact; several in id order), then builds' event locks (several in
+//! build order); a change of several jobs takes the last two with
+//! [`lock_for_changes_of`]. A claim that took the event lock before its client's row
+//! and a finish that updated its client's row before the event lock deadlocked, each
+//! time costing PostgreSQL's `deadlock_timeout` (1 s) and the call.
 //!
 //! The event lock comes last because every change of a build waits for it, and it is
 //! held until the commit (and its WAL flush) is done: a transaction takes it with the
@@ -314,9 +315,16 @@ async fn lock_build_events(tx: &mut Tx, build: &str) -> StoreResult<()> {
     Ok(())
 }
 
-/// Takes the event locks of the builds of `rows` (in build order, as the rows of a
-/// transaction that changes several jobs are), before any of their jobs' transitions
-/// takes a client's row.
+/// Takes, for a transaction that changes the several jobs of `rows` (locked already, in
+/// (build, pk) order), the rest of what their transitions lock, in the one order every
+/// transaction takes it: their clients' rows, then their builds' event locks. Each
+/// transition then counts its client and writes its event under locks already held.
+async fn lock_for_changes_of(tx: &mut Tx, rows: &[JobRow]) -> StoreResult<()> {
+    lock_clients_of(tx, rows).await?;
+    lock_events_of(tx, rows).await
+}
+
+/// Takes the event locks of the builds of `rows`, in build order (the rows' order).
 async fn lock_events_of(tx: &mut Tx, rows: &[JobRow]) -> StoreResult<()> {
     for (idx, row) in rows.iter().enumerate() {
         if idx == 0 || rows[idx - 1].build != row.build {
@@ -326,10 +334,7 @@ async fn lock_events_of(tx: &mut Tx, rows: &[JobRow]) -> StoreResult<()> {
     Ok(())
 }
 
-/// Locks the rows of the clients of `rows` (in id order, as every transaction that
-/// counts several clients locks them), before any of the builds' event locks: the
-/// transitions of a transaction that changes several jobs count their clients under
-/// event locks already held.
+/// Locks the rows of the clients of `rows`, in id order.
 async fn lock_clients_of(tx: &mut Tx, rows: &[JobRow]) -> StoreResult<()> {
     let mut ids: Vec<&str> = rows
         .iter()

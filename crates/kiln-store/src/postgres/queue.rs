@@ -2,8 +2,8 @@
 
 use super::{
     apply, event_from_row, is_unique_violation, job_row, job_row_from, job_status_from_row,
-    leased_job_row, lock_build_events, lock_clients_of, lock_events_of, parse_state, queue_notices,
-    unsigned, write_run, PgStore, Tx, JOB_COLUMNS, JOB_ROW_COLUMNS,
+    leased_job_row, lock_build_events, lock_for_changes_of, parse_state, queue_notices, unsigned,
+    write_run, PgStore, Tx, JOB_COLUMNS, JOB_ROW_COLUMNS,
 };
 use crate::rules::{self, TakeBack};
 use crate::{
@@ -58,8 +58,7 @@ async fn take_back_rows<'r>(
         .iter()
         .map(job_row_from)
         .collect::<StoreResult<Vec<_>>>()?;
-    lock_clients_of(&mut tx, &rows).await?;
-    lock_events_of(&mut tx, &rows).await?;
+    lock_for_changes_of(&mut tx, &rows).await?;
     let mut transitions = Vec::with_capacity(rows.len());
     for row in rows {
         let Some(why) = why(&row) else {
@@ -586,8 +585,7 @@ impl Queue for PgStore {
             .iter()
             .map(job_row_from)
             .collect::<StoreResult<Vec<_>>>()?;
-        lock_clients_of(&mut tx, &rows).await?;
-        lock_events_of(&mut tx, &rows).await?;
+        lock_for_changes_of(&mut tx, &rows).await?;
         let mut transitions = Vec::with_capacity(rows.len());
         for row in rows {
             let Some(transition) = rules::expire(&row, now) else {
