@@ -14,6 +14,7 @@
 //! before the next is told of it, so one new job does not wake every idle client.
 use crate::workers::{Worker, WorkerError};
 use async_trait::async_trait;
+use futures::future;
 use kiln_store::{Candidate, ClaimedJob, ClaimingClient, Store};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -329,13 +330,26 @@ impl Dispatcher {
                 missed = true;
             }
         }
-        for (waiter_id, client, candidate) in matches {
-            let now = kiln_common::now_micros();
-            let lease_until = now + self.lease_secs as i64 * 1_000_000;
-            let claimed = self
-                .store
-                .claim(&candidate.build, &candidate.job, &client, lease_until, now)
-                .await?;
+        // Every match claimed at once: on PostgreSQL they share one transaction (the
+        // store's batches), on SQLite one group commit. A claim that fails leaves the
+        // others delivered, and the round's error is its.
+        let now = kiln_common::now_micros();
+        let lease_until = now + self.lease_secs as i64 * 1_000_000;
+        let claims = future::join_all(matches.iter().map(|(_, client, candidate)| {
+            self.store
+                .claim(&candidate.build, &candidate.job, client, lease_until, now)
+        }))
+        .await;
+        let mut failed = None;
+        for ((waiter_id, client, _), claimed) in matches.into_iter().zip(claims) {
+            let claimed = match claimed {
+                Ok(claimed) => claimed,
+                Err(err) => {
+                    failed.get_or_insert(err);
+                    missed = true;
+                    continue;
+                }
+            };
             let Some(claimed) = claimed else {
                 // Another replica took it first; this waiter gets another round.
                 missed = true;
@@ -366,7 +380,10 @@ impl Dispatcher {
         if missed {
             self.wake();
         }
-        Ok(hold_ends)
+        match failed {
+            Some(err) => Err(err),
+            None => Ok(hold_ends),
+        }
     }
 }
 

@@ -313,14 +313,6 @@ pub struct Failure {
     pub message: String,
 }
 
-/// Builds, jobs and their leases: submission, the queue in scheduling order, claims,
-/// every transition and the event it writes, the timed transitions (lapsed leases,
-/// hung jobs, accept deadlines), and what the server reports of its load.
-///
-/// All times are unix microseconds, passed in by the caller so that one clock (the
-/// server's) orders everything. Every transition follows the farm's rules (the crate's
-/// `rules` module) and writes its [`Event`] (and the webhook notices it calls for) in
-/// its own transaction.
 /// A word from [`Queue::follow_changes`]: another server sharing the store changed
 /// jobs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -330,6 +322,16 @@ pub struct Change {
     pub ended: bool,
 }
 
+/// Builds, jobs and their leases: submission, the queue in scheduling order, claims,
+/// every transition and the event it writes, the timed transitions (lapsed leases,
+/// hung jobs, accept deadlines), and what the server reports of its load.
+///
+/// All times are unix microseconds, passed in by the caller so that one clock (the
+/// server's) orders everything. Every transition follows the farm's rules (the crate's
+/// `rules` module) and writes its [`Event`] (and the webhook notices it calls for) in
+/// the transaction that changes the job; a backend may commit calls made at the same
+/// time in one transaction (PostgreSQL's batches), each decided as if it were alone and
+/// answered only once committed.
 #[async_trait]
 pub trait Queue: Send + Sync + 'static {
     /// Inserts a build and its queued jobs. Refuses a number that exists.

@@ -386,6 +386,195 @@ pub async fn racing_claims_from_eight_tasks_hand_each_job_to_exactly_one_client<
     Ok(())
 }
 
+/// Many calls at once, as a busy farm makes them: two clients asking for every job,
+/// then every job's image record, then every job's end, each wave at once and with
+/// calls among them that the rules refuse. Each call is decided as if it were alone:
+/// every job is handed out once, a refused call changes nothing and the others go on,
+/// every job ends with one event, its client counts it, and the build's end is
+/// announced once, after every job's own notice. (On PostgreSQL calls made together
+/// share transactions: see its store's batches.)
+pub async fn calls_made_at_once_are_each_decided_as_if_alone<F: StoreFactory>(
+    factory: &F,
+) -> CaseResult {
+    const N_JOBS: usize = 24;
+    const CLIENTS: [&str; 3] = ["client-a", "client-b", "client-c"];
+    let (_place, store, job_ids) = open_store_with_jobs(factory, N_JOBS).await?;
+
+    let mut claims = tokio::task::JoinSet::new();
+    for (idx, job_id) in job_ids.iter().enumerate() {
+        for client in [CLIENTS[idx % 3], CLIENTS[(idx + 1) % 3]] {
+            let (store, job_id) = (store.clone(), job_id.clone());
+            claims.spawn(async move {
+                let claimed = store
+                    .claim(
+                        BUILD,
+                        &job_id,
+                        &ClaimingClient::with_id(client),
+                        at(61),
+                        at(1),
+                    )
+                    .await?;
+                anyhow::Ok(claimed.map(|claimed| (client, claimed)))
+            });
+        }
+    }
+    let mut runs = Vec::new();
+    while let Some(joined) = claims.join_next().await {
+        runs.extend(joined??);
+    }
+    runs.sort_by(|a, b| a.1.job.cmp(&b.1.job));
+    let won: Vec<&str> = runs.iter().map(|(_, run)| run.job.as_str()).collect();
+    assert_eq!(won, job_ids, "each job handed out once");
+    for (client, run) in &runs {
+        assert_eq!(run.attempt, 1);
+        assert_eq!(run.title, format!("Image {}", run.job));
+        assert_eq!(run.install_script, "scripts/install.cmd");
+        assert_eq!(run.queued_since, at(0), "{}: queued at submission", run.job);
+        let status = store.get_job(BUILD, &run.job).await?;
+        assert_eq!(status.client_id.as_deref(), Some(*client));
+    }
+
+    // Every image record at once, with one under a lease that is not the job's and one
+    // of a job that does not exist.
+    let mut records = tokio::task::JoinSet::new();
+    for (idx, (_, run)) in runs.iter().enumerate() {
+        let (store, run) = (store.clone(), run.clone());
+        records.spawn(async move {
+            let name = format!("{}.img", run.job);
+            let stored = store
+                .add_image(BUILD, &run.job, &run.lease, &image(&name, at(2)))
+                .await;
+            (idx, stored)
+        });
+    }
+    let (other, unknown) = (image("x.img", at(2)), image("y.img", at(2)));
+    let stale = store.add_image(BUILD, "job-000", "not-the-lease", &other);
+    let missing = store.add_image(BUILD, "no-such-job", "lease", &unknown);
+    let (stale, missing) = tokio::join!(stale, missing);
+    while let Some(joined) = records.join_next().await {
+        let (idx, stored) = joined?;
+        stored.with_context(|| format!("image of job {idx}"))?;
+    }
+    assert_stale("add_image with another lease", stale);
+    assert!(
+        matches!(missing, Err(StoreError::NotFound(_))),
+        "add_image of no job: {missing:?}"
+    );
+
+    // Every end at once: the last job fails, the others finish. Two calls the rules
+    // refuse come with them: job 1 finished naming an image never stored (refused as
+    // such, or as stale if job 1's own finish came first) and job 2 finished under a
+    // lease that is not its.
+    let mut ends = tokio::task::JoinSet::new();
+    for (idx, (_, run)) in runs.iter().enumerate() {
+        let (store, run) = (store.clone(), run.clone());
+        ends.spawn(async move {
+            let name = format!("{}.img", run.job);
+            let ended = if idx == N_JOBS - 1 {
+                let failure = failure("exit", "status 1");
+                store
+                    .fail(BUILD, &run.job, &run.lease, &failure, at(3))
+                    .await
+            } else {
+                store
+                    .finish(BUILD, &run.job, &run.lease, &[name], at(3))
+                    .await
+            };
+            (idx, ended)
+        });
+    }
+    let (_, run_1) = &runs[1];
+    let unstored = ["job-001.img".to_owned(), "missing.img".to_owned()];
+    let unstored = store.finish(BUILD, "job-001", &run_1.lease, &unstored, at(3));
+    let named = ["job-002.img".to_owned()];
+    let wrong = store.finish(BUILD, "job-002", "not-the-lease", &named, at(3));
+    let (unstored, wrong) = tokio::join!(unstored, wrong);
+    while let Some(joined) = ends.join_next().await {
+        let (idx, ended) = joined?;
+        let event = ended.with_context(|| format!("end of job {idx}"))?;
+        let to = if idx == N_JOBS - 1 { Failed } else { Finished };
+        assert_eq!((event.job.as_str(), event.to), (job_ids[idx].as_str(), to));
+    }
+    assert!(
+        matches!(
+            unstored,
+            Err(StoreError::Conflict(_) | StoreError::StaleLease { .. })
+        ),
+        "a finish naming an image not stored: {unstored:?}"
+    );
+    assert_stale("finish with another lease", wrong);
+
+    let summary = store.build_summary(BUILD).await?;
+    assert_eq!(
+        (summary.n_finished, summary.n_failed),
+        (N_JOBS as u32 - 1, 1)
+    );
+    let events = store.events(BUILD, 0).await?;
+    assert_eq!(events.len(), 3 * N_JOBS, "queued, running and an end a job");
+    assert!(events.windows(2).all(|pair| pair[0].seq < pair[1].seq));
+    for job_id in &job_ids {
+        let path: Vec<JobState> = events
+            .iter()
+            .filter(|e| &e.job == job_id)
+            .map(|e| e.to)
+            .collect();
+        let end = if *job_id == job_ids[N_JOBS - 1] {
+            Failed
+        } else {
+            Finished
+        };
+        assert_eq!(path, [Queued, Running, end], "events of {job_id}");
+    }
+    let images = store.list_images(BUILD).await?;
+    assert_eq!(images.len(), N_JOBS - 1, "one image a finished job");
+
+    // A client that lost every race it ran has no record.
+    let mut totals = (0, 0, 0, 0);
+    let mut image_bytes = 0;
+    for record in store.clients().await? {
+        assert!(
+            CLIENTS.contains(&record.id.as_str()),
+            "client {}",
+            record.id
+        );
+        let (claimed, finished, failed, lost) = tally(&record);
+        totals = (
+            totals.0 + claimed,
+            totals.1 + finished,
+            totals.2 + failed,
+            totals.3 + lost,
+        );
+        image_bytes += record.image_bytes;
+        let contact = if finished + failed > 0 { at(3) } else { at(1) };
+        assert!(
+            record.last_contact >= contact,
+            "last contact of {}",
+            record.id
+        );
+    }
+    assert_eq!(image_bytes, (N_JOBS as u64 - 1) * (1 << 20));
+
+    let notices = queued_notices(&*store).await?;
+    let kinds: Vec<&str> = notices.iter().map(|(_, n)| n.event.as_str()).collect();
+    assert_eq!(
+        kinds.len(),
+        N_JOBS + 1,
+        "a notice a job and the build's end: {kinds:?}"
+    );
+    assert_eq!(
+        kinds.iter().filter(|k| **k == "job_finished").count(),
+        N_JOBS - 1
+    );
+    assert_eq!(kinds.iter().filter(|k| **k == "job_failed").count(), 1);
+    let (_, last) = notices.last().expect("notices");
+    assert_eq!(
+        last.event, "build_finished",
+        "the build's end comes last: {kinds:?}"
+    );
+    assert_eq!(last.reason.as_deref(), Some("23 of 24 jobs finished"));
+    Ok(())
+}
+
 /// Claims, gives an image to and finishes every job of `job_ids` from `n_tasks` tasks at
 /// once, task `i` taking every `n_tasks`-th job as the client `client_of(i)`.
 async fn claim_and_finish_from_tasks(

@@ -123,6 +123,7 @@ macro_rules! conformance_tests {
                 one_client_claiming_and_finishing_from_eight_tasks_at_once_never_deadlocks,
                 reaping_clients_overdue_jobs_while_they_claim_and_finish_never_deadlocks,
                 a_reader_paging_a_build_s_events_while_its_jobs_change_misses_none,
+                calls_made_at_once_are_each_decided_as_if_alone,
             ]
         }
     };

@@ -1,6 +1,6 @@
 //! [`Images`] on PostgreSQL: image records, chunk lists and the storage counters.
 
-use super::{leased_job_row, unsigned, PgStore};
+use super::{batch, unsigned, wrong_answer, PgStore};
 use crate::{ImageRecord, ImageTotals, Images, LegacyImage, NewImage, StoreError, StoreResult};
 use async_trait::async_trait;
 use kiln_proto::api::ImageInfo;
@@ -30,30 +30,14 @@ impl Images for PgStore {
         lease: &str,
         image: &NewImage,
     ) -> StoreResult<()> {
-        let mut tx = self.write_tx().await?;
-        leased_job_row(&mut tx, build, job, lease).await?;
-        sqlx::query(
-            "INSERT INTO images (build, job, name, lease_token, size, blake3, sha256, \
-             blob_key, created_at, chunk_list) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
-             ON CONFLICT (build, job, name) DO UPDATE SET lease_token = excluded.lease_token, \
-             size = excluded.size, blake3 = excluded.blake3, sha256 = excluded.sha256, \
-             blob_key = excluded.blob_key, created_at = excluded.created_at, \
-             chunk_list = excluded.chunk_list",
-        )
-        .bind(build)
-        .bind(job)
-        .bind(&image.name)
-        .bind(lease)
-        .bind(image.size as i64)
-        .bind(&image.blake3)
-        .bind(&image.sha256)
-        .bind(&image.blob_key)
-        .bind(image.created_at)
-        .bind(&image.chunk_list)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(())
+        let call = batch::Call::AddImage {
+            lease: lease.to_owned(),
+            image: image.clone(),
+        };
+        match self.batcher.call(build, job, call).await? {
+            batch::Answer::Stored => Ok(()),
+            _ => Err(wrong_answer("add_image")),
+        }
     }
 
     async fn list_images(&self, build: &str) -> StoreResult<Vec<ImageInfo>> {

@@ -27,9 +27,15 @@
 //! statement that writes its event ([`insert_event`]), which also reads the build's
 //! webhooks, and then only writes the notices, if any, before committing.
 //!
+//! The calls every job's run makes (its claim, its image records, its finish or
+//! failure) are committed in batches (`batch.rs`): calls made at the same time share one
+//! transaction, whose statements each serve all of them, and each is decided by the
+//! rules as if it were alone. The other changes are one transaction a call, as above.
+//!
 //! One module per area, as for SQLite: `queue.rs`, `logs.rs`, `images.rs`,
-//! `outbox.rs`, `clients.rs`. Migrations are in `migrations/postgres/`.
+//! `outbox.rs`, `clients.rs`; and `batch.rs`. Migrations are in `migrations/postgres/`.
 
+mod batch;
 mod changes;
 mod clients;
 mod images;
@@ -57,6 +63,8 @@ pub struct PgStore {
     /// changes send to other servers name it, so that its own feed passes over them
     /// (see `changes.rs`).
     origin: String,
+    /// Claims, image records, finishes and failures, committed in batches.
+    batcher: std::sync::Arc<batch::Batcher>,
 }
 
 impl PgStore {
@@ -77,7 +85,12 @@ impl PgStore {
             .connect_with(options.application_name(&origin))
             .await?;
         MIGRATOR.run(&pool).await.map_err(StoreError::Migrate)?;
-        Ok(PgStore { pool, origin })
+        let batcher = std::sync::Arc::new(batch::Batcher::new(pool.clone()));
+        Ok(PgStore {
+            pool,
+            origin,
+            batcher,
+        })
     }
 
     async fn write_tx(&self) -> StoreResult<Tx> {
@@ -86,6 +99,13 @@ impl PgStore {
 }
 
 type Tx = Transaction<'static, Postgres>;
+
+/// The error of a batched call that got another call's kind of answer.
+fn wrong_answer(call: &str) -> StoreError {
+    StoreError::Conflict(format!(
+        "the batch answered {call} with another call's answer"
+    ))
+}
 
 /// Whether a database error is a unique constraint refusing a second row.
 fn is_unique_violation(err: &sqlx::Error) -> bool {
@@ -386,19 +406,28 @@ async fn insert_event(
     let urls: Vec<String> = notify
         .and_then(|text| serde_json::from_str(&text).ok())
         .unwrap_or_default();
-    queue_notices(tx, &event, &urls).await?;
+    queue_notices(tx, &event, &urls, true).await?;
     Ok(event)
 }
 
 /// Writes the webhook notices an event calls for into the outbox, in the event's
 /// transaction (which holds the build's event lock) for each of the build's webhooks
 /// `urls`: the job's end and, when it was the build's last job still queued or running,
-/// the build's.
-async fn queue_notices(tx: &mut Tx, event: &Event, urls: &[String]) -> StoreResult<()> {
+/// the build's (if `may_end_build`: a batch of several of the build's events announces
+/// the build's end with the last of them).
+async fn queue_notices(
+    tx: &mut Tx,
+    event: &Event,
+    urls: &[String],
+    may_end_build: bool,
+) -> StoreResult<()> {
     if urls.is_empty() || !rules::may_notify(event) {
         return Ok(());
     }
     let mut notices: Vec<_> = rules::job_notice(event).into_iter().collect();
+    if !may_end_build {
+        return write_notices(tx, event, &notices, urls).await;
+    }
     // One entry of `jobs_open`, however large the build.
     let open: bool = sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM jobs WHERE build = $1 AND state IN ('queued', 'running'))",
@@ -439,7 +468,17 @@ async fn queue_notices(tx: &mut Tx, event: &Event, urls: &[String]) -> StoreResu
             unsigned(&counts, "n_finished")?,
         ));
     }
-    for notice in &notices {
+    write_notices(tx, event, &notices, urls).await
+}
+
+/// Writes `notices` of `event` into the outbox, one row for each of `urls`.
+async fn write_notices(
+    tx: &mut Tx,
+    event: &Event,
+    notices: &[kiln_proto::api::Notice],
+    urls: &[String],
+) -> StoreResult<()> {
+    for notice in notices {
         let body = serde_json::to_string(notice)
             .map_err(|err| StoreError::Conflict(format!("notice does not serialise: {err}")))?;
         for url in urls {

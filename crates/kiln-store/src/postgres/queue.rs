@@ -1,9 +1,9 @@
 //! [`Queue`] on PostgreSQL: builds, jobs, claims, transitions, events and deadlines.
 
 use super::{
-    apply, event_from_row, is_unique_violation, job_row, job_row_from, job_status_from_row,
+    apply, batch, event_from_row, is_unique_violation, job_row, job_row_from, job_status_from_row,
     leased_job_row, lock_build_events, lock_for_changes_of, parse_state, queue_notices, unsigned,
-    write_run, PgStore, Tx, JOB_COLUMNS, JOB_ROW_COLUMNS,
+    write_run, wrong_answer, PgStore, Tx, JOB_COLUMNS, JOB_ROW_COLUMNS,
 };
 use crate::rules::{self, TakeBack};
 use crate::{
@@ -183,7 +183,7 @@ impl Queue for PgStore {
                     StoreError::Conflict(format!("no event was stored for job {}", spec.id))
                 })?;
                 let event = submitted.event.into_event(seq, &manifest.number, &spec.id);
-                queue_notices(&mut tx, &event, &manifest.notify).await?;
+                queue_notices(&mut tx, &event, &manifest.notify, true).await?;
             }
         }
         // Other servers on this database look at the queue again once this commits
@@ -314,74 +314,17 @@ impl Queue for PgStore {
         lease_until: i64,
         now: i64,
     ) -> StoreResult<Option<ClaimedJob>> {
-        let client_id = client.id.as_str();
-        let mut tx = self.write_tx().await?;
-        let query = format!(
-            "SELECT {JOB_ROW_COLUMNS}, title, config_type, install_script, configure_script, \
-             image_script, verify_script FROM jobs WHERE build = $1 AND id = $2 FOR UPDATE"
-        );
-        // Waits for a transaction holding the job (another claim, a cancel, or one whose
-        // rollback is still on its way), then decides on the row as it is.
-        let Some(spec) = sqlx::query(&query)
-            .bind(build)
-            .bind(job)
-            .fetch_optional(&mut *tx)
-            .await?
-        else {
-            return Ok(None);
+        // In the next batch, with the claims, finishes and image records of other
+        // callers (see `batch.rs`).
+        let call = batch::Call::Claim {
+            client: client.clone(),
+            lease_until,
+            now,
         };
-        let row = job_row_from(&spec)?;
-        let lease = rules::new_lease_token();
-        let Some(transition) = rules::claim(&row, client_id, lease.clone(), lease_until, now)
-        else {
-            return Ok(None);
-        };
-        let attempt = transition.run.attempt;
-        // The job's latest event is the one that queued it.
-        let queued_since: Option<i64> =
-            sqlx::query_scalar("SELECT MAX(time) FROM events WHERE build = $1 AND job = $2")
-                .bind(build)
-                .bind(job)
-                .fetch_one(&mut *tx)
-                .await?;
-        // What a client says of itself may change from one claim to the next (an older
-        // client says nothing of its slots or version): the latest claim is the truth.
-        // The client's row before the build's event lock, as every transaction takes them.
-        sqlx::query(
-            "INSERT INTO clients (id, include, slots, version, address, first_seen, \
-             last_contact, n_claimed) VALUES ($1, $2, $3, $4, $5, $6, $7, 1) \
-             ON CONFLICT (id) DO UPDATE SET include = excluded.include, \
-             slots = excluded.slots, version = excluded.version, \
-             address = COALESCE(excluded.address, clients.address), \
-             last_contact = GREATEST(clients.last_contact, excluded.last_contact), \
-             n_claimed = clients.n_claimed + 1",
-        )
-        .bind(client_id)
-        .bind(client.include.join(","))
-        .bind(client.slots.map(i64::from))
-        .bind(&client.version)
-        .bind(&client.address)
-        .bind(now)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        apply(&mut tx, &row, transition, now).await?;
-        let claimed = ClaimedJob {
-            build: build.to_owned(),
-            job: job.to_owned(),
-            title: spec.try_get("title")?,
-            config_type: spec.try_get("config_type")?,
-            install_script: spec.try_get("install_script")?,
-            configure_script: spec.try_get("configure_script")?,
-            image_script: spec.try_get("image_script")?,
-            verify_script: spec.try_get("verify_script")?,
-            timeout_secs: row.limits.timeout_secs,
-            attempt,
-            lease,
-            queued_since: queued_since.unwrap_or(now),
-        };
-        tx.commit().await?;
-        Ok(Some(claimed))
+        match self.batcher.call(build, job, call).await? {
+            batch::Answer::Claimed(claimed) => Ok(claimed),
+            _ => Err(wrong_answer("claim")),
+        }
     }
 
     async fn release(&self, build: &str, job: &str, lease: &str, now: i64) -> StoreResult<()> {
@@ -450,48 +393,15 @@ impl Queue for PgStore {
         images: &[String],
         now: i64,
     ) -> StoreResult<Event> {
-        // The lease first: a caller that does not hold the job learns nothing else.
-        let mut tx = self.write_tx().await?;
-        let row = leased_job_row(&mut tx, build, job, lease).await?;
-        // Every image row of the job in one read, so that the deletes below are a round
-        // trip only when there is something to delete, and the sum none.
-        let rows: Vec<(String, i64, bool)> = sqlx::query_as(
-            "SELECT name, size, lease_token = $3 FROM images WHERE build = $1 AND job = $2",
-        )
-        .bind(build)
-        .bind(job)
-        .bind(lease)
-        .fetch_all(&mut *tx)
-        .await?;
-        let stored: Vec<String> = rows
-            .iter()
-            .filter(|(_, _, mine)| *mine)
-            .map(|(name, _, _)| name.clone())
-            .collect();
-        let unnamed = rules::finish_images(build, job, images, &stored)?;
-        // Images of earlier attempts were uploaded under leases that are gone: only
-        // what this lease stored and the finish names is the job's output (invariant 4).
-        if !unnamed.is_empty() || rows.len() > stored.len() {
-            sqlx::query(
-                "DELETE FROM images WHERE build = $1 AND job = $2 \
-                 AND (lease_token != $3 OR name = ANY($4))",
-            )
-            .bind(build)
-            .bind(job)
-            .bind(lease)
-            .bind(&unnamed)
-            .execute(&mut *tx)
-            .await?;
+        let call = batch::Call::Finish {
+            lease: lease.to_owned(),
+            images: images.to_vec(),
+            now,
+        };
+        match self.batcher.call(build, job, call).await? {
+            batch::Answer::Ended(event) => Ok(event),
+            _ => Err(wrong_answer("finish")),
         }
-        let image_bytes: i64 = rows
-            .iter()
-            .filter(|(name, _, mine)| *mine && !unnamed.contains(name))
-            .map(|(_, size, _)| size)
-            .sum();
-        let transition = rules::finish(&row, image_bytes.max(0) as u64, now);
-        let event = apply(&mut tx, &row, transition, now).await?;
-        tx.commit().await?;
-        Ok(event)
     }
 
     async fn fail(
@@ -502,11 +412,15 @@ impl Queue for PgStore {
         failure: &Failure,
         now: i64,
     ) -> StoreResult<Event> {
-        let mut tx = self.write_tx().await?;
-        let row = leased_job_row(&mut tx, build, job, lease).await?;
-        let event = apply(&mut tx, &row, rules::fail(&row, failure, now), now).await?;
-        tx.commit().await?;
-        Ok(event)
+        let call = batch::Call::Fail {
+            lease: lease.to_owned(),
+            failure: failure.clone(),
+            now,
+        };
+        match self.batcher.call(build, job, call).await? {
+            batch::Answer::Ended(event) => Ok(event),
+            _ => Err(wrong_answer("fail")),
+        }
     }
 
     async fn reap_leases(
