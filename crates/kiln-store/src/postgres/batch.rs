@@ -30,8 +30,8 @@ use kiln_proto::state::JobState;
 use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Postgres, Row, Transaction};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::sync::{Mutex, PoisonError};
-use tokio::sync::{mpsc, oneshot};
+use std::sync::{Arc, Mutex, PoisonError};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 
 /// The most calls one batch serves: its statements' arrays stay small, and the calls
 /// beyond wait for the next batch.
@@ -87,10 +87,13 @@ struct Pending {
     reply: oneshot::Sender<StoreResult<Answer>>,
 }
 
-/// Runs the calls sent to it in batches, on a task of its own (started by the first
-/// call, and again by the next call if its runtime went away).
+/// Runs each call at once in a lane of its own while a lane is free, and the calls
+/// that come while every lane is busy in batches, from a task of its own (started by
+/// the first such call, and again by the next if its runtime went away).
 pub(super) struct Batcher {
     pool: PgPool,
+    /// [`LANES`] permits: a transaction of the batcher's holds one.
+    lanes: Arc<Semaphore>,
     sender: Mutex<Option<mpsc::UnboundedSender<Pending>>>,
 }
 
@@ -98,22 +101,26 @@ impl Batcher {
     pub(super) fn new(pool: PgPool) -> Self {
         Batcher {
             pool,
+            lanes: Arc::new(Semaphore::new(LANES)),
             sender: Mutex::new(None),
         }
     }
 
-    /// Runs `call` on the job `build`/`job` in the next batch, and answers once that
-    /// batch committed.
+    /// Runs `call` on the job `build`/`job`: at once if a lane is free (in the caller's
+    /// task, as any call alone), else in the next batch. Answers once committed.
     pub(super) async fn call(&self, build: &str, job: &str, call: Call) -> StoreResult<Answer> {
-        let (reply, answer) = oneshot::channel();
-        let mut pending = Pending {
-            request: Request {
-                build: build.to_owned(),
-                job: job.to_owned(),
-                call,
-            },
-            reply,
+        let request = Request {
+            build: build.to_owned(),
+            job: job.to_owned(),
+            call,
         };
+        // A free lane means nothing waits for one (the task waiting for a lane for the
+        // calls it holds is handed the next free one first).
+        if let Ok(_lane) = self.lanes.clone().try_acquire_owned() {
+            return execute_alone(&self.pool, &request).await;
+        }
+        let (reply, answer) = oneshot::channel();
+        let mut pending = Pending { request, reply };
         {
             let mut sender = self.sender.lock().unwrap_or_else(PoisonError::into_inner);
             loop {
@@ -124,7 +131,7 @@ impl Batcher {
                     }
                 }
                 let (tx, rx) = mpsc::unbounded_channel();
-                tokio::spawn(run(self.pool.clone(), rx));
+                tokio::spawn(run(self.pool.clone(), self.lanes.clone(), rx));
                 *sender = Some(tx);
             }
         }
@@ -142,35 +149,49 @@ fn unavailable(text: String) -> StoreError {
 }
 
 /// The batcher's task: whenever a lane is free, starts the next call waiting alone, or
-/// a batch of those waiting if [`MIN_BATCH`] wait; until every sender is gone and every
-/// lane is done.
-async fn run(pool: PgPool, mut calls: mpsc::UnboundedReceiver<Pending>) {
+/// a batch of those waiting if [`MIN_BATCH`] wait; until every sender is gone.
+async fn run(pool: PgPool, lanes: Arc<Semaphore>, mut calls: mpsc::UnboundedReceiver<Pending>) {
     let mut waiting: VecDeque<Pending> = VecDeque::new();
-    let mut running = tokio::task::JoinSet::new();
     let mut open = true;
     loop {
+        if waiting.is_empty() {
+            if !open {
+                return;
+            }
+            match calls.recv().await {
+                Some(pending) => waiting.push_back(pending),
+                None => return,
+            }
+        }
+        // A lane, taking in the calls that come meanwhile.
+        let lane = tokio::select! {
+            lane = lanes.clone().acquire_owned() => lane,
+            pending = calls.recv(), if open => {
+                match pending {
+                    Some(pending) => waiting.push_back(pending),
+                    None => open = false,
+                }
+                continue;
+            }
+        };
+        let Ok(lane) = lane else {
+            return;
+        };
         while let Ok(pending) = calls.try_recv() {
             waiting.push_back(pending);
         }
-        if !waiting.is_empty() && running.len() < LANES {
-            let most = if waiting.len() >= MIN_BATCH {
-                MAX_BATCH
-            } else {
-                1
-            };
-            let batch = next_batch(&mut waiting, most);
-            if !batch.is_empty() {
-                running.spawn(run_batch(pool.clone(), batch));
-            }
-            continue;
-        }
-        tokio::select! {
-            pending = calls.recv(), if open => match pending {
-                Some(pending) => waiting.push_back(pending),
-                None => open = false,
-            },
-            Some(_) = running.join_next(), if !running.is_empty() => {}
-            else => return,
+        let most = if waiting.len() >= MIN_BATCH {
+            MAX_BATCH
+        } else {
+            1
+        };
+        let batch = next_batch(&mut waiting, most);
+        if !batch.is_empty() {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                run_batch(pool, batch).await;
+                drop(lane);
+            });
         }
     }
 }
