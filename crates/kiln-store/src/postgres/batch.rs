@@ -1,15 +1,17 @@
 //! Group commit on PostgreSQL for the calls every job's run makes: its claim, the
 //! records of its images, and its finish or failure.
 //!
-//! Each of these calls goes to the store's [`Batcher`], a task that runs one batch at
-//! a time. Every call waiting when a batch starts (one per job, at most [`MAX_BATCH`])
-//! goes into it, and the batch is one transaction whose statements each serve all of
-//! its calls: one locks every job row, one records every client, one writes every run,
-//! one writes every event. A call that comes while a batch runs waits for the next, so
-//! that a lone call waits for nothing and calls that come together share their round
+//! Each of these calls goes to the store's [`Batcher`], which runs at most [`LANES`]
+//! transactions at once. While a lane is free, a call runs at once in it, alone, in its
+//! caller's task, with a statement a row ([`execute_alone`]). A call that comes while
+//! every lane is busy waits in the batcher's task; when a lane frees, the next call
+//! waiting runs alone, or, if [`MIN_BATCH`] wait, all of them (one per job, at most
+//! [`MAX_BATCH`]) go together into one transaction whose statements each serve all of
+//! its calls ([`execute`]): one locks every job row, one records every client, one
+//! writes every run, one writes every event. Calls that come together share their round
 //! trips and their commit (one WAL flush). One job a transaction, a claim or a finish
 //! was seven round trips and a flush of its own, and PostgreSQL ran out of CPU near
-//! 600 claim-and-finish cycles a second whatever the number of callers.
+//! 600 to 1,100 claim-and-finish cycles a second whatever the number of callers.
 //!
 //! The rules decide each call on the row as the batch locked it, exactly as for a call
 //! alone: a call they refuse (a stale lease, a finish naming an image not stored, a
