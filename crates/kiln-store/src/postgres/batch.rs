@@ -37,7 +37,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 
 /// The most calls one batch serves: its statements' arrays stay small, and the calls
 /// beyond wait for the next batch.
-pub(super) const MAX_BATCH: usize = 256;
+const MAX_BATCH: usize = 256;
 
 /// Transactions the batcher runs at once (its lanes): a call alone while few wait, or a
 /// batch of them once [`MIN_BATCH`] wait.
@@ -463,7 +463,8 @@ async fn drop_unkept(
 }
 
 /// Records a claim's client (what it said of itself, its address, its contact, one
-/// more claim), as the latest claim describes it.
+/// more claim). What a client says of itself may change from one claim to the next (an
+/// older client says nothing of its slots or version): the latest claim is the truth.
 async fn record_claim(
     tx: &mut Transaction<'static, Postgres>,
     client: &ClaimingClient,
@@ -959,6 +960,8 @@ async fn execute_alone(pool: &PgPool, request: &Request) -> StoreResult<Answer> 
                  AND e.job = jobs.id) AS queued_since \
                  FROM jobs WHERE build = $1 AND id = $2 FOR UPDATE"
             );
+            // Waits for a transaction holding the job (another claim, a cancel, or one
+            // whose rollback is still on its way), then decides on the row as it is.
             let Some(row) = sqlx::query(&query)
                 .bind(build)
                 .bind(job)
