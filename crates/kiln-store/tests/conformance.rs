@@ -108,3 +108,80 @@ async fn a_change_on_one_postgresql_store_is_told_to_another_following_it() -> a
     assert_eq!(told("a cancel").await?, Change { ended: true });
     Ok(())
 }
+
+/// Calls that come while every lane of a PostgreSQL store is busy wait, and once a lane
+/// frees go together into one transaction (`postgres/batch.rs`), each decided as if it
+/// were alone. Four claims of jobs whose rows another connection holds take the four
+/// lanes and wait; twelve claims that come meanwhile wait for a lane; when the rows are
+/// let go, the twelve share a batch. Every job is then handed out once, with its event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_that_wait_for_a_lane_on_postgresql_are_committed_together() -> anyhow::Result<()> {
+    use kiln_store::conformance::{at, claim, job, new_build, BUILD};
+    use kiln_store::Queue;
+    use sqlx::Connection;
+    use std::time::{Duration, Instant};
+    let url = PgCluster::shared()?.new_database().await?;
+    let store = Arc::new(PgStore::connect(&url).await?);
+    let ids: Vec<String> = (0..16).map(|idx| format!("job-{idx:02}")).collect();
+    store
+        .insert_build(&new_build(
+            BUILD,
+            ids.iter().map(|id| job(id)).collect(),
+            at(0),
+        ))
+        .await?;
+    let (held, others) = ids.split_at(4);
+
+    let mut holder = sqlx::PgConnection::connect(&url).await?;
+    sqlx::query("BEGIN").execute(&mut holder).await?;
+    sqlx::query("SELECT 1 FROM jobs WHERE id = ANY($1) FOR UPDATE")
+        .bind(held)
+        .execute(&mut holder)
+        .await?;
+    let mut calls = tokio::task::JoinSet::new();
+    let spawn_claims = |calls: &mut tokio::task::JoinSet<_>, ids: &[String]| {
+        for (idx, id) in ids.iter().enumerate() {
+            let (store, id) = (store.clone(), id.clone());
+            calls.spawn(async move {
+                let client = format!("client-{}", idx % 3);
+                let run = claim(&*store, BUILD, &id, &client, at(1)).await?;
+                anyhow::Ok(run.job)
+            });
+        }
+    };
+    spawn_claims(&mut calls, held);
+    // The four claims wait for the held rows, each in a lane (seen from a connection of
+    // its own: a transaction sees one snapshot of the server's activity).
+    let mut watcher = sqlx::PgConnection::connect(&url).await?;
+    let waiting_for_locks = "SELECT COUNT(*) FROM pg_stat_activity \
+         WHERE datname = current_database() AND wait_event_type = 'Lock'";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sqlx::query_scalar::<_, i64>(waiting_for_locks)
+        .fetch_one(&mut watcher)
+        .await?
+        < 4
+    {
+        assert!(Instant::now() < deadline, "the four claims never waited");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    spawn_claims(&mut calls, others);
+    // Time for the twelve to reach the batcher's queue; none can run.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(store.calls_batched(), 0);
+    sqlx::query("COMMIT").execute(&mut holder).await?;
+
+    let mut claimed = Vec::new();
+    while let Some(joined) = calls.join_next().await {
+        claimed.push(joined??);
+    }
+    claimed.sort();
+    assert_eq!(claimed, ids, "every job handed out once");
+    assert_eq!(store.calls_batched(), others.len() as u64);
+    let events = store.events(BUILD, 0).await?;
+    assert_eq!(events.len(), 2 * ids.len(), "queued and running a job");
+    for id in &ids {
+        let status = store.get_job(BUILD, id).await?;
+        assert_eq!((status.attempt, status.state.as_str()), (1, "running"));
+    }
+    Ok(())
+}

@@ -32,6 +32,7 @@ use kiln_proto::state::JobState;
 use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Postgres, Row, Transaction};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
@@ -97,6 +98,8 @@ pub(super) struct Batcher {
     /// [`LANES`] permits: a transaction of the batcher's holds one.
     lanes: Arc<Semaphore>,
     sender: Mutex<Option<mpsc::UnboundedSender<Pending>>>,
+    /// Calls answered by batches of several, since the store opened.
+    batched: Arc<AtomicU64>,
 }
 
 impl Batcher {
@@ -105,7 +108,13 @@ impl Batcher {
             pool,
             lanes: Arc::new(Semaphore::new(LANES)),
             sender: Mutex::new(None),
+            batched: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// Calls answered by batches of several (not alone), since the store opened.
+    pub(super) fn batched(&self) -> u64 {
+        self.batched.load(Ordering::Relaxed)
     }
 
     /// Runs `call` on the job `build`/`job`: at once if a lane is free (in the caller's
@@ -133,7 +142,12 @@ impl Batcher {
                     }
                 }
                 let (tx, rx) = mpsc::unbounded_channel();
-                tokio::spawn(run(self.pool.clone(), self.lanes.clone(), rx));
+                tokio::spawn(run(
+                    self.pool.clone(),
+                    self.lanes.clone(),
+                    self.batched.clone(),
+                    rx,
+                ));
                 *sender = Some(tx);
             }
         }
@@ -152,7 +166,12 @@ fn unavailable(text: String) -> StoreError {
 
 /// The batcher's task: whenever a lane is free, starts the next call waiting alone, or
 /// a batch of those waiting if [`MIN_BATCH`] wait; until every sender is gone.
-async fn run(pool: PgPool, lanes: Arc<Semaphore>, mut calls: mpsc::UnboundedReceiver<Pending>) {
+async fn run(
+    pool: PgPool,
+    lanes: Arc<Semaphore>,
+    batched: Arc<AtomicU64>,
+    mut calls: mpsc::UnboundedReceiver<Pending>,
+) {
     let mut waiting: VecDeque<Pending> = VecDeque::new();
     let mut open = true;
     loop {
@@ -189,9 +208,9 @@ async fn run(pool: PgPool, lanes: Arc<Semaphore>, mut calls: mpsc::UnboundedRece
         };
         let batch = next_batch(&mut waiting, most);
         if !batch.is_empty() {
-            let pool = pool.clone();
+            let (pool, batched) = (pool.clone(), batched.clone());
             tokio::spawn(async move {
-                run_batch(pool, batch).await;
+                run_batch(pool, batch, &batched).await;
                 drop(lane);
             });
         }
@@ -223,7 +242,7 @@ fn next_batch(waiting: &mut VecDeque<Pending>, most: usize) -> Vec<Pending> {
 }
 
 /// Runs one batch and answers its calls.
-async fn run_batch(pool: PgPool, batch: Vec<Pending>) {
+async fn run_batch(pool: PgPool, batch: Vec<Pending>, batched: &AtomicU64) {
     let pool = &pool;
     let (requests, replies): (Vec<Request>, Vec<_>) = batch
         .into_iter()
@@ -237,6 +256,7 @@ async fn run_batch(pool: PgPool, batch: Vec<Pending>) {
     }
     match execute(pool, &requests).await {
         Ok(answers) => {
+            batched.fetch_add(answers.len() as u64, Ordering::Relaxed);
             for (reply, answer) in replies.into_iter().zip(answers) {
                 let _ = reply.send(answer);
             }
