@@ -24,13 +24,13 @@
 //! module): the job rows in (build, pk) order in one statement, the clients' rows in
 //! id order in one statement, then the builds' event locks in build order.
 
-use super::{apply, job_row_from, leased_job_row, queue_notices, JOB_ROW_COLUMNS};
+use super::{apply, job_row_from, leased_job_row, queue_notices, Tx, JOB_ROW_COLUMNS};
 use crate::rules::{self, ClientCount, EventDraft, JobRow, JobRun, Transition};
 use crate::{ClaimedJob, ClaimingClient, Failure, NewImage, StoreError, StoreResult};
 use kiln_proto::api::Event;
 use kiln_proto::state::JobState;
 use sqlx::postgres::PgRow;
-use sqlx::{PgPool, Postgres, Row, Transaction};
+use sqlx::{PgPool, Row};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -48,6 +48,23 @@ const LANES: usize = 4;
 /// go one at a time, each alone in its transaction, as the batch's statements cost
 /// PostgreSQL more than a call's own for a handful of calls.
 const MIN_BATCH: usize = 8;
+
+/// An image record's insert of the rows `$rows` (a `VALUES` list or a `SELECT`), which
+/// replaces a record of the same name: one statement text for a call alone and for a
+/// batch.
+macro_rules! image_upsert {
+    ($rows:literal) => {
+        concat!(
+            "INSERT INTO images (build, job, name, lease_token, size, blake3, sha256, \
+             blob_key, created_at, chunk_list) ",
+            $rows,
+            " ON CONFLICT (build, job, name) DO UPDATE SET lease_token = excluded.lease_token, \
+             size = excluded.size, blake3 = excluded.blake3, sha256 = excluded.sha256, \
+             blob_key = excluded.blob_key, created_at = excluded.created_at, \
+             chunk_list = excluded.chunk_list"
+        )
+    };
+}
 
 /// A call the batcher serves, on one job.
 pub(super) enum Call {
@@ -340,10 +357,7 @@ async fn execute(pool: &PgPool, requests: &[Request]) -> StoreResult<Vec<StoreRe
 
 /// Locks the rows of the requests' jobs, in (build, pk) order, and reads with each
 /// claimed job what the claim hands out.
-async fn lock_rows(
-    tx: &mut Transaction<'static, Postgres>,
-    requests: &[Request],
-) -> StoreResult<HashMap<Key, Locked>> {
+async fn lock_rows(tx: &mut Tx, requests: &[Request]) -> StoreResult<HashMap<Key, Locked>> {
     let builds: Vec<&str> = requests.iter().map(|r| r.build.as_str()).collect();
     let jobs: Vec<&str> = requests.iter().map(|r| r.job.as_str()).collect();
     let claims: Vec<bool> = requests
@@ -463,7 +477,7 @@ fn finish_transition(
 
 /// Drops a finished job's images of other leases than `lease`, and those of `unnamed`.
 async fn drop_unkept(
-    tx: &mut Transaction<'static, Postgres>,
+    tx: &mut Tx,
     build: &str,
     job: &str,
     lease: &str,
@@ -485,11 +499,7 @@ async fn drop_unkept(
 /// Records a claim's client (what it said of itself, its address, its contact, one
 /// more claim). What a client says of itself may change from one claim to the next (an
 /// older client says nothing of its slots or version): the latest claim is the truth.
-async fn record_claim(
-    tx: &mut Transaction<'static, Postgres>,
-    client: &ClaimingClient,
-    now: i64,
-) -> StoreResult<()> {
+async fn record_claim(tx: &mut Tx, client: &ClaimingClient, now: i64) -> StoreResult<()> {
     sqlx::query(
         "INSERT INTO clients (id, include, slots, version, address, first_seen, \
          last_contact, n_claimed) VALUES ($1, $2, $3, $4, $5, $6, $7, 1) \
@@ -513,7 +523,7 @@ async fn record_claim(
 
 /// Every image row of the jobs the requests finish, in one read.
 async fn stored_images(
-    tx: &mut Transaction<'static, Postgres>,
+    tx: &mut Tx,
     requests: &[Request],
 ) -> StoreResult<HashMap<Key, Vec<StoredImage>>> {
     let (builds, jobs): (Vec<&str>, Vec<&str>) = requests
@@ -707,7 +717,7 @@ impl<'a> Plan<'a> {
     /// Writes the plan in the order locks are taken (the job rows are locked already):
     /// images, clients' rows, runs, then the events under their builds' event locks,
     /// with the webhook notices they call for. Returns the events, in the plan's order.
-    async fn write(&self, tx: &mut Transaction<'static, Postgres>) -> StoreResult<Vec<Event>> {
+    async fn write(&self, tx: &mut Tx) -> StoreResult<Vec<Event>> {
         self.write_images(tx).await?;
         for drop in &self.drops {
             match drop {
@@ -731,7 +741,7 @@ impl<'a> Plan<'a> {
         self.write_events(tx).await
     }
 
-    async fn write_images(&self, tx: &mut Transaction<'static, Postgres>) -> StoreResult<()> {
+    async fn write_images(&self, tx: &mut Tx) -> StoreResult<()> {
         if self.images.is_empty() {
             return Ok(());
         }
@@ -741,16 +751,10 @@ impl<'a> Plan<'a> {
         let sizes: Vec<i64> = self.images.iter().map(|i| i.2.size as i64).collect();
         let created: Vec<i64> = self.images.iter().map(|i| i.2.created_at).collect();
         let chunk_lists: Vec<&[u8]> = self.images.iter().map(|i| &i.2.chunk_list[..]).collect();
-        sqlx::query(
-            "INSERT INTO images (build, job, name, lease_token, size, blake3, sha256, \
-             blob_key, created_at, chunk_list) \
-             SELECT * FROM UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::BIGINT[], \
-             $6::TEXT[], $7::TEXT[], $8::TEXT[], $9::BIGINT[], $10::BYTEA[]) \
-             ON CONFLICT (build, job, name) DO UPDATE SET lease_token = excluded.lease_token, \
-             size = excluded.size, blake3 = excluded.blake3, sha256 = excluded.sha256, \
-             blob_key = excluded.blob_key, created_at = excluded.created_at, \
-             chunk_list = excluded.chunk_list",
-        )
+        sqlx::query(image_upsert!(
+            "SELECT * FROM UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], \
+                 $5::BIGINT[], $6::TEXT[], $7::TEXT[], $8::TEXT[], $9::BIGINT[], $10::BYTEA[])"
+        ))
         .bind(column(|i| i.0.build.clone()))
         .bind(column(|i| i.0.job.clone()))
         .bind(column(|i| i.2.name.clone()))
@@ -769,7 +773,7 @@ impl<'a> Plan<'a> {
     /// Every client's row the batch changes, in one statement, in id order. A claim
     /// inserts its client's row if it is new; what a claim said of its client replaces
     /// what the row had (its address only when it said one).
-    async fn write_clients(&self, tx: &mut Transaction<'static, Postgres>) -> StoreResult<()> {
+    async fn write_clients(&self, tx: &mut Tx) -> StoreResult<()> {
         if self.clients.is_empty() {
             return Ok(());
         }
@@ -828,7 +832,7 @@ impl<'a> Plan<'a> {
 
     /// Every run, in one statement, each if its job is still in the state it was read
     /// in (under the row lock it always is).
-    async fn write_runs(&self, tx: &mut Transaction<'static, Postgres>) -> StoreResult<()> {
+    async fn write_runs(&self, tx: &mut Tx) -> StoreResult<()> {
         if self.runs.is_empty() {
             return Ok(());
         }
@@ -890,10 +894,7 @@ impl<'a> Plan<'a> {
 
     /// Every event, in one statement that first takes the builds' event locks (in
     /// build order) and then draws the numbers; then the notices each calls for.
-    async fn write_events(
-        &self,
-        tx: &mut Transaction<'static, Postgres>,
-    ) -> StoreResult<Vec<Event>> {
+    async fn write_events(&self, tx: &mut Tx) -> StoreResult<Vec<Event>> {
         if self.events.is_empty() {
             return Ok(Vec::new());
         }
@@ -1005,15 +1006,9 @@ async fn execute_alone(pool: &PgPool, request: &Request) -> StoreResult<Answer> 
         }
         Call::AddImage { lease, image } => {
             leased_job_row(&mut tx, build, job, lease).await?;
-            sqlx::query(
-                "INSERT INTO images (build, job, name, lease_token, size, blake3, sha256, \
-                 blob_key, created_at, chunk_list) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
-                 ON CONFLICT (build, job, name) DO UPDATE SET lease_token = excluded.lease_token, \
-                 size = excluded.size, blake3 = excluded.blake3, sha256 = excluded.sha256, \
-                 blob_key = excluded.blob_key, created_at = excluded.created_at, \
-                 chunk_list = excluded.chunk_list",
-            )
+            sqlx::query(image_upsert!(
+                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+            ))
             .bind(build)
             .bind(job)
             .bind(&image.name)
