@@ -962,11 +962,15 @@ impl<'a> Plan<'a> {
     }
 }
 
-/// A call alone, in a transaction of its own with a statement a row: for one call the
-/// batch's statements (arrays unnested, rows joined to them) cost PostgreSQL more than
-/// these do.
+/// A call alone, with a statement a row: for one call the batch's statements (arrays
+/// unnested, rows joined to them) cost PostgreSQL more than these do. An image record
+/// is one statement, its own transaction; the other calls read the job's row, ask the
+/// rules, and write in a transaction of their own.
 async fn execute_alone(pool: &PgPool, request: &Request) -> StoreResult<Answer> {
     let Request { build, job, call } = request;
+    if let Call::AddImage { lease, image } = call {
+        return store_image_alone(pool, build, job, lease, image).await;
+    }
     let mut tx = pool.begin().await?;
     let answer = match call {
         Call::Claim {
@@ -1004,25 +1008,8 @@ async fn execute_alone(pool: &PgPool, request: &Request) -> StoreResult<Answer> 
             apply(&mut tx, &read, transition, *now).await?;
             Answer::Claimed(Some(claimed))
         }
-        Call::AddImage { lease, image } => {
-            leased_job_row(&mut tx, build, job, lease).await?;
-            sqlx::query(image_upsert!(
-                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
-            ))
-            .bind(build)
-            .bind(job)
-            .bind(&image.name)
-            .bind(lease)
-            .bind(image.size as i64)
-            .bind(&image.blake3)
-            .bind(&image.sha256)
-            .bind(&image.blob_key)
-            .bind(image.created_at)
-            .bind(&image.chunk_list)
-            .execute(&mut *tx)
-            .await?;
-            Answer::Stored
-        }
+        // Stored by its one statement, above.
+        Call::AddImage { .. } => return Err(super::wrong_answer("an image record")),
         Call::Finish { lease, images, now } => {
             // The lease first: a caller that does not hold the job learns nothing else.
             let read = leased_job_row(&mut tx, build, job, lease).await?;
@@ -1055,4 +1042,48 @@ async fn execute_alone(pool: &PgPool, request: &Request) -> StoreResult<Answer> 
     };
     tx.commit().await?;
     Ok(answer)
+}
+
+/// An image record alone, in one statement: the job's row is locked and read, and the
+/// record written only if the row holds `lease`, running. The rules then judge the row
+/// read; the statement's own judgement must agree with theirs.
+async fn store_image_alone(
+    pool: &PgPool,
+    build: &str,
+    job: &str,
+    lease: &str,
+    image: &NewImage,
+) -> StoreResult<Answer> {
+    let query = format!(
+        "WITH job AS (SELECT {JOB_ROW_COLUMNS} FROM jobs WHERE build = $1 AND id = $2 \
+         FOR UPDATE), stored AS ({} RETURNING 1) \
+         SELECT job.*, (SELECT COUNT(*) FROM stored) AS n_stored FROM job",
+        image_upsert!(
+            "SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10 FROM job \
+             WHERE job.state = 'running' AND job.lease_token = $4"
+        )
+    );
+    let row = sqlx::query(&query)
+        .bind(build)
+        .bind(job)
+        .bind(&image.name)
+        .bind(lease)
+        .bind(image.size as i64)
+        .bind(&image.blake3)
+        .bind(&image.sha256)
+        .bind(&image.blob_key)
+        .bind(image.created_at)
+        .bind(&image.chunk_list)
+        .fetch_optional(pool)
+        .await?
+        .ok_or_else(|| StoreError::NotFound(format!("job {build}/{job}")))?;
+    let n_stored: i64 = row.try_get("n_stored")?;
+    let judged = rules::check_lease(&job_row_from(&row)?, lease);
+    match (judged, n_stored) {
+        (Ok(()), 1) => Ok(Answer::Stored),
+        (Err(refused), 0) => Err(refused),
+        _ => Err(StoreError::Conflict(format!(
+            "job {build}/{job}: the image record's statement and the rules judged its lease differently"
+        ))),
+    }
 }

@@ -24,7 +24,7 @@
 //!
 //! The event lock comes last because every change of a build waits for it, and it is
 //! held until the commit (and its WAL flush) is done: a transaction takes it with the
-//! statement that writes its event ([`insert_event`]), which also reads the build's
+//! statement that writes its event ([`write_run_and_event`]), which also reads the build's
 //! webhooks, and then only writes the notices, if any, before committing.
 //!
 //! The calls every job's run makes (its claim, its image records, its finish or
@@ -59,6 +59,11 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres
 #[derive(Clone)]
 pub struct PgStore {
     pool: PgPool,
+    /// Connections that read the queue's first page (`queued_candidates`), with sorting
+    /// ruled out (`enable_sort = off`), so that the page is always read from
+    /// `jobs_queue` in its order, never by sorting every queued job (see
+    /// `QUEUED_CANDIDATES` in `queue.rs`).
+    queue_reads: PgPool,
     /// The `application_name` of this store's connections, unique to it: the words its
     /// changes send to other servers name it, so that its own feed passes over them
     /// (see `changes.rs`).
@@ -79,15 +84,21 @@ impl PgStore {
     /// Connects with `options`, as [`PgStore::connect`].
     pub async fn connect_with(options: PgConnectOptions) -> StoreResult<Self> {
         let origin = changes::new_origin();
+        let options = options.application_name(&origin);
         let pool = PgPoolOptions::new()
             .max_connections(16)
             .acquire_timeout(Duration::from_secs(3))
-            .connect_with(options.application_name(&origin))
+            .connect_with(options.clone())
             .await?;
         MIGRATOR.run(&pool).await.map_err(StoreError::Migrate)?;
+        let queue_reads = PgPoolOptions::new()
+            .max_connections(2)
+            .acquire_timeout(Duration::from_secs(3))
+            .connect_lazy_with(options.options([("enable_sort", "off")]));
         let batcher = std::sync::Arc::new(batch::Batcher::new(pool.clone()));
         Ok(PgStore {
             pool,
+            queue_reads,
             origin,
             batcher,
         })
@@ -221,49 +232,84 @@ async fn leased_job_row(tx: &mut Tx, build: &str, job: &str, lease: &str) -> Sto
     Ok(row)
 }
 
-/// Writes a job's run columns as the rules decided them, if the job is still in the
-/// state `read` has.
-async fn write_run(tx: &mut Tx, read: &JobRow, run: &JobRun) -> StoreResult<()> {
-    let done = sqlx::query(
+/// The event lock of the build named by parameter `$n` (`$1` when not said), as an
+/// SQL expression: a transaction advisory lock.
+macro_rules! event_lock {
+    () => {
+        event_lock!("$1")
+    };
+    ($build:literal) => {
+        concat!(
+            "pg_advisory_xact_lock(hashtextextended('kiln.events:' || ",
+            $build,
+            ", 0))"
+        )
+    };
+}
+
+/// The update of a job's run columns as the rules decided them (`$1` to `$16`), if
+/// the job (build `$17`, id `$18`) is still in the state it was read in (`$19`).
+macro_rules! run_update {
+    () => {
         "UPDATE jobs SET state = $1, client_id = $2, lease_token = $3, lease_expires_at = $4, \
          attempt = $5, time_start = $6, time_complete = $7, steps_done = $8, major_state = $9, \
          minor_state = $10, percent = $11, error = $12, retries_used = $13, leases_lost = $14, \
-         accept_deadline = $15, steps_done_at = $16 WHERE build = $17 AND id = $18 AND state = $19",
-    )
-    .bind(run.state.as_str())
-    .bind(&run.client_id)
-    .bind(&run.lease_token)
-    .bind(run.lease_expires_at)
-    .bind(i64::from(run.attempt))
-    .bind(run.time_start)
-    .bind(run.time_complete)
-    .bind(run.steps_done)
-    .bind(&run.major_state)
-    .bind(&run.minor_state)
-    .bind(run.percent)
-    .bind(&run.error)
-    .bind(i64::from(run.retries_used))
-    .bind(i64::from(run.leases_lost))
-    .bind(run.accept_deadline)
-    .bind(run.steps_done_at)
-    .bind(&read.build)
-    .bind(&read.job)
-    .bind(read.run.state.as_str())
-    .execute(&mut **tx)
-    .await?;
+         accept_deadline = $15, steps_done_at = $16 WHERE build = $17 AND id = $18 AND state = $19"
+    };
+}
+
+/// [`run_update!`] with its parameters bound.
+fn bind_run<'q>(
+    query: sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>,
+    read: &'q JobRow,
+    run: &'q JobRun,
+) -> sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments> {
+    query
+        .bind(run.state.as_str())
+        .bind(&run.client_id)
+        .bind(&run.lease_token)
+        .bind(run.lease_expires_at)
+        .bind(i64::from(run.attempt))
+        .bind(run.time_start)
+        .bind(run.time_complete)
+        .bind(run.steps_done)
+        .bind(&run.major_state)
+        .bind(&run.minor_state)
+        .bind(run.percent)
+        .bind(&run.error)
+        .bind(i64::from(run.retries_used))
+        .bind(i64::from(run.leases_lost))
+        .bind(run.accept_deadline)
+        .bind(run.steps_done_at)
+        .bind(&read.build)
+        .bind(&read.job)
+        .bind(read.run.state.as_str())
+}
+
+/// The error of a run's update that found the job no longer in the state it was read in.
+fn moved_on(read: &JobRow) -> StoreError {
+    StoreError::Conflict(format!(
+        "job {}/{} is no longer {}",
+        read.build, read.job, read.run.state
+    ))
+}
+
+/// Writes a job's run columns as the rules decided them, if the job is still in the
+/// state `read` has.
+async fn write_run(tx: &mut Tx, read: &JobRow, run: &JobRun) -> StoreResult<()> {
+    let done = bind_run(sqlx::query(run_update!()), read, run)
+        .execute(&mut **tx)
+        .await?;
     if done.rows_affected() != 1 {
-        return Err(StoreError::Conflict(format!(
-            "job {}/{} is no longer {}",
-            read.build, read.job, read.run.state
-        )));
+        return Err(moved_on(read));
     }
     Ok(())
 }
 
-/// Writes a transition the rules decided for the job `read`: its run, its images if
-/// they go, its client's count, and its event (with the notices it calls for).
+/// Writes a transition the rules decided for the job `read`: its images if they go,
+/// its client's count, then its run and its event in one statement (with the notices
+/// it calls for).
 async fn apply(tx: &mut Tx, read: &JobRow, transition: Transition, now: i64) -> StoreResult<Event> {
-    write_run(tx, read, &transition.run).await?;
     if transition.drop_images {
         sqlx::query("DELETE FROM images WHERE build = $1 AND job = $2")
             .bind(&read.build)
@@ -273,11 +319,60 @@ async fn apply(tx: &mut Tx, read: &JobRow, transition: Transition, now: i64) -> 
     }
     // The client's row before the build's event lock: the order every transaction
     // takes them in (see the module's documentation), and the event last, so that the
-    // lock every change of the build waits for is held for as little as can be.
+    // lock every change of the build waits for is held for as little as can be. The
+    // job's row is locked already, since it was read.
     if let Some((client_id, count)) = &transition.count {
         count_client(tx, client_id, *count, now).await?;
     }
-    insert_event(tx, &read.build, &read.job, transition.event).await
+    write_run_and_event(tx, read, &transition.run, transition.event).await
+}
+
+/// Writes a job's run (as [`write_run`]) and its event, held to the state machine's
+/// arrows, in one round trip, then the notices the event calls for. The statement
+/// takes the build's event lock only for an updated row, draws the event's number
+/// after the lock is held, and reads the build's webhooks. A job no longer in the
+/// state `read` has gets neither written, and the call fails as [`write_run`]'s does.
+async fn write_run_and_event(
+    tx: &mut Tx,
+    read: &JobRow,
+    run: &JobRun,
+    draft: EventDraft,
+) -> StoreResult<Event> {
+    rules::check_transition(&read.build, &read.job, draft.from, draft.to)?;
+    let query = concat!(
+        "WITH run AS (",
+        run_update!(),
+        " RETURNING 1), locked AS (SELECT ",
+        event_lock!("$17"),
+        " FROM run), inserted AS (INSERT INTO events (seq, build, job, time, from_state, \
+         to_state, client_id, attempt, reason) SELECT nextval('events_seq_seq'), $17, $18, \
+         $20, $21, $22, $23, $24, $25 FROM locked RETURNING seq) \
+         SELECT seq, (SELECT notify FROM builds WHERE number = $17) FROM inserted"
+    );
+    let written = bind_run(sqlx::query(query), read, run)
+        .bind(draft.time)
+        .bind(draft.from.map(JobState::as_str))
+        .bind(draft.to.as_str())
+        .bind(&draft.client_id)
+        .bind(i64::from(draft.attempt))
+        .bind(&draft.reason)
+        .fetch_optional(&mut **tx)
+        .await?;
+    let Some(row) = written else {
+        return Err(moved_on(read));
+    };
+    let (seq, notify): (i64, Option<String>) = (row.try_get(0)?, row.try_get(1)?);
+    let event = draft.into_event(seq, &read.build, &read.job);
+    let urls = webhooks(notify);
+    queue_notices(tx, &event, &urls, true).await?;
+    Ok(event)
+}
+
+/// A build's webhook URLs, from its `notify` column (a JSON list).
+fn webhooks(notify: Option<String>) -> Vec<String> {
+    notify
+        .and_then(|text| serde_json::from_str(&text).ok())
+        .unwrap_or_default()
 }
 
 /// Counts a change in its client's history, in the transaction of the job's transition.
@@ -322,13 +417,6 @@ fn event_from_row(row: &PgRow) -> StoreResult<Event> {
         attempt: row.try_get::<i64, _>("attempt")? as u32,
         reason: row.try_get("reason")?,
     })
-}
-
-/// The build `$1`'s event lock, as an SQL expression: a transaction advisory lock.
-macro_rules! event_lock {
-    () => {
-        "pg_advisory_xact_lock(hashtextextended('kiln.events:' || $1, 0))"
-    };
 }
 
 /// Makes the transaction the only one writing events of `build` until it ends, so that
@@ -378,43 +466,10 @@ async fn lock_clients_of(tx: &mut Tx, rows: &[JobRow]) -> StoreResult<()> {
     Ok(())
 }
 
-/// Writes an event, held to the state machine's arrows, and the notices it calls for.
-async fn insert_event(
-    tx: &mut Tx,
-    build: &str,
-    job: &str,
-    draft: EventDraft,
-) -> StoreResult<Event> {
-    rules::check_transition(build, job, draft.from, draft.to)?;
-    // One round trip: the build's event lock (as `lock_build_events` takes it), then the
-    // number, drawn in the select list, so after the lock is held; and the build's
-    // webhooks, for the notices. The trigger on `events` tells other servers on this
-    // database when the transaction commits.
-    let (seq, notify): (i64, Option<String>) = sqlx::query_as(concat!(
-        "WITH locked AS (SELECT ",
-        event_lock!(),
-        "), inserted AS (INSERT INTO events (seq, build, job, time, from_state, to_state, \
-         client_id, attempt, reason) SELECT nextval('events_seq_seq'), $1, $2, $3, $4, $5, $6, \
-         $7, $8 FROM locked RETURNING seq) \
-         SELECT seq, (SELECT notify FROM builds WHERE number = $1) FROM inserted"
-    ))
-    .bind(build)
-    .bind(job)
-    .bind(draft.time)
-    .bind(draft.from.map(JobState::as_str))
-    .bind(draft.to.as_str())
-    .bind(&draft.client_id)
-    .bind(i64::from(draft.attempt))
-    .bind(&draft.reason)
-    .fetch_one(&mut **tx)
-    .await?;
-    let event = draft.into_event(seq, build, job);
-    let urls: Vec<String> = notify
-        .and_then(|text| serde_json::from_str(&text).ok())
-        .unwrap_or_default();
-    queue_notices(tx, &event, &urls, true).await?;
-    Ok(event)
-}
+/// Whether build `$1` still has a job queued or running: one entry of `jobs_open`,
+/// however large the build.
+const OPEN_JOB_OF_BUILD: &str =
+    "SELECT EXISTS (SELECT 1 FROM jobs WHERE build = $1 AND state IN ('queued', 'running'))";
 
 /// Writes the webhook notices an event calls for into the outbox, in the event's
 /// transaction (which holds the build's event lock) for each of the build's webhooks
@@ -434,13 +489,10 @@ async fn queue_notices(
     if !may_end_build {
         return write_notices(tx, event, &notices, urls).await;
     }
-    // One entry of `jobs_open`, however large the build.
-    let open: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM jobs WHERE build = $1 AND state IN ('queued', 'running'))",
-    )
-    .bind(&event.build)
-    .fetch_one(&mut **tx)
-    .await?;
+    let open: bool = sqlx::query_scalar(OPEN_JOB_OF_BUILD)
+        .bind(&event.build)
+        .fetch_one(&mut **tx)
+        .await?;
     // Announce the build's end once per time it ends: not again for each job of a
     // batch that ends together, but again after a restart reopened it.
     let announced = !open && {
