@@ -682,6 +682,12 @@ pub enum BenchWhich {
         /// comma-separated list runs each count in turn (`1,4,16,64`).
         #[arg(long, value_delimiter = ',', default_value = "4")]
         workers: Vec<u32>,
+        /// Make the workers the slots of this many dispatchers, as clients' slots are
+        /// of a server's replicas: each dispatcher reads the queue once a round and
+        /// claims a job for every free slot at once. Without it, each worker is a
+        /// dispatcher of its own.
+        #[arg(long)]
+        dispatchers: Option<u32>,
         /// Rounds on each backend, each a new build in the same store.
         #[arg(long, default_value_t = 3)]
         rounds: u32,

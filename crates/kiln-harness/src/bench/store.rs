@@ -12,9 +12,18 @@
 //! with its last job). `workers` tasks do cycles at once,
 //! each taking every `workers`-th job of what it read, as several dispatchers (one per
 //! replica) would; a claim another worker won counts as a lost race, not a cycle.
+//!
+//! With `--dispatchers D`, the workers are instead the slots of D dispatchers, as a
+//! server's clients are the slots of its replicas' dispatchers: each dispatcher reads
+//! the queue once a round, takes every D-th job of it (the others' share, as replicas
+//! racing for the same queue would take), one for each free slot, claims them all at
+//! once (so that on PostgreSQL they can share a batch, as a dispatch round's claims
+//! do), and hands each job it won to a slot, which records the image and finishes it.
+//! A dispatcher starts its next round as soon as a slot is free again, or at once when
+//! it lost a race.
 
 use kiln_proto::manifest::BuildManifest;
-use kiln_store::{ClaimingClient, NewBuild, NewImage, PgStore, SqliteStore, Store};
+use kiln_store::{ClaimedJob, ClaimingClient, NewBuild, NewImage, PgStore, SqliteStore, Store};
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Instant;
@@ -110,33 +119,135 @@ async fn work(
                 lost += 1;
                 continue;
             };
-            let name = format!("{}.img", claimed.job);
-            let image = NewImage {
-                name: name.clone(),
-                size: 6,
-                blake3: "0".repeat(64),
-                sha256: String::new(),
-                blob_key: format!("images/{}/{}", claimed.build, name),
-                created_at: now,
-                chunk_list: Vec::new(),
-            };
-            store
-                .add_image(&claimed.build, &claimed.job, &claimed.lease, &image)
-                .await?;
-            store
-                .finish(
-                    &claimed.build,
-                    &claimed.job,
-                    &claimed.lease,
-                    &[name],
-                    kiln_common::now_micros(),
-                )
-                .await?;
+            image_and_finish(&*store, &claimed).await?;
             cycle_ms.push(began.elapsed().as_secs_f64() * 1000.0);
             // The next of every `n_workers` candidates.
             for _ in 1..n_workers {
                 mine.next();
             }
+        }
+    }
+}
+
+/// A claimed job's image record and finish, as its client's calls would make them: the
+/// rest of a cycle after the claim.
+async fn image_and_finish(store: &dyn Store, claimed: &ClaimedJob) -> anyhow::Result<()> {
+    let name = format!("{}.img", claimed.job);
+    let image = NewImage {
+        name: name.clone(),
+        size: 6,
+        blake3: "0".repeat(64),
+        sha256: String::new(),
+        blob_key: format!("images/{}/{}", claimed.build, name),
+        created_at: kiln_common::now_micros(),
+        chunk_list: Vec::new(),
+    };
+    store
+        .add_image(&claimed.build, &claimed.job, &claimed.lease, &image)
+        .await?;
+    store
+        .finish(
+            &claimed.build,
+            &claimed.job,
+            &claimed.lease,
+            &[name],
+            kiln_common::now_micros(),
+        )
+        .await?;
+    Ok(())
+}
+
+/// Slots of each client a dispatcher serves.
+const SLOTS_A_CLIENT: usize = 4;
+
+/// One dispatcher of `n_dispatchers` with `slots` slots, until the queue is empty:
+/// (cycle times in ms, lost races). A cycle runs from its round's start to its finish.
+async fn dispatch(
+    store: Arc<dyn Store>,
+    dispatcher: usize,
+    n_dispatchers: usize,
+    slots: usize,
+) -> anyhow::Result<(Vec<f64>, u64)> {
+    // The slots are those of clients with four each, as a farm's are: a claim names
+    // the next client in turn.
+    let clients: Vec<ClaimingClient> = (0..slots.div_ceil(SLOTS_A_CLIENT))
+        .map(|idx| ClaimingClient {
+            id: format!("bench-{dispatcher}-{idx}"),
+            include: vec!["*".into()],
+            slots: Some(SLOTS_A_CLIENT as u32),
+            version: None,
+            address: Some("127.0.0.1".into()),
+        })
+        .collect();
+    let mut n_claims = 0;
+    let mut busy = tokio::task::JoinSet::new();
+    let mut cycle_ms = Vec::new();
+    let mut lost = 0;
+    loop {
+        let free = slots - busy.len();
+        let mut raced = false;
+        if free > 0 {
+            let started = Instant::now();
+            // As a dispatch round reads: at least a page, and twice the free slots of
+            // every dispatcher.
+            let page = (2 * free * n_dispatchers).max(64) as u32;
+            let candidates = store.queued_candidates(page).await?;
+            if candidates.is_empty() && busy.is_empty() {
+                return Ok((cycle_ms, lost));
+            }
+            let share: Vec<_> = candidates
+                .iter()
+                .skip(dispatcher % n_dispatchers)
+                .step_by(n_dispatchers)
+                .take(free)
+                .collect();
+            // The queue's tail, shorter than the dispatchers: any job of it.
+            let picked = if share.is_empty() {
+                candidates.iter().take(free).collect()
+            } else {
+                share
+            };
+            let mut claims = tokio::task::JoinSet::new();
+            for candidate in picked {
+                let client = clients[n_claims % clients.len()].clone();
+                n_claims += 1;
+                let store = store.clone();
+                let (build, job) = (candidate.build.clone(), candidate.job.clone());
+                claims.spawn(async move {
+                    let now = kiln_common::now_micros();
+                    store
+                        .claim(&build, &job, &client, now + 60_000_000, now)
+                        .await
+                });
+            }
+            while let Some(claimed) = claims.join_next().await {
+                match claimed?? {
+                    Some(claimed) => {
+                        let store = store.clone();
+                        busy.spawn(async move {
+                            image_and_finish(&*store, &claimed).await?;
+                            anyhow::Ok(started.elapsed().as_secs_f64() * 1000.0)
+                        });
+                    }
+                    None => {
+                        lost += 1;
+                        raced = true;
+                    }
+                }
+            }
+        }
+        // A lost race is a new round at once, as the server's dispatcher wakes itself;
+        // otherwise the next round waits for a free slot.
+        if raced && busy.len() < slots {
+            continue;
+        }
+        // Every slot freed meanwhile goes into the next round, as every client that
+        // came back while a round ran waits for the next.
+        if let Some(done) = busy.join_next().await {
+            cycle_ms.push(done??);
+        }
+        while let Some(done) = busy.try_join_next() {
+            cycle_ms.push(done??);
         }
     }
 }
@@ -147,6 +258,7 @@ async fn round(
     round_no: u32,
     n_jobs: u32,
     n_workers: u32,
+    dispatchers: Option<u32>,
     webhook: bool,
 ) -> anyhow::Result<Round> {
     let number = format!("store-{}-{round_no}", std::process::id());
@@ -155,9 +267,21 @@ async fn round(
     store.insert_build(&build).await?;
     let insert_secs = inserted.elapsed().as_secs_f64();
     let started = Instant::now();
-    let workers: Vec<_> = (0..n_workers as usize)
-        .map(|worker| tokio::spawn(work(store.clone(), worker, n_workers as usize)))
-        .collect();
+    let workers: Vec<_> = match dispatchers {
+        None => (0..n_workers as usize)
+            .map(|worker| tokio::spawn(work(store.clone(), worker, n_workers as usize)))
+            .collect(),
+        Some(n_dispatchers) => {
+            let n = n_dispatchers as usize;
+            (0..n)
+                .map(|idx| {
+                    // The workers shared out as evenly as they go.
+                    let slots = n_workers as usize / n + usize::from(idx < n_workers as usize % n);
+                    tokio::spawn(dispatch(store.clone(), idx, n, slots))
+                })
+                .collect()
+        }
+    };
     let mut cycle_ms = Vec::new();
     let mut lost_races = 0;
     for worker in workers {
@@ -202,6 +326,7 @@ pub async fn store(
     n_jobs: u32,
     workers: &[u32],
     rounds: u32,
+    dispatchers: Option<u32>,
     database: Option<&str>,
     webhook: bool,
 ) -> anyhow::Result<bool> {
@@ -209,6 +334,12 @@ pub async fn store(
         !workers.is_empty() && workers.iter().all(|&n| n >= 1),
         "--workers must be counts of at least 1"
     );
+    if let Some(n) = dispatchers {
+        anyhow::ensure!(
+            n >= 1 && workers.iter().all(|&w| w >= n),
+            "--dispatchers must be at least 1 and at most every count of --workers (each dispatcher needs a slot)"
+        );
+    }
     let temp = tempfile::Builder::new().prefix("kiln-bench-").tempdir()?;
     let mut stores: Vec<(&'static str, Arc<dyn Store>)> = vec![(
         "SQLite",
@@ -219,7 +350,16 @@ pub async fn store(
     }
     // A warm-up round on each, not counted.
     for (backend, store) in &stores {
-        round(store, backend, 0, n_jobs.min(500), workers[0], webhook).await?;
+        round(
+            store,
+            backend,
+            0,
+            n_jobs.min(500),
+            workers[0],
+            dispatchers,
+            webhook,
+        )
+        .await?;
     }
     let mut results = Vec::new();
     let mut jobs_before = n_jobs.min(500);
@@ -229,7 +369,16 @@ pub async fn store(
         for _ in 0..rounds {
             round_no += 1;
             for (backend, store) in &stores {
-                let result = round(store, backend, round_no, n_jobs, n_workers, webhook).await?;
+                let result = round(
+                    store,
+                    backend,
+                    round_no,
+                    n_jobs,
+                    n_workers,
+                    dispatchers,
+                    webhook,
+                )
+                .await?;
                 eprintln!(
                     "store: {backend} round {round_no}, {n_workers} workers: {} cycles in {:.2} s",
                     result.cycles, result.secs
@@ -246,6 +395,14 @@ pub async fn store(
         counts.join(", "),
         if webhook { "; each build has a webhook" } else { "" }
     );
+    match dispatchers {
+        Some(n) => println!(
+            "The workers are the slots of {n} dispatchers, each claiming a round's jobs at once."
+        ),
+        None => println!(
+            "Each worker reads the queue and claims for itself, as a dispatcher of its own."
+        ),
+    }
     let (due_head, due_rule) = if webhook {
         (" read of the due notices, all still pending |", "---|")
     } else {

@@ -79,12 +79,20 @@ async fn run_to_its_end(args: BenchArgs) -> anyhow::Result<ExitCode> {
         BenchWhich::Store {
             jobs,
             workers,
+            dispatchers,
             rounds,
             database,
             webhook,
         } => {
-            kiln_harness::bench::store::store(jobs, &workers, rounds, database.as_deref(), webhook)
-                .await?
+            kiln_harness::bench::store::store(
+                jobs,
+                &workers,
+                rounds,
+                dispatchers,
+                database.as_deref(),
+                webhook,
+            )
+            .await?
         }
         BenchWhich::Reattach {
             clients,
