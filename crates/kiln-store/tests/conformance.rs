@@ -185,3 +185,163 @@ async fn calls_that_wait_for_a_lane_on_postgresql_are_committed_together() -> an
     }
     Ok(())
 }
+
+/// A batch whose connection is lost (PostgreSQL ends its backend, as a restart does)
+/// tells every call in it that the database is unavailable, and none of them is
+/// written. Four claims wait on rows another connection holds, one in each lane;
+/// thirteen more wait for a lane. Ending one waiting claim's backend frees its lane,
+/// and the thirteen go into one batch, which waits for the one of its rows that is
+/// also held; then the batch's backend is ended. Every job not handed out is still
+/// queued, and is handed out once the store is asked again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_that_loses_its_connection_tells_every_caller_and_writes_nothing(
+) -> anyhow::Result<()> {
+    use kiln_store::conformance::{at, claim, job, new_build, BUILD};
+    use kiln_store::{ClaimingClient, Queue, StoreError};
+    use sqlx::Connection;
+    use std::time::Duration;
+    let url = PgCluster::shared()?.new_database().await?;
+    let store = Arc::new(PgStore::connect(&url).await?);
+    let ids: Vec<String> = (0..17).map(|idx| format!("job-{idx:02}")).collect();
+    store
+        .insert_build(&new_build(
+            BUILD,
+            ids.iter().map(|id| job(id)).collect(),
+            at(0),
+        ))
+        .await?;
+    // Four jobs whose claims take the lanes, and one of the batch's.
+    let (in_lanes, batched) = ids.split_at(4);
+    let held: Vec<&String> = in_lanes.iter().chain(&batched[..1]).collect();
+
+    let mut holder = sqlx::PgConnection::connect(&url).await?;
+    sqlx::query("BEGIN").execute(&mut holder).await?;
+    sqlx::query("SELECT 1 FROM jobs WHERE id = ANY($1) FOR UPDATE")
+        .bind(&held)
+        .execute(&mut holder)
+        .await?;
+    let spawn_claims = |ids: &[String]| {
+        let mut calls = tokio::task::JoinSet::new();
+        for (idx, id) in ids.iter().enumerate() {
+            let (store, id) = (store.clone(), id.clone());
+            calls.spawn(async move {
+                let client = ClaimingClient {
+                    id: format!("client-{}", idx % 3),
+                    include: vec!["*".into()],
+                    slots: Some(4),
+                    version: None,
+                    address: None,
+                };
+                let claimed = store
+                    .claim(BUILD, &id, &client, at(1) + 600_000_000, at(1))
+                    .await;
+                (id, claimed)
+            });
+        }
+        calls
+    };
+    let mut watcher = sqlx::PgConnection::connect(&url).await?;
+    let end_backend = |pid: i32| {
+        let url = url.clone();
+        async move {
+            let mut conn = sqlx::PgConnection::connect(&url).await?;
+            let ended: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+                .bind(pid)
+                .fetch_one(&mut conn)
+                .await?;
+            assert!(ended, "backend {pid} was not ended");
+            anyhow::Ok(())
+        }
+    };
+
+    let mut lane_calls = spawn_claims(in_lanes);
+    let lane_pids = waiting_for_locks(
+        &mut watcher,
+        "%FROM jobs WHERE build = $1 AND id = $2 FOR UPDATE",
+        4,
+    )
+    .await?;
+    let mut batch_calls = spawn_claims(batched);
+    // Time for the thirteen to reach the batcher's queue; none can run.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    end_backend(lane_pids[0]).await?;
+    let batch_pid = waiting_for_locks(&mut watcher, "%UNNEST%FOR UPDATE OF jobs", 1).await?[0];
+    end_backend(batch_pid).await?;
+
+    // Answered while the row is still held: none of them waits for it again.
+    while let Some(joined) = tokio::time::timeout(Duration::from_secs(20), batch_calls.join_next())
+        .await
+        .expect("the batch's calls were answered")
+    {
+        let (id, claimed) = joined?;
+        assert!(
+            matches!(claimed, Err(StoreError::Unavailable(_))),
+            "{id}: {claimed:?}"
+        );
+    }
+    assert_eq!(store.calls_batched(), 0);
+    sqlx::query("COMMIT").execute(&mut holder).await?;
+    let mut handed_out = Vec::new();
+    while let Some(joined) = lane_calls.join_next().await {
+        match joined? {
+            (id, Ok(Some(_))) => handed_out.push(id),
+            (id, Err(StoreError::Unavailable(_))) => {
+                assert!(!handed_out.contains(&id), "{id}")
+            }
+            (id, other) => panic!("{id}: {other:?}"),
+        }
+    }
+    assert_eq!(handed_out.len(), 3, "the three claims whose lanes lived");
+
+    // Nothing of the lost calls was written: every other job is queued as submitted.
+    let events = store.events(BUILD, 0).await?;
+    assert_eq!(events.len(), ids.len() + handed_out.len());
+    for id in &ids {
+        let status = store.get_job(BUILD, id).await?;
+        let expected = if handed_out.contains(id) {
+            (1, "running")
+        } else {
+            (0, "queued")
+        };
+        assert_eq!((status.attempt, status.state.as_str()), expected, "{id}");
+    }
+    // And the store serves them now.
+    for id in ids.iter().filter(|id| !handed_out.contains(id)) {
+        claim(&*store, BUILD, id, "client-0", at(2)).await?;
+    }
+    assert_eq!(
+        store.events(BUILD, 0).await?.len(),
+        2 * ids.len(),
+        "queued and running a job"
+    );
+    Ok(())
+}
+
+/// The backends of `watcher`'s database waiting for a lock while running a statement
+/// LIKE `statement`, once there are `n` of them (seen from a connection outside any
+/// transaction: a transaction sees one snapshot of the server's activity).
+async fn waiting_for_locks(
+    watcher: &mut sqlx::PgConnection,
+    statement: &str,
+    n: usize,
+) -> anyhow::Result<Vec<i32>> {
+    use std::time::{Duration, Instant};
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let pids: Vec<i32> = sqlx::query_scalar(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() \
+             AND wait_event_type = 'Lock' AND query LIKE $1 ORDER BY pid",
+        )
+        .bind(statement)
+        .fetch_all(&mut *watcher)
+        .await?;
+        if pids.len() >= n {
+            return Ok(pids);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never {n} waiting for a lock: {statement}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
