@@ -470,6 +470,12 @@ pub trait Queue: Send + Sync + 'static {
     /// Jobs counted by state and config type (only the pairs that have jobs), with
     /// the oldest queued job's queued-since time: the queue as metrics show it.
     async fn job_counts(&self) -> StoreResult<Vec<JobCount>>;
+    /// Claims, image records and ends answered by a batch of several calls rather
+    /// than alone, since the store opened (PostgreSQL's batches); `None` for a backend
+    /// that has none.
+    fn calls_batched(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// Jobs' logs: lines appended under the lease, read back by sequence number.

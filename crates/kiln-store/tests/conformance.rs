@@ -167,7 +167,7 @@ async fn calls_that_wait_for_a_lane_on_postgresql_are_committed_together() -> an
     spawn_claims(&mut calls, others);
     // Time for the twelve to reach the batcher's queue; none can run.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(store.calls_batched(), 0);
+    assert_eq!(store.calls_batched(), Some(0));
     sqlx::query("COMMIT").execute(&mut holder).await?;
 
     let mut claimed = Vec::new();
@@ -176,7 +176,7 @@ async fn calls_that_wait_for_a_lane_on_postgresql_are_committed_together() -> an
     }
     claimed.sort();
     assert_eq!(claimed, ids, "every job handed out once");
-    assert_eq!(store.calls_batched(), others.len() as u64);
+    assert_eq!(store.calls_batched(), Some(others.len() as u64));
     let events = store.events(BUILD, 0).await?;
     assert_eq!(events.len(), 2 * ids.len(), "queued and running a job");
     for id in &ids {
@@ -279,7 +279,7 @@ async fn a_batch_that_loses_its_connection_tells_every_caller_and_writes_nothing
             "{id}: {claimed:?}"
         );
     }
-    assert_eq!(store.calls_batched(), 0);
+    assert_eq!(store.calls_batched(), Some(0));
     sqlx::query("COMMIT").execute(&mut holder).await?;
     let mut handed_out = Vec::new();
     while let Some(joined) = lane_calls.join_next().await {

@@ -37,6 +37,8 @@ pub struct Figures {
     pub disk_size_bytes: Option<u64>,
     pub clients_connected: usize,
     pub clients_waiting: usize,
+    /// Store calls answered by a batch of several (PostgreSQL), if the store batches.
+    pub calls_batched: Option<u64>,
 }
 
 /// Jobs by state and the queue per config type.
@@ -66,6 +68,7 @@ impl Farm {
             disk_size_bytes,
             clients_connected,
             clients_waiting,
+            calls_batched: self.store.calls_batched(),
         })
     }
 

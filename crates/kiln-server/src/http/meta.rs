@@ -213,6 +213,13 @@ pub async fn metrics(state: Shared, _caller: Caller, headers: HeaderMap) -> Answ
         "Clients waiting for a job.",
         figures.clients_waiting as f64,
     );
+    if let Some(n) = figures.calls_batched {
+        scrape.counter(
+            "kiln_store_calls_batched",
+            "Claims, image records and ends the store answered in a batch of several calls.",
+            n,
+        );
+    }
     let workers = state.workers.statuses();
     scrape.gauges(
         "kiln_worker_state",
@@ -270,7 +277,8 @@ pub fn metrics_doc() -> Doc {
             "Jobs by state; the queue per config type (depth, running, oldest wait, live \
              clients); storage and the data directory's disk; clients; the background \
              workers' states, rounds and errors; histograms of dispatch latency, job \
-             duration and upload duration; lost leases, timeouts and webhook failures. \
+             duration and upload duration; lost leases, timeouts and webhook failures; \
+             on PostgreSQL, the store's calls answered in batches. \
              OpenMetrics 1.0 when `Accept` asks for `application/openmetrics-text`, else \
              Prometheus's text format 0.0.4. See docs/operations.md for each metric.",
         )

@@ -104,12 +104,6 @@ impl PgStore {
         })
     }
 
-    /// Claims, image records and ends answered by a batch of several calls (the others
-    /// ran alone), since the store opened: see `batch.rs`.
-    pub fn calls_batched(&self) -> u64 {
-        self.batcher.batched()
-    }
-
     async fn write_tx(&self) -> StoreResult<Tx> {
         Ok(self.pool.begin().await?)
     }

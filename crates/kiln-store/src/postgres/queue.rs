@@ -697,6 +697,10 @@ impl Queue for PgStore {
         })
     }
 
+    fn calls_batched(&self) -> Option<u64> {
+        Some(self.batcher.batched())
+    }
+
     async fn job_counts(&self) -> StoreResult<Vec<JobCount>> {
         // A queued job became queued at its latest event.
         let rows = sqlx::query(

@@ -48,6 +48,14 @@ fn a_build_runs_end_to_end_with_the_farm_state_in_postgresql() {
         !server.data.join("kiln.db").exists(),
         "the state went to PostgreSQL, not to SQLite under --data"
     );
+    // The store's batches are counted (two jobs, one at a time: none batched).
+    let (_, metrics) = crate::metrics::scrape(&server, None);
+    let metrics = crate::metrics::samples(&metrics);
+    assert_eq!(
+        metrics.get("kiln_store_calls_batched_total"),
+        Some(&0.0),
+        "{metrics:#?}"
+    );
     let release_dir = harness.path().join("release");
     let release = server.kiln(&[
         "release",
