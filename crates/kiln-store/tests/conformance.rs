@@ -116,28 +116,13 @@ async fn a_change_on_one_postgresql_store_is_told_to_another_following_it() -> a
 /// let go, the twelve share a batch. Every job is then handed out once, with its event.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_that_wait_for_a_lane_on_postgresql_are_committed_together() -> anyhow::Result<()> {
-    use kiln_store::conformance::{at, claim, job, new_build, BUILD};
+    use kiln_store::conformance::{at, claim, BUILD};
     use kiln_store::Queue;
     use sqlx::Connection;
-    use std::time::{Duration, Instant};
-    let url = PgCluster::shared()?.new_database().await?;
-    let store = Arc::new(PgStore::connect(&url).await?);
-    let ids: Vec<String> = (0..16).map(|idx| format!("job-{idx:02}")).collect();
-    store
-        .insert_build(&new_build(
-            BUILD,
-            ids.iter().map(|id| job(id)).collect(),
-            at(0),
-        ))
-        .await?;
+    use std::time::Duration;
+    let (url, store, ids) = store_with_jobs(16).await?;
     let (held, others) = ids.split_at(4);
-
-    let mut holder = sqlx::PgConnection::connect(&url).await?;
-    sqlx::query("BEGIN").execute(&mut holder).await?;
-    sqlx::query("SELECT 1 FROM jobs WHERE id = ANY($1) FOR UPDATE")
-        .bind(held)
-        .execute(&mut holder)
-        .await?;
+    let mut holder = hold_rows(&url, held).await?;
     let mut calls = tokio::task::JoinSet::new();
     let spawn_claims = |calls: &mut tokio::task::JoinSet<_>, ids: &[String]| {
         for (idx, id) in ids.iter().enumerate() {
@@ -150,20 +135,9 @@ async fn calls_that_wait_for_a_lane_on_postgresql_are_committed_together() -> an
         }
     };
     spawn_claims(&mut calls, held);
-    // The four claims wait for the held rows, each in a lane (seen from a connection of
-    // its own: a transaction sees one snapshot of the server's activity).
+    // The four claims wait for the held rows, each in a lane.
     let mut watcher = sqlx::PgConnection::connect(&url).await?;
-    let waiting_for_locks = "SELECT COUNT(*) FROM pg_stat_activity \
-         WHERE datname = current_database() AND wait_event_type = 'Lock'";
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while sqlx::query_scalar::<_, i64>(waiting_for_locks)
-        .fetch_one(&mut watcher)
-        .await?
-        < 4
-    {
-        assert!(Instant::now() < deadline, "the four claims never waited");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    waiting_for_locks(&mut watcher, "%", 4).await?;
     spawn_claims(&mut calls, others);
     // Time for the twelve to reach the batcher's queue; none can run.
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -196,30 +170,15 @@ async fn calls_that_wait_for_a_lane_on_postgresql_are_committed_together() -> an
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_that_loses_its_connection_tells_every_caller_and_writes_nothing(
 ) -> anyhow::Result<()> {
-    use kiln_store::conformance::{at, claim, job, new_build, BUILD};
+    use kiln_store::conformance::{at, claim, BUILD};
     use kiln_store::{ClaimingClient, Queue, StoreError};
     use sqlx::Connection;
     use std::time::Duration;
-    let url = PgCluster::shared()?.new_database().await?;
-    let store = Arc::new(PgStore::connect(&url).await?);
-    let ids: Vec<String> = (0..17).map(|idx| format!("job-{idx:02}")).collect();
-    store
-        .insert_build(&new_build(
-            BUILD,
-            ids.iter().map(|id| job(id)).collect(),
-            at(0),
-        ))
-        .await?;
+    let (url, store, ids) = store_with_jobs(17).await?;
     // Four jobs whose claims take the lanes, and one of the batch's.
     let (in_lanes, batched) = ids.split_at(4);
-    let held: Vec<&String> = in_lanes.iter().chain(&batched[..1]).collect();
-
-    let mut holder = sqlx::PgConnection::connect(&url).await?;
-    sqlx::query("BEGIN").execute(&mut holder).await?;
-    sqlx::query("SELECT 1 FROM jobs WHERE id = ANY($1) FOR UPDATE")
-        .bind(&held)
-        .execute(&mut holder)
-        .await?;
+    let held: Vec<String> = in_lanes.iter().chain(&batched[..1]).cloned().collect();
+    let mut holder = hold_rows(&url, &held).await?;
     let spawn_claims = |ids: &[String]| {
         let mut calls = tokio::task::JoinSet::new();
         for (idx, id) in ids.iter().enumerate() {
@@ -344,4 +303,30 @@ async fn waiting_for_locks(
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// A new PostgreSQL database, a store on it, and a build of `n` jobs in it: the
+/// database's URL, the store and the jobs' ids.
+async fn store_with_jobs(n: usize) -> anyhow::Result<(String, Arc<PgStore>, Vec<String>)> {
+    use kiln_store::conformance::{at, job, new_build, BUILD};
+    use kiln_store::Queue;
+    let url = PgCluster::shared()?.new_database().await?;
+    let store = Arc::new(PgStore::connect(&url).await?);
+    let ids: Vec<String> = (0..n).map(|idx| format!("job-{idx:02}")).collect();
+    let jobs = ids.iter().map(|id| job(id)).collect();
+    store.insert_build(&new_build(BUILD, jobs, at(0))).await?;
+    Ok((url, store, ids))
+}
+
+/// A connection of its own holding the rows of the jobs `ids` in an open transaction,
+/// until it commits.
+async fn hold_rows(url: &str, ids: &[String]) -> anyhow::Result<sqlx::PgConnection> {
+    use sqlx::Connection;
+    let mut holder = sqlx::PgConnection::connect(url).await?;
+    sqlx::query("BEGIN").execute(&mut holder).await?;
+    sqlx::query("SELECT 1 FROM jobs WHERE id = ANY($1) FOR UPDATE")
+        .bind(ids)
+        .execute(&mut holder)
+        .await?;
+    Ok(holder)
 }
