@@ -24,7 +24,7 @@
 //! module): the job rows in (build, pk) order in one statement, the clients' rows in
 //! id order in one statement, then the builds' event locks in build order.
 
-use super::{apply, job_row_from, leased_job_row, queue_notices, Tx, JOB_ROW_COLUMNS};
+use super::{apply, job_row_from, leased_job_row, queue_notices, webhooks, Tx, JOB_ROW_COLUMNS};
 use crate::rules::{self, ClientCount, EventDraft, JobRow, JobRun, Transition};
 use crate::{ClaimedJob, ClaimingClient, Failure, NewImage, StoreError, StoreResult};
 use kiln_proto::api::Event;
@@ -948,10 +948,7 @@ impl<'a> Plan<'a> {
                 StoreError::Conflict(format!("no event was stored for job {build}/{job}"))
             })?;
             let event = draft.clone().into_event(*seq, build, job);
-            let urls: Vec<String> = notify
-                .as_deref()
-                .and_then(|text| serde_json::from_str(text).ok())
-                .unwrap_or_default();
+            let urls = webhooks(notify.as_deref());
             // A build's end is announced with the last of its events in the batch, as
             // one call at a time would: the earlier ones still saw that job open.
             let last_of_build = !self.events[idx + 1..].iter().any(|(b, _, _)| b == build);

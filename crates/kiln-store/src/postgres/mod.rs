@@ -357,15 +357,15 @@ async fn write_run_and_event(
     };
     let (seq, notify): (i64, Option<String>) = (row.try_get(0)?, row.try_get(1)?);
     let event = draft.into_event(seq, &read.build, &read.job);
-    let urls = webhooks(notify);
+    let urls = webhooks(notify.as_deref());
     queue_notices(tx, &event, &urls, true).await?;
     Ok(event)
 }
 
 /// A build's webhook URLs, from its `notify` column (a JSON list).
-fn webhooks(notify: Option<String>) -> Vec<String> {
+fn webhooks(notify: Option<&str>) -> Vec<String> {
     notify
-        .and_then(|text| serde_json::from_str(&text).ok())
+        .and_then(|text| serde_json::from_str(text).ok())
         .unwrap_or_default()
 }
 
